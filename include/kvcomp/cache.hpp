@@ -1,0 +1,120 @@
+// kvcomp::Cache: a compressed KV cache on the GPU, for engines that run
+// decode attention straight from it.
+//
+//   kvcomp::Config cfg;              // shapes, error bounds, pool size
+//   kvcomp::Cache cache(cfg);        // allocates every device buffer once
+//   int s = cache.add_sequence();
+//   cache.append(layer, {s}, {n}, k, v, stream);     // prefill or decode
+//   cache.attend(layer, {s}, q, out, stream);         // fused attention
+//   cache.stats();                                    // memory, per layer
+//
+// Errors: every call throws kvcomp::Error with a message naming what is wrong
+// (bad shapes, unknown ids, unsupported types, a full pool, CUDA failures);
+// a call that throws leaves the cache as it was.
+// Streams: every call takes a cudaStream_t and runs in order on it. append()
+// synchronizes `stream` once when it closes blocks (it must learn the
+// compressed sizes to place them in the pool; the first compression of a
+// layer also builds that layer's codebooks, one more sync); nothing else
+// synchronizes. All calls must be made with the same current CUDA device.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "kvcomp/codebook.hpp"
+#include "kvcomp/dtype.hpp"
+#include "kvcomp/error.hpp"
+#include "kvcomp/format.hpp"
+
+namespace kvcomp {
+
+/// Error bounds for one (layer, kv head); kv_head = -1 means every head.
+struct BoundOverride {
+  int layer = 0;
+  int kv_head = -1;
+  ErrorBound k;
+  ErrorBound v;
+};
+
+struct Config {
+  int layers = 1;
+  int kv_heads = 8;
+  int q_heads = 32;               // q_heads / kv_heads in {1, 2, 4, 8}
+  int head_dim = 128;             // 64 or 128
+  DType dtype = DType::F16;       // of the K/V the engine appends
+  int block_tokens = 64;          // T: 32, 64 or 128
+  ErrorBound k_bound{BoundMode::Relative, 0.05f};
+  ErrorBound v_bound{BoundMode::Relative, 0.05f};
+  std::vector<BoundOverride> overrides;  // later entries win
+  size_t pool_bytes = size_t(1) << 30;   // compressed blocks
+  int max_seqs = 64;              // live sequences at once (<= 256 per attend call)
+  int max_tokens_per_seq = 32768;
+};
+
+struct LayerStats {
+  size_t compressed_bytes = 0;  // blocks in the pool (K and V)
+  size_t tail_tokens = 0;       // tokens held uncompressed, summed over sequences
+  size_t tokens = 0;            // tokens stored, summed over sequences
+};
+
+struct Stats {
+  size_t compressed_bytes = 0;      // all blocks in the pool
+  size_t tail_bytes = 0;            // uncompressed tail tokens in use (fp32)
+  size_t metadata_bytes = 0;        // block tables, codebooks, tail buffers reserved
+  size_t pool_bytes_in_use = 0;     // pool extents allocated (>= compressed_bytes)
+  size_t pool_capacity = 0;
+  size_t tokens = 0;                // summed over layers and sequences
+  double ratio_vs_fp16 = 0;         // fp16 K+V bytes / (compressed + tail bytes)
+  std::vector<LayerStats> per_layer;
+};
+
+class Cache {
+ public:
+  explicit Cache(const Config& config);
+  ~Cache();
+  Cache(Cache&&) noexcept;
+  Cache& operator=(Cache&&) noexcept;
+  Cache(const Cache&) = delete;
+  Cache& operator=(const Cache&) = delete;
+
+  const Config& config() const;
+
+  /// A new, empty sequence; throws when max_seqs are live.
+  int add_sequence();
+  /// Frees the sequence's blocks and its id. Work already queued that reads
+  /// the sequence must be complete (synchronize its stream first).
+  void remove_sequence(int seq);
+  /// Tokens stored for `seq` in `layer`.
+  int64_t tokens(int seq, int layer) const;
+
+  /// Appends n_tokens[i] tokens to sequence seq_ids[i] in `layer`. k and v
+  /// (device, dtype of the config) hold the sequences' tokens one after the
+  /// other: token j's head h starts at k + j * token_stride + h * head_stride
+  /// (in elements, channels contiguous). Defaults: [tokens, kv_heads, head_dim].
+  void append(int layer, const std::vector<int>& seq_ids, const std::vector<int>& n_tokens, const void* k,
+              const void* v, cudaStream_t stream, int64_t token_stride = -1, int64_t head_stride = -1);
+
+  /// out[i] = attention of q[i] over sequence seq_ids[i]'s tokens in `layer`.
+  /// q and out: device [batch, q_heads, head_dim] of q_type (F16 or BF16).
+  void attend(int layer, const std::vector<int>& seq_ids, const void* q, void* out, DType q_type,
+              cudaStream_t stream);
+
+  Stats stats() const;
+
+  /// A copy of one stored block (synchronizes `stream`): for inspection,
+  /// export and tests. `block` counts the sequence's closed blocks.
+  std::vector<uint8_t> read_block(int layer, int seq, int kv_head, int64_t block, Kind kind,
+                                  cudaStream_t stream) const;
+  /// The codebook a layer's head uses for K or V (after its first block).
+  Codebook codebook(int layer, int kv_head, Kind kind) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvcomp

@@ -1,0 +1,301 @@
+// Fused decode attention straight from compressed blocks.
+//
+// grid (splits, kv_heads, batch); each CTA takes a range of `units` (token
+// blocks, plus the uncompressed tail as the last unit) of one sequence and one
+// KV head, for all G query heads of that head (GQA: one decode, G uses).
+// Each warp streams whole units: cp.async copies the next block pair into its
+// shared-memory stage while it decodes the current one. Per 32-token chunk:
+//   K: lane l decodes token row l (D symbols) and dots it with q in registers;
+//   online softmax over the chunk (warp max, per-lane partial sums);
+//   V: lane l decodes channels l, l+32, ... of each token and accumulates
+//      p_t * v into registers.
+// Decoded K/V live only in registers. Partial (max, sum, acc) per CTA go to a
+// workspace; merge_kernel combines the splits (flash-decoding).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "kvcomp/codebook.hpp"
+#include "kvcomp/format.hpp"
+#include "attention_params.cuh"
+#include "lane_decoder.cuh"
+
+namespace kvcomp {
+namespace detail {
+
+__device__ __forceinline__ float load_q(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ float load_q(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ void store_out(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store_out(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const uint32_t s = uint32_t(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  return v;
+}
+
+/// Running softmax state of one warp for G query heads (flash attention).
+template <int D, int G>
+struct SoftmaxAcc {
+  static constexpr int kPerLane = D / 32;
+  float m[G];               // running max (log2 domain), warp-uniform
+  float l[G];               // this lane's share of the running sum
+  float acc[G][kPerLane];   // output channels lane, lane+32, ...
+
+  __device__ void init() {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      m[g] = -INFINITY;
+      l[g] = 0.f;
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) acc[g][j] = 0.f;
+    }
+  }
+  /// Folds this chunk's scores in; returns p (this lane's token) per head.
+  __device__ void update(const float (&s)[G], bool valid, float (&p)[G]) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const float sv = valid ? s[g] : -INFINITY;
+      const float m_new = fmaxf(m[g], warp_max(sv));
+      const float corr = exp2f(m[g] - m_new);
+      p[g] = valid ? exp2f(sv - m_new) : 0.f;
+      l[g] = l[g] * corr + p[g];
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) acc[g][j] *= corr;
+      m[g] = m_new;
+    }
+  }
+};
+
+/// Shared-memory layout of the fused kernel.
+template <int D, int G>
+struct AttnSmem {
+  static constexpr size_t kLuts = 2 * format::kLutSize * sizeof(uint16_t);
+  static constexpr size_t kQ = size_t(G) * D * sizeof(float);
+  static constexpr size_t kParams = (D + kMaxTokensPerBlock) * sizeof(float2);
+  __host__ __device__ static size_t warp_bytes(int stage_bytes) { return 2 * size_t(stage_bytes) + kParams; }
+  __host__ __device__ static size_t merge_bytes() { return size_t(kAttnWarps) * G * (D + 2) * sizeof(float); }
+  __host__ __device__ static size_t bytes(int stage_bytes) {
+    const size_t warps = kAttnWarps * warp_bytes(stage_bytes);
+    return kLuts + kQ + (warps > merge_bytes() ? warps : merge_bytes());
+  }
+};
+
+template <typename QT, int D, int G>
+__global__ void __launch_bounds__(32 * kAttnWarps) fused_attention_kernel(const __grid_constant__ AttendParams p) {
+  using Acc = SoftmaxAcc<D, G>;
+  using Smem = AttnSmem<D, G>;
+  constexpr int kPerLane = D / 32;
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint16_t* lut_k = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* lut_v = lut_k + format::kLutSize;
+  float* q_s = reinterpret_cast<float*>(smem + Smem::kLuts);
+  uint8_t* warp_area = smem + Smem::kLuts + Smem::kQ;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int split = blockIdx.x, head = blockIdx.y, b = blockIdx.z;
+  const int T = p.tokens_per_block;
+  const AttendSeq seq = p.seqs[b];
+  const int nblocks = seq.tokens / T, tail = seq.tokens % T;
+  const int units = nblocks + (tail > 0);
+  const int u_begin = split * p.units_per_split;
+  const int u_end = min(units, u_begin + p.units_per_split);
+  const int q_heads = p.kv_heads * G;
+
+  if (nblocks > 0 && u_begin < u_end) {
+    const uint4* src_k = reinterpret_cast<const uint4*>(p.books[2 * head].lut);
+    const uint4* src_v = reinterpret_cast<const uint4*>(p.books[2 * head + 1].lut);
+    constexpr int kLutVec = format::kLutSize * sizeof(uint16_t) / sizeof(uint4);
+    for (int i = threadIdx.x; i < kLutVec; i += blockDim.x) {
+      reinterpret_cast<uint4*>(lut_k)[i] = src_k[i];
+      reinterpret_cast<uint4*>(lut_v)[i] = src_v[i];
+    }
+  }
+  const QT* q = static_cast<const QT*>(p.q) + (size_t(b) * q_heads + size_t(head) * G) * D;
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) q_s[i] = load_q(q + i) * p.scale_log2;
+  __syncthreads();
+
+  uint8_t* my_area = warp_area + warp * Smem::warp_bytes(p.stage_bytes);
+  uint8_t* stage[2] = {my_area, my_area + p.stage_bytes};
+  float2* prm_k = reinterpret_cast<float2*>(my_area + 2 * size_t(p.stage_bytes));
+  float2* prm_v = prm_k + D;
+
+  auto ref_of = [&](int u) { return p.table[(size_t(seq.slot) * p.max_blocks + u) * p.kv_heads + head]; };
+  auto issue = [&](int u, int s) {
+    if (u < u_end && u < nblocks) {
+      const format::BlockRef r = ref_of(u);
+      const uint32_t bytes = (uint32_t(r.k_size16) + r.v_size16) * 16u;
+      if (bytes <= uint32_t(p.stage_bytes)) {
+        const uint8_t* src = p.pool + size_t(r.offset16) * 16;
+        for (uint32_t i = lane * 16u; i < bytes; i += 32 * 16u) cp_async16(stage[s] + i, src + i);
+      }
+    }
+    cp_async_commit();
+  };
+
+  Acc st;
+  st.init();
+  int it = 0;
+  issue(u_begin + warp, 0);
+  for (int u = u_begin + warp; u < u_end; u += kAttnWarps, ++it) {
+    issue(u + kAttnWarps, (it + 1) & 1);
+    cp_async_wait<1>();
+    __syncwarp();
+    if (u < nblocks) {
+      const format::BlockRef r = ref_of(u);
+      const uint32_t k_bytes = uint32_t(r.k_size16) * 16u, v_bytes = uint32_t(r.v_size16) * 16u;
+      const uint8_t* kb = (k_bytes + v_bytes <= uint32_t(p.stage_bytes)) ? stage[it & 1]
+                                                                          : p.pool + size_t(r.offset16) * 16;
+      const uint8_t* vb = kb + k_bytes;
+      // Group params -> float2 (min, step) in shared memory.
+      const uint32_t* kp = reinterpret_cast<const uint32_t*>(kb + format::params_offset());
+      const uint32_t* vp = reinterpret_cast<const uint32_t*>(vb + format::params_offset());
+      for (int c = lane; c < D; c += 32)
+        prm_k[c] = make_float2(format::half_to_float(uint16_t(kp[c])), format::half_to_float(uint16_t(kp[c] >> 16)));
+      for (int t = lane; t < T; t += 32)
+        prm_v[t] = make_float2(format::half_to_float(uint16_t(vp[t])), format::half_to_float(uint16_t(vp[t] >> 16)));
+      const size_t k_pay = format::payload_offset(Kind::Key, T, D), v_pay = format::payload_offset(Kind::Value, T, D);
+      LaneDecoder kd, vd;
+      kd.init(reinterpret_cast<const uint32_t*>(kb + k_pay), uint32_t((k_bytes - k_pay) / 4),
+              lane_stream_start(reinterpret_cast<const uint16_t*>(kb + format::lane_bits_offset(Kind::Key, T, D)), lane));
+      vd.init(reinterpret_cast<const uint32_t*>(vb + v_pay), uint32_t((v_bytes - v_pay) / 4),
+              lane_stream_start(reinterpret_cast<const uint16_t*>(vb + format::lane_bits_offset(Kind::Value, T, D)), lane));
+      __syncwarp();
+      for (int chunk = 0; chunk < T / 32; ++chunk) {
+        float s[G];
+#pragma unroll
+        for (int g = 0; g < G; ++g) s[g] = 0.f;
+#pragma unroll 4
+        for (int c = 0; c < D; ++c) {
+          const float2 mp = prm_k[c];
+          const float v = kd.decode(lut_k, mp.x, mp.y);
+#pragma unroll
+          for (int g = 0; g < G; ++g) s[g] = fmaf(q_s[g * D + c], v, s[g]);
+        }
+        float pr[G];
+        st.update(s, true, pr);
+        for (int t = 0; t < 32; ++t) {
+          const float2 mp = prm_v[chunk * 32 + t];
+          float pt[G];
+#pragma unroll
+          for (int g = 0; g < G; ++g) pt[g] = __shfl_sync(0xFFFFFFFFu, pr[g], t);
+#pragma unroll
+          for (int j = 0; j < kPerLane; ++j) {
+            const float v = vd.decode(lut_v, mp.x, mp.y);
+#pragma unroll
+            for (int g = 0; g < G; ++g) st.acc[g][j] = fmaf(pt[g], v, st.acc[g][j]);
+          }
+        }
+      }
+    } else {  // the uncompressed tail
+      const size_t base = (size_t(seq.slot) * p.kv_heads + head) * size_t(T) * D;
+      const float* kt = p.k_tail + base;
+      const float* vt = p.v_tail + base;
+      for (int chunk = 0; chunk * 32 < tail; ++chunk) {
+        const int row = chunk * 32 + lane;
+        const bool valid = row < tail;
+        float s[G];
+#pragma unroll
+        for (int g = 0; g < G; ++g) s[g] = 0.f;
+        if (valid) {
+          const float4* kr = reinterpret_cast<const float4*>(kt + size_t(row) * D);
+          for (int c4 = 0; c4 < D / 4; ++c4) {
+            const float4 v = kr[c4];
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+              const float* qg = q_s + g * D + 4 * c4;
+              s[g] = fmaf(qg[0], v.x, fmaf(qg[1], v.y, fmaf(qg[2], v.z, fmaf(qg[3], v.w, s[g]))));
+            }
+          }
+        }
+        float pr[G];
+        st.update(s, valid, pr);
+        const int n = min(32, tail - chunk * 32);
+        for (int t = 0; t < n; ++t) {
+          float pt[G];
+#pragma unroll
+          for (int g = 0; g < G; ++g) pt[g] = __shfl_sync(0xFFFFFFFFu, pr[g], t);
+#pragma unroll
+          for (int j = 0; j < kPerLane; ++j) {
+            const float v = vt[size_t(chunk * 32 + t) * D + lane + 32 * j];
+#pragma unroll
+            for (int g = 0; g < G; ++g) st.acc[g][j] = fmaf(pt[g], v, st.acc[g][j]);
+          }
+        }
+      }
+    }
+    __syncwarp();
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Merge the warps of this CTA, then write the split's partial result.
+  float* merge = reinterpret_cast<float*>(warp_area);  // [warp][G][D + 2]
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    float* row = merge + (size_t(warp) * G + g) * (D + 2);
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) row[lane + 32 * j] = st.acc[g][j];
+    const float lsum = warp_sum(st.l[g]);
+    if (lane == 0) { row[D] = st.m[g]; row[D + 1] = lsum; }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+    const int g = i / D, d = i % D;
+    float M = -INFINITY;
+    for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, merge[(size_t(w) * G + g) * (D + 2) + D]);
+    float A = 0.f, L = 0.f;
+    if (M != -INFINITY) {
+      for (int w = 0; w < kAttnWarps; ++w) {
+        const float* row = merge + (size_t(w) * G + g) * (D + 2);
+        if (row[D] == -INFINITY) continue;
+        const float f = exp2f(row[D] - M);
+        A += row[d] * f;
+        L += row[D + 1] * f;
+      }
+    }
+    float* out = p.part + ((size_t(b) * q_heads + size_t(head) * G + g) * p.splits + split) * (D + 2);
+    out[d] = A;
+    if (d == 0) { out[D] = M; out[D + 1] = L; }
+  }
+}
+
+/// Combines the splits: out = sum_s A_s 2^(m_s - M) / sum_s L_s 2^(m_s - M).
+/// grid: batch * q_heads CTAs of D threads. A sequence with no tokens gives 0.
+template <typename QT, int D>
+__global__ void merge_kernel(const float* part, int splits, QT* out) {
+  const size_t bh = blockIdx.x;
+  const float* base = part + bh * splits * (D + 2);
+  float M = -INFINITY;
+  for (int s = 0; s < splits; ++s) M = fmaxf(M, base[s * (D + 2) + D]);
+  float num = 0.f, den = 0.f;
+  if (M != -INFINITY) {
+    for (int s = 0; s < splits; ++s) {
+      const float m = base[s * (D + 2) + D];
+      if (m == -INFINITY) continue;
+      const float f = exp2f(m - M);
+      num += base[s * (D + 2) + threadIdx.x] * f;
+      den += base[s * (D + 2) + D + 1] * f;
+    }
+  }
+  store_out(out + bh * D + threadIdx.x, den > 0.f ? num / den : 0.f);
+}
+
+}  // namespace detail
+}  // namespace kvcomp

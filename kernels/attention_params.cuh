@@ -1,0 +1,59 @@
+// What the fused attention kernel is told (plain data, host and device).
+#pragma once
+
+#include <cstdint>
+
+#include "kvcomp/codebook.hpp"
+#include "kvcomp/format.hpp"
+
+namespace kvcomp {
+namespace detail {
+
+constexpr int kAttnWarps = 4;
+constexpr int kMaxBatch = 256;
+constexpr int kMaxTokensPerBlock = 128;
+
+struct AttendSeq {
+  int32_t slot;    // sequence slot in the cache's tables
+  int32_t tokens;  // tokens stored (compressed blocks * T + tail)
+};
+
+struct AttendParams {
+  const uint8_t* pool;
+  const format::BlockRef* table;  // this layer: [slot][max_blocks][kv_heads]
+  const CodebookTables* books;    // this layer: [kv_heads][K, V]
+  const float* k_tail;            // this layer's K tails: [slot][kv_heads][T][D] fp32
+  const float* v_tail;            // this layer's V tails, same layout
+  const void* q;                  // [batch][q_heads][D]
+  void* out;                      // [batch][q_heads][D]
+  float* part;                    // [batch][q_heads][splits][D + 2]
+  int32_t tokens_per_block;       // T
+  int32_t kv_heads;
+  int32_t max_blocks;
+  int32_t units_per_split;
+  int32_t splits;
+  int32_t stage_bytes;            // per stage, multiple of 16
+  float scale_log2;               // softmax scale * log2(e)
+  int32_t batch;
+  AttendSeq seqs[kMaxBatch];
+};
+
+struct SplitPlan {
+  int units_per_split;
+  int splits;
+};
+
+/// Flash-decoding split: enough CTAs for about two waves on `sms`
+/// multiprocessors, each CTA at least one unit per warp.
+inline SplitPlan plan_splits(int max_units, int batch, int kv_heads, int sms) {
+  if (max_units <= 0) return {1, 1};
+  const long long target_ctas = 4LL * sms;
+  const long long total_units = 1LL * max_units * batch * kv_heads;
+  long long per = (total_units + target_ctas - 1) / target_ctas;
+  if (per < kAttnWarps) per = kAttnWarps;
+  const int splits = int((max_units + per - 1) / per);
+  return {int(per), splits};
+}
+
+}  // namespace detail
+}  // namespace kvcomp

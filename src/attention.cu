@@ -1,0 +1,67 @@
+#include <string>
+
+#include "kernels/attention.cuh"
+#include "kvcomp/error.hpp"
+#include "launch.hpp"
+
+namespace kvcomp {
+namespace detail {
+namespace {
+
+constexpr size_t kMaxSmem = 227 * 1024;  // Hopper's opt-in limit per CTA
+
+template <typename F>
+void dispatch(DType q_type, int D, int G, F&& f) {
+  auto with_g = [&](auto qt, auto d) {
+    switch (G) {
+      case 1: f(qt, d, std::integral_constant<int, 1>{}); return;
+      case 2: f(qt, d, std::integral_constant<int, 2>{}); return;
+      case 4: f(qt, d, std::integral_constant<int, 4>{}); return;
+      case 8: f(qt, d, std::integral_constant<int, 8>{}); return;
+    }
+    throw Error("query heads per kv head must be 1, 2, 4 or 8, got " + std::to_string(G));
+  };
+  auto with_d = [&](auto qt) {
+    if (D == 64) return with_g(qt, std::integral_constant<int, 64>{});
+    if (D == 128) return with_g(qt, std::integral_constant<int, 128>{});
+    throw Error("attention supports head_dim 64 and 128, got " + std::to_string(D));
+  };
+  if (q_type == DType::F16) return with_d(__half{});
+  if (q_type == DType::BF16) return with_d(__nv_bfloat16{});
+  throw Error("attention takes q/out as float16 or bfloat16");
+}
+
+}  // namespace
+
+size_t attention_smem_bytes(int D, int G, int stage_bytes) {
+  size_t bytes = 0;
+  dispatch(DType::F16, D, G, [&](auto, auto d, auto g) { bytes = AttnSmem<d.value, g.value>::bytes(stage_bytes); });
+  return bytes;
+}
+
+int attention_max_stage_bytes(int D, int G) {
+  // Two CTAs per SM: half of the opt-in shared memory each.
+  int stage = 16 * 1024;
+  while (stage > 1024 && attention_smem_bytes(D, G, stage) > kMaxSmem / 2) stage -= 1024;
+  return stage;
+}
+
+void launch_attention(DType q_type, int D, int G, const AttendParams& p, cudaStream_t s) {
+  if (p.batch <= 0) return;
+  dispatch(q_type, D, G, [&](auto qt, auto d, auto g) {
+    using QT = decltype(qt);
+    constexpr int kD = d.value, kG = g.value;
+    const size_t smem = AttnSmem<kD, kG>::bytes(p.stage_bytes);
+    auto kernel = fused_attention_kernel<QT, kD, kG>;
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+               "attention shared-memory opt-in");
+    const dim3 grid(p.splits, p.kv_heads, p.batch);
+    kernel<<<grid, 32 * kAttnWarps, smem, s>>>(p);
+    check_cuda(cudaGetLastError(), "fused attention launch");
+    merge_kernel<QT, kD><<<p.batch * p.kv_heads * kG, kD, 0, s>>>(p.part, p.splits, static_cast<QT*>(p.out));
+    check_cuda(cudaGetLastError(), "split merge launch");
+  });
+}
+
+}  // namespace detail
+}  // namespace kvcomp

@@ -1,0 +1,1 @@
+// Baseline attention kernels: filled in by bench work.

@@ -1,0 +1,502 @@
+#include "kvcomp/cache.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <string>
+
+#include "kvcomp/codebook.hpp"
+#include "launch.hpp"
+
+namespace kvcomp {
+
+using detail::check_cuda;
+using format::BlockRef;
+
+namespace {
+
+std::string str(long long v) { return std::to_string(v); }
+
+void validate_bound(const ErrorBound& b, const char* what) {
+  if (!(b.value > 0.f) || !std::isfinite(b.value))
+    throw Error(std::string(what) + " error bound must be positive and finite, got " + std::to_string(b.value));
+  if (b.mode != BoundMode::Relative && b.mode != BoundMode::Absolute)
+    throw Error(std::string(what) + " error bound mode is invalid");
+}
+
+void validate(const Config& c) {
+  if (c.layers <= 0) throw Error("config: layers must be positive, got " + str(c.layers));
+  if (c.kv_heads <= 0) throw Error("config: kv_heads must be positive, got " + str(c.kv_heads));
+  if (c.q_heads <= 0 || c.q_heads % c.kv_heads != 0)
+    throw Error("config: q_heads (" + str(c.q_heads) + ") must be a positive multiple of kv_heads (" +
+                str(c.kv_heads) + ")");
+  const int g = c.q_heads / c.kv_heads;
+  if (g != 1 && g != 2 && g != 4 && g != 8)
+    throw Error("config: q_heads / kv_heads must be 1, 2, 4 or 8, got " + str(g));
+  if (c.head_dim != 64 && c.head_dim != 128) throw Error("config: head_dim must be 64 or 128, got " + str(c.head_dim));
+  if (!format::supported_tokens(c.block_tokens))
+    throw Error("config: block_tokens must be 32, 64 or 128, got " + str(c.block_tokens));
+  if (c.dtype != DType::F16 && c.dtype != DType::BF16 && c.dtype != DType::F32) throw Error("config: unknown dtype");
+  validate_bound(c.k_bound, "config: K");
+  validate_bound(c.v_bound, "config: V");
+  for (const auto& o : c.overrides) {
+    if (o.layer < 0 || o.layer >= c.layers) throw Error("config: override names layer " + str(o.layer));
+    if (o.kv_head < -1 || o.kv_head >= c.kv_heads) throw Error("config: override names kv head " + str(o.kv_head));
+    validate_bound(o.k, "config: override K");
+    validate_bound(o.v, "config: override V");
+  }
+  if (c.pool_bytes < 4096) throw Error("config: pool_bytes must be at least 4096");
+  if (c.max_seqs <= 0) throw Error("config: max_seqs must be positive");
+  if (c.max_tokens_per_seq <= 0) throw Error("config: max_tokens_per_seq must be positive");
+}
+
+template <typename T>
+struct DeviceBuffer {
+  T* ptr = nullptr;
+  size_t count = 0;
+  DeviceBuffer() = default;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { if (ptr) cudaFree(ptr); }
+  void allocate(size_t n, const char* what) {
+    if (ptr) { cudaFree(ptr); ptr = nullptr; count = 0; }
+    if (n == 0) return;
+    const cudaError_t e = cudaMalloc(&ptr, n * sizeof(T));
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      ptr = nullptr;
+      throw Error(std::string("cannot allocate ") + what + " (" + str((long long)(n * sizeof(T))) +
+                  " bytes): " + cudaGetErrorString(e));
+    }
+    count = n;
+  }
+  /// Grows (never shrinks) to at least n elements; contents are not kept.
+  void reserve(size_t n, const char* what) {
+    if (n > count) allocate(std::max(n, count * 2), what);
+  }
+};
+
+struct PinnedBuffer {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  ~PinnedBuffer() { if (ptr) cudaFreeHost(ptr); }
+  void reserve(size_t n) {
+    if (n <= bytes) return;
+    if (ptr) cudaFreeHost(ptr);
+    ptr = nullptr;
+    bytes = 0;
+    check_cuda(cudaMallocHost(&ptr, std::max(n, size_t(4096))), "pinned staging allocation");
+    bytes = std::max(n, size_t(4096));
+  }
+};
+
+// First-fit allocator over the pool, in 16-byte units, with coalescing.
+class PoolAllocator {
+ public:
+  explicit PoolAllocator(uint64_t units) : capacity_(units) { free_[0] = units; }
+  bool allocate(uint64_t units, uint64_t& at) {
+    for (auto it = free_.begin(); it != free_.end(); ++it) {
+      if (it->second < units) continue;
+      at = it->first;
+      const uint64_t rest = it->second - units;
+      free_.erase(it);
+      if (rest) free_[at + units] = rest;
+      used_ += units;
+      return true;
+    }
+    return false;
+  }
+  void release(uint64_t at, uint64_t units) {
+    used_ -= units;
+    auto next = free_.lower_bound(at);
+    if (next != free_.end() && at + units == next->first) { units += next->second; next = free_.erase(next); }
+    if (next != free_.begin()) {
+      auto prev = std::prev(next);
+      if (prev->first + prev->second == at) { prev->second += units; return; }
+    }
+    free_[at] = units;
+  }
+  uint64_t used() const { return used_; }
+
+ private:
+  uint64_t capacity_;
+  uint64_t used_ = 0;
+  std::map<uint64_t, uint64_t> free_;
+};
+
+struct Extent {
+  uint64_t at16;
+  uint64_t units16;
+};
+
+}  // namespace
+
+struct Cache::Impl {
+  Config cfg;
+  int T, D, H, G;
+  int max_blocks;
+  int sms = 132;
+  int stage_bytes = 0;
+
+  DeviceBuffer<uint8_t> pool;
+  DeviceBuffer<BlockRef> table;           // [layer][slot][max_blocks][H]
+  DeviceBuffer<float> tails;              // [layer][K|V][slot][H][T][D]: see tail_ptr
+  DeviceBuffer<CodebookTables> books;     // [layer][H][K|V]
+  DeviceBuffer<float> part;               // attention workspace
+  int part_splits = 0;
+  PoolAllocator alloc;
+
+  struct Seq {
+    bool live = false;
+    std::vector<int64_t> tokens;               // per layer
+    std::vector<std::vector<Extent>> extents;  // per layer
+  };
+  std::vector<Seq> seqs;
+  std::vector<bool> layer_has_books;
+  std::vector<size_t> layer_compressed;
+
+  // Scratch for append, grown on demand.
+  DeviceBuffer<detail::StoreJob> d_jobs;
+  DeviceBuffer<detail::TailCopy> d_copies;
+  DeviceBuffer<uint32_t> d_sizes, d_offsets;
+  DeviceBuffer<int64_t> d_bases;
+  DeviceBuffer<uint8_t> d_scan;
+  DeviceBuffer<unsigned long long> d_hist;
+  PinnedBuffer h_stage;
+
+  explicit Impl(const Config& c)
+      : cfg(c), T(c.block_tokens), D(c.head_dim), H(c.kv_heads), G(c.q_heads / c.kv_heads),
+        max_blocks((c.max_tokens_per_seq + c.block_tokens - 1) / c.block_tokens),
+        alloc(c.pool_bytes / format::kBlockAlign) {
+    int dev = 0;
+    check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "device attribute");
+    stage_bytes = detail::attention_max_stage_bytes(D, G);
+    pool.allocate(c.pool_bytes / format::kBlockAlign * format::kBlockAlign, "the compressed pool");
+    table.allocate(size_t(c.layers) * c.max_seqs * max_blocks * H, "block tables");
+    tails.allocate(size_t(c.layers) * c.max_seqs * H * 2 * T * D, "tail buffers");
+    books.allocate(size_t(c.layers) * H * 2, "codebook tables");
+    part_splits = detail::plan_splits(max_blocks + 1, 1, H, sms).splits;
+    part.allocate(size_t(c.max_seqs > detail::kMaxBatch ? detail::kMaxBatch : c.max_seqs) * c.q_heads *
+                      part_splits * (D + 2), "attention workspace");
+    seqs.resize(c.max_seqs);
+    layer_has_books.assign(c.layers, false);
+    layer_compressed.assign(c.layers, 0);
+  }
+
+  ErrorBound bound(int layer, int head, Kind kind) const {
+    ErrorBound b = kind == Kind::Key ? cfg.k_bound : cfg.v_bound;
+    for (const auto& o : cfg.overrides)
+      if (o.layer == layer && (o.kv_head == -1 || o.kv_head == head)) b = kind == Kind::Key ? o.k : o.v;
+    return b;
+  }
+  float* tail_ptr(int layer, int slot, int head, Kind kind) const {
+    return tails.ptr + ((((size_t(layer) * 2 + int(kind)) * cfg.max_seqs + slot) * H + head) * T) * D;
+  }
+  const Seq& seq(int id) const {
+    if (id < 0 || id >= int(seqs.size()) || !seqs[id].live) throw Error("unknown or removed sequence id " + str(id));
+    return seqs[id];
+  }
+  void check_layer(int layer) const {
+    if (layer < 0 || layer >= cfg.layers)
+      throw Error("layer " + str(layer) + " out of range [0, " + str(cfg.layers) + ")");
+  }
+
+  void build_codebooks(int layer, const detail::StoreJob* jobs, int n_jobs, cudaStream_t s) {
+    const size_t n_books = size_t(cfg.layers) * H * 2;
+    d_hist.reserve(n_books * format::kNumSymbols, "histogram scratch");
+    check_cuda(cudaMemsetAsync(d_hist.ptr, 0, n_books * format::kNumSymbols * sizeof(unsigned long long), s),
+               "histogram clear");
+    detail::launch_histogram(cfg.dtype, jobs, n_jobs, T, D, d_hist.ptr, s);
+    const size_t layer_books = size_t(H) * 2;
+    const size_t first = size_t(layer) * layer_books;
+    std::vector<unsigned long long> h(layer_books * format::kNumSymbols);
+    check_cuda(cudaMemcpyAsync(h.data(), d_hist.ptr + first * format::kNumSymbols,
+                               h.size() * sizeof(unsigned long long), cudaMemcpyDeviceToHost, s),
+               "histogram copy");
+    check_cuda(cudaStreamSynchronize(s), "histogram sync");
+    std::vector<CodebookTables> tables(layer_books);
+    for (size_t b = 0; b < layer_books; ++b) {
+      std::vector<uint64_t> counts(h.begin() + b * format::kNumSymbols, h.begin() + (b + 1) * format::kNumSymbols);
+      tables[b] = Codebook::from_histogram(counts.data()).tables();
+    }
+    check_cuda(cudaMemcpyAsync(books.ptr + first, tables.data(), tables.size() * sizeof(CodebookTables),
+                               cudaMemcpyHostToDevice, s),
+               "codebook upload");
+    check_cuda(cudaStreamSynchronize(s), "codebook upload sync");  // `tables` is pageable and local
+  }
+};
+
+Cache::Cache(const Config& config) {
+  validate(config);
+  impl_ = std::make_unique<Impl>(config);
+}
+Cache::~Cache() = default;
+Cache::Cache(Cache&&) noexcept = default;
+Cache& Cache::operator=(Cache&&) noexcept = default;
+
+const Config& Cache::config() const { return impl_->cfg; }
+
+int Cache::add_sequence() {
+  auto& seqs = impl_->seqs;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    if (seqs[i].live) continue;
+    seqs[i].live = true;
+    seqs[i].tokens.assign(impl_->cfg.layers, 0);
+    seqs[i].extents.assign(impl_->cfg.layers, {});
+    return int(i);
+  }
+  throw Error("all " + str(impl_->cfg.max_seqs) + " sequence slots are in use (config.max_seqs)");
+}
+
+void Cache::remove_sequence(int id) {
+  impl_->seq(id);
+  auto& s = impl_->seqs[id];
+  for (int l = 0; l < impl_->cfg.layers; ++l)
+    for (const Extent& e : s.extents[l]) {
+      impl_->alloc.release(e.at16, e.units16);
+      impl_->layer_compressed[l] -= e.units16 * format::kBlockAlign;
+    }
+  s = Impl::Seq{};
+}
+
+int64_t Cache::tokens(int seq, int layer) const {
+  impl_->check_layer(layer);
+  return impl_->seq(seq).tokens[layer];
+}
+
+void Cache::append(int layer, const std::vector<int>& seq_ids, const std::vector<int>& n_tokens, const void* k,
+                   const void* v, cudaStream_t stream, int64_t token_stride, int64_t head_stride) {
+  Impl& m = *impl_;
+  const int T = m.T, D = m.D, H = m.H;
+  m.check_layer(layer);
+  if (seq_ids.size() != n_tokens.size())
+    throw Error("append: " + str(seq_ids.size()) + " sequence ids but " + str(n_tokens.size()) + " token counts");
+  if (token_stride < 0) token_stride = int64_t(H) * D;
+  if (head_stride < 0) head_stride = D;
+  if (head_stride < D && H > 1) throw Error("append: head_stride " + str(head_stride) + " < head_dim " + str(D));
+  if (token_stride < D) throw Error("append: token_stride " + str(token_stride) + " < head_dim " + str(D));
+  int64_t total = 0;
+  for (size_t i = 0; i < seq_ids.size(); ++i) {
+    const auto& s = m.seq(seq_ids[i]);
+    for (size_t j = 0; j < i; ++j)
+      if (seq_ids[j] == seq_ids[i]) throw Error("append: sequence " + str(seq_ids[i]) + " appears twice");
+    if (n_tokens[i] < 0) throw Error("append: negative token count " + str(n_tokens[i]));
+    if (s.tokens[layer] + n_tokens[i] > m.cfg.max_tokens_per_seq)
+      throw Error("append: sequence " + str(seq_ids[i]) + " would exceed max_tokens_per_seq (" +
+                  str(m.cfg.max_tokens_per_seq) + ")");
+    total += n_tokens[i];
+  }
+  if (total == 0) return;
+  if (!k || !v) throw Error("append: k and v must be device pointers, got null");
+
+  // Jobs (blocks to close) and tail copies, sequence by sequence.
+  const size_t esz = dtype_size(m.cfg.dtype);
+  auto at = [&](const void* base, int64_t token, int head) {
+    return static_cast<const void*>(static_cast<const char*>(base) + (token * token_stride + head * head_stride) * esz);
+  };
+  std::vector<detail::StoreJob> jobs;
+  std::vector<detail::TailCopy> copies;
+  std::vector<std::pair<size_t, size_t>> seq_jobs;  // [first, end) job range per input sequence
+  int64_t tok0 = 0;
+  for (size_t i = 0; i < seq_ids.size(); ++i) {
+    const int slot = seq_ids[i], n = n_tokens[i];
+    const int64_t stored = m.seqs[slot].tokens[layer];
+    const int c = int(stored % T);
+    const int full = int((c + n) / T);
+    const int rest = int((c + n) % T);
+    const size_t first = jobs.size();
+    for (int b = 0; b < full; ++b) {
+      const int64_t in_first = b == 0 ? 0 : int64_t(b) * T - c;
+      const int64_t block_index = stored / T + b;
+      for (int h = 0; h < H; ++h) {
+        detail::StoreJob j{};
+        j.k_in = at(k, tok0 + in_first, h);
+        j.v_in = at(v, tok0 + in_first, h);
+        j.k_tail = m.tail_ptr(layer, slot, h, Kind::Key);
+        j.v_tail = m.tail_ptr(layer, slot, h, Kind::Value);
+        j.in_token_stride = token_stride;
+        j.eb_k = m.bound(layer, h, Kind::Key);
+        j.eb_v = m.bound(layer, h, Kind::Value);
+        j.tail_tokens = b == 0 ? c : 0;
+        j.codebook = uint32_t((layer * H + h) * 2);
+        j.table_index = uint32_t(((size_t(layer) * m.cfg.max_seqs + slot) * m.max_blocks + block_index) * H + h);
+        j.extent = uint32_t(seq_jobs.size());
+        jobs.push_back(j);
+      }
+    }
+    seq_jobs.push_back({first, jobs.size()});
+    const int rows = full > 0 ? rest : n;
+    const int dst_row = full > 0 ? 0 : c;
+    const int64_t src_tok = tok0 + (n - rows);
+    if (rows > 0)
+      for (int h = 0; h < H; ++h)
+        copies.push_back({at(k, src_tok, h), at(v, src_tok, h), m.tail_ptr(layer, slot, h, Kind::Key) + size_t(dst_row) * D,
+                          m.tail_ptr(layer, slot, h, Kind::Value) + size_t(dst_row) * D, token_stride, rows});
+    tok0 += n;
+  }
+
+  const int n_jobs = int(jobs.size());
+  std::vector<Extent> new_extents(seq_ids.size(), Extent{0, 0});
+  if (n_jobs > 0) {
+    m.d_jobs.reserve(jobs.size(), "append scratch");
+    check_cuda(cudaMemcpyAsync(m.d_jobs.ptr, jobs.data(), jobs.size() * sizeof(jobs[0]), cudaMemcpyHostToDevice, stream),
+               "job upload");
+    if (!m.layer_has_books[layer]) {
+      m.build_codebooks(layer, m.d_jobs.ptr, n_jobs, stream);
+      m.layer_has_books[layer] = true;
+    }
+    const int n_blocks = 2 * n_jobs;
+    m.d_sizes.reserve(n_blocks + 1, "append scratch");
+    m.d_offsets.reserve(n_blocks + 1, "append scratch");
+    m.d_bases.reserve(seq_ids.size(), "append scratch");
+    const size_t scan_bytes = detail::scan_workspace_bytes(n_blocks + 1);
+    m.d_scan.reserve(scan_bytes, "append scratch");
+    check_cuda(cudaMemsetAsync(m.d_sizes.ptr + n_blocks, 0, sizeof(uint32_t), stream), "size clear");
+    detail::launch_measure(m.cfg.dtype, m.d_jobs.ptr, n_jobs, T, D, m.books.ptr, m.d_sizes.ptr, stream);
+    detail::launch_scan(m.d_sizes.ptr, m.d_offsets.ptr, n_blocks + 1, m.d_scan.ptr, m.d_scan.count, stream);
+    m.h_stage.reserve((n_blocks + 1) * sizeof(uint32_t));
+    uint32_t* offsets = static_cast<uint32_t*>(m.h_stage.ptr);
+    check_cuda(cudaMemcpyAsync(offsets, m.d_offsets.ptr, (n_blocks + 1) * sizeof(uint32_t), cudaMemcpyDeviceToHost,
+                               stream),
+               "offset copy");
+    check_cuda(cudaStreamSynchronize(stream), "append sync");
+    // Place every sequence's blocks in one extent; all or nothing.
+    std::vector<int64_t> bases(seq_ids.size(), 0);
+    for (size_t i = 0; i < seq_ids.size(); ++i) {
+      const auto [first, end] = seq_jobs[i];
+      if (first == end) continue;
+      const uint64_t units = offsets[2 * end] - offsets[2 * first];
+      uint64_t where = 0;
+      if (!m.alloc.allocate(units, where)) {
+        for (size_t j = 0; j < i; ++j)
+          if (new_extents[j].units16) m.alloc.release(new_extents[j].at16, new_extents[j].units16);
+        throw Error("append: the pool is full (" + str((long long)(m.alloc.used() * 16)) + " of " +
+                    str((long long)(m.pool.count)) + " bytes in use, " + str((long long)(units * 16)) +
+                    " more needed); remove sequences or raise config.pool_bytes");
+      }
+      new_extents[i] = {where, units};
+      bases[i] = int64_t(where) - int64_t(offsets[2 * first]);
+    }
+    check_cuda(cudaMemcpyAsync(m.d_bases.ptr, bases.data(), bases.size() * sizeof(int64_t), cudaMemcpyHostToDevice,
+                               stream),
+               "extent upload");
+    detail::launch_encode(m.cfg.dtype, m.d_jobs.ptr, n_jobs, T, D, m.books.ptr, m.d_sizes.ptr, m.d_offsets.ptr,
+                          m.d_bases.ptr, m.pool.ptr, m.table.ptr, stream);
+  }
+  if (!copies.empty()) {
+    m.d_copies.reserve(copies.size(), "append scratch");
+    check_cuda(cudaMemcpyAsync(m.d_copies.ptr, copies.data(), copies.size() * sizeof(copies[0]),
+                               cudaMemcpyHostToDevice, stream),
+               "tail job upload");
+    detail::launch_tail_copy(m.cfg.dtype, m.d_copies.ptr, int(copies.size()), D, stream);
+  }
+  // Pageable uploads above were staged by the runtime before returning, so
+  // the host vectors may go. Commit the bookkeeping.
+  for (size_t i = 0; i < seq_ids.size(); ++i) {
+    auto& s = m.seqs[seq_ids[i]];
+    s.tokens[layer] += n_tokens[i];
+    if (new_extents[i].units16) {
+      s.extents[layer].push_back(new_extents[i]);
+      m.layer_compressed[layer] += new_extents[i].units16 * format::kBlockAlign;
+    }
+  }
+}
+
+void Cache::attend(int layer, const std::vector<int>& seq_ids, const void* q, void* out, DType q_type,
+                   cudaStream_t stream) {
+  Impl& m = *impl_;
+  m.check_layer(layer);
+  if (seq_ids.empty()) return;
+  if (int(seq_ids.size()) > std::min(m.cfg.max_seqs, detail::kMaxBatch))
+    throw Error("attend: batch of " + str(seq_ids.size()) + " exceeds " + str(std::min(m.cfg.max_seqs, detail::kMaxBatch)));
+  if (q_type != DType::F16 && q_type != DType::BF16) throw Error("attend: q/out must be float16 or bfloat16");
+  if (!q || !out) throw Error("attend: q and out must be device pointers, got null");
+  detail::AttendParams p{};
+  int max_units = 0;
+  for (size_t i = 0; i < seq_ids.size(); ++i) {
+    const auto& s = m.seq(seq_ids[i]);
+    p.seqs[i] = {seq_ids[i], int32_t(s.tokens[layer])};
+    max_units = std::max(max_units, int((s.tokens[layer] + m.T - 1) / m.T));
+  }
+  const auto plan = detail::plan_splits(max_units, int(seq_ids.size()), m.H, m.sms);
+  // The workspace holds part_splits splits for every sequence of a batch.
+  const int per = std::max(plan.units_per_split, (max_units + m.part_splits - 1) / m.part_splits);
+  p.units_per_split = per;
+  p.splits = std::max(1, (max_units + per - 1) / per);
+  p.pool = m.pool.ptr;
+  p.table = m.table.ptr + size_t(layer) * m.cfg.max_seqs * m.max_blocks * m.H;
+  p.books = m.books.ptr + size_t(layer) * m.H * 2;
+  p.k_tail = m.tail_ptr(layer, 0, 0, Kind::Key);
+  p.v_tail = m.tail_ptr(layer, 0, 0, Kind::Value);
+  p.q = q;
+  p.out = out;
+  p.part = m.part.ptr;
+  p.tokens_per_block = m.T;
+  p.kv_heads = m.H;
+  p.max_blocks = m.max_blocks;
+  p.stage_bytes = m.stage_bytes;
+  p.scale_log2 = float(1.4426950408889634 / std::sqrt(double(m.D)));
+  p.batch = int(seq_ids.size());
+  detail::launch_attention(q_type, m.D, m.G, p, stream);
+}
+
+std::vector<uint8_t> Cache::read_block(int layer, int seq, int kv_head, int64_t block, Kind kind,
+                                       cudaStream_t stream) const {
+  const Impl& m = *impl_;
+  m.check_layer(layer);
+  const auto& s = m.seq(seq);
+  if (kv_head < 0 || kv_head >= m.H) throw Error("read_block: kv head " + str(kv_head) + " out of range");
+  if (block < 0 || block >= s.tokens[layer] / m.T) throw Error("read_block: block " + str(block) + " not stored");
+  BlockRef r;
+  const size_t idx = ((size_t(layer) * m.cfg.max_seqs + seq) * m.max_blocks + block) * m.H + kv_head;
+  check_cuda(cudaMemcpyAsync(&r, m.table.ptr + idx, sizeof(r), cudaMemcpyDeviceToHost, stream), "block ref copy");
+  check_cuda(cudaStreamSynchronize(stream), "read_block sync");
+  const size_t off = size_t(r.offset16) * 16 + (kind == Kind::Key ? 0 : size_t(r.k_size16) * 16);
+  std::vector<uint8_t> bytes(size_t(kind == Kind::Key ? r.k_size16 : r.v_size16) * 16);
+  check_cuda(cudaMemcpyAsync(bytes.data(), m.pool.ptr + off, bytes.size(), cudaMemcpyDeviceToHost, stream), "block copy");
+  check_cuda(cudaStreamSynchronize(stream), "read_block sync");
+  return bytes;
+}
+
+Codebook Cache::codebook(int layer, int kv_head, Kind kind) const {
+  const Impl& m = *impl_;
+  m.check_layer(layer);
+  if (kv_head < 0 || kv_head >= m.H) throw Error("codebook: kv head " + str(kv_head) + " out of range");
+  if (!m.layer_has_books[layer]) throw Error("codebook: layer " + str(layer) + " has no codebooks yet");
+  CodebookTables t;
+  check_cuda(cudaMemcpy(&t, m.books.ptr + (size_t(layer) * m.H + kv_head) * 2 + int(kind), sizeof(t),
+                        cudaMemcpyDeviceToHost), "codebook copy");
+  uint8_t lengths[format::kNumSymbols];
+  for (int i = 0; i < format::kNumSymbols; ++i) lengths[i] = uint8_t(t.enc[i] >> 16);
+  return Codebook::from_lengths(lengths);
+}
+
+Stats Cache::stats() const {
+  const Impl& m = *impl_;
+  Stats st;
+  st.per_layer.resize(m.cfg.layers);
+  for (const auto& s : m.seqs) {
+    if (!s.live) continue;
+    for (int l = 0; l < m.cfg.layers; ++l) {
+      st.per_layer[l].tokens += size_t(s.tokens[l]);
+      st.per_layer[l].tail_tokens += size_t(s.tokens[l] % m.T);
+    }
+  }
+  for (int l = 0; l < m.cfg.layers; ++l) {
+    st.per_layer[l].compressed_bytes = m.layer_compressed[l];
+    st.compressed_bytes += m.layer_compressed[l];
+    st.tokens += st.per_layer[l].tokens;
+    st.tail_bytes += st.per_layer[l].tail_tokens * size_t(m.H) * m.D * 2 * sizeof(float);
+  }
+  st.metadata_bytes = m.table.count * sizeof(BlockRef) + m.books.count * sizeof(CodebookTables) +
+                      m.tails.count * sizeof(float);
+  st.pool_bytes_in_use = m.alloc.used() * format::kBlockAlign;
+  st.pool_capacity = m.pool.count;
+  const double fp16 = double(st.tokens) * m.H * m.D * 2 * 2;
+  const double held = double(st.compressed_bytes + st.tail_bytes);
+  st.ratio_vs_fp16 = held > 0 ? fp16 / held : 0.0;
+  return st;
+}
+
+}  // namespace kvcomp

@@ -1,0 +1,41 @@
+// The launch functions: where host code (cache.cpp, tests, benchmarks) meets
+// the device kernels in kernels/. Each checks its launch and throws
+// kvcomp::Error on a CUDA error.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/attention_params.cuh"
+#include "kernels/store_job.cuh"
+#include "kvcomp/codebook.hpp"
+#include "kvcomp/dtype.hpp"
+
+namespace kvcomp {
+namespace detail {
+
+void check_cuda(cudaError_t e, const char* what);
+
+// Store path. `jobs` and every pointer are device memory.
+void launch_histogram(DType t, const StoreJob* jobs, int n_jobs, int T, int D, unsigned long long* hist,
+                      cudaStream_t s);
+void launch_measure(DType t, const StoreJob* jobs, int n_jobs, int T, int D, const CodebookTables* books,
+                    uint32_t* sizes16, cudaStream_t s);
+/// Scratch bytes for launch_scan over n items.
+size_t scan_workspace_bytes(int n);
+/// out[i] = sum of in[0..i) for i in [0, n).
+void launch_scan(const uint32_t* in, uint32_t* out, int n, void* scratch, size_t scratch_bytes, cudaStream_t s);
+void launch_encode(DType t, const StoreJob* jobs, int n_jobs, int T, int D, const CodebookTables* books,
+                   const uint32_t* sizes16, const uint32_t* offsets16, const int64_t* extent_base16, uint8_t* pool,
+                   format::BlockRef* table, cudaStream_t s);
+void launch_tail_copy(DType t, const TailCopy* copies, int n, int D, cudaStream_t s);
+
+// Fused attention (q/out in F16 or BF16; D in {64, 128}; G in {1, 2, 4, 8}).
+size_t attention_smem_bytes(int D, int G, int stage_bytes);
+int attention_max_stage_bytes(int D, int G);
+void launch_attention(DType q_type, int D, int G, const AttendParams& p, cudaStream_t s);
+
+}  // namespace detail
+}  // namespace kvcomp

@@ -1,0 +1,192 @@
+// Fused attention vs a CPU float64 attention over the reference-decoded K/V,
+// and vs uncompressed attention within the bound that the error bound implies.
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "gpu_util.cuh"
+#include "kvcomp/cache.hpp"
+#include "kvcomp/reference.hpp"
+#include "test_data.hpp"
+
+using namespace kvcomp;
+using namespace kvcomp_test;
+
+namespace {
+
+struct SeqData {
+  std::vector<float> k, v;  // [tokens][H][D], as appended (fp16-exact)
+};
+
+// Decoded K/V of one (seq, head) as the fused kernel sees it: blocks through
+// the reference decoder, tail tokens exact.
+void decoded_kv(const Cache& cache, int layer, int seq, int head, const SeqData& s, int tokens,
+                std::vector<double>& k, std::vector<double>& v) {
+  const auto& cfg = cache.config();
+  const int T = cfg.block_tokens, D = cfg.head_dim, H = cfg.kv_heads;
+  k.assign(size_t(tokens) * D, 0);
+  v.assign(size_t(tokens) * D, 0);
+  const int blocks = tokens / T;
+  std::vector<float> out(size_t(T) * D);
+  for (int b = 0; b < blocks; ++b)
+    for (Kind kind : {Kind::Key, Kind::Value}) {
+      const auto bytes = cache.read_block(layer, seq, head, b, kind, 0);
+      const Codebook cb = cache.codebook(layer, head, kind);
+      ASSERT_EQ(ref::decode_block(bytes.data(), bytes.size(), kind, T, D, cb, out.data()), ref::DecodeStatus::Ok);
+      auto& dst = kind == Kind::Key ? k : v;
+      for (size_t i = 0; i < out.size(); ++i) dst[size_t(b) * T * D + i] = out[i];
+    }
+  for (int t = blocks * T; t < tokens; ++t)
+    for (int c = 0; c < D; ++c) {
+      k[size_t(t) * D + c] = s.k[(size_t(t) * H + head) * D + c];
+      v[size_t(t) * D + c] = s.v[(size_t(t) * H + head) * D + c];
+    }
+}
+
+std::vector<double> attention64(const float* q, const std::vector<double>& k, const std::vector<double>& v, int tokens,
+                                int D) {
+  std::vector<double> s(tokens), o(D, 0.0);
+  if (tokens == 0) return o;
+  double mx = -INFINITY;
+  for (int t = 0; t < tokens; ++t) {
+    double acc = 0;
+    for (int c = 0; c < D; ++c) acc += double(q[c]) * k[size_t(t) * D + c];
+    s[t] = acc / std::sqrt(double(D));
+    mx = std::max(mx, s[t]);
+  }
+  double den = 0;
+  for (int t = 0; t < tokens; ++t) { s[t] = std::exp(s[t] - mx); den += s[t]; }
+  for (int t = 0; t < tokens; ++t)
+    for (int c = 0; c < D; ++c) o[c] += s[t] / den * v[size_t(t) * D + c];
+  return o;
+}
+
+void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int>& lengths, uint64_t seed,
+                        bool one_append_call) {
+  Config cfg;
+  cfg.layers = 1;
+  cfg.kv_heads = H;
+  cfg.q_heads = H * G;
+  cfg.head_dim = D;
+  cfg.dtype = DType::F16;
+  cfg.max_seqs = int(lengths.size());
+  int longest = 1;
+  for (int n : lengths) longest = std::max(longest, n);
+  cfg.max_tokens_per_seq = longest;
+  cfg.pool_bytes = size_t(longest) * lengths.size() * H * D * 2 * 2 + (size_t(16) << 20);
+  Cache cache(cfg);
+  const int B = int(lengths.size());
+  std::vector<int> ids;
+  std::vector<SeqData> data(B);
+  for (int b = 0; b < B; ++b) {
+    ids.push_back(cache.add_sequence());
+    data[b].k = round_to(DType::F16, make_data(Dist::OutlierChannels, lengths[b], H * D, seed + 2 * b));
+    data[b].v = round_to(DType::F16, make_data(Dist::Gaussian, lengths[b], H * D, seed + 2 * b + 1));
+  }
+  if (one_append_call) {  // all sequences in one prefill call
+    std::vector<float> k_all, v_all;
+    for (auto& d : data) { k_all.insert(k_all.end(), d.k.begin(), d.k.end()); v_all.insert(v_all.end(), d.v.begin(), d.v.end()); }
+    const auto kb = to_dtype_bytes(DType::F16, k_all), vb = to_dtype_bytes(DType::F16, v_all);
+    DevBuf<uint8_t> dk(kb.size() + 2), dv(vb.size() + 2);
+    dk.upload(kb);
+    dv.upload(vb);
+    cache.append(0, ids, lengths, dk.ptr, dv.ptr, 0);
+    CUDA_LAUNCH_OK();
+  } else {
+    for (int b = 0; b < B; ++b) {
+      const auto kb = to_dtype_bytes(DType::F16, data[b].k), vb = to_dtype_bytes(DType::F16, data[b].v);
+      DevBuf<uint8_t> dk(kb.size() + 2), dv(vb.size() + 2);
+      dk.upload(kb);
+      dv.upload(vb);
+      cache.append(0, {ids[b]}, {lengths[b]}, dk.ptr, dv.ptr, 0);
+      CUDA_LAUNCH_OK();
+    }
+  }
+  for (int b = 0; b < B; ++b) ASSERT_EQ(cache.tokens(ids[b], 0), lengths[b]);
+
+  const int Hq = H * G;
+  auto q = round_to(q_type, make_data(Dist::Gaussian, B * Hq, D, seed + 99));
+  const auto qb = to_dtype_bytes(q_type, q);
+  DevBuf<uint8_t> dq(qb.size()), dout(qb.size());
+  dq.upload(qb);
+  CUDA_OK(cudaMemset(dout.ptr, 0xFF, qb.size()));  // NaN poison
+  cache.attend(0, ids, dq.ptr, dout.ptr, q_type, 0);
+  CUDA_LAUNCH_OK();
+  const auto ob = dout.download();
+
+  // fp16 output rounds at 2^-11 relative, bf16 at 2^-8: the tolerance is the
+  // 1e-3 of fp32 accumulation plus the output type's rounding.
+  const double tol = q_type == DType::F16 ? 1e-3 : 8e-3;
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h) {
+      std::vector<double> k, v;
+      decoded_kv(cache, 0, ids[b], h, data[b], lengths[b], k, v);
+      if (::testing::Test::HasFatalFailure()) return;
+      // Exact (uncompressed) K/V for the error-bound check.
+      std::vector<double> ke(size_t(lengths[b]) * D), ve(size_t(lengths[b]) * D);
+      double max_dv = 0, max_v = 0;
+      for (int t = 0; t < lengths[b]; ++t)
+        for (int c = 0; c < D; ++c) {
+          ke[size_t(t) * D + c] = data[b].k[(size_t(t) * H + h) * D + c];
+          ve[size_t(t) * D + c] = data[b].v[(size_t(t) * H + h) * D + c];
+          max_dv = std::max(max_dv, std::fabs(v[size_t(t) * D + c] - ve[size_t(t) * D + c]));
+          max_v = std::max(max_v, std::fabs(ve[size_t(t) * D + c]));
+        }
+      for (int g = 0; g < G; ++g) {
+        const int hq = h * G + g;
+        const float* qv = &q[(size_t(b) * Hq + hq) * D];
+        const auto ref = attention64(qv, k, v, lengths[b], D);
+        const auto exact = attention64(qv, ke, ve, lengths[b], D);
+        double num = 0, den = 0, max_dev = 0;
+        for (int c = 0; c < D; ++c) {
+          const float got = load_as_float(q_type, ob.data(), (size_t(b) * Hq + hq) * D + c);
+          ASSERT_TRUE(std::isfinite(got)) << "unwritten or non-finite output: seq " << b << " head " << hq << " c " << c;
+          num += (got - ref[c]) * (got - ref[c]);
+          den += ref[c] * ref[c];
+          max_dev = std::max(max_dev, std::fabs(got - exact[c]));
+        }
+        ASSERT_LE(std::sqrt(num / std::max(den, 1e-30)), tol)
+            << "seq " << b << " (" << lengths[b] << " tokens) q head " << hq;
+        // Bound from the error bound: scores move by at most delta =
+        // scale * sum_c |q_c| * max_t |dK_tc|, softmax weights by a factor
+        // within e^(+-2 delta); so |d out| <= max|dV| + (e^(2 delta) - 1) max|V|.
+        double delta = 0;
+        for (int c = 0; c < D; ++c) {
+          double dk = 0;
+          for (int t = 0; t < lengths[b]; ++t) dk = std::max(dk, std::fabs(k[size_t(t) * D + c] - ke[size_t(t) * D + c]));
+          delta += std::fabs(qv[c]) * dk;
+        }
+        delta /= std::sqrt(double(D));
+        const double bound = max_dv + (std::exp(2 * delta) - 1) * max_v + 4 * tol * max_v;
+        ASSERT_LE(max_dev, bound) << "seq " << b << " q head " << hq;
+      }
+    }
+}
+
+}  // namespace
+
+TEST(AttentionGpu, ContextLengthsAroundBlockEdgesInOneMixedBatch) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  run_attention_case(4, 4, 128, DType::F16, {1, 63, 64, 65, 1000, 200}, seed, true);
+}
+
+TEST(AttentionGpu, GqaGroupsHeadDimsAndBf16) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  for (int G : {1, 2, 8}) {
+    SCOPED_TRACE("G " + std::to_string(G));
+    run_attention_case(2, G, 64, DType::F16, {130, 700}, seed + G, false);
+    if (HasFatalFailure()) return;
+  }
+  run_attention_case(2, 4, 128, DType::BF16, {129, 513}, seed + 3, false);
+}
+
+TEST(AttentionGpu, LongContextSplitsAcrossTheChip) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  run_attention_case(2, 4, 128, DType::F16, {70000}, seed, false);
+}

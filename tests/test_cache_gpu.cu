@@ -1,0 +1,154 @@
+// The Cache on the GPU: decode-phase appends match a prefill, pools empty
+// after removal, a full pool fails cleanly and recovers.
+#include <string>
+
+#include "gpu_util.cuh"
+#include "kvcomp/cache.hpp"
+#include "test_data.hpp"
+
+using namespace kvcomp;
+using namespace kvcomp_test;
+
+namespace {
+
+Config small_config() {
+  Config c;
+  c.layers = 2;
+  c.kv_heads = 2;
+  c.q_heads = 8;
+  c.head_dim = 128;
+  c.block_tokens = 64;
+  c.max_seqs = 4;
+  c.max_tokens_per_seq = 1024;
+  c.pool_bytes = size_t(8) << 20;
+  return c;
+}
+
+struct Tokens {
+  std::vector<uint8_t> k, v;  // fp16 [n][H][D]
+  Tokens(int n, int H, int D, uint64_t seed) {
+    k = to_dtype_bytes(DType::F16, make_data(Dist::OutlierChannels, n, H * D, seed));
+    v = to_dtype_bytes(DType::F16, make_data(Dist::Gaussian, n, H * D, seed + 1));
+  }
+};
+
+}  // namespace
+
+TEST(CacheGpu, DecodeStepsGiveTheSameBlocksAsOnePrefill) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  const Config cfg = small_config();
+  const int H = cfg.kv_heads, D = cfg.head_dim, T = cfg.block_tokens;
+  const int n = 3 * T + 5;
+  Tokens prime(2 * T, H, D, seed), toks(n, H, D, seed + 7);
+  DevBuf<uint8_t> dpk(prime.k.size()), dpv(prime.v.size()), dk(toks.k.size()), dv(toks.v.size());
+  dpk.upload(prime.k); dpv.upload(prime.v); dk.upload(toks.k); dv.upload(toks.v);
+  const size_t row = size_t(H) * D * 2;
+
+  Cache a(cfg), b(cfg);
+  for (Cache* c : {&a, &b}) {  // same codebooks in both: built from the same first prefill
+    const int p = c->add_sequence();
+    for (int l = 0; l < cfg.layers; ++l) c->append(l, {p}, {2 * T}, dpk.ptr, dpv.ptr, 0);
+  }
+  const int sa = a.add_sequence(), sb = b.add_sequence();
+  for (int l = 0; l < cfg.layers; ++l) a.append(l, {sa}, {n}, dk.ptr, dv.ptr, 0);
+  for (int t = 0; t < n; ++t)
+    for (int l = 0; l < cfg.layers; ++l) b.append(l, {sb}, {1}, dk.ptr + t * row, dv.ptr + t * row, 0);
+  CUDA_LAUNCH_OK();
+  for (int l = 0; l < cfg.layers; ++l) {
+    ASSERT_EQ(a.tokens(sa, l), n);
+    ASSERT_EQ(b.tokens(sb, l), n);
+    for (int blk = 0; blk < n / T; ++blk)
+      for (int h = 0; h < H; ++h)
+        for (Kind kind : {Kind::Key, Kind::Value})
+          ASSERT_EQ(a.read_block(l, sa, h, blk, kind, 0), b.read_block(l, sb, h, blk, kind, 0))
+              << "layer " << l << " block " << blk << " head " << h;
+  }
+  // Same attention output too (tails included).
+  const auto q = to_dtype_bytes(DType::F16, make_data(Dist::Gaussian, cfg.q_heads, D, seed + 3));
+  DevBuf<uint8_t> dq(q.size()), oa(q.size()), ob(q.size());
+  dq.upload(q);
+  CUDA_OK(cudaMemset(oa.ptr, 0xFF, q.size()));
+  CUDA_OK(cudaMemset(ob.ptr, 0xFF, q.size()));
+  a.attend(1, {sa}, dq.ptr, oa.ptr, DType::F16, 0);
+  b.attend(1, {sb}, dq.ptr, ob.ptr, DType::F16, 0);
+  CUDA_LAUNCH_OK();
+  const auto ra = oa.download(), rb = ob.download();
+  ASSERT_EQ(ra, rb);
+  for (size_t i = 0; i < ra.size() / 2; ++i) ASSERT_TRUE(std::isfinite(load_as_float(DType::F16, ra.data(), i)));
+}
+
+TEST(CacheGpu, MixedBatchDecodeThenRemoveEmptiesThePool) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  const Config cfg = small_config();
+  const int H = cfg.kv_heads, D = cfg.head_dim, T = cfg.block_tokens;
+  Cache cache(cfg);
+  const std::vector<int> prompt = {10, 64, 150};
+  std::vector<int> ids;
+  for (int p : prompt) {
+    ids.push_back(cache.add_sequence());
+    Tokens t(p, H, D, seed + p);
+    DevBuf<uint8_t> dk(t.k.size()), dv(t.v.size());
+    dk.upload(t.k); dv.upload(t.v);
+    for (int l = 0; l < cfg.layers; ++l) cache.append(l, {ids.back()}, {p}, dk.ptr, dv.ptr, 0);
+  }
+  const auto q = to_dtype_bytes(DType::F16, make_data(Dist::Gaussian, 3 * cfg.q_heads, D, seed + 3));
+  DevBuf<uint8_t> dq(q.size()), dout(q.size());
+  dq.upload(q);
+  for (int step = 0; step < 3 * T; ++step) {
+    Tokens t(3, H, D, seed + 1000 + step);  // one token for each sequence
+    DevBuf<uint8_t> dk(t.k.size()), dv(t.v.size());
+    dk.upload(t.k); dv.upload(t.v);
+    for (int l = 0; l < cfg.layers; ++l) {
+      cache.append(l, ids, {1, 1, 1}, dk.ptr, dv.ptr, 0);
+      cache.attend(l, ids, dq.ptr, dout.ptr, DType::F16, 0);
+    }
+  }
+  CUDA_LAUNCH_OK();
+  const auto out = dout.download();
+  for (size_t i = 0; i < out.size() / 2; ++i) ASSERT_TRUE(std::isfinite(load_as_float(DType::F16, out.data(), i)));
+  for (size_t i = 0; i < ids.size(); ++i) ASSERT_EQ(cache.tokens(ids[i], 0), prompt[i] + 3 * T);
+  Stats st = cache.stats();
+  EXPECT_GT(st.compressed_bytes, 0u);
+  EXPECT_GT(st.ratio_vs_fp16, 2.0);
+  std::printf("stats: %zu compressed bytes, %zu tail bytes, ratio vs fp16 %.2f\n", st.compressed_bytes, st.tail_bytes,
+              st.ratio_vs_fp16);
+  for (int id : ids) cache.remove_sequence(id);
+  st = cache.stats();
+  EXPECT_EQ(st.pool_bytes_in_use, 0u);
+  EXPECT_EQ(st.compressed_bytes, 0u);
+  EXPECT_EQ(st.tokens, 0u);
+  EXPECT_THROW(cache.tokens(ids[0], 0), Error);
+}
+
+TEST(CacheGpu, FullPoolFailsCleanlyAndRecoversAfterRemove) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  Config cfg = small_config();
+  cfg.layers = 1;
+  cfg.pool_bytes = 64 * 1024;  // a few blocks
+  const int H = cfg.kv_heads, D = cfg.head_dim;
+  Cache cache(cfg);
+  Tokens t(512, H, D, seed);
+  DevBuf<uint8_t> dk(t.k.size()), dv(t.v.size());
+  dk.upload(t.k); dv.upload(t.v);
+  const int a = cache.add_sequence();
+  cache.append(0, {a}, {256}, dk.ptr, dv.ptr, 0);
+  const int b = cache.add_sequence();
+  const Stats before = cache.stats();
+  const auto block0 = cache.read_block(0, a, 0, 0, Kind::Key, 0);
+  EXPECT_THROW(cache.append(0, {b}, {512}, dk.ptr, dv.ptr, 0), Error);
+  const Stats after = cache.stats();
+  EXPECT_EQ(cache.tokens(b, 0), 0);
+  EXPECT_EQ(before.pool_bytes_in_use, after.pool_bytes_in_use);
+  EXPECT_EQ(before.compressed_bytes, after.compressed_bytes);
+  EXPECT_EQ(block0, cache.read_block(0, a, 0, 0, Kind::Key, 0));
+  cache.remove_sequence(a);
+  cache.append(0, {b}, {256}, dk.ptr, dv.ptr, 0);
+  CUDA_LAUNCH_OK();
+  EXPECT_EQ(cache.tokens(b, 0), 256);
+}
