@@ -1,1 +1,84 @@
-// Baseline attention kernels: filled in by bench work.
+#include "baselines.hpp"
+
+#include <cmath>
+#include <string>
+
+#include "kernels/flash_decode_fp16.cuh"
+#include "kvcomp/error.hpp"
+#include "launch.hpp"
+
+namespace kvcomp {
+namespace baseline {
+namespace {
+
+detail::SplitPlan flash_plan(const Fp16Attention& a, int sms) {
+  return detail::plan_splits((a.tokens + 31) / 32, a.batch, a.kv_heads, sms);
+}
+
+void check_cublas(cublasStatus_t st, const char* what) {
+  if (st != CUBLAS_STATUS_SUCCESS) throw Error(std::string(what) + ": cuBLAS status " + std::to_string(int(st)));
+}
+
+}  // namespace
+
+size_t flash_workspace_floats(const Fp16Attention& a, int sms) {
+  return size_t(a.batch) * a.q_heads * flash_plan(a, sms).splits * (a.head_dim + 2);
+}
+
+void flash_decode_fp16(const Fp16Attention& a, const __half* q, __half* out, float* workspace, int sms,
+                       cudaStream_t s) {
+  const auto plan = flash_plan(a, sms);
+  detail::FlashParams p{a.k, a.v, q, out, workspace, a.tokens, a.kv_heads, plan.units_per_split, plan.splits,
+                        float(1.4426950408889634 / std::sqrt(double(a.head_dim)))};
+  const int G = a.q_heads / a.kv_heads;
+  const dim3 grid(plan.splits, a.kv_heads, a.batch);
+  auto go = [&](auto d, auto g) {
+    detail::flash_decode_fp16_kernel<d.value, g.value><<<grid, 32 * detail::kAttnWarps, 0, s>>>(p);
+    detail::check_cuda(cudaGetLastError(), "flash decode launch");
+    detail::merge_kernel<__half, d.value><<<a.batch * a.q_heads, d.value, 0, s>>>(workspace, plan.splits, out);
+    detail::check_cuda(cudaGetLastError(), "flash merge launch");
+  };
+  using I64 = std::integral_constant<int, 64>;
+  using I128 = std::integral_constant<int, 128>;
+  auto with_g = [&](auto d) {
+    switch (G) {
+      case 1: return go(d, std::integral_constant<int, 1>{});
+      case 4: return go(d, std::integral_constant<int, 4>{});
+      case 8: return go(d, std::integral_constant<int, 8>{});
+    }
+    throw Error("flash baseline: G must be 1, 4 or 8");
+  };
+  if (a.head_dim == 64) return with_g(I64{});
+  if (a.head_dim == 128) return with_g(I128{});
+  throw Error("flash baseline: head_dim must be 64 or 128");
+}
+
+size_t cublas_workspace_bytes(const Fp16Attention& a) {
+  const size_t rows = size_t(a.batch) * a.q_heads;
+  return rows * a.tokens * (sizeof(float) + sizeof(__half));
+}
+
+void cublas_attention(cublasHandle_t h, const Fp16Attention& a, const __half* q, __half* out, void* workspace,
+                      cudaStream_t s) {
+  const int G = a.q_heads / a.kv_heads, D = a.head_dim, N = a.tokens;
+  const int batches = a.batch * a.kv_heads;
+  float* scores = static_cast<float*>(workspace);
+  __half* probs = reinterpret_cast<__half*>(scores + size_t(a.batch) * a.q_heads * N);
+  check_cublas(cublasSetStream(h, s), "cublasSetStream");
+  const float scale = float(1.0 / std::sqrt(double(D))), one = 1.f, zero = 0.f;
+  // Column-major view: scores^T [N x G] = K [N x D] (row-major = col-major D x N, transposed) * q^T [D x G].
+  check_cublas(cublasGemmStridedBatchedEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, G, D, &scale, a.k, CUDA_R_16F, D,
+                                          size_t(N) * D, q, CUDA_R_16F, D, size_t(G) * D, &zero, scores, CUDA_R_32F, N,
+                                          size_t(G) * N, batches, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+               "scores GEMM");
+  detail::softmax_rows_kernel<<<a.batch * a.q_heads, 256, 0, s>>>(scores, probs, N);
+  detail::check_cuda(cudaGetLastError(), "softmax launch");
+  // out^T [D x G] = V^T [D x N] * P^T [N x G].
+  check_cublas(cublasGemmStridedBatchedEx(h, CUBLAS_OP_N, CUBLAS_OP_N, D, G, N, &one, a.v, CUDA_R_16F, D,
+                                          size_t(N) * D, probs, CUDA_R_16F, N, size_t(G) * N, &zero, out, CUDA_R_16F,
+                                          D, size_t(G) * D, batches, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+               "P.V GEMM");
+}
+
+}  // namespace baseline
+}  // namespace kvcomp

@@ -48,6 +48,7 @@ void validate(const Config& c) {
   if (c.pool_bytes < 4096) throw Error("config: pool_bytes must be at least 4096");
   if (c.max_seqs <= 0) throw Error("config: max_seqs must be positive");
   if (c.max_tokens_per_seq <= 0) throw Error("config: max_tokens_per_seq must be positive");
+  if (c.attention_stage_bytes < -1) throw Error("config: attention_stage_bytes must be -1, 0 or positive");
 }
 
 template <typename T>
@@ -171,7 +172,9 @@ struct Cache::Impl {
     int dev = 0;
     check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
     check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "device attribute");
-    stage_bytes = detail::attention_max_stage_bytes(D, G);
+    stage_bytes = c.attention_stage_bytes < 0 ? detail::attention_max_stage_bytes(D, G)
+                                              : std::min(c.attention_stage_bytes / 16 * 16,
+                                                         detail::attention_max_stage_bytes(D, G));
     pool.allocate(c.pool_bytes / format::kBlockAlign * format::kBlockAlign, "the compressed pool");
     table.allocate(size_t(c.layers) * c.max_seqs * max_blocks * H, "block tables");
     tails.allocate(size_t(c.layers) * c.max_seqs * H * 2 * T * D, "tail buffers");

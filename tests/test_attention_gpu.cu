@@ -62,7 +62,7 @@ std::vector<double> attention64(const float* q, const std::vector<double>& k, co
 }
 
 void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int>& lengths, uint64_t seed,
-                        bool one_append_call) {
+                        bool one_append_call, int stage_bytes = -1) {
   Config cfg;
   cfg.layers = 1;
   cfg.kv_heads = H;
@@ -70,6 +70,7 @@ void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int
   cfg.head_dim = D;
   cfg.dtype = DType::F16;
   cfg.max_seqs = int(lengths.size());
+  cfg.attention_stage_bytes = stage_bytes;
   int longest = 1;
   for (int n : lengths) longest = std::max(longest, n);
   cfg.max_tokens_per_seq = longest;
@@ -184,9 +185,72 @@ TEST(AttentionGpu, GqaGroupsHeadDimsAndBf16) {
   run_attention_case(2, 4, 128, DType::BF16, {129, 513}, seed + 3, false);
 }
 
+TEST(AttentionGpu, BlocksReadThroughL1WithoutStaging) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  run_attention_case(2, 4, 128, DType::F16, {1, 64, 300, 1000}, seed, true, /*stage_bytes=*/0);
+}
+
 TEST(AttentionGpu, LongContextSplitsAcrossTheChip) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   run_attention_case(2, 4, 128, DType::F16, {70000}, seed, false);
+}
+
+// The baselines are measured against kvcomp, so they are checked too.
+#include "src/baselines.hpp"
+
+TEST(BaselinesGpu, FlashDecodeAndCublasMatchFloat64Attention) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  const int B = 2, H = 2, G = 4, D = 128, N = 777;
+  const auto k = round_to(DType::F16, make_data(Dist::OutlierChannels, B * H * N, D, seed));
+  const auto v = round_to(DType::F16, make_data(Dist::Gaussian, B * H * N, D, seed + 1));
+  const auto q = round_to(DType::F16, make_data(Dist::Gaussian, B * H * G, D, seed + 2));
+  DevBuf<uint8_t> dk(k.size() * 2), dv(v.size() * 2), dq(q.size() * 2), dout(q.size() * 2);
+  dk.upload(to_dtype_bytes(DType::F16, k));
+  dv.upload(to_dtype_bytes(DType::F16, v));
+  dq.upload(to_dtype_bytes(DType::F16, q));
+  const baseline::Fp16Attention a{reinterpret_cast<const __half*>(dk.ptr), reinterpret_cast<const __half*>(dv.ptr),
+                                  B, H, H * G, D, N};
+  DevBuf<float> ws(baseline::flash_workspace_floats(a, 132));
+  DevBuf<uint8_t> cws(baseline::cublas_workspace_bytes(a));
+  cublasHandle_t handle;
+  ASSERT_EQ(cublasCreate(&handle), CUBLAS_STATUS_SUCCESS);
+  for (int variant = 0; variant < 2; ++variant) {
+    CUDA_OK(cudaMemset(dout.ptr, 0xFF, dout.n));
+    if (variant == 0)
+      baseline::flash_decode_fp16(a, reinterpret_cast<const __half*>(dq.ptr), reinterpret_cast<__half*>(dout.ptr),
+                                  ws.ptr, 132, 0);
+    else
+      baseline::cublas_attention(handle, a, reinterpret_cast<const __half*>(dq.ptr),
+                                 reinterpret_cast<__half*>(dout.ptr), cws.ptr, 0);
+    CUDA_LAUNCH_OK();
+    const auto ob = dout.download();
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < H; ++h) {
+        std::vector<double> kk(size_t(N) * D), vv(size_t(N) * D);
+        for (size_t i = 0; i < kk.size(); ++i) {
+          kk[i] = k[(size_t(b) * H + h) * N * D + i];
+          vv[i] = v[(size_t(b) * H + h) * N * D + i];
+        }
+        for (int g = 0; g < G; ++g) {
+          const size_t row = (size_t(b) * H * G + h * G + g) * D;
+          const auto ref = attention64(&q[row], kk, vv, N, D);
+          double num = 0, den = 0;
+          for (int c = 0; c < D; ++c) {
+            const float got = load_as_float(DType::F16, ob.data(), row + c);
+            ASSERT_TRUE(std::isfinite(got));
+            num += (got - ref[c]) * (got - ref[c]);
+            den += ref[c] * ref[c];
+          }
+          // cuBLAS rounds P to fp16 before P.V: allow 3e-3 there.
+          ASSERT_LE(std::sqrt(num / den), variant == 0 ? 1e-3 : 3e-3) << (variant == 0 ? "flash" : "cublas");
+        }
+      }
+  }
+  cublasDestroy(handle);
 }

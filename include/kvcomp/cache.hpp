@@ -53,6 +53,10 @@ struct Config {
   size_t pool_bytes = size_t(1) << 30;   // compressed blocks
   int max_seqs = 64;              // live sequences at once (<= 256 per attend call)
   int max_tokens_per_seq = 32768;
+  /// Fused kernel: bytes of each of a warp's two shared-memory stages for
+  /// block pairs (cp.async pipeline); 0 reads blocks through L1 instead
+  /// (more warps per SM); -1 picks the largest that keeps 2 CTAs per SM.
+  int attention_stage_bytes = -1;
 };
 
 struct LayerStats {
