@@ -83,6 +83,41 @@ struct SoftmaxAcc {
   }
 };
 
+/// Merges the warps of a CTA (merge: kAttnWarps * G * (D + 2) floats of
+/// shared memory) and writes this split's partial (acc, max, sum) for the G
+/// query heads at part[g][split] (rows of D + 2 floats).
+template <int D, int G>
+__device__ void write_split_partial(const SoftmaxAcc<D, G>& st, float* merge, float* part, int splits, int split) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    float* row = merge + (size_t(warp) * G + g) * (D + 2);
+#pragma unroll
+    for (int j = 0; j < D / 32; ++j) row[lane + 32 * j] = st.acc[g][j];
+    const float lsum = warp_sum(st.l[g]);
+    if (lane == 0) { row[D] = st.m[g]; row[D + 1] = lsum; }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+    const int g = i / D, d = i % D;
+    float M = -INFINITY;
+    for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, merge[(size_t(w) * G + g) * (D + 2) + D]);
+    float A = 0.f, L = 0.f;
+    if (M != -INFINITY) {
+      for (int w = 0; w < kAttnWarps; ++w) {
+        const float* row = merge + (size_t(w) * G + g) * (D + 2);
+        if (row[D] == -INFINITY) continue;
+        const float f = exp2f(row[D] - M);
+        A += row[d] * f;
+        L += row[D + 1] * f;
+      }
+    }
+    float* out = part + (size_t(g) * splits + split) * (D + 2);
+    out[d] = A;
+    if (d == 0) { out[D] = M; out[D + 1] = L; }
+  }
+}
+
 /// Shared-memory layout of the fused kernel.
 template <int D, int G>
 struct AttnSmem {
@@ -245,35 +280,8 @@ __global__ void __launch_bounds__(32 * kAttnWarps) fused_attention_kernel(const 
   cp_async_wait<0>();
   __syncthreads();
 
-  // Merge the warps of this CTA, then write the split's partial result.
-  float* merge = reinterpret_cast<float*>(warp_area);  // [warp][G][D + 2]
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    float* row = merge + (size_t(warp) * G + g) * (D + 2);
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) row[lane + 32 * j] = st.acc[g][j];
-    const float lsum = warp_sum(st.l[g]);
-    if (lane == 0) { row[D] = st.m[g]; row[D + 1] = lsum; }
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-    const int g = i / D, d = i % D;
-    float M = -INFINITY;
-    for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, merge[(size_t(w) * G + g) * (D + 2) + D]);
-    float A = 0.f, L = 0.f;
-    if (M != -INFINITY) {
-      for (int w = 0; w < kAttnWarps; ++w) {
-        const float* row = merge + (size_t(w) * G + g) * (D + 2);
-        if (row[D] == -INFINITY) continue;
-        const float f = exp2f(row[D] - M);
-        A += row[d] * f;
-        L += row[D + 1] * f;
-      }
-    }
-    float* out = p.part + ((size_t(b) * q_heads + size_t(head) * G + g) * p.splits + split) * (D + 2);
-    out[d] = A;
-    if (d == 0) { out[D] = M; out[D + 1] = L; }
-  }
+  write_split_partial<D, G>(st, reinterpret_cast<float*>(warp_area),
+                            p.part + (size_t(b) * q_heads + size_t(head) * G) * p.splits * (D + 2), p.splits, split);
 }
 
 /// Combines the splits: out = sum_s A_s 2^(m_s - M) / sum_s L_s 2^(m_s - M).

@@ -80,32 +80,8 @@ __global__ void __launch_bounds__(32 * kAttnWarps) flash_decode_fp16_kernel(cons
       }
     }
   }
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    float* row = merge + (size_t(warp) * G + g) * (D + 2);
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) row[lane + 32 * j] = st.acc[g][j];
-    const float lsum = warp_sum(st.l[g]);
-    if (lane == 0) { row[D] = st.m[g]; row[D + 1] = lsum; }
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-    const int g = i / D, d = i % D;
-    float M = -INFINITY;
-    for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, merge[(size_t(w) * G + g) * (D + 2) + D]);
-    float A = 0.f, L = 0.f;
-    if (M != -INFINITY)
-      for (int w = 0; w < kAttnWarps; ++w) {
-        const float* row = merge + (size_t(w) * G + g) * (D + 2);
-        if (row[D] == -INFINITY) continue;
-        const float f = exp2f(row[D] - M);
-        A += row[d] * f;
-        L += row[D + 1] * f;
-      }
-    float* out = p.part + ((size_t(b) * q_heads + size_t(head) * G + g) * p.splits + split) * (D + 2);
-    out[d] = A;
-    if (d == 0) { out[D] = M; out[D + 1] = L; }
-  }
+  write_split_partial<D, G>(st, merge, p.part + (size_t(b) * q_heads + size_t(head) * G) * p.splits * (D + 2),
+                            p.splits, split);
 }
 
 /// cuBLAS baseline's softmax: scores [rows][N] fp32 (already scaled) -> P fp16.
