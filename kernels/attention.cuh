@@ -4,11 +4,13 @@
 // blocks, plus the uncompressed tail as the last unit) of one sequence and one
 // KV head, for all G query heads of that head (GQA: one decode, G uses).
 // Each warp streams whole units: cp.async copies the next block pair into its
-// shared-memory stage while it decodes the current one. Per 32-token chunk:
-//   K: lane l decodes token row l (D symbols) and dots it with q in registers;
+// shared-memory stage while it decodes the current one (or, with stage_bytes
+// 0, the decoders read the pool through L1, one word ahead). Per 32-token chunk:
+//   K: lane l decodes token row l (D symbols) and dots the codes with q x step
+//      (dequantization folded into q, see below);
 //   online softmax over the chunk (warp max, per-lane partial sums);
 //   V: lane l decodes channels l, l+32, ... of each token and accumulates
-//      p_t * v into registers.
+//      p_t step_t code into registers, p_t min_t once per token.
 // Decoded K/V live only in registers. Partial (max, sum, acc) per CTA go to a
 // workspace; merge_kernel combines the splits (flash-decoding).
 #pragma once
@@ -121,9 +123,10 @@ __device__ void write_split_partial(const SoftmaxAcc<D, G>& st, float* merge, fl
 /// Shared-memory layout of the fused kernel.
 template <int D, int G>
 struct AttnSmem {
-  static constexpr size_t kLuts = 2 * format::kLutSize * sizeof(uint16_t);
+  static constexpr size_t kLuts = 2 * format::kLutSize * sizeof(uint32_t);
   static constexpr size_t kQ = size_t(G) * D * sizeof(float);
-  static constexpr size_t kParams = (D + kMaxTokensPerBlock) * sizeof(float2);
+  // Per warp: (min, step) of K channels and V tokens, and q x K step per channel.
+  static constexpr size_t kParams = (D + kMaxTokensPerBlock) * sizeof(float2) + size_t(D) * G * sizeof(float);
   __host__ __device__ static size_t warp_bytes(int stage_bytes) { return 2 * size_t(stage_bytes) + kParams; }
   __host__ __device__ static size_t merge_bytes() { return size_t(kAttnWarps) * G * (D + 2) * sizeof(float); }
   __host__ __device__ static size_t bytes(int stage_bytes) {
@@ -132,15 +135,32 @@ struct AttnSmem {
   }
 };
 
+/// x[0..N) from 16-byte aligned shared memory, in the widest loads.
+template <int N>
+__device__ __forceinline__ void load_vec(const float* p, float (&x)[N]) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+      const float4 v = reinterpret_cast<const float4*>(p)[i];
+      x[4 * i] = v.x; x[4 * i + 1] = v.y; x[4 * i + 2] = v.z; x[4 * i + 3] = v.w;
+    }
+  } else {
+    static_assert(N == 2, "2 or a multiple of 4");
+    const float2 v = *reinterpret_cast<const float2*>(p);
+    x[0] = v.x; x[1] = v.y;
+  }
+}
+
 template <typename QT, int D, int G>
 __global__ void __launch_bounds__(32 * kAttnWarps) fused_attention_kernel(const __grid_constant__ AttendParams p) {
   using Acc = SoftmaxAcc<D, G>;
   using Smem = AttnSmem<D, G>;
   constexpr int kPerLane = D / 32;
+  static_assert(kPerLane % 2 == 0 && D % 2 == 0, "symbols are decoded in pairs");
   extern __shared__ __align__(16) uint8_t smem[];
-  uint16_t* lut_k = reinterpret_cast<uint16_t*>(smem);
-  uint16_t* lut_v = lut_k + format::kLutSize;
-  float* q_s = reinterpret_cast<float*>(smem + Smem::kLuts);
+  uint32_t* lut_k = reinterpret_cast<uint32_t*>(smem);
+  uint32_t* lut_v = lut_k + format::kLutSize;
+  float* q_s = reinterpret_cast<float*>(smem + Smem::kLuts);  // [G][D], scaled to log2 units
   uint8_t* warp_area = smem + Smem::kLuts + Smem::kQ;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -156,7 +176,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps) fused_attention_kernel(const 
   if (nblocks > 0 && u_begin < u_end) {
     const uint4* src_k = reinterpret_cast<const uint4*>(p.books[2 * head].lut);
     const uint4* src_v = reinterpret_cast<const uint4*>(p.books[2 * head + 1].lut);
-    constexpr int kLutVec = format::kLutSize * sizeof(uint16_t) / sizeof(uint4);
+    constexpr int kLutVec = format::kLutSize * sizeof(uint32_t) / sizeof(uint4);
     for (int i = threadIdx.x; i < kLutVec; i += blockDim.x) {
       reinterpret_cast<uint4*>(lut_k)[i] = src_k[i];
       reinterpret_cast<uint4*>(lut_v)[i] = src_v[i];
@@ -167,9 +187,10 @@ __global__ void __launch_bounds__(32 * kAttnWarps) fused_attention_kernel(const 
   __syncthreads();
 
   uint8_t* my_area = warp_area + warp * Smem::warp_bytes(p.stage_bytes);
-  uint8_t* stage[2] = {my_area, my_area + p.stage_bytes};
-  float2* prm_k = reinterpret_cast<float2*>(my_area + 2 * size_t(p.stage_bytes));
-  float2* prm_v = prm_k + D;
+  auto stage = [&](int i) { return my_area + i * p.stage_bytes; };  // two cp.async stages
+  float2* prm_k = reinterpret_cast<float2*>(my_area + 2 * size_t(p.stage_bytes));  // [D] K (min, step)
+  float2* prm_v = prm_k + D;                                                       // [T] V (min, step)
+  float* qstep = reinterpret_cast<float*>(prm_v + kMaxTokensPerBlock);             // [D][G] q * K step
 
   auto ref_of = [&](int u) { return p.table[(size_t(seq.slot) * p.max_blocks + u) * p.kv_heads + head]; };
   auto issue = [&](int u, int s) {
@@ -178,7 +199,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps) fused_attention_kernel(const 
       const uint32_t bytes = (uint32_t(r.k_size16) + r.v_size16) * 16u;
       if (bytes <= uint32_t(p.stage_bytes)) {
         const uint8_t* src = p.pool + size_t(r.offset16) * 16;
-        for (uint32_t i = lane * 16u; i < bytes; i += 32 * 16u) cp_async16(stage[s] + i, src + i);
+        for (uint32_t i = lane * 16u; i < bytes; i += 32 * 16u) cp_async16(stage(s) + i, src + i);
       }
     }
     cp_async_commit();
@@ -195,14 +216,29 @@ __global__ void __launch_bounds__(32 * kAttnWarps) fused_attention_kernel(const 
     if (u < nblocks) {
       const format::BlockRef r = ref_of(u);
       const uint32_t k_bytes = uint32_t(r.k_size16) * 16u, v_bytes = uint32_t(r.v_size16) * 16u;
-      const uint8_t* kb = (k_bytes + v_bytes <= uint32_t(p.stage_bytes)) ? stage[it & 1]
+      const uint8_t* kb = (k_bytes + v_bytes <= uint32_t(p.stage_bytes)) ? stage(it & 1)
                                                                           : p.pool + size_t(r.offset16) * 16;
       const uint8_t* vb = kb + k_bytes;
-      // Group params -> float2 (min, step) in shared memory.
+      // Scores are sum_c q_c (min_c + code_c step_c) = qmin + sum_c (q_c step_c) code_c:
+      // per block, q x step per channel (qstep) and qmin; per symbol, one FMA per head.
       const uint32_t* kp = reinterpret_cast<const uint32_t*>(kb + format::params_offset());
       const uint32_t* vp = reinterpret_cast<const uint32_t*>(vb + format::params_offset());
-      for (int c = lane; c < D; c += 32)
-        prm_k[c] = make_float2(format::half_to_float(uint16_t(kp[c])), format::half_to_float(uint16_t(kp[c] >> 16)));
+      float qmin[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) qmin[g] = 0.f;
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) {
+        const int c = lane + 32 * j;
+        const float2 mp = make_float2(format::half_to_float(uint16_t(kp[c])), format::half_to_float(uint16_t(kp[c] >> 16)));
+        prm_k[c] = mp;
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          qstep[c * G + g] = q_s[g * D + c] * mp.y;
+          qmin[g] = fmaf(q_s[g * D + c], mp.x, qmin[g]);
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g) qmin[g] = warp_sum(qmin[g]);
       for (int t = lane; t < T; t += 32)
         prm_v[t] = make_float2(format::half_to_float(uint16_t(vp[t])), format::half_to_float(uint16_t(vp[t] >> 16)));
       const size_t k_pay = format::payload_offset(Kind::Key, T, D), v_pay = format::payload_offset(Kind::Value, T, D);
@@ -213,30 +249,65 @@ __global__ void __launch_bounds__(32 * kAttnWarps) fused_attention_kernel(const 
               lane_stream_start(reinterpret_cast<const uint16_t*>(vb + format::lane_bits_offset(Kind::Value, T, D)), lane));
       __syncwarp();
       for (int chunk = 0; chunk < T / 32; ++chunk) {
+        // K: this lane's token row, channels in pairs.
         float s[G];
 #pragma unroll
-        for (int g = 0; g < G; ++g) s[g] = 0.f;
-#pragma unroll 4
-        for (int c = 0; c < D; ++c) {
-          const float2 mp = prm_k[c];
-          const float v = kd.decode(lut_k, mp.x, mp.y);
+        for (int g = 0; g < G; ++g) s[g] = qmin[g];
+#pragma unroll 2
+        for (int c = 0; c < D; c += 2) {
+          // An escaped value adds q_c (raw - min_c) on top of its code-0 term.
+          auto k_escape = [&](int ch) {
+            return [&, ch](float raw) {
 #pragma unroll
-          for (int g = 0; g < G; ++g) s[g] = fmaf(q_s[g * D + c], v, s[g]);
+              for (int g = 0; g < G; ++g) s[g] = fmaf(q_s[g * D + ch], raw - prm_k[ch].x, s[g]);
+            };
+          };
+          kd.refill();
+          const float c0 = kd.symbol(lut_k, k_escape(c));
+          const float c1 = kd.symbol(lut_k, k_escape(c + 1));
+          float qs[2 * G];
+          load_vec<2 * G>(qstep + c * G, qs);
+#pragma unroll
+          for (int g = 0; g < G; ++g) s[g] = fmaf(qs[G + g], c1, fmaf(qs[g], c0, s[g]));
         }
         float pr[G];
         st.update(s, true, pr);
+        // V: acc += p_t (min_t + code step_t) = p_t step_t code + p_t min_t (the
+        // latter is the same for every channel: summed per chunk in pmin).
+        float pmin[G];
+#pragma unroll
+        for (int g = 0; g < G; ++g) pmin[g] = 0.f;
         for (int t = 0; t < 32; ++t) {
           const float2 mp = prm_v[chunk * 32 + t];
-          float pt[G];
+          float pt[G], ps[G];
 #pragma unroll
-          for (int g = 0; g < G; ++g) pt[g] = __shfl_sync(0xFFFFFFFFu, pr[g], t);
+          for (int g = 0; g < G; ++g) {
+            pt[g] = __shfl_sync(0xFFFFFFFFu, pr[g], t);
+            ps[g] = pt[g] * mp.y;
+            pmin[g] = fmaf(pt[g], mp.x, pmin[g]);
+          }
 #pragma unroll
-          for (int j = 0; j < kPerLane; ++j) {
-            const float v = vd.decode(lut_v, mp.x, mp.y);
+          for (int j = 0; j < kPerLane; j += 2) {
+            auto v_escape = [&](int jj) {
+              return [&, jj](float raw) {
 #pragma unroll
-            for (int g = 0; g < G; ++g) st.acc[g][j] = fmaf(pt[g], v, st.acc[g][j]);
+                for (int g = 0; g < G; ++g) st.acc[g][jj] = fmaf(pt[g], raw - mp.x, st.acc[g][jj]);
+              };
+            };
+            vd.refill();
+            const float c0 = vd.symbol(lut_v, v_escape(j));
+            const float c1 = vd.symbol(lut_v, v_escape(j + 1));
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+              st.acc[g][j] = fmaf(ps[g], c0, st.acc[g][j]);
+              st.acc[g][j + 1] = fmaf(ps[g], c1, st.acc[g][j + 1]);
+            }
           }
         }
+#pragma unroll
+        for (int g = 0; g < G; ++g)
+#pragma unroll
+          for (int j = 0; j < kPerLane; ++j) st.acc[g][j] += pmin[g];
       }
     } else {  // the uncompressed tail
       const size_t base = (size_t(seq.slot) * p.kv_heads + head) * size_t(T) * D;

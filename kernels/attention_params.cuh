@@ -44,10 +44,11 @@ struct SplitPlan {
 };
 
 /// Flash-decoding split: enough CTAs for about two waves on `sms`
-/// multiprocessors, each CTA at least one unit per warp.
-inline SplitPlan plan_splits(int max_units, int batch, int kv_heads, int sms) {
+/// multiprocessors holding `ctas_per_sm` CTAs each, each CTA at least one
+/// unit per warp.
+inline SplitPlan plan_splits(int max_units, int batch, int kv_heads, int sms, int ctas_per_sm = 2) {
   if (max_units <= 0) return {1, 1};
-  const long long target_ctas = 4LL * sms;
+  const long long target_ctas = 2LL * (ctas_per_sm > 0 ? ctas_per_sm : 1) * sms;
   const long long total_units = 1LL * max_units * batch * kv_heads;
   long long per = (total_units + target_ctas - 1) / target_ctas;
   if (per < kAttnWarps) per = kAttnWarps;

@@ -46,6 +46,19 @@ int attention_max_stage_bytes(int D, int G) {
   return stage;
 }
 
+int attention_ctas_per_sm(int D, int G, int stage_bytes) {
+  int ctas = 1;
+  dispatch(DType::F16, D, G, [&](auto qt, auto d, auto g) {
+    auto kernel = fused_attention_kernel<decltype(qt), d.value, g.value>;
+    const size_t smem = AttnSmem<d.value, g.value>::bytes(stage_bytes);
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+               "attention shared-memory opt-in");
+    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, 32 * kAttnWarps, smem),
+               "attention occupancy");
+  });
+  return ctas > 0 ? ctas : 1;
+}
+
 void launch_attention(DType q_type, int D, int G, const AttendParams& p, cudaStream_t s) {
   if (p.batch <= 0) return;
   dispatch(q_type, D, G, [&](auto qt, auto d, auto g) {

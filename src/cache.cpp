@@ -138,6 +138,7 @@ struct Cache::Impl {
   int max_blocks;
   int sms = 132;
   int stage_bytes = 0;
+  int ctas_per_sm = 2;
 
   DeviceBuffer<uint8_t> pool;
   DeviceBuffer<BlockRef> table;           // [layer][slot][max_blocks][H]
@@ -179,7 +180,8 @@ struct Cache::Impl {
     table.allocate(size_t(c.layers) * c.max_seqs * max_blocks * H, "block tables");
     tails.allocate(size_t(c.layers) * c.max_seqs * H * 2 * T * D, "tail buffers");
     books.allocate(size_t(c.layers) * H * 2, "codebook tables");
-    part_splits = detail::plan_splits(max_blocks + 1, 1, H, sms).splits;
+    ctas_per_sm = detail::attention_ctas_per_sm(D, G, stage_bytes);
+    part_splits = detail::plan_splits(max_blocks + 1, 1, H, sms, ctas_per_sm).splits;
     part.allocate(size_t(c.max_seqs > detail::kMaxBatch ? detail::kMaxBatch : c.max_seqs) * c.q_heads *
                       part_splits * (D + 2), "attention workspace");
     seqs.resize(c.max_seqs);
@@ -422,7 +424,7 @@ void Cache::attend(int layer, const std::vector<int>& seq_ids, const void* q, vo
     p.seqs[i] = {seq_ids[i], int32_t(s.tokens[layer])};
     max_units = std::max(max_units, int((s.tokens[layer] + m.T - 1) / m.T));
   }
-  const auto plan = detail::plan_splits(max_units, int(seq_ids.size()), m.H, m.sms);
+  const auto plan = detail::plan_splits(max_units, int(seq_ids.size()), m.H, m.sms, m.ctas_per_sm);
   // The workspace holds part_splits splits for every sequence of a batch.
   const int per = std::max(plan.units_per_split, (max_units + m.part_splits - 1) / m.part_splits);
   p.units_per_split = per;

@@ -89,14 +89,14 @@ void Codebook::derive_tables() {
     code = (code + bl_count[bits - 1]) << 1;
     next_code[bits] = code;
   }
-  std::fill(std::begin(tables_.lut), std::end(tables_.lut), uint16_t(0));
+  std::fill(std::begin(tables_.lut), std::end(tables_.lut), uint32_t(0));
   for (int s = 0; s < kNumSymbols; ++s) {
     const int len = lengths_[s];
     if (!len) { tables_.enc[s] = 0; continue; }
     const uint32_t rev = format::reverse_bits(next_code[len]++, len);
     tables_.enc[s] = rev | (uint32_t(len) << 16);
     for (uint32_t hi = 0; hi < (1u << (kMaxCodeLen - len)); ++hi)
-      tables_.lut[rev | (hi << len)] = uint16_t(s | (len << 8));
+      tables_.lut[rev | (hi << len)] = format::lut_entry(s, len);
   }
 }
 

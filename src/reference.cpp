@@ -181,7 +181,7 @@ DecodeStatus decode_block(const uint8_t* data, size_t size, Kind kind, int token
   for (int lane = 0; lane < kLanes; ++lane) {
     BitReader br(payload, start, start + lane_bits[lane]);
     for (int i = 0; i < per_lane; ++i) {
-      const uint16_t e = lut[br.peek(kMaxCodeLen)];
+      const uint32_t e = lut[br.peek(kMaxCodeLen)];
       const int len = lut_length(e), sym = lut_symbol(e);
       if (len == 0 || !br.consume(len)) return DecodeStatus::BadCode;
       int t, c;

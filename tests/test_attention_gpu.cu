@@ -62,7 +62,7 @@ std::vector<double> attention64(const float* q, const std::vector<double>& k, co
 }
 
 void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int>& lengths, uint64_t seed,
-                        bool one_append_call, int stage_bytes = -1) {
+                        bool one_append_call, int stage_bytes = 0) {
   Config cfg;
   cfg.layers = 1;
   cfg.kv_heads = H;
@@ -185,11 +185,13 @@ TEST(AttentionGpu, GqaGroupsHeadDimsAndBf16) {
   run_attention_case(2, 4, 128, DType::BF16, {129, 513}, seed + 3, false);
 }
 
-TEST(AttentionGpu, BlocksReadThroughL1WithoutStaging) {
+TEST(AttentionGpu, BlocksStagedThroughSharedMemory) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
-  run_attention_case(2, 4, 128, DType::F16, {1, 64, 300, 1000}, seed, true, /*stage_bytes=*/0);
+  // The largest stages, and stages too small for a block pair (those blocks are read through L1).
+  run_attention_case(2, 4, 128, DType::F16, {1, 64, 300, 1000}, seed, true, /*stage_bytes=*/-1);
+  run_attention_case(2, 4, 64, DType::F16, {1, 64, 300, 1000}, seed + 1, true, /*stage_bytes=*/1024);
 }
 
 TEST(AttentionGpu, LongContextSplitsAcrossTheChip) {

@@ -59,7 +59,7 @@ void check_code_properties(const Codebook& cb) {
   // The decode table maps every codeword back.
   for (int s = 0; s < kNumSymbols; ++s) {
     if (!len[s]) continue;
-    const uint16_t e = cb.tables().lut[enc[s] & 0xFFFF];
+    const uint32_t e = cb.tables().lut[enc[s] & 0xFFFF];
     ASSERT_EQ(lut_symbol(e), s);
     ASSERT_EQ(lut_length(e), len[s]);
   }

@@ -15,8 +15,8 @@ namespace kvcomp {
 /// Device-ready tables of one codebook.
 struct CodebookTables {
   /// Decoder: indexed by the next kMaxCodeLen stream bits (LSB first);
-  /// entry = symbol | length << 8, length 0 where no codeword matches.
-  uint16_t lut[format::kLutSize];
+  /// entries as format::lut_entry, length 0 where no codeword matches.
+  uint32_t lut[format::kLutSize];
   /// Encoder: bit-reversed codeword | length << 16; length 0 = no codeword.
   uint32_t enc[format::kNumSymbols];
 };

@@ -20,7 +20,7 @@
 //
 // Entropy coding
 //   Canonical Huffman over 256 symbols (codes 0..254, ESC = 255), code lengths
-//   limited to kMaxCodeLen = 12 so the decode table (4096 x uint16) fits in
+//   limited to kMaxCodeLen = 12 so the decode table (4096 x uint32) fits in
 //   shared memory. A codebook is fully described by its 256 code lengths (0 =
 //   no codeword); ESC always has one. Codebooks belong to (layer, kv head, K|V)
 //   and live in a table; a block names its codebook by id, so a codebook may be
@@ -271,9 +271,20 @@ KVCOMP_HD uint32_t reverse_bits(uint32_t code, int len) {
   return r;
 }
 
-/// Decode-table entry: symbol in bits 0..7, code length in bits 8..11 (0 = invalid).
-KVCOMP_HD int lut_symbol(uint16_t e) { return e & 0xFF; }
-KVCOMP_HD int lut_length(uint16_t e) { return e >> 8; }
+/// Decode-table entry (32 bits), laid out so the fused kernel needs no
+/// integer-to-float conversion: bits 0..3 code length (0 = no codeword),
+/// bit 4 set for ESC, bits 5..31 the fp32 bit pattern of float(symbol) (an
+/// integer below 256 has its low 16 mantissa bits zero, so it survives).
+constexpr uint32_t kLutLengthMask = 0xFu;
+constexpr uint32_t kLutEscapeBit = 0x10u;
+constexpr uint32_t kLutValueMask = ~0x1Fu;
+KVCOMP_HD uint32_t lut_entry(int symbol, int length) {
+  return symbol == kEscape ? (kLutEscapeBit | uint32_t(length))
+                           : (float_bits(float(symbol)) | uint32_t(length));
+}
+KVCOMP_HD int lut_length(uint32_t e) { return int(e & kLutLengthMask); }
+KVCOMP_HD bool lut_is_escape(uint32_t e) { return (e & kLutEscapeBit) != 0; }
+KVCOMP_HD int lut_symbol(uint32_t e) { return lut_is_escape(e) ? kEscape : int(bits_float(e & kLutValueMask)); }
 
 }  // namespace format
 }  // namespace kvcomp
