@@ -1,14 +1,30 @@
-// decode_loop: a synthetic multi-layer decoder that prefills a prompt and
-// decodes tokens with kvcomp, next to an fp16 cache read by our fp16
-// flash-decoding kernel. K/V come from a fixed-seed generator (K with outlier
-// channels, as real keys have); q likewise. Prints attention time per token,
-// KV bytes of both caches and the max deviation of the attention outputs.
+// decode_loop: a synthetic multi-layer decoder with random but fixed weights
+// that prefills a prompt and decodes tokens greedily, once with a kvcomp cache
+// and once with an fp16 cache read by our fp16 flash-decoding kernel.
+//
+// The model (fixed seed): 8 layers, d_model 1024, 32 query / 8 kv heads of
+// 128 dims, vocabulary 4096 with tied embeddings. A layer: RMSNorm, q/k/v
+// projections (K has outlier channels: every 16th channel of a head scaled x8
+// with a +4 bias, as real keys have), RoPE, attention over the cache, output
+// projection added to the fp32 residual. Logits = E . RMSNorm(x), greedy.
+// The prompt is prefilled in chunks of 64 tokens: each chunk attends to the
+// tokens before it (block-causal, so prefill needs only decode attention), then
+// its K/V are appended in one call.
+//
+// Prints: decode tokens/s for both runs, attention time per token at the final
+// context, KV bytes of both caches, the attention-output deviation of kvcomp
+// from fp16 attention on identical inputs (a shadow fp16 cache in the kvcomp
+// run), and how many greedy tokens the two runs agree on.
+#include <cublas_v2.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <memory>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "kvcomp/cache.hpp"
@@ -16,28 +32,270 @@
 
 namespace {
 
-constexpr int kLayers = 8, kH = 8, kHq = 32, kD = 128, kPrompt = 4000, kDecode = 256;
+constexpr int kLayers = 8, kH = 8, kHq = 32, kD = 128, kModel = 1024, kVocab = 4096;
+constexpr int kQ = kHq * kD, kKV = kH * kD;
+constexpr int kPrompt = 2048, kDecode = 128, kChunk = 64, kTotal = kPrompt + kDecode;
 
-__device__ float gen(uint32_t layer, uint32_t token, uint32_t head, uint32_t c, uint32_t which) {
-  uint64_t x = (uint64_t(layer) << 48) ^ (uint64_t(token) << 20) ^ (uint64_t(head) << 12) ^ (c << 2) ^ which;
-  x ^= x >> 33; x *= 0xff51afd7ed558ccdULL; x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ULL; x ^= x >> 33;
-  const float u1 = (uint32_t(x) + 1.f) * 2.3283064e-10f, u2 = uint32_t(x >> 32) * 2.3283064e-10f;
-  float v = sqrtf(-2.f * logf(u1)) * cospif(2.f * u2);
-  if (which == 0 && c % 16 == 5) v = v * 8.f + 4.f;  // K outlier channels
-  return v;
+void ck(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
 }
-/// token_major: [n][H][D] (what the engine appends); else [H][n][D] (fp16 baseline).
-__global__ void gen_kv(__half* out, int layer, int tok0, int n, int which, bool token_major) {
-  const size_t total = size_t(n) * kH * kD;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < total; i += size_t(gridDim.x) * blockDim.x) {
-    int t, h, c = int(i % kD);
-    if (token_major) { t = int(i / (kH * kD)); h = int(i / kD % kH); }
-    else { h = int(i / (size_t(n) * kD)); t = int(i / kD % n); }
-    out[i] = __float2half_rn(gen(layer, tok0 + t, h, c, which));
+void ck(cublasStatus_t e, const char* what) {
+  if (e != CUBLAS_STATUS_SUCCESS) throw std::runtime_error(std::string(what) + ": cuBLAS status " + std::to_string(int(e)));
+}
+
+__device__ float normal_at(uint64_t seed, uint64_t i) {
+  uint64_t x = seed * 0x9E3779B97F4A7C15ULL + 2 * i;
+  auto mix = [](uint64_t y) {
+    y ^= y >> 33; y *= 0xff51afd7ed558ccdULL; y ^= y >> 33; y *= 0xc4ceb9fe1a85ec53ULL; y ^= y >> 33;
+    return uint32_t(y);
+  };
+  const float u1 = (mix(x) + 1.f) * 2.3283064e-10f, u2 = mix(x + 1) * 2.3283064e-10f;
+  return sqrtf(-2.f * logf(u1)) * cospif(2.f * u2);
+}
+/// w[rows][cols] ~ N(0, scale^2); with `k_outliers`, every 16th row of each
+/// head (row = output channel) is scaled x8.
+__global__ void init_weights(__half* w, int rows, int cols, uint64_t seed, float scale, bool k_outliers) {
+  const size_t n = size_t(rows) * cols;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    const int row = int(i / cols);
+    const float s = (k_outliers && row % kD % 16 == 5) ? 8.f * scale : scale;
+    w[i] = __float2half_rn(normal_at(seed, i) * s);
+  }
+}
+/// x[n][kModel] fp32 = E[tokens[n]].
+__global__ void embed(const __half* E, const int* tokens, float* x) {
+  const __half* e = E + size_t(tokens[blockIdx.x]) * kModel;
+  for (int i = threadIdx.x; i < kModel; i += blockDim.x) x[size_t(blockIdx.x) * kModel + i] = __half2float(e[i]);
+}
+/// y = x / rms(x) as fp16, one block per row.
+__global__ void rmsnorm(const float* x, __half* y) {
+  __shared__ float part[32];
+  const float* r = x + size_t(blockIdx.x) * kModel;
+  float ss = 0;
+  for (int i = threadIdx.x; i < kModel; i += blockDim.x) ss += r[i] * r[i];
+  for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(~0u, ss, o);
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = ss;
+  __syncthreads();
+  ss = 0;
+  for (int w = 0; w < int(blockDim.x / 32); ++w) ss += part[w];
+  const float inv = rsqrtf(ss / kModel + 1e-6f);
+  for (int i = threadIdx.x; i < kModel; i += blockDim.x) y[size_t(blockIdx.x) * kModel + i] = __float2half_rn(r[i] * inv);
+}
+/// In place on rows of `heads` x kD: the K bias (+4 on the outlier channels)
+/// and RoPE of channel pairs (c, c + 64) at position pos0 + row.
+__global__ void bias_rope(__half* x, int heads, int pos0, bool k_bias) {
+  const int row = blockIdx.x, pos = pos0 + row;
+  for (int i = threadIdx.x; i < heads * kD / 2; i += blockDim.x) {
+    const int h = i / (kD / 2), c = i % (kD / 2);
+    __half* p = x + (size_t(row) * heads + h) * kD;
+    float a = __half2float(p[c]), b = __half2float(p[c + kD / 2]);
+    if (k_bias) { a += (c % 16 == 5) ? 4.f : 0.f; b += ((c + kD / 2) % 16 == 5) ? 4.f : 0.f; }
+    const float theta = pos * powf(10000.f, -2.f * c / kD);
+    float sn, cs;
+    sincosf(theta, &sn, &cs);
+    p[c] = __float2half_rn(a * cs - b * sn);
+    p[c + kD / 2] = __float2half_rn(a * sn + b * cs);
+  }
+}
+/// tokens[row] = argmax of logits[row][kVocab].
+__global__ void argmax(const float* logits, int* tokens) {
+  __shared__ float best_v[256];
+  __shared__ int best_i[256];
+  const float* l = logits + size_t(blockIdx.x) * kVocab;
+  float bv = -INFINITY;
+  int bi = 0;
+  for (int i = threadIdx.x; i < kVocab; i += blockDim.x) if (l[i] > bv) { bv = l[i]; bi = i; }
+  best_v[threadIdx.x] = bv;
+  best_i[threadIdx.x] = bi;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s; s >>= 1) {
+    if (threadIdx.x < s && (best_v[threadIdx.x + s] > best_v[threadIdx.x] ||
+                            (best_v[threadIdx.x + s] == best_v[threadIdx.x] && best_i[threadIdx.x + s] < best_i[threadIdx.x]))) {
+      best_v[threadIdx.x] = best_v[threadIdx.x + s];
+      best_i[threadIdx.x] = best_i[threadIdx.x + s];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) tokens[blockIdx.x] = best_i[0];
+}
+/// Appends n rows of K/V [n][kH][kD] to an fp16 cache [kH][kTotal][kD] at position pos0.
+__global__ void fp16_append(const __half* k, const __half* v, __half* kc, __half* vc, int pos0) {
+  const int row = blockIdx.x;
+  for (int i = threadIdx.x; i < kKV; i += blockDim.x) {
+    const int h = i / kD, c = i % kD;
+    kc[(size_t(h) * kTotal + pos0 + row) * kD + c] = k[size_t(row) * kKV + i];
+    vc[(size_t(h) * kTotal + pos0 + row) * kD + c] = v[size_t(row) * kKV + i];
   }
 }
 
-#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { std::printf("%s: %s\n", #x, cudaGetErrorString(e)); return 1; } } while (0)
+template <typename T>
+struct Dev {
+  T* p = nullptr;
+  explicit Dev(size_t n) { ck(cudaMalloc(&p, n * sizeof(T)), "cudaMalloc"); }
+  ~Dev() { cudaFree(p); }
+  Dev(const Dev&) = delete;
+  Dev& operator=(const Dev&) = delete;
+};
+
+struct Weights {
+  Dev<__half> E{size_t(kVocab) * kModel};
+  std::vector<std::unique_ptr<Dev<__half>>> wq, wk, wv, wo;
+  Weights() {
+    init_weights<<<1024, 256>>>(E.p, kVocab, kModel, 1, 1.f, false);
+    for (int l = 0; l < kLayers; ++l) {
+      auto make = [&](int rows, int cols, uint64_t seed, float scale, bool outl) {
+        auto w = std::make_unique<Dev<__half>>(size_t(rows) * cols);
+        init_weights<<<1024, 256>>>(w->p, rows, cols, seed, scale, outl);
+        return w;
+      };
+      const float in = 1.f / std::sqrt(float(kModel));
+      wq.push_back(make(kQ, kModel, 100 + l, in, false));
+      wk.push_back(make(kKV, kModel, 200 + l, in, true));
+      wv.push_back(make(kKV, kModel, 300 + l, in, false));
+      wo.push_back(make(kModel, kQ, 400 + l, 0.5f / std::sqrt(float(kQ)), false));
+    }
+    ck(cudaGetLastError(), "weight init");
+  }
+};
+
+/// One run of the decoder. With `use_kvcomp` the cache is kvcomp's (and a
+/// shadow fp16 cache gives fp16 attention on identical inputs for the
+/// deviation); otherwise an fp16 cache read by flash-decoding.
+struct Run {
+  std::vector<int> tokens;     // generated
+  double decode_s = 0;         // wall time of the decode loop
+  double max_dev = 0, max_ref = 0, sum_sq_dev = 0, sum_sq_ref = 0;
+  size_t kv_bytes = 0;
+  double attn_ms_per_token = 0;  // attention alone, all layers, at the final context
+};
+
+Run run(const Weights& w, const std::vector<int>& prompt, bool use_kvcomp, int sms, cublasHandle_t blas) {
+  Run r;
+  kvcomp::Config cfg;
+  cfg.layers = kLayers; cfg.kv_heads = kH; cfg.q_heads = kHq; cfg.head_dim = kD;
+  cfg.max_seqs = 1; cfg.max_tokens_per_seq = kTotal; cfg.pool_bytes = size_t(256) << 20;
+  cfg.max_attend_batch = kChunk;  // a prefill chunk's queries attend to the one sequence
+  std::unique_ptr<kvcomp::Cache> cache;
+  int seq = -1;
+  if (use_kvcomp) {
+    cache = std::make_unique<kvcomp::Cache>(cfg);
+    seq = cache->add_sequence();
+  }
+  // fp16 caches [layer][kH][kTotal][kD] (the shadow in the kvcomp run).
+  Dev<__half> kc(size_t(kLayers) * kKV * kTotal), vc(size_t(kLayers) * kKV * kTotal);
+  Dev<float> x(size_t(kChunk) * kModel), logits(size_t(kChunk) * kVocab);
+  Dev<__half> xn(size_t(kChunk) * kModel), q(size_t(kChunk) * kQ), k(size_t(kChunk) * kKV), v(size_t(kChunk) * kKV);
+  Dev<__half> att(size_t(kChunk) * kQ), att16(size_t(kChunk) * kQ);
+  Dev<int> tok(kChunk);
+  kvcomp::baseline::Fp16Attention fa{kc.p, vc.p, kChunk, kH, kHq, kD, kTotal, 0, int64_t(kTotal) * kD};
+  Dev<float> ws(kvcomp::baseline::flash_workspace_floats(fa, sms));
+  const float one = 1.f, zero = 0.f;
+  // y[n][rows] = W[rows][cols] . in[n][cols]; fp32 y accumulates into itself with beta = 1.
+  auto gemm = [&](const __half* W, int rows, int cols, const __half* in, void* y, cudaDataType yt, int n, const float* beta) {
+    ck(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, rows, n, cols, &one, W, CUDA_R_16F, cols, in, CUDA_R_16F, cols, beta,
+                    y, yt, rows, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT), "gemm");
+  };
+  // n tokens at positions pos..pos+n-1 through every layer. Prefill chunks
+  // attend to the cache before appending; a decode token appends first.
+  auto forward = [&](int n, int pos, bool prefill, bool measure_dev) {
+    for (int l = 0; l < kLayers; ++l) {
+      rmsnorm<<<n, 256>>>(x.p, xn.p);
+      gemm(w.wq[l]->p, kQ, kModel, xn.p, q.p, CUDA_R_16F, n, &zero);
+      gemm(w.wk[l]->p, kKV, kModel, xn.p, k.p, CUDA_R_16F, n, &zero);
+      gemm(w.wv[l]->p, kKV, kModel, xn.p, v.p, CUDA_R_16F, n, &zero);
+      bias_rope<<<n, 256>>>(q.p, kHq, pos, false);
+      bias_rope<<<n, 256>>>(k.p, kH, pos, true);
+      __half* kl = kc.p + size_t(l) * kKV * kTotal;
+      __half* vl = vc.p + size_t(l) * kKV * kTotal;
+      auto append = [&] {
+        if (use_kvcomp) cache->append(l, {seq}, {n}, k.p, v.p, 0);
+        fp16_append<<<n, 256>>>(k.p, v.p, kl, vl, pos);
+      };
+      if (!prefill) append();
+      const int ctx = prefill ? pos : pos + 1;
+      kvcomp::baseline::Fp16Attention a{kl, vl, n, kH, kHq, kD, ctx, 0, int64_t(kTotal) * kD};
+      if (ctx > 0) {
+        kvcomp::baseline::flash_decode_fp16(a, q.p, use_kvcomp ? att16.p : att.p, ws.p, sms, 0);
+      } else {
+        ck(cudaMemsetAsync(att16.p, 0, size_t(n) * kQ * 2, 0), "memset");
+        ck(cudaMemsetAsync(att.p, 0, size_t(n) * kQ * 2, 0), "memset");
+      }
+      if (use_kvcomp) cache->attend(l, std::vector<int>(n, seq), q.p, att.p, kvcomp::DType::F16, 0);
+      if (use_kvcomp && measure_dev) {
+        std::vector<__half> o(size_t(n) * kQ), o16(o.size());
+        ck(cudaMemcpy(o.data(), att.p, o.size() * 2, cudaMemcpyDeviceToHost), "copy");
+        ck(cudaMemcpy(o16.data(), att16.p, o.size() * 2, cudaMemcpyDeviceToHost), "copy");
+        for (size_t i = 0; i < o.size(); ++i) {
+          const double a16 = __half2float(o16[i]), d = __half2float(o[i]) - a16;
+          r.max_dev = std::fmax(r.max_dev, std::fabs(d));
+          r.max_ref = std::fmax(r.max_ref, std::fabs(a16));
+          r.sum_sq_dev += d * d;
+          r.sum_sq_ref += a16 * a16;
+        }
+      }
+      if (prefill) append();
+      gemm(w.wo[l]->p, kModel, kQ, att.p, x.p, CUDA_R_32F, n, &one);  // residual
+    }
+  };
+  // Prefill, chunk by chunk.
+  Dev<int> prompt_d(kPrompt);
+  ck(cudaMemcpy(prompt_d.p, prompt.data(), kPrompt * sizeof(int), cudaMemcpyHostToDevice), "copy");
+  for (int pos = 0; pos < kPrompt; pos += kChunk) {
+    embed<<<kChunk, 256>>>(w.E.p, prompt_d.p + pos, x.p);
+    forward(kChunk, pos, true, pos == kPrompt - kChunk);
+  }
+  // The next token from the last prompt position, then decode greedily.
+  auto next_token = [&](const float* last) {
+    rmsnorm<<<1, 256>>>(last, xn.p);
+    gemm(w.E.p, kVocab, kModel, xn.p, logits.p, CUDA_R_32F, 1, &zero);
+    argmax<<<1, 256>>>(logits.p, tok.p);
+    int t = 0;
+    ck(cudaMemcpy(&t, tok.p, sizeof(int), cudaMemcpyDeviceToHost), "copy");
+    return t;
+  };
+  int t = next_token(x.p + size_t(kChunk - 1) * kModel);
+  ck(cudaDeviceSynchronize(), "prefill");
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int step = 0; step < kDecode; ++step) {
+    r.tokens.push_back(t);
+    ck(cudaMemcpy(tok.p, &t, sizeof(int), cudaMemcpyHostToDevice), "copy");
+    embed<<<1, 256>>>(w.E.p, tok.p, x.p);
+    forward(1, kPrompt + step, false, use_kvcomp && step % 8 == 0);
+    t = next_token(x.p);
+  }
+  ck(cudaDeviceSynchronize(), "decode");
+  r.decode_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+  // Attention alone at the final context, all layers (second pass timed).
+  cudaEvent_t a, b;
+  cudaEventCreate(&a); cudaEventCreate(&b);
+  for (int rep = 0; rep < 2; ++rep) {
+    cudaEventRecord(a);
+    for (int l = 0; l < kLayers; ++l) {
+      if (use_kvcomp) {
+        cache->attend(l, {seq}, q.p, att.p, kvcomp::DType::F16, 0);
+      } else {
+        kvcomp::baseline::Fp16Attention fl{kc.p + size_t(l) * kKV * kTotal, vc.p + size_t(l) * kKV * kTotal, 1, kH, kHq,
+                                           kD, kTotal, 0, int64_t(kTotal) * kD};
+        kvcomp::baseline::flash_decode_fp16(fl, q.p, att.p, ws.p, sms, 0);
+      }
+    }
+    cudaEventRecord(b);
+    cudaEventSynchronize(b);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, a, b);
+    r.attn_ms_per_token = ms;
+  }
+  cudaEventDestroy(a); cudaEventDestroy(b);
+  if (use_kvcomp) {
+    const kvcomp::Stats st = cache->stats();
+    r.kv_bytes = st.compressed_bytes + st.tail_bytes;
+  } else {
+    r.kv_bytes = size_t(kLayers) * kTotal * kKV * 2 * 2;
+  }
+  ck(cudaGetLastError(), "run");
+  return r;
+}
 
 }  // namespace
 
@@ -47,86 +305,34 @@ int main() {
     std::printf("decode_loop: no CUDA device found; nothing to run (kvcomp needs a GPU).\n");
     return 0;
   }
-  int sms = 0;
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
-  kvcomp::Config cfg;
-  cfg.layers = kLayers; cfg.kv_heads = kH; cfg.q_heads = kHq; cfg.head_dim = kD;
-  cfg.max_seqs = 1; cfg.max_tokens_per_seq = kPrompt + kDecode; cfg.pool_bytes = size_t(512) << 20;
-  const int total = kPrompt + kDecode;
   try {
-    kvcomp::Cache cache(cfg);
-    const int s = cache.add_sequence();
-    __half *k, *v, *q, *out, *out16, *k16, *v16;
-    CK(cudaMalloc(&k, size_t(total) * kH * kD * 2)); CK(cudaMalloc(&v, size_t(total) * kH * kD * 2));
-    CK(cudaMalloc(&k16, size_t(total) * kH * kD * 2)); CK(cudaMalloc(&v16, size_t(total) * kH * kD * 2));
-    CK(cudaMalloc(&q, kHq * kD * 2)); CK(cudaMalloc(&out, kHq * kD * 2)); CK(cudaMalloc(&out16, kHq * kD * 2));
-    gen_kv<<<64, 256>>>(q, 99, 0, 4, 2, true);  // 4 tokens x 8 heads x 128 = 32 q heads
-    // Prefill every layer.
-    for (int l = 0; l < kLayers; ++l) {
-      gen_kv<<<1024, 256>>>(k, l, 0, kPrompt, 0, true);
-      gen_kv<<<1024, 256>>>(v, l, 0, kPrompt, 1, true);
-      cache.append(l, {s}, {kPrompt}, k, v, 0);
-    }
-    CK(cudaDeviceSynchronize());
-    // Decode: each step appends one token per layer and attends.
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int step = 0; step < kDecode; ++step)
-      for (int l = 0; l < kLayers; ++l) {
-        gen_kv<<<4, 256>>>(k, l, kPrompt + step, 1, 0, true);
-        gen_kv<<<4, 256>>>(v, l, kPrompt + step, 1, 1, true);
-        cache.append(l, {s}, {1}, k, v, 0);
-        cache.attend(l, {s}, q, out, kvcomp::DType::F16, 0);
-      }
-    CK(cudaDeviceSynchronize());
-    const double loop_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-
-    // Attention alone at the final context, kvcomp vs fp16 flash-decoding, all layers.
-    float max_dev = 0, max_ref = 0;
-    cudaEvent_t a, b;
-    cudaEventCreate(&a); cudaEventCreate(&b);
-    float kv_ms = 0, fp_ms = 0;
-    std::vector<float> ws_dummy;
-    float* ws;
-    const kvcomp::baseline::Fp16Attention fa{k16, v16, 1, kH, kHq, kD, total};
-    CK(cudaMalloc(&ws, kvcomp::baseline::flash_workspace_floats(fa, sms) * 4));
-    for (int l = 0; l < kLayers; ++l) {
-      gen_kv<<<1024, 256>>>(k16, l, 0, total, 0, false);
-      gen_kv<<<1024, 256>>>(v16, l, 0, total, 1, false);
-      for (int rep = 0; rep < 2; ++rep) {  // second pass timed
-        cudaEventRecord(a);
-        cache.attend(l, {s}, q, out, kvcomp::DType::F16, 0);
-        cudaEventRecord(b);
-        cudaEventSynchronize(b);
-        float ms; cudaEventElapsedTime(&ms, a, b); if (rep) kv_ms += ms;
-        cudaEventRecord(a);
-        kvcomp::baseline::flash_decode_fp16(fa, q, out16, ws, sms, 0);
-        cudaEventRecord(b);
-        cudaEventSynchronize(b);
-        cudaEventElapsedTime(&ms, a, b); if (rep) fp_ms += ms;
-      }
-      std::vector<__half> o(kHq * kD), o16(kHq * kD);
-      CK(cudaMemcpy(o.data(), out, o.size() * 2, cudaMemcpyDeviceToHost));
-      CK(cudaMemcpy(o16.data(), out16, o16.size() * 2, cudaMemcpyDeviceToHost));
-      for (size_t i = 0; i < o.size(); ++i) {
-        max_dev = std::fmax(max_dev, std::fabs(__half2float(o[i]) - __half2float(o16[i])));
-        max_ref = std::fmax(max_ref, std::fabs(__half2float(o16[i])));
-      }
-    }
-    const kvcomp::Stats st = cache.stats();
-    const double fp16_bytes = double(total) * kLayers * kH * kD * 2 * 2;
-    std::printf("decode_loop: %d layers, %d kv heads / %d q heads, head_dim %d, prompt %d + %d decoded tokens\n",
-                kLayers, kH, kHq, kD, kPrompt, kDecode);
-    std::printf("  kvcomp decode loop (append + attend, all layers): %.1f tokens/s\n", kDecode / loop_s);
-    std::printf("  attention per token at %d tokens, all layers:  kvcomp %.3f ms (%.0f tokens/s)   fp16 flash %.3f ms (%.0f tokens/s)\n",
-                total, kv_ms, 1e3 / kv_ms, fp_ms, 1e3 / fp_ms);
-    std::printf("  KV bytes: kvcomp %.2f MB (%.1f B/token/layer/head)   fp16 %.2f MB   ratio %.2fx\n",
-                (st.compressed_bytes + st.tail_bytes) / 1e6,
-                double(st.compressed_bytes + st.tail_bytes) / (double(total) * kLayers * kH), fp16_bytes / 1e6,
-                st.ratio_vs_fp16);
-    std::printf("  max |attention(kvcomp) - attention(fp16)| = %.4g (max |output| %.4g)\n", max_dev, max_ref);
-    cudaFree(k); cudaFree(v); cudaFree(k16); cudaFree(v16); cudaFree(q); cudaFree(out); cudaFree(out16); cudaFree(ws);
-  } catch (const kvcomp::Error& e) {
-    std::printf("%s\n", e.what());
+    int sms = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
+    cublasHandle_t blas;
+    ck(cublasCreate(&blas), "cublasCreate");
+    const Weights w;
+    std::vector<int> prompt(kPrompt);
+    uint64_t s = 12345;
+    for (int& t : prompt) { s = s * 6364136223846793005ULL + 1442695040888963407ULL; t = int(s >> 33) % kVocab; }
+    const Run fp = run(w, prompt, false, sms, blas);
+    const Run kv = run(w, prompt, true, sms, blas);
+    int agree = 0;
+    while (agree < kDecode && kv.tokens[agree] == fp.tokens[agree]) ++agree;
+    std::printf("decode_loop: %d layers, d_model %d, %d q / %d kv heads x %d, vocab %d; prompt %d (prefill in chunks of %d), %d tokens decoded greedily\n",
+                kLayers, kModel, kHq, kH, kD, kVocab, kPrompt, kChunk, kDecode);
+    std::printf("  decode (whole model, batch 1): kvcomp %.1f tokens/s   fp16 %.1f tokens/s\n", kDecode / kv.decode_s,
+                kDecode / fp.decode_s);
+    std::printf("  attention per token at %d tokens, all layers: kvcomp %.3f ms   fp16 flash %.3f ms\n", kTotal,
+                kv.attn_ms_per_token, fp.attn_ms_per_token);
+    std::printf("  KV bytes: kvcomp %.2f MB (%.1f B/token/layer/head)   fp16 %.2f MB   ratio %.2fx\n", kv.kv_bytes / 1e6,
+                double(kv.kv_bytes) / (double(kTotal) * kLayers * kH), fp.kv_bytes / 1e6,
+                double(fp.kv_bytes) / kv.kv_bytes);
+    std::printf("  attention output vs fp16 on identical inputs: max |diff| %.4g (max |output| %.4g), relative L2 %.4f\n",
+                kv.max_dev, kv.max_ref, std::sqrt(kv.sum_sq_dev / kv.sum_sq_ref));
+    std::printf("  greedy tokens identical to the fp16 run: first %d of %d\n", agree, kDecode);
+    cublasDestroy(blas);
+  } catch (const std::exception& e) {
+    std::printf("decode_loop: %s\n", e.what());
     return 1;
   }
   return 0;

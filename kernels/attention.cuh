@@ -192,9 +192,17 @@ __global__ void __launch_bounds__(32 * kAttnWarps) fused_attention_kernel(const 
   float2* prm_v = prm_k + D;                                                       // [T] V (min, step)
   float* qstep = reinterpret_cast<float*>(prm_v + kMaxTokensPerBlock);             // [D][G] q * K step
 
+  const uint32_t k_pay = uint32_t(format::payload_offset(Kind::Key, T, D));
+  const uint32_t v_pay = uint32_t(format::payload_offset(Kind::Value, T, D));
   auto ref_of = [&](int u) { return p.table[(size_t(seq.slot) * p.max_blocks + u) * p.kv_heads + head]; };
+  // A corrupt block table must not make us read outside the pool: a pair that
+  // does not fit in it, or is too small for its headers, contributes nothing.
+  auto fits = [&](const format::BlockRef& r) {
+    return uint64_t(r.offset16) + r.k_size16 + r.v_size16 <= p.pool_units16 && r.k_size16 * 16u >= k_pay &&
+           r.v_size16 * 16u >= v_pay;
+  };
   auto issue = [&](int u, int s) {
-    if (u < u_end && u < nblocks) {
+    if (u < u_end && u < nblocks && fits(ref_of(u))) {
       const format::BlockRef r = ref_of(u);
       const uint32_t bytes = (uint32_t(r.k_size16) + r.v_size16) * 16u;
       if (bytes <= uint32_t(p.stage_bytes)) {
@@ -215,6 +223,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps) fused_attention_kernel(const 
     __syncwarp();
     if (u < nblocks) {
       const format::BlockRef r = ref_of(u);
+      if (!fits(r)) continue;
       const uint32_t k_bytes = uint32_t(r.k_size16) * 16u, v_bytes = uint32_t(r.v_size16) * 16u;
       const uint8_t* kb = (k_bytes + v_bytes <= uint32_t(p.stage_bytes)) ? stage(it & 1)
                                                                           : p.pool + size_t(r.offset16) * 16;
@@ -241,7 +250,6 @@ __global__ void __launch_bounds__(32 * kAttnWarps) fused_attention_kernel(const 
       for (int g = 0; g < G; ++g) qmin[g] = warp_sum(qmin[g]);
       for (int t = lane; t < T; t += 32)
         prm_v[t] = make_float2(format::half_to_float(uint16_t(vp[t])), format::half_to_float(uint16_t(vp[t] >> 16)));
-      const size_t k_pay = format::payload_offset(Kind::Key, T, D), v_pay = format::payload_offset(Kind::Value, T, D);
       LaneDecoder kd, vd;
       kd.init(reinterpret_cast<const uint32_t*>(kb + k_pay), uint32_t((k_bytes - k_pay) / 4),
               lane_stream_start(reinterpret_cast<const uint16_t*>(kb + format::lane_bits_offset(Kind::Key, T, D)), lane));

@@ -20,6 +20,7 @@ struct AttendSeq {
 
 struct AttendParams {
   const uint8_t* pool;
+  uint64_t pool_units16;          // pool bytes / 16: block refs pointing past it are skipped
   const format::BlockRef* table;  // this layer: [slot][max_blocks][kv_heads]
   const CodebookTables* books;    // this layer: [kv_heads][K, V]
   const float* k_tail;            // this layer's K tails: [slot][kv_heads][T][D] fp32

@@ -1,6 +1,7 @@
 // Baseline: fused fp16 flash-decoding over an uncompressed cache, with the
 // same split structure, GQA sharing and merge as the kvcomp kernel, so the
-// two differ only in where K/V come from. Layout: K, V [batch][kv_heads][N][D].
+// two differ only in where K/V come from. Layout: K, V [batch][kv_heads][N][D]
+// by default (strides in FlashParams).
 #pragma once
 
 #include <cuda_fp16.h>
@@ -21,6 +22,8 @@ struct FlashParams {
   int32_t units_per_split;  // 32-token chunks per CTA
   int32_t splits;
   float scale_log2;
+  int64_t seq_stride;   // elements between sequences (0: all share one)
+  int64_t head_stride;  // elements between kv heads
 };
 
 template <int D, int G>
@@ -34,7 +37,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps) flash_decode_fp16_kernel(cons
   for (int i = threadIdx.x; i < G * D; i += blockDim.x)
     q_s[i] = __half2float(p.q[(size_t(b) * q_heads + size_t(head) * G) * D + i]) * p.scale_log2;
   __syncthreads();
-  const size_t base = (size_t(b) * p.kv_heads + head) * size_t(p.tokens) * D;
+  const size_t base = size_t(b) * p.seq_stride + size_t(head) * p.head_stride;
   const __half* K = p.k + base;
   const __half* V = p.v + base;
   const int chunks = (p.tokens + 31) / 32;

@@ -9,7 +9,7 @@ ctest --test-dir build --output-on-failure -j4 > "$OUT/ctest.log" 2>&1; echo "ct
 if [ "${SANITIZE:-1}" = 1 ]; then
   for tool in memcheck racecheck synccheck; do
     compute-sanitizer --tool $tool --error-exitcode 9 build/tests/kvcomp_gpu_tests \
-      --gtest_filter="${SAN_FILTER:-*}" > "$OUT/sanitizer_$tool.log" 2>&1
+      --gtest_filter="${SAN_FILTER:-*-*LongContext*:SoakGpu.*}" > "$OUT/sanitizer_$tool.log" 2>&1
     echo "sanitizer $tool rc=$?"; grep -E "ERROR SUMMARY|PASSED|FAILED" "$OUT/sanitizer_$tool.log" | tail -3
   done
 fi

@@ -28,8 +28,10 @@ size_t flash_workspace_floats(const Fp16Attention& a, int sms) {
 void flash_decode_fp16(const Fp16Attention& a, const __half* q, __half* out, float* workspace, int sms,
                        cudaStream_t s) {
   const auto plan = flash_plan(a, sms);
+  const int64_t head_stride = a.head_stride >= 0 ? a.head_stride : int64_t(a.tokens) * a.head_dim;
+  const int64_t seq_stride = a.seq_stride >= 0 ? a.seq_stride : head_stride * a.kv_heads;
   detail::FlashParams p{a.k, a.v, q, out, workspace, a.tokens, a.kv_heads, plan.units_per_split, plan.splits,
-                        float(1.4426950408889634 / std::sqrt(double(a.head_dim)))};
+                        float(1.4426950408889634 / std::sqrt(double(a.head_dim))), seq_stride, head_stride};
   const int G = a.q_heads / a.kv_heads;
   const dim3 grid(plan.splits, a.kv_heads, a.batch);
   auto go = [&](auto d, auto g) {
@@ -61,6 +63,9 @@ size_t cublas_workspace_bytes(const Fp16Attention& a) {
 void cublas_attention(cublasHandle_t h, const Fp16Attention& a, const __half* q, __half* out, void* workspace,
                       cudaStream_t s) {
   const int G = a.q_heads / a.kv_heads, D = a.head_dim, N = a.tokens;
+  if ((a.head_stride >= 0 && a.head_stride != int64_t(N) * D) ||
+      (a.seq_stride >= 0 && a.seq_stride != int64_t(N) * D * a.kv_heads))
+    throw Error("cuBLAS baseline: needs the default [batch][kv_heads][tokens][head_dim] layout");
   const int batches = a.batch * a.kv_heads;
   float* scores = static_cast<float*>(workspace);
   __half* probs = reinterpret_cast<__half*>(scores + size_t(a.batch) * a.q_heads * N);

@@ -1,4 +1,5 @@
 #include "kvcomp/cache.hpp"
+#include "cache_internals.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -49,6 +50,13 @@ void validate(const Config& c) {
   if (c.max_seqs <= 0) throw Error("config: max_seqs must be positive");
   if (c.max_tokens_per_seq <= 0) throw Error("config: max_tokens_per_seq must be positive");
   if (c.attention_stage_bytes < -1) throw Error("config: attention_stage_bytes must be -1, 0 or positive");
+  if (c.max_attend_batch < 0 || c.max_attend_batch > detail::kMaxBatch)
+    throw Error("config: max_attend_batch must be 0 (= max_seqs) or 1.." + str(detail::kMaxBatch) + ", got " +
+                str(c.max_attend_batch));
+}
+
+int attend_batch_limit(const Config& c) {
+  return c.max_attend_batch > 0 ? c.max_attend_batch : std::min(c.max_seqs, detail::kMaxBatch);
 }
 
 template <typename T>
@@ -182,7 +190,7 @@ struct Cache::Impl {
     books.allocate(size_t(c.layers) * H * 2, "codebook tables");
     ctas_per_sm = detail::attention_ctas_per_sm(D, G, stage_bytes);
     part_splits = detail::plan_splits(max_blocks + 1, 1, H, sms, ctas_per_sm).splits;
-    part.allocate(size_t(c.max_seqs > detail::kMaxBatch ? detail::kMaxBatch : c.max_seqs) * c.q_heads *
+    part.allocate(size_t(attend_batch_limit(c)) * c.q_heads *
                       part_splits * (D + 2), "attention workspace");
     seqs.resize(c.max_seqs);
     layer_has_books.assign(c.layers, false);
@@ -413,8 +421,9 @@ void Cache::attend(int layer, const std::vector<int>& seq_ids, const void* q, vo
   Impl& m = *impl_;
   m.check_layer(layer);
   if (seq_ids.empty()) return;
-  if (int(seq_ids.size()) > std::min(m.cfg.max_seqs, detail::kMaxBatch))
-    throw Error("attend: batch of " + str(seq_ids.size()) + " exceeds " + str(std::min(m.cfg.max_seqs, detail::kMaxBatch)));
+  if (int(seq_ids.size()) > attend_batch_limit(m.cfg))
+    throw Error("attend: batch of " + str(seq_ids.size()) + " exceeds " + str(attend_batch_limit(m.cfg)) +
+                " (Config::max_attend_batch)");
   if (q_type != DType::F16 && q_type != DType::BF16) throw Error("attend: q/out must be float16 or bfloat16");
   if (!q || !out) throw Error("attend: q and out must be device pointers, got null");
   detail::AttendParams p{};
@@ -430,6 +439,7 @@ void Cache::attend(int layer, const std::vector<int>& seq_ids, const void* q, vo
   p.units_per_split = per;
   p.splits = std::max(1, (max_units + per - 1) / per);
   p.pool = m.pool.ptr;
+  p.pool_units16 = m.pool.count / format::kBlockAlign;
   p.table = m.table.ptr + size_t(layer) * m.cfg.max_seqs * m.max_blocks * m.H;
   p.books = m.books.ptr + size_t(layer) * m.H * 2;
   p.k_tail = m.tail_ptr(layer, 0, 0, Kind::Key);
@@ -504,4 +514,21 @@ Stats Cache::stats() const {
   return st;
 }
 
+}  // namespace kvcomp
+
+namespace kvcomp {
+namespace detail {
+
+uint8_t* CacheInternals::pool(Cache& c) { return c.impl_->pool.ptr; }
+size_t CacheInternals::pool_bytes(const Cache& c) { return c.impl_->pool.count; }
+format::BlockRef* CacheInternals::table(Cache& c, int layer) {
+  c.impl_->check_layer(layer);
+  return c.impl_->table.ptr + size_t(layer) * table_entries(c);
+}
+size_t CacheInternals::table_entries(const Cache& c) {
+  const auto& m = *c.impl_;
+  return size_t(m.cfg.max_seqs) * m.max_blocks * m.H;
+}
+
+}  // namespace detail
 }  // namespace kvcomp

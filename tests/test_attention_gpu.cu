@@ -7,6 +7,7 @@
 #include "gpu_util.cuh"
 #include "kvcomp/cache.hpp"
 #include "kvcomp/reference.hpp"
+#include "attention_ref.hpp"
 #include "test_data.hpp"
 
 using namespace kvcomp;
@@ -41,24 +42,6 @@ void decoded_kv(const Cache& cache, int layer, int seq, int head, const SeqData&
       k[size_t(t) * D + c] = s.k[(size_t(t) * H + head) * D + c];
       v[size_t(t) * D + c] = s.v[(size_t(t) * H + head) * D + c];
     }
-}
-
-std::vector<double> attention64(const float* q, const std::vector<double>& k, const std::vector<double>& v, int tokens,
-                                int D) {
-  std::vector<double> s(tokens), o(D, 0.0);
-  if (tokens == 0) return o;
-  double mx = -INFINITY;
-  for (int t = 0; t < tokens; ++t) {
-    double acc = 0;
-    for (int c = 0; c < D; ++c) acc += double(q[c]) * k[size_t(t) * D + c];
-    s[t] = acc / std::sqrt(double(D));
-    mx = std::max(mx, s[t]);
-  }
-  double den = 0;
-  for (int t = 0; t < tokens; ++t) { s[t] = std::exp(s[t] - mx); den += s[t]; }
-  for (int t = 0; t < tokens; ++t)
-    for (int c = 0; c < D; ++c) o[c] += s[t] / den * v[size_t(t) * D + c];
-  return o;
 }
 
 void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int>& lengths, uint64_t seed,
@@ -125,19 +108,18 @@ void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int
       if (::testing::Test::HasFatalFailure()) return;
       // Exact (uncompressed) K/V for the error-bound check.
       std::vector<double> ke(size_t(lengths[b]) * D), ve(size_t(lengths[b]) * D);
-      double max_dv = 0, max_v = 0;
+      double max_v = 0;
       for (int t = 0; t < lengths[b]; ++t)
         for (int c = 0; c < D; ++c) {
           ke[size_t(t) * D + c] = data[b].k[(size_t(t) * H + h) * D + c];
           ve[size_t(t) * D + c] = data[b].v[(size_t(t) * H + h) * D + c];
-          max_dv = std::max(max_dv, std::fabs(v[size_t(t) * D + c] - ve[size_t(t) * D + c]));
           max_v = std::max(max_v, std::fabs(ve[size_t(t) * D + c]));
         }
       for (int g = 0; g < G; ++g) {
         const int hq = h * G + g;
         const float* qv = &q[(size_t(b) * Hq + hq) * D];
-        const auto ref = attention64(qv, k, v, lengths[b], D);
-        const auto exact = attention64(qv, ke, ve, lengths[b], D);
+        const auto ref = attention64(qv, k.data(), v.data(), lengths[b], D);
+        const auto exact = attention64(qv, ke.data(), ve.data(), lengths[b], D);
         double num = 0, den = 0, max_dev = 0;
         for (int c = 0; c < D; ++c) {
           const float got = load_as_float(q_type, ob.data(), (size_t(b) * Hq + hq) * D + c);
@@ -148,17 +130,9 @@ void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int
         }
         ASSERT_LE(std::sqrt(num / std::max(den, 1e-30)), tol)
             << "seq " << b << " (" << lengths[b] << " tokens) q head " << hq;
-        // Bound from the error bound: scores move by at most delta =
-        // scale * sum_c |q_c| * max_t |dK_tc|, softmax weights by a factor
-        // within e^(+-2 delta); so |d out| <= max|dV| + (e^(2 delta) - 1) max|V|.
-        double delta = 0;
-        for (int c = 0; c < D; ++c) {
-          double dk = 0;
-          for (int t = 0; t < lengths[b]; ++t) dk = std::max(dk, std::fabs(k[size_t(t) * D + c] - ke[size_t(t) * D + c]));
-          delta += std::fabs(qv[c]) * dk;
-        }
-        delta /= std::sqrt(double(D));
-        const double bound = max_dv + (std::exp(2 * delta) - 1) * max_v + 4 * tol * max_v;
+        // The bound that follows from the error bound (attention_ref.hpp), plus rounding.
+        const double bound =
+            attention_deviation_bound(qv, ke, ve, k, v, lengths[b], D) + 4 * tol * max_v;
         ASSERT_LE(max_dev, bound) << "seq " << b << " q head " << hq;
       }
     }
@@ -241,7 +215,7 @@ TEST(BaselinesGpu, FlashDecodeAndCublasMatchFloat64Attention) {
         }
         for (int g = 0; g < G; ++g) {
           const size_t row = (size_t(b) * H * G + h * G + g) * D;
-          const auto ref = attention64(&q[row], kk, vv, N, D);
+          const auto ref = attention64(&q[row], kk.data(), vv.data(), N, D);
           double num = 0, den = 0;
           for (int c = 0; c < D; ++c) {
             const float got = load_as_float(DType::F16, ob.data(), row + c);

@@ -26,6 +26,9 @@ TEST(CacheConfig, BadConfigurationsAreRejectedWithClearMessages) {
   c.head_dim = 96;
   expect_error(c, "head_dim must be 64 or 128");
   c = Config{};
+  c.max_attend_batch = 300;
+  expect_error(c, "max_attend_batch must be 0");
+  c = Config{};
   c.block_tokens = 48;
   expect_error(c, "block_tokens must be 32, 64 or 128");
   c = Config{};

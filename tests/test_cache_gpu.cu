@@ -1,9 +1,12 @@
-// The Cache on the GPU: decode-phase appends match a prefill, pools empty
-// after removal, a full pool fails cleanly and recovers.
+// The Cache on the GPU: decode-phase appends match a prefill; a mixed batch
+// driven through prefill + 3T decode steps attends within the error bound's
+// reach of exact attention; pools empty after removal; a full pool fails
+// cleanly and recovers.
 #include <string>
 
 #include "gpu_util.cuh"
 #include "kvcomp/cache.hpp"
+#include "attention_ref.hpp"
 #include "test_data.hpp"
 
 using namespace kvcomp;
@@ -25,10 +28,13 @@ Config small_config() {
 }
 
 struct Tokens {
-  std::vector<uint8_t> k, v;  // fp16 [n][H][D]
+  std::vector<float> kf, vf;  // [n][H][D], fp16-exact
+  std::vector<uint8_t> k, v;  // the same as fp16
   Tokens(int n, int H, int D, uint64_t seed) {
-    k = to_dtype_bytes(DType::F16, make_data(Dist::OutlierChannels, n, H * D, seed));
-    v = to_dtype_bytes(DType::F16, make_data(Dist::Gaussian, n, H * D, seed + 1));
+    kf = round_to(DType::F16, make_data(Dist::OutlierChannels, n, H * D, seed));
+    vf = round_to(DType::F16, make_data(Dist::Gaussian, n, H * D, seed + 1));
+    k = to_dtype_bytes(DType::F16, kf);
+    v = to_dtype_bytes(DType::F16, vf);
   }
 };
 
@@ -83,14 +89,19 @@ TEST(CacheGpu, MixedBatchDecodeThenRemoveEmptiesThePool) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
-  const Config cfg = small_config();
+  Config cfg = small_config();
+  // The worst-case bound grows like e^(2 x score error): a tight K bound keeps it informative.
+  cfg.k_bound = {BoundMode::Relative, 0.002f};
   const int H = cfg.kv_heads, D = cfg.head_dim, T = cfg.block_tokens;
   Cache cache(cfg);
   const std::vector<int> prompt = {10, 64, 150};
   std::vector<int> ids;
+  std::vector<std::vector<float>> hk(prompt.size()), hv(prompt.size());  // every token appended, [t][H][D]
   for (int p : prompt) {
     ids.push_back(cache.add_sequence());
     Tokens t(p, H, D, seed + p);
+    hk[ids.size() - 1] = t.kf;
+    hv[ids.size() - 1] = t.vf;
     DevBuf<uint8_t> dk(t.k.size()), dv(t.v.size());
     dk.upload(t.k); dv.upload(t.v);
     for (int l = 0; l < cfg.layers; ++l) cache.append(l, {ids.back()}, {p}, dk.ptr, dv.ptr, 0);
@@ -100,6 +111,10 @@ TEST(CacheGpu, MixedBatchDecodeThenRemoveEmptiesThePool) {
   dq.upload(q);
   for (int step = 0; step < 3 * T; ++step) {
     Tokens t(3, H, D, seed + 1000 + step);  // one token for each sequence
+    for (int i = 0; i < 3; ++i) {
+      hk[i].insert(hk[i].end(), t.kf.begin() + size_t(i) * H * D, t.kf.begin() + size_t(i + 1) * H * D);
+      hv[i].insert(hv[i].end(), t.vf.begin() + size_t(i) * H * D, t.vf.begin() + size_t(i + 1) * H * D);
+    }
     DevBuf<uint8_t> dk(t.k.size()), dv(t.v.size());
     dk.upload(t.k); dv.upload(t.v);
     for (int l = 0; l < cfg.layers; ++l) {
@@ -108,9 +123,41 @@ TEST(CacheGpu, MixedBatchDecodeThenRemoveEmptiesThePool) {
     }
   }
   CUDA_LAUNCH_OK();
+  // Attention over everything appended vs exact float64 attention, within the
+  // bound that follows from the error bound (attention_ref.hpp) plus fp16 output rounding.
+  const auto qf = round_to(DType::F16, make_data(Dist::Gaussian, 3 * cfg.q_heads, D, seed + 3));
+  CUDA_OK(cudaMemset(dout.ptr, 0xFF, q.size()));
+  cache.attend(0, ids, dq.ptr, dout.ptr, DType::F16, 0);
+  CUDA_LAUNCH_OK();
   const auto out = dout.download();
-  for (size_t i = 0; i < out.size() / 2; ++i) ASSERT_TRUE(std::isfinite(load_as_float(DType::F16, out.data(), i)));
-  for (size_t i = 0; i < ids.size(); ++i) ASSERT_EQ(cache.tokens(ids[i], 0), prompt[i] + 3 * T);
+  const int G = cfg.q_heads / H;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const int n = prompt[i] + 3 * T;
+    ASSERT_EQ(cache.tokens(ids[i], 0), n);
+    for (int h = 0; h < H; ++h) {
+      std::vector<double> k(size_t(n) * D), v(size_t(n) * D), dk, dv;
+      for (int t = 0; t < n; ++t)
+        for (int c = 0; c < D; ++c) {
+          k[size_t(t) * D + c] = hk[i][(size_t(t) * H + h) * D + c];
+          v[size_t(t) * D + c] = hv[i][(size_t(t) * H + h) * D + c];
+        }
+      allowed_deviation(k, v, n, D, T, cfg.k_bound.value, cfg.v_bound.value, dk, dv);
+      for (int g = 0; g < G; ++g) {
+        const size_t row = (i * cfg.q_heads + size_t(h) * G + g) * D;
+        const auto exact = attention64(&qf[row], k.data(), v.data(), n, D);
+        double max_out = 0;
+        for (double x : exact) max_out = std::max(max_out, std::fabs(x));
+        const auto bound = attention_bound_from_allowed(&qf[row], k, v, dk, dv, n, D);
+        for (int c = 0; c < D; ++c) {
+          const float got = load_as_float(DType::F16, out.data(), row + c);
+          ASSERT_TRUE(std::isfinite(got)) << "unwritten output: seq " << i << " head " << h * G + g;
+          // plus fp32 accumulation and fp16 output rounding
+          ASSERT_LE(std::fabs(got - exact[c]), bound[c] + 2e-3 * max_out + 1e-4)
+              << "seq " << i << " head " << h * G + g << " channel " << c;
+        }
+      }
+    }
+  }
   Stats st = cache.stats();
   EXPECT_GT(st.compressed_bytes, 0u);
   EXPECT_GT(st.ratio_vs_fp16, 2.0);

@@ -5,6 +5,7 @@
 
 #include "gpu_util.cuh"
 #include "src/kivi.hpp"
+#include "attention_ref.hpp"
 #include "test_data.hpp"
 
 using namespace kvcomp_test;
@@ -53,22 +54,6 @@ void read_back(const KiviCache& c, std::vector<float>& k, std::vector<float>& v)
         v[(seq * N + t) * D + c2] = __half2float(vt[src]);
       }
   }
-}
-
-std::vector<double> attention64(const float* q, const float* k, const float* v, int tokens, int D) {
-  std::vector<double> s(tokens), o(D, 0.0);
-  double mx = -INFINITY;
-  for (int t = 0; t < tokens; ++t) {
-    double acc = 0;
-    for (int c = 0; c < D; ++c) acc += double(q[c]) * k[size_t(t) * D + c];
-    s[t] = acc / std::sqrt(double(D));
-    mx = std::max(mx, s[t]);
-  }
-  double den = 0;
-  for (int t = 0; t < tokens; ++t) { s[t] = std::exp(s[t] - mx); den += s[t]; }
-  for (int t = 0; t < tokens; ++t)
-    for (int c = 0; c < D; ++c) o[c] += s[t] / den * v[size_t(t) * D + c];
-  return o;
 }
 
 void run_kivi_case(int bits, int D, int G, int tokens, uint64_t seed) {

@@ -32,6 +32,10 @@
 
 namespace kvcomp {
 
+namespace detail {
+struct CacheInternals;  // device buffers, for tests that corrupt them (src/cache_internals.hpp)
+}
+
 /// Error bounds for one (layer, kv head); kv_head = -1 means every head.
 struct BoundOverride {
   int layer = 0;
@@ -51,7 +55,10 @@ struct Config {
   ErrorBound v_bound{BoundMode::Relative, 0.05f};
   std::vector<BoundOverride> overrides;  // later entries win
   size_t pool_bytes = size_t(1) << 30;   // compressed blocks
-  int max_seqs = 64;              // live sequences at once (<= 256 per attend call)
+  int max_seqs = 64;              // live sequences at once
+  /// Queries per attend call (a sequence may appear more than once, e.g. a
+  /// prefill chunk attending to the cache); 0 = min(max_seqs, 256); at most 256.
+  int max_attend_batch = 0;
   int max_tokens_per_seq = 32768;
   /// Fused kernel: 0 (default) has the decoders read blocks through L1, one
   /// word ahead (more warps per SM: measured 1.9x faster on the H100, see
@@ -119,6 +126,7 @@ class Cache {
   Codebook codebook(int layer, int kv_head, Kind kind) const;
 
  private:
+  friend struct detail::CacheInternals;
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

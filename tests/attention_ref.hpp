@@ -1,0 +1,109 @@
+// Reference decode attention in float64, and the bound on how far attention
+// over error-bounded K/V can move from attention over the exact K/V.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace kvcomp_test {
+
+/// softmax(q . K^T / sqrt(D)) . V over `tokens` rows of k, v ([tokens][D]).
+template <typename KT, typename VT>
+std::vector<double> attention64(const float* q, const KT* k, const VT* v, int tokens, int D) {
+  std::vector<double> s(tokens), o(D, 0.0);
+  if (tokens == 0) return o;
+  double mx = -INFINITY;
+  for (int t = 0; t < tokens; ++t) {
+    double acc = 0;
+    for (int c = 0; c < D; ++c) acc += double(q[c]) * double(k[size_t(t) * D + c]);
+    s[t] = acc / std::sqrt(double(D));
+    mx = std::max(mx, s[t]);
+  }
+  double den = 0;
+  for (int t = 0; t < tokens; ++t) { s[t] = std::exp(s[t] - mx); den += s[t]; }
+  for (int t = 0; t < tokens; ++t)
+    for (int c = 0; c < D; ++c) o[c] += s[t] / den * double(v[size_t(t) * D + c]);
+  return o;
+}
+
+/// |attention(K', V') - attention(K, V)| per element is at most
+/// max|dV| + (e^(2 delta) - 1) max|V|, where delta = sum_c |q_c| max_t |dK_tc| / sqrt(D)
+/// bounds how far any score moves (softmax weights then move by a factor within e^(+-2 delta)).
+/// k, v exact; kd, vd the reconstruction; all [tokens][D].
+template <typename A, typename B>
+double attention_deviation_bound(const float* q, const A& k, const A& v, const B& kd, const B& vd, int tokens, int D) {
+  double delta = 0, max_dv = 0, max_v = 0;
+  for (int c = 0; c < D; ++c) {
+    double dk = 0;
+    for (int t = 0; t < tokens; ++t) dk = std::max(dk, std::fabs(double(kd[size_t(t) * D + c]) - double(k[size_t(t) * D + c])));
+    delta += std::fabs(q[c]) * dk;
+  }
+  delta /= std::sqrt(double(D));
+  for (size_t i = 0; i < size_t(tokens) * D; ++i) {
+    max_dv = std::max(max_dv, std::fabs(double(vd[i]) - double(v[i])));
+    max_v = std::max(max_v, std::fabs(double(v[i])));
+  }
+  return max_dv + (std::exp(2 * delta) - 1) * max_v;
+}
+
+}  // namespace kvcomp_test
+
+namespace kvcomp_test {
+
+/// The largest |reconstruction - x| the error bounds allow for each element
+/// of one (sequence, head)'s K and V ([tokens][D]) stored in blocks of T
+/// tokens with relative bounds eb_k, eb_v (K per channel over a block, V per
+/// token; the uncompressed tail is exact). Computed from the exact data alone.
+inline void allowed_deviation(const std::vector<double>& k, const std::vector<double>& v, int tokens, int D, int T,
+                              double eb_k, double eb_v, std::vector<double>& dk, std::vector<double>& dv) {
+  dk.assign(size_t(tokens) * D, 0.0);
+  dv.assign(size_t(tokens) * D, 0.0);
+  const double slack = 1 + 1e-6;  // the quantizer computes eb * range in fp32
+  for (int b = 0; b + T <= tokens; b += T) {
+    for (int c = 0; c < D; ++c) {
+      double lo = INFINITY, hi = -INFINITY;
+      for (int t = b; t < b + T; ++t) { lo = std::min(lo, k[size_t(t) * D + c]); hi = std::max(hi, k[size_t(t) * D + c]); }
+      for (int t = b; t < b + T; ++t) dk[size_t(t) * D + c] = eb_k * (hi - lo) * slack;
+    }
+    for (int t = b; t < b + T; ++t) {
+      double lo = INFINITY, hi = -INFINITY;
+      for (int c = 0; c < D; ++c) { lo = std::min(lo, v[size_t(t) * D + c]); hi = std::max(hi, v[size_t(t) * D + c]); }
+      for (int c = 0; c < D; ++c) dv[size_t(t) * D + c] = eb_v * (hi - lo) * slack;
+    }
+  }
+}
+
+/// Per output channel, how far attention over any K', V' within (dk, dv) of
+/// the exact K, V can move: scores move by e_t, |e_t| <= d_t = sum_c |q_c|
+/// dk_tc / sqrt(D), so p'_t / p_t lies within e^(+-(d_t + max d)) and
+/// |out'_c - out_c| <= max_t dv_tc + sum_t p_t (e^(d_t + max d) - 1) |v_tc|.
+inline std::vector<double> attention_bound_from_allowed(const float* q, const std::vector<double>& k,
+                                                        const std::vector<double>& v, const std::vector<double>& dk,
+                                                        const std::vector<double>& dv, int tokens, int D) {
+  std::vector<double> d(tokens, 0.0), p(tokens, 0.0), bound(D, 0.0);
+  double d_max = 0, s_max = -INFINITY, den = 0;
+  for (int t = 0; t < tokens; ++t) {
+    double s = 0;
+    for (int c = 0; c < D; ++c) {
+      d[t] += std::fabs(q[c]) * dk[size_t(t) * D + c];
+      s += double(q[c]) * k[size_t(t) * D + c];
+    }
+    d[t] /= std::sqrt(double(D));
+    p[t] = s / std::sqrt(double(D));
+    d_max = std::max(d_max, d[t]);
+    s_max = std::max(s_max, p[t]);
+  }
+  for (int t = 0; t < tokens; ++t) { p[t] = std::exp(p[t] - s_max); den += p[t]; }
+  for (int c = 0; c < D; ++c) {
+    double max_dv = 0, moved = 0;
+    for (int t = 0; t < tokens; ++t) {
+      max_dv = std::max(max_dv, dv[size_t(t) * D + c]);
+      moved += p[t] / den * std::expm1(d[t] + d_max) * std::fabs(v[size_t(t) * D + c]);
+    }
+    bound[c] = max_dv + moved;
+  }
+  return bound;
+}
+
+}  // namespace kvcomp_test

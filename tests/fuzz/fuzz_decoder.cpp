@@ -1,0 +1,109 @@
+// libFuzzer target for the CPU decoder and the format parser (built with
+// clang -fsanitize=fuzzer,address,undefined by run_fuzz.sh).
+//
+// Input byte 0 picks the shape (kind, T, D) and a mode:
+//   mode 0: the rest is a block, parsed as is (header, checksum, lanes);
+//   mode 1: the rest is a block whose header and checksum are repaired first,
+//           so the fuzzer reaches the lane table and payload decoding;
+//   mode 2: the rest is 256 code lengths for Codebook::from_lengths;
+//   mode 3: the rest seeds a block of values (raw bytes as fp32, NaN and Inf
+//           included) that is encoded, must decode within the bound, and is
+//           then decoded again with bits flipped at input-chosen positions.
+// Any crash, sanitizer report or broken guarantee aborts.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "kvcomp/codebook.hpp"
+#include "kvcomp/error.hpp"
+#include "kvcomp/reference.hpp"
+
+using namespace kvcomp;
+
+namespace {
+
+const Codebook& book() {  // a skewed codebook with every symbol present
+  static const Codebook cb = [] {
+    uint64_t counts[format::kNumSymbols];
+    for (int s = 0; s < format::kNumSymbols; ++s) counts[s] = 1 + (s < 16 ? (16 - s) * 1000 : 0);
+    return Codebook::from_histogram(counts);
+  }();
+  return cb;
+}
+
+void repair(std::vector<uint8_t>& blk, Kind kind) {
+  if (blk.size() < sizeof(format::BlockHeader)) return;
+  format::BlockHeader h;
+  std::memcpy(&h, blk.data(), sizeof(h));
+  h.magic = format::kMagic;
+  h.version = format::kVersion;
+  h.kind = uint8_t(kind);
+  uint64_t sum = h.codebook_id;
+  for (size_t i = sizeof(h); i + 4 <= blk.size(); i += 4) {
+    uint32_t w;
+    std::memcpy(&w, &blk[i], 4);
+    format::checksum_add(sum, w);
+  }
+  h.checksum = format::checksum_fold(sum);
+  std::memcpy(blk.data(), &h, sizeof(h));
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  if (size < 1) return 0;
+  const uint8_t sel = data[0];
+  const Kind kind = (sel & 1) ? Kind::Value : Kind::Key;
+  const int T = (sel >> 1 & 1) ? 64 : 32;
+  const int D = (sel >> 2 & 1) ? 128 : 64;
+  const int mode = sel >> 3 & 3;
+  const uint8_t* rest = data + 1;
+  const size_t n = size - 1;
+  std::vector<float> out(size_t(T) * D);
+  if (mode == 0 || mode == 1) {
+    std::vector<uint8_t> blk(rest, rest + n);
+    if (mode == 1) repair(blk, kind);
+    (void)ref::decode_block(blk.data(), blk.size(), kind, T, D, book(), out.data());
+  } else if (mode == 2) {
+    if (n < format::kNumSymbols) return 0;
+    try {
+      const Codebook cb = Codebook::from_lengths(rest);
+      // A valid codebook: every codeword decodes back through its table.
+      for (int s = 0; s < format::kNumSymbols; ++s) {
+        const int len = cb.length(s);
+        if (!len) continue;
+        const uint32_t e = cb.tables().lut[cb.tables().enc[s] & 0xFFFF];
+        if (format::lut_symbol(e) != s || format::lut_length(e) != len) std::abort();
+      }
+    } catch (const Error&) {
+    }
+  } else {
+    // Values: the input bytes as fp32, repeated to fill the block.
+    std::vector<float> x(size_t(T) * D);
+    if (n < 5) return 0;
+    const float eb_value = float(rest[0] % 50 + 1) / 200.f;  // relative 0.005 .. 0.25
+    for (size_t i = 0; i < x.size(); ++i) {
+      uint32_t bits = 0;
+      for (int b = 0; b < 4; ++b) bits |= uint32_t(rest[1 + (4 * i + b) % (n - 1)]) << (8 * b);
+      x[i] = format::bits_float(bits);
+    }
+    const ErrorBound eb{BoundMode::Relative, eb_value};
+    auto blk = ref::encode_block(kind, x.data(), T, D, eb, book(), 7);
+    if (ref::decode_block(blk.data(), blk.size(), kind, T, D, book(), out.data()) != ref::DecodeStatus::Ok) std::abort();
+    const auto params = ref::block_params(kind, x.data(), T, D, eb);
+    for (int t = 0; t < T; ++t)
+      for (int c = 0; c < D; ++c) {
+        const float a = x[size_t(t) * D + c], b = out[size_t(t) * D + c];
+        if (std::isnan(a)) { if (!std::isnan(b)) std::abort(); continue; }
+        const float bound = params[kind == Kind::Key ? c : t].eb_abs;
+        if (!(std::fabs(a - b) <= bound) && !(a == b)) std::abort();
+      }
+    // Flip bits at positions the input picks: must be rejected or decode, never crash.
+    for (size_t i = 1; i + 1 < n && i < 16; i += 2) blk[(size_t(rest[i]) << 8 | rest[i + 1]) % blk.size()] ^= 1u << (rest[i] % 8);
+    (void)ref::decode_block(blk.data(), blk.size(), kind, T, D, book(), out.data());
+  }
+  return 0;
+}
