@@ -1,6 +1,6 @@
-// Decode attention on the same data: kvcomp (default: blocks read through L1;
-// and the cp.async-staged variant), fp16 flash-decoding, cuBLAS attention,
-// KIVI-style 4-bit and 2-bit fused kernels. Store throughput is in bench_codec.
+// Decode attention on the same data: kvcomp, fp16 flash-decoding, cuBLAS
+// attention, KIVI-style 4-bit and 2-bit fused kernels. Store throughput is in
+// bench_codec.
 //
 // Counters: bytes_read (what the variant reads from HBM for K/V), floor_us
 // (bytes_read / measured copy bandwidth), eff_TBps (fp16-equivalent K/V bytes
@@ -39,7 +39,6 @@ struct Setup {
   float* kivi_ws = nullptr;
   std::vector<int> ids;
   size_t compressed = 0;
-  int stage = -1;
   ~Setup() {
     cudaFree(k); cudaFree(v); cudaFree(q); cudaFree(out); cudaFree(flash_ws); cudaFree(cublas_ws); cudaFree(kivi_ws);
     if (handle) cublasDestroy(handle);
@@ -61,7 +60,7 @@ struct Setup {
 };
 
 std::unique_ptr<Setup> g_setup;
-std::unique_ptr<kvcomp::Cache> make_cache(const Setup& s, int stage_bytes);
+std::unique_ptr<kvcomp::Cache> make_cache(const Setup& s);
 
 Setup& setup(int N, int B, int G, int D, float eb) {
   if (g_setup && g_setup->N == N && g_setup->B == B && g_setup->G == G && g_setup->D == D && g_setup->eb == eb)
@@ -80,20 +79,18 @@ Setup& setup(int N, int B, int G, int D, float eb) {
   CK(cudaMalloc(&s->cublas_ws, kvcomp::baseline::cublas_workspace_bytes(s->fp16())));
   cublasCreate(&s->handle);
   for (int b = 0; b < B; ++b) s->ids.push_back(b);  // make_cache adds sequences 0..B-1
-  s->cache = make_cache(*s, 0);
-  s->stage = 0;
+  s->cache = make_cache(*s);
   s->compressed = s->cache->stats().compressed_bytes;
   g_setup = std::move(s);
   return *g_setup;
 }
 
-std::unique_ptr<kvcomp::Cache> make_cache(const Setup& s, int stage_bytes) {
+std::unique_ptr<kvcomp::Cache> make_cache(const Setup& s) {
   kvcomp::Config cfg;
   cfg.layers = 1; cfg.kv_heads = kH; cfg.q_heads = s.Hq(); cfg.head_dim = s.D;
   cfg.k_bound = cfg.v_bound = {kvcomp::BoundMode::Relative, s.eb};
   cfg.max_seqs = s.B; cfg.max_tokens_per_seq = s.N;
   cfg.pool_bytes = size_t(s.B) * kH * s.N * s.D * 2 + (size_t(64) << 20);  // room for ratio >= 2
-  cfg.attention_stage_bytes = stage_bytes;
   auto cache = std::make_unique<kvcomp::Cache>(cfg);
   for (int b = 0; b < s.B; ++b) {
     const int id = cache->add_sequence();
@@ -104,29 +101,20 @@ std::unique_ptr<kvcomp::Cache> make_cache(const Setup& s, int stage_bytes) {
   return cache;
 }
 
-std::unique_ptr<kvcomp::Cache> rebuild_stage(Setup& s, int stage_bytes) {
-  if (s.stage == stage_bytes) return std::move(s.cache);
-  s.cache.reset();
-  s.stage = stage_bytes;
-  return make_cache(s, stage_bytes);
-}
 
-constexpr int kStaged = -1;  // Config::attention_stage_bytes: the largest cp.async stage
-enum Variant { kKvcomp = 0, kFlash = 1, kCublas = 2, kKvcompDirect = 3, kKivi4 = 4, kKivi2 = 5 };
+enum Variant { kFlash = 1, kCublas = 2, kKvcomp = 3, kKivi4 = 4, kKivi2 = 5 };  // numbers name the benchmarks
 
 void BM_attention(benchmark::State& st) {
   const int N = int(st.range(0)), B = int(st.range(1));
   const Variant var = Variant(st.range(2));
   const int G = int(st.range(3)), D = int(st.range(4));
   Setup& s = setup(N, B, G, D, 0.05f);
-  if (var == kKvcomp || var == kKvcompDirect) s.cache = rebuild_stage(s, var == kKvcompDirect ? 0 : kStaged);
   kvcomp::baseline::KiviCache* kivi = (var == kKivi4 || var == kKivi2) ? &s.kivi_cache(var == kKivi4 ? 4 : 2) : nullptr;
   cudaEvent_t a, b;
   cudaEventCreate(&a); cudaEventCreate(&b);
   auto run = [&] {
     switch (var) {
-      case kKvcomp:
-      case kKvcompDirect: s.cache->attend(0, s.ids, s.q, s.out, kvcomp::DType::F16, 0); break;
+      case kKvcomp: s.cache->attend(0, s.ids, s.q, s.out, kvcomp::DType::F16, 0); break;
       case kFlash: kvcomp::baseline::flash_decode_fp16(s.fp16(), s.q, s.out, s.flash_ws, g_sms, 0); break;
       case kCublas: kvcomp::baseline::cublas_attention(s.handle, s.fp16(), s.q, s.out, s.cublas_ws, 0); break;
       case kKivi4:
@@ -146,17 +134,17 @@ void BM_attention(benchmark::State& st) {
   }
   CK(cudaGetLastError());
   cudaEventDestroy(a); cudaEventDestroy(b);
-  const double bytes = (var == kKvcomp || var == kKvcompDirect) ? double(s.compressed)
+  const double bytes = var == kKvcomp ? double(s.compressed)
                        : kivi ? double(kivi->shape().bytes()) : double(s.fp16_bytes());
   st.counters["bytes_read"] = bytes;
   st.counters["floor_us"] = bytes / g_copy_bw * 1e6;
   st.counters["eff_TBps"] = benchmark::Counter(double(s.fp16_bytes()) / 1e12, benchmark::Counter::kIsIterationInvariantRate);
   st.counters["ratio"] = double(s.fp16_bytes()) / bytes;
-  st.SetLabel(var == kKvcomp ? "kvcomp eb0.05 staged" : var == kKvcompDirect ? "kvcomp eb0.05"
+  st.SetLabel(var == kKvcomp ? "kvcomp eb0.05"
               : var == kFlash ? "flash-fp16" : var == kCublas ? "cublas-fp16" : var == kKivi4 ? "kivi-4bit" : "kivi-2bit");
 }
 
-constexpr Variant kMain[] = {kKvcompDirect, kFlash, kCublas, kKivi4, kKivi2};
+constexpr Variant kMain[] = {kKvcomp, kFlash, kCublas, kKivi4, kKivi2};
 
 // {context, batch, variant, q heads per kv head, head_dim}; 8 kv heads throughout.
 void attention_args(benchmark::internal::Benchmark* b) {
@@ -167,12 +155,11 @@ void attention_args(benchmark::internal::Benchmark* b) {
   for (int n : {1024, 4096, 16384, 32768})
     for (int var : kMain) b->Args({n, 32, var, 4, 128});
 }
-// GQA groups and head_dim 64 at 32k x 8; the cp.async-staged kvcomp kernel at 1k and 32k.
+// GQA groups and head_dim 64 at 32k x 8.
 void sweep_args(benchmark::internal::Benchmark* b) {
   for (int g : {1, 8})
     for (int var : kMain) b->Args({32768, 8, var, g, 128});
   for (int var : kMain) b->Args({32768, 8, var, 4, 64});
-  for (int n : {1024, 32768}) b->Args({n, 8, kKvcomp, 4, 128});
 }
 
 }  // namespace

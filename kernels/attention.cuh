@@ -3,14 +3,17 @@
 // grid (splits, kv_heads, batch); each CTA takes a range of `units` (token
 // blocks, plus the uncompressed tail as the last unit) of one sequence and one
 // KV head, for all G query heads of that head (GQA: one decode, G uses).
-// Each warp streams whole units: cp.async copies the next block pair into its
-// shared-memory stage while it decodes the current one (or, with stage_bytes
-// 0, the decoders read the pool through L1, one word ahead). Per 32-token chunk:
+// Each warp streams whole blocks; its decoders read the pool through L1 and
+// load each stream word one refill ahead (measured faster on the H100 than
+// cp.async staging through shared memory, which halves the warps per SM).
+// Per 32-token chunk:
 //   K: lane l decodes token row l (D symbols) and dots the codes with q x step
-//      (dequantization folded into q, see below);
+//      (dequantization folded into q);
 //   online softmax over the chunk (warp max, per-lane partial sums);
 //   V: lane l decodes channels l, l+32, ... of each token and accumulates
-//      p_t step_t code into registers, p_t min_t once per token.
+//      (p_t step_t) code into registers, p_t min_t once per chunk.
+// (Decoding K of chunk k in lockstep with V of chunk k - 1, for two
+// independent chains per lane, was measured 5% slower: more registers, fewer warps.)
 // Decoded K/V live only in registers. Partial (max, sum, acc) per CTA go to a
 // workspace; merge_kernel combines the splits (flash-decoding).
 #pragma once
@@ -32,14 +35,6 @@ __device__ __forceinline__ float load_q(const __half* p) { return __half2float(*
 __device__ __forceinline__ float load_q(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 __device__ __forceinline__ void store_out(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store_out(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const uint32_t s = uint32_t(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -120,19 +115,20 @@ __device__ void write_split_partial(const SoftmaxAcc<D, G>& st, float* merge, fl
   }
 }
 
-/// Shared-memory layout of the fused kernel.
+/// Shared-memory layout of the fused kernel: the two decode tables are a
+/// static array; the dynamic part holds q and, per warp, the parameters of
+/// the block it decodes (reused by the CTA merge at the end).
 template <int D, int G>
 struct AttnSmem {
-  static constexpr size_t kLuts = 2 * format::kLutSize * sizeof(uint32_t);
+  static constexpr size_t kLuts = 2 * format::kLutSize * sizeof(uint32_t);  // static
   static constexpr size_t kQ = size_t(G) * D * sizeof(float);
-  // Per warp: (min, step) of K channels and V tokens, and q x K step per channel.
-  static constexpr size_t kParams = (D + kMaxTokensPerBlock) * sizeof(float2) + size_t(D) * G * sizeof(float);
-  __host__ __device__ static size_t warp_bytes(int stage_bytes) { return 2 * size_t(stage_bytes) + kParams; }
-  __host__ __device__ static size_t merge_bytes() { return size_t(kAttnWarps) * G * (D + 2) * sizeof(float); }
-  __host__ __device__ static size_t bytes(int stage_bytes) {
-    const size_t warps = kAttnWarps * warp_bytes(stage_bytes);
-    return kLuts + kQ + (warps > merge_bytes() ? warps : merge_bytes());
-  }
+  // Per warp: K (min, step) per channel, q x K step per channel; V (min, step)
+  // per token, p x V step and p per token of a chunk.
+  static constexpr size_t kWarp = size_t(D) * sizeof(float2) + size_t(D) * G * sizeof(float) +
+                                  size_t(kMaxTokensPerBlock) * sizeof(float2) + size_t(64) * G * sizeof(float);
+  static constexpr size_t kMerge = size_t(kAttnWarps) * G * (D + 2) * sizeof(float);
+  /// Dynamic shared memory.
+  static constexpr size_t kBytes = kQ + (kAttnWarps * kWarp > kMerge ? kAttnWarps * kWarp : kMerge);
 };
 
 /// x[0..N) from 16-byte aligned shared memory, in the widest loads.
@@ -144,28 +140,37 @@ __device__ __forceinline__ void load_vec(const float* p, float (&x)[N]) {
       const float4 v = reinterpret_cast<const float4*>(p)[i];
       x[4 * i] = v.x; x[4 * i + 1] = v.y; x[4 * i + 2] = v.z; x[4 * i + 3] = v.w;
     }
-  } else {
-    static_assert(N == 2, "2 or a multiple of 4");
+  } else if constexpr (N == 2) {
     const float2 v = *reinterpret_cast<const float2*>(p);
     x[0] = v.x; x[1] = v.y;
+  } else {
+    static_assert(N == 1, "1, 2 or a multiple of 4");
+    x[0] = *p;
   }
 }
 
+/// Registers capped for 4 CTAs (16 warps) per SM up to G = 4, 2 for G = 8:
+/// measured faster than more registers and fewer warps (the lookups' latency
+/// needs warps to hide it).
+template <int G>
+constexpr int attention_min_ctas() { return G <= 4 ? 4 : 2; }
+
 template <typename QT, int D, int G>
-__global__ void __launch_bounds__(32 * kAttnWarps) fused_attention_kernel(const __grid_constant__ AttendParams p) {
+__global__ void __launch_bounds__(32 * kAttnWarps, attention_min_ctas<G>()) fused_attention_kernel(const __grid_constant__ AttendParams p) {
   using Acc = SoftmaxAcc<D, G>;
   using Smem = AttnSmem<D, G>;
   constexpr int kPerLane = D / 32;
-  static_assert(kPerLane % 2 == 0 && D % 2 == 0, "symbols are decoded in pairs");
+  static_assert(kPerLane % 2 == 0, "symbols are decoded in pairs");
+  static_assert(max_overread(kMaxTokensPerBlock, D) <= kDecodeOverread, "decoders may read past the pool");
   extern __shared__ __align__(16) uint8_t smem[];
-  uint32_t* lut_k = reinterpret_cast<uint32_t*>(smem);
-  uint32_t* lut_v = lut_k + format::kLutSize;
-  float* q_s = reinterpret_cast<float*>(smem + Smem::kLuts);  // [G][D], scaled to log2 units
-  uint8_t* warp_area = smem + Smem::kLuts + Smem::kQ;
+  __shared__ __align__(16) uint32_t luts[2 * format::kLutSize];
+  const uint32_t* lut_k = luts;
+  const uint32_t* lut_v = luts + format::kLutSize;
+  float* q_s = reinterpret_cast<float*>(smem);  // [G][D], scaled to log2 units
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int split = blockIdx.x, head = blockIdx.y, b = blockIdx.z;
-  const int T = p.tokens_per_block;
+  const int T = p.tokens_per_block, cpb = T / 32;  // chunks per block
   const AttendSeq seq = p.seqs[b];
   const int nblocks = seq.tokens / T, tail = seq.tokens % T;
   const int units = nblocks + (tail > 0);
@@ -178,188 +183,187 @@ __global__ void __launch_bounds__(32 * kAttnWarps) fused_attention_kernel(const 
     const uint4* src_v = reinterpret_cast<const uint4*>(p.books[2 * head + 1].lut);
     constexpr int kLutVec = format::kLutSize * sizeof(uint32_t) / sizeof(uint4);
     for (int i = threadIdx.x; i < kLutVec; i += blockDim.x) {
-      reinterpret_cast<uint4*>(lut_k)[i] = src_k[i];
-      reinterpret_cast<uint4*>(lut_v)[i] = src_v[i];
+      reinterpret_cast<uint4*>(luts)[i] = src_k[i];
+      reinterpret_cast<uint4*>(luts + format::kLutSize)[i] = src_v[i];
     }
   }
   const QT* q = static_cast<const QT*>(p.q) + (size_t(b) * q_heads + size_t(head) * G) * D;
   for (int i = threadIdx.x; i < G * D; i += blockDim.x) q_s[i] = load_q(q + i) * p.scale_log2;
   __syncthreads();
 
-  uint8_t* my_area = warp_area + warp * Smem::warp_bytes(p.stage_bytes);
-  auto stage = [&](int i) { return my_area + i * p.stage_bytes; };  // two cp.async stages
-  float2* prm_k = reinterpret_cast<float2*>(my_area + 2 * size_t(p.stage_bytes));  // [D] K (min, step)
-  float2* prm_v = prm_k + D;                                                       // [T] V (min, step)
-  float* qstep = reinterpret_cast<float*>(prm_v + kMaxTokensPerBlock);             // [D][G] q * K step
+  uint8_t* my_area = smem + Smem::kQ + warp * Smem::kWarp;
+  float2* prm_k = reinterpret_cast<float2*>(my_area);           // [D] K (min, step)
+  float* qstep = reinterpret_cast<float*>(prm_k + D);           // [D][G] q x K step
+  float2* prm_v = reinterpret_cast<float2*>(qstep + D * G);     // [T] V (min, step)
+  float* pstep = reinterpret_cast<float*>(prm_v + kMaxTokensPerBlock);  // [32][G] p x V step
+  float* pprob = pstep + 32 * G;                                 // [32][G] p (for escapes)
 
   const uint32_t k_pay = uint32_t(format::payload_offset(Kind::Key, T, D));
   const uint32_t v_pay = uint32_t(format::payload_offset(Kind::Value, T, D));
-  auto ref_of = [&](int u) { return p.table[(size_t(seq.slot) * p.max_blocks + u) * p.kv_heads + head]; };
   // A corrupt block table must not make us read outside the pool: a pair that
-  // does not fit in it, or is too small for its headers, contributes nothing.
-  auto fits = [&](const format::BlockRef& r) {
-    return uint64_t(r.offset16) + r.k_size16 + r.v_size16 <= p.pool_units16 && r.k_size16 * 16u >= k_pay &&
-           r.v_size16 * 16u >= v_pay;
+  // does not fit in it, or is too small for its headers, is read as an empty
+  // pair at the pool's start (wrong numbers, but in bounds).
+  auto block_ref = [&](int u) {
+    const format::BlockRef r = p.table[(size_t(seq.slot) * p.max_blocks + u) * p.kv_heads + head];
+    const bool fits = uint64_t(r.offset16) + r.k_size16 + r.v_size16 <= p.pool_units16 &&
+                      r.k_size16 * 16u >= k_pay && r.v_size16 * 16u >= v_pay;
+    return fits ? r : format::BlockRef{0, uint16_t((k_pay + 15) / 16), uint16_t((v_pay + 15) / 16)};
   };
-  auto issue = [&](int u, int s) {
-    if (u < u_end && u < nblocks && fits(ref_of(u))) {
-      const format::BlockRef r = ref_of(u);
-      const uint32_t bytes = (uint32_t(r.k_size16) + r.v_size16) * 16u;
-      if (bytes <= uint32_t(p.stage_bytes)) {
-        const uint8_t* src = p.pool + size_t(r.offset16) * 16;
-        for (uint32_t i = lane * 16u; i < bytes; i += 32 * 16u) cp_async16(stage(s) + i, src + i);
-      }
-    }
-    cp_async_commit();
-  };
+
+  // This warp's compressed blocks: u_begin + warp + i * kAttnWarps.
+  const int u_first = u_begin + warp, u_stop = min(u_end, nblocks);
 
   Acc st;
   st.init();
-  int it = 0;
-  issue(u_begin + warp, 0);
-  for (int u = u_begin + warp; u < u_end; u += kAttnWarps, ++it) {
-    issue(u + kAttnWarps, (it + 1) & 1);
-    cp_async_wait<1>();
+  LaneDecoder kd, vd;
+  float qmin[G], s[G], pr[G];
+
+  // A block's K side. Scores are sum_c q_c (min_c + code_c step_c) = qmin +
+  // sum_c (q_c step_c) code_c: per block qstep and qmin, per symbol one FMA per head.
+  auto k_begin_block = [&](const uint8_t* kb, uint32_t k_bytes) {
+    const uint32_t* kp = reinterpret_cast<const uint32_t*>(kb + format::params_offset());
+#pragma unroll
+    for (int g = 0; g < G; ++g) qmin[g] = 0.f;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const int c = lane + 32 * j;
+      const uint32_t w = kp[c];
+      const float2 mp = make_float2(format::half_to_float(uint16_t(w)), format::half_to_float(uint16_t(w >> 16)));
+      prm_k[c] = mp;
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        qstep[c * G + g] = q_s[g * D + c] * mp.y;
+        qmin[g] = fmaf(q_s[g * D + c], mp.x, qmin[g]);
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) qmin[g] = warp_sum(qmin[g]);
+    kd.init(reinterpret_cast<const uint32_t*>(kb + k_pay), (k_bytes - k_pay) / 4,
+            lane_stream_start(reinterpret_cast<const uint16_t*>(kb + format::lane_bits_offset(Kind::Key, T, D)), lane));
+  };
+  // A block's V side: (min, step) per token.
+  auto v_begin_block = [&](const uint8_t* vb, uint32_t v_bytes) {
+    const uint32_t* vp = reinterpret_cast<const uint32_t*>(vb + format::params_offset());
+    for (int t = lane; t < T; t += 32) {
+      const uint32_t w = vp[t];
+      prm_v[t] = make_float2(format::half_to_float(uint16_t(w)), format::half_to_float(uint16_t(w >> 16)));
+    }
+    vd.init(reinterpret_cast<const uint32_t*>(vb + v_pay), (v_bytes - v_pay) / 4,
+            lane_stream_start(reinterpret_cast<const uint16_t*>(vb + format::lane_bits_offset(Kind::Value, T, D)), lane));
+  };
+  // K of one chunk: this lane's token row, channels in pairs.
+  auto k_chunk = [&] {
+#pragma unroll
+    for (int g = 0; g < G; ++g) s[g] = qmin[g];
+#pragma unroll 2
+    for (int c = 0; c < D; c += 2) {
+      // An escaped value adds q_c (raw - min_c) on top of its code-0 term.
+      auto k_escape = [&](int ch) {
+        return [&, ch](float raw) {
+#pragma unroll
+          for (int g = 0; g < G; ++g) s[g] = fmaf(q_s[g * D + ch], raw - prm_k[ch].x, s[g]);
+        };
+      };
+      float c0, c1;
+      kd.pair(lut_k, k_escape(c), k_escape(c + 1), c0, c1);
+      float qs[2 * G];
+      load_vec<2 * G>(qstep + c * G, qs);
+#pragma unroll
+      for (int g = 0; g < G; ++g) s[g] = fmaf(qs[G + g], c1, fmaf(qs[g], c0, s[g]));
+    }
+  };
+  // V of one chunk with the p of its softmax update: acc += (p_t step_t) code,
+  // plus p_t min_t, which is the same for every channel (one warp sum per head).
+  auto v_chunk = [&](int chunk) {
+    {
+      const float2 mp = prm_v[chunk * 32 + lane];
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        pstep[lane * G + g] = pr[g] * mp.y;
+        pprob[lane * G + g] = pr[g];
+        const float pmin = warp_sum(pr[g] * mp.x);
+#pragma unroll
+        for (int j = 0; j < kPerLane; ++j) st.acc[g][j] += pmin;
+      }
+    }
     __syncwarp();
-    if (u < nblocks) {
-      const format::BlockRef r = ref_of(u);
-      if (!fits(r)) continue;
-      const uint32_t k_bytes = uint32_t(r.k_size16) * 16u, v_bytes = uint32_t(r.v_size16) * 16u;
-      const uint8_t* kb = (k_bytes + v_bytes <= uint32_t(p.stage_bytes)) ? stage(it & 1)
-                                                                          : p.pool + size_t(r.offset16) * 16;
-      const uint8_t* vb = kb + k_bytes;
-      // Scores are sum_c q_c (min_c + code_c step_c) = qmin + sum_c (q_c step_c) code_c:
-      // per block, q x step per channel (qstep) and qmin; per symbol, one FMA per head.
-      const uint32_t* kp = reinterpret_cast<const uint32_t*>(kb + format::params_offset());
-      const uint32_t* vp = reinterpret_cast<const uint32_t*>(vb + format::params_offset());
-      float qmin[G];
+    for (int t = 0; t < 32; ++t) {
+      float ps[G];
+      load_vec<G>(pstep + t * G, ps);
 #pragma unroll
-      for (int g = 0; g < G; ++g) qmin[g] = 0.f;
+      for (int j = 0; j < kPerLane; j += 2) {
+        // An escaped value adds p_t (raw - min_t) on top of its code-0 term.
+        auto v_escape = [&](int jv) {
+          return [&, jv](float raw) {
+            const float vmin = prm_v[chunk * 32 + t].x;
 #pragma unroll
-      for (int j = 0; j < kPerLane; ++j) {
-        const int c = lane + 32 * j;
-        const float2 mp = make_float2(format::half_to_float(uint16_t(kp[c])), format::half_to_float(uint16_t(kp[c] >> 16)));
-        prm_k[c] = mp;
+            for (int g = 0; g < G; ++g) st.acc[g][jv] = fmaf(pprob[t * G + g], raw - vmin, st.acc[g][jv]);
+          };
+        };
+        float c0, c1;
+        vd.pair(lut_v, v_escape(j), v_escape(j + 1), c0, c1);
 #pragma unroll
         for (int g = 0; g < G; ++g) {
-          qstep[c * G + g] = q_s[g * D + c] * mp.y;
-          qmin[g] = fmaf(q_s[g * D + c], mp.x, qmin[g]);
-        }
-      }
-#pragma unroll
-      for (int g = 0; g < G; ++g) qmin[g] = warp_sum(qmin[g]);
-      for (int t = lane; t < T; t += 32)
-        prm_v[t] = make_float2(format::half_to_float(uint16_t(vp[t])), format::half_to_float(uint16_t(vp[t] >> 16)));
-      LaneDecoder kd, vd;
-      kd.init(reinterpret_cast<const uint32_t*>(kb + k_pay), uint32_t((k_bytes - k_pay) / 4),
-              lane_stream_start(reinterpret_cast<const uint16_t*>(kb + format::lane_bits_offset(Kind::Key, T, D)), lane));
-      vd.init(reinterpret_cast<const uint32_t*>(vb + v_pay), uint32_t((v_bytes - v_pay) / 4),
-              lane_stream_start(reinterpret_cast<const uint16_t*>(vb + format::lane_bits_offset(Kind::Value, T, D)), lane));
-      __syncwarp();
-      for (int chunk = 0; chunk < T / 32; ++chunk) {
-        // K: this lane's token row, channels in pairs.
-        float s[G];
-#pragma unroll
-        for (int g = 0; g < G; ++g) s[g] = qmin[g];
-#pragma unroll 2
-        for (int c = 0; c < D; c += 2) {
-          // An escaped value adds q_c (raw - min_c) on top of its code-0 term.
-          auto k_escape = [&](int ch) {
-            return [&, ch](float raw) {
-#pragma unroll
-              for (int g = 0; g < G; ++g) s[g] = fmaf(q_s[g * D + ch], raw - prm_k[ch].x, s[g]);
-            };
-          };
-          kd.refill();
-          const float c0 = kd.symbol(lut_k, k_escape(c));
-          const float c1 = kd.symbol(lut_k, k_escape(c + 1));
-          float qs[2 * G];
-          load_vec<2 * G>(qstep + c * G, qs);
-#pragma unroll
-          for (int g = 0; g < G; ++g) s[g] = fmaf(qs[G + g], c1, fmaf(qs[g], c0, s[g]));
-        }
-        float pr[G];
-        st.update(s, true, pr);
-        // V: acc += p_t (min_t + code step_t) = p_t step_t code + p_t min_t (the
-        // latter is the same for every channel: summed per chunk in pmin).
-        float pmin[G];
-#pragma unroll
-        for (int g = 0; g < G; ++g) pmin[g] = 0.f;
-        for (int t = 0; t < 32; ++t) {
-          const float2 mp = prm_v[chunk * 32 + t];
-          float pt[G], ps[G];
-#pragma unroll
-          for (int g = 0; g < G; ++g) {
-            pt[g] = __shfl_sync(0xFFFFFFFFu, pr[g], t);
-            ps[g] = pt[g] * mp.y;
-            pmin[g] = fmaf(pt[g], mp.x, pmin[g]);
-          }
-#pragma unroll
-          for (int j = 0; j < kPerLane; j += 2) {
-            auto v_escape = [&](int jj) {
-              return [&, jj](float raw) {
-#pragma unroll
-                for (int g = 0; g < G; ++g) st.acc[g][jj] = fmaf(pt[g], raw - mp.x, st.acc[g][jj]);
-              };
-            };
-            vd.refill();
-            const float c0 = vd.symbol(lut_v, v_escape(j));
-            const float c1 = vd.symbol(lut_v, v_escape(j + 1));
-#pragma unroll
-            for (int g = 0; g < G; ++g) {
-              st.acc[g][j] = fmaf(ps[g], c0, st.acc[g][j]);
-              st.acc[g][j + 1] = fmaf(ps[g], c1, st.acc[g][j + 1]);
-            }
-          }
-        }
-#pragma unroll
-        for (int g = 0; g < G; ++g)
-#pragma unroll
-          for (int j = 0; j < kPerLane; ++j) st.acc[g][j] += pmin[g];
-      }
-    } else {  // the uncompressed tail
-      const size_t base = (size_t(seq.slot) * p.kv_heads + head) * size_t(T) * D;
-      const float* kt = p.k_tail + base;
-      const float* vt = p.v_tail + base;
-      for (int chunk = 0; chunk * 32 < tail; ++chunk) {
-        const int row = chunk * 32 + lane;
-        const bool valid = row < tail;
-        float s[G];
-#pragma unroll
-        for (int g = 0; g < G; ++g) s[g] = 0.f;
-        if (valid) {
-          const float4* kr = reinterpret_cast<const float4*>(kt + size_t(row) * D);
-          for (int c4 = 0; c4 < D / 4; ++c4) {
-            const float4 v = kr[c4];
-#pragma unroll
-            for (int g = 0; g < G; ++g) {
-              const float* qg = q_s + g * D + 4 * c4;
-              s[g] = fmaf(qg[0], v.x, fmaf(qg[1], v.y, fmaf(qg[2], v.z, fmaf(qg[3], v.w, s[g]))));
-            }
-          }
-        }
-        float pr[G];
-        st.update(s, valid, pr);
-        const int n = min(32, tail - chunk * 32);
-        for (int t = 0; t < n; ++t) {
-          float pt[G];
-#pragma unroll
-          for (int g = 0; g < G; ++g) pt[g] = __shfl_sync(0xFFFFFFFFu, pr[g], t);
-#pragma unroll
-          for (int j = 0; j < kPerLane; ++j) {
-            const float v = vt[size_t(chunk * 32 + t) * D + lane + 32 * j];
-#pragma unroll
-            for (int g = 0; g < G; ++g) st.acc[g][j] = fmaf(pt[g], v, st.acc[g][j]);
-          }
+          st.acc[g][j] = fmaf(ps[g], c0, st.acc[g][j]);
+          st.acc[g][j + 1] = fmaf(ps[g], c1, st.acc[g][j + 1]);
         }
       }
     }
     __syncwarp();
+  };
+
+  for (int u = u_first; u < u_stop; u += kAttnWarps) {
+    const format::BlockRef r = block_ref(u);
+    const uint8_t* kb = p.pool + size_t(r.offset16) * 16;
+    k_begin_block(kb, r.k_size16 * 16u);
+    v_begin_block(kb + r.k_size16 * 16u, r.v_size16 * 16u);
+    __syncwarp();
+    for (int chunk = 0; chunk < cpb; ++chunk) {
+      k_chunk();
+      st.update(s, true, pr);
+      v_chunk(chunk);
+    }
   }
-  cp_async_wait<0>();
+
+  // The uncompressed tail, if this warp owns it.
+  if (tail > 0 && nblocks >= u_begin && nblocks < u_end && (nblocks - u_begin) % kAttnWarps == warp) {
+    const size_t base = (size_t(seq.slot) * p.kv_heads + head) * size_t(T) * D;
+    const float* kt = p.k_tail + base;
+    const float* vt = p.v_tail + base;
+    for (int chunk = 0; chunk * 32 < tail; ++chunk) {
+      const int row = chunk * 32 + lane;
+      const bool valid = row < tail;
+#pragma unroll
+      for (int g = 0; g < G; ++g) s[g] = 0.f;
+      if (valid) {
+        const float4* kr = reinterpret_cast<const float4*>(kt + size_t(row) * D);
+        for (int c4 = 0; c4 < D / 4; ++c4) {
+          const float4 v = kr[c4];
+#pragma unroll
+          for (int g = 0; g < G; ++g) {
+            const float* qg = q_s + g * D + 4 * c4;
+            s[g] = fmaf(qg[0], v.x, fmaf(qg[1], v.y, fmaf(qg[2], v.z, fmaf(qg[3], v.w, s[g]))));
+          }
+        }
+      }
+      st.update(s, valid, pr);
+      const int n = min(32, tail - chunk * 32);
+      for (int t = 0; t < n; ++t) {
+        float pt[G];
+#pragma unroll
+        for (int g = 0; g < G; ++g) pt[g] = __shfl_sync(0xFFFFFFFFu, pr[g], t);
+#pragma unroll
+        for (int j = 0; j < kPerLane; ++j) {
+          const float v = vt[size_t(chunk * 32 + t) * D + lane + 32 * j];
+#pragma unroll
+          for (int g = 0; g < G; ++g) st.acc[g][j] = fmaf(pt[g], v, st.acc[g][j]);
+        }
+      }
+    }
+  }
   __syncthreads();
 
-  write_split_partial<D, G>(st, reinterpret_cast<float*>(warp_area),
+  write_split_partial<D, G>(st, reinterpret_cast<float*>(smem + Smem::kQ),
                             p.part + (size_t(b) * q_heads + size_t(head) * G) * p.splits * (D + 2), p.splits, split);
 }
 

@@ -13,6 +13,16 @@ constexpr int kAttnWarps = 4;
 constexpr int kMaxBatch = 256;
 constexpr int kMaxTokensPerBlock = 128;
 
+/// Bytes a decoder may read past the end of its block (lookahead, and corrupt
+/// lane tables clamped to the block end): the pool is followed by at least
+/// this much readable memory.
+/// Bound: a lane reads at most symbols_per_lane * (12 + 32) bits + 3 words
+/// from a start that is at most the block end (T = 128, D = 128: 2828 bytes).
+constexpr uint32_t kDecodeOverread = 4096;
+constexpr uint32_t max_overread(int tokens, int head_dim) {
+  return uint32_t(tokens) * head_dim / 32 * (format::kMaxCodeLen + format::kRawBits) / 8 + 12;
+}
+
 struct AttendSeq {
   int32_t slot;    // sequence slot in the cache's tables
   int32_t tokens;  // tokens stored (compressed blocks * T + tail)
@@ -33,7 +43,6 @@ struct AttendParams {
   int32_t max_blocks;
   int32_t units_per_split;
   int32_t splits;
-  int32_t stage_bytes;            // per stage, multiple of 16
   float scale_log2;               // softmax scale * log2(e)
   int32_t batch;
   AttendSeq seqs[kMaxBatch];

@@ -4,47 +4,64 @@
 //
 // Written for instruction count, which is what bounds the fused kernel:
 //  - the table entry carries float(symbol), so no integer conversion;
-//  - refill() is branch-free and called once per two symbols (codewords are at
-//    most 12 bits, a refill leaves at least 33 bits buffered);
-//  - the next stream word is loaded one refill ahead, so its latency (L1 or
-//    shared memory) hides behind the decoding of the buffered bits;
-//  - ESC (rare) is the only branch.
+//  - symbols are decoded in pairs: one refill per pair (codewords are at most
+//    12 bits, a refill leaves at least 33 bits buffered) and one ESC test per
+//    pair (rare: the pair is then decoded again, raw bits included);
+//  - refill() is predicated, not branched, and loads the next stream word one
+//    refill ahead, so its latency (L1 or shared memory) hides behind decoding;
+//  - reads are not clamped word by word: buffers holding blocks are followed
+//    by kDecodeOverread readable bytes instead.
 #pragma once
 
 #include <cstdint>
 
+#include "attention_params.cuh"
 #include "kvcomp/format.hpp"
 
 namespace kvcomp {
 namespace detail {
 
 struct LaneDecoder {
-  const uint32_t* words;  // block payload (shared or global memory)
-  uint32_t nwords;        // payload words; reads past it give 0 (corrupt data stays in bounds)
-  uint32_t next;          // index of `ahead` in words
-  uint32_t ahead;         // prefetched word `next`
-  uint64_t buf;           // undecoded bits, LSB first
-  int avail;              // valid bits in buf
+  const uint32_t* ptr;  // where `ahead` came from
+  uint32_t ahead;       // the next stream word, loaded one refill ahead
+  uint64_t buf;         // undecoded bits, LSB first
+  int avail;            // valid bits in buf
 
-  __device__ __forceinline__ uint32_t load(uint32_t i) const { return i < nwords ? words[i] : 0u; }
-
-  __device__ __forceinline__ void init(const uint32_t* w, uint32_t n, uint32_t start_bit) {
-    words = w;
-    nwords = n;
-    const uint32_t first = start_bit >> 5;
-    buf = load(first) >> (start_bit & 31);
-    avail = 32 - int(start_bit & 31);
-    next = first + 1;
-    ahead = load(next);
+  /// words: the block payload (shared or global memory), n of them.
+  __device__ __forceinline__ void init(const uint32_t* words, uint32_t n, uint32_t start_bit) {
+    const uint32_t first = min(start_bit >> 5, n);  // a corrupt lane table cannot send us far
+    const uint32_t shift = first == (start_bit >> 5) ? (start_bit & 31) : 0;
+    buf = words[first] >> shift;
+    avail = 32 - int(shift);
+    ptr = words + first + 1;
+    ahead = *ptr;
     refill();
   }
-  /// Tops the buffer up to at least 33 bits: enough for two codewords.
+  /// Tops the buffer up to at least 33 bits (enough for two codewords) with
+  /// the prefetched word, and prefetches the next one. All predicated: lanes
+  /// that need no word issue no load, and nothing branches.
   __device__ __forceinline__ void refill() {
-    const bool need = avail <= 32;
-    buf |= uint64_t(need ? ahead : 0u) << (avail & 63);
-    avail += need ? 32 : 0;
-    next += need ? 1u : 0u;
-    if (need) ahead = load(next);
+    asm volatile(
+        "{\n"
+        " .reg .pred p;\n"
+        " .reg .b64 t;\n"
+        " setp.le.s32 p, %2, 32;\n"
+        " @p cvt.u64.u32 t, %3;\n"
+        " @p shl.b64 t, t, %2;\n"
+        " @p or.b64 %0, %0, t;\n"
+        " @p add.s32 %2, %2, 32;\n"
+        " @p add.u64 %1, %1, 4;\n"
+        " @p ld.u32 %3, [%1];\n"
+        "}\n"
+        : "+l"(buf), "+l"(ptr), "+r"(avail), "+r"(ahead));
+  }
+  __device__ __forceinline__ uint32_t lookup(const uint32_t* lut) const {
+    return lut[uint32_t(buf) & (format::kLutSize - 1)];
+  }
+  __device__ __forceinline__ void consume(uint32_t e) {
+    const int len = int(e & format::kLutLengthMask);
+    buf >>= len;
+    avail -= len;
   }
   /// The 32 raw bits after an ESC codeword, as fp32; leaves >= 33 bits buffered.
   __device__ __forceinline__ float take_raw() {
@@ -55,16 +72,30 @@ struct LaneDecoder {
     refill();
     return v;
   }
-  /// The next symbol as float(code); 0 for ESC, whose raw value goes to
-  /// on_escape(float). At most two calls per refill().
-  template <typename OnEscape>
-  __device__ __forceinline__ float symbol(const uint32_t* lut, OnEscape&& on_escape) {
-    const uint32_t e = lut[uint32_t(buf) & (format::kLutSize - 1)];
-    const int len = int(e & format::kLutLengthMask);
-    buf >>= len;
-    avail -= len;
-    if (e & format::kLutEscapeBit) on_escape(take_raw());
-    return __uint_as_float(e & format::kLutValueMask);
+  /// The next two symbols as float(code) (0 for ESC, whose raw value goes to
+  /// esc0 / esc1). Fast path: two lookups, one test; if either was ESC (rare),
+  /// the pair is decoded again from the saved state, raw bits included.
+  template <typename E0, typename E1>
+  __device__ __forceinline__ void pair(const uint32_t* lut, E0&& esc0, E1&& esc1, float& c0, float& c1) {
+    refill();
+    const uint64_t buf0 = buf;
+    const int avail0 = avail;
+    uint32_t e0 = lookup(lut);
+    consume(e0);
+    uint32_t e1 = lookup(lut);
+    consume(e1);
+    if ((e0 | e1) & format::kLutEscapeBit) {
+      buf = buf0;
+      avail = avail0;
+      e0 = lookup(lut);
+      consume(e0);
+      if (e0 & format::kLutEscapeBit) esc0(take_raw());
+      e1 = lookup(lut);
+      consume(e1);
+      if (e1 & format::kLutEscapeBit) esc1(take_raw());
+    }
+    c0 = __uint_as_float(e0 & format::kLutValueMask);
+    c1 = __uint_as_float(e1 & format::kLutValueMask);
   }
 };
 

@@ -8,7 +8,6 @@ namespace kvcomp {
 namespace detail {
 namespace {
 
-constexpr size_t kMaxSmem = 227 * 1024;  // Hopper's opt-in limit per CTA
 
 template <typename F>
 void dispatch(DType q_type, int D, int G, F&& f) {
@@ -33,24 +32,11 @@ void dispatch(DType q_type, int D, int G, F&& f) {
 
 }  // namespace
 
-size_t attention_smem_bytes(int D, int G, int stage_bytes) {
-  size_t bytes = 0;
-  dispatch(DType::F16, D, G, [&](auto, auto d, auto g) { bytes = AttnSmem<d.value, g.value>::bytes(stage_bytes); });
-  return bytes;
-}
-
-int attention_max_stage_bytes(int D, int G) {
-  // Two CTAs per SM: half of the opt-in shared memory each.
-  int stage = 16 * 1024;
-  while (stage > 1024 && attention_smem_bytes(D, G, stage) > kMaxSmem / 2) stage -= 1024;
-  return stage;
-}
-
-int attention_ctas_per_sm(int D, int G, int stage_bytes) {
+int attention_ctas_per_sm(int D, int G) {
   int ctas = 1;
   dispatch(DType::F16, D, G, [&](auto qt, auto d, auto g) {
     auto kernel = fused_attention_kernel<decltype(qt), d.value, g.value>;
-    const size_t smem = AttnSmem<d.value, g.value>::bytes(stage_bytes);
+    const size_t smem = AttnSmem<d.value, g.value>::kBytes;
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
                "attention shared-memory opt-in");
     check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, 32 * kAttnWarps, smem),
@@ -64,7 +50,7 @@ void launch_attention(DType q_type, int D, int G, const AttendParams& p, cudaStr
   dispatch(q_type, D, G, [&](auto qt, auto d, auto g) {
     using QT = decltype(qt);
     constexpr int kD = d.value, kG = g.value;
-    const size_t smem = AttnSmem<kD, kG>::bytes(p.stage_bytes);
+    constexpr size_t smem = AttnSmem<kD, kG>::kBytes;
     auto kernel = fused_attention_kernel<QT, kD, kG>;
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
                "attention shared-memory opt-in");

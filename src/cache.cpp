@@ -49,7 +49,6 @@ void validate(const Config& c) {
   if (c.pool_bytes < 4096) throw Error("config: pool_bytes must be at least 4096");
   if (c.max_seqs <= 0) throw Error("config: max_seqs must be positive");
   if (c.max_tokens_per_seq <= 0) throw Error("config: max_tokens_per_seq must be positive");
-  if (c.attention_stage_bytes < -1) throw Error("config: attention_stage_bytes must be -1, 0 or positive");
   if (c.max_attend_batch < 0 || c.max_attend_batch > detail::kMaxBatch)
     throw Error("config: max_attend_batch must be 0 (= max_seqs) or 1.." + str(detail::kMaxBatch) + ", got " +
                 str(c.max_attend_batch));
@@ -145,10 +144,10 @@ struct Cache::Impl {
   int T, D, H, G;
   int max_blocks;
   int sms = 132;
-  int stage_bytes = 0;
   int ctas_per_sm = 2;
 
-  DeviceBuffer<uint8_t> pool;
+  DeviceBuffer<uint8_t> pool;             // pool_capacity bytes + decoder overread room
+  size_t pool_capacity = 0;
   DeviceBuffer<BlockRef> table;           // [layer][slot][max_blocks][H]
   DeviceBuffer<float> tails;              // [layer][K|V][slot][H][T][D]: see tail_ptr
   DeviceBuffer<CodebookTables> books;     // [layer][H][K|V]
@@ -181,14 +180,13 @@ struct Cache::Impl {
     int dev = 0;
     check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
     check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "device attribute");
-    stage_bytes = c.attention_stage_bytes < 0 ? detail::attention_max_stage_bytes(D, G)
-                                              : std::min(c.attention_stage_bytes / 16 * 16,
-                                                         detail::attention_max_stage_bytes(D, G));
-    pool.allocate(c.pool_bytes / format::kBlockAlign * format::kBlockAlign, "the compressed pool");
+    pool_capacity = c.pool_bytes / format::kBlockAlign * format::kBlockAlign;
+    // The fused kernel's decoders may read a little past a block: the pool is followed by that much.
+    pool.allocate(pool_capacity + detail::kDecodeOverread, "the compressed pool");
     table.allocate(size_t(c.layers) * c.max_seqs * max_blocks * H, "block tables");
     tails.allocate(size_t(c.layers) * c.max_seqs * H * 2 * T * D, "tail buffers");
     books.allocate(size_t(c.layers) * H * 2, "codebook tables");
-    ctas_per_sm = detail::attention_ctas_per_sm(D, G, stage_bytes);
+    ctas_per_sm = detail::attention_ctas_per_sm(D, G);
     part_splits = detail::plan_splits(max_blocks + 1, 1, H, sms, ctas_per_sm).splits;
     part.allocate(size_t(attend_batch_limit(c)) * c.q_heads *
                       part_splits * (D + 2), "attention workspace");
@@ -385,7 +383,7 @@ void Cache::append(int layer, const std::vector<int>& seq_ids, const std::vector
         for (size_t j = 0; j < i; ++j)
           if (new_extents[j].units16) m.alloc.release(new_extents[j].at16, new_extents[j].units16);
         throw Error("append: the pool is full (" + str((long long)(m.alloc.used() * 16)) + " of " +
-                    str((long long)(m.pool.count)) + " bytes in use, " + str((long long)(units * 16)) +
+                    str((long long)(m.pool_capacity)) + " bytes in use, " + str((long long)(units * 16)) +
                     " more needed); remove sequences or raise config.pool_bytes");
       }
       new_extents[i] = {where, units};
@@ -439,7 +437,7 @@ void Cache::attend(int layer, const std::vector<int>& seq_ids, const void* q, vo
   p.units_per_split = per;
   p.splits = std::max(1, (max_units + per - 1) / per);
   p.pool = m.pool.ptr;
-  p.pool_units16 = m.pool.count / format::kBlockAlign;
+  p.pool_units16 = m.pool_capacity / format::kBlockAlign;
   p.table = m.table.ptr + size_t(layer) * m.cfg.max_seqs * m.max_blocks * m.H;
   p.books = m.books.ptr + size_t(layer) * m.H * 2;
   p.k_tail = m.tail_ptr(layer, 0, 0, Kind::Key);
@@ -450,7 +448,6 @@ void Cache::attend(int layer, const std::vector<int>& seq_ids, const void* q, vo
   p.tokens_per_block = m.T;
   p.kv_heads = m.H;
   p.max_blocks = m.max_blocks;
-  p.stage_bytes = m.stage_bytes;
   p.scale_log2 = float(1.4426950408889634 / std::sqrt(double(m.D)));
   p.batch = int(seq_ids.size());
   detail::launch_attention(q_type, m.D, m.G, p, stream);
@@ -507,7 +504,7 @@ Stats Cache::stats() const {
   st.metadata_bytes = m.table.count * sizeof(BlockRef) + m.books.count * sizeof(CodebookTables) +
                       m.tails.count * sizeof(float);
   st.pool_bytes_in_use = m.alloc.used() * format::kBlockAlign;
-  st.pool_capacity = m.pool.count;
+  st.pool_capacity = m.pool_capacity;
   const double fp16 = double(st.tokens) * m.H * m.D * 2 * 2;
   const double held = double(st.compressed_bytes + st.tail_bytes);
   st.ratio_vs_fp16 = held > 0 ? fp16 / held : 0.0;

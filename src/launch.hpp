@@ -33,10 +33,8 @@ void launch_encode(DType t, const StoreJob* jobs, int n_jobs, int T, int D, cons
 void launch_tail_copy(DType t, const TailCopy* copies, int n, int D, cudaStream_t s);
 
 // Fused attention (q/out in F16 or BF16; D in {64, 128}; G in {1, 2, 4, 8}).
-size_t attention_smem_bytes(int D, int G, int stage_bytes);
-int attention_max_stage_bytes(int D, int G);
 /// CTAs of the fused kernel that fit on one multiprocessor (for split planning).
-int attention_ctas_per_sm(int D, int G, int stage_bytes);
+int attention_ctas_per_sm(int D, int G);
 void launch_attention(DType q_type, int D, int G, const AttendParams& p, cudaStream_t s);
 
 }  // namespace detail

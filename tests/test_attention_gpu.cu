@@ -45,15 +45,15 @@ void decoded_kv(const Cache& cache, int layer, int seq, int head, const SeqData&
 }
 
 void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int>& lengths, uint64_t seed,
-                        bool one_append_call, int stage_bytes = 0) {
+                        bool one_append_call, int block_tokens = 64) {
   Config cfg;
   cfg.layers = 1;
+  cfg.block_tokens = block_tokens;
   cfg.kv_heads = H;
   cfg.q_heads = H * G;
   cfg.head_dim = D;
   cfg.dtype = DType::F16;
   cfg.max_seqs = int(lengths.size());
-  cfg.attention_stage_bytes = stage_bytes;
   int longest = 1;
   for (int n : lengths) longest = std::max(longest, n);
   cfg.max_tokens_per_seq = longest;
@@ -159,13 +159,17 @@ TEST(AttentionGpu, GqaGroupsHeadDimsAndBf16) {
   run_attention_case(2, 4, 128, DType::BF16, {129, 513}, seed + 3, false);
 }
 
-TEST(AttentionGpu, BlocksStagedThroughSharedMemory) {
+TEST(AttentionGpu, BlockSizesAndManyBlocksPerWarp) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
-  // The largest stages, and stages too small for a block pair (those blocks are read through L1).
-  run_attention_case(2, 4, 128, DType::F16, {1, 64, 300, 1000}, seed, true, /*stage_bytes=*/-1);
-  run_attention_case(2, 4, 64, DType::F16, {1, 64, 300, 1000}, seed + 1, true, /*stage_bytes=*/1024);
+  // Warps run K of one chunk with V of the previous one, across block edges:
+  // 32- and 128-token blocks, and contexts that give each warp several blocks.
+  for (int T : {32, 128}) {
+    SCOPED_TRACE("T " + std::to_string(T));
+    run_attention_case(2, 4, 128, DType::F16, {1, T - 1, T, T + 1, 9 * T + 3, 40 * T}, seed + T, true, T);
+    if (HasFatalFailure()) return;
+  }
 }
 
 TEST(AttentionGpu, LongContextSplitsAcrossTheChip) {

@@ -60,12 +60,6 @@ struct Config {
   /// prefill chunk attending to the cache); 0 = min(max_seqs, 256); at most 256.
   int max_attend_batch = 0;
   int max_tokens_per_seq = 32768;
-  /// Fused kernel: 0 (default) has the decoders read blocks through L1, one
-  /// word ahead (more warps per SM: measured 1.9x faster on the H100, see
-  /// bench/RESULTS.md); > 0 copies block pairs into two shared-memory stages
-  /// per warp of that many bytes (cp.async pipeline); -1 picks the largest
-  /// stage that keeps 2 CTAs per SM.
-  int attention_stage_bytes = 0;
 };
 
 struct LayerStats {
