@@ -296,6 +296,11 @@ void Cache::append(int layer, const std::vector<int>& seq_ids, const std::vector
     if (s.tokens[layer] + n_tokens[i] > m.cfg.max_tokens_per_seq)
       throw Error("append: sequence " + str(seq_ids[i]) + " would exceed max_tokens_per_seq (" +
                   str(m.cfg.max_tokens_per_seq) + ")");
+    // Layers are appended in order: a token reaches layer l after layer l - 1.
+    if (layer > 0 && s.tokens[layer] + n_tokens[i] > s.tokens[layer - 1])
+      throw Error("append: layer " + str(layer) + " of sequence " + str(seq_ids[i]) + " would hold " +
+                  str((long long)(s.tokens[layer] + n_tokens[i])) + " tokens, more than layer " + str(layer - 1) +
+                  " (" + str((long long)s.tokens[layer - 1]) + "): append the layers of a token in order");
     total += n_tokens[i];
   }
   if (total == 0) return;

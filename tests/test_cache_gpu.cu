@@ -199,3 +199,59 @@ TEST(CacheGpu, FullPoolFailsCleanlyAndRecoversAfterRemove) {
   CUDA_LAUNCH_OK();
   EXPECT_EQ(cache.tokens(b, 0), 256);
 }
+
+TEST(CacheGpu, LayersOutOfOrderAreRejectedAndLeaveTheCacheAsItWas) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  const Config cfg = small_config();
+  Cache cache(cfg);
+  Tokens t(100, cfg.kv_heads, cfg.head_dim, seed);
+  DevBuf<uint8_t> dk(t.k.size()), dv(t.v.size());
+  dk.upload(t.k); dv.upload(t.v);
+  const int s = cache.add_sequence();
+  cache.append(0, {s}, {70}, dk.ptr, dv.ptr, 0);
+  cache.append(1, {s}, {64}, dk.ptr, dv.ptr, 0);
+  CUDA_LAUNCH_OK();
+  const Stats before = cache.stats();
+  const auto block = cache.read_block(1, s, 0, 0, Kind::Value, 0);
+  try {
+    cache.append(1, {s}, {7}, dk.ptr, dv.ptr, 0);  // layer 1 would pass layer 0
+    FAIL() << "expected kvcomp::Error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("append the layers of a token in order"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(cache.tokens(s, 1), 64);
+  EXPECT_EQ(cache.stats().pool_bytes_in_use, before.pool_bytes_in_use);
+  EXPECT_EQ(cache.stats().tail_bytes, before.tail_bytes);
+  EXPECT_EQ(cache.read_block(1, s, 0, 0, Kind::Value, 0), block);
+  cache.append(1, {s}, {6}, dk.ptr, dv.ptr, 0);  // catching up is fine
+  CUDA_LAUNCH_OK();
+  EXPECT_EQ(cache.tokens(s, 1), 70);
+}
+
+TEST(CacheGpu, AllocationFailureAtConstructionIsClearAndLeaksNothing) {
+  KVCOMP_REQUIRE_GPU();
+  { Cache warm(small_config()); }  // the runtime's first-use allocations stay out of the count
+  size_t free_before = 0, total = 0;
+  CUDA_OK(cudaMemGetInfo(&free_before, &total));
+  Config huge_pool = small_config();
+  huge_pool.pool_bytes = size_t(1) << 44;  // 16 TiB: the first allocation fails
+  Config huge_table = small_config();
+  huge_table.max_seqs = 256;
+  huge_table.max_tokens_per_seq = 1 << 30;  // the pool fits, the block tables (~32 GiB x 2 layers) do not
+  huge_table.kv_heads = 8;
+  huge_table.q_heads = 32;
+  for (const Config& c : {huge_pool, huge_table}) {
+    try {
+      Cache cache(c);
+      FAIL() << "expected kvcomp::Error";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("cannot allocate"), std::string::npos) << e.what();
+    }
+    cudaGetLastError();
+    size_t free_after = 0;
+    CUDA_OK(cudaMemGetInfo(&free_after, &total));
+    EXPECT_EQ(free_after, free_before) << "device memory leaked by a failed construction";
+  }
+}

@@ -102,6 +102,8 @@ class Cache {
   /// (device, dtype of the config) hold the sequences' tokens one after the
   /// other: token j's head h starts at k + j * token_stride + h * head_stride
   /// (in elements, channels contiguous). Defaults: [tokens, kv_heads, head_dim].
+  /// Layers are appended in order: layer l of a sequence may not hold more
+  /// tokens than layer l - 1.
   void append(int layer, const std::vector<int>& seq_ids, const std::vector<int>& n_tokens, const void* k,
               const void* v, cudaStream_t stream, int64_t token_stride = -1, int64_t head_stride = -1);
 
