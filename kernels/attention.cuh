@@ -151,7 +151,7 @@ __device__ __forceinline__ void load_vec(const float* p, float (&x)[N]) {
 
 /// Registers capped for 4 CTAs (16 warps) per SM up to G = 4, 2 for G = 8:
 /// measured faster than more registers and fewer warps (the lookups' latency
-/// needs warps to hide it).
+/// needs warps to hide it) and than 5 or 6 CTAs (spills).
 template <int G>
 constexpr int attention_min_ctas() { return G <= 4 ? 4 : 2; }
 

@@ -16,8 +16,8 @@ constexpr int kMaxTokensPerBlock = 128;
 /// Bytes a decoder may read past the end of its block (lookahead, and corrupt
 /// lane tables clamped to the block end): the pool is followed by at least
 /// this much readable memory.
-/// Bound: a lane reads at most symbols_per_lane * (12 + 32) bits + 3 words
-/// from a start that is at most the block end (T = 128, D = 128: 2828 bytes).
+/// Bound: a lane reads at most symbols_per_lane * (kMaxCodeLen + 32) bits + 3
+/// words from a start that is at most the block end (T = 128, D = 128: 2700 bytes).
 constexpr uint32_t kDecodeOverread = 4096;
 constexpr uint32_t max_overread(int tokens, int head_dim) {
   return uint32_t(tokens) * head_dim / 32 * (format::kMaxCodeLen + format::kRawBits) / 8 + 12;

@@ -5,7 +5,7 @@
 // Written for instruction count, which is what bounds the fused kernel:
 //  - the table entry carries float(symbol), so no integer conversion;
 //  - symbols are decoded in pairs: one refill per pair (codewords are at most
-//    12 bits, a refill leaves at least 33 bits buffered) and one ESC test per
+//    10 bits, a refill leaves at least 33 bits buffered) and one ESC test per
 //    pair (rare: the pair is then decoded again, raw bits included);
 //  - refill() is predicated, not branched, and loads the next stream word one
 //    refill ahead, so its latency (L1 or shared memory) hides behind decoding;

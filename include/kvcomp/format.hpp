@@ -20,7 +20,7 @@
 //
 // Entropy coding
 //   Canonical Huffman over 256 symbols (codes 0..254, ESC = 255), code lengths
-//   limited to kMaxCodeLen = 12 so the decode table (4096 x uint32) fits in
+//   limited to kMaxCodeLen = 10 so the decode table (1024 x uint32) fits in
 //   shared memory. A codebook is fully described by its 256 code lengths (0 =
 //   no codeword); ESC always has one. Codebooks belong to (layer, kv head, K|V)
 //   and live in a table; a block names its codebook by id, so a codebook may be
@@ -82,11 +82,11 @@ constexpr int kLanes = 32;          // sub-streams per block (one warp)
 constexpr int kNumSymbols = 256;    // codes 0..254 and ESC
 constexpr int kEscape = 255;        // escape symbol: followed by 32 raw bits
 constexpr int kMaxCode = 254;       // largest quantization code
-constexpr int kMaxCodeLen = 12;     // Huffman length limit
+constexpr int kMaxCodeLen = 10;     // Huffman length limit
 constexpr int kLutSize = 1 << kMaxCodeLen;
 constexpr int kRawBits = 32;        // bits of an escaped value (fp32)
 constexpr uint16_t kMagic = 0x4B43; // 'CK'
-constexpr uint8_t kVersion = 1;
+constexpr uint8_t kVersion = 2;
 constexpr size_t kBlockAlign = 16;
 
 struct BlockHeader {
