@@ -24,7 +24,7 @@ constexpr int kH = 8;
 int g_sms = 132;
 double g_copy_bw = 0;
 
-using kvcomp_bench::fill_kernel;
+using kvcomp_bench::fill_normal;
 
 struct Setup {
   int N = 0, B = 0, G = 4, D = 128;
@@ -71,9 +71,9 @@ Setup& setup(int N, int B, int G, int D, float eb) {
   const size_t kv = size_t(B) * kH * N * D, qn = size_t(B) * s->Hq() * D;
   CK(cudaMalloc(&s->k, kv * 2)); CK(cudaMalloc(&s->v, kv * 2));
   CK(cudaMalloc(&s->q, qn * 2)); CK(cudaMalloc(&s->out, qn * 2));
-  fill_kernel<<<1024, 256>>>(s->k, kv, D, 1, true);
-  fill_kernel<<<1024, 256>>>(s->v, kv, D, 2, false);
-  fill_kernel<<<64, 256>>>(s->q, qn, D, 3, false);
+  fill_normal<<<1024, 256>>>(s->k, kv, D, 1, true);
+  fill_normal<<<1024, 256>>>(s->v, kv, D, 2, false);
+  fill_normal<<<64, 256>>>(s->q, qn, D, 3, false);
   CK(cudaGetLastError());
   CK(cudaMalloc(&s->flash_ws, kvcomp::baseline::flash_workspace_floats(s->fp16(), g_sms) * 4));
   CK(cudaMalloc(&s->cublas_ws, kvcomp::baseline::cublas_workspace_bytes(s->fp16())));

@@ -20,7 +20,7 @@
 
 namespace {
 
-using kvcomp_bench::fill_kernel;
+using kvcomp_bench::fill_normal;
 
 /// fp16 K/V of one layer on the device, [tokens][heads][D].
 struct LayerKv {
@@ -70,8 +70,8 @@ void BM_store_prefill(benchmark::State& st) {
   LayerKv kv;
   kv.tokens = int(st.range(0));
   CK(cudaMalloc(&kv.k, kv.values() * 2)); CK(cudaMalloc(&kv.v, kv.values() * 2));
-  fill_kernel<<<1024, 256>>>(kv.k, kv.values(), kv.D, 11, true);
-  fill_kernel<<<1024, 256>>>(kv.v, kv.values(), kv.D, 12, false);
+  fill_normal<<<1024, 256>>>(kv.k, kv.values(), kv.D, 11, true);
+  fill_normal<<<1024, 256>>>(kv.v, kv.values(), kv.D, 12, false);
   CK(cudaDeviceSynchronize());
   time_store(st, kv, eb_of(st.range(1)));
 }
@@ -132,8 +132,8 @@ void BM_decode_close_step(benchmark::State& st) {
   const size_t per_step = size_t(B) * H * D;
   __half *k, *v;
   CK(cudaMalloc(&k, per_step * T * 2)); CK(cudaMalloc(&v, per_step * T * 2));
-  fill_kernel<<<256, 256>>>(k, per_step * T, D, 21, true);
-  fill_kernel<<<256, 256>>>(v, per_step * T, D, 22, false);
+  fill_normal<<<256, 256>>>(k, per_step * T, D, 21, true);
+  fill_normal<<<256, 256>>>(v, per_step * T, D, 22, false);
   std::vector<int> ids;
   for (int b = 0; b < B; ++b) ids.push_back(cache.add_sequence());
   const std::vector<int> one(B, 1), rest(B, T - 1);

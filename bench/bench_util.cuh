@@ -1,4 +1,4 @@
-// Shared by the benchmark binaries: checked CUDA calls, a GPU data generator
+// Shared by the benchmark binaries: checked CUDA calls, the GPU data generator
 // and the measured copy bandwidth (the physical floor's denominator).
 #pragma once
 
@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <string>
 
+#include "tests/gpu_random.cuh"
+
 #define CK(x)                                                                                              \
   do {                                                                                                     \
     cudaError_t e_ = (x);                                                                                  \
@@ -18,21 +20,8 @@
 
 namespace kvcomp_bench {
 
-__device__ inline uint32_t hash32(uint64_t x) {
-  x ^= x >> 33; x *= 0xff51afd7ed558ccdULL; x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ULL; x ^= x >> 33;
-  return uint32_t(x);
-}
-/// Pseudo-normal fp16 values of rows of `d` channels; `outliers`: every 16th
-/// channel x10 with an offset of 5 (K-like).
-__global__ inline void fill_kernel(__half* x, size_t n, int d, uint64_t seed, bool outliers) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    const float u1 = (hash32(seed * 0x9E3779B97F4A7C15ULL + 2 * i) + 1.f) * 2.3283064e-10f;
-    const float u2 = hash32(seed * 0x9E3779B97F4A7C15ULL + 2 * i + 1) * 2.3283064e-10f;
-    float v = sqrtf(-2.f * logf(u1)) * cospif(2.f * u2);
-    if (outliers && int(i % d) % 16 == 3) v = v * 10.f + 5.f;
-    x[i] = __float2half_rn(v);
-  }
-}
+/// GPU data for the benchmarks: the generator the soak tests use too.
+using kvcomp_test::fill_normal;
 
 /// Device-to-device copy bandwidth, bytes read + written per second (1 GiB x 10);
 /// also recorded in the benchmark context as copy_bw_TBps.

@@ -115,6 +115,50 @@ __device__ void write_split_partial(const SoftmaxAcc<D, G>& st, float* merge, fl
   }
 }
 
+/// Four consecutive elements of an uncompressed row as float (16- or 8-byte aligned).
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 load4(const __half* p) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
+  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+/// Attends one warp to n <= 32 uncompressed tokens (an uncompressed tail or
+/// window): rows k[t * D ..], v[t * D ..]; lane l scores row l against q_s
+/// ([G][D], log2 units), the chunk is folded into the softmax, p.V accumulated.
+template <int D, int G, typename E>
+__device__ void attend_rows(SoftmaxAcc<D, G>& st, const float* q_s, const E* k, const E* v, int n) {
+  const int lane = threadIdx.x % 32;
+  float s[G], pr[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) s[g] = 0.f;
+  if (lane < n) {
+    for (int c = 0; c < D; c += 4) {
+      const float4 x = load4(k + size_t(lane) * D + c);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const float* qg = q_s + g * D + c;
+        s[g] = fmaf(qg[0], x.x, fmaf(qg[1], x.y, fmaf(qg[2], x.z, fmaf(qg[3], x.w, s[g]))));
+      }
+    }
+  }
+  st.update(s, lane < n, pr);
+  for (int t = 0; t < n; ++t) {
+    float pt[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) pt[g] = __shfl_sync(0xFFFFFFFFu, pr[g], t);
+#pragma unroll
+    for (int j = 0; j < D / 32; ++j) {
+      const float x = to_float(v[size_t(t) * D + lane + 32 * j]);
+#pragma unroll
+      for (int g = 0; g < G; ++g) st.acc[g][j] = fmaf(pt[g], x, st.acc[g][j]);
+    }
+  }
+}
+
 /// Shared-memory layout of the fused kernel: the two decode tables are a
 /// static array; the dynamic part holds q and, per warp, the parameters of
 /// the block it decodes (reused by the CTA merge at the end).
@@ -129,6 +173,7 @@ struct AttnSmem {
   static constexpr size_t kMerge = size_t(kAttnWarps) * G * (D + 2) * sizeof(float);
   /// Dynamic shared memory.
   static constexpr size_t kBytes = kQ + (kAttnWarps * kWarp > kMerge ? kAttnWarps * kWarp : kMerge);
+  static_assert(kLuts + kBytes <= 48 * 1024, "launches need no shared-memory opt-in");
 };
 
 /// x[0..N) from 16-byte aligned shared memory, in the widest loads.
@@ -330,36 +375,8 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attention_min_ctas<G>()) fuse
     const size_t base = (size_t(seq.slot) * p.kv_heads + head) * size_t(T) * D;
     const float* kt = p.k_tail + base;
     const float* vt = p.v_tail + base;
-    for (int chunk = 0; chunk * 32 < tail; ++chunk) {
-      const int row = chunk * 32 + lane;
-      const bool valid = row < tail;
-#pragma unroll
-      for (int g = 0; g < G; ++g) s[g] = 0.f;
-      if (valid) {
-        const float4* kr = reinterpret_cast<const float4*>(kt + size_t(row) * D);
-        for (int c4 = 0; c4 < D / 4; ++c4) {
-          const float4 v = kr[c4];
-#pragma unroll
-          for (int g = 0; g < G; ++g) {
-            const float* qg = q_s + g * D + 4 * c4;
-            s[g] = fmaf(qg[0], v.x, fmaf(qg[1], v.y, fmaf(qg[2], v.z, fmaf(qg[3], v.w, s[g]))));
-          }
-        }
-      }
-      st.update(s, valid, pr);
-      const int n = min(32, tail - chunk * 32);
-      for (int t = 0; t < n; ++t) {
-        float pt[G];
-#pragma unroll
-        for (int g = 0; g < G; ++g) pt[g] = __shfl_sync(0xFFFFFFFFu, pr[g], t);
-#pragma unroll
-        for (int j = 0; j < kPerLane; ++j) {
-          const float v = vt[size_t(chunk * 32 + t) * D + lane + 32 * j];
-#pragma unroll
-          for (int g = 0; g < G; ++g) st.acc[g][j] = fmaf(pt[g], v, st.acc[g][j]);
-        }
-      }
-    }
+    for (int first = 0; first < tail; first += 32)
+      attend_rows<D, G>(st, q_s, kt + size_t(first) * D, vt + size_t(first) * D, min(32, tail - first));
   }
   __syncthreads();
 

@@ -106,6 +106,7 @@ struct KiviSmem {
   static constexpr size_t kWarps = kAttnWarps * kWarp;
   static constexpr size_t kMerge = size_t(kAttnWarps) * G * (D + 2) * sizeof(float);
   static constexpr size_t kBytes = kQ + (kWarps > kMerge ? kWarps : kMerge);
+  static_assert(kBytes <= 48 * 1024, "launches need no shared-memory opt-in");
 };
 
 /// grid (splits, kv_heads, batch); units are 32-token chunks, quantized ones
@@ -189,36 +190,11 @@ __global__ void __launch_bounds__(32 * kAttnWarps)
         }
       }
       __syncwarp();
-    } else {  // fp16 tail
+    } else {  // the fp16 window
       const int first = (u - p.chunks) * 32;
-      const __half* kt = p.k_tail + seq * p.tail_cap * D;
-      const __half* vt = p.v_tail + seq * p.tail_cap * D;
-      const int row = first + lane;
-      const bool valid = row < p.tail;
-      float s[G];
-#pragma unroll
-      for (int g = 0; g < G; ++g) s[g] = 0.f;
-      if (valid) {
-        for (int c = 0; c < D; c += 2) {
-          const float2 x = __half22float2(*reinterpret_cast<const __half2*>(kt + size_t(row) * D + c));
-#pragma unroll
-          for (int g = 0; g < G; ++g) s[g] = fmaf(q_s[g * D + c + 1], x.y, fmaf(q_s[g * D + c], x.x, s[g]));
-        }
-      }
-      float pr[G];
-      st.update(s, valid, pr);
-      const int n = min(32, p.tail - first);
-      for (int t = 0; t < n; ++t) {
-        float pt[G];
-#pragma unroll
-        for (int g = 0; g < G; ++g) pt[g] = __shfl_sync(0xFFFFFFFFu, pr[g], t);
-#pragma unroll
-        for (int j = 0; j < kPerLane; ++j) {
-          const float x = __half2float(vt[size_t(first + t) * D + lane + 32 * j]);
-#pragma unroll
-          for (int g = 0; g < G; ++g) st.acc[g][j] = fmaf(pt[g], x, st.acc[g][j]);
-        }
-      }
+      const __half* kt = p.k_tail + (seq * p.tail_cap + first) * D;
+      const __half* vt = p.v_tail + (seq * p.tail_cap + first) * D;
+      attend_rows<D, G>(st, q_s, kt, vt, min(32, p.tail - first));
     }
   }
   __syncthreads();

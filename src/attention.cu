@@ -37,8 +37,6 @@ int attention_ctas_per_sm(int D, int G) {
   dispatch(DType::F16, D, G, [&](auto qt, auto d, auto g) {
     auto kernel = fused_attention_kernel<decltype(qt), d.value, g.value>;
     const size_t smem = AttnSmem<d.value, g.value>::kBytes;
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-               "attention shared-memory opt-in");
     check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, 32 * kAttnWarps, smem),
                "attention occupancy");
   });
@@ -52,8 +50,6 @@ void launch_attention(DType q_type, int D, int G, const AttendParams& p, cudaStr
     constexpr int kD = d.value, kG = g.value;
     constexpr size_t smem = AttnSmem<kD, kG>::kBytes;
     auto kernel = fused_attention_kernel<QT, kD, kG>;
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-               "attention shared-memory opt-in");
     const dim3 grid(p.splits, p.kv_heads, p.batch);
     kernel<<<grid, 32 * kAttnWarps, smem, s>>>(p);
     check_cuda(cudaGetLastError(), "fused attention launch");

@@ -129,8 +129,6 @@ void KiviCache::attend(const __half* q, __half* out, float* workspace, int sms, 
     constexpr int D = d.value, G = g.value;
     auto kernel = detail::kivi_attention_kernel<D, G, bits.value>;
     constexpr size_t smem = detail::KiviSmem<D, G>::kBytes;
-    detail::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-                       "KIVI attention shared-memory opt-in");
     kernel<<<dim3(plan.splits, sh.kv_heads, sh.batch), 32 * detail::kAttnWarps, smem, s>>>(
         p_, q, workspace, plan.units_per_split, plan.splits, scale_log2);
     detail::check_cuda(cudaGetLastError(), "KIVI attention launch");

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "attention_ref.hpp"
+#include "gpu_random.cuh"
 #include "gpu_util.cuh"
 #include "kvcomp/cache.hpp"
 #include "kvcomp/reference.hpp"
@@ -16,21 +17,6 @@ using namespace kvcomp;
 using namespace kvcomp_test;
 
 namespace {
-
-__device__ uint32_t mix32(uint64_t x) {
-  x ^= x >> 33; x *= 0xff51afd7ed558ccdULL; x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ULL; x ^= x >> 33;
-  return uint32_t(x);
-}
-/// Pseudo-normal fp16 values; `outliers`: every 16th channel x10 + 5.
-__global__ void fill_normal(__half* x, size_t n, int d, uint64_t seed, bool outliers) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    const float u1 = (mix32(seed * 0x9E3779B97F4A7C15ULL + 2 * i) + 1.f) * 2.3283064e-10f;
-    const float u2 = mix32(seed * 0x9E3779B97F4A7C15ULL + 2 * i + 1) * 2.3283064e-10f;
-    float v = sqrtf(-2.f * logf(u1)) * cospif(2.f * u2);
-    if (outliers && int(i % d) % 16 == 3) v = v * 10.f + 5.f;
-    x[i] = __float2half_rn(v);
-  }
-}
 
 /// Runs the kernels a config needs once, so that lazily loaded modules and the
 /// runtime's first-use allocations stay out of a leak check.
