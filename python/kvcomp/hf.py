@@ -1,0 +1,466 @@
+"""kvcomp.hf: Hugging Face transformers models decoding through kvcomp.
+
+    import kvcomp.hf
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16).cuda()
+    kvcomp.hf.enable(model)                          # registers the "kvcomp" attention
+    cache = kvcomp.hf.KvcompCache(model, kvcomp.Config(k_bound=..., v_bound=...))
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=64, do_sample=False)
+
+How it plugs in: the cache's `update()` does not store anything itself. It
+hands the new K/V to the model's attention call (tagged with the cache layer),
+and the registered attention function stores them and attends:
+  - one query token per sequence (decode): append the token's K/V to kvcomp,
+    then run the fused kernel over the compressed cache;
+  - a prompt into an empty cache with prefill="fp16" (what engines do): the
+    prompt attends to itself exactly (PyTorch SDPA, causal), then all of its
+    K/V are appended in one call;
+  - anything else (prefill="cache", or several new tokens after a prefix):
+    token by token, append then attend, so every query reads the cache exactly
+    as a decode step would (teacher-forced decoding; what the perplexity
+    harness uses).
+The same layer protocol serves `KiviCache` (KIVI-style fixed-width
+quantization, emulated exactly in PyTorch) and `Fp16Cache` (an uncompressed
+cache through the same token-by-token path), so one harness runs all three.
+
+Limits (each raises a clear error): no padding (every row of the batch has the
+same length), no beam search / cache reordering, no cropping.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+import kvcomp
+
+ATTENTION_NAME = "kvcomp"
+
+__all__ = ["enable", "KvcompCache", "KiviCache", "Fp16Cache", "attention_forward", "ATTENTION_NAME"]
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The attention function registered as "kvcomp" (transformers' attention interface).
+
+    query [B, Hq, n, D]; key/value [B, Hkv, n, D] are the step's new tokens as
+    handed over by a kvcomp.hf cache. Returns ([B, n, Hq, D], None).
+    """
+    layer = getattr(key, "_kvcomp_layer", None)
+    if layer is None:  # no kvcomp.hf cache in this call (e.g. use_cache=False): plain SDPA
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    out = layer.attend(query, key, value, attention_mask, float(scaling))
+    return out.transpose(1, 2).contiguous(), None
+
+
+def enable(model):
+    """Registers the "kvcomp" attention function and switches `model` to it."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, attention_forward)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(ATTENTION_NAME)
+    else:
+        model.config._attn_implementation = ATTENTION_NAME
+    return model
+
+
+def _model_shape(model_or_config):
+    cfg = getattr(model_or_config, "config", model_or_config)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    q_heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or q_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // q_heads
+    return cfg.num_hidden_layers, q_heads, kv_heads, head_dim
+
+
+def _check_no_padding(attention_mask, n):
+    # A 2D mask of ones (what generate() passes without padding) is fine; zeros mean padding.
+    if attention_mask is not None and attention_mask.dim() == 2 and n > 1 and not bool(attention_mask.all()):
+        raise NotImplementedError("kvcomp.hf: padded batches are not supported (every row must have the same "
+                                  "length; run rows of different lengths as separate calls)")
+
+
+class _Layer(CacheLayerMixin):
+    """One decoder layer's view of a kvcomp.hf cache (transformers' layer protocol)."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, owner, index):
+        super().__init__()
+        self.owner, self.index = owner, index
+        self.length = 0          # tokens stored per sequence (all rows equal)
+        self.pending = False     # update() handed K/V over; attention has not taken them yet
+
+    def lazy_initialization(self, key_states, value_states):
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.pending:
+            raise RuntimeError("kvcomp.hf: the previous step's K/V never reached the kvcomp attention function; "
+                               "call kvcomp.hf.enable(model) before decoding with a kvcomp.hf cache")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.owner._start(key_states)
+        self.pending = True
+        key_states._kvcomp_layer = self
+        return key_states, value_states
+
+    def attend(self, q, k, v, attention_mask, scaling):
+        """Stores k/v [B, Hkv, n, D] and returns attention of q [B, Hq, n, D] (same layout)."""
+        self.pending = False
+        n = q.shape[2]
+        _check_no_padding(attention_mask, n)
+        if n > 1 and self.length == 0 and self.owner.prefill == "fp16":
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
+                                                 enable_gqa=q.shape[1] != k.shape[1])
+            self._store_prompt(k, v)
+            self.length = n
+            self.owner._note_bytes(self)
+            return out
+        out = torch.empty_like(q)
+        for t in range(n):  # decode semantics: each query sees the cache holding tokens <= its own
+            self._store_token(k[:, :, t], v[:, :, t])
+            self.length += 1
+            self.owner._note_bytes(self)
+            out[:, :, t] = self._attend_token(q[:, :, t], scaling)
+        return out
+
+    def get_seq_length(self):
+        return self.length
+
+    def get_mask_sizes(self, query_length):
+        return self.length + query_length, 0
+
+    def get_max_length(self):
+        return -1
+
+    def reset(self):
+        raise NotImplementedError("kvcomp.hf: reset() is not supported; make a new cache")
+
+    def reorder_cache(self, beam_idx):
+        raise NotImplementedError("kvcomp.hf: beam search (cache reordering) is not supported")
+
+    def crop(self, tokens_to_remove):
+        raise NotImplementedError("kvcomp.hf: cropping the cache is not supported")
+
+    def batch_repeat_interleave(self, repeats):
+        raise NotImplementedError("kvcomp.hf: expanding the batch of a cache is not supported")
+
+    def batch_select_indices(self, indices):
+        raise NotImplementedError("kvcomp.hf: selecting batch rows of a cache is not supported")
+
+    # Backend hooks.
+    def _store_prompt(self, k, v):
+        raise NotImplementedError
+
+    def _store_token(self, k, v):
+        raise NotImplementedError
+
+    def _attend_token(self, q, scaling):
+        raise NotImplementedError
+
+    def bytes(self):
+        """KV bytes this layer holds now, everything counted."""
+        raise NotImplementedError
+
+
+class _CacheBase(Cache):
+    """Shared by the kvcomp, KIVI and fp16 caches: layers, byte accounting."""
+
+    layer_class = _Layer
+    track_bytes = False  # set True to accumulate mean_bytes_per_token() (one stats() per layer and token)
+
+    def __init__(self, model, prefill="fp16"):
+        if prefill not in ("fp16", "cache"):
+            raise ValueError("prefill must be 'fp16' (prompt attends exactly, then is stored) or 'cache' "
+                             "(every prompt token reads the cache as in decode)")
+        self.n_layers, self.q_heads, self.kv_heads, self.head_dim = _model_shape(model)
+        super().__init__(layers=[self.layer_class(self, i) for i in range(self.n_layers)])
+        self.prefill = prefill
+        self.batch = None
+        # Sum over decode moments of the bytes held and of the tokens held: their
+        # ratio is the mean KV bytes per token over the cache's life.
+        self.byte_steps = 0
+        self.token_steps = 0
+
+    def _start(self, key_states):
+        b = key_states.shape[0]
+        if self.batch is None:
+            self.batch = b
+            self._allocate(key_states)
+        elif b != self.batch:
+            raise ValueError(f"kvcomp.hf: the cache holds a batch of {self.batch}, got {b}")
+
+    def _allocate(self, key_states):
+        pass
+
+    def _note_bytes(self, layer):
+        if self.track_bytes:
+            self.byte_steps += layer.bytes()
+            self.token_steps += layer.length * self.batch
+
+    def bytes(self):
+        return sum(layer.bytes() for layer in self.layers)
+
+    def fp16_bytes(self):
+        return sum(layer.length for layer in self.layers) * (self.batch or 0) * self.kv_heads * self.head_dim * 4
+
+    def mean_bytes_per_token(self):
+        """KV bytes per token (all layers), averaged over every moment a token was added."""
+        return self.n_layers * self.byte_steps / max(self.token_steps, 1)
+
+
+# ----------------------------------------------------------------------------- kvcomp
+
+
+_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+
+
+def hadamard(n, device=None, dtype=torch.float32):
+    """The orthonormal n x n Hadamard matrix (n a power of two)."""
+    if n & (n - 1):
+        raise ValueError(f"Hadamard transform needs a power-of-two head_dim, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(n)).to(device=device, dtype=dtype)
+
+
+class _KvcompLayer(_Layer):
+    def _rotate(self, x):
+        # Optional orthogonal transform R (KvcompCache(transform="hadamard")): K and V are stored
+        # as x R, queries are rotated the same way (q.k is unchanged) and outputs rotated back.
+        R = self.owner.rotation
+        return x if R is None else (x.float() @ R).to(x.dtype)
+
+    def _store_prompt(self, k, v):
+        k, v = self._rotate(k), self._rotate(v)
+        B, H, n, D = k.shape
+        kt = k.transpose(1, 2).reshape(B * n, H, D)  # [tokens of seq 0, tokens of seq 1, ...]
+        vt = v.transpose(1, 2).reshape(B * n, H, D)
+        self.owner.cache.append(self.index, self.owner.seqs, [n] * B, kt, vt)
+
+    def _store_token(self, k, v):
+        # k, v: [B, H, D] views; the binding passes their token and head strides.
+        k, v = self._rotate(k), self._rotate(v)
+        self.owner.cache.append(self.index, self.owner.seqs, self.owner.ones, k, v)
+
+    def _attend_token(self, q, scaling):
+        out = self._attend_rotated(self._rotate(q), scaling)
+        R = self.owner.rotation
+        return out if R is None else (out.float() @ R.T).to(out.dtype)
+
+    def _attend_rotated(self, q, scaling):
+        q = q.contiguous()
+        qt = q if q.dtype in (torch.float16, torch.bfloat16) else q.to(torch.float16)
+        if abs(scaling * math.sqrt(qt.shape[-1]) - 1.0) > 1e-6:  # the kernel scales by 1/sqrt(D)
+            qt = qt * (scaling * math.sqrt(qt.shape[-1]))
+        out = torch.empty_like(qt)
+        self.owner.cache.attend(self.index, self.owner.seqs, qt, out)
+        return out.to(q.dtype)
+
+    def bytes(self):
+        o = self.owner
+        if o.cache is None:
+            return 0
+        st = o.cache.stats().per_layer[self.index]
+        T = o.config.block_tokens
+        blocks = (self.length // T) * o.batch * o.kv_heads
+        tail_bytes = st.tail_tokens * o.kv_heads * o.head_dim * 2 * (o.tail_value_bytes or o.element_bytes)
+        books = 2 * o.kv_heads * 256 if blocks else 0  # code lengths of the K and V codebooks
+        return st.compressed_bytes + tail_bytes + blocks * 8 + books  # 8 B block-table entry per K/V pair
+
+
+class KvcompCache(_CacheBase):
+    """A transformers Cache whose K/V live compressed in a kvcomp.Cache.
+
+    `config` is a kvcomp.Config; its shape fields (layers, heads, head_dim,
+    dtype, max_seqs) are filled from the model and the first batch.
+    """
+
+    layer_class = _KvcompLayer
+    tail_value_bytes = None  # the open tail is held in the K/V input's type; set 4 to count it as fp32 (format v2)
+
+    def __init__(self, model, config=None, prefill="fp16", max_tokens=None, transform=None):
+        super().__init__(model, prefill)
+        self.config = config if config is not None else kvcomp.Config()
+        self.max_tokens = max_tokens
+        self.cache = None
+        self.seqs = []
+        if transform not in (None, "hadamard"):
+            raise ValueError("transform must be None or 'hadamard'")
+        self.transform = transform
+        self.rotation = None
+
+    def _allocate(self, key_states):
+        c = self.config
+        c.layers, c.q_heads, c.kv_heads, c.head_dim = self.n_layers, self.q_heads, self.kv_heads, self.head_dim
+        if key_states.dtype not in _DTYPES:
+            raise ValueError(f"kvcomp.hf: K/V of type {key_states.dtype} are not supported")
+        c.dtype = getattr(kvcomp.DType, _DTYPES[key_states.dtype])
+        self.element_bytes = key_states.element_size()
+        c.max_seqs = max(c.max_seqs, self.batch) if c.max_seqs else self.batch
+        if self.max_tokens:
+            c.max_tokens_per_seq = self.max_tokens
+        self.cache = kvcomp.Cache(c)
+        if self.transform == "hadamard":
+            self.rotation = hadamard(self.head_dim, key_states.device)
+        self.seqs = [self.cache.add_sequence() for _ in range(self.batch)]
+        self.ones = [1] * self.batch
+
+    def stats(self):
+        return self.cache.stats() if self.cache is not None else None
+
+
+# ----------------------------------------------------------------------------- fp16
+
+
+class _Fp16Layer(_Layer):
+    """Uncompressed K/V through the same token-by-token path (a check of the harness)."""
+
+    def __init__(self, owner, index):
+        super().__init__(owner, index)
+        self.k = self.v = None
+
+    def _grow(self, n):
+        B, H, D = self.owner.batch, self.owner.kv_heads, self.owner.head_dim
+        need = self.length + n
+        if self.k is None or self.k.shape[2] < need:
+            cap = max(need, 2 * (0 if self.k is None else self.k.shape[2]), 256)
+            k = torch.empty(B, H, cap, D, dtype=self.dtype, device=self.device)
+            v = torch.empty_like(k)
+            if self.k is not None:
+                k[:, :, :self.length] = self.k[:, :, :self.length]
+                v[:, :, :self.length] = self.v[:, :, :self.length]
+            self.k, self.v = k, v
+
+    def _store_prompt(self, k, v):
+        n = k.shape[2]
+        self._grow(n)
+        self.k[:, :, self.length:self.length + n] = k
+        self.v[:, :, self.length:self.length + n] = v
+
+    def _store_token(self, k, v):
+        self._grow(1)
+        self.k[:, :, self.length] = k
+        self.v[:, :, self.length] = v
+
+    def _attend_token(self, q, scaling):
+        n = self.length
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), self.k[:, :, :n], self.v[:, :, :n], scale=scaling,
+                                           enable_gqa=q.shape[1] != self.k.shape[1])
+        return o[:, :, 0]
+
+    def bytes(self):
+        return self.length * self.owner.batch * self.owner.kv_heads * self.owner.head_dim * 4
+
+
+class Fp16Cache(_CacheBase):
+    layer_class = _Fp16Layer
+
+
+# ----------------------------------------------------------------------------- KIVI
+
+
+def kivi_quantize(x, bits, group_dim):
+    """KIVI-style fixed-width quantization of x [..., 32, D] chunks, as kernels/kivi_attention.cuh.
+
+    group_dim = -2: per channel over the 32 tokens (K); group_dim = -1: per token over
+    32-channel groups (V). fp16 scale = (max - min) / (2^bits - 1), fp16 zero = min,
+    code = clamp(rint((x - zero) / scale), 0, 2^bits - 1), x' = code * scale + zero (fp32).
+    """
+    max_code = float((1 << bits) - 1)
+    xf = x.float()
+    if group_dim == -1:
+        shape = xf.shape
+        xf = xf.reshape(*shape[:-1], shape[-1] // 32, 32)
+    lo = xf.amin(dim=-1 if group_dim == -1 else -2, keepdim=True)
+    hi = xf.amax(dim=-1 if group_dim == -1 else -2, keepdim=True)
+    scale = ((hi - lo) / max_code).half().float()
+    zero = lo.half().float()
+    code = torch.where(scale > 0, torch.clamp(torch.round((xf - zero) / scale), 0, max_code), torch.zeros_like(xf))
+    out = torch.addcmul(zero, code, scale)  # one rounding, as fmaf
+    if group_dim == -1:
+        out = out.reshape(shape)
+    return out
+
+
+class _KiviLayer(_Layer):
+    """KIVI: tokens older than the last `window` + (0..31) are quantized in chunks of 32.
+
+    Emulated exactly in PyTorch: one fp32 buffer per K and V holds what the
+    fused baseline kernel would read, the fp16 inputs (exact in fp32) until
+    their chunk is formed, then the chunk's reconstruction; attention over it
+    with SDPA.
+    """
+
+    def __init__(self, owner, index):
+        super().__init__(owner, index)
+        self.k = self.v = None  # fp32 [B, H, capacity, D]
+        self.chunks = 0
+
+    def _grow(self, n):
+        B, H, D = self.owner.batch, self.owner.kv_heads, self.owner.head_dim
+        need = self.length + n
+        if self.k is None or self.k.shape[2] < need:
+            cap = max(need, 2 * (0 if self.k is None else self.k.shape[2]), 256)
+            k = torch.empty(B, H, cap, D, dtype=torch.float32, device=self.device)
+            v = torch.empty_like(k)
+            if self.k is not None:
+                k[:, :, :self.length] = self.k[:, :, :self.length]
+                v[:, :, :self.length] = self.v[:, :, :self.length]
+            self.k, self.v = k, v
+
+    def _store(self, k, v, n):
+        self._grow(n)
+        self.k[:, :, self.length:self.length + n] = k.float()
+        self.v[:, :, self.length:self.length + n] = v.float()
+        held = self.length + n
+        w, bits = self.owner.window, self.owner.bits
+        target = (held - w) // 32 if held > w else 0
+        if target > self.chunks:
+            a, b = self.chunks * 32, target * 32
+            B, H, D = self.owner.batch, self.owner.kv_heads, self.owner.head_dim
+            kc = self.k[:, :, a:b].reshape(B, H, -1, 32, D)
+            self.k[:, :, a:b] = kivi_quantize(kc, bits, -2).reshape(B, H, b - a, D)
+            self.v[:, :, a:b] = kivi_quantize(self.v[:, :, a:b], bits, -1)
+            self.chunks = target
+
+    def _store_prompt(self, k, v):
+        self._store(k, v, k.shape[2])
+
+    def _store_token(self, k, v):
+        self._store(k.unsqueeze(2), v.unsqueeze(2), 1)
+
+    def _attend_token(self, q, scaling):
+        n = self.length
+        o = F.scaled_dot_product_attention(q.unsqueeze(2).float(), self.k[:, :, :n], self.v[:, :, :n], scale=scaling,
+                                           enable_gqa=q.shape[1] != self.k.shape[1])
+        return o[:, :, 0].to(q.dtype)
+
+    def bytes(self):
+        o = self.owner
+        values = self.chunks * 32 * o.head_dim
+        per_head = values * o.bits // 8 + values // 32 * 4 + (self.length - self.chunks * 32) * o.head_dim * 2
+        return 2 * per_head * o.batch * o.kv_heads
+
+
+class KiviCache(_CacheBase):
+    """KIVI-style fixed-width cache (2, 3 or 4 bits, group 32, fp16 window)."""
+
+    layer_class = _KiviLayer
+
+    def __init__(self, model, bits=4, window=32, prefill="fp16"):
+        if bits not in (2, 3, 4, 8):
+            raise ValueError("KIVI bits must be 2, 3, 4 or 8")
+        super().__init__(model, prefill)
+        self.bits, self.window = bits, window
