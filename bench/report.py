@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Turns bench_attention's JSON (--benchmark_out=FILE --benchmark_out_format=json)
-into a markdown table (stdout) and a PNG plot of time vs context length per
-variant (--plot FILE, needs matplotlib).
+"""Turns bench_attention's JSON (--benchmark_out=FILE --benchmark_out_format=json),
+and optionally sdpa_anchor.py's from the same session, into a markdown table
+(stdout) with kvcomp / SDPA and kvcomp / best-fp16 time ratios, and a PNG plot
+of time vs context length per variant (--plot FILE, needs matplotlib).
 
-    python3 bench/report.py attention.json --plot bench/attention.png > table.md
+    python3 bench/report.py attention.json sdpa.json --plot bench/attention.png > table.md
 """
 import argparse
 import collections
@@ -11,12 +12,18 @@ import json
 import re
 
 
-def load(path):
-    with open(path) as f:
-        data = json.load(f)
+def load(paths):
     rows = collections.OrderedDict()  # (name, context, batch, G, D) -> {variant: run}
     variants = []
-    for b in data["benchmarks"]:
+    context = {}
+    benchmarks = []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        for k, v in data.get("context", {}).items():
+            context.setdefault(k, v)
+        benchmarks += data["benchmarks"]
+    for b in benchmarks:
         if b.get("run_type") == "aggregate":
             continue
         m = re.match(r"(BM_attention\w*)/(\d+)/(\d+)/(\d+)/(\d+)/(\d+)", b["name"])
@@ -28,7 +35,11 @@ def load(path):
         rows.setdefault(key, {})[label] = b
         if label not in variants:
             variants.append(label)
-    return data.get("context", {}), rows, variants
+    return context, rows, variants
+
+
+def us_of(r):
+    return r["real_time"] if r.get("time_unit") == "us" else r["real_time"] / 1000.0
 
 
 def fmt_time(us):
@@ -41,9 +52,13 @@ def table(ctx, rows, variants):
     out.append(f"GPU: {ctx.get('host_name', '?')}; measured copy bandwidth {float(bw):.2f} TB/s" if bw else "")
     out.append("Time per call (all heads of the batch); in brackets the effective bandwidth "
                "(fp16-equivalent K/V bytes / time, TB/s); floor = kvcomp bytes / copy bandwidth.\n")
-    head = "| context | batch | q/kv heads | head_dim | " + " | ".join(variants) + " | kvcomp floor |"
+    kv = next((v for v in variants if v.startswith("kvcomp")), None)
+    fp16 = [v for v in variants if "fp16" in v]
+    extra = ["kvcomp / SDPA" if "sdpa-fp16" in variants else None, "kvcomp / best fp16" if fp16 else None]
+    extra = [e for e in extra if e]
+    head = "| context | batch | q/kv heads | head_dim | " + " | ".join(variants + extra) + " | kvcomp floor |"
     out.append(head)
-    out.append("|" + "---:|" * (4 + len(variants) + 1))
+    out.append("|" + "---:|" * (4 + len(variants) + len(extra) + 1))
     for (name, n, batch, g, d), runs in rows.items():
         cells = []
         floor = ""
@@ -52,10 +67,19 @@ def table(ctx, rows, variants):
             if r is None:
                 cells.append("–")
                 continue
-            t = r["real_time"] if r.get("time_unit") == "us" else r["real_time"] / 1000.0
+            t = us_of(r)
             cells.append(f"{fmt_time(t)} ({r.get('eff_TBps', 0):.2f})")
             if v.startswith("kvcomp") and not floor:
                 floor = fmt_time(r.get("floor_us", 0))
+        if kv in runs:
+            t_kv = us_of(runs[kv])
+            if "kvcomp / SDPA" in extra:
+                cells.append(f"{t_kv / us_of(runs['sdpa-fp16']):.2f}x" if "sdpa-fp16" in runs else "–")
+            present = [us_of(runs[v]) for v in fp16 if v in runs]
+            if fp16:
+                cells.append(f"{t_kv / min(present):.2f}x" if present else "–")
+        else:
+            cells += ["–"] * len(extra)
         ctx_s = f"{n // 1024}k" if n >= 1024 else str(n)
         out.append(f"| {ctx_s} | {batch} | {g} | {d} | " + " | ".join(cells) + f" | {floor} |")
     return "\n".join(out)
@@ -87,7 +111,7 @@ def plot(rows, variants, path, batch=8, g=4, d=128):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("json")
+    ap.add_argument("json", nargs="+", help="bench_attention JSON, then optionally sdpa_anchor.py JSON")
     ap.add_argument("--plot")
     ap.add_argument("--batch", type=int, default=8)
     a = ap.parse_args()
