@@ -123,8 +123,15 @@ __device__ __forceinline__ float4 load4(const __half* p) {
   const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
   return make_float4(a.x, a.y, b.x, b.y);
 }
+__device__ __forceinline__ float4 load4(const __nv_bfloat16* p) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 /// Attends one warp to n <= 32 uncompressed tokens (an uncompressed tail or
 /// window): rows k[t * D ..], v[t * D ..]; lane l scores row l against q_s
@@ -199,6 +206,8 @@ __device__ __forceinline__ void load_vec(const float* p, float (&x)[N]) {
 /// needs warps to hide it) and than 5 or 6 CTAs (spills).
 template <int G>
 constexpr int attention_min_ctas() { return G <= 4 ? 4 : 2; }
+
+constexpr int32_t kTailF16 = 0, kTailBF16 = 1;  // AttendParams::tail_dtype, as DType
 
 template <typename QT, int D, int G>
 __global__ void __launch_bounds__(32 * kAttnWarps, attention_min_ctas<G>()) fused_attention_kernel(const __grid_constant__ AttendParams p) {
@@ -373,10 +382,16 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attention_min_ctas<G>()) fuse
   // The uncompressed tail, if this warp owns it.
   if (tail > 0 && nblocks >= u_begin && nblocks < u_end && (nblocks - u_begin) % kAttnWarps == warp) {
     const size_t base = (size_t(seq.slot) * p.kv_heads + head) * size_t(T) * D;
-    const float* kt = p.k_tail + base;
-    const float* vt = p.v_tail + base;
-    for (int first = 0; first < tail; first += 32)
-      attend_rows<D, G>(st, q_s, kt + size_t(first) * D, vt + size_t(first) * D, min(32, tail - first));
+    auto attend_tail = [&](auto type_tag) {  // the tail is held in the K/V input's type
+      using E = decltype(type_tag);
+      const E* kt = static_cast<const E*>(p.k_tail) + base;
+      const E* vt = static_cast<const E*>(p.v_tail) + base;
+      for (int first = 0; first < tail; first += 32)
+        attend_rows<D, G>(st, q_s, kt + size_t(first) * D, vt + size_t(first) * D, min(32, tail - first));
+    };
+    if (p.tail_dtype == kTailF16) attend_tail(__half{});
+    else if (p.tail_dtype == kTailBF16) attend_tail(__nv_bfloat16{});
+    else attend_tail(float{});
   }
   __syncthreads();
 

@@ -33,8 +33,8 @@ struct AttendParams {
   uint64_t pool_units16;          // pool bytes / 16: block refs pointing past it are skipped
   const format::BlockRef* table;  // this layer: [slot][max_blocks][kv_heads]
   const CodebookTables* books;    // this layer: [kv_heads][K, V]
-  const float* k_tail;            // this layer's K tails: [slot][kv_heads][T][D] fp32
-  const float* v_tail;            // this layer's V tails, same layout
+  const void* k_tail;             // this layer's K tails: [slot][kv_heads][T][D], of tail_dtype
+  const void* v_tail;             // this layer's V tails, same layout
   const void* q;                  // [batch][q_heads][D]
   void* out;                      // [batch][q_heads][D]
   float* part;                    // [batch][q_heads][splits][D + 2]
@@ -44,6 +44,7 @@ struct AttendParams {
   int32_t units_per_split;
   int32_t splits;
   float scale_log2;               // softmax scale * log2(e)
+  int32_t tail_dtype;             // DType of the tails (the K/V input's: F16, BF16 or F32)
   int32_t batch;
   AttendSeq seqs[kMaxBatch];
 };

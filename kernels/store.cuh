@@ -30,20 +30,20 @@ __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(float x) { return x; }
 
-/// Row t of a block: tail row (fp32, held back by the cache) or input row.
+/// Row t of a block: tail row (held back by the cache, the input's type) or input row.
 template <typename Elem>
 struct BlockRows {
-  const float* tail;
+  const Elem* tail;
   const Elem* in;
   int64_t stride;
   int tail_tokens;
   int head_dim;
   __device__ BlockRows(const StoreJob& job, Kind kind, int D)
-      : tail(kind == Kind::Key ? job.k_tail : job.v_tail),
+      : tail(static_cast<const Elem*>(kind == Kind::Key ? job.k_tail : job.v_tail)),
         in(static_cast<const Elem*>(kind == Kind::Key ? job.k_in : job.v_in)),
         stride(job.in_token_stride), tail_tokens(job.tail_tokens), head_dim(D) {}
   __device__ __forceinline__ float get(int t, int c) const {
-    return t < tail_tokens ? tail[size_t(t) * head_dim + c] : to_float(in[int64_t(t - tail_tokens) * stride + c]);
+    return to_float(t < tail_tokens ? tail[size_t(t) * head_dim + c] : in[int64_t(t - tail_tokens) * stride + c]);
   }
 };
 
@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(32 * kStoreWarps) encode_kernel(const StoreJob
 namespace kvcomp {
 namespace detail {
 
-/// Copies input rows into a tail (as fp32): grid = number of copies.
+/// Copies input rows into a tail (in the input's type): grid = number of copies.
 template <typename Elem>
 __global__ void tail_copy_kernel(const TailCopy* copies, int D) {
   const TailCopy c = copies[blockIdx.x];
@@ -274,8 +274,8 @@ __global__ void tail_copy_kernel(const TailCopy* copies, int D) {
   const Elem* v = static_cast<const Elem*>(c.v_in);
   for (int i = threadIdx.x; i < c.rows * D; i += blockDim.x) {
     const int t = i / D, d = i % D;
-    c.k_dst[i] = to_float(k[int64_t(t) * c.in_token_stride + d]);
-    c.v_dst[i] = to_float(v[int64_t(t) * c.in_token_stride + d]);
+    static_cast<Elem*>(c.k_dst)[i] = k[int64_t(t) * c.in_token_stride + d];
+    static_cast<Elem*>(c.v_dst)[i] = v[int64_t(t) * c.in_token_stride + d];
   }
 }
 

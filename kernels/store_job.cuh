@@ -15,8 +15,8 @@ namespace detail {
 struct StoreJob {
   const void* k_in;          // input K row of the first new token, this head
   const void* v_in;          // input V row of the first new token, this head
-  const float* k_tail;       // tail K rows [T][D], contiguous fp32
-  const float* v_tail;       // tail V rows [T][D], contiguous fp32
+  const void* k_tail;        // tail K rows [T][D], contiguous, the input's type
+  const void* v_tail;        // tail V rows [T][D], contiguous, the input's type
   int64_t in_token_stride;   // elements between consecutive input tokens
   ErrorBound eb_k;
   ErrorBound eb_v;
@@ -26,12 +26,12 @@ struct StoreJob {
   uint32_t extent;           // allocation (per sequence) the pair is placed in
 };
 
-/// Rows an append leaves uncompressed: input rows -> tail rows (fp32).
+/// Rows an append leaves uncompressed: input rows -> tail rows (copied as they are).
 struct TailCopy {
   const void* k_in;          // first input row, this head
   const void* v_in;
-  float* k_dst;              // first tail row to write
-  float* v_dst;
+  void* k_dst;               // first tail row to write
+  void* v_dst;
   int64_t in_token_stride;
   int32_t rows;
 };

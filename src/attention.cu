@@ -6,6 +6,7 @@
 
 namespace kvcomp {
 namespace detail {
+static_assert(kTailF16 == int32_t(DType::F16) && kTailBF16 == int32_t(DType::BF16), "tail type codes are DType's");
 namespace {
 
 

@@ -149,7 +149,7 @@ struct Cache::Impl {
   DeviceBuffer<uint8_t> pool;             // pool_capacity bytes + decoder overread room
   size_t pool_capacity = 0;
   DeviceBuffer<BlockRef> table;           // [layer][slot][max_blocks][H]
-  DeviceBuffer<float> tails;              // [layer][K|V][slot][H][T][D]: see tail_ptr
+  DeviceBuffer<uint8_t> tails;            // [layer][K|V][slot][H][T][D] of the input type: see tail_ptr
   DeviceBuffer<CodebookTables> books;     // [layer][H][K|V]
   DeviceBuffer<float> part;               // attention workspace
   int part_splits = 0;
@@ -184,7 +184,7 @@ struct Cache::Impl {
     // The fused kernel's decoders may read a little past a block: the pool is followed by that much.
     pool.allocate(pool_capacity + detail::kDecodeOverread, "the compressed pool");
     table.allocate(size_t(c.layers) * c.max_seqs * max_blocks * H, "block tables");
-    tails.allocate(size_t(c.layers) * c.max_seqs * H * 2 * T * D, "tail buffers");
+    tails.allocate(size_t(c.layers) * c.max_seqs * H * 2 * T * D * dtype_size(c.dtype), "tail buffers");
     books.allocate(size_t(c.layers) * H * 2, "codebook tables");
     ctas_per_sm = detail::attention_ctas_per_sm(D, G);
     part_splits = detail::plan_splits(max_blocks + 1, 1, H, sms, ctas_per_sm).splits;
@@ -201,8 +201,10 @@ struct Cache::Impl {
       if (o.layer == layer && (o.kv_head == -1 || o.kv_head == head)) b = kind == Kind::Key ? o.k : o.v;
     return b;
   }
-  float* tail_ptr(int layer, int slot, int head, Kind kind) const {
-    return tails.ptr + ((((size_t(layer) * 2 + int(kind)) * cfg.max_seqs + slot) * H + head) * T) * D;
+  /// Tail row `row` of (layer, slot, head, kind); tails hold the input's type.
+  uint8_t* tail_ptr(int layer, int slot, int head, Kind kind, int row = 0) const {
+    return tails.ptr +
+           (((((size_t(layer) * 2 + int(kind)) * cfg.max_seqs + slot) * H + head) * T + row) * D) * dtype_size(cfg.dtype);
   }
   const Seq& seq(int id) const {
     if (id < 0 || id >= int(seqs.size()) || !seqs[id].live) throw Error("unknown or removed sequence id " + str(id));
@@ -347,8 +349,8 @@ void Cache::append(int layer, const std::vector<int>& seq_ids, const std::vector
     const int64_t src_tok = tok0 + (n - rows);
     if (rows > 0)
       for (int h = 0; h < H; ++h)
-        copies.push_back({at(k, src_tok, h), at(v, src_tok, h), m.tail_ptr(layer, slot, h, Kind::Key) + size_t(dst_row) * D,
-                          m.tail_ptr(layer, slot, h, Kind::Value) + size_t(dst_row) * D, token_stride, rows});
+        copies.push_back({at(k, src_tok, h), at(v, src_tok, h), m.tail_ptr(layer, slot, h, Kind::Key, dst_row),
+                          m.tail_ptr(layer, slot, h, Kind::Value, dst_row), token_stride, rows});
     tok0 += n;
   }
 
@@ -454,6 +456,7 @@ void Cache::attend(int layer, const std::vector<int>& seq_ids, const void* q, vo
   p.kv_heads = m.H;
   p.max_blocks = m.max_blocks;
   p.scale_log2 = float(1.4426950408889634 / std::sqrt(double(m.D)));
+  p.tail_dtype = int32_t(m.cfg.dtype);
   p.batch = int(seq_ids.size());
   detail::launch_attention(q_type, m.D, m.G, p, stream);
 }
@@ -504,10 +507,10 @@ Stats Cache::stats() const {
     st.per_layer[l].compressed_bytes = m.layer_compressed[l];
     st.compressed_bytes += m.layer_compressed[l];
     st.tokens += st.per_layer[l].tokens;
-    st.tail_bytes += st.per_layer[l].tail_tokens * size_t(m.H) * m.D * 2 * sizeof(float);
+    st.tail_bytes += st.per_layer[l].tail_tokens * size_t(m.H) * m.D * 2 * dtype_size(m.cfg.dtype);
   }
   st.metadata_bytes = m.table.count * sizeof(BlockRef) + m.books.count * sizeof(CodebookTables) +
-                      m.tails.count * sizeof(float);
+                      m.tails.count;
   st.pool_bytes_in_use = m.alloc.used() * format::kBlockAlign;
   st.pool_capacity = m.pool_capacity;
   const double fp16 = double(st.tokens) * m.H * m.D * 2 * 2;

@@ -36,9 +36,11 @@ void run_store_case(StoreCase cs, Dist dist, ErrorBound eb, uint64_t seed) {
   DevBuf<uint8_t> d_k(k_bytes.size()), d_v(v_bytes.size());
   d_k.upload(k_bytes);
   d_v.upload(v_bytes);
-  DevBuf<float> d_tk(T * D), d_tv(T * D);
-  d_tk.upload(tail_k);
-  d_tv.upload(tail_v);
+  // The cache holds tails in the input's type.
+  const auto tk_bytes = to_dtype_bytes(cs.dtype, tail_k), tv_bytes = to_dtype_bytes(cs.dtype, tail_v);
+  DevBuf<uint8_t> d_tk(tk_bytes.size()), d_tv(tv_bytes.size());
+  d_tk.upload(tk_bytes);
+  d_tv.upload(tv_bytes);
   const size_t esz = dtype_size(cs.dtype);
   auto block_of = [&](const std::vector<float>& all, const std::vector<float>* tail, int rows_from_tail, int first_tok,
                       int h) {

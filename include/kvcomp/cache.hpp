@@ -70,7 +70,7 @@ struct LayerStats {
 
 struct Stats {
   size_t compressed_bytes = 0;      // all blocks in the pool
-  size_t tail_bytes = 0;            // uncompressed tail tokens in use (fp32)
+  size_t tail_bytes = 0;            // uncompressed tail tokens in use (held in the input type)
   size_t metadata_bytes = 0;        // block tables, codebooks, tail buffers reserved
   size_t pool_bytes_in_use = 0;     // pool extents allocated (>= compressed_bytes)
   size_t pool_capacity = 0;
