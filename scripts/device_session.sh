@@ -19,7 +19,7 @@ say "built"
 for stage in $STAGES; do
   case $stage in
     test)
-      ctest --test-dir build --output-on-failure -j4 -E fuzz > "$OUT/ctest.log" 2>&1; say "ctest rc=$?"
+      ctest --test-dir build --output-on-failure -j4 ${CTEST_ARGS:--E fuzz} > "$OUT/ctest.log" 2>&1; say "ctest rc=$?"
       grep -E "tests passed|Failed|\*\*\*|Not Run|Skipped" "$OUT/ctest.log" | tail -15 ;;
     example)
       ./build/examples/llama_generate ${EXAMPLE_ARGS:-} > "$OUT/example.log" 2>&1; say "llama_generate rc=$?"
