@@ -220,7 +220,6 @@ def main():
         ax.axhline(1.0, color="gray", lw=0.5, ls=":")
         ax.set_xlabel("KV ratio vs fp16 (everything counted)")
         ax.set_ylabel("perplexity change vs fp16 (%)")
-        ax.set_yscale("symlog", linthresh=1.0)
         ax.set_title(f"{os.path.basename(args.model.rstrip('/'))}, {args.windows} x {w} validation tokens")
         ax.legend()
         fig.tight_layout()
