@@ -91,6 +91,27 @@ def make_cache(spec, model, kvcomp, hf, scales=None):
                     ov.v = kvcomp.ErrorBound(kvcomp.BoundMode.Absolute, cfg.v_bound.value * vs)
                     ovs.append(ov)
             cfg.overrides = ovs
+        # Per-layer bounds: l<i>=eb (K and V of layer i), lk<i>= / lv<i>= (one of them), same mode.
+        per_layer = {}
+        for key, val in o.items():
+            for prefix, which in (("lk", "k"), ("lv", "v"), ("l", "kv")):
+                if key.startswith(prefix) and key[len(prefix):].isdigit():
+                    b = per_layer.setdefault(int(key[len(prefix):]), [cfg.k_bound.value, cfg.v_bound.value])
+                    if "k" in which:
+                        b[0] = float(val)
+                    if "v" in which:
+                        b[1] = float(val)
+                    break
+        layer_ovs = []
+        for layer, (kb, vb) in sorted(per_layer.items()):
+            ov = kvcomp.BoundOverride()
+            ov.layer, ov.kv_head = layer, -1
+            ov.k, ov.v = kvcomp.ErrorBound(mode, kb), kvcomp.ErrorBound(mode, vb)
+            layer_ovs.append(ov)
+        if layer_ovs:
+            if o.get("calib"):
+                raise SystemExit("per-layer bounds and calib=1 do not combine")
+            cfg.overrides = layer_ovs
         cache = hf.KvcompCache(model, cfg, prefill="cache", max_tokens=int(o.get("max_tokens", 4096)),
                                transform=o.get("rot"))
         if "tailbytes" in o:  # count the open tail at this many bytes a value (4: format v2's fp32 tail)
