@@ -47,7 +47,7 @@ EOF
     hf)
       python3 -m unittest -v python/tests/test_hf_gpu.py > "$OUT/hf.log" 2>&1; say "hf tests rc=$?"; tail -25 "$OUT/hf.log" ;;
     ppl)
-      python3 bench/perplexity.py --json "$OUT/ppl.json" --plot "$OUT/perplexity.png" ${PPL_ARGS:-} > "$OUT/ppl.log" 2>&1
+      eval python3 bench/perplexity.py --json "$OUT/ppl.json" --plot "$OUT/perplexity.png" ${PPL_ARGS:-} > "$OUT/ppl.log" 2>&1
       say "perplexity rc=$?"; cat "$OUT/ppl.log" | tail -60 ;;
     san)
       for tool in memcheck racecheck; do
