@@ -65,7 +65,7 @@ def calibrate(model, tokenizer, path, tokens=8192):
     return scales
 
 
-def make_cache(spec, model, kvcomp, hf, scales=None):
+def make_cache(spec, model, kvcomp, hf, scales=None, pool_bytes=256 << 20):
     name, o = parse_variant(spec)
     if name == "fp16-loop":
         return hf.Fp16Cache(model, prefill="cache")
@@ -78,7 +78,7 @@ def make_cache(spec, model, kvcomp, hf, scales=None):
         cfg.k_bound = kvcomp.ErrorBound(mode, float(o.get("k", eb)))
         cfg.v_bound = kvcomp.ErrorBound(mode, float(o.get("v", eb)))
         cfg.block_tokens = int(o.get("T", 64))
-        cfg.pool_bytes = 256 << 20
+        cfg.pool_bytes = pool_bytes
         if o.get("calib"):  # absolute bounds: eb x the (layer, head)'s RMS on training text
             if scales is None:
                 raise SystemExit("calib=1 needs --calib-text")
@@ -191,7 +191,8 @@ def main():
             nll = nll_of(model, x, None)
             bpt = float(fp16_per_token)
         else:
-            cache = make_cache(spec, model, kvcomp, hf, scales)
+            # The pool holds every window at fp16 size: enough at any bound.
+            cache = make_cache(spec, model, kvcomp, hf, scales, pool_bytes=x.numel() * fp16_per_token + (64 << 20))
             cache.track_bytes = True
             nll = nll_of(model, x, cache)
             bpt = cache.mean_bytes_per_token()
