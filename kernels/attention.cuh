@@ -26,6 +26,7 @@
 #include "kvcomp/codebook.hpp"
 #include "kvcomp/format.hpp"
 #include "attention_params.cuh"
+#include "hadamard.cuh"
 #include "lane_decoder.cuh"
 
 namespace kvcomp {
@@ -208,6 +209,7 @@ template <int G>
 constexpr int attention_min_ctas() { return G <= 4 ? 4 : 2; }
 
 constexpr int32_t kTailF16 = 0, kTailBF16 = 1;  // AttendParams::tail_dtype, as DType
+constexpr int32_t kTransformHadamard = 1;        // AttendParams::transform, as Transform
 
 template <typename QT, int D, int G>
 __global__ void __launch_bounds__(32 * kAttnWarps, attention_min_ctas<G>()) fused_attention_kernel(const __grid_constant__ AttendParams p) {
@@ -242,7 +244,16 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attention_min_ctas<G>()) fuse
     }
   }
   const QT* q = static_cast<const QT*>(p.q) + (size_t(b) * q_heads + size_t(head) * G) * D;
-  for (int i = threadIdx.x; i < G * D; i += blockDim.x) q_s[i] = load_q(q + i) * p.scale_log2;
+  if (p.transform == kTransformHadamard) {
+    // K/V are stored rotated (x R): q.k = (q R).(k R), so rotate q (fp32, one warp per row), then scale.
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x) q_s[i] = load_q(q + i);
+    __syncthreads();
+    for (int g = warp; g < G; g += kAttnWarps) hadamard_row_shared<D>(q_s + g * D);
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x) q_s[i] *= p.scale_log2;
+  } else {
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x) q_s[i] = load_q(q + i) * p.scale_log2;
+  }
   __syncthreads();
 
   uint8_t* my_area = smem + Smem::kQ + warp * Smem::kWarp;
@@ -401,8 +412,10 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attention_min_ctas<G>()) fuse
 
 /// Combines the splits: out = sum_s A_s 2^(m_s - M) / sum_s L_s 2^(m_s - M).
 /// grid: batch * q_heads CTAs of D threads. A sequence with no tokens gives 0.
+/// rotate_back (Config::transform = Hadamard): V was stored as v R, so the
+/// merged row is o R; it is multiplied by R once more (R R = I) before output.
 template <typename QT, int D>
-__global__ void merge_kernel(const float* part, int splits, QT* out) {
+__global__ void merge_kernel(const float* part, int splits, QT* out, bool rotate_back = false) {
   const size_t bh = blockIdx.x;
   const float* base = part + bh * splits * (D + 2);
   float M = -INFINITY;
@@ -417,7 +430,16 @@ __global__ void merge_kernel(const float* part, int splits, QT* out) {
       den += base[s * (D + 2) + D + 1] * f;
     }
   }
-  store_out(out + bh * D + threadIdx.x, den > 0.f ? num / den : 0.f);
+  float o = den > 0.f ? num / den : 0.f;
+  if (rotate_back) {  // uniform over the launch
+    __shared__ float row[D];
+    row[threadIdx.x] = o;
+    __syncthreads();
+    if (threadIdx.x < 32) hadamard_row_shared<D>(row);
+    __syncthreads();
+    o = row[threadIdx.x];
+  }
+  store_out(out + bh * D + threadIdx.x, o);
 }
 
 }  // namespace detail

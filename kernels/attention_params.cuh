@@ -45,6 +45,8 @@ struct AttendParams {
   int32_t splits;
   float scale_log2;               // softmax scale * log2(e)
   int32_t tail_dtype;             // DType of the tails (the K/V input's: F16, BF16 or F32)
+  int32_t transform;              // Config::transform: Hadamard = K/V stored as x R, so q is
+                                  // rotated in the kernel and the output rotated back in the merge
   int32_t batch;
   AttendSeq seqs[kMaxBatch];
 };

@@ -1,12 +1,14 @@
 #include <string>
 
 #include "kernels/attention.cuh"
+#include "kvcomp/cache.hpp"
 #include "kvcomp/error.hpp"
 #include "launch.hpp"
 
 namespace kvcomp {
 namespace detail {
 static_assert(kTailF16 == int32_t(DType::F16) && kTailBF16 == int32_t(DType::BF16), "tail type codes are DType's");
+static_assert(kTransformHadamard == int32_t(Transform::Hadamard), "transform codes are Transform's");
 namespace {
 
 
@@ -54,7 +56,8 @@ void launch_attention(DType q_type, int D, int G, const AttendParams& p, cudaStr
     const dim3 grid(p.splits, p.kv_heads, p.batch);
     kernel<<<grid, 32 * kAttnWarps, smem, s>>>(p);
     check_cuda(cudaGetLastError(), "fused attention launch");
-    merge_kernel<QT, kD><<<p.batch * p.kv_heads * kG, kD, 0, s>>>(p.part, p.splits, static_cast<QT*>(p.out));
+    merge_kernel<QT, kD><<<p.batch * p.kv_heads * kG, kD, 0, s>>>(p.part, p.splits, static_cast<QT*>(p.out),
+                                                                   p.transform == kTransformHadamard);
     check_cuda(cudaGetLastError(), "split merge launch");
   });
 }

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "kvcomp/codebook.hpp"
+#include "kvcomp/transform.hpp"
 #include "launch.hpp"
 
 namespace kvcomp {
@@ -34,6 +35,10 @@ void validate(const Config& c) {
   const int g = c.q_heads / c.kv_heads;
   if (g != 1 && g != 2 && g != 4 && g != 8)
     throw Error("config: q_heads / kv_heads must be 1, 2, 4 or 8, got " + str(g));
+  if (c.transform != Transform::None && c.transform != Transform::Hadamard)
+    throw Error("config: transform must be Transform::None or Transform::Hadamard, got " + str(int(c.transform)));
+  if (c.transform == Transform::Hadamard && !is_power_of_two(c.head_dim))
+    throw Error("config: transform Hadamard needs head_dim a power of two, got " + str(c.head_dim));
   if (c.head_dim != 64 && c.head_dim != 128) throw Error("config: head_dim must be 64 or 128, got " + str(c.head_dim));
   if (!format::supported_tokens(c.block_tokens))
     throw Error("config: block_tokens must be 32, 64 or 128, got " + str(c.block_tokens));
@@ -171,6 +176,7 @@ struct Cache::Impl {
   DeviceBuffer<int64_t> d_bases;
   DeviceBuffer<uint8_t> d_scan;
   DeviceBuffer<unsigned long long> d_hist;
+  DeviceBuffer<uint8_t> d_rotated;  // Transform::Hadamard: K then V rows, [tokens][H][D] of dtype
   PinnedBuffer h_stage;
 
   explicit Impl(const Config& c)
@@ -308,8 +314,23 @@ void Cache::append(int layer, const std::vector<int>& seq_ids, const std::vector
   if (total == 0) return;
   if (!k || !v) throw Error("append: k and v must be device pointers, got null");
 
-  // Jobs (blocks to close) and tail copies, sequence by sequence.
   const size_t esz = dtype_size(m.cfg.dtype);
+  if (m.cfg.transform == Transform::Hadamard) {
+    // Everything below stores x R: rotate the input into contiguous scratch
+    // once, then take it as the input (default strides).
+    const size_t rows_bytes = size_t(total) * H * D * esz;
+    m.d_rotated.reserve(2 * rows_bytes, "append scratch");
+    uint8_t* k_rot = m.d_rotated.ptr;
+    uint8_t* v_rot = m.d_rotated.ptr + rows_bytes;
+    detail::launch_hadamard_rows(m.cfg.dtype, D, k, token_stride, head_stride, total, H, k_rot, stream);
+    detail::launch_hadamard_rows(m.cfg.dtype, D, v, token_stride, head_stride, total, H, v_rot, stream);
+    k = k_rot;
+    v = v_rot;
+    token_stride = int64_t(H) * D;
+    head_stride = D;
+  }
+
+  // Jobs (blocks to close) and tail copies, sequence by sequence.
   auto at = [&](const void* base, int64_t token, int head) {
     return static_cast<const void*>(static_cast<const char*>(base) + (token * token_stride + head * head_stride) * esz);
   };
@@ -457,6 +478,7 @@ void Cache::attend(int layer, const std::vector<int>& seq_ids, const void* q, vo
   p.max_blocks = m.max_blocks;
   p.scale_log2 = float(1.4426950408889634 / std::sqrt(double(m.D)));
   p.tail_dtype = int32_t(m.cfg.dtype);
+  p.transform = int32_t(m.cfg.transform);
   p.batch = int(seq_ids.size());
   detail::launch_attention(q_type, m.D, m.G, p, stream);
 }

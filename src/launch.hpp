@@ -32,6 +32,13 @@ void launch_encode(DType t, const StoreJob* jobs, int n_jobs, int T, int D, cons
                    format::BlockRef* table, cudaStream_t s);
 void launch_tail_copy(DType t, const TailCopy* copies, int n, int D, cudaStream_t s);
 
+/// Config::transform = Hadamard (kernels/hadamard.cuh): dst[t][h] = src row
+/// (t, h) R rounded to nearest in `type`, for `tokens` tokens of `heads`
+/// heads; src row (t, h) starts at src + t * token_stride + h * head_stride
+/// (elements), dst is contiguous [tokens][heads][D]. D in {64, 128}.
+void launch_hadamard_rows(DType type, int D, const void* src, int64_t token_stride, int64_t head_stride, int64_t tokens,
+                          int heads, void* dst, cudaStream_t s);
+
 // Fused attention (q/out in F16 or BF16; D in {64, 128}; G in {1, 2, 4, 8}).
 /// CTAs of the fused kernel that fit on one multiprocessor (for split planning).
 int attention_ctas_per_sm(int D, int G);

@@ -106,4 +106,36 @@ inline std::vector<double> attention_bound_from_allowed(const float* q, const st
   return bound;
 }
 
+/// The same bound when the errors are known per token vector in L2 (as with
+/// Config::transform = Hadamard): |k'_t - k_t|_2 <= ek[t], |v'_t - v_t|_2 <=
+/// ev[t]. Scores move by at most d_t = |q|_2 ek[t] / sqrt(D) (Cauchy-Schwarz)
+/// and a V element by at most ev[t], so |out'_c - out_c| <= max_t ev[t] +
+/// sum_t p_t (e^(d_t + max d) - 1) |v_tc|.
+inline std::vector<double> attention_bound_from_vector_errors(const float* q, const std::vector<double>& k,
+                                                              const std::vector<double>& v,
+                                                              const std::vector<double>& ek,
+                                                              const std::vector<double>& ev, int tokens, int D) {
+  double q_norm = 0;
+  for (int c = 0; c < D; ++c) q_norm += double(q[c]) * q[c];
+  q_norm = std::sqrt(q_norm);
+  std::vector<double> d(tokens), p(tokens), bound(D, 0.0);
+  double d_max = 0, s_max = -INFINITY, den = 0, max_ev = 0;
+  for (int t = 0; t < tokens; ++t) {
+    double s = 0;
+    for (int c = 0; c < D; ++c) s += double(q[c]) * k[size_t(t) * D + c];
+    d[t] = q_norm * ek[t] / std::sqrt(double(D));
+    p[t] = s / std::sqrt(double(D));
+    d_max = std::max(d_max, d[t]);
+    s_max = std::max(s_max, p[t]);
+    max_ev = std::max(max_ev, ev[t]);
+  }
+  for (int t = 0; t < tokens; ++t) { p[t] = std::exp(p[t] - s_max); den += p[t]; }
+  for (int c = 0; c < D; ++c) {
+    double moved = 0;
+    for (int t = 0; t < tokens; ++t) moved += p[t] / den * std::expm1(d[t] + d_max) * std::fabs(v[size_t(t) * D + c]);
+    bound[c] = max_ev + moved;
+  }
+  return bound;
+}
+
 }  // namespace kvcomp_test

@@ -58,6 +58,13 @@ TEST(CacheConfig, BadConfigurationsAreRejectedWithClearMessages) {
   c = Config{};
   c.max_seqs = 0;
   expect_error(c, "max_seqs must be positive");
+  c = Config{};
+  c.transform = Transform(7);
+  expect_error(c, "transform must be Transform::None or Transform::Hadamard, got 7");
+  c = Config{};
+  c.transform = Transform::Hadamard;
+  c.head_dim = 96;
+  expect_error(c, "transform Hadamard needs head_dim a power of two, got 96");
 }
 
 TEST(CacheConfig, ValidConfigEitherWorksOrFailsClearlyWithoutAGpu) {

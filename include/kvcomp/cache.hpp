@@ -36,6 +36,9 @@ namespace detail {
 struct CacheInternals;  // device buffers, for tests that corrupt them (src/cache_internals.hpp)
 }
 
+/// An orthonormal transform of every K and V vector before it is stored (Config::transform).
+enum class Transform : uint8_t { None = 0, Hadamard = 1 };
+
 /// Error bounds for one (layer, kv head); kv_head = -1 means every head.
 struct BoundOverride {
   int layer = 0;
@@ -60,6 +63,37 @@ struct Config {
   /// prefill chunk attending to the cache); 0 = min(max_seqs, 256); at most 256.
   int max_attend_batch = 0;
   int max_tokens_per_seq = 32768;
+  /// Hadamard: each appended K and V vector x (one token of one kv head, D =
+  /// head_dim values, D a power of two) is stored as y = x R, computed in fp32
+  /// and rounded to nearest in dtype, R = H_D / sqrt(D) (symmetric,
+  /// orthonormal, its own inverse; kvcomp/transform.hpp reproduces y bit for
+  /// bit). Rotation spreads outlier channels over all channels, so a looser
+  /// bound can keep the same quality.
+  /// - Stored: blocks and tails hold rotated values (read_block returns them
+  ///   so; decode and multiply by R to get back to the input domain).
+  /// - Bounded, in the rotated domain: every element z_j of a block is within
+  ///   its group's bound eb_j of y_j (K: groups are channels of the rotated
+  ///   block, V: rotated token vectors); a tail token holds y itself (z = y).
+  /// - In the input domain the bound is per vector, in L2, not per element:
+  ///   x' = z R satisfies
+  ///     ||x' - x||_2 <= sqrt(sum_j eb_j^2) + eps ||x||_2 + delta sqrt(D)
+  ///   (sum_j eb_j^2 = 0 for tail tokens). eps ||x||_2 + delta sqrt(D) bounds
+  ///   ||y - x R||_2: the fp32 transform (at most 2^-20 ||x||_2 for D <= 128)
+  ///   plus the rounding of y to dtype:
+  ///     F16:  eps = 2^-11 + 2^-19, delta = 2^-25 (rotated values below 2^-14
+  ///           round to fp16 subnormals, absolute error <= 2^-25);
+  ///     BF16: eps = 2^-8 + 2^-19,  delta = 0;
+  ///     F32:  eps = 2^-20,         delta = 0
+  ///   (BF16/F32 ignoring fp32 underflow, below 2^-126). Valid while nothing
+  ///   overflows: D max_i |x_i| < 2^128 (the unnormalized butterfly), and for
+  ///   F16 ||x||_2 <= 65504 (every |y_j| <= ||x||_2). A non-finite element
+  ///   makes all D elements of its rotated vector non-finite (stored exactly,
+  ///   as escapes); other vectors keep their bounds.
+  /// - attend() rotates q and rotates the output back (fp32, in the fused
+  ///   kernel and in its merge): it returns softmax(q K'^T / sqrt(D)) V' of
+  ///   the input-domain K', V' above, up to fp32 rounding.
+  /// None: vectors are stored as given, every element within its bound.
+  Transform transform = Transform::None;
 };
 
 struct LayerStats {
@@ -115,7 +149,8 @@ class Cache {
   Stats stats() const;
 
   /// A copy of one stored block (synchronizes `stream`): for inspection,
-  /// export and tests. `block` counts the sequence's closed blocks.
+  /// export and tests. `block` counts the sequence's closed blocks. With
+  /// Config::transform = Hadamard it holds the rotated values (x R).
   std::vector<uint8_t> read_block(int layer, int seq, int kv_head, int64_t block, Kind kind,
                                   cudaStream_t stream) const;
   /// The codebook a layer's head uses for K or V (after its first block).
