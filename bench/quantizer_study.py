@@ -26,6 +26,14 @@ sys.path.insert(0, os.path.join(ROOT, "build", "python"))
 import perplexity as harness  # noqa: E402
 
 
+def hadamard(n, device=None):
+    """The orthonormal n x n Hadamard matrix (n a power of two), fp32."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(n)).to(device=device, dtype=torch.float32)
+
+
 def per_token_quantize(x, eb, group):
     """x [..., D] -> (reconstruction fp32, codes int) with relative bound eb x range per `group` channels."""
     shape = x.shape
@@ -86,7 +94,7 @@ def make_emulated_cache(hf, model, eb, group, rot, T):
         layer_class = Layer
 
         def _allocate(self, key_states):
-            self.R = hf.hadamard(self.head_dim, key_states.device) if rot else None
+            self.R = hadamard(self.head_dim, key_states.device) if rot else None
 
     return Cache(model, prefill="cache")
 

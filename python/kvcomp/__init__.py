@@ -17,14 +17,14 @@ C++ library's message. The GIL is released during CUDA work.
 """
 from . import _kvcomp as _C
 from ._kvcomp import (BoundMode, BoundOverride, Codebook, Config, DType, Error, ErrorBound, Kind, LayerStats,
-                      Stats)
+                      Stats, Transform)
 from ._stream import resolve_stream
 from . import baselines, ref
 
 __version__ = _C.__version__
 
 __all__ = ["BoundMode", "BoundOverride", "Cache", "Codebook", "Config", "DType", "Error", "ErrorBound", "Kind",
-           "LayerStats", "Stats", "baselines", "ref", "resolve_stream", "__version__"]
+           "LayerStats", "Stats", "Transform", "baselines", "ref", "resolve_stream", "__version__"]
 
 
 class Cache(_C.Cache):

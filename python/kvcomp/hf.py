@@ -225,25 +225,8 @@ class _CacheBase(Cache):
 _DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 
 
-def hadamard(n, device=None, dtype=torch.float32):
-    """The orthonormal n x n Hadamard matrix (n a power of two)."""
-    if n & (n - 1):
-        raise ValueError(f"Hadamard transform needs a power-of-two head_dim, got {n}")
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / math.sqrt(n)).to(device=device, dtype=dtype)
-
-
 class _KvcompLayer(_Layer):
-    def _rotate(self, x):
-        # Optional orthogonal transform R (KvcompCache(transform="hadamard")): K and V are stored
-        # as x R, queries are rotated the same way (q.k is unchanged) and outputs rotated back.
-        R = self.owner.rotation
-        return x if R is None else (x.float() @ R).to(x.dtype)
-
     def _store_prompt(self, k, v):
-        k, v = self._rotate(k), self._rotate(v)
         B, H, n, D = k.shape
         kt = k.transpose(1, 2).reshape(B * n, H, D)  # [tokens of seq 0, tokens of seq 1, ...]
         vt = v.transpose(1, 2).reshape(B * n, H, D)
@@ -251,15 +234,9 @@ class _KvcompLayer(_Layer):
 
     def _store_token(self, k, v):
         # k, v: [B, H, D] views; the binding passes their token and head strides.
-        k, v = self._rotate(k), self._rotate(v)
         self.owner.cache.append(self.index, self.owner.seqs, self.owner.ones, k, v)
 
     def _attend_token(self, q, scaling):
-        out = self._attend_rotated(self._rotate(q), scaling)
-        R = self.owner.rotation
-        return out if R is None else (out.float() @ R.T).to(out.dtype)
-
-    def _attend_rotated(self, q, scaling):
         q = q.contiguous()
         qt = q if q.dtype in (torch.float16, torch.bfloat16) else q.to(torch.float16)
         if abs(scaling * math.sqrt(qt.shape[-1]) - 1.0) > 1e-6:  # the kernel scales by 1/sqrt(D)
@@ -298,8 +275,8 @@ class KvcompCache(_CacheBase):
         self.seqs = []
         if transform not in (None, "hadamard"):
             raise ValueError("transform must be None or 'hadamard'")
-        self.transform = transform
-        self.rotation = None
+        if transform == "hadamard":  # the library stores K/V rotated (Config.transform)
+            self.config.transform = kvcomp.Transform.Hadamard
 
     def _allocate(self, key_states):
         c = self.config
@@ -312,8 +289,6 @@ class KvcompCache(_CacheBase):
         if self.max_tokens:
             c.max_tokens_per_seq = self.max_tokens
         self.cache = kvcomp.Cache(c)
-        if self.transform == "hadamard":
-            self.rotation = hadamard(self.head_dim, key_states.device)
         self.seqs = [self.cache.add_sequence() for _ in range(self.batch)]
         self.ones = [1] * self.batch
 

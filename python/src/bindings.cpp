@@ -473,7 +473,8 @@ std::string config_repr(const Config& c) {
     << ", k_bound=" << bound_repr(c.k_bound) << ", v_bound=" << bound_repr(c.v_bound) << ", overrides=[";
   for (size_t i = 0; i < c.overrides.size(); ++i) s << (i ? ", " : "") << override_repr(c.overrides[i]);
   s << "], pool_bytes=" << c.pool_bytes << ", max_seqs=" << c.max_seqs << ", max_attend_batch=" << c.max_attend_batch
-    << ", max_tokens_per_seq=" << c.max_tokens_per_seq << ")";
+    << ", max_tokens_per_seq=" << c.max_tokens_per_seq
+    << ", transform=" << (c.transform == kvcomp::Transform::Hadamard ? "Transform.Hadamard" : "Transform.None_") << ")";
   return s.str();
 }
 
@@ -500,6 +501,10 @@ void bind_types(py::module_& m) {
       .value("Relative", BoundMode::Relative)
       .value("Absolute", BoundMode::Absolute);
   py::enum_<Kind>(m, "Kind").value("Key", Kind::Key).value("Value", Kind::Value);
+  py::enum_<kvcomp::Transform>(m, "Transform",
+                               "Orthogonal transform of K/V before storing (Config.transform); Hadamard: x H / sqrt(D).")
+      .value("None_", kvcomp::Transform::None)
+      .value("Hadamard", kvcomp::Transform::Hadamard);
 
   py::class_<ErrorBound>(m, "ErrorBound")
       .def(py::init([](BoundMode mode, float value) { return ErrorBound{mode, value}; }),
@@ -539,6 +544,7 @@ void bind_types(py::module_& m) {
       .def_readwrite("max_seqs", &Config::max_seqs)
       .def_readwrite("max_attend_batch", &Config::max_attend_batch)
       .def_readwrite("max_tokens_per_seq", &Config::max_tokens_per_seq)
+      .def_readwrite("transform", &Config::transform)
       .def("__repr__", &config_repr);
 
   py::class_<LayerStats>(m, "LayerStats")

@@ -101,7 +101,7 @@ class ImportAndVersion(unittest.TestCase):
 
     def test_public_names(self):
         for name in ["Cache", "Config", "DType", "BoundMode", "ErrorBound", "Kind", "BoundOverride", "LayerStats",
-                     "Stats", "Codebook", "Error"]:
+                     "Stats", "Codebook", "Error", "Transform"]:
             self.assertTrue(hasattr(kvcomp, name), name)
         for method in ["add_sequence", "remove_sequence", "tokens", "append", "attend", "stats", "read_block",
                        "codebook", "config"]:
@@ -119,6 +119,7 @@ class ConfigFields(unittest.TestCase):
         self.assertEqual(c.k_bound, kvcomp.ErrorBound(kvcomp.BoundMode.Relative, 0.05))
         self.assertEqual((c.pool_bytes, c.max_seqs, c.max_attend_batch, c.max_tokens_per_seq), (1 << 30, 64, 0, 32768))
         self.assertEqual(c.overrides, [])
+        self.assertEqual(c.transform, kvcomp.Transform.None_)
 
     def test_every_field_round_trips(self):
         o = kvcomp.BoundOverride(layer=1, kv_head=2, k=kvcomp.ErrorBound(kvcomp.BoundMode.Absolute, 0.25),
@@ -126,7 +127,7 @@ class ConfigFields(unittest.TestCase):
         values = dict(layers=3, kv_heads=4, q_heads=16, head_dim=64, dtype=kvcomp.DType.BF16, block_tokens=32,
                       k_bound=kvcomp.ErrorBound(kvcomp.BoundMode.Absolute, 0.5),
                       v_bound=kvcomp.ErrorBound(kvcomp.BoundMode.Relative, 0.0625), pool_bytes=(1 << 33) + 16,
-                      max_seqs=7, max_attend_batch=5, max_tokens_per_seq=123456)
+                      max_seqs=7, max_attend_batch=5, max_tokens_per_seq=123456, transform=kvcomp.Transform.Hadamard)
         by_kwargs = kvcomp.Config(overrides=[o], **values)
         by_setattr = kvcomp.Config()
         for name, value in values.items():
@@ -139,7 +140,7 @@ class ConfigFields(unittest.TestCase):
             self.assertEqual((got.layer, got.kv_head, got.k, got.v), (1, 2, o.k, o.v))
         r = repr(by_kwargs)
         for text in ["layers=3", "head_dim=64", "dtype=DType.BF16", "BoundMode.Absolute", "pool_bytes=8589934608",
-                     "BoundOverride(layer=1, kv_head=2", "max_tokens_per_seq=123456"]:
+                     "BoundOverride(layer=1, kv_head=2", "max_tokens_per_seq=123456", "transform=Transform.Hadamard"]:
             self.assertIn(text, r)
 
     def test_unknown_field_and_wrong_type(self):

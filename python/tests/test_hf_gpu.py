@@ -42,13 +42,14 @@ class HfGpu(unittest.TestCase):
         import kvcomp
 
         ref = self.generate(self.ref_model, None)
-        for prefill in ("fp16", "cache"):
+        for prefill, transform in (("fp16", None), ("cache", None), ("fp16", "hadamard")):
             cfg = kvcomp.Config()
             cfg.k_bound = kvcomp.ErrorBound(kvcomp.BoundMode.Relative, 0.001)
             cfg.v_bound = kvcomp.ErrorBound(kvcomp.BoundMode.Relative, 0.001)
-            cache = self.hf.KvcompCache(self.model, cfg, prefill=prefill)
+            cache = self.hf.KvcompCache(self.model, cfg, prefill=prefill, transform=transform)
             out = self.generate(self.model, cache)
-            self.assertEqual(out.tolist(), ref.tolist(), f"prefill={prefill}: " + self.tok.decode(out[0]))
+            self.assertEqual(out.tolist(), ref.tolist(),
+                             f"prefill={prefill}, transform={transform}: " + self.tok.decode(out[0]))
             # The prompt and every generated token but the last went through the cache.
             self.assertEqual(cache.cache.tokens(cache.seqs[0], 0), out.shape[1] - 1)
 
