@@ -59,7 +59,7 @@ EOF
       build/bench/bench_attention --benchmark_filter="${BENCH_FILTER:-.}" --benchmark_out="$OUT/attention.json" \
         --benchmark_out_format=json > "$OUT/bench.log" 2>&1; say "bench_attention rc=$?"
       python3 bench/sdpa_anchor.py --json "$OUT/sdpa.json" > "$OUT/sdpa.log" 2>&1; say "sdpa rc=$?"
-      python3 bench/report.py "$OUT/attention.json" "$OUT/sdpa.json" > "$OUT/report.md" 2>&1; cat "$OUT/report.md" ;;
+      python3 bench/report.py "$OUT/attention.json" "$OUT/sdpa.json" --plot "$OUT/attention.png" > "$OUT/report.md" 2>&1; cat "$OUT/report.md" ;;
   esac
 done
 say "done"
