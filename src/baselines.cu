@@ -12,7 +12,7 @@ namespace baseline {
 namespace {
 
 detail::SplitPlan flash_plan(const Fp16Attention& a, int sms) {
-  return detail::plan_splits((a.tokens + 31) / 32, a.batch, a.kv_heads, sms);
+  return detail::plan_splits((a.tokens + 31) / 32, a.batch, a.kv_heads, sms, /*ctas_per_sm=*/4);
 }
 
 void check_cublas(cublasStatus_t st, const char* what) {
