@@ -35,11 +35,13 @@ __device__ __forceinline__ void cp_async_wait_all() {
   asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
 }
 
-/// Per 32-token chunk, each warp first starts every load of the chunk: the V
-/// rows go to its shared-memory buffer by cp.async (coalesced 16-byte pieces)
-/// and lane l's K row to registers (D / 8 16-byte loads), so a chunk's 2 x 32
-/// x D x 2 bytes are in flight at once instead of one V row per step (the
-/// earlier version loaded V two bytes per lane per token, serially: 1.9 TB/s).
+/// Each warp takes 32-token chunks; all loads of a chunk are started at once
+/// and one chunk ahead: the V rows go to the warp's shared-memory buffer by
+/// cp.async (coalesced 16-byte pieces), lane l's K row to registers (D / 8
+/// 16-byte loads). Per chunk c: score K(c); start K(c+1) into the same
+/// registers; softmax; wait for V(c) and accumulate it; start V(c+1). So K
+/// loads overlap the softmax and V work, V loads the next scoring. (Loading V
+/// two bytes per lane per token, serially, gave 1.9 TB/s at 32k x 8.)
 template <int D, int G>
 __global__ void __launch_bounds__(32 * kAttnWarps) flash_decode_fp16_kernel(const __grid_constant__ FlashParams p) {
   constexpr int kPerLane = D / 32;
@@ -62,22 +64,28 @@ __global__ void __launch_bounds__(32 * kAttnWarps) flash_decode_fp16_kernel(cons
   __half* v_s = reinterpret_cast<__half*>(shared) + size_t(warp) * kVBufHalves;
   const int chunks = (p.tokens + 31) / 32;
   const int c_begin = split * p.units_per_split, c_end = min(chunks, c_begin + p.units_per_split);
-  SoftmaxAcc<D, G> st;
-  st.init();
-  for (int chunk = c_begin + warp; chunk < c_end; chunk += kAttnWarps) {
-    const int n = min(32, p.tokens - chunk * 32);
-    // V rows of the chunk -> v_s (only the n rows that exist).
-    const uint4* vsrc = reinterpret_cast<const uint4*>(V + size_t(chunk) * 32 * D);
-    for (int i = lane; i < n * kRowVecs; i += 32) cp_async16(reinterpret_cast<uint4*>(v_s) + i, vsrc + i);
-    // K row of this lane's token -> registers.
-    const int row = chunk * 32 + lane;
-    const bool valid = lane < n;
-    uint4 krow[kRowVecs];
-    if (valid) {
-      const uint4* kr = reinterpret_cast<const uint4*>(K + size_t(row) * D);
+  auto rows_of = [&](int chunk) { return min(32, p.tokens - chunk * 32); };
+  auto start_v = [&](int chunk) {  // V rows of `chunk` -> v_s (only the rows that exist)
+    const uint4* src = reinterpret_cast<const uint4*>(V + size_t(chunk) * 32 * D);
+    for (int i = lane; i < rows_of(chunk) * kRowVecs; i += 32) cp_async16(reinterpret_cast<uint4*>(v_s) + i, src + i);
+  };
+  uint4 krow[kRowVecs];
+  auto start_k = [&](int chunk) {  // K row of this lane's token of `chunk` -> krow
+    if (lane < rows_of(chunk)) {
+      const uint4* kr = reinterpret_cast<const uint4*>(K + (size_t(chunk) * 32 + lane) * D);
 #pragma unroll
       for (int c8 = 0; c8 < kRowVecs; ++c8) krow[c8] = __ldg(kr + c8);
     }
+  };
+  SoftmaxAcc<D, G> st;
+  st.init();
+  if (c_begin + warp < c_end) {
+    start_v(c_begin + warp);
+    start_k(c_begin + warp);
+  }
+  for (int chunk = c_begin + warp; chunk < c_end; chunk += kAttnWarps) {
+    const int n = rows_of(chunk), next = chunk + kAttnWarps;
+    const bool valid = lane < n;
     float s[G];
 #pragma unroll
     for (int g = 0; g < G; ++g) s[g] = 0.f;
@@ -96,6 +104,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps) flash_decode_fp16_kernel(cons
         }
       }
     }
+    if (next < c_end) start_k(next);
     float pr[G];
     st.update(s, valid, pr);
     cp_async_wait_all();
@@ -112,7 +121,8 @@ __global__ void __launch_bounds__(32 * kAttnWarps) flash_decode_fp16_kernel(cons
         for (int g = 0; g < G; ++g) st.acc[g][j] = fmaf(pt[g], v, st.acc[g][j]);
       }
     }
-    __syncwarp();  // v_s is refilled by the next chunk
+    __syncwarp();  // every lane is done with v_s before it is refilled
+    if (next < c_end) start_v(next);
   }
   __syncthreads();  // the merge reuses the V buffers
   write_split_partial<D, G>(st, reinterpret_cast<float*>(shared),
