@@ -83,15 +83,17 @@ struct SoftmaxAcc {
 
 /// Merges the warps of a CTA (merge: kAttnWarps * G * (D + 2) floats of
 /// shared memory) and writes this split's partial (acc, max, sum) for the G
-/// query heads at part[g][split] (rows of D + 2 floats).
-template <int D, int G>
+/// query heads at part[g][split] (rows of D + 2 floats). acc[g][j] holds
+/// channel lane + 32 j, or with kPairs channel 64 (j / 2) + 2 lane + j % 2
+/// (a lane that reads V as half2 pairs).
+template <int D, int G, bool kPairs = false>
 __device__ void write_split_partial(const SoftmaxAcc<D, G>& st, float* merge, float* part, int splits, int split) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     float* row = merge + (size_t(warp) * G + g) * (D + 2);
 #pragma unroll
-    for (int j = 0; j < D / 32; ++j) row[lane + 32 * j] = st.acc[g][j];
+    for (int j = 0; j < D / 32; ++j) row[kPairs ? 64 * (j / 2) + 2 * lane + j % 2 : lane + 32 * j] = st.acc[g][j];
     const float lsum = warp_sum(st.l[g]);
     if (lane == 0) { row[D] = st.m[g]; row[D + 1] = lsum; }
   }

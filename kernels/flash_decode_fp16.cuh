@@ -94,12 +94,13 @@ __global__ void __launch_bounds__(32 * kAttnWarps) flash_decode_fp16_kernel(cons
       for (int c8 = 0; c8 < kRowVecs; ++c8) {
         const __half2* h2 = reinterpret_cast<const __half2*>(&krow[c8]);
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const float2 kv = __half22float2(h2[k]);
+        for (int k = 0; k < 4; k += 2) {  // 4 channels per q load (LDS.128, a warp broadcast)
+          const float2 ka = __half22float2(h2[k]), kb = __half22float2(h2[k + 1]);
 #pragma unroll
           for (int g = 0; g < G; ++g) {
-            const float2 qg = *reinterpret_cast<const float2*>(q_s + g * D + 8 * c8 + 2 * k);
-            s[g] = fmaf(qg.x, kv.x, fmaf(qg.y, kv.y, s[g]));
+            const float4 qg = *reinterpret_cast<const float4*>(q_s + g * D + 8 * c8 + 2 * k);
+            s[g] = fmaf(qg.x, ka.x, fmaf(qg.y, ka.y, s[g]));
+            s[g] = fmaf(qg.z, kb.x, fmaf(qg.w, kb.y, s[g]));
           }
         }
       }
@@ -113,19 +114,23 @@ __global__ void __launch_bounds__(32 * kAttnWarps) flash_decode_fp16_kernel(cons
       float pt[G];
 #pragma unroll
       for (int g = 0; g < G; ++g) pt[g] = __shfl_sync(0xFFFFFFFFu, pr[g], t);
-      const __half* vr = v_s + t * D;
+      // Lane l reads channels 64 i + 2 l, 64 i + 2 l + 1 as one half2 (acc in write_split_partial's kPairs order).
+      const __half2* vr = reinterpret_cast<const __half2*>(v_s + t * D);
 #pragma unroll
-      for (int j = 0; j < kPerLane; ++j) {
-        const float v = __half2float(vr[lane + 32 * j]);
+      for (int i = 0; i < kPerLane / 2; ++i) {
+        const float2 v = __half22float2(vr[32 * i + lane]);
 #pragma unroll
-        for (int g = 0; g < G; ++g) st.acc[g][j] = fmaf(pt[g], v, st.acc[g][j]);
+        for (int g = 0; g < G; ++g) {
+          st.acc[g][2 * i] = fmaf(pt[g], v.x, st.acc[g][2 * i]);
+          st.acc[g][2 * i + 1] = fmaf(pt[g], v.y, st.acc[g][2 * i + 1]);
+        }
       }
     }
     __syncwarp();  // every lane is done with v_s before it is refilled
     if (next < c_end) start_v(next);
   }
   __syncthreads();  // the merge reuses the V buffers
-  write_split_partial<D, G>(st, reinterpret_cast<float*>(shared),
+  write_split_partial<D, G, /*kPairs=*/true>(st, reinterpret_cast<float*>(shared),
                             p.part + (size_t(b) * q_heads + size_t(head) * G) * p.splits * (D + 2), p.splits, split);
 }
 
