@@ -186,51 +186,55 @@ TEST(BaselinesGpu, FlashDecodeAndCublasMatchFloat64Attention) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
-  const int B = 2, H = 2, G = 4, D = 128, N = 777;
-  const auto k = round_to(DType::F16, make_data(Dist::OutlierChannels, B * H * N, D, seed));
-  const auto v = round_to(DType::F16, make_data(Dist::Gaussian, B * H * N, D, seed + 1));
-  const auto q = round_to(DType::F16, make_data(Dist::Gaussian, B * H * G, D, seed + 2));
-  DevBuf<uint8_t> dk(k.size() * 2), dv(v.size() * 2), dq(q.size() * 2), dout(q.size() * 2);
-  dk.upload(to_dtype_bytes(DType::F16, k));
-  dv.upload(to_dtype_bytes(DType::F16, v));
-  dq.upload(to_dtype_bytes(DType::F16, q));
-  const baseline::Fp16Attention a{reinterpret_cast<const __half*>(dk.ptr), reinterpret_cast<const __half*>(dv.ptr),
-                                  B, H, H * G, D, N};
-  DevBuf<float> ws(baseline::flash_workspace_floats(a, 132));
-  DevBuf<uint8_t> cws(baseline::cublas_workspace_bytes(a));
-  cublasHandle_t handle;
-  ASSERT_EQ(cublasCreate(&handle), CUBLAS_STATUS_SUCCESS);
-  for (int variant = 0; variant < 2; ++variant) {
-    CUDA_OK(cudaMemset(dout.ptr, 0xFF, dout.n));
-    if (variant == 0)
-      baseline::flash_decode_fp16(a, reinterpret_cast<const __half*>(dq.ptr), reinterpret_cast<__half*>(dout.ptr),
-                                  ws.ptr, 132, 0);
-    else
-      baseline::cublas_attention(handle, a, reinterpret_cast<const __half*>(dq.ptr),
-                                 reinterpret_cast<__half*>(dout.ptr), cws.ptr, 0);
-    CUDA_LAUNCH_OK();
-    const auto ob = dout.download();
-    for (int b = 0; b < B; ++b)
-      for (int h = 0; h < H; ++h) {
-        std::vector<double> kk(size_t(N) * D), vv(size_t(N) * D);
-        for (size_t i = 0; i < kk.size(); ++i) {
-          kk[i] = k[(size_t(b) * H + h) * N * D + i];
-          vv[i] = v[(size_t(b) * H + h) * N * D + i];
-        }
-        for (int g = 0; g < G; ++g) {
-          const size_t row = (size_t(b) * H * G + h * G + g) * D;
-          const auto ref = attention64(&q[row], kk.data(), vv.data(), N, D);
-          double num = 0, den = 0;
-          for (int c = 0; c < D; ++c) {
-            const float got = load_as_float(DType::F16, ob.data(), row + c);
-            ASSERT_TRUE(std::isfinite(got));
-            num += (got - ref[c]) * (got - ref[c]);
-            den += ref[c] * ref[c];
+  struct Shape { int G, D, N; };  // every head_dim and group size the flash kernel has, partial chunks
+  for (const Shape sh : {Shape{4, 128, 777}, Shape{1, 64, 300}, Shape{8, 64, 1000}, Shape{8, 128, 65}, Shape{1, 128, 31}}) {
+    SCOPED_TRACE("G " + std::to_string(sh.G) + " D " + std::to_string(sh.D) + " N " + std::to_string(sh.N));
+    const int B = 2, H = 2, G = sh.G, D = sh.D, N = sh.N;
+    const auto k = round_to(DType::F16, make_data(Dist::OutlierChannels, B * H * N, D, seed));
+    const auto v = round_to(DType::F16, make_data(Dist::Gaussian, B * H * N, D, seed + 1));
+    const auto q = round_to(DType::F16, make_data(Dist::Gaussian, B * H * G, D, seed + 2));
+    DevBuf<uint8_t> dk(k.size() * 2), dv(v.size() * 2), dq(q.size() * 2), dout(q.size() * 2);
+    dk.upload(to_dtype_bytes(DType::F16, k));
+    dv.upload(to_dtype_bytes(DType::F16, v));
+    dq.upload(to_dtype_bytes(DType::F16, q));
+    const baseline::Fp16Attention a{reinterpret_cast<const __half*>(dk.ptr), reinterpret_cast<const __half*>(dv.ptr),
+                                    B, H, H * G, D, N};
+    DevBuf<float> ws(baseline::flash_workspace_floats(a, 132));
+    DevBuf<uint8_t> cws(baseline::cublas_workspace_bytes(a));
+    cublasHandle_t handle;
+    ASSERT_EQ(cublasCreate(&handle), CUBLAS_STATUS_SUCCESS);
+    for (int variant = 0; variant < 2; ++variant) {
+      CUDA_OK(cudaMemset(dout.ptr, 0xFF, dout.n));
+      if (variant == 0)
+        baseline::flash_decode_fp16(a, reinterpret_cast<const __half*>(dq.ptr), reinterpret_cast<__half*>(dout.ptr),
+                                    ws.ptr, 132, 0);
+      else
+        baseline::cublas_attention(handle, a, reinterpret_cast<const __half*>(dq.ptr),
+                                   reinterpret_cast<__half*>(dout.ptr), cws.ptr, 0);
+      CUDA_LAUNCH_OK();
+      const auto ob = dout.download();
+      for (int b = 0; b < B; ++b)
+        for (int h = 0; h < H; ++h) {
+          std::vector<double> kk(size_t(N) * D), vv(size_t(N) * D);
+          for (size_t i = 0; i < kk.size(); ++i) {
+            kk[i] = k[(size_t(b) * H + h) * N * D + i];
+            vv[i] = v[(size_t(b) * H + h) * N * D + i];
           }
-          // cuBLAS rounds P to fp16 before P.V: allow 3e-3 there.
-          ASSERT_LE(std::sqrt(num / den), variant == 0 ? 1e-3 : 3e-3) << (variant == 0 ? "flash" : "cublas");
+          for (int g = 0; g < G; ++g) {
+            const size_t row = (size_t(b) * H * G + h * G + g) * D;
+            const auto ref = attention64(&q[row], kk.data(), vv.data(), N, D);
+            double num = 0, den = 0;
+            for (int c = 0; c < D; ++c) {
+              const float got = load_as_float(DType::F16, ob.data(), row + c);
+              ASSERT_TRUE(std::isfinite(got));
+              num += (got - ref[c]) * (got - ref[c]);
+              den += ref[c] * ref[c];
+            }
+            // cuBLAS rounds P to fp16 before P.V: allow 3e-3 there.
+            ASSERT_LE(std::sqrt(num / den), variant == 0 ? 1e-3 : 3e-3) << (variant == 0 ? "flash" : "cublas");
+          }
         }
-      }
+    }
+    cublasDestroy(handle);
   }
-  cublasDestroy(handle);
 }
