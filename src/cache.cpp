@@ -1,18 +1,33 @@
+// kvcomp::Cache (include/kvcomp/cache.hpp): the facade. It validates the
+// configuration and every call's arguments, owns the device buffers (Impl),
+// keeps each sequence's token counts and pool extents, and orchestrates the
+// store path (append) and the fused attention (attend) on the caller's stream.
+// The parts live beside it: device_buffer.hpp (RAII device/pinned memory),
+// pool_allocator (the pool's free space), layer_codebooks (building and
+// reading a layer's codebooks), store_plan (an append's jobs, tail copies and
+// pool placement). A call that throws leaves the cache as it was.
 #include "kvcomp/cache.hpp"
 #include "cache_internals.hpp"
 
 #include <algorithm>
 #include <cmath>
-#include <map>
 #include <string>
 
+#include "device_buffer.hpp"
 #include "kvcomp/codebook.hpp"
 #include "kvcomp/transform.hpp"
 #include "launch.hpp"
+#include "layer_codebooks.hpp"
+#include "pool_allocator.hpp"
+#include "store_plan.hpp"
 
 namespace kvcomp {
 
 using detail::check_cuda;
+using detail::DeviceBuffer;
+using detail::Extent;
+using detail::PinnedBuffer;
+using detail::PoolAllocator;
 using format::BlockRef;
 
 namespace {
@@ -62,85 +77,6 @@ void validate(const Config& c) {
 int attend_batch_limit(const Config& c) {
   return c.max_attend_batch > 0 ? c.max_attend_batch : std::min(c.max_seqs, detail::kMaxBatch);
 }
-
-template <typename T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  size_t count = 0;
-  DeviceBuffer() = default;
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer() { if (ptr) cudaFree(ptr); }
-  void allocate(size_t n, const char* what) {
-    if (ptr) { cudaFree(ptr); ptr = nullptr; count = 0; }
-    if (n == 0) return;
-    const cudaError_t e = cudaMalloc(&ptr, n * sizeof(T));
-    if (e != cudaSuccess) {
-      cudaGetLastError();
-      ptr = nullptr;
-      throw Error(std::string("cannot allocate ") + what + " (" + str((long long)(n * sizeof(T))) +
-                  " bytes): " + cudaGetErrorString(e));
-    }
-    count = n;
-  }
-  /// Grows (never shrinks) to at least n elements; contents are not kept.
-  void reserve(size_t n, const char* what) {
-    if (n > count) allocate(std::max(n, count * 2), what);
-  }
-};
-
-struct PinnedBuffer {
-  void* ptr = nullptr;
-  size_t bytes = 0;
-  ~PinnedBuffer() { if (ptr) cudaFreeHost(ptr); }
-  void reserve(size_t n) {
-    if (n <= bytes) return;
-    if (ptr) cudaFreeHost(ptr);
-    ptr = nullptr;
-    bytes = 0;
-    check_cuda(cudaMallocHost(&ptr, std::max(n, size_t(4096))), "pinned staging allocation");
-    bytes = std::max(n, size_t(4096));
-  }
-};
-
-// First-fit allocator over the pool, in 16-byte units, with coalescing.
-class PoolAllocator {
- public:
-  explicit PoolAllocator(uint64_t units) : capacity_(units) { free_[0] = units; }
-  bool allocate(uint64_t units, uint64_t& at) {
-    for (auto it = free_.begin(); it != free_.end(); ++it) {
-      if (it->second < units) continue;
-      at = it->first;
-      const uint64_t rest = it->second - units;
-      free_.erase(it);
-      if (rest) free_[at + units] = rest;
-      used_ += units;
-      return true;
-    }
-    return false;
-  }
-  void release(uint64_t at, uint64_t units) {
-    used_ -= units;
-    auto next = free_.lower_bound(at);
-    if (next != free_.end() && at + units == next->first) { units += next->second; next = free_.erase(next); }
-    if (next != free_.begin()) {
-      auto prev = std::prev(next);
-      if (prev->first + prev->second == at) { prev->second += units; return; }
-    }
-    free_[at] = units;
-  }
-  uint64_t used() const { return used_; }
-
- private:
-  uint64_t capacity_;
-  uint64_t used_ = 0;
-  std::map<uint64_t, uint64_t> free_;
-};
-
-struct Extent {
-  uint64_t at16;
-  uint64_t units16;
-};
 
 }  // namespace
 
@@ -207,10 +143,11 @@ struct Cache::Impl {
       if (o.layer == layer && (o.kv_head == -1 || o.kv_head == head)) b = kind == Kind::Key ? o.k : o.v;
     return b;
   }
+  /// Where tail rows are: see TailLayout (store_plan.hpp).
+  detail::TailLayout tail_layout() const { return {tails.ptr, cfg.max_seqs, H, T, D, dtype_size(cfg.dtype)}; }
   /// Tail row `row` of (layer, slot, head, kind); tails hold the input's type.
   uint8_t* tail_ptr(int layer, int slot, int head, Kind kind, int row = 0) const {
-    return tails.ptr +
-           (((((size_t(layer) * 2 + int(kind)) * cfg.max_seqs + slot) * H + head) * T + row) * D) * dtype_size(cfg.dtype);
+    return tail_layout().row_ptr(layer, slot, head, kind, row);
   }
   const Seq& seq(int id) const {
     if (id < 0 || id >= int(seqs.size()) || !seqs[id].live) throw Error("unknown or removed sequence id " + str(id));
@@ -219,30 +156,6 @@ struct Cache::Impl {
   void check_layer(int layer) const {
     if (layer < 0 || layer >= cfg.layers)
       throw Error("layer " + str(layer) + " out of range [0, " + str(cfg.layers) + ")");
-  }
-
-  void build_codebooks(int layer, const detail::StoreJob* jobs, int n_jobs, cudaStream_t s) {
-    const size_t n_books = size_t(cfg.layers) * H * 2;
-    d_hist.reserve(n_books * format::kNumSymbols, "histogram scratch");
-    check_cuda(cudaMemsetAsync(d_hist.ptr, 0, n_books * format::kNumSymbols * sizeof(unsigned long long), s),
-               "histogram clear");
-    detail::launch_histogram(cfg.dtype, jobs, n_jobs, T, D, d_hist.ptr, s);
-    const size_t layer_books = size_t(H) * 2;
-    const size_t first = size_t(layer) * layer_books;
-    std::vector<unsigned long long> h(layer_books * format::kNumSymbols);
-    check_cuda(cudaMemcpyAsync(h.data(), d_hist.ptr + first * format::kNumSymbols,
-                               h.size() * sizeof(unsigned long long), cudaMemcpyDeviceToHost, s),
-               "histogram copy");
-    check_cuda(cudaStreamSynchronize(s), "histogram sync");
-    std::vector<CodebookTables> tables(layer_books);
-    for (size_t b = 0; b < layer_books; ++b) {
-      std::vector<uint64_t> counts(h.begin() + b * format::kNumSymbols, h.begin() + (b + 1) * format::kNumSymbols);
-      tables[b] = Codebook::from_histogram(counts.data()).tables();
-    }
-    check_cuda(cudaMemcpyAsync(books.ptr + first, tables.data(), tables.size() * sizeof(CodebookTables),
-                               cudaMemcpyHostToDevice, s),
-               "codebook upload");
-    check_cuda(cudaStreamSynchronize(s), "codebook upload sync");  // `tables` is pageable and local
   }
 };
 
@@ -331,49 +244,17 @@ void Cache::append(int layer, const std::vector<int>& seq_ids, const std::vector
   }
 
   // Jobs (blocks to close) and tail copies, sequence by sequence.
-  auto at = [&](const void* base, int64_t token, int head) {
-    return static_cast<const void*>(static_cast<const char*>(base) + (token * token_stride + head * head_stride) * esz);
-  };
-  std::vector<detail::StoreJob> jobs;
-  std::vector<detail::TailCopy> copies;
-  std::vector<std::pair<size_t, size_t>> seq_jobs;  // [first, end) job range per input sequence
-  int64_t tok0 = 0;
-  for (size_t i = 0; i < seq_ids.size(); ++i) {
-    const int slot = seq_ids[i], n = n_tokens[i];
-    const int64_t stored = m.seqs[slot].tokens[layer];
-    const int c = int(stored % T);
-    const int full = int((c + n) / T);
-    const int rest = int((c + n) % T);
-    const size_t first = jobs.size();
-    for (int b = 0; b < full; ++b) {
-      const int64_t in_first = b == 0 ? 0 : int64_t(b) * T - c;
-      const int64_t block_index = stored / T + b;
-      for (int h = 0; h < H; ++h) {
-        detail::StoreJob j{};
-        j.k_in = at(k, tok0 + in_first, h);
-        j.v_in = at(v, tok0 + in_first, h);
-        j.k_tail = m.tail_ptr(layer, slot, h, Kind::Key);
-        j.v_tail = m.tail_ptr(layer, slot, h, Kind::Value);
-        j.in_token_stride = token_stride;
-        j.eb_k = m.bound(layer, h, Kind::Key);
-        j.eb_v = m.bound(layer, h, Kind::Value);
-        j.tail_tokens = b == 0 ? c : 0;
-        j.codebook = uint32_t((layer * H + h) * 2);
-        j.table_index = uint32_t(((size_t(layer) * m.cfg.max_seqs + slot) * m.max_blocks + block_index) * H + h);
-        j.extent = uint32_t(seq_jobs.size());
-        jobs.push_back(j);
-      }
-    }
-    seq_jobs.push_back({first, jobs.size()});
-    const int rows = full > 0 ? rest : n;
-    const int dst_row = full > 0 ? 0 : c;
-    const int64_t src_tok = tok0 + (n - rows);
-    if (rows > 0)
-      for (int h = 0; h < H; ++h)
-        copies.push_back({at(k, src_tok, h), at(v, src_tok, h), m.tail_ptr(layer, slot, h, Kind::Key, dst_row),
-                          m.tail_ptr(layer, slot, h, Kind::Value, dst_row), token_stride, rows});
-    tok0 += n;
+  detail::AppendRequest req{layer, T, H, m.cfg.max_seqs, m.max_blocks, k, v, token_stride, head_stride, esz,
+                            m.tail_layout(), {}, {}, {}};
+  for (int h = 0; h < H; ++h) {
+    req.k_bounds.push_back(m.bound(layer, h, Kind::Key));
+    req.v_bounds.push_back(m.bound(layer, h, Kind::Value));
   }
+  for (size_t i = 0; i < seq_ids.size(); ++i)
+    req.seqs.push_back({seq_ids[i], m.seqs[seq_ids[i]].tokens[layer], n_tokens[i]});
+  const detail::StorePlan plan = detail::plan_store(req);
+  const std::vector<detail::StoreJob>& jobs = plan.jobs;
+  const std::vector<detail::TailCopy>& copies = plan.copies;
 
   const int n_jobs = int(jobs.size());
   std::vector<Extent> new_extents(seq_ids.size(), Extent{0, 0});
@@ -382,7 +263,8 @@ void Cache::append(int layer, const std::vector<int>& seq_ids, const std::vector
     check_cuda(cudaMemcpyAsync(m.d_jobs.ptr, jobs.data(), jobs.size() * sizeof(jobs[0]), cudaMemcpyHostToDevice, stream),
                "job upload");
     if (!m.layer_has_books[layer]) {
-      m.build_codebooks(layer, m.d_jobs.ptr, n_jobs, stream);
+      detail::build_layer_codebooks(m.cfg.dtype, m.cfg.layers, H, T, D, layer, m.d_jobs.ptr, n_jobs, m.d_hist,
+                                    m.books.ptr, stream);
       m.layer_has_books[layer] = true;
     }
     const int n_blocks = 2 * n_jobs;
@@ -401,22 +283,9 @@ void Cache::append(int layer, const std::vector<int>& seq_ids, const std::vector
                "offset copy");
     check_cuda(cudaStreamSynchronize(stream), "append sync");
     // Place every sequence's blocks in one extent; all or nothing.
-    std::vector<int64_t> bases(seq_ids.size(), 0);
-    for (size_t i = 0; i < seq_ids.size(); ++i) {
-      const auto [first, end] = seq_jobs[i];
-      if (first == end) continue;
-      const uint64_t units = offsets[2 * end] - offsets[2 * first];
-      uint64_t where = 0;
-      if (!m.alloc.allocate(units, where)) {
-        for (size_t j = 0; j < i; ++j)
-          if (new_extents[j].units16) m.alloc.release(new_extents[j].at16, new_extents[j].units16);
-        throw Error("append: the pool is full (" + str((long long)(m.alloc.used() * 16)) + " of " +
-                    str((long long)(m.pool_capacity)) + " bytes in use, " + str((long long)(units * 16)) +
-                    " more needed); remove sequences or raise config.pool_bytes");
-      }
-      new_extents[i] = {where, units};
-      bases[i] = int64_t(where) - int64_t(offsets[2 * first]);
-    }
+    detail::BlockPlacement placed = detail::place_closed_blocks(m.alloc, plan.seq_jobs, offsets, m.pool_capacity);
+    new_extents = std::move(placed.extents);
+    const std::vector<int64_t>& bases = placed.bases;
     check_cuda(cudaMemcpyAsync(m.d_bases.ptr, bases.data(), bases.size() * sizeof(int64_t), cudaMemcpyHostToDevice,
                                stream),
                "extent upload");
@@ -506,12 +375,7 @@ Codebook Cache::codebook(int layer, int kv_head, Kind kind) const {
   m.check_layer(layer);
   if (kv_head < 0 || kv_head >= m.H) throw Error("codebook: kv head " + str(kv_head) + " out of range");
   if (!m.layer_has_books[layer]) throw Error("codebook: layer " + str(layer) + " has no codebooks yet");
-  CodebookTables t;
-  check_cuda(cudaMemcpy(&t, m.books.ptr + (size_t(layer) * m.H + kv_head) * 2 + int(kind), sizeof(t),
-                        cudaMemcpyDeviceToHost), "codebook copy");
-  uint8_t lengths[format::kNumSymbols];
-  for (int i = 0; i < format::kNumSymbols; ++i) lengths[i] = uint8_t(t.enc[i] >> 16);
-  return Codebook::from_lengths(lengths);
+  return detail::read_codebook(m.books.ptr + (size_t(layer) * m.H + kv_head) * 2 + int(kind));
 }
 
 Stats Cache::stats() const {

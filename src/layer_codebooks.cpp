@@ -1,0 +1,48 @@
+#include "layer_codebooks.hpp"
+
+#include <cstdint>
+#include <vector>
+
+#include "kvcomp/format.hpp"
+#include "launch.hpp"
+
+namespace kvcomp {
+namespace detail {
+
+void build_layer_codebooks(DType dtype, int layers, int kv_heads, int block_tokens, int head_dim, int layer,
+                           const StoreJob* jobs, int n_jobs, DeviceBuffer<unsigned long long>& hist,
+                           CodebookTables* books, cudaStream_t s) {
+  const int H = kv_heads, T = block_tokens, D = head_dim;
+  const size_t n_books = size_t(layers) * H * 2;
+  hist.reserve(n_books * format::kNumSymbols, "histogram scratch");
+  check_cuda(cudaMemsetAsync(hist.ptr, 0, n_books * format::kNumSymbols * sizeof(unsigned long long), s),
+             "histogram clear");
+  launch_histogram(dtype, jobs, n_jobs, T, D, hist.ptr, s);
+  const size_t layer_books = size_t(H) * 2;
+  const size_t first = size_t(layer) * layer_books;
+  std::vector<unsigned long long> h(layer_books * format::kNumSymbols);
+  check_cuda(cudaMemcpyAsync(h.data(), hist.ptr + first * format::kNumSymbols,
+                             h.size() * sizeof(unsigned long long), cudaMemcpyDeviceToHost, s),
+             "histogram copy");
+  check_cuda(cudaStreamSynchronize(s), "histogram sync");
+  std::vector<CodebookTables> tables(layer_books);
+  for (size_t b = 0; b < layer_books; ++b) {
+    std::vector<uint64_t> counts(h.begin() + b * format::kNumSymbols, h.begin() + (b + 1) * format::kNumSymbols);
+    tables[b] = Codebook::from_histogram(counts.data()).tables();
+  }
+  check_cuda(cudaMemcpyAsync(books + first, tables.data(), tables.size() * sizeof(CodebookTables),
+                             cudaMemcpyHostToDevice, s),
+             "codebook upload");
+  check_cuda(cudaStreamSynchronize(s), "codebook upload sync");  // `tables` is pageable and local
+}
+
+Codebook read_codebook(const CodebookTables* tables) {
+  CodebookTables t;
+  check_cuda(cudaMemcpy(&t, tables, sizeof(t), cudaMemcpyDeviceToHost), "codebook copy");
+  uint8_t lengths[format::kNumSymbols];
+  for (int i = 0; i < format::kNumSymbols; ++i) lengths[i] = uint8_t(t.enc[i] >> 16);
+  return Codebook::from_lengths(lengths);
+}
+
+}  // namespace detail
+}  // namespace kvcomp
