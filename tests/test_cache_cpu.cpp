@@ -1,10 +1,17 @@
-// Cache API checks that need no GPU: configuration errors are reported
-// before any device work, with messages that name the problem.
+// Cache checks that need no GPU: configuration errors are reported before
+// any device work, with messages that name the problem; append planning and
+// pool placement (src/store_plan.hpp) give the expected jobs and extents.
 #include <gtest/gtest.h>
 
+#include <cstddef>
+#include <cstdint>
+#include <iterator>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "kvcomp/cache.hpp"
+#include "src/store_plan.hpp"
 
 using namespace kvcomp;
 
@@ -89,4 +96,153 @@ TEST(CacheConfig, ValidConfigEitherWorksOrFailsClearlyWithoutAGpu) {
     EXPECT_NE(std::string(e.what()).find("kvcomp:"), std::string::npos);
     std::printf("no GPU: %s\n", e.what());
   }
+}
+
+// Append planning (src/store_plan.hpp) is host logic over plain data: check
+// the jobs and tail copies of one append against values worked out by hand.
+namespace {
+
+constexpr int kT = 64, kH = 2, kD = 64, kLayers = 2, kMaxSeqs = 4, kMaxBlocks = 4;
+constexpr size_t kEsz = 2;  // F16
+
+// Tails are [layer][K|V][slot][head][T][D]; the block table [layer][slot][max_blocks][head].
+size_t tail_row_offset(int layer, Kind kind, int slot, int head, int row) {
+  return ((((size_t(layer) * 2 + int(kind)) * kMaxSeqs + slot) * kH + head) * kT + row) * kD * kEsz;
+}
+uint32_t table_index(int layer, int slot, int64_t block, int head) {
+  return uint32_t(((size_t(layer) * kMaxSeqs + slot) * kMaxBlocks + block) * kH + head);
+}
+ptrdiff_t offset(const void* p, const void* base) {
+  return static_cast<const char*>(p) - static_cast<const char*>(base);
+}
+
+}  // namespace
+
+TEST(StorePlan, JobsAndTailCopiesOfAnAppendOfThreeSequences) {
+  const int layer = 1;
+  const int64_t token_stride = 160, head_stride = 70;  // elements; not the default [tokens][H][D]
+  const int total = 1 + 130 + 64;
+  std::vector<uint8_t> k(size_t(total) * token_stride * kEsz), v(k.size());
+  std::vector<uint8_t> tails(size_t(kLayers) * 2 * kMaxSeqs * kH * kT * kD * kEsz);
+  detail::AppendRequest r{layer, kT, kH, kMaxSeqs, kMaxBlocks, k.data(), v.data(), token_stride, head_stride, kEsz,
+                          detail::TailLayout{tails.data(), kMaxSeqs, kH, kT, kD, kEsz},
+                          {{BoundMode::Relative, 0.01f}, {BoundMode::Absolute, 0.02f}},
+                          {{BoundMode::Relative, 0.03f}, {BoundMode::Absolute, 0.04f}},
+                          // slot, stored tokens, new tokens
+                          {{2, 0, 1}, {0, 63, 130}, {3, 64, 64}}};
+  const detail::StorePlan plan = detail::plan_store(r);
+
+  // Slot 2 (0 + 1): no block closes. Slot 0 (63 + 130 = 193): blocks 0, 1, 2
+  // close; block 0 takes 63 tail rows and input token 1 (its first), block 1
+  // input tokens 2..65, block 2 tokens 66..129. Slot 3 (64 + 64): block 1,
+  // input tokens 131..194.
+  struct Expected {
+    int slot;
+    int64_t block;
+    int tail_tokens;
+    int64_t in_token;
+    uint32_t extent;
+  };
+  const Expected want[] = {{0, 0, 63, 1, 1}, {0, 1, 0, 2, 1}, {0, 2, 0, 66, 1}, {3, 1, 0, 131, 2}};
+  ASSERT_EQ(plan.jobs.size(), std::size(want) * kH);
+  for (size_t b = 0; b < std::size(want); ++b)
+    for (int h = 0; h < kH; ++h) {
+      SCOPED_TRACE("block " + std::to_string(b) + " head " + std::to_string(h));
+      const detail::StoreJob& j = plan.jobs[b * kH + h];
+      const Expected& e = want[b];
+      const ptrdiff_t in = (e.in_token * token_stride + h * head_stride) * ptrdiff_t(kEsz);
+      EXPECT_EQ(offset(j.k_in, k.data()), in);
+      EXPECT_EQ(offset(j.v_in, v.data()), in);
+      EXPECT_EQ(offset(j.k_tail, tails.data()), ptrdiff_t(tail_row_offset(layer, Kind::Key, e.slot, h, 0)));
+      EXPECT_EQ(offset(j.v_tail, tails.data()), ptrdiff_t(tail_row_offset(layer, Kind::Value, e.slot, h, 0)));
+      EXPECT_EQ(j.in_token_stride, token_stride);
+      EXPECT_EQ(j.eb_k.value, h == 0 ? 0.01f : 0.02f);
+      EXPECT_EQ(j.eb_v.value, h == 0 ? 0.03f : 0.04f);
+      EXPECT_EQ(j.eb_k.mode, h == 0 ? BoundMode::Relative : BoundMode::Absolute);
+      EXPECT_EQ(j.tail_tokens, e.tail_tokens);
+      EXPECT_EQ(j.codebook, uint32_t((layer * kH + h) * 2));
+      EXPECT_EQ(j.table_index, table_index(layer, e.slot, e.block, h));
+      EXPECT_EQ(j.extent, e.extent);
+    }
+  const std::vector<std::pair<size_t, size_t>> seq_jobs{{0, 0}, {0, 6}, {6, 8}};
+  EXPECT_EQ(plan.seq_jobs, seq_jobs);
+
+  // Tail copies: slot 2 keeps its 1 token in tail row 0 (input token 0); slot
+  // 0 keeps its last token (input token 130) in tail row 0; slot 3 keeps none.
+  struct ExpectedCopy {
+    int slot;
+    int64_t in_token;
+    int dst_row;
+    int rows;
+  };
+  const ExpectedCopy want_copies[] = {{2, 0, 0, 1}, {0, 130, 0, 1}};
+  ASSERT_EQ(plan.copies.size(), std::size(want_copies) * kH);
+  for (size_t c = 0; c < std::size(want_copies); ++c)
+    for (int h = 0; h < kH; ++h) {
+      SCOPED_TRACE("copy " + std::to_string(c) + " head " + std::to_string(h));
+      const detail::TailCopy& t = plan.copies[c * kH + h];
+      const ExpectedCopy& e = want_copies[c];
+      const ptrdiff_t in = (e.in_token * token_stride + h * head_stride) * ptrdiff_t(kEsz);
+      EXPECT_EQ(offset(t.k_in, k.data()), in);
+      EXPECT_EQ(offset(t.v_in, v.data()), in);
+      EXPECT_EQ(offset(t.k_dst, tails.data()), ptrdiff_t(tail_row_offset(layer, Kind::Key, e.slot, h, e.dst_row)));
+      EXPECT_EQ(offset(t.v_dst, tails.data()), ptrdiff_t(tail_row_offset(layer, Kind::Value, e.slot, h, e.dst_row)));
+      EXPECT_EQ(t.in_token_stride, token_stride);
+      EXPECT_EQ(t.rows, e.rows);
+    }
+}
+
+TEST(StorePlan, TailRowsAppendAfterTheHeldOnesWhenNoBlockCloses) {
+  std::vector<uint8_t> k(size_t(10) * kH * kD * kEsz), v(k.size());
+  std::vector<uint8_t> tails(size_t(kLayers) * 2 * kMaxSeqs * kH * kT * kD * kEsz);
+  detail::AppendRequest r{0, kT, kH, kMaxSeqs, kMaxBlocks, k.data(), v.data(), kH * kD, kD, kEsz,
+                          detail::TailLayout{tails.data(), kMaxSeqs, kH, kT, kD, kEsz},
+                          {{}, {}}, {{}, {}}, {{1, 70, 10}}};  // 6 tail rows held, 10 more: 16, no block closes
+  const detail::StorePlan plan = detail::plan_store(r);
+  EXPECT_TRUE(plan.jobs.empty());
+  ASSERT_EQ(plan.copies.size(), size_t(kH));
+  EXPECT_EQ(offset(plan.copies[1].k_in, k.data()), ptrdiff_t(kD * kEsz));
+  EXPECT_EQ(offset(plan.copies[1].v_dst, tails.data()), ptrdiff_t(tail_row_offset(0, Kind::Value, 1, 1, 6)));
+  EXPECT_EQ(plan.copies[1].rows, 10);
+}
+
+TEST(StorePlan, ClosedBlocksArePlacedOneExtentPerSequenceAllOrNothing) {
+  // Jobs 0, 1 belong to sequence 1 and job 2 to sequence 2; K and V sizes
+  // (16-byte units) 3 4 | 5 6 | 2 3, so the scan is 0 3 7 12 18 20 23.
+  const std::vector<std::pair<size_t, size_t>> seq_jobs{{0, 0}, {0, 2}, {2, 3}};
+  const uint32_t offsets[] = {0, 3, 7, 12, 18, 20, 23};
+
+  // Free: [0, 10) and [30, 100). Sequence 1 (18 units) goes to 30 by first
+  // fit, sequence 2 (5 units) to the hole at 0.
+  detail::PoolAllocator alloc(100);
+  uint64_t a = 0, b = 0;
+  ASSERT_TRUE(alloc.allocate(10, a));
+  ASSERT_TRUE(alloc.allocate(20, b));
+  alloc.release(a, 10);
+  const detail::BlockPlacement placed = detail::place_closed_blocks(alloc, seq_jobs, offsets, 100 * 16);
+  ASSERT_EQ(placed.extents.size(), 3u);
+  EXPECT_EQ(placed.extents[0].units16, 0u);
+  EXPECT_EQ(placed.extents[1].at16, 30u);
+  EXPECT_EQ(placed.extents[1].units16, 18u);
+  EXPECT_EQ(placed.extents[2].at16, 0u);
+  EXPECT_EQ(placed.extents[2].units16, 5u);
+  EXPECT_EQ(placed.bases, (std::vector<int64_t>{0, 30, 0 - 18}));
+  EXPECT_EQ(alloc.used(), 20u + 18 + 5);
+
+  // A pool of 30 units holds sequence 1 but not then sequence 2 (15 units):
+  // the call throws and gives sequence 1's extent back.
+  const uint32_t bigger[] = {0, 3, 7, 12, 18, 25, 33};
+  detail::PoolAllocator small(30);
+  try {
+    detail::place_closed_blocks(small, seq_jobs, bigger, 30 * 16);
+    FAIL() << "expected the pool to be full";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("append: the pool is full (0 of 480 bytes in use, 240 more needed)"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_EQ(small.used(), 0u);
+  uint64_t at = 1;
+  EXPECT_TRUE(small.allocate(30, at));  // free space coalesced back into one run
+  EXPECT_EQ(at, 0u);
 }
