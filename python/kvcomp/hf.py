@@ -299,24 +299,31 @@ class KvcompCache(_CacheBase):
 # ----------------------------------------------------------------------------- fp16
 
 
-class _Fp16Layer(_Layer):
-    """Uncompressed K/V through the same token-by-token path (a check of the harness)."""
+class _BufferedLayer(_Layer):
+    """K/V held in PyTorch buffers [B, H, capacity, D] that grow by doubling."""
 
     def __init__(self, owner, index):
         super().__init__(owner, index)
         self.k = self.v = None
+
+    def _buffer_dtype(self):
+        return self.dtype
 
     def _grow(self, n):
         B, H, D = self.owner.batch, self.owner.kv_heads, self.owner.head_dim
         need = self.length + n
         if self.k is None or self.k.shape[2] < need:
             cap = max(need, 2 * (0 if self.k is None else self.k.shape[2]), 256)
-            k = torch.empty(B, H, cap, D, dtype=self.dtype, device=self.device)
+            k = torch.empty(B, H, cap, D, dtype=self._buffer_dtype(), device=self.device)
             v = torch.empty_like(k)
             if self.k is not None:
                 k[:, :, :self.length] = self.k[:, :, :self.length]
                 v[:, :, :self.length] = self.v[:, :, :self.length]
             self.k, self.v = k, v
+
+
+class _Fp16Layer(_BufferedLayer):
+    """Uncompressed K/V through the same token-by-token path (a check of the harness)."""
 
     def _store_prompt(self, k, v):
         n = k.shape[2]
@@ -369,7 +376,7 @@ def kivi_quantize(x, bits, group_dim):
     return out
 
 
-class _KiviLayer(_Layer):
+class _KiviLayer(_BufferedLayer):
     """KIVI: tokens older than the last `window` + (0..31) are quantized in chunks of 32.
 
     Emulated exactly in PyTorch: one fp32 buffer per K and V holds what the
@@ -380,20 +387,10 @@ class _KiviLayer(_Layer):
 
     def __init__(self, owner, index):
         super().__init__(owner, index)
-        self.k = self.v = None  # fp32 [B, H, capacity, D]
-        self.chunks = 0
+        self.chunks = 0  # chunks of 32 tokens quantized so far
 
-    def _grow(self, n):
-        B, H, D = self.owner.batch, self.owner.kv_heads, self.owner.head_dim
-        need = self.length + n
-        if self.k is None or self.k.shape[2] < need:
-            cap = max(need, 2 * (0 if self.k is None else self.k.shape[2]), 256)
-            k = torch.empty(B, H, cap, D, dtype=torch.float32, device=self.device)
-            v = torch.empty_like(k)
-            if self.k is not None:
-                k[:, :, :self.length] = self.k[:, :, :self.length]
-                v[:, :, :self.length] = self.v[:, :, :self.length]
-            self.k, self.v = k, v
+    def _buffer_dtype(self):
+        return torch.float32  # fp16 inputs (exact in fp32), then the chunks' reconstructions
 
     def _store(self, k, v, n):
         self._grow(n)
