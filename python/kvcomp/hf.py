@@ -22,8 +22,10 @@ The same layer protocol serves `KiviCache` (KIVI-style fixed-width
 quantization, emulated exactly in PyTorch) and `Fp16Cache` (an uncompressed
 cache through the same token-by-token path), so one harness runs all three.
 
-Limits (each raises a clear error): no padding (every row of the batch has the
-same length), no beam search / cache reordering, no cropping.
+Padded batches (generate() on prompts of different lengths, left padding):
+KvcompCache stores only each row's real tokens (a kvcomp sequence per row, of
+its own length); KiviCache and Fp16Cache refuse padding. Limits (each raises a
+clear error): no beam search / cache reordering, no cropping.
 """
 from __future__ import annotations
 
@@ -79,11 +81,16 @@ def _model_shape(model_or_config):
     return cfg.num_hidden_layers, q_heads, kv_heads, head_dim
 
 
-def _check_no_padding(attention_mask, n):
-    # A 2D mask of ones (what generate() passes without padding) is fine; zeros mean padding.
-    if attention_mask is not None and attention_mask.dim() == 2 and n > 1 and not bool(attention_mask.all()):
-        raise NotImplementedError("kvcomp.hf: padded batches are not supported (every row must have the same "
-                                  "length; run rows of different lengths as separate calls)")
+def _valid_tokens(attention_mask, n):
+    """[B, n] bool of the step's real (not padding) tokens, or None when all are real.
+
+    transformers passes the 2D mask [B, past + n] as it is (no mask function is
+    registered for "kvcomp"); zeros mark padding.
+    """
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    valid = attention_mask[:, -n:].bool()
+    return None if bool(valid.all()) else valid
 
 
 class _Layer(CacheLayerMixin):
@@ -118,7 +125,12 @@ class _Layer(CacheLayerMixin):
         """Stores k/v [B, Hkv, n, D] and returns attention of q [B, Hq, n, D] (same layout)."""
         self.pending = False
         n = q.shape[2]
-        _check_no_padding(attention_mask, n)
+        valid = _valid_tokens(attention_mask, n)
+        if valid is not None:
+            if not self.supports_padding:
+                raise NotImplementedError(f"kvcomp.hf: padded batches are not supported by {type(self.owner).__name__}"
+                                          " (every row must have the same length)")
+            return self._attend_padded(q, k, v, valid, scaling)
         if n > 1 and self.length == 0 and self.owner.prefill == "fp16":
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
                                                  enable_gqa=q.shape[1] != k.shape[1])
@@ -158,7 +170,12 @@ class _Layer(CacheLayerMixin):
     def batch_select_indices(self, indices):
         raise NotImplementedError("kvcomp.hf: selecting batch rows of a cache is not supported")
 
+    supports_padding = False
+
     # Backend hooks.
+    def _attend_padded(self, q, k, v, valid, scaling):
+        raise NotImplementedError
+
     def _store_prompt(self, k, v):
         raise NotImplementedError
 
@@ -226,6 +243,38 @@ _DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 
 
 class _KvcompLayer(_Layer):
+    # Padded batches (e.g. generate() on prompts of different lengths): every
+    # kvcomp sequence holds only its row's real tokens, so its length is its
+    # own; padding is never stored and never attended to.
+    supports_padding = True
+
+    def _attend_padded(self, q, k, v, valid, scaling):
+        B, Hq, n, D = q.shape
+        if n > 1 and self.length == 0 and self.owner.prefill == "fp16":
+            # Prompt: exact causal attention over the row's real tokens; a padding query attends to itself only.
+            causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+            mask = causal[None] & valid[:, None, :]
+            mask |= torch.eye(n, dtype=torch.bool, device=q.device)[None] & ~valid[:, :, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scaling,
+                                                 enable_gqa=Hq != k.shape[1])
+            counts = valid.sum(1).tolist()
+            kt = k.transpose(1, 2)[valid]  # [real tokens of row 0, of row 1, ...] x H x D
+            vt = v.transpose(1, 2)[valid]
+            self.owner.cache.append(self.index, self.owner.seqs, counts, kt, vt)
+            self.length = n
+            return out.masked_fill(~valid[:, None, :, None], 0.0)
+        out = torch.zeros_like(q)
+        for t in range(n):
+            rows = valid[:, t]
+            counts = rows.int().tolist()
+            if any(counts):
+                self.owner.cache.append(self.index, self.owner.seqs, counts, k[:, :, t][rows].contiguous(),
+                                        v[:, :, t][rows].contiguous())
+            self.length += 1
+            o = self._attend_token(q[:, :, t], scaling)
+            out[:, :, t] = o.masked_fill(~rows[:, None, None], 0.0)
+        return out
+
     def _store_prompt(self, k, v):
         B, H, n, D = k.shape
         kt = k.transpose(1, 2).reshape(B * n, H, D)  # [tokens of seq 0, tokens of seq 1, ...]

@@ -53,6 +53,39 @@ class HfGpu(unittest.TestCase):
             # The prompt and every generated token but the last went through the cache.
             self.assertEqual(cache.cache.tokens(cache.seqs[0], 0), out.shape[1] - 1)
 
+    def test_padded_batch_generates_each_row_as_alone(self):
+        """Left-padded prompts of different lengths: each row's tokens equal that prompt generated alone."""
+        import kvcomp
+
+        prompts = [PROMPT, "The ship", "She said that the house was"]
+        n = 16
+        alone = []
+        for p in prompts:
+            ids = self.tok(p, return_tensors="pt")["input_ids"].cuda()
+            with torch.no_grad():
+                out = self.ref_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                              do_sample=False, pad_token_id=0)
+            alone.append(out[0, ids.shape[1]:].tolist())
+        rows = [self.tok(p)["input_ids"] for p in prompts]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[0] * (width - len(r)) + r for r in rows]).cuda()
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]).cuda()
+        for prefill in ("fp16", "cache"):
+            cfg = kvcomp.Config()
+            cfg.k_bound = kvcomp.ErrorBound(kvcomp.BoundMode.Relative, 0.001)
+            cfg.v_bound = kvcomp.ErrorBound(kvcomp.BoundMode.Relative, 0.001)
+            cache = self.hf.KvcompCache(self.model, cfg, prefill=prefill)
+            with torch.no_grad():
+                out = self.model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=n,
+                                          do_sample=False, pad_token_id=0)
+            for i, r in enumerate(rows):
+                self.assertEqual(out[i, width:].tolist(), alone[i], f"prefill={prefill}, row {i}")
+                # Only the row's real tokens are stored: its prompt and all generated tokens but the last.
+                self.assertEqual(cache.cache.tokens(cache.seqs[i], 0), len(r) + n - 1)
+        with self.assertRaisesRegex(NotImplementedError, "padded batches"):
+            with torch.no_grad():
+                self.model(ids, attention_mask=mask, past_key_values=self.hf.KiviCache(self.model))
+
     def test_generate_at_default_bound_gives_text(self):
         cache = self.hf.KvcompCache(self.model)
         out = self.generate(self.model, cache, n=48)
