@@ -52,19 +52,45 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if layer is None:  # no kvcomp.hf cache in this call (e.g. use_cache=False): plain SDPA
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(module, query, key, value, _as_sdpa_mask(attention_mask, query.shape[2]),
+                                      dropout=dropout, scaling=scaling, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     out = layer.attend(query, key, value, attention_mask, float(scaling))
     return out.transpose(1, 2).contiguous(), None
 
 
+def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+    """The mask function registered for "kvcomp": the 2D padding mask [B, kv_length] as it is (True = a real
+    token), or None. The kvcomp attention needs no causal mask (a query sees the cache as it is when it
+    attends), only which of the step's tokens are padding."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return attention_mask
+    return attention_mask[:, -kv_length:].bool()
+
+
+def _as_sdpa_mask(attention_mask, q_length):
+    """The 2D padding mask as SDPA's 4D boolean mask (causal and padding), or None when nothing is masked
+    (SDPA's is_causal path then applies)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return attention_mask
+    if bool(attention_mask.all()):
+        return None
+    kv = attention_mask.shape[1]
+    q_pos = torch.arange(kv - q_length, kv, device=attention_mask.device)
+    causal = torch.arange(kv, device=attention_mask.device)[None, :] <= q_pos[:, None]
+    mask = causal[None] & attention_mask[:, None, :]
+    mask |= (torch.arange(kv, device=mask.device)[None, :] == q_pos[:, None])[None]  # a query sees itself: no empty row
+    return mask[:, None]
+
+
 def enable(model):
-    """Registers the "kvcomp" attention function and switches `model` to it."""
+    """Registers the "kvcomp" attention and mask functions and switches `model` to them."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTENTION_NAME, attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, padding_mask)
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(ATTENTION_NAME)
     else:
@@ -84,8 +110,8 @@ def _model_shape(model_or_config):
 def _valid_tokens(attention_mask, n):
     """[B, n] bool of the step's real (not padding) tokens, or None when all are real.
 
-    transformers passes the 2D mask [B, past + n] as it is (no mask function is
-    registered for "kvcomp"); zeros mark padding.
+    The mask function registered for "kvcomp" (padding_mask) passes the 2D mask
+    [B, past + n] through; False/0 marks padding.
     """
     if attention_mask is None or attention_mask.dim() != 2:
         return None
