@@ -12,8 +12,8 @@ the same token-by-token path over an uncompressed cache (a check of the path).
 
 Bytes per token count everything a cache holds for the tokens: for kvcomp the
 blocks (headers, group params, lane tables, payload), 8-byte block-table
-entries, the open tail as stored (fp32) and the K/V codebooks (256 code
-lengths each); for KIVI the codes, fp16 scale/zero per group and the fp16
+entries, the open tail as stored (in the K/V input type; `tailbytes=4` counts it
+as format v2's fp32) and the K/V codebooks (256 code lengths each); for KIVI the codes, fp16 scale/zero per group and the fp16
 window. They are averaged over every moment of decoding (sum of bytes held /
 sum of tokens held, over all tokens and layers), so a tail or window is
 counted as it is carried, not only at a lucky block boundary.
@@ -65,7 +65,7 @@ def calibrate(model, tokenizer, path, tokens=8192):
     return scales
 
 
-def make_cache(spec, model, kvcomp, hf, scales=None, pool_bytes=256 << 20):
+def make_cache(spec, model, kvcomp, hf, scales=None, pool_bytes=256 << 20, max_tokens=4096):
     name, o = parse_variant(spec)
     if name == "fp16-loop":
         return hf.Fp16Cache(model, prefill="cache")
@@ -112,7 +112,7 @@ def make_cache(spec, model, kvcomp, hf, scales=None, pool_bytes=256 << 20):
             if o.get("calib"):
                 raise SystemExit("per-layer bounds and calib=1 do not combine")
             cfg.overrides = layer_ovs
-        cache = hf.KvcompCache(model, cfg, prefill="cache", max_tokens=int(o.get("max_tokens", 4096)),
+        cache = hf.KvcompCache(model, cfg, prefill="cache", max_tokens=int(o.get("max_tokens", max_tokens)),
                                transform=o.get("rot"))
         if "tailbytes" in o:  # count the open tail at this many bytes a value (4: format v2's fp32 tail)
             cache.tail_value_bytes = int(o["tailbytes"])
@@ -192,7 +192,8 @@ def main():
             bpt = float(fp16_per_token)
         else:
             # The pool holds every window at fp16 size: enough at any bound.
-            cache = make_cache(spec, model, kvcomp, hf, scales, pool_bytes=x.numel() * fp16_per_token + (64 << 20))
+            cache = make_cache(spec, model, kvcomp, hf, scales, pool_bytes=x.numel() * fp16_per_token + (64 << 20),
+                               max_tokens=max(w, 64))
             cache.track_bytes = True
             nll = nll_of(model, x, cache)
             bpt = cache.mean_bytes_per_token()

@@ -30,6 +30,11 @@ void flash_decode_fp16(const Fp16Attention& a, const __half* q, __half* out, flo
   const auto plan = flash_plan(a, sms);
   const int64_t head_stride = a.head_stride >= 0 ? a.head_stride : int64_t(a.tokens) * a.head_dim;
   const int64_t seq_stride = a.seq_stride >= 0 ? a.seq_stride : head_stride * a.kv_heads;
+  // The kernel reads rows in 16-byte pieces (cp.async, 128-bit loads): a misaligned address would fault.
+  if (reinterpret_cast<uintptr_t>(a.k) % 16 || reinterpret_cast<uintptr_t>(a.v) % 16 || head_stride % 8 ||
+      seq_stride % 8)
+    throw Error("flash_decode_fp16: K and V must be 16-byte aligned with sequence and head strides that are "
+                "multiples of 8 elements");
   detail::FlashParams p{a.k, a.v, q, out, workspace, a.tokens, a.kv_heads, plan.units_per_split, plan.splits,
                         float(1.4426950408889634 / std::sqrt(double(a.head_dim))), seq_stride, head_stride};
   const int G = a.q_heads / a.kv_heads;

@@ -4,8 +4,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <string>
 
 #include "kvcomp/error.hpp"
+#include "src/baselines.hpp"
 #include "src/kivi.hpp"
 #include "test_data.hpp"
 
@@ -71,4 +74,19 @@ TEST(KiviReference, BytesCountCodesParamsAndTail) {
                kvcomp::Error);
   EXPECT_THROW(kvcomp::baseline::kivi_reference(KiviShape{1, 1, 1, 64, 64, 3, 32}, nullptr, nullptr, nullptr, nullptr),
                kvcomp::Error);
+}
+
+TEST(FlashBaseline, MisalignedKvIsRejectedBeforeAnyDeviceWork) {
+  // No memory is touched: the check comes before the launch (fake device addresses).
+  const auto* aligned = reinterpret_cast<const __half*>(uintptr_t(1) << 20);
+  const auto* odd = reinterpret_cast<const __half*>((uintptr_t(1) << 20) + 2);
+  kvcomp::baseline::Fp16Attention a{odd, aligned, 1, 2, 8, 64, 100};
+  EXPECT_THROW(kvcomp::baseline::flash_decode_fp16(a, nullptr, nullptr, nullptr, 132, 0), kvcomp::Error);
+  a = {aligned, aligned, 1, 2, 8, 64, 100, /*seq_stride=*/-1, /*head_stride=*/100 * 64 + 4};
+  try {
+    kvcomp::baseline::flash_decode_fp16(a, nullptr, nullptr, nullptr, 132, 0);
+    FAIL() << "expected kvcomp::Error";
+  } catch (const kvcomp::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("multiples of 8"), std::string::npos) << e.what();
+  }
 }

@@ -69,6 +69,8 @@ class Model {
     final_norm_ = load("model.norm.weight", {H});
     // Tied embeddings: no lm_head.weight, the embedding matrix is the output layer.
     if (ckpt.has("lm_head.weight")) lm_head_ = load("lm_head.weight", {V, H});
+    else if (!cfg.tie_word_embeddings)
+      throw std::runtime_error("checkpoint has no lm_head.weight and config.json does not tie the embeddings");
     // A tensor this code does not use would mean a different architecture (e.g.
     // q/k norms): refuse rather than compute something else.
     for (const std::string& name : ckpt.names())

@@ -16,6 +16,9 @@
 // compressed sizes to place them in the pool; the first compression of a
 // layer also builds that layer's codebooks, one more sync); nothing else
 // synchronizes. All calls must be made with the same current CUDA device.
+// The cache's scratch buffers (append jobs, the Hadamard scratch, attention
+// workspace) are shared by its calls: calls on different streams must be
+// ordered by the caller (e.g. with events), as calls on one stream are.
 #pragma once
 
 #include <cuda_runtime.h>

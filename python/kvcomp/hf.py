@@ -48,39 +48,45 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     query [B, Hq, n, D]; key/value [B, Hkv, n, D] are the step's new tokens as
     handed over by a kvcomp.hf cache. Returns ([B, n, Hq, D], None).
     """
+    for name in ("sliding_window", "softcap", "s_aux"):  # attention variants neither path here implements
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"kvcomp.hf: attention with {name} (this model's) is not supported")
     layer = getattr(key, "_kvcomp_layer", None)
-    if layer is None:  # no kvcomp.hf cache in this call (e.g. use_cache=False): plain SDPA
+    if layer is None:  # no kvcomp.hf cache in this call (e.g. use_cache=False, a DynamicCache): plain SDPA
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, _as_sdpa_mask(attention_mask, query.shape[2]),
-                                      dropout=dropout, scaling=scaling, **kwargs)
+        mask = _as_sdpa_mask(attention_mask, query.shape[2], key.shape[2], query.device)
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     out = layer.attend(query, key, value, attention_mask, float(scaling))
     return out.transpose(1, 2).contiguous(), None
 
 
-def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+def padding_mask(batch_size=None, q_length=None, kv_length=None, attention_mask=None, **kwargs):
     """The mask function registered for "kvcomp": the 2D padding mask [B, kv_length] as it is (True = a real
     token), or None. The kvcomp attention needs no causal mask (a query sees the cache as it is when it
     attends), only which of the step's tokens are padding."""
     if attention_mask is None or attention_mask.dim() != 2:
         return attention_mask
-    return attention_mask[:, -kv_length:].bool()
+    return (attention_mask[:, -kv_length:] if kv_length else attention_mask).bool()
 
 
-def _as_sdpa_mask(attention_mask, q_length):
-    """The 2D padding mask as SDPA's 4D boolean mask (causal and padding), or None when nothing is masked
-    (SDPA's is_causal path then applies)."""
-    if attention_mask is None or attention_mask.dim() != 2:
-        return attention_mask
-    if bool(attention_mask.all()):
+def _as_sdpa_mask(attention_mask, q_length, kv_length, device):
+    """SDPA's 4D boolean mask for q_length queries that are the last of kv_length keys (causal, bottom-right,
+    and the 2D padding mask if given), or None where SDPA's own is_causal is right: no padding and as many
+    queries as keys, or a single query."""
+    if attention_mask is not None and attention_mask.dim() != 2:
+        return attention_mask  # already 4D
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and (q_length == 1 or q_length == kv_length):
         return None
-    kv = attention_mask.shape[1]
-    q_pos = torch.arange(kv - q_length, kv, device=attention_mask.device)
-    causal = torch.arange(kv, device=attention_mask.device)[None, :] <= q_pos[:, None]
-    mask = causal[None] & attention_mask[:, None, :]
-    mask |= (torch.arange(kv, device=mask.device)[None, :] == q_pos[:, None])[None]  # a query sees itself: no empty row
+    q_pos = torch.arange(kv_length - q_length, kv_length, device=device)
+    keys = torch.arange(kv_length, device=device)
+    mask = (keys[None, :] <= q_pos[:, None])[None]  # [1, q, kv]
+    if padded:
+        mask = mask & attention_mask[:, None, -kv_length:].bool()
+        mask = mask | (keys[None, :] == q_pos[:, None])[None]  # a query sees itself: no empty row
     return mask[:, None]
 
 
@@ -266,6 +272,8 @@ class _CacheBase(Cache):
 
 
 _DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+_CONFIG_FIELDS = ("layers", "kv_heads", "q_heads", "head_dim", "dtype", "block_tokens", "k_bound", "v_bound",
+                  "overrides", "pool_bytes", "max_seqs", "max_attend_batch", "max_tokens_per_seq", "transform")
 
 
 class _KvcompLayer(_Layer):
@@ -308,8 +316,9 @@ class _KvcompLayer(_Layer):
         self.owner.cache.append(self.index, self.owner.seqs, [n] * B, kt, vt)
 
     def _store_token(self, k, v):
-        # k, v: [B, H, D] views; the binding passes their token and head strides.
-        self.owner.cache.append(self.index, self.owner.seqs, self.owner.ones, k, v)
+        # k, v: [B, H, D] views of the step's [B, H, n, D]; contiguous copies so K and V share strides
+        # whatever layout the model produced them in (the binding requires equal strides).
+        self.owner.cache.append(self.index, self.owner.seqs, self.owner.ones, k.contiguous(), v.contiguous())
 
     def _attend_token(self, q, scaling):
         q = q.contiguous()
@@ -344,7 +353,9 @@ class KvcompCache(_CacheBase):
 
     def __init__(self, model, config=None, prefill="fp16", max_tokens=None, transform=None):
         super().__init__(model, prefill)
-        self.config = config if config is not None else kvcomp.Config()
+        # A copy: the shape fields, max_seqs and the transform are set here, not in the caller's Config.
+        self.config = kvcomp.Config(**{f: getattr(config, f) for f in _CONFIG_FIELDS}) if config is not None \
+            else kvcomp.Config()
         self.max_tokens = max_tokens
         self.cache = None
         self.seqs = []
@@ -360,7 +371,7 @@ class KvcompCache(_CacheBase):
             raise ValueError(f"kvcomp.hf: K/V of type {key_states.dtype} are not supported")
         c.dtype = getattr(kvcomp.DType, _DTYPES[key_states.dtype])
         self.element_bytes = key_states.element_size()
-        c.max_seqs = max(c.max_seqs, self.batch) if c.max_seqs else self.batch
+        c.max_seqs = self.batch  # one kvcomp sequence per batch row
         if self.max_tokens:
             c.max_tokens_per_seq = self.max_tokens
         self.cache = kvcomp.Cache(c)

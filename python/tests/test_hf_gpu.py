@@ -107,6 +107,30 @@ class HfGpu(unittest.TestCase):
                                     .logits.float(), -1)
         self.assertLess((ref - got).abs().max().item(), 0.05)
 
+    def test_other_caches_keep_sdpa_semantics(self):
+        """With kvcomp enabled but a DynamicCache: a continuation of several tokens sees its prefix."""
+        from transformers import DynamicCache
+
+        with open(os.path.join(ROOT, "examples", "data", "eval_excerpt.txt")) as f:
+            x = self.tok(f.read(), return_tensors="pt")["input_ids"][:, :120].cuda()
+        with torch.no_grad():
+            ref = self.ref_model(x).logits[:, 100:].float()
+            cache = DynamicCache(config=self.model.config)
+            self.model(x[:, :100], past_key_values=cache)
+            got = self.model(x[:, 100:], past_key_values=cache).logits.float()
+        self.assertLess((ref - got).abs().max().item(), 0.05)
+
+    def test_the_callers_config_is_not_changed(self):
+        import kvcomp
+
+        cfg = kvcomp.Config()
+        cache = self.hf.KvcompCache(self.model, cfg, transform="hadamard")
+        self.generate(self.model, cache, n=2)
+        self.assertEqual(cfg.transform, kvcomp.Transform.None_)
+        self.assertEqual((cfg.layers, cfg.head_dim, cfg.max_seqs), (1, 128, 64))
+        self.assertEqual(cache.cache.config.transform, kvcomp.Transform.Hadamard)
+        self.assertEqual(cache.cache.config.max_seqs, 1)
+
     def test_kivi_emulation_matches_fused_kivi_kernel(self):
         import kvcomp
 
