@@ -86,8 +86,11 @@ struct SoftmaxAcc {
 /// query heads at part[g][split] (rows of D + 2 floats). acc[g][j] holds
 /// channel lane + 32 j, or with kPairs channel 64 (j / 2) + 2 lane + j % 2
 /// (a lane that reads V as half2 pairs).
+/// Only the first g_real heads are written (a kernel padded to G heads for a
+/// group of g_real, e.g. 3 of 4: the padded rows have no output).
 template <int D, int G, bool kPairs = false>
-__device__ void write_split_partial(const SoftmaxAcc<D, G>& st, float* merge, float* part, int splits, int split) {
+__device__ void write_split_partial(const SoftmaxAcc<D, G>& st, float* merge, float* part, int splits, int split,
+                                    int g_real = G) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
   for (int g = 0; g < G; ++g) {
@@ -98,7 +101,7 @@ __device__ void write_split_partial(const SoftmaxAcc<D, G>& st, float* merge, fl
     if (lane == 0) { row[D] = st.m[g]; row[D + 1] = lsum; }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+  for (int i = threadIdx.x; i < g_real * D; i += blockDim.x) {
     const int g = i / D, d = i % D;
     float M = -INFINITY;
     for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, merge[(size_t(w) * G + g) * (D + 2) + D]);
@@ -234,7 +237,9 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attention_min_ctas<G>()) fuse
   const int units = nblocks + (tail > 0);
   const int u_begin = split * p.units_per_split;
   const int u_end = min(units, u_begin + p.units_per_split);
-  const int q_heads = p.kv_heads * G;
+  // G is the group padded to 1, 2, 4 or 8; p.group query heads are real (rows g >= p.group hold q = 0 and are
+  // never written out).
+  const int group = p.group, q_heads = p.kv_heads * group;
 
   if (nblocks > 0 && u_begin < u_end) {
     const uint4* src_k = reinterpret_cast<const uint4*>(p.books[2 * head].lut);
@@ -245,16 +250,17 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attention_min_ctas<G>()) fuse
       reinterpret_cast<uint4*>(luts + format::kLutSize)[i] = src_v[i];
     }
   }
-  const QT* q = static_cast<const QT*>(p.q) + (size_t(b) * q_heads + size_t(head) * G) * D;
+  const QT* q = static_cast<const QT*>(p.q) + (size_t(b) * q_heads + size_t(head) * group) * D;
+  const int q_real = group * D;
   if (p.transform == kTransformHadamard) {
     // K/V are stored rotated (x R): q.k = (q R).(k R), so rotate q (fp32, one warp per row), then scale.
-    for (int i = threadIdx.x; i < G * D; i += blockDim.x) q_s[i] = load_q(q + i);
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x) q_s[i] = i < q_real ? load_q(q + i) : 0.f;
     __syncthreads();
     for (int g = warp; g < G; g += kAttnWarps) hadamard_row_shared<D>(q_s + g * D);
     __syncthreads();
     for (int i = threadIdx.x; i < G * D; i += blockDim.x) q_s[i] *= p.scale_log2;
   } else {
-    for (int i = threadIdx.x; i < G * D; i += blockDim.x) q_s[i] = load_q(q + i) * p.scale_log2;
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x) q_s[i] = i < q_real ? load_q(q + i) * p.scale_log2 : 0.f;
   }
   __syncthreads();
 
@@ -409,7 +415,8 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attention_min_ctas<G>()) fuse
   __syncthreads();
 
   write_split_partial<D, G>(st, reinterpret_cast<float*>(smem + Smem::kQ),
-                            p.part + (size_t(b) * q_heads + size_t(head) * G) * p.splits * (D + 2), p.splits, split);
+                            p.part + (size_t(b) * q_heads + size_t(head) * group) * p.splits * (D + 2), p.splits, split,
+                            group);
 }
 
 /// Combines the splits: out = sum_s A_s 2^(m_s - M) / sum_s L_s 2^(m_s - M).

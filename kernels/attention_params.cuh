@@ -44,7 +44,8 @@ struct AttendParams {
   int32_t units_per_split;
   int32_t splits;
   float scale_log2;               // softmax scale * log2(e)
-  int32_t tail_dtype;             // DType of the tails (the K/V input's: F16, BF16 or F32)
+  int32_t tail_dtype;
+  int32_t group;                  // query heads per kv head, 1..8 (the kernel pads to 1, 2, 4 or 8)             // DType of the tails (the K/V input's: F16, BF16 or F32)
   int32_t transform;              // Config::transform: Hadamard = K/V stored as x R, so q is
                                   // rotated in the kernel and the output rotated back in the merge
   int32_t batch;

@@ -12,8 +12,12 @@ static_assert(kTransformHadamard == int32_t(Transform::Hadamard), "transform cod
 namespace {
 
 
+/// The kernel's group: 1, 2, 4 or 8 query heads per kv head; 3, 5, 6 and 7 run padded.
+int padded_group(int G) { return G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : G <= 8 ? 8 : G; }
+
 template <typename F>
-void dispatch(DType q_type, int D, int G, F&& f) {
+void dispatch(DType q_type, int D, int G_real, F&& f) {
+  const int G = padded_group(G_real);
   auto with_g = [&](auto qt, auto d) {
     switch (G) {
       case 1: f(qt, d, std::integral_constant<int, 1>{}); return;
@@ -21,7 +25,7 @@ void dispatch(DType q_type, int D, int G, F&& f) {
       case 4: f(qt, d, std::integral_constant<int, 4>{}); return;
       case 8: f(qt, d, std::integral_constant<int, 8>{}); return;
     }
-    throw Error("query heads per kv head must be 1, 2, 4 or 8, got " + std::to_string(G));
+    throw Error("query heads per kv head must be 1..8, got " + std::to_string(G_real));
   };
   auto with_d = [&](auto qt) {
     if (D == 64) return with_g(qt, std::integral_constant<int, 64>{});
@@ -46,8 +50,10 @@ int attention_ctas_per_sm(int D, int G) {
   return ctas > 0 ? ctas : 1;
 }
 
-void launch_attention(DType q_type, int D, int G, const AttendParams& p, cudaStream_t s) {
-  if (p.batch <= 0) return;
+void launch_attention(DType q_type, int D, int G, const AttendParams& params, cudaStream_t s) {
+  if (params.batch <= 0) return;
+  AttendParams p = params;
+  p.group = G;  // the real group; the kernel's template G is padded_group(G)
   dispatch(q_type, D, G, [&](auto qt, auto d, auto g) {
     using QT = decltype(qt);
     constexpr int kD = d.value, kG = g.value;
@@ -56,7 +62,7 @@ void launch_attention(DType q_type, int D, int G, const AttendParams& p, cudaStr
     const dim3 grid(p.splits, p.kv_heads, p.batch);
     kernel<<<grid, 32 * kAttnWarps, smem, s>>>(p);
     check_cuda(cudaGetLastError(), "fused attention launch");
-    merge_kernel<QT, kD><<<p.batch * p.kv_heads * kG, kD, 0, s>>>(p.part, p.splits, static_cast<QT*>(p.out),
+    merge_kernel<QT, kD><<<p.batch * p.kv_heads * G, kD, 0, s>>>(p.part, p.splits, static_cast<QT*>(p.out),
                                                                    p.transform == kTransformHadamard);
     check_cuda(cudaGetLastError(), "split merge launch");
   });

@@ -39,7 +39,7 @@ void launch_tail_copy(DType t, const TailCopy* copies, int n, int D, cudaStream_
 void launch_hadamard_rows(DType type, int D, const void* src, int64_t token_stride, int64_t head_stride, int64_t tokens,
                           int heads, void* dst, cudaStream_t s);
 
-// Fused attention (q/out in F16 or BF16; D in {64, 128}; G in {1, 2, 4, 8}).
+// Fused attention (q/out in F16 or BF16; D in {64, 128}; G in 1..8, run padded to 1, 2, 4 or 8).
 /// CTAs of the fused kernel that fit on one multiprocessor (for split planning).
 int attention_ctas_per_sm(int D, int G);
 void launch_attention(DType q_type, int D, int G, const AttendParams& p, cudaStream_t s);

@@ -45,7 +45,7 @@ TEST(CacheConfig, BadConfigurationsAreRejectedWithClearMessages) {
   c = Config{};
   c.q_heads = 48;
   c.kv_heads = 3;
-  expect_error(c, "must be 1, 2, 4 or 8");
+  expect_error(c, "must be 1..8, got 16");
   c = Config{};
   c.k_bound.value = -1.f;
   expect_error(c, "K error bound must be positive");
