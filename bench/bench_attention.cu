@@ -165,6 +165,8 @@ void sweep_args(benchmark::internal::Benchmark* b) {
   for (int g : {1, 8})
     for (int var : kMain) b->Args({32768, 8, var, g, 128});
   for (int var : kMain) b->Args({32768, 8, var, 4, 64});
+  // GQA groups that run padded (Llama-3.2-3B: 3, Qwen2.5-7B: 7): kvcomp only (the baselines take 1/2/4/8).
+  for (int g : {3, 7}) b->Args({32768, 8, kKvcomp, g, 128});
   // Config::transform = Hadamard (q rotated in the kernel, output in the merge).
   for (int n : {1024, 32768}) b->Args({n, 8, kKvcompHadamard, 4, 128});
   b->Args({131072, 1, kKvcompHadamard, 4, 128});

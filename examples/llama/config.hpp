@@ -2,7 +2,7 @@
 // Llama family (llama, mistral, qwen2): RMSNorm, RoPE, GQA attention with
 // optional q/k/v/o biases, SwiGLU MLP. Anything the example would compute
 // wrongly (other rope scalings, partial rotary, other activations) or that
-// kvcomp does not support (head_dim, GQA ratio) is rejected here with a
+// kvcomp or the fp16 comparison cache does not support (head_dim, GQA ratio) is rejected here with a
 // message naming the field. Host-only.
 #pragma once
 
@@ -86,7 +86,8 @@ struct ModelConfig {
     const int group = c.q_heads / c.kv_heads;
     if (group != 1 && group != 2 && group != 4 && group != 8)
       throw bad("num_attention_heads / num_key_value_heads = " + std::to_string(group) +
-                " is not supported by kvcomp (1, 2, 4 and 8 are)");
+                " is not supported by this example's fp16 comparison cache (1, 2, 4 and 8 are; kvcomp itself "
+                "takes 1..8)");
     return c;
   }
 
