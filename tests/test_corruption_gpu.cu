@@ -1,7 +1,7 @@
 // Corrupt compressed data on the GPU: bit flips in the pool and garbage in
 // the block tables. Attention may compute wrong numbers but must never read
 // outside the pool or write outside its output (run under compute-sanitizer
-// memcheck by scripts/gpu_check.sh), and must write every output element.
+// memcheck by scripts/device_session.sh, stage san), and must write every output element.
 // Blocks of 64 and 128 tokens (the decoders' worst-case overread grows with T).
 #include <random>
 #include <string>
