@@ -5,7 +5,7 @@
 #   example  build/examples/llama_generate, tokenizer vs Hugging Face tokenizers
 #   hf       python/tests/test_hf_gpu.py (generate() through kvcomp.hf)
 #   ppl      bench/perplexity.py ($PPL_ARGS), table + plot + json
-#   san      compute-sanitizer memcheck + racecheck over the GPU tests ($SAN_FILTER)
+#   san      compute-sanitizer memcheck, racecheck, synccheck over the GPU tests ($SAN_FILTER)
 #   bench    bench_attention ($BENCH_FILTER) + sdpa_anchor.py in the same session, report
 set -uo pipefail
 OUT=${OUT:-/tmp/kvcomp_out}; mkdir -p "$OUT"
@@ -50,7 +50,7 @@ EOF
       eval python3 bench/perplexity.py --json "$OUT/ppl.json" --plot "$OUT/perplexity.png" ${PPL_ARGS:-} > "$OUT/ppl.log" 2>&1
       say "perplexity rc=$?"; cat "$OUT/ppl.log" | tail -60 ;;
     san)
-      for tool in memcheck racecheck; do
+      for tool in memcheck racecheck synccheck; do
         compute-sanitizer --tool $tool --error-exitcode 9 build/tests/kvcomp_gpu_tests \
           --gtest_filter="${SAN_FILTER:-*-*LongContext*:SoakGpu.*:*AllocationFailure*}" > "$OUT/sanitizer_$tool.log" 2>&1
         say "sanitizer $tool rc=$?"; grep -E "ERROR SUMMARY|PASSED|FAILED" "$OUT/sanitizer_$tool.log" | tail -3
