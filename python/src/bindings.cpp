@@ -26,6 +26,7 @@
 #include "kvcomp/cache.hpp"
 #include "kvcomp/reference.hpp"
 #include "src/baselines.hpp"
+#include "src/device_buffer.hpp"
 #include "src/kivi.hpp"
 
 #ifndef KVCOMP_VERSION
@@ -406,36 +407,13 @@ auto locked(PyCache& self, F&& f) {
   return f(self.cache);
 }
 
-struct DeviceFloats {
-  float* ptr = nullptr;
-  size_t count = 0;
-  DeviceFloats() = default;
-  DeviceFloats(const DeviceFloats&) = delete;
-  DeviceFloats& operator=(const DeviceFloats&) = delete;
-  ~DeviceFloats() { if (ptr) cudaFree(ptr); }
-  void reserve(size_t n, const char* what) {
-    if (n <= count) return;
-    if (ptr) cudaFree(ptr);  // synchronizes the device: no kernel still uses the old buffer
-    ptr = nullptr;
-    count = 0;
-    const cudaError_t e = cudaMalloc(&ptr, std::max<size_t>(n, 1) * sizeof(float));
-    if (e != cudaSuccess) {
-      cudaGetLastError();
-      ptr = nullptr;
-      fail(std::string("cannot allocate ") + what + " (" + std::to_string(n * sizeof(float)) +
-           " bytes): " + cudaGetErrorString(e));
-    }
-    count = n;
-  }
-};
-
 struct PyKivi {
   explicit PyKivi(const kvcomp::baseline::KiviShape& s) : cache(s), sms(current_sms()) {
     workspace.reserve(cache.workspace_floats(sms), "the KIVI attention workspace");
   }
   kvcomp::baseline::KiviCache cache;
   int sms;
-  DeviceFloats workspace;
+  kvcomp::detail::DeviceBuffer<float> workspace;
   bool built = false;
   std::mutex mu;
 };
@@ -445,7 +423,7 @@ struct PyKivi {
 /// Deliberately never freed: freeing at exit races the CUDA runtime's teardown.
 struct FlashWorkspaces {
   std::mutex mu;
-  std::map<std::pair<int, uintptr_t>, DeviceFloats> by_stream;
+  std::map<std::pair<int, uintptr_t>, kvcomp::detail::DeviceBuffer<float>> by_stream;
 };
 FlashWorkspaces& flash_workspaces() {
   static auto* w = new FlashWorkspaces;
@@ -837,7 +815,7 @@ void bind_baselines(py::module_& m) {
          FlashWorkspaces& ws = flash_workspaces();
          std::lock_guard<std::mutex> lock(ws.mu);
          const int sms = current_sms();
-         DeviceFloats& buf = ws.by_stream[{current_device(), stream}];
+         kvcomp::detail::DeviceBuffer<float>& buf = ws.by_stream[{current_device(), stream}];
          buf.reserve(bl::flash_workspace_floats(att, sms), "the flash-decoding workspace");
          for (const ArrayView* a : {&k, &v, &q, &out}) wait_for_producer(*a, as_stream(stream));
          bl::flash_decode_fp16(att, reinterpret_cast<const __half*>(q.ptr), reinterpret_cast<__half*>(out.ptr),
