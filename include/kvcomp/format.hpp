@@ -18,22 +18,37 @@
 //   NaN and Inf included, is representable, and every reconstructed value is
 //   within eb_abs of its input (escaped ones are exact).
 //
-// Entropy coding
-//   Canonical Huffman over 256 symbols (codes 0..254, ESC = 255), code lengths
-//   limited to kMaxCodeLen = 10 so the decode table (1024 x uint32) fits in
-//   shared memory. A codebook is fully described by its 256 code lengths (0 =
-//   no codeword); ESC always has one. Codebooks belong to (layer, kv head, K|V)
-//   and live in a table; a block names its codebook by id, so a codebook may be
-//   rebuilt at any block boundary by adding a new id (old blocks keep theirs).
+// Entropy coding (v3: pairs)
+//   A lane stream is a sequence of PAIRS of codes (two values the fused
+//   kernel consumes together, see "Sub-streams"). A pair (a, b) with both
+//   codes below kPairBase = 15 is one stream symbol, a * 15 + b (0..224);
+//   any other pair (a code >= 15, or ESC) is the symbol PAIR_ESC = 225
+//   followed by two 8-bit fields, one per value: the code (0..254), or 255 =
+//   ESC followed by the 32 raw bits of x as fp32. Stream symbols are coded
+//   with a canonical Huffman code over 256 symbols (226..255 never have a
+//   codeword), lengths limited to kMaxCodeLen = 11 so the decode table
+//   (2048 x uint32) fits in shared memory and one lookup yields two values.
+//   A pair symbol with no codeword is written as PAIR_ESC; PAIR_ESC always
+//   has one. A codebook is fully described by its 256 code lengths (0 = no
+//   codeword). Codebooks belong to (layer, kv head, K|V) and live in a table;
+//   a block names its codebook by id, so a codebook may be rebuilt at any
+//   block boundary by adding a new id (old blocks keep theirs).
 //   Bits are written LSB first into little-endian 32-bit words; a codeword is
-//   stored bit-reversed so the decoder indexes its table with the low bits.
+//   stored bit-reversed so the decoder indexes its table with the low bits;
+//   8-bit fields and raw words are written LSB first as they are.
 //
-// Sub-streams (divergence-free decoding)
-//   A block's symbols are split into 32 lane streams of T*D/32 symbols each,
-//   so the 32 lanes of a warp decode in lockstep, one symbol per step:
-//     K: lane l holds tokens t = l, l+32, ... ; for each, channels 0..D-1.
-//     V: lane l holds channels c = l, l+32, ...; order: for each token t,
-//        channels l, l+32, ... (so a lane's accumulators stay in registers).
+// Sub-streams (divergence-free decoding, in the fused kernel's mma order)
+//   A block's values are split into 32 lane streams of T*D/64 pairs each, so
+//   the 32 lanes of a warp decode in lockstep, one pair per lookup. Two pairs
+//   of a lane (a "group") are exactly its B fragment of one tensor-core
+//   mma.m16n8k16 (b0 b1 = first pair, b2 b3 = second). Per 32-token chunk,
+//   with r = lane / 4 and q = lane % 4 (pair_position() is the definition):
+//     K (B = K^T: k = 16 channels, n = 8 tokens):
+//       for k16 in 0..D/16, for n8 in 0..4: token 32 chunk + 8 n8 + r,
+//       channels 16 k16 + 2 q + {0, 1}, then the same token, channels + 8;
+//     V (B = V: k = 16 tokens, n = 8 channels):
+//       for k16 in 0..2, for n8 in 0..D/8: channel 8 n8 + r,
+//       tokens 32 chunk + 16 k16 + 2 q + {0, 1}, then tokens + 8.
 //   Lane streams are concatenated bit-exactly (no padding); their bit lengths
 //   are stored, the decoder takes a warp prefix sum to find each start.
 //
@@ -79,14 +94,18 @@ struct ErrorBound {
 namespace format {
 
 constexpr int kLanes = 32;          // sub-streams per block (one warp)
-constexpr int kNumSymbols = 256;    // codes 0..254 and ESC
-constexpr int kEscape = 255;        // escape symbol: followed by 32 raw bits
+constexpr int kNumSymbols = 256;    // stream symbols (pairs 0..224, PAIR_ESC 225, 226.. unused)
+constexpr int kEscape = 255;        // quantizer's escape code: the value is stored as 32 raw bits
 constexpr int kMaxCode = 254;       // largest quantization code
-constexpr int kMaxCodeLen = 10;     // Huffman length limit
+constexpr int kPairBase = 15;       // codes 0..14 pair up into one stream symbol
+constexpr int kPairSymbols = kPairBase * kPairBase;  // 225 pair symbols
+constexpr int kPairEscape = kPairSymbols;            // PAIR_ESC: two 8-bit fields follow
+constexpr int kFieldBits = 8;       // one value's code in an escaped pair
+constexpr int kMaxCodeLen = 11;     // Huffman length limit
 constexpr int kLutSize = 1 << kMaxCodeLen;
 constexpr int kRawBits = 32;        // bits of an escaped value (fp32)
 constexpr uint16_t kMagic = 0x4B43; // 'CK'
-constexpr uint8_t kVersion = 2;
+constexpr uint8_t kVersion = 3;
 constexpr size_t kBlockAlign = 16;
 
 struct BlockHeader {
@@ -119,7 +138,9 @@ KVCOMP_HD bool supported_head_dim(int d) { return d == 64 || d == 128 || d == 25
 KVCOMP_HD int num_groups(Kind kind, int tokens, int head_dim) {
   return kind == Kind::Key ? head_dim : tokens;
 }
-KVCOMP_HD int symbols_per_lane(int tokens, int head_dim) { return tokens * head_dim / kLanes; }
+KVCOMP_HD int symbols_per_lane(int tokens, int head_dim) { return tokens * head_dim / kLanes; }  // values
+KVCOMP_HD int pairs_per_lane(int tokens, int head_dim) { return tokens * head_dim / (2 * kLanes); }
+constexpr int kChunkTokens = 32;  // the lane order repeats per 32-token chunk
 KVCOMP_HD size_t params_offset() { return sizeof(BlockHeader); }
 KVCOMP_HD size_t lane_bits_offset(Kind kind, int tokens, int head_dim) {
   return params_offset() + sizeof(GroupParams) * num_groups(kind, tokens, head_dim);
@@ -131,21 +152,36 @@ KVCOMP_HD size_t block_bytes(Kind kind, int tokens, int head_dim, uint64_t paylo
   size_t bytes = payload_offset(kind, tokens, head_dim) + 4 * ((payload_bits + 31) / 32);
   return (bytes + kBlockAlign - 1) / kBlockAlign * kBlockAlign;
 }
-/// Largest lane stream: every symbol escaped. Fits uint16 for T <= 128, D <= 256.
+/// Largest lane stream: every pair escaped with two raw values. Fits uint16
+/// for T <= 128, D <= 256 (512 pairs x 91 bits).
 KVCOMP_HD uint32_t max_lane_bits(int tokens, int head_dim) {
-  return uint32_t(symbols_per_lane(tokens, head_dim)) * (kMaxCodeLen + kRawBits);
+  return uint32_t(pairs_per_lane(tokens, head_dim)) * (kMaxCodeLen + 2 * (kFieldBits + kRawBits));
 }
 
-/// Symbol position -> (token, channel) of lane `lane`'s `i`-th symbol.
-KVCOMP_HD void symbol_position(Kind kind, int head_dim, int lane, int i, int& token, int& channel) {
+/// Positions (token, channel) of the two values of lane `lane`'s `i`-th pair
+/// (the lane order of "Sub-streams" above; the first value is b0 / b2).
+KVCOMP_HD void pair_position(Kind kind, int head_dim, int lane, int i, int& t0, int& c0, int& t1, int& c1) {
+  const int per_chunk = head_dim / 2;  // pairs per lane per 32-token chunk
+  const int chunk = i / per_chunk, r = i % per_chunk;
+  const int group = r / 2, half = r % 2;
+  const int row = lane / 4, quad = lane % 4;
   if (kind == Kind::Key) {
-    token = (i / head_dim) * kLanes + lane;
-    channel = i % head_dim;
+    const int k16 = group / 4, n8 = group % 4;
+    t0 = t1 = kChunkTokens * chunk + 8 * n8 + row;
+    c0 = 16 * k16 + 2 * quad + 8 * half;
+    c1 = c0 + 1;
   } else {
-    const int per_token = head_dim / kLanes;
-    token = i / per_token;
-    channel = (i % per_token) * kLanes + lane;
+    const int n_tiles = head_dim / 8;
+    const int k16 = group / n_tiles, n8 = group % n_tiles;
+    c0 = c1 = 8 * n8 + row;
+    t0 = kChunkTokens * chunk + 16 * k16 + 2 * quad + 8 * half;
+    t1 = t0 + 1;
   }
+}
+
+/// The stream symbol of a pair of quantization codes (0..254 or kEscape).
+KVCOMP_HD int pair_symbol(int a, int b) {
+  return (a < kPairBase && b < kPairBase) ? a * kPairBase + b : kPairEscape;
 }
 
 // ---------------------------------------------------------------------------
@@ -271,20 +307,58 @@ KVCOMP_HD uint32_t reverse_bits(uint32_t code, int len) {
   return r;
 }
 
-/// Decode-table entry (32 bits), laid out so the fused kernel needs no
-/// integer-to-float conversion: bits 0..3 code length (0 = no codeword),
-/// bit 4 set for ESC, bits 5..31 the fp32 bit pattern of float(symbol) (an
-/// integer below 256 has its low 16 mantissa bits zero, so it survives).
+/// fp16 bit pattern of a small non-negative integer (exact; n < 2048).
+KVCOMP_HD uint16_t small_int_half(uint32_t n) {
+  if (n == 0) return 0;
+  int e = 0;
+  while ((n >> (e + 1)) != 0) ++e;
+  return uint16_t(((e + 15) << 10) | ((n << (10 - e)) & 0x3FFu));
+}
+
+/// Decode-table entry (32 bits), laid out so the fused kernel's tensor-core
+/// operand is one AND away: the two codes of the pair as fp16 (low half =
+/// first value), whose low 4 mantissa bits are zero for codes below 16, hold
+/// the flags: bits 0..3 code length (0 = no codeword), bit 16 set for
+/// PAIR_ESC (whose values read as 0, the real ones follow in the stream).
 constexpr uint32_t kLutLengthMask = 0xFu;
-constexpr uint32_t kLutEscapeBit = 0x10u;
-constexpr uint32_t kLutValueMask = ~0x1Fu;
+constexpr uint32_t kLutEscapeBit = 0x10000u;
+constexpr uint32_t kLutValueMask = 0xFFF0FFF0u;
 KVCOMP_HD uint32_t lut_entry(int symbol, int length) {
-  return symbol == kEscape ? (kLutEscapeBit | uint32_t(length))
-                           : (float_bits(float(symbol)) | uint32_t(length));
+  if (symbol == kPairEscape) return kLutEscapeBit | uint32_t(length);
+  const uint32_t a = uint32_t(symbol / kPairBase), b = uint32_t(symbol % kPairBase);
+  return small_int_half(a) | (uint32_t(small_int_half(b)) << 16) | uint32_t(length);
 }
 KVCOMP_HD int lut_length(uint32_t e) { return int(e & kLutLengthMask); }
 KVCOMP_HD bool lut_is_escape(uint32_t e) { return (e & kLutEscapeBit) != 0; }
-KVCOMP_HD int lut_symbol(uint32_t e) { return lut_is_escape(e) ? kEscape : int(bits_float(e & kLutValueMask)); }
+/// The pair's codes from an entry (not PAIR_ESC).
+KVCOMP_HD int lut_first(uint32_t e) { return int(half_to_float(uint16_t(e & kLutValueMask))); }
+KVCOMP_HD int lut_second(uint32_t e) { return int(half_to_float(uint16_t((e & kLutValueMask) >> 16))); }
+KVCOMP_HD int lut_symbol(uint32_t e) {
+  return lut_is_escape(e) ? kPairEscape : lut_first(e) * kPairBase + lut_second(e);
+}
+
+/// Writes one pair (codes a, b of values va, vb) with encoder table `enc`
+/// (bit-reversed codeword | length << 16, length 0 = no codeword) through
+/// put(bits, n), n <= 32. The CPU reference and the GPU store both call this.
+template <typename Put>
+KVCOMP_HD void put_pair(const uint32_t* enc, int a, int b, float va, float vb, Put&& put) {
+  int s = pair_symbol(a, b);
+  if ((enc[s] >> 16) == 0) s = kPairEscape;
+  put(enc[s] & 0xFFFFu, int(enc[s] >> 16));
+  if (s != kPairEscape) return;
+  put(uint32_t(a), kFieldBits);
+  if (a == kEscape) put(float_bits(va), kRawBits);
+  put(uint32_t(b), kFieldBits);
+  if (b == kEscape) put(float_bits(vb), kRawBits);
+}
+/// Bits put_pair writes.
+KVCOMP_HD uint32_t pair_bits(const uint32_t* enc, int a, int b) {
+  int s = pair_symbol(a, b);
+  if ((enc[s] >> 16) == 0) s = kPairEscape;
+  uint32_t bits = enc[s] >> 16;
+  if (s == kPairEscape) bits += 2 * kFieldBits + (a == kEscape ? kRawBits : 0) + (b == kEscape ? kRawBits : 0);
+  return bits;
+}
 
 }  // namespace format
 }  // namespace kvcomp
