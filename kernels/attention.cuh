@@ -1,21 +1,24 @@
-// Fused decode attention straight from compressed blocks.
+// Fused decode attention straight from compressed blocks (format v3).
 //
 // grid (splits, kv_heads, batch); each CTA takes a range of `units` (token
 // blocks, plus the uncompressed tail as the last unit) of one sequence and one
-// KV head, for all G query heads of that head (GQA: one decode, G uses).
-// Each warp streams whole blocks; its decoders read the pool through L1 and
-// load each stream word one refill ahead (measured faster on the H100 than
-// cp.async staging through shared memory, which halves the warps per SM).
-// Per 32-token chunk:
-//   K: lane l decodes token row l (D symbols) and dots the codes with q x step
-//      (dequantization folded into q);
-//   online softmax over the chunk (warp max, per-lane partial sums);
-//   V: lane l decodes channels l, l+32, ... of each token and accumulates
-//      (p_t step_t) code into registers, p_t min_t once per chunk.
-// (Decoding K of chunk k in lockstep with V of chunk k - 1, for two
-// independent chains per lane, was measured 5% slower: more registers, fewer warps.)
-// Decoded K/V live only in registers. Partial (max, sum, acc) per CTA go to a
-// workspace; merge_kernel combines the splits (flash-decoding).
+// KV head, for all its query heads (GQA: one decode, up to 8 uses). Each warp
+// streams whole blocks, 32 tokens (a chunk) at a time, on tensor cores
+// (mma.m16n8k16, fp16 operands, fp32 accumulation), query heads in the M rows
+// (rows 8..15 unused):
+//   K: S[h][t] = sum_c (q_hc step_c) code_tc + sum_c q_hc min_c. A = q x step
+//      (per block, as fp16 hi + lo so the product keeps fp32-like precision),
+//      B = the codes, which each lane decodes straight into its B fragment
+//      (format.hpp orders the lane streams that way): one table lookup gives
+//      a pair of codes as fp16x2, one AND makes it an operand;
+//   online softmax of the chunk per head (a quad of lanes holds one head);
+//   V: O[h][c] += sum_t (p_ht step_t) code_tc; A = p x step, built from the
+//      score fragments in registers (the K accumulator layout is the V A
+//      layout), B = decoded codes; sum_t p_ht min_t is one scalar per head.
+// Escaped values (rare) add their exact fp32 contribution through
+// shared-memory corrections (lane_decoder.cuh). Decoded K/V live only in
+// registers. Partial (max, sum, acc) per CTA go to a workspace; merge_kernel
+// combines the splits (flash-decoding).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -26,219 +29,77 @@
 #include "kvcomp/codebook.hpp"
 #include "kvcomp/format.hpp"
 #include "attention_params.cuh"
+#include "decode_common.cuh"
 #include "hadamard.cuh"
 #include "lane_decoder.cuh"
 
 namespace kvcomp {
 namespace detail {
 
-__device__ __forceinline__ float load_q(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float load_q(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ __forceinline__ void store_out(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store_out(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+constexpr int kMmaRows = 8;  // query heads per KV head the kernel holds (mma rows 0..7)
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
-  return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
-  return v;
+/// d += A B for mma rows 0..7 (rows 8..15 of A are zero, their results dropped):
+/// a0 = A[row][2 quad + {0,1}], a1 = A[row][2 quad + 8 + {0,1}], b0 b1 the B
+/// fragment; d0 d1 = D[row][2 quad + {0,1}].
+__device__ __forceinline__ void mma_rows8(float& d0, float& d1, uint32_t a0, uint32_t a1, uint32_t b0, uint32_t b1) {
+  float unused0, unused1;
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%10,%10};\n"
+      : "+f"(d0), "+f"(d1), "=f"(unused0), "=f"(unused1)
+      : "r"(a0), "r"(0u), "r"(a1), "r"(0u), "r"(b0), "r"(b1), "f"(0.f));
+  (void)unused0;
+  (void)unused1;
 }
 
-/// Running softmax state of one warp for G query heads (flash attention).
-template <int D, int G>
-struct SoftmaxAcc {
-  static constexpr int kPerLane = D / 32;
-  float m[G];               // running max (log2 domain), warp-uniform
-  float l[G];               // this lane's share of the running sum
-  float acc[G][kPerLane];   // output channels lane, lane+32, ...
-
-  __device__ void init() {
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-      m[g] = -INFINITY;
-      l[g] = 0.f;
-#pragma unroll
-      for (int j = 0; j < kPerLane; ++j) acc[g][j] = 0.f;
-    }
-  }
-  /// Folds this chunk's scores in; returns p (this lane's token) per head.
-  __device__ void update(const float (&s)[G], bool valid, float (&p)[G]) {
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-      const float sv = valid ? s[g] : -INFINITY;
-      const float m_new = fmaxf(m[g], warp_max(sv));
-      const float corr = exp2f(m[g] - m_new);
-      p[g] = valid ? exp2f(sv - m_new) : 0.f;
-      l[g] = l[g] * corr + p[g];
-#pragma unroll
-      for (int j = 0; j < kPerLane; ++j) acc[g][j] *= corr;
-      m[g] = m_new;
-    }
-  }
-};
-
-/// Merges the warps of a CTA (merge: kAttnWarps * G * (D + 2) floats of
-/// shared memory) and writes this split's partial (acc, max, sum) for the G
-/// query heads at part[g][split] (rows of D + 2 floats). acc[g][j] holds
-/// channel lane + 32 j, or with kPairs channel 64 (j / 2) + 2 lane + j % 2
-/// (a lane that reads V as half2 pairs).
-/// Only the first g_real heads are written (a kernel padded to G heads for a
-/// group of g_real, e.g. 3 of 4: the padded rows have no output).
-template <int D, int G, bool kPairs = false>
-__device__ void write_split_partial(const SoftmaxAcc<D, G>& st, float* merge, float* part, int splits, int split,
-                                    int g_real = G) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    float* row = merge + (size_t(warp) * G + g) * (D + 2);
-#pragma unroll
-    for (int j = 0; j < D / 32; ++j) row[kPairs ? 64 * (j / 2) + 2 * lane + j % 2 : lane + 32 * j] = st.acc[g][j];
-    const float lsum = warp_sum(st.l[g]);
-    if (lane == 0) { row[D] = st.m[g]; row[D + 1] = lsum; }
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < g_real * D; i += blockDim.x) {
-    const int g = i / D, d = i % D;
-    float M = -INFINITY;
-    for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, merge[(size_t(w) * G + g) * (D + 2) + D]);
-    float A = 0.f, L = 0.f;
-    if (M != -INFINITY) {
-      for (int w = 0; w < kAttnWarps; ++w) {
-        const float* row = merge + (size_t(w) * G + g) * (D + 2);
-        if (row[D] == -INFINITY) continue;
-        const float f = exp2f(row[D] - M);
-        A += row[d] * f;
-        L += row[D + 1] * f;
-      }
-    }
-    float* out = part + (size_t(g) * splits + split) * (D + 2);
-    out[d] = A;
-    if (d == 0) { out[D] = M; out[D + 1] = L; }
-  }
+__device__ __forceinline__ float half_lo(uint32_t w) { return __half2float(__ushort_as_half(uint16_t(w))); }
+__device__ __forceinline__ float half_hi(uint32_t w) { return __half2float(__ushort_as_half(uint16_t(w >> 16))); }
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-/// Four consecutive elements of an uncompressed row as float (16- or 8-byte aligned).
-__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
-__device__ __forceinline__ float4 load4(const __half* p) {
-  const uint2 raw = *reinterpret_cast<const uint2*>(p);
-  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
-  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
-  return make_float4(a.x, a.y, b.x, b.y);
-}
-__device__ __forceinline__ float4 load4(const __nv_bfloat16* p) {
-  const uint2 raw = *reinterpret_cast<const uint2*>(p);
-  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
-  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
-  return make_float4(a.x, a.y, b.x, b.y);
-}
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-/// Attends one warp to n <= 32 uncompressed tokens (an uncompressed tail or
-/// window): rows k[t * D ..], v[t * D ..]; lane l scores row l against q_s
-/// ([G][D], log2 units), the chunk is folded into the softmax, p.V accumulated.
-template <int D, int G, typename E>
-__device__ void attend_rows(SoftmaxAcc<D, G>& st, const float* q_s, const E* k, const E* v, int n) {
-  const int lane = threadIdx.x % 32;
-  float s[G], pr[G];
-#pragma unroll
-  for (int g = 0; g < G; ++g) s[g] = 0.f;
-  if (lane < n) {
-    for (int c = 0; c < D; c += 4) {
-      const float4 x = load4(k + size_t(lane) * D + c);
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        const float* qg = q_s + g * D + c;
-        s[g] = fmaf(qg[0], x.x, fmaf(qg[1], x.y, fmaf(qg[2], x.z, fmaf(qg[3], x.w, s[g]))));
-      }
-    }
-  }
-  st.update(s, lane < n, pr);
-  for (int t = 0; t < n; ++t) {
-    float pt[G];
-#pragma unroll
-    for (int g = 0; g < G; ++g) pt[g] = __shfl_sync(0xFFFFFFFFu, pr[g], t);
-#pragma unroll
-    for (int j = 0; j < D / 32; ++j) {
-      const float x = to_float(v[size_t(t) * D + lane + 32 * j]);
-#pragma unroll
-      for (int g = 0; g < G; ++g) st.acc[g][j] = fmaf(pt[g], x, st.acc[g][j]);
-    }
-  }
-}
-
-/// Shared-memory layout of the fused kernel: the two decode tables are a
-/// static array; the dynamic part holds q and, per warp, the parameters of
-/// the block it decodes (reused by the CTA merge at the end).
-template <int D, int G>
+/// Shared memory of the fused kernel: the two decode tables are a static
+/// array; the dynamic part holds q and, per warp, escape corrections (and at
+/// the end the warp's partial result, in `rows`).
+template <int D>
 struct AttnSmem {
   static constexpr size_t kLuts = 2 * format::kLutSize * sizeof(uint32_t);  // static
-  static constexpr size_t kQ = size_t(G) * D * sizeof(float);
-  // Per warp: K (min, step) per channel, q x K step per channel; V (min, step)
-  // per token, p x V step and p per token of a chunk.
-  static constexpr size_t kWarp = size_t(D) * sizeof(float2) + size_t(D) * G * sizeof(float) +
-                                  size_t(kMaxTokensPerBlock) * sizeof(float2) + size_t(64) * G * sizeof(float);
-  static constexpr size_t kMerge = size_t(kAttnWarps) * G * (D + 2) * sizeof(float);
-  /// Dynamic shared memory.
-  static constexpr size_t kBytes = kQ + (kAttnWarps * kWarp > kMerge ? kAttnWarps * kWarp : kMerge);
-  static_assert(kLuts + kBytes <= 48 * 1024, "launches need no shared-memory opt-in");
+  static constexpr size_t kQ = size_t(kMmaRows) * D * sizeof(float);        // q [8][D], log2 units
+  static constexpr size_t kRows = size_t(kMmaRows) * (D + 2) * sizeof(float);  // [8][D + 2]
+  static constexpr size_t kChunk = size_t(kMmaRows) * format::kChunkTokens * sizeof(float);  // [8][32]
+  static constexpr size_t kQa = size_t(D / 16) * 32 * sizeof(uint4);  // K's A operands [k16][lane]
+  static constexpr size_t kWarp = kRows + 2 * kChunk + kQa;  // rows, K score corrections, p of the chunk, A
+  /// Dynamic shared memory (over 48 KiB at D = 128: launches opt in).
+  static constexpr size_t kBytes = kQ + kAttnWarps * kWarp;
 };
 
-/// x[0..N) from 16-byte aligned shared memory, in the widest loads.
-template <int N>
-__device__ __forceinline__ void load_vec(const float* p, float (&x)[N]) {
-  if constexpr (N % 4 == 0) {
-#pragma unroll
-    for (int i = 0; i < N / 4; ++i) {
-      const float4 v = reinterpret_cast<const float4*>(p)[i];
-      x[4 * i] = v.x; x[4 * i + 1] = v.y; x[4 * i + 2] = v.z; x[4 * i + 3] = v.w;
-    }
-  } else if constexpr (N == 2) {
-    const float2 v = *reinterpret_cast<const float2*>(p);
-    x[0] = v.x; x[1] = v.y;
-  } else {
-    static_assert(N == 1, "1, 2 or a multiple of 4");
-    x[0] = *p;
-  }
-}
-
-/// Registers capped for 4 CTAs (16 warps) per SM up to G = 4, 2 for G = 8:
-/// measured faster than more registers and fewer warps (the lookups' latency
-/// needs warps to hide it) and than 5 or 6 CTAs (spills).
-template <int G>
-constexpr int attention_min_ctas() { return G <= 4 ? 4 : 2; }
+/// 3 CTAs (12 warps) per SM, which shared memory allows at D = 128; 158
+/// registers then hold the K loop without spills (4 CTAs spill around the
+/// escape path's call).
+constexpr int kAttnMinCtas = 3;
 
 constexpr int32_t kTailF16 = 0, kTailBF16 = 1;  // AttendParams::tail_dtype, as DType
 constexpr int32_t kTransformHadamard = 1;        // AttendParams::transform, as Transform
 
-template <typename QT, int D, int G>
-__global__ void __launch_bounds__(32 * kAttnWarps, attention_min_ctas<G>()) fused_attention_kernel(const __grid_constant__ AttendParams p) {
-  using Acc = SoftmaxAcc<D, G>;
-  using Smem = AttnSmem<D, G>;
-  constexpr int kPerLane = D / 32;
-  static_assert(kPerLane % 2 == 0, "symbols are decoded in pairs");
+template <typename QT, int D>
+__global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention_kernel(const __grid_constant__ AttendParams p) {
+  using Smem = AttnSmem<D>;
+  constexpr int kK16 = D / 16, kN8 = D / 8, kChunk = format::kChunkTokens;
   static_assert(max_overread(kMaxTokensPerBlock, D) <= kDecodeOverread, "decoders may read past the pool");
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ __align__(16) uint32_t luts[2 * format::kLutSize];
   const uint32_t* lut_k = luts;
   const uint32_t* lut_v = luts + format::kLutSize;
-  float* q_s = reinterpret_cast<float*>(smem);  // [G][D], scaled to log2 units
+  float* q_s = reinterpret_cast<float*>(smem);  // [8][D], scaled to log2 units; rows >= group are 0
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row = lane / 4, quad = lane % 4;  // mma fragment coordinates: this lane's head is `row`
   const int split = blockIdx.x, head = blockIdx.y, b = blockIdx.z;
-  const int T = p.tokens_per_block, cpb = T / 32;  // chunks per block
+  const int T = p.tokens_per_block;
   const AttendSeq seq = p.seqs[b];
   const int nblocks = seq.tokens / T, tail = seq.tokens % T;
   const int units = nblocks + (tail > 0);
   const int u_begin = split * p.units_per_split;
   const int u_end = min(units, u_begin + p.units_per_split);
-  // G is the group padded to 1, 2, 4 or 8; p.group query heads are real (rows g >= p.group hold q = 0 and are
-  // never written out).
   const int group = p.group, q_heads = p.kv_heads * group;
 
   if (nblocks > 0 && u_begin < u_end) {
@@ -254,22 +115,26 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attention_min_ctas<G>()) fuse
   const int q_real = group * D;
   if (p.transform == kTransformHadamard) {
     // K/V are stored rotated (x R): q.k = (q R).(k R), so rotate q (fp32, one warp per row), then scale.
-    for (int i = threadIdx.x; i < G * D; i += blockDim.x) q_s[i] = i < q_real ? load_q(q + i) : 0.f;
+    for (int i = threadIdx.x; i < kMmaRows * D; i += blockDim.x) q_s[i] = i < q_real ? load_q(q + i) : 0.f;
     __syncthreads();
-    for (int g = warp; g < G; g += kAttnWarps) hadamard_row_shared<D>(q_s + g * D);
+    for (int g = warp; g < group; g += kAttnWarps) hadamard_row_shared<D>(q_s + g * D);
     __syncthreads();
-    for (int i = threadIdx.x; i < G * D; i += blockDim.x) q_s[i] *= p.scale_log2;
+    for (int i = threadIdx.x; i < kMmaRows * D; i += blockDim.x) q_s[i] *= p.scale_log2;
   } else {
-    for (int i = threadIdx.x; i < G * D; i += blockDim.x) q_s[i] = i < q_real ? load_q(q + i) * p.scale_log2 : 0.f;
+    for (int i = threadIdx.x; i < kMmaRows * D; i += blockDim.x)
+      q_s[i] = i < q_real ? load_q(q + i) * p.scale_log2 : 0.f;
   }
-  __syncthreads();
-
   uint8_t* my_area = smem + Smem::kQ + warp * Smem::kWarp;
-  float2* prm_k = reinterpret_cast<float2*>(my_area);           // [D] K (min, step)
-  float* qstep = reinterpret_cast<float*>(prm_k + D);           // [D][G] q x K step
-  float2* prm_v = reinterpret_cast<float2*>(qstep + D * G);     // [T] V (min, step)
-  float* pstep = reinterpret_cast<float*>(prm_v + kMaxTokensPerBlock);  // [32][G] p x V step
-  float* pprob = pstep + 32 * G;                                 // [32][G] p (for escapes)
+  float* rows = reinterpret_cast<float*>(my_area);  // [8][D + 2]: V escape corrections, then the partial
+  float* kcorr = rows + kMmaRows * (D + 2);         // [8][32]: K escape corrections of a chunk
+  float* pchunk = kcorr + kMmaRows * kChunk;        // [8][32]: p of a chunk (for V escapes)
+  // [k16][lane] = {hi, hi + 8, lo, lo + 8}: this lane's A operands of K (q x step for its head,
+  // channels 16 k16 + 2 quad + {0,1} and + 8), fp16 hi + lo. In shared memory so that the K
+  // loop need not be unrolled over k16 (registers).
+  uint4* qa = reinterpret_cast<uint4*>(pchunk + kMmaRows * kChunk);
+  for (int i = lane; i < kMmaRows * (D + 2); i += 32) rows[i] = 0.f;
+  for (int i = lane; i < kMmaRows * kChunk; i += 32) kcorr[i] = 0.f;
+  __syncthreads();
 
   const uint32_t k_pay = uint32_t(format::payload_offset(Kind::Key, T, D));
   const uint32_t v_pay = uint32_t(format::payload_offset(Kind::Value, T, D));
@@ -283,172 +148,229 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attention_min_ctas<G>()) fuse
     return fits ? r : format::BlockRef{0, uint16_t((k_pay + 15) / 16), uint16_t((v_pay + 15) / 16)};
   };
 
-  // This warp's compressed blocks: u_begin + warp + i * kAttnWarps.
-  const int u_first = u_begin + warp, u_stop = min(u_end, nblocks);
+  // Softmax state of head `row`: running max (log2 units, quad-uniform), this
+  // lane's share of the sum of p and of sum_t p_t min_t, and its output
+  // channels 8 n8 + 2 quad + {0, 1} (without the min term).
+  float m = -INFINITY, l = 0.f, pmin = 0.f;
+  float o[kN8][2];
+#pragma unroll
+  for (int n = 0; n < kN8; ++n) o[n][0] = o[n][1] = 0.f;
 
-  Acc st;
-  st.init();
-  LaneDecoder kd, vd;
-  float qmin[G], s[G], pr[G];
-
-  // A block's K side. Scores are sum_c q_c (min_c + code_c step_c) = qmin +
-  // sum_c (q_c step_c) code_c: per block qstep and qmin, per symbol one FMA per head.
-  auto k_begin_block = [&](const uint8_t* kb, uint32_t k_bytes) {
-    const uint32_t* kp = reinterpret_cast<const uint32_t*>(kb + format::params_offset());
-#pragma unroll
-    for (int g = 0; g < G; ++g) qmin[g] = 0.f;
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) {
-      const int c = lane + 32 * j;
-      const uint32_t w = kp[c];
-      const float2 mp = make_float2(format::half_to_float(uint16_t(w)), format::half_to_float(uint16_t(w >> 16)));
-      prm_k[c] = mp;
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        qstep[c * G + g] = q_s[g * D + c] * mp.y;
-        qmin[g] = fmaf(q_s[g * D + c], mp.x, qmin[g]);
-      }
-    }
-#pragma unroll
-    for (int g = 0; g < G; ++g) qmin[g] = warp_sum(qmin[g]);
-    kd.init(reinterpret_cast<const uint32_t*>(kb + k_pay), (k_bytes - k_pay) / 4,
-            lane_stream_start(reinterpret_cast<const uint16_t*>(kb + format::lane_bits_offset(Kind::Key, T, D)), lane));
-  };
-  // A block's V side: (min, step) per token.
-  auto v_begin_block = [&](const uint8_t* vb, uint32_t v_bytes) {
-    const uint32_t* vp = reinterpret_cast<const uint32_t*>(vb + format::params_offset());
-    for (int t = lane; t < T; t += 32) {
-      const uint32_t w = vp[t];
-      prm_v[t] = make_float2(format::half_to_float(uint16_t(w)), format::half_to_float(uint16_t(w >> 16)));
-    }
-    vd.init(reinterpret_cast<const uint32_t*>(vb + v_pay), (v_bytes - v_pay) / 4,
-            lane_stream_start(reinterpret_cast<const uint16_t*>(vb + format::lane_bits_offset(Kind::Value, T, D)), lane));
-  };
-  // K of one chunk: this lane's token row, channels in pairs.
-  auto k_chunk = [&] {
-#pragma unroll
-    for (int g = 0; g < G; ++g) s[g] = qmin[g];
-#pragma unroll 2
-    for (int c = 0; c < D; c += 2) {
-      // An escaped value adds q_c (raw - min_c) on top of its code-0 term.
-      auto k_escape = [&](int ch) {
-        return [&, ch](float raw) {
-#pragma unroll
-          for (int g = 0; g < G; ++g) s[g] = fmaf(q_s[g * D + ch], raw - prm_k[ch].x, s[g]);
-        };
-      };
-      float c0, c1;
-      kd.pair(lut_k, k_escape(c), k_escape(c + 1), c0, c1);
-      float qs[2 * G];
-      load_vec<2 * G>(qstep + c * G, qs);
-#pragma unroll
-      for (int g = 0; g < G; ++g) s[g] = fmaf(qs[G + g], c1, fmaf(qs[g], c0, s[g]));
-    }
-  };
-  // V of one chunk with the p of its softmax update: acc += (p_t step_t) code,
-  // plus p_t min_t, which is the same for every channel (one warp sum per head).
-  auto v_chunk = [&](int chunk) {
-    {
-      const float2 mp = prm_v[chunk * 32 + lane];
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        pstep[lane * G + g] = pr[g] * mp.y;
-        pprob[lane * G + g] = pr[g];
-        const float pmin = warp_sum(pr[g] * mp.x);
-#pragma unroll
-        for (int j = 0; j < kPerLane; ++j) st.acc[g][j] += pmin;
-      }
-    }
-    __syncwarp();
-    for (int t = 0; t < 32; ++t) {
-      float ps[G];
-      load_vec<G>(pstep + t * G, ps);
-#pragma unroll
-      for (int j = 0; j < kPerLane; j += 2) {
-        // An escaped value adds p_t (raw - min_t) on top of its code-0 term.
-        auto v_escape = [&](int jv) {
-          return [&, jv](float raw) {
-            const float vmin = prm_v[chunk * 32 + t].x;
-#pragma unroll
-            for (int g = 0; g < G; ++g) st.acc[g][jv] = fmaf(pprob[t * G + g], raw - vmin, st.acc[g][jv]);
-          };
-        };
-        float c0, c1;
-        vd.pair(lut_v, v_escape(j), v_escape(j + 1), c0, c1);
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-          st.acc[g][j] = fmaf(ps[g], c0, st.acc[g][j]);
-          st.acc[g][j + 1] = fmaf(ps[g], c1, st.acc[g][j + 1]);
-        }
-      }
-    }
-    __syncwarp();
-  };
-
-  for (int u = u_first; u < u_stop; u += kAttnWarps) {
+  PairDecoder kd, vd;
+  for (int u = u_begin + warp; u < min(u_end, nblocks); u += kAttnWarps) {
     const format::BlockRef r = block_ref(u);
     const uint8_t* kb = p.pool + size_t(r.offset16) * 16;
-    k_begin_block(kb, r.k_size16 * 16u);
-    v_begin_block(kb + r.k_size16 * 16u, r.v_size16 * 16u);
-    __syncwarp();
-    for (int chunk = 0; chunk < cpb; ++chunk) {
-      k_chunk();
-      st.update(s, true, pr);
-      v_chunk(chunk);
+    const uint8_t* vb = kb + r.k_size16 * 16u;
+    const uint32_t* kparams = reinterpret_cast<const uint32_t*>(kb + format::params_offset());
+    const uint32_t* vparams = reinterpret_cast<const uint32_t*>(vb + format::params_offset());
+
+    // A operands of K (qa), pre-divided by a power of two when they would overflow fp16.
+    float qmin = 0.f, kscale = 1.f;
+    {
+      float x[kK16][4];
+      float amax = 0.f;
+#pragma unroll
+      for (int k16 = 0; k16 < kK16; ++k16)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int c = 16 * k16 + 2 * quad + 8 * h;
+          const uint2 w = *reinterpret_cast<const uint2*>(kparams + c);
+          const float2 qv = *reinterpret_cast<const float2*>(q_s + row * D + c);
+          x[k16][2 * h] = qv.x * half_hi(w.x);
+          x[k16][2 * h + 1] = qv.y * half_hi(w.y);
+          qmin = fmaf(qv.x, half_lo(w.x), fmaf(qv.y, half_lo(w.y), qmin));
+          amax = fmaxf(amax, fmaxf(fabsf(x[k16][2 * h]), fabsf(x[k16][2 * h + 1])));
+        }
+      amax = warp_max(amax);
+      float inv = 1.f;
+      if (amax > 16384.f) {  // uniform
+        const float e = ceilf(log2f(amax / 16384.f));
+        kscale = exp2f(e);
+        inv = exp2f(-e);
+      }
+#pragma unroll
+      for (int k16 = 0; k16 < kK16; ++k16) {
+        uint32_t hi[2], lo[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float x0 = x[k16][2 * h] * inv, x1 = x[k16][2 * h + 1] * inv;
+          hi[h] = pack_half2(x0, x1);
+          lo[h] = pack_half2(x0 - half_lo(hi[h]), x1 - half_hi(hi[h]));
+        }
+        qa[k16 * 32 + lane] = make_uint4(hi[0], hi[1], lo[0], lo[1]);
+      }
+      qmin += __shfl_xor_sync(0xFFFFFFFFu, qmin, 1);
+      qmin += __shfl_xor_sync(0xFFFFFFFFu, qmin, 2);
+    }
+    kd.init(reinterpret_cast<const uint32_t*>(kb + k_pay), (r.k_size16 * 16u - k_pay) / 4,
+            lane_stream_start(reinterpret_cast<const uint16_t*>(kb + format::lane_bits_offset(Kind::Key, T, D)), lane));
+    vd.init(reinterpret_cast<const uint32_t*>(vb + v_pay), (r.v_size16 * 16u - v_pay) / 4,
+            lane_stream_start(reinterpret_cast<const uint16_t*>(vb + format::lane_bits_offset(Kind::Value, T, D)), lane));
+
+    for (int chunk = 0; chunk < T / kChunk; ++chunk) {
+      // K: scores of the chunk's 32 tokens (4 tiles of 8) for head `row`.
+      float sc[4][2];
+#pragma unroll
+      for (int n = 0; n < 4; ++n) sc[n][0] = sc[n][1] = 0.f;
+      bool escaped = false;
+#pragma unroll 1
+      for (int k16 = 0; k16 < kK16; ++k16) {
+        const uint4 a = qa[k16 * 32 + lane];
+#pragma unroll
+        for (int n8 = 0; n8 < 4; ++n8) {
+          uint32_t b0, b1;
+          escaped |= kd.group(lut_k, b0, b1, [&] {
+            // Token 8 n8 + row of the chunk; channels 16 k16 + 2 quad (+ 8, + 1).
+            return EscapeSink{kcorr + 8 * n8 + row, kChunk, q_s, D, kparams, 16 * k16 + 2 * quad, group};
+          });
+          mma_rows8(sc[n8][0], sc[n8][1], a.x, a.y, b0, b1);  // hi
+          mma_rows8(sc[n8][0], sc[n8][1], a.z, a.w, b0, b1);  // lo
+        }
+      }
+      float s[4][2];
+#pragma unroll
+      for (int n = 0; n < 4; ++n)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) s[n][i] = fmaf(sc[n][i], kscale, qmin);
+      if (__any_sync(0xFFFFFFFFu, escaped)) {
+        __syncwarp();
+#pragma unroll
+        for (int n = 0; n < 4; ++n)
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            float* at = kcorr + row * kChunk + 8 * n + 2 * quad + i;
+            s[n][i] += *at;
+            *at = 0.f;
+          }
+        __syncwarp();
+      }
+
+      // Online softmax of head `row` over the chunk (the quad holds its 32 tokens).
+      float cmax = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < 4; ++n) cmax = fmaxf(cmax, fmaxf(s[n][0], s[n][1]));
+      cmax = fmaxf(cmax, __shfl_xor_sync(0xFFFFFFFFu, cmax, 1));
+      cmax = fmaxf(cmax, __shfl_xor_sync(0xFFFFFFFFu, cmax, 2));
+      const float m_new = fmaxf(m, cmax);
+      const float corr = exp2f(m - m_new);
+      m = m_new;
+      l *= corr;
+      pmin *= corr;
+#pragma unroll
+      for (int n = 0; n < kN8; ++n) { o[n][0] *= corr; o[n][1] *= corr; }
+
+      // A operands of V: p x step of tokens 16 k16 + 2 quad + {0,1} (+ 8).
+      uint32_t pa[2][2];
+#pragma unroll
+      for (int n = 0; n < 4; ++n) {
+        const int t = 8 * n + 2 * quad;  // in the chunk
+        const uint2 w = *reinterpret_cast<const uint2*>(vparams + chunk * kChunk + t);
+        const float p0 = exp2f(s[n][0] - m_new), p1 = exp2f(s[n][1] - m_new);
+        l += p0 + p1;
+        pmin = fmaf(p0, half_lo(w.x), fmaf(p1, half_lo(w.y), pmin));
+        pa[n / 2][n % 2] = pack_half2(p0 * half_hi(w.x), p1 * half_hi(w.y));
+        *reinterpret_cast<float2*>(pchunk + row * kChunk + t) = make_float2(p0, p1);
+      }
+      __syncwarp();
+
+      // V: O[row][channels] += (p x step) codes.
+      escaped = false;
+#pragma unroll
+      for (int k16 = 0; k16 < 2; ++k16)
+#pragma unroll
+        for (int n8 = 0; n8 < kN8; ++n8) {
+          uint32_t b0, b1;
+          escaped |= vd.group(lut_v, b0, b1, [&] {
+            // Channel 8 n8 + row; tokens 16 k16 + 2 quad (+ 8, + 1) of the chunk.
+            return EscapeSink{rows + 8 * n8 + row, D + 2, pchunk, kChunk, vparams + chunk * kChunk,
+                              16 * k16 + 2 * quad, group};
+          });
+          mma_rows8(o[n8][0], o[n8][1], pa[k16][0], pa[k16][1], b0, b1);
+        }
+      if (__any_sync(0xFFFFFFFFu, escaped)) {
+        __syncwarp();
+#pragma unroll
+        for (int n = 0; n < kN8; ++n)
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            float* at = rows + row * (D + 2) + 8 * n + 2 * quad + i;
+            o[n][i] += *at;
+            *at = 0.f;
+          }
+      }
+      __syncwarp();  // pchunk and the corrections are reused by the next chunk
     }
   }
 
-  // The uncompressed tail, if this warp owns it.
+  // This warp's partial for heads 0..7 into `rows`: sum, and the min term on every channel.
+  l += __shfl_xor_sync(0xFFFFFFFFu, l, 1);
+  l += __shfl_xor_sync(0xFFFFFFFFu, l, 2);
+  pmin += __shfl_xor_sync(0xFFFFFFFFu, pmin, 1);
+  pmin += __shfl_xor_sync(0xFFFFFFFFu, pmin, 2);
+#pragma unroll
+  for (int n = 0; n < kN8; ++n)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) rows[row * (D + 2) + 8 * n + 2 * quad + i] = o[n][i] + pmin;
+  if (quad == 0) {
+    rows[row * (D + 2) + D] = m;
+    rows[row * (D + 2) + D + 1] = l;
+  }
+  __syncwarp();
+
+  // The uncompressed tail, if this warp owns it: attended on CUDA cores, then
+  // folded into the warp's partial.
   if (tail > 0 && nblocks >= u_begin && nblocks < u_end && (nblocks - u_begin) % kAttnWarps == warp) {
+    SoftmaxAcc<D, kMmaRows> st;
+    st.init();
     const size_t base = (size_t(seq.slot) * p.kv_heads + head) * size_t(T) * D;
     auto attend_tail = [&](auto type_tag) {  // the tail is held in the K/V input's type
       using E = decltype(type_tag);
       const E* kt = static_cast<const E*>(p.k_tail) + base;
       const E* vt = static_cast<const E*>(p.v_tail) + base;
       for (int first = 0; first < tail; first += 32)
-        attend_rows<D, G>(st, q_s, kt + size_t(first) * D, vt + size_t(first) * D, min(32, tail - first));
+        attend_rows<D, kMmaRows>(st, q_s, kt + size_t(first) * D, vt + size_t(first) * D, min(32, tail - first));
     };
     if (p.tail_dtype == kTailF16) attend_tail(__half{});
     else if (p.tail_dtype == kTailBF16) attend_tail(__nv_bfloat16{});
     else attend_tail(float{});
+#pragma unroll
+    for (int g = 0; g < kMmaRows; ++g) {
+      float* rg = rows + g * (D + 2);
+      const float mw = rg[D], lw = rg[D + 1], lt = warp_sum(st.l[g]);
+      const float mx = fmaxf(mw, st.m[g]);
+      const float fw = mw == -INFINITY ? 0.f : exp2f(mw - mx);
+      const float ft = st.m[g] == -INFINITY ? 0.f : exp2f(st.m[g] - mx);
+      __syncwarp();
+#pragma unroll
+      for (int j = 0; j < D / 32; ++j) rg[lane + 32 * j] = rg[lane + 32 * j] * fw + st.acc[g][j] * ft;
+      if (lane == 0) { rg[D] = mx; rg[D + 1] = lw * fw + lt * ft; }
+    }
   }
   __syncthreads();
 
-  write_split_partial<D, G>(st, reinterpret_cast<float*>(smem + Smem::kQ),
-                            p.part + (size_t(b) * q_heads + size_t(head) * group) * p.splits * (D + 2), p.splits, split,
-                            group);
-}
-
-/// Combines the splits: out = sum_s A_s 2^(m_s - M) / sum_s L_s 2^(m_s - M).
-/// grid: batch * q_heads CTAs of D threads. A sequence with no tokens gives 0.
-/// rotate_back (Config::transform = Hadamard): V was stored as v R, so the
-/// merged row is o R; it is multiplied by R once more (R R = I) before output.
-template <typename QT, int D>
-__global__ void merge_kernel(const float* part, int splits, QT* out, bool rotate_back = false) {
-  const size_t bh = blockIdx.x;
-  const float* base = part + bh * splits * (D + 2);
-  float M = -INFINITY;
-  for (int s = 0; s < splits; ++s) M = fmaxf(M, base[s * (D + 2) + D]);
-  float num = 0.f, den = 0.f;
-  if (M != -INFINITY) {
-    for (int s = 0; s < splits; ++s) {
-      const float m = base[s * (D + 2) + D];
-      if (m == -INFINITY) continue;
-      const float f = exp2f(m - M);
-      num += base[s * (D + 2) + threadIdx.x] * f;
-      den += base[s * (D + 2) + D + 1] * f;
+  // Merge the warps' partials: this split's (acc, max, sum) per real query head.
+  float* part = p.part + (size_t(b) * q_heads + size_t(head) * group) * p.splits * (D + 2);
+  for (int i = threadIdx.x; i < group * D; i += blockDim.x) {
+    const int g = i / D, d = i % D;
+    auto warp_row = [&](int w) {
+      return reinterpret_cast<const float*>(smem + Smem::kQ + w * Smem::kWarp) + g * (D + 2);
+    };
+    float M = -INFINITY;
+    for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, warp_row(w)[D]);
+    float A = 0.f, L = 0.f;
+    if (M != -INFINITY) {
+      for (int w = 0; w < kAttnWarps; ++w) {
+        const float* rw = warp_row(w);
+        if (rw[D] == -INFINITY) continue;
+        const float f = exp2f(rw[D] - M);
+        A += rw[d] * f;
+        L += rw[D + 1] * f;
+      }
     }
+    float* out = part + (size_t(g) * p.splits + split) * (D + 2);
+    out[d] = A;
+    if (d == 0) { out[D] = M; out[D + 1] = L; }
   }
-  float o = den > 0.f ? num / den : 0.f;
-  if (rotate_back) {  // uniform over the launch
-    __shared__ float row[D];
-    row[threadIdx.x] = o;
-    __syncthreads();
-    if (threadIdx.x < 32) hadamard_row_shared<D>(row);
-    __syncthreads();
-    o = row[threadIdx.x];
-  }
-  store_out(out + bh * D + threadIdx.x, o);
 }
 
 }  // namespace detail

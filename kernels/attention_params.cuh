@@ -16,11 +16,12 @@ constexpr int kMaxTokensPerBlock = 128;
 /// Bytes a decoder may read past the end of its block (lookahead, and corrupt
 /// lane tables clamped to the block end): the pool is followed by at least
 /// this much readable memory.
-/// Bound: a lane reads at most symbols_per_lane * (kMaxCodeLen + 32) bits + 3
-/// words from a start that is at most the block end (T = 128, D = 128: 2700 bytes).
+/// Bound: a lane consumes at most max_lane_bits (every pair escaped with two
+/// raw values) from a start that is at most the block end, and its window
+/// holds 4 words beyond its position (T = 128, D = 128: 2928 bytes).
 constexpr uint32_t kDecodeOverread = 4096;
 constexpr uint32_t max_overread(int tokens, int head_dim) {
-  return uint32_t(tokens) * head_dim / 32 * (format::kMaxCodeLen + format::kRawBits) / 8 + 12;
+  return (format::max_lane_bits(tokens, head_dim) + 7) / 8 + 20;
 }
 
 struct AttendSeq {
@@ -45,7 +46,7 @@ struct AttendParams {
   int32_t splits;
   float scale_log2;               // softmax scale * log2(e)
   int32_t tail_dtype;
-  int32_t group;                  // query heads per kv head, 1..8 (the kernel pads to 1, 2, 4 or 8)             // DType of the tails (the K/V input's: F16, BF16 or F32)
+  int32_t group;                  // query heads per kv head, 1..8 (the mma rows of one KV head)
   int32_t transform;              // Config::transform: Hadamard = K/V stored as x R, so q is
                                   // rotated in the kernel and the output rotated back in the merge
   int32_t batch;

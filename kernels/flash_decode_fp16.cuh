@@ -6,7 +6,7 @@
 
 #include <cuda_fp16.h>
 
-#include "attention.cuh"
+#include "decode_common.cuh"
 
 namespace kvcomp {
 namespace detail {

@@ -20,7 +20,7 @@
 
 #include <cstdint>
 
-#include "attention.cuh"
+#include "decode_common.cuh"
 #include "kivi_params.cuh"
 
 namespace kvcomp {

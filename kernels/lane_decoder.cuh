@@ -1,17 +1,23 @@
-// Divergence-free Huffman decoding: each lane of a warp decodes its own
-// sub-stream through a shared-memory lookup table, all lanes in lockstep
-// (format.hpp describes the streams).
+// Divergence-free pair decoding (format v3): each lane of a warp decodes its
+// own sub-stream through a shared-memory lookup table, all lanes in lockstep,
+// one lookup per PAIR of values (format.hpp, "Entropy coding").
 //
 // Written for instruction count, which is what bounds the fused kernel:
-//  - the table entry carries float(symbol), so no integer conversion;
-//  - symbols are decoded in pairs: one refill per pair (codewords are at most
-//    10 bits, a refill leaves at least 33 bits buffered) and one ESC test per
-//    pair (rare: the pair is then decoded again, raw bits included);
-//  - refill() is predicated, not branched, and loads the next stream word one
-//    refill ahead, so its latency (L1 or shared memory) hides behind decoding;
+//  - a table entry is the pair as fp16x2 (plus length and escape flags in
+//    mantissa bits that are zero for codes < 16): one AND makes it a
+//    tensor-core operand, no integer-to-float conversion;
+//  - bits are read with 32-bit funnel shifts from a window of three words;
+//    a group (two pairs, one mma's B fragment) needs at most 22 bits, so the
+//    window advances at most one word per group, predicated, and the word it
+//    takes was loaded one advance earlier (its latency hides behind decoding);
+//  - one escape test per group (PAIR_ESC is rare at the bounds we use): the
+//    group is then decoded again from its start by a plain bit reader, out of
+//    line, which also adds the escaped raw values' contributions;
 //  - reads are not clamped word by word: buffers holding blocks are followed
 //    by kDecodeOverread readable bytes instead.
 #pragma once
+
+#include <cuda_fp16.h>
 
 #include <cstdint>
 
@@ -21,81 +27,116 @@
 namespace kvcomp {
 namespace detail {
 
-struct LaneDecoder {
-  const uint32_t* ptr;  // where `ahead` came from
-  uint32_t ahead;       // the next stream word, loaded one refill ahead
-  uint64_t buf;         // undecoded bits, LSB first
-  int avail;            // valid bits in buf
+/// Where a group's escaped raw values go (the fused kernel adds their exact
+/// contribution on top of the code-0 term the tensor cores saw): value i of
+/// the group (0..3, b0..b3 order) sits at position v_i = v_base + 8 (i / 2)
+/// + i % 2 along the group's varying axis; for each head g < group,
+///   acc[g * acc_stride] += coef[g * coef_stride + v_i] * (raw - min(params[v_i])).
+/// K: acc = score corrections of the group's token, coef = q, params = channel params;
+/// V: acc = output corrections of the group's channel, coef = p, params = token params.
+struct EscapeSink {
+  float* acc;
+  int acc_stride;
+  const float* coef;
+  int coef_stride;
+  const uint32_t* params;
+  int v_base;
+  int group;
+};
+
+struct SlowGroup {
+  uint32_t h0, h1;  // the group's fp16x2 codes (escaped raw values read as 0)
+  uint32_t bit;     // bits consumed from the window's first word
+};
+
+/// A group decoded from bit b of base[] by a plain bit reader, escapes
+/// included (rare: kept out of line so the fast path stays small).
+__device__ __noinline__ SlowGroup decode_group_slow(const uint32_t* lut, const uint32_t* base, uint32_t b,
+                                                    EscapeSink sink) {
+  auto peek = [&]() { return __funnelshift_r(base[b >> 5], base[(b >> 5) + 1], b & 31); };
+  auto take = [&](int n) {
+    const uint32_t v = peek();
+    b += uint32_t(n);
+    return n == 32 ? v : v & ((1u << n) - 1);
+  };
+  SlowGroup out;
+  for (int half = 0; half < 2; ++half) {
+    const uint32_t e = lut[peek() & (format::kLutSize - 1)];
+    b += e & format::kLutLengthMask;
+    uint32_t h = e & format::kLutValueMask;
+    if (e & format::kLutEscapeBit) {
+      h = 0;
+      for (int v = 0; v < 2; ++v) {
+        const uint32_t code = take(format::kFieldBits);
+        if (code == uint32_t(format::kEscape)) {
+          const float raw = __uint_as_float(take(format::kRawBits));
+          const int at = sink.v_base + 8 * half + v;
+          const float vmin = __half2float(__ushort_as_half(uint16_t(sink.params[at])));
+          for (int g = 0; g < sink.group; ++g)
+            atomicAdd(sink.acc + g * sink.acc_stride, sink.coef[g * sink.coef_stride + at] * (raw - vmin));
+        } else {
+          h |= uint32_t(__half_as_ushort(__uint2half_rn(code))) << (16 * v);
+        }
+      }
+    }
+    (half == 0 ? out.h0 : out.h1) = h;
+  }
+  out.bit = b;
+  return out;
+}
+
+struct PairDecoder {
+  const uint32_t* next;  // the word after `ahead`
+  uint32_t w0, w1, w2;   // bit `pos` of w0 is the next stream bit
+  uint32_t ahead;        // the word after w2, loaded one advance early
+  uint32_t pos;          // 0..31
 
   /// words: the block payload (shared or global memory), n of them.
   __device__ __forceinline__ void init(const uint32_t* words, uint32_t n, uint32_t start_bit) {
     const uint32_t first = min(start_bit >> 5, n);  // a corrupt lane table cannot send us far
-    const uint32_t shift = first == (start_bit >> 5) ? (start_bit & 31) : 0;
-    buf = words[first] >> shift;
-    avail = 32 - int(shift);
-    ptr = words + first + 1;
-    ahead = *ptr;
-    refill();
+    prime(words + first, first == (start_bit >> 5) ? (start_bit & 31) : 0);
   }
-  /// Tops the buffer up to at least 33 bits (enough for two codewords) with
-  /// the prefetched word, and prefetches the next one. All predicated: lanes
-  /// that need no word issue no load, and nothing branches.
-  __device__ __forceinline__ void refill() {
-    asm volatile(
-        "{\n"
-        " .reg .pred p;\n"
-        " .reg .b64 t;\n"
-        " setp.le.s32 p, %2, 32;\n"
-        " @p cvt.u64.u32 t, %3;\n"
-        " @p shl.b64 t, t, %2;\n"
-        " @p or.b64 %0, %0, t;\n"
-        " @p add.s32 %2, %2, 32;\n"
-        " @p add.u64 %1, %1, 4;\n"
-        " @p ld.u32 %3, [%1];\n"
-        "}\n"
-        : "+l"(buf), "+l"(ptr), "+r"(avail), "+r"(ahead));
-  }
-  __device__ __forceinline__ uint32_t lookup(const uint32_t* lut) const {
-    return lut[uint32_t(buf) & (format::kLutSize - 1)];
-  }
-  __device__ __forceinline__ void consume(uint32_t e) {
-    const int len = int(e & format::kLutLengthMask);
-    buf >>= len;
-    avail -= len;
-  }
-  /// The 32 raw bits after an ESC codeword, as fp32; leaves >= 33 bits buffered.
-  __device__ __forceinline__ float take_raw() {
-    refill();
-    const float v = __uint_as_float(uint32_t(buf));
-    buf >>= 32;
-    avail -= 32;
-    refill();
-    return v;
-  }
-  /// The next two symbols as float(code) (0 for ESC, whose raw value goes to
-  /// esc0 / esc1). Fast path: two lookups, one test; if either was ESC (rare),
-  /// the pair is decoded again from the saved state, raw bits included.
-  template <typename E0, typename E1>
-  __device__ __forceinline__ void pair(const uint32_t* lut, E0&& esc0, E1&& esc1, float& c0, float& c1) {
-    refill();
-    const uint64_t buf0 = buf;
-    const int avail0 = avail;
-    uint32_t e0 = lookup(lut);
-    consume(e0);
-    uint32_t e1 = lookup(lut);
-    consume(e1);
-    if ((e0 | e1) & format::kLutEscapeBit) {
-      buf = buf0;
-      avail = avail0;
-      e0 = lookup(lut);
-      consume(e0);
-      if (e0 & format::kLutEscapeBit) esc0(take_raw());
-      e1 = lookup(lut);
-      consume(e1);
-      if (e1 & format::kLutEscapeBit) esc1(take_raw());
+
+  /// The next group: two pairs as fp16x2 bit patterns (h0 = b0 b1, h1 = b2 b3).
+  /// Returns true if the group held a PAIR_ESC (then `sink()` said where its
+  /// raw values go, and they have been added there).
+  template <typename Sink>
+  __device__ __forceinline__ bool group(const uint32_t* lut, uint32_t& h0, uint32_t& h1, Sink&& sink) {
+    constexpr uint32_t kMask = format::kLutSize - 1;
+    const uint32_t e0 = lut[__funnelshift_r(w0, w1, pos) & kMask];
+    const uint32_t p1 = pos + (e0 & format::kLutLengthMask);  // <= 42
+    const bool wrap = p1 >= 32;
+    const uint32_t e1 = lut[__funnelshift_r(wrap ? w1 : w0, wrap ? w2 : w1, p1) & kMask];  // shift is mod 32
+    const uint32_t p2 = p1 + (e1 & format::kLutLengthMask);  // <= 53
+    h0 = e0 & format::kLutValueMask;
+    h1 = e1 & format::kLutValueMask;
+    if (__builtin_expect(((e0 | e1) & format::kLutEscapeBit) != 0, 0)) {
+      const uint32_t* base = next - 4;  // w0's word
+      const SlowGroup s = decode_group_slow(lut, base, pos, sink());
+      h0 = s.h0;
+      h1 = s.h1;
+      prime(base + (s.bit >> 5), s.bit & 31);
+      return true;
     }
-    c0 = __uint_as_float(e0 & format::kLutValueMask);
-    c1 = __uint_as_float(e1 & format::kLutValueMask);
+    if (p2 >= 32) {
+      w0 = w1;
+      w1 = w2;
+      w2 = ahead;
+      ahead = *next;
+      ++next;
+    }
+    pos = p2 & 31;
+    return false;
+  }
+
+ private:
+  __device__ __forceinline__ void prime(const uint32_t* p, uint32_t bit) {
+    pos = bit;
+    w0 = p[0];
+    w1 = p[1];
+    w2 = p[2];
+    ahead = p[3];
+    next = p + 4;
   }
 };
 

@@ -139,7 +139,7 @@ KVCOMP_HD int num_groups(Kind kind, int tokens, int head_dim) {
   return kind == Kind::Key ? head_dim : tokens;
 }
 KVCOMP_HD int symbols_per_lane(int tokens, int head_dim) { return tokens * head_dim / kLanes; }  // values
-KVCOMP_HD int pairs_per_lane(int tokens, int head_dim) { return tokens * head_dim / (2 * kLanes); }
+KVCOMP_HD constexpr int pairs_per_lane(int tokens, int head_dim) { return tokens * head_dim / (2 * kLanes); }
 constexpr int kChunkTokens = 32;  // the lane order repeats per 32-token chunk
 KVCOMP_HD size_t params_offset() { return sizeof(BlockHeader); }
 KVCOMP_HD size_t lane_bits_offset(Kind kind, int tokens, int head_dim) {
@@ -154,7 +154,7 @@ KVCOMP_HD size_t block_bytes(Kind kind, int tokens, int head_dim, uint64_t paylo
 }
 /// Largest lane stream: every pair escaped with two raw values. Fits uint16
 /// for T <= 128, D <= 256 (512 pairs x 91 bits).
-KVCOMP_HD uint32_t max_lane_bits(int tokens, int head_dim) {
+KVCOMP_HD constexpr uint32_t max_lane_bits(int tokens, int head_dim) {
   return uint32_t(pairs_per_lane(tokens, head_dim)) * (kMaxCodeLen + 2 * (kFieldBits + kRawBits));
 }
 

@@ -1,0 +1,209 @@
+// Pieces shared by every decode-attention kernel (kvcomp's fused kernel, the
+// KIVI kernel, the fp16 flash-decoding baseline): element loads, the online
+// softmax of one warp, uncompressed rows, the per-CTA split partial and the
+// flash-decoding merge of the splits.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "attention_params.cuh"
+#include "hadamard.cuh"
+
+namespace kvcomp {
+namespace detail {
+
+__device__ __forceinline__ float load_q(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ float load_q(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ void store_out(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store_out(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  return v;
+}
+
+/// Running softmax state of one warp for G query heads (flash attention).
+template <int D, int G>
+struct SoftmaxAcc {
+  static constexpr int kPerLane = D / 32;
+  float m[G];               // running max (log2 domain), warp-uniform
+  float l[G];               // this lane's share of the running sum
+  float acc[G][kPerLane];   // output channels lane, lane+32, ...
+
+  __device__ void init() {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      m[g] = -INFINITY;
+      l[g] = 0.f;
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) acc[g][j] = 0.f;
+    }
+  }
+  /// Folds this chunk's scores in; returns p (this lane's token) per head.
+  __device__ void update(const float (&s)[G], bool valid, float (&p)[G]) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const float sv = valid ? s[g] : -INFINITY;
+      const float m_new = fmaxf(m[g], warp_max(sv));
+      const float corr = exp2f(m[g] - m_new);
+      p[g] = valid ? exp2f(sv - m_new) : 0.f;
+      l[g] = l[g] * corr + p[g];
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) acc[g][j] *= corr;
+      m[g] = m_new;
+    }
+  }
+};
+
+/// Merges the warps of a CTA (merge: kAttnWarps * G * (D + 2) floats of
+/// shared memory) and writes this split's partial (acc, max, sum) for the G
+/// query heads at part[g][split] (rows of D + 2 floats). acc[g][j] holds
+/// channel lane + 32 j, or with kPairs channel 64 (j / 2) + 2 lane + j % 2
+/// (a lane that reads V as half2 pairs).
+/// Only the first g_real heads are written (a kernel padded to G heads for a
+/// group of g_real, e.g. 3 of 4: the padded rows have no output).
+template <int D, int G, bool kPairs = false>
+__device__ void write_split_partial(const SoftmaxAcc<D, G>& st, float* merge, float* part, int splits, int split,
+                                    int g_real = G) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    float* row = merge + (size_t(warp) * G + g) * (D + 2);
+#pragma unroll
+    for (int j = 0; j < D / 32; ++j) row[kPairs ? 64 * (j / 2) + 2 * lane + j % 2 : lane + 32 * j] = st.acc[g][j];
+    const float lsum = warp_sum(st.l[g]);
+    if (lane == 0) { row[D] = st.m[g]; row[D + 1] = lsum; }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < g_real * D; i += blockDim.x) {
+    const int g = i / D, d = i % D;
+    float M = -INFINITY;
+    for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, merge[(size_t(w) * G + g) * (D + 2) + D]);
+    float A = 0.f, L = 0.f;
+    if (M != -INFINITY) {
+      for (int w = 0; w < kAttnWarps; ++w) {
+        const float* row = merge + (size_t(w) * G + g) * (D + 2);
+        if (row[D] == -INFINITY) continue;
+        const float f = exp2f(row[D] - M);
+        A += row[d] * f;
+        L += row[D + 1] * f;
+      }
+    }
+    float* out = part + (size_t(g) * splits + split) * (D + 2);
+    out[d] = A;
+    if (d == 0) { out[D] = M; out[D + 1] = L; }
+  }
+}
+
+/// Four consecutive elements of an uncompressed row as float (16- or 8-byte aligned).
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 load4(const __half* p) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
+  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+__device__ __forceinline__ float4 load4(const __nv_bfloat16* p) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+/// Attends one warp to n <= 32 uncompressed tokens (an uncompressed tail or
+/// window): rows k[t * D ..], v[t * D ..]; lane l scores row l against q_s
+/// ([G][D], log2 units), the chunk is folded into the softmax, p.V accumulated.
+template <int D, int G, typename E>
+__device__ void attend_rows(SoftmaxAcc<D, G>& st, const float* q_s, const E* k, const E* v, int n) {
+  const int lane = threadIdx.x % 32;
+  float s[G], pr[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) s[g] = 0.f;
+  if (lane < n) {
+    for (int c = 0; c < D; c += 4) {
+      const float4 x = load4(k + size_t(lane) * D + c);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const float* qg = q_s + g * D + c;
+        s[g] = fmaf(qg[0], x.x, fmaf(qg[1], x.y, fmaf(qg[2], x.z, fmaf(qg[3], x.w, s[g]))));
+      }
+    }
+  }
+  st.update(s, lane < n, pr);
+  for (int t = 0; t < n; ++t) {
+    float pt[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) pt[g] = __shfl_sync(0xFFFFFFFFu, pr[g], t);
+#pragma unroll
+    for (int j = 0; j < D / 32; ++j) {
+      const float x = to_float(v[size_t(t) * D + lane + 32 * j]);
+#pragma unroll
+      for (int g = 0; g < G; ++g) st.acc[g][j] = fmaf(pt[g], x, st.acc[g][j]);
+    }
+  }
+}
+
+/// x[0..N) from 16-byte aligned shared memory, in the widest loads.
+template <int N>
+__device__ __forceinline__ void load_vec(const float* p, float (&x)[N]) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+      const float4 v = reinterpret_cast<const float4*>(p)[i];
+      x[4 * i] = v.x; x[4 * i + 1] = v.y; x[4 * i + 2] = v.z; x[4 * i + 3] = v.w;
+    }
+  } else if constexpr (N == 2) {
+    const float2 v = *reinterpret_cast<const float2*>(p);
+    x[0] = v.x; x[1] = v.y;
+  } else {
+    static_assert(N == 1, "1, 2 or a multiple of 4");
+    x[0] = *p;
+  }
+}
+
+/// Combines the splits: out = sum_s A_s 2^(m_s - M) / sum_s L_s 2^(m_s - M).
+/// grid: batch * q_heads CTAs of D threads. A sequence with no tokens gives 0.
+/// rotate_back (Config::transform = Hadamard): V was stored as v R, so the
+/// merged row is o R; it is multiplied by R once more (R R = I) before output.
+template <typename QT, int D>
+__global__ void merge_kernel(const float* part, int splits, QT* out, bool rotate_back = false) {
+  const size_t bh = blockIdx.x;
+  const float* base = part + bh * splits * (D + 2);
+  float M = -INFINITY;
+  for (int s = 0; s < splits; ++s) M = fmaxf(M, base[s * (D + 2) + D]);
+  float num = 0.f, den = 0.f;
+  if (M != -INFINITY) {
+    for (int s = 0; s < splits; ++s) {
+      const float m = base[s * (D + 2) + D];
+      if (m == -INFINITY) continue;
+      const float f = exp2f(m - M);
+      num += base[s * (D + 2) + threadIdx.x] * f;
+      den += base[s * (D + 2) + D + 1] * f;
+    }
+  }
+  float o = den > 0.f ? num / den : 0.f;
+  if (rotate_back) {  // uniform over the launch
+    __shared__ float row[D];
+    row[threadIdx.x] = o;
+    __syncthreads();
+    if (threadIdx.x < 32) hadamard_row_shared<D>(row);
+    __syncthreads();
+    o = row[threadIdx.x];
+  }
+  store_out(out + bh * D + threadIdx.x, o);
+}
+
+}  // namespace detail
+}  // namespace kvcomp
