@@ -2,13 +2,15 @@
 //
 // One warp compresses one block (K or V of one StoreJob); its 32 lanes produce
 // the 32 sub-streams of the format (format.hpp). Three kernels share the
-// per-lane symbol walk:
-//   histogram_kernel: quantization codes -> per-codebook histograms (used once
-//                     per (layer, head, K|V) to build the codebook);
+// per-lane pair walk (for_each_lane_pair, pair_position() order):
+//   histogram_kernel: stream symbols (pair_symbol) -> per-codebook histograms
+//                     (used once per (layer, head, K|V) to build the codebook);
 //   measure_kernel:   compressed size of every block (for the offset scan);
 //   encode_kernel:    writes blocks at their final pool offsets.
-// Every lane writes whole 32-bit words; the one word two lanes share at a
-// stream boundary is merged with a shuffle, so no atomics and no zeroing.
+// Bit counts and bits come from format::pair_bits / format::put_pair, the
+// functions the CPU reference encodes with. Every lane writes whole 32-bit
+// words; the one word two lanes share at a stream boundary is merged with a
+// shuffle, so no atomics and no zeroing.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -26,9 +28,17 @@ namespace detail {
 constexpr int kStoreWarps = 4;  // blocks compressed per CTA
 constexpr int kMaxGroups = 256;
 
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(float x) { return x; }
+// Input elements as fp32, exactly as kvcomp::load_as_float (dtype.hpp) on the
+// host, NaN payloads included: an escaped value's raw bits must match the
+// reference bit for bit, and the hardware conversions may canonicalize NaNs.
+__device__ __forceinline__ float load_exact(__half x) {
+  const uint16_t h = __half_as_ushort(x);
+  return (h & 0x7FFFu) > 0x7C00u ? format::half_to_float(h) : __half2float(x);  // exact for non-NaN
+}
+__device__ __forceinline__ float load_exact(__nv_bfloat16 x) {
+  return format::bits_float(uint32_t(__bfloat16_as_ushort(x)) << 16);
+}
+__device__ __forceinline__ float load_exact(float x) { return x; }
 
 /// Row t of a block: tail row (held back by the cache, the input's type) or input row.
 template <typename Elem>
@@ -42,9 +52,11 @@ struct BlockRows {
       : tail(static_cast<const Elem*>(kind == Kind::Key ? job.k_tail : job.v_tail)),
         in(static_cast<const Elem*>(kind == Kind::Key ? job.k_in : job.v_in)),
         stride(job.in_token_stride), tail_tokens(job.tail_tokens), head_dim(D) {}
-  __device__ __forceinline__ float get(int t, int c) const {
-    return to_float(t < tail_tokens ? tail[size_t(t) * head_dim + c] : in[int64_t(t - tail_tokens) * stride + c]);
+  __device__ __forceinline__ const Elem* row(int t) const {
+    return t < tail_tokens ? tail + size_t(t) * head_dim : in + int64_t(t - tail_tokens) * stride;
   }
+  __device__ __forceinline__ float load(const Elem* r, int c) const { return load_exact(r[c]); }
+  __device__ __forceinline__ float get(int t, int c) const { return load(row(t), c); }
 };
 
 /// Fills params[G] (shared memory) with the quantizer of every group.
@@ -73,42 +85,75 @@ __device__ void block_params_warp(const StoreJob& job, Kind kind, int T, int D, 
   __syncwarp();
 }
 
-/// Calls f(symbol, value) for each of this lane's symbols in stream order.
-/// `enc` = encoder table, or nullptr for raw codes (histogram).
-template <typename Elem, typename F>
-__device__ __forceinline__ void for_each_lane_symbol(const StoreJob& job, Kind kind, int T, int D,
-                                                     const format::GroupQuant* params, const uint32_t* enc, F&& f) {
-  const int lane = threadIdx.x % 32;
-  const BlockRows<Elem> rows(job, kind, D);
-  if (kind == Kind::Key) {
-    for (int t = lane; t < T; t += 32) {
-#pragma unroll 8
-      for (int c = 0; c < D; ++c) {
-        const float v = rows.get(t, c);
-        int sym = format::quantize(v, params[c]);
-        if (enc && (__ldg(&enc[sym]) >> 16) == 0) sym = format::kEscape;
-        f(sym, v);
+/// Calls f(a, b, va, vb) for each pair of lane `lane`'s stream, in stream
+/// order: pair i holds the values at format::pair_position(kind, D, lane, i)
+/// (va at (t0, c0), vb at (t1, c1)) and a, b are their quantization codes
+/// (0..254 or kEscape) under their groups' params (shared memory).
+/// `rows.row(t)` gives a handle on token t's row, `rows.load(handle, c)` its
+/// channel c as fp32. Host-callable (with host rows) so the order can be
+/// checked against pair_position() without a device.
+///   K: per 32-token chunk, for k16, for n8: token 8 n8 + row, channels
+///      16 k16 + 2 quad + {0, 1}, then + 8 (params of 4 channels per k16);
+///   V: per chunk, for k16 in 0..2, for n8: channel 8 n8 + row, tokens
+///      16 k16 + 2 quad + {0, 1}, then + 8 (params and rows of 4 tokens per k16).
+#pragma nv_exec_check_disable
+template <typename Rows, typename F>
+__host__ __device__ __forceinline__ void for_each_lane_pair(Kind kind, int T, int D, int lane, const Rows& rows,
+                                                            const format::GroupQuant* params, F&& f) {
+  const int row = lane / 4, quad = lane % 4;
+  for (int t_base = 0; t_base < T; t_base += format::kChunkTokens) {
+    if (kind == Kind::Key) {
+      for (int k16 = 0; k16 < D / 16; ++k16) {
+        const int c = 16 * k16 + 2 * quad;
+        const format::GroupQuant g0 = params[c], g1 = params[c + 1], g8 = params[c + 8], g9 = params[c + 9];
+#pragma unroll
+        for (int n8 = 0; n8 < 4; ++n8) {
+          const auto r = rows.row(t_base + 8 * n8 + row);
+          const float v0 = rows.load(r, c), v1 = rows.load(r, c + 1);
+          const float v8 = rows.load(r, c + 8), v9 = rows.load(r, c + 9);
+          f(format::quantize(v0, g0), format::quantize(v1, g1), v0, v1);
+          f(format::quantize(v8, g8), format::quantize(v9, g9), v8, v9);
+        }
       }
-    }
-  } else {
-    for (int t = 0; t < T; ++t) {
-      const format::GroupQuant g = params[t];
-      for (int c = lane; c < D; c += 32) {
-        const float v = rows.get(t, c);
-        int sym = format::quantize(v, g);
-        if (enc && (__ldg(&enc[sym]) >> 16) == 0) sym = format::kEscape;
-        f(sym, v);
+    } else {
+      for (int k16 = 0; k16 < 2; ++k16) {
+        const int t = t_base + 16 * k16 + 2 * quad;
+        const format::GroupQuant g0 = params[t], g1 = params[t + 1], g8 = params[t + 8], g9 = params[t + 9];
+        const auto r0 = rows.row(t), r1 = rows.row(t + 1), r8 = rows.row(t + 8), r9 = rows.row(t + 9);
+#pragma unroll 4
+        for (int n8 = 0; n8 < D / 8; ++n8) {
+          const int c = 8 * n8 + row;
+          const float v0 = rows.load(r0, c), v1 = rows.load(r1, c);
+          const float v8 = rows.load(r8, c), v9 = rows.load(r9, c);
+          f(format::quantize(v0, g0), format::quantize(v1, g1), v0, v1);
+          f(format::quantize(v8, g8), format::quantize(v9, g9), v8, v9);
+        }
       }
     }
   }
 }
 
-__device__ __forceinline__ uint32_t symbol_bits(const uint32_t* enc, int sym) {
-  return (__ldg(&enc[sym]) >> 16) + (sym == format::kEscape ? format::kRawBits : 0);
+/// Copies a codebook's encoder table into this warp's shared `dst` (read with
+/// data-dependent indices by every lane, so shared beats __ldg per pair).
+__device__ __forceinline__ void load_enc_warp(const uint32_t* enc, uint32_t* dst) {
+  const int lane = threadIdx.x % 32;
+  for (int s = lane; s < format::kNumSymbols; s += 32) dst[s] = __ldg(&enc[s]);
+  __syncwarp();
+}
+
+/// This lane's stream length in bits (format::pair_bits over its pairs).
+template <typename Elem>
+__device__ __forceinline__ uint32_t lane_stream_bits(const StoreJob& job, Kind kind, int T, int D,
+                                                     const format::GroupQuant* params, const uint32_t* enc) {
+  uint32_t bits = 0;
+  for_each_lane_pair(kind, T, D, int(threadIdx.x % 32), BlockRows<Elem>(job, kind, D), params,
+                     [&](int a, int b, float, float) { bits += format::pair_bits(enc, a, b); });
+  return bits;
 }
 
 /// grid: ceil(2 * n_jobs / kStoreWarps) CTAs of 32 * kStoreWarps threads.
-/// hist: [codebooks][256] counts, accumulated with atomics.
+/// hist: [codebooks][256] counts of stream symbols (format::pair_symbol per
+/// pair, codebook-independent), accumulated with atomics.
 template <typename Elem>
 __global__ void __launch_bounds__(32 * kStoreWarps) histogram_kernel(const StoreJob* jobs, int n_jobs, int T, int D,
                                                                      unsigned long long* hist) {
@@ -121,8 +166,8 @@ __global__ void __launch_bounds__(32 * kStoreWarps) histogram_kernel(const Store
   const Kind kind = Kind(item % 2);
   for (int s = lane; s < format::kNumSymbols; s += 32) local[warp][s] = 0;
   block_params_warp<Elem>(job, kind, T, D, params[warp]);
-  for_each_lane_symbol<Elem>(job, kind, T, D, params[warp], nullptr,
-                             [&](int sym, float) { atomicAdd(&local[warp][sym], 1u); });
+  for_each_lane_pair(kind, T, D, lane, BlockRows<Elem>(job, kind, D), params[warp],
+                     [&](int a, int b, float, float) { atomicAdd(&local[warp][format::pair_symbol(a, b)], 1u); });
   __syncwarp();
   unsigned long long* out = hist + size_t(job.codebook + int(kind)) * format::kNumSymbols;
   for (int s = lane; s < format::kNumSymbols; s += 32)
@@ -135,21 +180,27 @@ template <typename Elem>
 __global__ void __launch_bounds__(32 * kStoreWarps) measure_kernel(const StoreJob* jobs, int n_jobs, int T, int D,
                                                                    const CodebookTables* books, uint32_t* sizes16) {
   __shared__ format::GroupQuant params[kStoreWarps][kMaxGroups];
+  __shared__ uint32_t enc[kStoreWarps][format::kNumSymbols];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int item = blockIdx.x * kStoreWarps + warp;
   if (item >= 2 * n_jobs) return;
   const StoreJob job = jobs[item / 2];
   const Kind kind = Kind(item % 2);
-  const uint32_t* enc = books[job.codebook + int(kind)].enc;
+  load_enc_warp(books[job.codebook + int(kind)].enc, enc[warp]);
   block_params_warp<Elem>(job, kind, T, D, params[warp]);
-  uint32_t bits = 0;
-  for_each_lane_symbol<Elem>(job, kind, T, D, params[warp], enc, [&](int sym, float) { bits += symbol_bits(enc, sym); });
+  uint32_t bits = lane_stream_bits<Elem>(job, kind, T, D, params[warp], enc[warp]);
   for (int o = 16; o > 0; o >>= 1) bits += __shfl_xor_sync(0xFFFFFFFFu, bits, o);
   if (lane == 0) sizes16[item] = uint32_t(format::block_bytes(kind, T, D, bits) / format::kBlockAlign);
 }
 
 /// Appends bits LSB first; stores each completed 32-bit word except a first
 /// word shared with the previous lane, which is handed back at the end.
+/// put(bits, n): 0 <= n <= 32, bits above n zero (put_pair's codewords, 8-bit
+/// fields and raw words are). fill < 32 between calls, so acc holds fill + n
+/// <= 63 bits and at most one word completes per call; n = 0 changes nothing.
+/// The boundary merge assumes every lane stream completes its first word,
+/// i.e. is at least 32 bits long: it holds pairs_per_lane >= 32 pairs of at
+/// least one bit each.
 struct LaneWriter {
   uint32_t* payload;
   uint64_t acc;
@@ -187,13 +238,15 @@ __global__ void __launch_bounds__(32 * kStoreWarps) encode_kernel(const StoreJob
                                                                   const int64_t* extent_base16, uint8_t* pool,
                                                                   format::BlockRef* table) {
   __shared__ format::GroupQuant params[kStoreWarps][kMaxGroups];
+  __shared__ uint32_t enc_s[kStoreWarps][format::kNumSymbols];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int item = blockIdx.x * kStoreWarps + warp;
   if (item >= 2 * n_jobs) return;
   const int j = item / 2;
   const StoreJob job = jobs[j];
   const Kind kind = Kind(item % 2);
-  const uint32_t* enc = books[job.codebook + int(kind)].enc;
+  const uint32_t* enc = enc_s[warp];
+  load_enc_warp(books[job.codebook + int(kind)].enc, enc_s[warp]);
   const uint32_t k16 = sizes16[2 * j], v16 = sizes16[2 * j + 1];
   const int64_t pair16 = extent_base16[job.extent] + offsets16[2 * j];
   const int64_t at16 = pair16 + (kind == Kind::Key ? 0 : k16);
@@ -203,8 +256,7 @@ __global__ void __launch_bounds__(32 * kStoreWarps) encode_kernel(const StoreJob
 
   block_params_warp<Elem>(job, kind, T, D, params[warp]);
   // Pass 1: lane lengths -> starts.
-  uint32_t bits = 0;
-  for_each_lane_symbol<Elem>(job, kind, T, D, params[warp], enc, [&](int sym, float) { bits += symbol_bits(enc, sym); });
+  const uint32_t bits = lane_stream_bits<Elem>(job, kind, T, D, params[warp], enc);
   uint32_t incl = bits;
   for (int o = 1; o < 32; o <<= 1) {
     const uint32_t v = __shfl_up_sync(0xFFFFFFFFu, incl, o);
@@ -230,11 +282,10 @@ __global__ void __launch_bounds__(32 * kStoreWarps) encode_kernel(const StoreJob
   // Pass 2: the bits.
   uint32_t* payload = block + format::payload_offset(kind, T, D) / 4;
   LaneWriter wr(payload, start);
-  for_each_lane_symbol<Elem>(job, kind, T, D, params[warp], enc, [&](int sym, float v) {
-    const uint32_t e = __ldg(&enc[sym]);
-    wr.put(e & 0xFFFFu, int(e >> 16));
-    if (sym == format::kEscape) wr.put(format::float_bits(v), format::kRawBits);
-  });
+  for_each_lane_pair(kind, T, D, lane, BlockRows<Elem>(job, kind, D), params[warp],
+                     [&](int a, int b, float va, float vb) {
+                       format::put_pair(enc, a, b, va, vb, [&](uint32_t v, int n) { wr.put(v, n); });
+                     });
   sum += wr.sum;
   // Boundary words: lane l's partial last word + lane l+1's held first word.
   const uint32_t tail = uint32_t(wr.acc);

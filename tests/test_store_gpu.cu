@@ -1,5 +1,8 @@
-// GPU store path vs the CPU reference: bit-equal blocks, equal histograms.
+// GPU store path vs the CPU reference: bit-equal blocks, equal histograms
+// (format v3: pair symbols, PAIR_ESC with 8-bit fields and raw fp32 words).
+#include <cmath>
 #include <cstring>
+#include <random>
 #include <string>
 
 #include "gpu_util.cuh"
@@ -18,15 +21,52 @@ struct StoreCase {
   int D;
 };
 
-void run_store_case(StoreCase cs, Dist dist, ErrorBound eb, uint64_t seed) {
+struct StoreOptions {
+  // Non-finite and huge inputs (raw escapes), an all-NaN channel and an all-Inf
+  // token (groups with no finite value), constant channels and tokens (step 0).
+  bool specials = false;
+  // Codebooks built from a thinned histogram: pair symbols that occur in the
+  // data but have no codeword, written as PAIR_ESC with two fields.
+  bool sparse_books = false;
+};
+
+/// Overwrites some of x (rows x cols, row = token) with values that escape.
+void add_specials(std::vector<float>& x, int rows, int cols, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const float specials[] = {format::bits_float(0x7FC01234u), format::bits_float(0xFFC00001u), INFINITY, -INFINITY,
+                            NAN, 30000.f, -30000.f};
+  for (auto& v : x)
+    if (rng() % 50 == 0) v = specials[rng() % (sizeof(specials) / sizeof(specials[0]))];
+  for (int r = 0; r < rows; ++r) {
+    if (cols > 5) x[size_t(r) * cols + 5] = NAN;      // channel 5: no finite value
+    if (cols > 9) x[size_t(r) * cols + 9] = 0.75f;    // channel 9: constant
+  }
+  if (rows > 3)
+    for (int c = 0; c < cols; ++c) x[size_t(3) * cols + c] = INFINITY;  // token 3: no finite value
+  if (rows > 10)
+    for (int c = 0; c < cols; ++c) x[size_t(10) * cols + c] = -2.5f;    // token 10: constant
+}
+
+std::vector<float> case_data(Dist dist, int rows, int cols, uint64_t seed, DType dtype, bool specials) {
+  auto x = make_data(dist, rows, cols, seed);
+  if (specials) add_specials(x, rows, cols, seed ^ 0x5bd1e995u);
+  return round_to(dtype, x);
+}
+
+bool same_bits(float a, float b) { return format::float_bits(a) == format::float_bits(b); }
+
+/// `dropped`, if given, is increased by the pair symbols that occur in the
+/// data but lost their codeword (sparse_books).
+void run_store_case(StoreCase cs, Dist dist, ErrorBound eb, uint64_t seed, StoreOptions opt = {},
+                    int* dropped = nullptr) {
   const int H = 2, blocks = 3, tail_rows = 7;
   const int T = cs.T, D = cs.D;
   const int tokens = blocks * T;
   // Input [tokens][H][D]; K with outliers as the distribution says, V likewise.
-  auto k_all = round_to(cs.dtype, make_data(dist, tokens, H * D, seed));
-  auto v_all = round_to(cs.dtype, make_data(dist, tokens, H * D, seed + 1));
-  auto tail_k = round_to(cs.dtype, make_data(dist, T, D, seed + 2));
-  auto tail_v = round_to(cs.dtype, make_data(dist, T, D, seed + 3));
+  auto k_all = case_data(dist, tokens, H * D, seed, cs.dtype, opt.specials);
+  auto v_all = case_data(dist, tokens, H * D, seed + 1, cs.dtype, opt.specials);
+  auto tail_k = case_data(dist, T, D, seed + 2, cs.dtype, opt.specials);
+  auto tail_v = case_data(dist, T, D, seed + 3, cs.dtype, opt.specials);
 
   // Jobs: every (block, head) from the input, plus one block whose first
   // tail_rows rows come from a tail buffer (what a decode step closes).
@@ -89,12 +129,21 @@ void run_store_case(StoreCase cs, Dist dist, ErrorBound eb, uint64_t seed) {
   CUDA_LAUNCH_OK();
   const auto gpu_hist = d_hist.download();
   for (size_t i = 0; i < cpu_hist.size(); ++i) ASSERT_EQ(gpu_hist[i], cpu_hist[i]) << "histogram entry " << i;
+  if (opt.specials)  // every codebook's data holds escaped pairs
+    for (int b = 0; b < 4; ++b) ASSERT_GT(cpu_hist[b * format::kNumSymbols + format::kPairEscape], 0u) << "book " << b;
 
-  // Codebooks from the histograms.
+  // Codebooks from the histograms (thinned: every third pair symbol dropped).
   std::vector<Codebook> books;
   std::vector<CodebookTables> tables;
   for (int b = 0; b < 4; ++b) {
-    books.push_back(Codebook::from_histogram(&cpu_hist[b * format::kNumSymbols]));
+    std::vector<uint64_t> counts(cpu_hist.begin() + b * format::kNumSymbols,
+                                 cpu_hist.begin() + (b + 1) * format::kNumSymbols);
+    if (opt.sparse_books)
+      for (int sym = 0; sym < format::kPairSymbols; sym += 3) {
+        if (dropped) *dropped += counts[sym] != 0;
+        counts[sym] = 0;
+      }
+    books.push_back(Codebook::from_histogram(counts.data()));
     tables.push_back(books.back().tables());
   }
   DevBuf<CodebookTables> d_books(4);
@@ -140,7 +189,11 @@ void run_store_case(StoreCase cs, Dist dist, ErrorBound eb, uint64_t seed) {
       for (int t = 0; t < T; ++t)
         for (int c = 0; c < D; ++c) {
           const size_t e = size_t(t) * D + c;
-          ASSERT_LE(std::fabs(out[e] - x[e]), params[kind == Kind::Key ? c : t].eb_abs);
+          if (!std::isfinite(x[e])) {  // escaped: raw bits, NaN payload included
+            ASSERT_TRUE(same_bits(out[e], x[e])) << "t " << t << " c " << c;
+            continue;
+          }
+          ASSERT_LE(std::fabs(out[e] - x[e]), params[kind == Kind::Key ? c : t].eb_abs) << "t " << t << " c " << c;
         }
     }
     ASSERT_EQ(table[i].offset16, 4 + offsets[2 * i]);
@@ -169,6 +222,37 @@ TEST(StoreGpu, BitEqualToReferenceForEveryTypeHeadDimAndDistribution) {
                         ErrorBound{BoundMode::Absolute, 0.001f}, ErrorBound{BoundMode::Absolute, 0.5f}}) {
     SCOPED_TRACE("eb " + std::to_string(eb.value));
     run_store_case({DType::F16, 64, 128}, Dist::HeavyTailed, eb, seed + 5);
+    if (HasFatalFailure()) return;
+  }
+}
+
+// Small bound (codes beyond 15 and beyond 254: PAIR_ESC fields and raw words),
+// non-finite inputs (raw words, NaN payloads kept), empty and constant groups,
+// and pair symbols without a codeword, over every block shape and input type.
+TEST(StoreGpu, BitEqualToReferenceWithPairEscapesAndRawValues) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  int n = 0, dropped = 0;
+  for (DType dtype : {DType::F16, DType::BF16, DType::F32})
+    for (int T : {32, 64, 128})
+      for (int D : {64, 128, 256})
+        for (bool sparse : {false, true}) {
+          const Dist dist = kAllDists[n++ % 4];
+          SCOPED_TRACE(std::string(dtype_name(dtype)) + " T " + std::to_string(T) + " D " + std::to_string(D) + " " +
+                       dist_name(dist) + (sparse ? " sparse codebooks" : ""));
+          run_store_case({dtype, T, D}, dist, {BoundMode::Relative, 0.005f}, seed + 7 * n, {true, sparse},
+                         &dropped);
+          if (HasFatalFailure()) return;
+        }
+  EXPECT_GT(dropped, 0) << "no case encoded a pair symbol without a codeword";
+  // Bounds where most finite codes exceed 254 (raw words) or 14 (fields).
+  for (ErrorBound eb : {ErrorBound{BoundMode::Relative, 0.0005f}, ErrorBound{BoundMode::Absolute, 0.0001f},
+                        ErrorBound{BoundMode::Relative, 0.02f}}) {
+    SCOPED_TRACE("eb " + std::to_string(eb.value));
+    run_store_case({DType::F32, 64, 128}, Dist::Gaussian, eb, seed + 11, {true, false});
+    if (HasFatalFailure()) return;
+    run_store_case({DType::BF16, 128, 64}, Dist::OutlierChannels, eb, seed + 13, {false, true});
     if (HasFatalFailure()) return;
   }
 }
