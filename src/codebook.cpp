@@ -11,6 +11,7 @@ namespace {
 
 using format::kMaxCodeLen;
 using format::kNumSymbols;
+using format::kPairEscape;
 
 // Plain Huffman depths for the present symbols (two-queue-free, heap based).
 std::array<uint8_t, kNumSymbols> unlimited_lengths(const std::vector<uint64_t>& counts) {
@@ -47,7 +48,8 @@ std::array<uint8_t, kNumSymbols> unlimited_lengths(const std::vector<uint64_t>& 
 std::array<uint8_t, kNumSymbols> huffman_lengths(const uint64_t* counts_in, int max_len) {
   std::vector<uint64_t> counts(counts_in, counts_in + kNumSymbols);
   // Flatten the distribution until the tree fits: halving keeps the order of
-  // weights and converges to a balanced tree (depth <= 8 for 256 symbols).
+  // weights and converges to a balanced tree (depth <= 8 for 256 symbols,
+  // so any max_len >= 8 is reached).
   for (;;) {
     auto len = unlimited_lengths(counts);
     if (*std::max_element(len.begin(), len.end()) <= max_len) return len;
@@ -57,7 +59,9 @@ std::array<uint8_t, kNumSymbols> huffman_lengths(const uint64_t* counts_in, int 
 
 Codebook Codebook::from_histogram(const uint64_t* counts_in) {
   std::vector<uint64_t> counts(counts_in, counts_in + kNumSymbols);
-  counts[format::kEscape] = std::max<uint64_t>(counts[format::kEscape], 1);
+  // Only pair symbols and PAIR_ESC may have codewords; PAIR_ESC always has one.
+  for (int s = kPairEscape + 1; s < kNumSymbols; ++s) counts[s] = 0;
+  counts[kPairEscape] = std::max<uint64_t>(counts[kPairEscape], 1);
   Codebook cb;
   cb.lengths_ = huffman_lengths(counts.data(), kMaxCodeLen);
   cb.derive_tables();
@@ -70,11 +74,15 @@ Codebook Codebook::from_lengths(const uint8_t* lengths) {
   for (int s = 0; s < kNumSymbols; ++s) {
     if (lengths[s] > kMaxCodeLen) throw Error("codebook: code length " + std::to_string(lengths[s]) +
                                               " of symbol " + std::to_string(s) + " exceeds the limit");
+    if (s > kPairEscape && lengths[s] != 0)
+      throw Error("codebook: symbol " + std::to_string(s) + " has a codeword (length " +
+                  std::to_string(lengths[s]) + ") but only symbols 0.." + std::to_string(kPairEscape) + " may");
     cb.lengths_[s] = lengths[s];
     if (lengths[s]) kraft += uint64_t(1) << (kMaxCodeLen - lengths[s]);
   }
   if (kraft > (uint64_t(1) << kMaxCodeLen)) throw Error("codebook: lengths violate the Kraft inequality");
-  if (lengths[format::kEscape] == 0) throw Error("codebook: the escape symbol has no codeword");
+  if (lengths[kPairEscape] == 0)
+    throw Error("codebook: the pair escape symbol " + std::to_string(kPairEscape) + " has no codeword");
   cb.derive_tables();
   return cb;
 }
@@ -101,11 +109,15 @@ void Codebook::derive_tables() {
 }
 
 double Codebook::mean_bits(const uint64_t* counts) const {
+  // A pair symbol without a codeword is written as PAIR_ESC (format::put_pair);
+  // a PAIR_ESC costs its codeword and two 8-bit fields. The 32 raw bits that
+  // follow a field of 255 (an ESC value) are not counted: a histogram of
+  // stream symbols does not say how many escaped values a PAIR_ESC holds.
+  const double esc_bits = double(lengths_[kPairEscape]) + 2.0 * format::kFieldBits;
   double bits = 0, n = 0;
   for (int s = 0; s < kNumSymbols; ++s) {
     if (!counts[s]) continue;
-    const double per = lengths_[s] ? lengths_[s] + (s == format::kEscape ? format::kRawBits : 0)
-                                   : lengths_[format::kEscape] + format::kRawBits;
+    const double per = (s != kPairEscape && lengths_[s]) ? double(lengths_[s]) : esc_bits;
     bits += per * double(counts[s]);
     n += double(counts[s]);
   }

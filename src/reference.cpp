@@ -81,33 +81,53 @@ std::vector<GroupQuant> block_params(Kind kind, const float* x, int tokens, int 
   return params;
 }
 
-void add_histogram(Kind kind, const float* x, int tokens, int head_dim, ErrorBound eb, uint64_t* counts) {
-  const auto params = block_params(kind, x, tokens, head_dim, eb);
+namespace {
+
+// Quantization codes (0..254 or kEscape) of every value of a block, row-major.
+std::vector<int> block_codes(Kind kind, const float* x, int tokens, int head_dim,
+                             const std::vector<GroupQuant>& params) {
+  std::vector<int> codes(size_t(tokens) * head_dim);
   for (int t = 0; t < tokens; ++t)
     for (int c = 0; c < head_dim; ++c)
-      ++counts[quantize(x[size_t(t) * head_dim + c], params[group_of(kind, t, c)])];
+      codes[size_t(t) * head_dim + c] = quantize(x[size_t(t) * head_dim + c], params[group_of(kind, t, c)]);
+  return codes;
+}
+
+}  // namespace
+
+void add_histogram(Kind kind, const float* x, int tokens, int head_dim, ErrorBound eb, uint64_t* counts) {
+  const auto params = block_params(kind, x, tokens, head_dim, eb);
+  const auto codes = block_codes(kind, x, tokens, head_dim, params);
+  const int per_lane = pairs_per_lane(tokens, head_dim);
+  for (int lane = 0; lane < kLanes; ++lane)
+    for (int i = 0; i < per_lane; ++i) {
+      int t0, c0, t1, c1;
+      pair_position(kind, head_dim, lane, i, t0, c0, t1, c1);
+      ++counts[pair_symbol(codes[size_t(t0) * head_dim + c0], codes[size_t(t1) * head_dim + c1])];
+    }
 }
 
 std::vector<uint8_t> encode_block(Kind kind, const float* x, int tokens, int head_dim, ErrorBound eb,
                                   const Codebook& codebook, uint16_t codebook_id) {
   const auto params = block_params(kind, x, tokens, head_dim, eb);
+  const auto codes = block_codes(kind, x, tokens, head_dim, params);
   const auto& enc = codebook.tables().enc;
-  const int per_lane = symbols_per_lane(tokens, head_dim);
+  const int per_lane = pairs_per_lane(tokens, head_dim);
 
   BitWriter bw;
+  auto put = [&bw](uint32_t bits, int n) { bw.put(bits, n); };
   uint16_t lane_bits[kLanes];
   for (int lane = 0; lane < kLanes; ++lane) {
     const uint64_t start = bw.total_bits();
     for (int i = 0; i < per_lane; ++i) {
-      int t, c;
-      symbol_position(kind, head_dim, lane, i, t, c);
-      const float v = x[size_t(t) * head_dim + c];
-      int sym = quantize(v, params[group_of(kind, t, c)]);
-      if ((enc[sym] >> 16) == 0) sym = kEscape;  // no codeword: store raw
-      bw.put(enc[sym] & 0xFFFFu, int(enc[sym] >> 16));
-      if (sym == kEscape) bw.put(float_bits(v), kRawBits);
+      int t0, c0, t1, c1;
+      pair_position(kind, head_dim, lane, i, t0, c0, t1, c1);
+      const size_t i0 = size_t(t0) * head_dim + c0, i1 = size_t(t1) * head_dim + c1;
+      put_pair(enc, codes[i0], codes[i1], x[i0], x[i1], put);
     }
-    lane_bits[lane] = uint16_t(bw.total_bits() - start);
+    const uint64_t bits = bw.total_bits() - start;
+    if (bits > max_lane_bits(tokens, head_dim)) throw Error("encode_block: lane stream longer than max_lane_bits");
+    lane_bits[lane] = uint16_t(bits);
   }
   const uint64_t payload_bits = bw.total_bits();
   const std::vector<uint32_t> payload = bw.finish();
@@ -176,26 +196,39 @@ DecodeStatus decode_block(const uint8_t* data, size_t size, Kind kind, int token
 
   const auto& lut = codebook.tables().lut;
   const uint8_t* payload = data + payload_at;
-  const int per_lane = symbols_per_lane(tokens, head_dim);
+  const int per_lane = pairs_per_lane(tokens, head_dim);
   start = 0;
   for (int lane = 0; lane < kLanes; ++lane) {
     BitReader br(payload, start, start + lane_bits[lane]);
     for (int i = 0; i < per_lane; ++i) {
       const uint32_t e = lut[br.peek(kMaxCodeLen)];
-      const int len = lut_length(e), sym = lut_symbol(e);
+      const int len = lut_length(e);
       if (len == 0 || !br.consume(len)) return DecodeStatus::BadCode;
-      int t, c;
-      symbol_position(kind, head_dim, lane, i, t, c);
-      float v;
-      if (sym == kEscape) {
-        const uint32_t raw = br.peek(kRawBits);
-        if (!br.consume(kRawBits)) return DecodeStatus::BadCode;
-        v = bits_float(raw);
+      int t[2], c[2];
+      pair_position(kind, head_dim, lane, i, t[0], c[0], t[1], c[1]);
+      if (lut_is_escape(e)) {
+        // PAIR_ESC: per value an 8-bit field, the code or 255 = ESC + 32 raw bits.
+        for (int k = 0; k < 2; ++k) {
+          const int field = int(br.peek(kFieldBits));
+          if (!br.consume(kFieldBits)) return DecodeStatus::BadCode;
+          float v;
+          if (field == kEscape) {
+            const uint32_t raw = br.peek(kRawBits);
+            if (!br.consume(kRawBits)) return DecodeStatus::BadCode;
+            v = bits_float(raw);
+          } else {
+            const int g = group_of(kind, t[k], c[k]);
+            v = dequantize(field, gmin[g], gstep[g]);
+          }
+          out[size_t(t[k]) * head_dim + c[k]] = v;
+        }
       } else {
-        const int g = group_of(kind, t, c);
-        v = dequantize(sym, gmin[g], gstep[g]);
+        const int code[2] = {lut_first(e), lut_second(e)};
+        for (int k = 0; k < 2; ++k) {
+          const int g = group_of(kind, t[k], c[k]);
+          out[size_t(t[k]) * head_dim + c[k]] = dequantize(code[k], gmin[g], gstep[g]);
+        }
       }
-      out[size_t(t) * head_dim + c] = v;
     }
     if (br.pos() != start + lane_bits[lane]) return DecodeStatus::LengthMismatch;
     start += lane_bits[lane];

@@ -1,10 +1,14 @@
-// CPU tests of the format's arithmetic: fp16 directed rounding and the
-// error-bounded quantizer.
+// CPU tests of the format's arithmetic: fp16 directed rounding, the
+// error-bounded quantizer, the v3 lane order (pair_position), pair symbols,
+// decode-table entries and put_pair.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "kvcomp/format.hpp"
 #include "test_data.hpp"
@@ -109,23 +113,169 @@ TEST(Format, ConstantGroupsAndHugeValues) {
   }
 }
 
-TEST(Format, BlockSizesAndPositions) {
+TEST(Format, BlockSizesAndLaneBits) {
   EXPECT_EQ(payload_offset(Kind::Key, 64, 128), 8u + 4u * 128 + 64);
   EXPECT_EQ(payload_offset(Kind::Value, 64, 128), 8u + 4u * 64 + 64);
   EXPECT_EQ(block_bytes(Kind::Key, 64, 128, 1) % kBlockAlign, 0u);
-  EXPECT_LE(max_lane_bits(128, 256), 65535u);  // lane lengths fit uint16
-  // Every (token, channel) belongs to exactly one (lane, symbol).
+  // The worst pair: PAIR_ESC at the length limit, both values raw.
+  uint32_t worst_enc[kNumSymbols] = {};
+  worst_enc[kPairEscape] = uint32_t(kMaxCodeLen) << 16;
+  EXPECT_EQ(pair_bits(worst_enc, kEscape, kEscape), uint32_t(kMaxCodeLen + 2 * (kFieldBits + kRawBits)));
+  for (int T : {32, 64, 128})
+    for (int D : {64, 128, 256}) {
+      EXPECT_EQ(pairs_per_lane(T, D) * 2 * kLanes, T * D);
+      EXPECT_EQ(max_lane_bits(T, D), uint32_t(pairs_per_lane(T, D)) * pair_bits(worst_enc, kEscape, kEscape));
+      EXPECT_LE(max_lane_bits(T, D), 65535u) << T << " x " << D << ": lane lengths must fit uint16";
+    }
+}
+
+TEST(Format, PairPositionsCoverEveryValueOnce) {
+  // Every (token, channel) belongs to exactly one (lane, pair, value); the two
+  // values of a pair are neighbours along the mma's k dimension.
   for (Kind kind : {Kind::Key, Kind::Value})
     for (int T : {32, 64, 128})
       for (int D : {64, 128, 256}) {
+        SCOPED_TRACE(std::string(kind == Kind::Key ? "K " : "V ") + std::to_string(T) + " x " + std::to_string(D));
         std::vector<int> seen(size_t(T) * D, 0);
         for (int lane = 0; lane < kLanes; ++lane)
-          for (int i = 0; i < symbols_per_lane(T, D); ++i) {
-            int t, c;
-            symbol_position(kind, D, lane, i, t, c);
-            ASSERT_TRUE(t >= 0 && t < T && c >= 0 && c < D);
-            ++seen[size_t(t) * D + c];
+          for (int i = 0; i < pairs_per_lane(T, D); ++i) {
+            int t0 = -1, c0 = -1, t1 = -1, c1 = -1;
+            pair_position(kind, D, lane, i, t0, c0, t1, c1);
+            ASSERT_TRUE(t0 >= 0 && t0 < T && c0 >= 0 && c0 < D) << lane << " " << i;
+            ASSERT_TRUE(t1 >= 0 && t1 < T && c1 >= 0 && c1 < D) << lane << " " << i;
+            if (kind == Kind::Key) {
+              ASSERT_EQ(t1, t0);
+              ASSERT_EQ(c1, c0 + 1);
+            } else {
+              ASSERT_EQ(c1, c0);
+              ASSERT_EQ(t1, t0 + 1);
+            }
+            ++seen[size_t(t0) * D + c0];
+            ++seen[size_t(t1) * D + c1];
           }
-        for (int s : seen) ASSERT_EQ(s, 1);
+        for (size_t j = 0; j < seen.size(); ++j) ASSERT_EQ(seen[j], 1) << "t " << j / D << " c " << j % D;
       }
+}
+
+TEST(Format, PairPositionsFollowTheMmaFragmentOrder) {
+  // The B fragment of mma.m16n8k16 (PTX ISA): register i of lane l holds
+  // row k = 2 (l % 4) + (i % 2) + 8 (i / 2), column n = l / 4. Two pairs
+  // (b0 b1, b2 b3) per tile; tiles in the order of "Sub-streams".
+  for (Kind kind : {Kind::Key, Kind::Value})
+    for (int T : {32, 64, 128})
+      for (int D : {64, 128, 256})
+        for (int lane = 0; lane < kLanes; ++lane) {
+          int i = 0;
+          for (int chunk = 0; chunk < T / kChunkTokens; ++chunk) {
+            const int k_tiles = kind == Kind::Key ? D / 16 : 2, n_tiles = kind == Kind::Key ? 4 : D / 8;
+            for (int k16 = 0; k16 < k_tiles; ++k16)
+              for (int n8 = 0; n8 < n_tiles; ++n8)
+                for (int half = 0; half < 2; ++half, ++i) {
+                  int got[2][2];
+                  pair_position(kind, D, lane, i, got[0][0], got[0][1], got[1][0], got[1][1]);
+                  for (int v = 0; v < 2; ++v) {
+                    const int reg = 2 * half + v;
+                    const int k = 16 * k16 + 2 * (lane % 4) + (reg % 2) + 8 * (reg / 2);
+                    const int n = 8 * n8 + lane / 4;
+                    const int t = kChunkTokens * chunk + (kind == Kind::Key ? n : k);
+                    const int c = kind == Kind::Key ? k : n;
+                    ASSERT_EQ(got[v][0], t) << "lane " << lane << " pair " << i << " value " << v;
+                    ASSERT_EQ(got[v][1], c) << "lane " << lane << " pair " << i << " value " << v;
+                  }
+                }
+          }
+          ASSERT_EQ(i, pairs_per_lane(T, D));
+        }
+}
+
+TEST(Format, PairSymbols) {
+  for (int a = 0; a <= kEscape; ++a)
+    for (int b = 0; b <= kEscape; ++b) {
+      const int s = pair_symbol(a, b);
+      if (a < kPairBase && b < kPairBase) {
+        ASSERT_EQ(s, a * kPairBase + b);
+        ASSERT_LT(s, kPairEscape);
+      } else {
+        ASSERT_EQ(s, kPairEscape) << a << " " << b;
+      }
+    }
+  EXPECT_EQ(kPairEscape, 225);
+  EXPECT_LT(kPairEscape, kNumSymbols);
+  EXPECT_EQ(pair_symbol(kPairBase - 1, kPairBase - 1), kPairEscape - 1);
+}
+
+TEST(Format, SmallIntHalfIsExact) {
+  for (uint32_t n = 0; n < 2048; ++n) {
+    const uint16_t h = small_int_half(n);
+    ASSERT_EQ(half_to_float(h), float(n)) << n;
+    ASSERT_EQ(h, float_to_half_down(float(n))) << n;  // the one fp16 pattern of n
+    // Codes below 16 leave the low 4 mantissa bits free for the LUT flags.
+    if (n < 16) {
+      ASSERT_EQ(h & 0xFu, 0u) << n;
+    }
+  }
+}
+
+TEST(Format, LutEntriesRoundTripEverySymbol) {
+  for (int s = 0; s <= kPairEscape; ++s)
+    for (int len = 1; len <= kMaxCodeLen; ++len) {
+      const uint32_t e = lut_entry(s, len);
+      ASSERT_EQ(lut_length(e), len) << s;
+      ASSERT_EQ(lut_symbol(e), s) << s << " len " << len;
+      ASSERT_EQ(lut_is_escape(e), s == kPairEscape) << s;
+      const uint32_t values = e & kLutValueMask;
+      if (s == kPairEscape) {
+        ASSERT_EQ(values, 0u);  // PAIR_ESC's values read as 0
+      } else {
+        // The masked entry is the pair's two codes as fp16, first value low.
+        ASSERT_EQ(lut_first(e), s / kPairBase);
+        ASSERT_EQ(lut_second(e), s % kPairBase);
+        ASSERT_EQ(half_to_float(uint16_t(values & 0xFFFFu)), float(s / kPairBase));
+        ASSERT_EQ(half_to_float(uint16_t(values >> 16)), float(s % kPairBase));
+        ASSERT_EQ(e & ~kLutValueMask, uint32_t(len));  // the flags hold nothing else
+      }
+    }
+}
+
+TEST(Format, PutPairWritesWhatPairBitsCounts) {
+  const uint64_t seed = kvcomp_test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  // An encoder table with codewords for some pair symbols (arbitrary bits:
+  // put_pair does not care whether they form a prefix code).
+  uint32_t enc[kNumSymbols] = {};
+  for (int s = 0; s < kPairEscape; ++s)
+    if (rng() % 2) {
+      const int len = 1 + int(rng() % kMaxCodeLen);
+      enc[s] = uint32_t(rng() & ((1u << len) - 1)) | uint32_t(len) << 16;
+    }
+  enc[kPairEscape] = 0x5u | 4u << 16;
+  const float va = -1.5f, vb = std::numeric_limits<float>::quiet_NaN();
+  for (int a = 0; a <= kEscape; ++a)
+    for (int b = 0; b <= kEscape; ++b) {
+      std::vector<std::pair<uint32_t, int>> puts;
+      put_pair(enc, a, b, va, vb, [&](uint32_t bits, int n) { puts.push_back({bits, n}); });
+      uint32_t total = 0;
+      for (auto [bits, n] : puts) {
+        ASSERT_TRUE(n >= 1 && n <= 32);
+        if (n < 32) {
+          ASSERT_EQ(bits >> n, 0u);
+        }
+        total += uint32_t(n);
+      }
+      ASSERT_EQ(total, pair_bits(enc, a, b)) << a << " " << b;
+      const int s = pair_symbol(a, b);
+      if (s != kPairEscape && (enc[s] >> 16) != 0) {
+        ASSERT_EQ(puts.size(), 1u);
+        ASSERT_EQ(puts[0].first, enc[s] & 0xFFFFu);
+        ASSERT_EQ(puts[0].second, int(enc[s] >> 16));
+        continue;
+      }
+      // PAIR_ESC, field a [raw a], field b [raw b].
+      std::vector<std::pair<uint32_t, int>> want = {{0x5u, 4}, {uint32_t(a), kFieldBits}};
+      if (a == kEscape) want.push_back({float_bits(va), kRawBits});
+      want.push_back({uint32_t(b), kFieldBits});
+      if (b == kEscape) want.push_back({float_bits(vb), kRawBits});
+      ASSERT_EQ(puts, want) << a << " " << b;
+    }
 }

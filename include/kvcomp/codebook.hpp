@@ -1,6 +1,8 @@
 // Canonical, length-limited Huffman codebooks (host side).
 //
-// A codebook is fully described by 256 code lengths (format.hpp). From them we
+// A codebook is fully described by 256 code lengths of stream symbols
+// (format.hpp, "Entropy coding (v3: pairs)"): pair symbols 0..224 and
+// PAIR_ESC = 225; symbols 226..255 never have a codeword. From the lengths we
 // derive the encoder table and the decoder lookup table; both are plain arrays
 // (CodebookTables) so they can be copied to the device as they are.
 #pragma once
@@ -15,26 +17,35 @@ namespace kvcomp {
 /// Device-ready tables of one codebook.
 struct CodebookTables {
   /// Decoder: indexed by the next kMaxCodeLen stream bits (LSB first);
-  /// entries as format::lut_entry, length 0 where no codeword matches.
+  /// entries as format::lut_entry (both codes of the pair, or the PAIR_ESC
+  /// flag), length 0 where no codeword matches.
   uint32_t lut[format::kLutSize];
-  /// Encoder: bit-reversed codeword | length << 16; length 0 = no codeword.
+  /// Encoder, per stream symbol: bit-reversed codeword | length << 16;
+  /// length 0 = no codeword (format::put_pair then writes PAIR_ESC).
   uint32_t enc[format::kNumSymbols];
 };
 
 class Codebook {
  public:
-  /// Builds from a histogram of quantization symbols (counts[kNumSymbols]).
-  /// ESC always gets a codeword, so any input stays representable; symbols
-  /// with zero count get none (the encoder escapes them).
+  /// Builds from a histogram of stream symbols (pairs; counts[kNumSymbols],
+  /// as ref::add_histogram makes it). PAIR_ESC always gets a codeword, so any
+  /// input stays representable; pair symbols with zero count get none (the
+  /// encoder writes them as PAIR_ESC); counts of symbols above PAIR_ESC,
+  /// which no stream holds, are ignored.
   static Codebook from_histogram(const uint64_t* counts);
   /// Rebuilds from stored code lengths; throws kvcomp::Error if they do not
-  /// form a valid prefix code within kMaxCodeLen or lack ESC.
+  /// form a valid prefix code within kMaxCodeLen, give a codeword to a symbol
+  /// above PAIR_ESC, or lack PAIR_ESC.
   static Codebook from_lengths(const uint8_t* lengths);
 
   int length(int symbol) const { return lengths_[symbol]; }
   const std::array<uint8_t, format::kNumSymbols>& lengths() const { return lengths_; }
   const CodebookTables& tables() const { return tables_; }
-  /// Expected bits per symbol under a histogram (ESC's raw bits included).
+  /// Expected bits per stream symbol (per pair) under a histogram of stream
+  /// symbols: the codeword, plus 2 x kFieldBits for a pair written as
+  /// PAIR_ESC (also a pair symbol without a codeword). The 32 raw bits of an
+  /// ESC value inside a PAIR_ESC are NOT included: a stream-symbol histogram
+  /// cannot tell how many there are.
   double mean_bits(const uint64_t* counts) const;
 
  private:

@@ -18,10 +18,14 @@ namespace ref {
 std::vector<format::GroupQuant> block_params(Kind kind, const float* x, int tokens, int head_dim,
                                              ErrorBound eb);
 
-/// Adds the block's quantization codes (codebook-independent) to counts[256].
+/// Adds the block's stream symbols (codebook-independent) to counts[256] of
+/// stream symbols: per pair of every lane, format::pair_symbol of its two
+/// quantization codes (PAIR_ESC where a code is >= 15 or ESC). The input of
+/// Codebook::from_histogram.
 void add_histogram(Kind kind, const float* x, int tokens, int head_dim, ErrorBound eb, uint64_t* counts);
 
-/// Encodes one block in the format of format.hpp.
+/// Encodes one block in the format of format.hpp: lanes 0..31, each pair in
+/// format::pair_position order written by format::put_pair (as the GPU store).
 std::vector<uint8_t> encode_block(Kind kind, const float* x, int tokens, int head_dim, ErrorBound eb,
                                   const Codebook& codebook, uint16_t codebook_id);
 
@@ -31,8 +35,8 @@ enum class DecodeStatus {
   BadHeader,       // magic, version or kind do not match
   BadChecksum,     // content changed after encoding
   LaneOverflow,    // lane bit lengths do not match the block size
-  BadCode,         // bits that match no codeword
-  LengthMismatch,  // a lane's symbols did not end exactly at its stored length
+  BadCode,         // bits that match no codeword, or a codeword/field/raw word past the lane's end
+  LengthMismatch,  // a lane's pairs did not end exactly at its stored length
 };
 const char* to_string(DecodeStatus s);
 

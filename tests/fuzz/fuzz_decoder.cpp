@@ -1,7 +1,7 @@
 // libFuzzer target for the CPU decoder and the format parser (built with
 // clang -fsanitize=fuzzer,address,undefined by run_fuzz.sh).
 //
-// Input byte 0 picks the shape (kind, T, D) and a mode:
+// Input byte 0 picks the shape (kind, T, D), a mode and a codebook:
 //   mode 0: the rest is a block, parsed as is (header, checksum, lanes);
 //   mode 1: the rest is a block whose header and checksum are repaired first,
 //           so the fuzzer reaches the lane table and payload decoding;
@@ -9,6 +9,10 @@
 //   mode 3: the rest seeds a block of values (raw bytes as fp32, NaN and Inf
 //           included) that is encoded, must decode within the bound, and is
 //           then decoded again with bits flipped at input-chosen positions.
+// Bit 5 of byte 0 picks the codebook for modes 0, 1 and 3: a complete one with
+// a codeword for every stream symbol (pairs 0..224 and PAIR_ESC), or a sparse,
+// incomplete one (pairs (0,0), (1,1) and PAIR_ESC only) so that pairs without
+// a codeword are written as PAIR_ESC and some bit patterns match no codeword.
 // Any crash, sanitizer report or broken guarantee aborts.
 #include <cmath>
 #include <cstdint>
@@ -25,11 +29,25 @@ using namespace kvcomp;
 
 namespace {
 
-const Codebook& book() {  // a skewed codebook with every symbol present
+const Codebook& full_book() {  // skewed towards small pairs, every stream symbol has a codeword
   static const Codebook cb = [] {
-    uint64_t counts[format::kNumSymbols];
-    for (int s = 0; s < format::kNumSymbols; ++s) counts[s] = 1 + (s < 16 ? (16 - s) * 1000 : 0);
+    uint64_t counts[format::kNumSymbols] = {};
+    for (int s = 0; s <= format::kPairEscape; ++s) {
+      const int a = s / format::kPairBase, b = s % format::kPairBase;
+      counts[s] = 1 + (s < format::kPairEscape && a < 4 && b < 4 ? (8 - a - b) * 1000 : 0);
+    }
     return Codebook::from_histogram(counts);
+  }();
+  return cb;
+}
+
+const Codebook& sparse_book() {  // '00' = (0, 0), '01' = (1, 1), '100' = PAIR_ESC; Kraft 5/8
+  static const Codebook cb = [] {
+    uint8_t lengths[format::kNumSymbols] = {};
+    lengths[0] = 2;
+    lengths[1 * format::kPairBase + 1] = 2;
+    lengths[format::kPairEscape] = 3;
+    return Codebook::from_lengths(lengths);
   }();
   return cb;
 }
@@ -60,23 +78,37 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const int T = (sel >> 1 & 1) ? 64 : 32;
   const int D = (sel >> 2 & 1) ? 128 : 64;
   const int mode = sel >> 3 & 3;
+  const Codebook& book = (sel >> 5 & 1) ? sparse_book() : full_book();
   const uint8_t* rest = data + 1;
   const size_t n = size - 1;
   std::vector<float> out(size_t(T) * D);
   if (mode == 0 || mode == 1) {
     std::vector<uint8_t> blk(rest, rest + n);
     if (mode == 1) repair(blk, kind);
-    (void)ref::decode_block(blk.data(), blk.size(), kind, T, D, book(), out.data());
+    (void)ref::decode_block(blk.data(), blk.size(), kind, T, D, book, out.data());
   } else if (mode == 2) {
     if (n < format::kNumSymbols) return 0;
     try {
       const Codebook cb = Codebook::from_lengths(rest);
-      // A valid codebook: every codeword decodes back through its table.
+      // A valid codebook: PAIR_ESC has a codeword, no symbol above it has one,
+      // and every codeword decodes back through its table.
+      if (cb.length(format::kPairEscape) == 0) std::abort();
+      for (int s = format::kPairEscape + 1; s < format::kNumSymbols; ++s)
+        if (cb.length(s) != 0) std::abort();
       for (int s = 0; s < format::kNumSymbols; ++s) {
         const int len = cb.length(s);
         if (!len) continue;
         const uint32_t e = cb.tables().lut[cb.tables().enc[s] & 0xFFFF];
         if (format::lut_symbol(e) != s || format::lut_length(e) != len) std::abort();
+        if (s != format::kPairEscape &&
+            (format::lut_first(e) != s / format::kPairBase || format::lut_second(e) != s % format::kPairBase))
+          std::abort();
+      }
+      // Every table entry with a length is the codeword its index starts with.
+      for (uint32_t i = 0; i < uint32_t(format::kLutSize); ++i) {
+        const uint32_t e = cb.tables().lut[i];
+        const int len = format::lut_length(e);
+        if (len && (i & ((1u << len) - 1)) != (cb.tables().enc[format::lut_symbol(e)] & 0xFFFFu)) std::abort();
       }
     } catch (const Error&) {
     }
@@ -91,19 +123,25 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       x[i] = format::bits_float(bits);
     }
     const ErrorBound eb{BoundMode::Relative, eb_value};
-    auto blk = ref::encode_block(kind, x.data(), T, D, eb, book(), 7);
-    if (ref::decode_block(blk.data(), blk.size(), kind, T, D, book(), out.data()) != ref::DecodeStatus::Ok) std::abort();
+    auto blk = ref::encode_block(kind, x.data(), T, D, eb, book, 7);
+    if (ref::decode_block(blk.data(), blk.size(), kind, T, D, book, out.data()) != ref::DecodeStatus::Ok) std::abort();
+    // Every value: its own bits if escaped, else exactly dequantize(code), within the bound.
     const auto params = ref::block_params(kind, x.data(), T, D, eb);
     for (int t = 0; t < T; ++t)
       for (int c = 0; c < D; ++c) {
         const float a = x[size_t(t) * D + c], b = out[size_t(t) * D + c];
-        if (std::isnan(a)) { if (!std::isnan(b)) std::abort(); continue; }
-        const float bound = params[kind == Kind::Key ? c : t].eb_abs;
-        if (!(std::fabs(a - b) <= bound) && !(a == b)) std::abort();
+        const format::GroupQuant& g = params[kind == Kind::Key ? c : t];
+        const int code = format::quantize(a, g);
+        if (code == format::kEscape) {
+          if (format::float_bits(a) != format::float_bits(b)) std::abort();
+          continue;
+        }
+        if (format::float_bits(b) != format::float_bits(format::dequantize(code, g.min, g.step))) std::abort();
+        if (!(std::fabs(a - b) <= g.eb_abs)) std::abort();
       }
     // Flip bits at positions the input picks: must be rejected or decode, never crash.
     for (size_t i = 1; i + 1 < n && i < 16; i += 2) blk[(size_t(rest[i]) << 8 | rest[i + 1]) % blk.size()] ^= 1u << (rest[i] % 8);
-    (void)ref::decode_block(blk.data(), blk.size(), kind, T, D, book(), out.data());
+    (void)ref::decode_block(blk.data(), blk.size(), kind, T, D, book, out.data());
   }
   return 0;
 }
