@@ -282,8 +282,12 @@ class ReferenceCodec(unittest.TestCase):
     def test_encode_decode_round_trip_within_the_bound(self):
         T, D, eb = 64, 64, 0.05
         rng = random.Random(7)
-        book = kvcomp.Codebook.from_histogram([1000 // (1 + abs(s - 10)) for s in range(255)] + [0])
+        # Counts of stream symbols: pairs a * 15 + b of small codes (frequent when both are small),
+        # then PAIR_ESC (225); symbols 226..255 never have a codeword.
+        book = kvcomp.Codebook.from_histogram([1000 // (1 + s // 15 + s % 15) for s in range(225)] + [10] + [0] * 30)
         self.assertEqual(len(book.lengths), 256)
+        self.assertGreater(book.lengths[225], 0)
+        self.assertEqual(book.lengths[226:], [0] * 30)
         for kind in (kvcomp.Kind.Key, kvcomp.Kind.Value):
             x = array.array("f", [rng.gauss(0, 1) for _ in range(T * D)])
             data = kvcomp.ref.encode_block(kind, x, T, D, kvcomp.ErrorBound(value=eb), book)
@@ -306,8 +310,13 @@ class ReferenceCodec(unittest.TestCase):
                 kvcomp.ref.decode_block(data[:16], kind, T, D, book)
 
     def test_codebook_from_bad_lengths(self):
-        with self.assertRaises(kvcomp.Error):
-            kvcomp.Codebook.from_lengths([1] * 256)  # not a prefix code
+        with self.assertRaisesRegex(kvcomp.Error, "Kraft"):
+            kvcomp.Codebook.from_lengths([1] * 3 + [0] * 222 + [1] + [0] * 30)  # not a prefix code
+        with self.assertRaisesRegex(kvcomp.Error, "symbol 255"):
+            kvcomp.Codebook.from_lengths([1] + [0] * 224 + [1] + [0] * 29 + [1])  # only 0..225 may have codewords
+        with self.assertRaisesRegex(kvcomp.Error, "225"):
+            kvcomp.Codebook.from_lengths([1, 1] + [0] * 254)  # no PAIR_ESC
+        self.assertEqual(kvcomp.Codebook.from_lengths([1] + [0] * 224 + [1] + [0] * 30).lengths[225], 1)
 
     def test_kivi_reference_window_is_exact_and_chunks_within_half_a_step(self):
         B, H, T, D, bits = 1, 2, 100, 64, 4
