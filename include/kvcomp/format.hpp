@@ -12,9 +12,9 @@
 //     step   = 2 * eb_abs rounded toward zero to fp16 (clamped to 65504)
 //     code   = rint((x - min) / step)                         (fp32, IEEE)
 //     recon  = fmaf(code, step, min)                          (fp32, one rounding)
-//   A value is stored as the symbol `code` when 0 <= code <= 254, the codebook
-//   has a codeword for it, and |recon - x| <= eb_abs. Otherwise it is escaped:
-//   the ESC symbol followed by the 32 raw bits of x as fp32. So every input,
+//   A value is stored as its `code` when 0 <= code <= 254 and |recon - x| <=
+//   eb_abs. Otherwise its code is ESC (255) and it is stored as the 32 raw
+//   bits of x as fp32 (see PAIR_ESC below). So every input,
 //   NaN and Inf included, is representable, and every reconstructed value is
 //   within eb_abs of its input (escaped ones are exact).
 //
