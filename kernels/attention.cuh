@@ -38,16 +38,19 @@ namespace detail {
 
 constexpr int kMmaRows = 8;  // query heads per KV head the kernel holds (mma rows 0..7)
 
-/// d += A B for mma rows 0..7 (rows 8..15 of A are zero, their results dropped):
-/// a0 = A[row][2 quad + {0,1}], a1 = A[row][2 quad + 8 + {0,1}], b0 b1 the B
-/// fragment; d0 d1 = D[row][2 quad + {0,1}].
-__device__ __forceinline__ void mma_rows8(float& d0, float& d1, uint32_t a0, uint32_t a1, uint32_t b0, uint32_t b1) {
-  float unused0, unused1;
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%10,%10};\n"
-      : "+f"(d0), "+f"(d1), "=f"(unused0), "=f"(unused1)
-      : "r"(a0), "r"(0u), "r"(a1), "r"(0u), "r"(b0), "r"(b1), "f"(0.f));
-  (void)unused0;
-  (void)unused1;
+/// d += A B on tensor cores (mma.m16n8k16, fp16 operands, fp32 accumulation),
+/// fragments as in the PTX ISA: a = {a0a1, a2a3, a4a5, a6a7}, b = {b0b1, b2b3}.
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint4 a, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+}
+
+/// Starts pulling a block pair into L2 (one 128-byte line per lane and step),
+/// so the decoders' scattered word loads hit L2 instead of waiting on DRAM.
+__device__ __forceinline__ void prefetch_l2(const uint8_t* p, uint32_t bytes, int lane) {
+  for (uint32_t off = uint32_t(lane) * 128; off < bytes; off += 32 * 128)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
 }
 
 __device__ __forceinline__ float half_lo(uint32_t w) { return __half2float(__ushort_as_half(uint16_t(w))); }
@@ -83,7 +86,7 @@ constexpr int32_t kTransformHadamard = 1;        // AttendParams::transform, as 
 template <typename QT, int D>
 __global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention_kernel(const __grid_constant__ AttendParams p) {
   using Smem = AttnSmem<D>;
-  constexpr int kK16 = D / 16, kN8 = D / 8, kChunk = format::kChunkTokens;
+  constexpr int kK16 = D / 16, kM16 = D / 16, kChunk = format::kChunkTokens;
   static_assert(max_overread(kMaxTokensPerBlock, D) <= kDecodeOverread, "decoders may read past the pool");
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ __align__(16) uint32_t luts[2 * format::kLutSize];
@@ -128,9 +131,9 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention
   float* rows = reinterpret_cast<float*>(my_area);  // [8][D + 2]: V escape corrections, then the partial
   float* kcorr = rows + kMmaRows * (D + 2);         // [8][32]: K escape corrections of a chunk
   float* pchunk = kcorr + kMmaRows * kChunk;        // [8][32]: p of a chunk (for V escapes)
-  // [k16][lane] = {hi, hi + 8, lo, lo + 8}: this lane's A operands of K (q x step for its head,
-  // channels 16 k16 + 2 quad + {0,1} and + 8), fp16 hi + lo. In shared memory so that the K
-  // loop need not be unrolled over k16 (registers).
+  // [k16][lane]: this lane's A fragment of K (q x step for head `row`, channels 16 k16 +
+  // 2 quad + {0,1} and + 8, as fp16 hi in rows 0..7 and lo in rows 8..15). In shared memory
+  // so that the K loop need not be unrolled over k16 (registers).
   uint4* qa = reinterpret_cast<uint4*>(pchunk + kMmaRows * kChunk);
   for (int i = lane; i < kMmaRows * (D + 2); i += 32) rows[i] = 0.f;
   for (int i = lane; i < kMmaRows * kChunk; i += 32) kcorr[i] = 0.f;
@@ -148,16 +151,26 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention
     return fits ? r : format::BlockRef{0, uint16_t((k_pay + 15) / 16), uint16_t((v_pay + 15) / 16)};
   };
 
-  // Softmax state of head `row`: running max (log2 units, quad-uniform), this
-  // lane's share of the sum of p and of sum_t p_t min_t, and its output
-  // channels 8 n8 + 2 quad + {0, 1} (without the min term).
+  // Softmax state of head `row` (quad-uniform running max in log2 units; this
+  // lane's share of the sum of p and of sum_t p_t min_t). The output O^T
+  // accumulates on tensor cores: o[m16] = channels 16 m16 + row (+ 8) x heads
+  // 2 quad, 2 quad + 1 (without the min term).
   float m = -INFINITY, l = 0.f, pmin = 0.f;
-  float o[kN8][2];
+  float o[kM16][4];
 #pragma unroll
-  for (int n = 0; n < kN8; ++n) o[n][0] = o[n][1] = 0.f;
+  for (int i = 0; i < kM16; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+
+  const int u_stop = min(u_end, nblocks);
+  auto prefetch_unit = [&](int u) {
+    if (u >= u_stop) return;
+    const format::BlockRef r = block_ref(u);
+    prefetch_l2(p.pool + size_t(r.offset16) * 16, (r.k_size16 + r.v_size16) * 16u, lane);
+  };
+  prefetch_unit(u_begin + warp);
 
   PairDecoder kd, vd;
-  for (int u = u_begin + warp; u < min(u_end, nblocks); u += kAttnWarps) {
+  for (int u = u_begin + warp; u < u_stop; u += kAttnWarps) {
+    prefetch_unit(u + kAttnWarps);  // this warp's next block, while it decodes this one
     const format::BlockRef r = block_ref(u);
     const uint8_t* kb = p.pool + size_t(r.offset16) * 16;
     const uint8_t* vb = kb + r.k_size16 * 16u;
@@ -197,7 +210,8 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention
           hi[h] = pack_half2(x0, x1);
           lo[h] = pack_half2(x0 - half_lo(hi[h]), x1 - half_hi(hi[h]));
         }
-        qa[k16 * 32 + lane] = make_uint4(hi[0], hi[1], lo[0], lo[1]);
+        // Rows 0..7 of A: q x step (hi) for heads 0..7; rows 8..15: the rounding rest (lo).
+        qa[k16 * 32 + lane] = make_uint4(hi[0], lo[0], hi[1], lo[1]);
       }
       qmin += __shfl_xor_sync(0xFFFFFFFFu, qmin, 1);
       qmin += __shfl_xor_sync(0xFFFFFFFFu, qmin, 2);
@@ -206,12 +220,14 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention
             lane_stream_start(reinterpret_cast<const uint16_t*>(kb + format::lane_bits_offset(Kind::Key, T, D)), lane));
     vd.init(reinterpret_cast<const uint32_t*>(vb + v_pay), (r.v_size16 * 16u - v_pay) / 4,
             lane_stream_start(reinterpret_cast<const uint16_t*>(vb + format::lane_bits_offset(Kind::Value, T, D)), lane));
+    __syncwarp();  // qa
 
     for (int chunk = 0; chunk < T / kChunk; ++chunk) {
-      // K: scores of the chunk's 32 tokens (4 tiles of 8) for head `row`.
-      float sc[4][2];
+      // K: scores of the chunk's 32 tokens (4 tiles of 8); per tile d0 d1 = hi
+      // part, d2 d3 = lo part of head `row`, tokens 8 n8 + 2 quad + {0, 1}.
+      float sc[4][4];
 #pragma unroll
-      for (int n = 0; n < 4; ++n) sc[n][0] = sc[n][1] = 0.f;
+      for (int n = 0; n < 4; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
       bool escaped = false;
 #pragma unroll 1
       for (int k16 = 0; k16 < kK16; ++k16) {
@@ -220,18 +236,17 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention
         for (int n8 = 0; n8 < 4; ++n8) {
           uint32_t b0, b1;
           escaped |= kd.group(lut_k, b0, b1, [&] {
-            // Token 8 n8 + row of the chunk; channels 16 k16 + 2 quad (+ 8, + 1).
-            return EscapeSink{kcorr + 8 * n8 + row, kChunk, q_s, D, kparams, 16 * k16 + 2 * quad, group};
+            // Token 8 n8 + row of the chunk; channels 16 k16 + 2 quad (+ 1, + 8).
+            return EscapeSink{kcorr + 8 * n8 + row, 0, kChunk, q_s, D, kparams, 16 * k16 + 2 * quad, 8, group};
           });
-          mma_rows8(sc[n8][0], sc[n8][1], a.x, a.y, b0, b1);  // hi
-          mma_rows8(sc[n8][0], sc[n8][1], a.z, a.w, b0, b1);  // lo
+          mma_16816(sc[n8], a, b0, b1);
         }
       }
       float s[4][2];
 #pragma unroll
       for (int n = 0; n < 4; ++n)
 #pragma unroll
-        for (int i = 0; i < 2; ++i) s[n][i] = fmaf(sc[n][i], kscale, qmin);
+        for (int i = 0; i < 2; ++i) s[n][i] = fmaf(sc[n][i] + sc[n][i + 2], kscale, qmin);
       if (__any_sync(0xFFFFFFFFu, escaped)) {
         __syncwarp();
 #pragma unroll
@@ -256,11 +271,19 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention
       m = m_new;
       l *= corr;
       pmin *= corr;
+      // o holds heads 2 quad and 2 quad + 1, whose quads are lanes 8 quad and 8 quad + 4.
+      const float corr_a = __shfl_sync(0xFFFFFFFFu, corr, 8 * quad);
+      const float corr_b = __shfl_sync(0xFFFFFFFFu, corr, 8 * quad + 4);
 #pragma unroll
-      for (int n = 0; n < kN8; ++n) { o[n][0] *= corr; o[n][1] *= corr; }
+      for (int i = 0; i < kM16; ++i) {
+        o[i][0] *= corr_a;
+        o[i][1] *= corr_b;
+        o[i][2] *= corr_a;
+        o[i][3] *= corr_b;
+      }
 
-      // A operands of V: p x step of tokens 16 k16 + 2 quad + {0,1} (+ 8).
-      uint32_t pa[2][2];
+      // B operands of V: p x step of head `row`, tokens 16 k16 + 2 quad + {0,1} (+ 8).
+      uint32_t pb[2][2];
 #pragma unroll
       for (int n = 0; n < 4; ++n) {
         const int t = 8 * n + 2 * quad;  // in the chunk
@@ -268,33 +291,39 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention
         const float p0 = exp2f(s[n][0] - m_new), p1 = exp2f(s[n][1] - m_new);
         l += p0 + p1;
         pmin = fmaf(p0, half_lo(w.x), fmaf(p1, half_lo(w.y), pmin));
-        pa[n / 2][n % 2] = pack_half2(p0 * half_hi(w.x), p1 * half_hi(w.y));
+        pb[n / 2][n % 2] = pack_half2(p0 * half_hi(w.x), p1 * half_hi(w.y));
         *reinterpret_cast<float2*>(pchunk + row * kChunk + t) = make_float2(p0, p1);
       }
       __syncwarp();
 
-      // V: O[row][channels] += (p x step) codes.
+      // V: O^T[channels][heads] += codes (A, decoded) x (p x step) (B).
       escaped = false;
+#pragma unroll 1
+      for (int k16 = 0; k16 < 2; ++k16) {
+        const uint32_t b0 = k16 ? pb[1][0] : pb[0][0], b1 = k16 ? pb[1][1] : pb[0][1];
 #pragma unroll
-      for (int k16 = 0; k16 < 2; ++k16)
-#pragma unroll
-        for (int n8 = 0; n8 < kN8; ++n8) {
-          uint32_t b0, b1;
-          escaped |= vd.group(lut_v, b0, b1, [&] {
-            // Channel 8 n8 + row; tokens 16 k16 + 2 quad (+ 8, + 1) of the chunk.
-            return EscapeSink{rows + 8 * n8 + row, D + 2, pchunk, kChunk, vparams + chunk * kChunk,
-                              16 * k16 + 2 * quad, group};
+        for (int m16 = 0; m16 < kM16; ++m16) {
+          uint4 a;
+          // Channels 16 m16 + row (+ 8), tokens 16 k16 + 2 quad (+ 1), then tokens + 8.
+          escaped |= vd.group(lut_v, a.x, a.y, [&] {
+            return EscapeSink{rows + 16 * m16 + row, 8, D + 2, pchunk, kChunk, vparams + chunk * kChunk,
+                              16 * k16 + 2 * quad, 0, group};
           });
-          mma_rows8(o[n8][0], o[n8][1], pa[k16][0], pa[k16][1], b0, b1);
+          escaped |= vd.group(lut_v, a.z, a.w, [&] {
+            return EscapeSink{rows + 16 * m16 + row, 8, D + 2, pchunk, kChunk, vparams + chunk * kChunk,
+                              16 * k16 + 2 * quad + 8, 0, group};
+          });
+          mma_16816(o[m16], a, b0, b1);
         }
+      }
       if (__any_sync(0xFFFFFFFFu, escaped)) {
         __syncwarp();
 #pragma unroll
-        for (int n = 0; n < kN8; ++n)
+        for (int i = 0; i < kM16; ++i)
 #pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            float* at = rows + row * (D + 2) + 8 * n + 2 * quad + i;
-            o[n][i] += *at;
+          for (int j = 0; j < 4; ++j) {
+            float* at = rows + (2 * quad + (j & 1)) * (D + 2) + 16 * i + row + 8 * (j >> 1);
+            o[i][j] += *at;
             *at = 0.f;
           }
       }
@@ -302,15 +331,18 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention
     }
   }
 
-  // This warp's partial for heads 0..7 into `rows`: sum, and the min term on every channel.
+  // This warp's partial for heads 0..7 into `rows`: the min term on every channel, the sum.
   l += __shfl_xor_sync(0xFFFFFFFFu, l, 1);
   l += __shfl_xor_sync(0xFFFFFFFFu, l, 2);
   pmin += __shfl_xor_sync(0xFFFFFFFFu, pmin, 1);
   pmin += __shfl_xor_sync(0xFFFFFFFFu, pmin, 2);
+  const float pmin_a = __shfl_sync(0xFFFFFFFFu, pmin, 8 * quad);
+  const float pmin_b = __shfl_sync(0xFFFFFFFFu, pmin, 8 * quad + 4);
 #pragma unroll
-  for (int n = 0; n < kN8; ++n)
+  for (int i = 0; i < kM16; ++i)
 #pragma unroll
-    for (int i = 0; i < 2; ++i) rows[row * (D + 2) + 8 * n + 2 * quad + i] = o[n][i] + pmin;
+    for (int j = 0; j < 4; ++j)
+      rows[(2 * quad + (j & 1)) * (D + 2) + 16 * i + row + 8 * (j >> 1)] = o[i][j] + ((j & 1) ? pmin_b : pmin_a);
   if (quad == 0) {
     rows[row * (D + 2) + D] = m;
     rows[row * (D + 2) + D + 1] = l;

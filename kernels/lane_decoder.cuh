@@ -28,19 +28,22 @@ namespace kvcomp {
 namespace detail {
 
 /// Where a group's escaped raw values go (the fused kernel adds their exact
-/// contribution on top of the code-0 term the tensor cores saw): value i of
-/// the group (0..3, b0..b3 order) sits at position v_i = v_base + 8 (i / 2)
-/// + i % 2 along the group's varying axis; for each head g < group,
-///   acc[g * acc_stride] += coef[g * coef_stride + v_i] * (raw - min(params[v_i])).
-/// K: acc = score corrections of the group's token, coef = q, params = channel params;
-/// V: acc = output corrections of the group's channel, coef = p, params = token params.
+/// contribution on top of the code-0 term the tensor cores saw). Value i of
+/// the group (0..3, fragment register order) has coefficient/parameter index
+/// v_i = v_base + v_step (i / 2) + i % 2 and accumulator acc + acc_step (i / 2);
+/// for each head g < group:
+///   acc_i[g * acc_stride] += coef[g * coef_stride + v_i] * (raw - min(params[v_i])).
+/// K: acc = score corrections of the token, coef = q, params = channel params (v = channel);
+/// V: acc = output corrections of the channel, coef = p, params = token params (v = token).
 struct EscapeSink {
   float* acc;
+  int acc_step;
   int acc_stride;
   const float* coef;
   int coef_stride;
   const uint32_t* params;
   int v_base;
+  int v_step;
   int group;
 };
 
@@ -70,10 +73,11 @@ __device__ __noinline__ SlowGroup decode_group_slow(const uint32_t* lut, const u
         const uint32_t code = take(format::kFieldBits);
         if (code == uint32_t(format::kEscape)) {
           const float raw = __uint_as_float(take(format::kRawBits));
-          const int at = sink.v_base + 8 * half + v;
+          const int at = sink.v_base + sink.v_step * half + v;
+          float* acc = sink.acc + sink.acc_step * half;
           const float vmin = __half2float(__ushort_as_half(uint16_t(sink.params[at])));
           for (int g = 0; g < sink.group; ++g)
-            atomicAdd(sink.acc + g * sink.acc_stride, sink.coef[g * sink.coef_stride + at] * (raw - vmin));
+            atomicAdd(acc + g * sink.acc_stride, sink.coef[g * sink.coef_stride + at] * (raw - vmin));
         } else {
           h |= uint32_t(__half_as_ushort(__uint2half_rn(code))) << (16 * v);
         }
@@ -86,20 +90,22 @@ __device__ __noinline__ SlowGroup decode_group_slow(const uint32_t* lut, const u
 }
 
 struct PairDecoder {
-  const uint32_t* next;  // the word after `ahead`
-  uint32_t w0, w1, w2;   // bit `pos` of w0 is the next stream bit
-  uint32_t ahead;        // the word after w2, loaded one advance early
-  uint32_t pos;          // 0..31
+  const uint32_t* words;  // the block payload
+  uint32_t next;          // index of the word after `ahead`
+  uint32_t w0, w1, w2;    // bit `pos` of w0 is the next stream bit
+  uint32_t ahead;         // the word after w2, loaded one advance early
+  uint32_t pos;           // 0..31
 
   /// words: the block payload (shared or global memory), n of them.
-  __device__ __forceinline__ void init(const uint32_t* words, uint32_t n, uint32_t start_bit) {
+  __device__ __forceinline__ void init(const uint32_t* payload, uint32_t n, uint32_t start_bit) {
+    words = payload;
     const uint32_t first = min(start_bit >> 5, n);  // a corrupt lane table cannot send us far
-    prime(words + first, first == (start_bit >> 5) ? (start_bit & 31) : 0);
+    prime(first, first == (start_bit >> 5) ? (start_bit & 31) : 0);
   }
 
-  /// The next group: two pairs as fp16x2 bit patterns (h0 = b0 b1, h1 = b2 b3).
-  /// Returns true if the group held a PAIR_ESC (then `sink()` said where its
-  /// raw values go, and they have been added there).
+  /// The next group: two pairs as fp16x2 bit patterns (h0, h1: two registers
+  /// of an mma fragment). Returns true if the group held a PAIR_ESC (then
+  /// `sink()` said where its raw values go, and they have been added there).
   template <typename Sink>
   __device__ __forceinline__ bool group(const uint32_t* lut, uint32_t& h0, uint32_t& h1, Sink&& sink) {
     constexpr uint32_t kMask = format::kLutSize - 1;
@@ -111,18 +117,18 @@ struct PairDecoder {
     h0 = e0 & format::kLutValueMask;
     h1 = e1 & format::kLutValueMask;
     if (__builtin_expect(((e0 | e1) & format::kLutEscapeBit) != 0, 0)) {
-      const uint32_t* base = next - 4;  // w0's word
-      const SlowGroup s = decode_group_slow(lut, base, pos, sink());
+      const uint32_t first = next - 4;  // w0's word
+      const SlowGroup s = decode_group_slow(lut, words + first, pos, sink());
       h0 = s.h0;
       h1 = s.h1;
-      prime(base + (s.bit >> 5), s.bit & 31);
+      prime(first + (s.bit >> 5), s.bit & 31);
       return true;
     }
     if (p2 >= 32) {
       w0 = w1;
       w1 = w2;
       w2 = ahead;
-      ahead = *next;
+      ahead = words[next];
       ++next;
     }
     pos = p2 & 31;
@@ -130,13 +136,13 @@ struct PairDecoder {
   }
 
  private:
-  __device__ __forceinline__ void prime(const uint32_t* p, uint32_t bit) {
+  __device__ __forceinline__ void prime(uint32_t first, uint32_t bit) {
     pos = bit;
-    w0 = p[0];
-    w1 = p[1];
-    w2 = p[2];
-    ahead = p[3];
-    next = p + 4;
+    w0 = words[first];
+    w1 = words[first + 1];
+    w2 = words[first + 2];
+    ahead = words[first + 3];
+    next = first + 4;
   }
 };
 

@@ -94,8 +94,9 @@ __device__ void block_params_warp(const StoreJob& job, Kind kind, int T, int D, 
 /// checked against pair_position() without a device.
 ///   K: per 32-token chunk, for k16, for n8: token 8 n8 + row, channels
 ///      16 k16 + 2 quad + {0, 1}, then + 8 (params of 4 channels per k16);
-///   V: per chunk, for k16 in 0..2, for n8: channel 8 n8 + row, tokens
-///      16 k16 + 2 quad + {0, 1}, then + 8 (params and rows of 4 tokens per k16).
+///   V: per chunk, for k16 in 0..2, for m16: channel 16 m16 + row and + 8 at
+///      tokens 16 k16 + 2 quad + {0, 1}, then both at tokens + 8 (params and
+///      rows of 4 tokens per k16).
 #pragma nv_exec_check_disable
 template <typename Rows, typename F>
 __host__ __device__ __forceinline__ void for_each_lane_pair(Kind kind, int T, int D, int lane, const Rows& rows,
@@ -121,12 +122,16 @@ __host__ __device__ __forceinline__ void for_each_lane_pair(Kind kind, int T, in
         const format::GroupQuant g0 = params[t], g1 = params[t + 1], g8 = params[t + 8], g9 = params[t + 9];
         const auto r0 = rows.row(t), r1 = rows.row(t + 1), r8 = rows.row(t + 8), r9 = rows.row(t + 9);
 #pragma unroll 4
-        for (int n8 = 0; n8 < D / 8; ++n8) {
-          const int c = 8 * n8 + row;
-          const float v0 = rows.load(r0, c), v1 = rows.load(r1, c);
-          const float v8 = rows.load(r8, c), v9 = rows.load(r9, c);
-          f(format::quantize(v0, g0), format::quantize(v1, g1), v0, v1);
-          f(format::quantize(v8, g8), format::quantize(v9, g9), v8, v9);
+        for (int m16 = 0; m16 < D / 16; ++m16) {
+          const int c = 16 * m16 + row;
+          const float a0 = rows.load(r0, c), a1 = rows.load(r1, c);          // channel c, tokens t, t + 1
+          const float b0 = rows.load(r0, c + 8), b1 = rows.load(r1, c + 8);  // channel c + 8
+          const float a8 = rows.load(r8, c), a9 = rows.load(r9, c);          // channel c, tokens t + 8, t + 9
+          const float b8 = rows.load(r8, c + 8), b9 = rows.load(r9, c + 8);
+          f(format::quantize(a0, g0), format::quantize(a1, g1), a0, a1);
+          f(format::quantize(b0, g0), format::quantize(b1, g1), b0, b1);
+          f(format::quantize(a8, g8), format::quantize(a9, g9), a8, a9);
+          f(format::quantize(b8, g8), format::quantize(b9, g9), b8, b9);
         }
       }
     }

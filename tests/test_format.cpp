@@ -158,27 +158,34 @@ TEST(Format, PairPositionsCoverEveryValueOnce) {
 }
 
 TEST(Format, PairPositionsFollowTheMmaFragmentOrder) {
-  // The B fragment of mma.m16n8k16 (PTX ISA): register i of lane l holds
-  // row k = 2 (l % 4) + (i % 2) + 8 (i / 2), column n = l / 4. Two pairs
-  // (b0 b1, b2 b3) per tile; tiles in the order of "Sub-streams".
+  // mma.m16n8k16 fragments (PTX ISA), g = l / 4, q = l % 4:
+  //   B (K): register i of lane l holds row k = 2 q + (i % 2) + 8 (i / 2), column n = g;
+  //   A (V): register i holds row m = g + 8 ((i / 2) % 2), column k = 2 q + (i % 2) + 8 (i / 4).
+  // K: two pairs (b0 b1, b2 b3) per (k16, n8) tile; V: four pairs (a0 a1 .. a6 a7) per (k16, m16) tile.
   for (Kind kind : {Kind::Key, Kind::Value})
     for (int T : {32, 64, 128})
       for (int D : {64, 128, 256})
         for (int lane = 0; lane < kLanes; ++lane) {
+          const int g = lane / 4, q = lane % 4;
           int i = 0;
           for (int chunk = 0; chunk < T / kChunkTokens; ++chunk) {
-            const int k_tiles = kind == Kind::Key ? D / 16 : 2, n_tiles = kind == Kind::Key ? 4 : D / 8;
-            for (int k16 = 0; k16 < k_tiles; ++k16)
-              for (int n8 = 0; n8 < n_tiles; ++n8)
-                for (int half = 0; half < 2; ++half, ++i) {
+            const int outer = kind == Kind::Key ? D / 16 : 2, inner = kind == Kind::Key ? 4 : D / 16;
+            const int pairs = kind == Kind::Key ? 2 : 4;
+            for (int a = 0; a < outer; ++a)
+              for (int b = 0; b < inner; ++b)
+                for (int pair = 0; pair < pairs; ++pair, ++i) {
                   int got[2][2];
                   pair_position(kind, D, lane, i, got[0][0], got[0][1], got[1][0], got[1][1]);
                   for (int v = 0; v < 2; ++v) {
-                    const int reg = 2 * half + v;
-                    const int k = 16 * k16 + 2 * (lane % 4) + (reg % 2) + 8 * (reg / 2);
-                    const int n = 8 * n8 + lane / 4;
-                    const int t = kChunkTokens * chunk + (kind == Kind::Key ? n : k);
-                    const int c = kind == Kind::Key ? k : n;
+                    const int reg = 2 * pair + v;
+                    int t, c;
+                    if (kind == Kind::Key) {  // a = k16 (channels), b = n8 (tokens)
+                      c = 16 * a + 2 * q + (reg % 2) + 8 * (reg / 2);
+                      t = kChunkTokens * chunk + 8 * b + g;
+                    } else {  // a = k16 (tokens), b = m16 (channels)
+                      c = 16 * b + g + 8 * ((reg / 2) % 2);
+                      t = kChunkTokens * chunk + 16 * a + 2 * q + (reg % 2) + 8 * (reg / 4);
+                    }
                     ASSERT_EQ(got[v][0], t) << "lane " << lane << " pair " << i << " value " << v;
                     ASSERT_EQ(got[v][1], c) << "lane " << lane << " pair " << i << " value " << v;
                   }

@@ -39,16 +39,18 @@
 //
 // Sub-streams (divergence-free decoding, in the fused kernel's mma order)
 //   A block's values are split into 32 lane streams of T*D/64 pairs each, so
-//   the 32 lanes of a warp decode in lockstep, one pair per lookup. Two pairs
-//   of a lane (a "group") are exactly its B fragment of one tensor-core
-//   mma.m16n8k16 (b0 b1 = first pair, b2 b3 = second). Per 32-token chunk,
-//   with r = lane / 4 and q = lane % 4 (pair_position() is the definition):
-//     K (B = K^T: k = 16 channels, n = 8 tokens):
+//   the 32 lanes of a warp decode in lockstep, one pair per lookup. The pairs
+//   of a lane are the registers of its tensor-core fragments
+//   (mma.m16n8k16, PTX ISA), in the order the kernel consumes them. Per
+//   32-token chunk, with r = lane / 4 and q = lane % 4 (pair_position() is
+//   the definition):
+//     K, the B operand (k = 16 channels, n = 8 tokens), two pairs per mma:
 //       for k16 in 0..D/16, for n8 in 0..4: token 32 chunk + 8 n8 + r,
 //       channels 16 k16 + 2 q + {0, 1}, then the same token, channels + 8;
-//     V (B = V: k = 16 tokens, n = 8 channels):
-//       for k16 in 0..2, for n8 in 0..D/8: channel 8 n8 + r,
-//       tokens 32 chunk + 16 k16 + 2 q + {0, 1}, then tokens + 8.
+//     V, the A operand (m = 16 channels, k = 16 tokens), four pairs per mma:
+//       for k16 in 0..2, for m16 in 0..D/16, tokens u = 32 chunk + 16 k16 +
+//       2 q + {0, 1}: channel 16 m16 + r at u, channel 16 m16 + r + 8 at u,
+//       channel 16 m16 + r at u + 8, channel 16 m16 + r + 8 at u + 8.
 //   Lane streams are concatenated bit-exactly (no padding); their bit lengths
 //   are stored, the decoder takes a warp prefix sum to find each start.
 //
@@ -159,22 +161,23 @@ KVCOMP_HD constexpr uint32_t max_lane_bits(int tokens, int head_dim) {
 }
 
 /// Positions (token, channel) of the two values of lane `lane`'s `i`-th pair
-/// (the lane order of "Sub-streams" above; the first value is b0 / b2).
+/// (the lane order of "Sub-streams" above; the first value is the fragment
+/// register's low half).
 KVCOMP_HD void pair_position(Kind kind, int head_dim, int lane, int i, int& t0, int& c0, int& t1, int& c1) {
   const int per_chunk = head_dim / 2;  // pairs per lane per 32-token chunk
   const int chunk = i / per_chunk, r = i % per_chunk;
-  const int group = r / 2, half = r % 2;
   const int row = lane / 4, quad = lane % 4;
   if (kind == Kind::Key) {
+    const int group = r / 2, half = r % 2;
     const int k16 = group / 4, n8 = group % 4;
     t0 = t1 = kChunkTokens * chunk + 8 * n8 + row;
     c0 = 16 * k16 + 2 * quad + 8 * half;
     c1 = c0 + 1;
   } else {
-    const int n_tiles = head_dim / 8;
-    const int k16 = group / n_tiles, n8 = group % n_tiles;
-    c0 = c1 = 8 * n8 + row;
-    t0 = kChunkTokens * chunk + 16 * k16 + 2 * quad + 8 * half;
+    const int per_k16 = head_dim / 4;  // pairs per 16 tokens
+    const int k16 = r / per_k16, rest = r % per_k16, m16 = rest / 4, j = rest % 4;
+    c0 = c1 = 16 * m16 + row + 8 * (j & 1);
+    t0 = kChunkTokens * chunk + 16 * k16 + 2 * quad + 8 * (j >> 1);
     t1 = t0 + 1;
   }
 }
