@@ -106,8 +106,10 @@ struct PairDecoder {
   /// The next group: two pairs as fp16x2 bit patterns (h0, h1: two registers
   /// of an mma fragment). Returns true if the group held a PAIR_ESC (then
   /// `sink()` said where its raw values go, and they have been added there).
+  /// zero: a register holding 0 that the compiler cannot see through (below).
   template <typename Sink>
-  __device__ __forceinline__ bool group(const uint32_t* lut, uint32_t& h0, uint32_t& h1, Sink&& sink) {
+  __device__ __forceinline__ bool group(const uint32_t* lut, uint32_t zero, uint32_t& h0, uint32_t& h1,
+                                       Sink&& sink) {
     constexpr uint32_t kMask = format::kLutSize - 1;
     const uint32_t e0 = lut[__funnelshift_r(w0, w1, pos) & kMask];
     const uint32_t p1 = pos + (e0 & format::kLutLengthMask);  // <= 42
@@ -128,7 +130,11 @@ struct PairDecoder {
       w0 = w1;
       w1 = w2;
       w2 = ahead;
-      ahead = words[next];
+      // The load's address depends on the new w2 (through `zero`), so it cannot
+      // be issued before `ahead` was copied: the compiler then loads straight
+      // into `ahead`'s register instead of into a temporary that it copies at
+      // once, which waited out the whole memory latency at every advance.
+      ahead = words[next + (w2 & zero)];
       ++next;
     }
     pos = p2 & 31;
