@@ -235,7 +235,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention
 #pragma unroll
         for (int n8 = 0; n8 < 4; ++n8) {
           uint32_t b0, b1;
-          escaped |= kd.group(lut_k, p.zero, b0, b1, [&] {
+          escaped |= kd.group(lut_k, b0, b1, [&] {
             // Token 8 n8 + row of the chunk; channels 16 k16 + 2 quad (+ 1, + 8).
             return EscapeSink{kcorr + 8 * n8 + row, 0, kChunk, q_s, D, kparams, 16 * k16 + 2 * quad, 8, group};
           });
@@ -282,8 +282,9 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention
         o[i][3] *= corr_b;
       }
 
-      // B operands of V: p x step of head `row`, tokens 16 k16 + 2 quad + {0,1} (+ 8).
-      uint32_t pb[2][2];
+      // B operands of V: p x step of head `row`, tokens 16 k16 + 2 quad + {0,1} (+ 8), as
+      // fp16 hi + lo (two mmas: one fp16 rounding of p x step alone cost 1e-3 of the output).
+      uint32_t pb[2][2], pl[2][2];
 #pragma unroll
       for (int n = 0; n < 4; ++n) {
         const int t = 8 * n + 2 * quad;  // in the chunk
@@ -291,7 +292,10 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention
         const float p0 = exp2f(s[n][0] - m_new), p1 = exp2f(s[n][1] - m_new);
         l += p0 + p1;
         pmin = fmaf(p0, half_lo(w.x), fmaf(p1, half_lo(w.y), pmin));
-        pb[n / 2][n % 2] = pack_half2(p0 * half_hi(w.x), p1 * half_hi(w.y));
+        const float x0 = p0 * half_hi(w.x), x1 = p1 * half_hi(w.y);
+        const uint32_t hi = pack_half2(x0, x1);
+        pb[n / 2][n % 2] = hi;
+        pl[n / 2][n % 2] = pack_half2(x0 - half_lo(hi), x1 - half_hi(hi));
         *reinterpret_cast<float2*>(pchunk + row * kChunk + t) = make_float2(p0, p1);
       }
       __syncwarp();
@@ -301,19 +305,21 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention
 #pragma unroll 1
       for (int k16 = 0; k16 < 2; ++k16) {
         const uint32_t b0 = k16 ? pb[1][0] : pb[0][0], b1 = k16 ? pb[1][1] : pb[0][1];
+        const uint32_t l0 = k16 ? pl[1][0] : pl[0][0], l1 = k16 ? pl[1][1] : pl[0][1];
 #pragma unroll
         for (int m16 = 0; m16 < kM16; ++m16) {
           uint4 a;
           // Channels 16 m16 + row (+ 8), tokens 16 k16 + 2 quad (+ 1), then tokens + 8.
-          escaped |= vd.group(lut_v, p.zero, a.x, a.y, [&] {
+          escaped |= vd.group(lut_v, a.x, a.y, [&] {
             return EscapeSink{rows + 16 * m16 + row, 8, D + 2, pchunk, kChunk, vparams + chunk * kChunk,
                               16 * k16 + 2 * quad, 0, group};
           });
-          escaped |= vd.group(lut_v, p.zero, a.z, a.w, [&] {
+          escaped |= vd.group(lut_v, a.z, a.w, [&] {
             return EscapeSink{rows + 16 * m16 + row, 8, D + 2, pchunk, kChunk, vparams + chunk * kChunk,
                               16 * k16 + 2 * quad + 8, 0, group};
           });
           mma_16816(o[m16], a, b0, b1);
+          mma_16816(o[m16], a, l0, l1);
         }
       }
       if (__any_sync(0xFFFFFFFFu, escaped)) {

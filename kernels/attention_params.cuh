@@ -50,7 +50,6 @@ struct AttendParams {
   int32_t transform;              // Config::transform: Hadamard = K/V stored as x R, so q is
                                   // rotated in the kernel and the output rotated back in the merge
   int32_t batch;
-  uint32_t zero;                  // always 0: an operand the compiler cannot fold (lane_decoder.cuh)
   AttendSeq seqs[kMaxBatch];
 };
 

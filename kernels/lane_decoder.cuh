@@ -90,26 +90,22 @@ __device__ __noinline__ SlowGroup decode_group_slow(const uint32_t* lut, const u
 }
 
 struct PairDecoder {
-  const uint32_t* words;  // the block payload
-  uint32_t next;          // index of the word after `ahead`
-  uint32_t w0, w1, w2;    // bit `pos` of w0 is the next stream bit
-  uint32_t ahead;         // the word after w2, loaded one advance early
-  uint32_t pos;           // 0..31
+  const uint32_t* next;  // the word after `ahead`
+  uint32_t w0, w1, w2;   // bit `pos` of w0 is the next stream bit
+  uint32_t ahead;        // the word after w2, loaded one advance early
+  uint32_t pos;          // 0..31
 
   /// words: the block payload (shared or global memory), n of them.
-  __device__ __forceinline__ void init(const uint32_t* payload, uint32_t n, uint32_t start_bit) {
-    words = payload;
+  __device__ __forceinline__ void init(const uint32_t* words, uint32_t n, uint32_t start_bit) {
     const uint32_t first = min(start_bit >> 5, n);  // a corrupt lane table cannot send us far
-    prime(first, first == (start_bit >> 5) ? (start_bit & 31) : 0);
+    prime(words + first, first == (start_bit >> 5) ? (start_bit & 31) : 0);
   }
 
   /// The next group: two pairs as fp16x2 bit patterns (h0, h1: two registers
   /// of an mma fragment). Returns true if the group held a PAIR_ESC (then
   /// `sink()` said where its raw values go, and they have been added there).
-  /// zero: a register holding 0 that the compiler cannot see through (below).
   template <typename Sink>
-  __device__ __forceinline__ bool group(const uint32_t* lut, uint32_t zero, uint32_t& h0, uint32_t& h1,
-                                       Sink&& sink) {
+  __device__ __forceinline__ bool group(const uint32_t* lut, uint32_t& h0, uint32_t& h1, Sink&& sink) {
     constexpr uint32_t kMask = format::kLutSize - 1;
     const uint32_t e0 = lut[__funnelshift_r(w0, w1, pos) & kMask];
     const uint32_t p1 = pos + (e0 & format::kLutLengthMask);  // <= 42
@@ -119,36 +115,45 @@ struct PairDecoder {
     h0 = e0 & format::kLutValueMask;
     h1 = e1 & format::kLutValueMask;
     if (__builtin_expect(((e0 | e1) & format::kLutEscapeBit) != 0, 0)) {
-      const uint32_t first = next - 4;  // w0's word
-      const SlowGroup s = decode_group_slow(lut, words + first, pos, sink());
+      const uint32_t* base = next - 4;  // w0's word
+      const SlowGroup s = decode_group_slow(lut, base, pos, sink());
       h0 = s.h0;
       h1 = s.h1;
-      prime(first + (s.bit >> 5), s.bit & 31);
+      prime(base + (s.bit >> 5), s.bit & 31);
       return true;
     }
-    if (p2 >= 32) {
-      w0 = w1;
-      w1 = w2;
-      w2 = ahead;
-      // The load's address depends on the new w2 (through `zero`), so it cannot
-      // be issued before `ahead` was copied: the compiler then loads straight
-      // into `ahead`'s register instead of into a temporary that it copies at
-      // once, which waited out the whole memory latency at every advance.
-      ahead = words[next + (w2 & zero)];
-      ++next;
-    }
-    pos = p2 & 31;
+    advance(p2);
     return false;
   }
 
  private:
-  __device__ __forceinline__ void prime(uint32_t first, uint32_t bit) {
+  /// Shifts the window by a word if p >= 32, predicated, and loads the next
+  /// look-ahead word. In PTX, so that the load writes `ahead`'s own register:
+  /// compiled from C++ it went to a temporary copied into `ahead` at once,
+  /// which waited out the whole memory latency at every advance.
+  __device__ __forceinline__ void advance(uint32_t p) {
+    asm volatile(
+        "{\n"
+        " .reg .pred q;\n"
+        " setp.ge.u32 q, %5, 32;\n"
+        " @q mov.b32 %0, %1;\n"
+        " @q mov.b32 %1, %2;\n"
+        " @q mov.b32 %2, %3;\n"
+        " @q ld.global.u32 %3, [%4];\n"
+        " @q add.u64 %4, %4, 4;\n"
+        "}\n"
+        : "+r"(w0), "+r"(w1), "+r"(w2), "+r"(ahead), "+l"(next)
+        : "r"(p));
+    pos = p & 31;
+  }
+
+  __device__ __forceinline__ void prime(const uint32_t* p, uint32_t bit) {
     pos = bit;
-    w0 = words[first];
-    w1 = words[first + 1];
-    w2 = words[first + 2];
-    ahead = words[first + 3];
-    next = first + 4;
+    w0 = p[0];
+    w1 = p[1];
+    w2 = p[2];
+    ahead = p[3];
+    next = p + 4;
   }
 };
 
