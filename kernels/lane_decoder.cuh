@@ -48,12 +48,17 @@ struct EscapeSink {
 };
 
 struct SlowGroup {
-  uint32_t h0, h1;  // the group's fp16x2 codes (escaped raw values read as 0)
-  uint32_t bit;     // bits consumed from the window's first word
+  uint32_t h0, h1;            // the group's fp16x2 codes (escaped raw values read as 0)
+  uint32_t w0, w1, w2, ahead; // the decoder's window after the group
+  uint32_t pos;
+  const uint32_t* next;
 };
 
 /// A group decoded from bit b of base[] by a plain bit reader, escapes
-/// included (rare: kept out of line so the fast path stays small).
+/// included, and the decoder's window re-loaded after it. Rare, so out of
+/// line; the window's loads are waited for in here, so the fast path's
+/// instructions never share a load scoreboard with them (in line, every group
+/// waited on the look-ahead load, whose scoreboard these loads shared).
 __device__ __noinline__ SlowGroup decode_group_slow(const uint32_t* lut, const uint32_t* base, uint32_t b,
                                                     EscapeSink sink) {
   auto peek = [&]() { return __funnelshift_r(base[b >> 5], base[(b >> 5) + 1], b & 31); };
@@ -85,7 +90,13 @@ __device__ __noinline__ SlowGroup decode_group_slow(const uint32_t* lut, const u
     }
     (half == 0 ? out.h0 : out.h1) = h;
   }
-  out.bit = b;
+  const uint32_t* p = base + (b >> 5);
+  out.pos = b & 31;
+  out.w0 = p[0];
+  out.w1 = p[1];
+  out.w2 = p[2];
+  out.ahead = p[3];
+  out.next = p + 4;
   return out;
 }
 
@@ -115,11 +126,15 @@ struct PairDecoder {
     h0 = e0 & format::kLutValueMask;
     h1 = e1 & format::kLutValueMask;
     if (__builtin_expect(((e0 | e1) & format::kLutEscapeBit) != 0, 0)) {
-      const uint32_t* base = next - 4;  // w0's word
-      const SlowGroup s = decode_group_slow(lut, base, pos, sink());
+      const SlowGroup s = decode_group_slow(lut, next - 4 /* w0's word */, pos, sink());
       h0 = s.h0;
       h1 = s.h1;
-      prime(base + (s.bit >> 5), s.bit & 31);
+      w0 = s.w0;
+      w1 = s.w1;
+      w2 = s.w2;
+      ahead = s.ahead;
+      pos = s.pos;
+      next = s.next;
       return true;
     }
     advance(p2);
