@@ -100,6 +100,19 @@ __device__ __noinline__ SlowGroup decode_group_slow(const uint32_t* lut, const u
   return out;
 }
 
+/// The window at word `p`, bit `pos` (loaded out of line, like the escape path's).
+__device__ __noinline__ SlowGroup load_window(const uint32_t* p, uint32_t pos) {
+  SlowGroup out;
+  out.h0 = out.h1 = 0;
+  out.pos = pos;
+  out.w0 = p[0];
+  out.w1 = p[1];
+  out.w2 = p[2];
+  out.ahead = p[3];
+  out.next = p + 4;
+  return out;
+}
+
 struct PairDecoder {
   const uint32_t* next;  // the word after `ahead`
   uint32_t w0, w1, w2;   // bit `pos` of w0 is the next stream bit
@@ -163,12 +176,13 @@ struct PairDecoder {
   }
 
   __device__ __forceinline__ void prime(const uint32_t* p, uint32_t bit) {
-    pos = bit;
-    w0 = p[0];
-    w1 = p[1];
-    w2 = p[2];
-    ahead = p[3];
-    next = p + 4;
+    const SlowGroup s = load_window(p, bit);
+    w0 = s.w0;
+    w1 = s.w1;
+    w2 = s.w2;
+    ahead = s.ahead;
+    pos = s.pos;
+    next = s.next;
   }
 };
 
