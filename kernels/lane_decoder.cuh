@@ -6,8 +6,8 @@
 //  - a table entry is the pair as fp16x2 (plus length and escape flags in
 //    mantissa bits that are zero for codes < 16): one AND makes it a
 //    tensor-core operand, no integer-to-float conversion;
-//  - bits are read with 32-bit funnel shifts from a window of three words;
-//    a group (two pairs, one mma's B fragment) needs at most 22 bits, so the
+//  - bits are read from a 64-bit window of two words (a group, two pairs of
+//    one mma fragment, needs at most 22 bits and starts below bit 32); the
 //    window advances at most one word per group, predicated, and the word it
 //    takes was loaded one advance earlier (its latency hides behind decoding);
 //  - one escape test per group (PAIR_ESC is rare at the bounds we use): the
@@ -48,16 +48,25 @@ struct EscapeSink {
 };
 
 struct SlowGroup {
-  uint32_t h0, h1;            // the group's fp16x2 codes (escaped raw values read as 0)
-  uint32_t w0, w1, w2, ahead; // the decoder's window after the group
+  uint32_t h0, h1;         // the group's fp16x2 codes (escaped raw values read as 0)
+  uint32_t w0, w1, ahead;  // the decoder's window after the group
   uint32_t pos;
   const uint32_t* next;
 };
 
+/// The decoder's window at word `p`, bit `pos`.
+__device__ __forceinline__ void fill_window(SlowGroup& out, const uint32_t* p, uint32_t pos) {
+  out.pos = pos;
+  out.w0 = p[0];
+  out.w1 = p[1];
+  out.ahead = p[2];
+  out.next = p + 3;
+}
+
 /// A group decoded from bit b of base[] by a plain bit reader, escapes
 /// included, and the decoder's window re-loaded after it. Rare, so out of
-/// line; the window's loads are waited for in here, so the fast path's
-/// instructions never share a load scoreboard with them (in line, every group
+/// line; and the window's loads are waited for in here, so that the fast
+/// path never shares a load scoreboard with them (in line, every group
 /// waited on the look-ahead load, whose scoreboard these loads shared).
 __device__ __noinline__ SlowGroup decode_group_slow(const uint32_t* lut, const uint32_t* base, uint32_t b,
                                                     EscapeSink sink) {
@@ -90,64 +99,59 @@ __device__ __noinline__ SlowGroup decode_group_slow(const uint32_t* lut, const u
     }
     (half == 0 ? out.h0 : out.h1) = h;
   }
-  const uint32_t* p = base + (b >> 5);
-  out.pos = b & 31;
-  out.w0 = p[0];
-  out.w1 = p[1];
-  out.w2 = p[2];
-  out.ahead = p[3];
-  out.next = p + 4;
+  fill_window(out, base + (b >> 5), b & 31);
   return out;
 }
 
-/// The window at word `p`, bit `pos` (loaded out of line, like the escape path's).
+/// The window at word `p`, bit `pos` (block start; out of line for the same reason).
 __device__ __noinline__ SlowGroup load_window(const uint32_t* p, uint32_t pos) {
   SlowGroup out;
   out.h0 = out.h1 = 0;
-  out.pos = pos;
-  out.w0 = p[0];
-  out.w1 = p[1];
-  out.w2 = p[2];
-  out.ahead = p[3];
-  out.next = p + 4;
+  fill_window(out, p, pos);
   return out;
+}
+
+/// One 32-bit word of shared memory at a 32-bit shared-window address.
+__device__ __forceinline__ uint32_t lds(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
 }
 
 struct PairDecoder {
   const uint32_t* next;  // the word after `ahead`
-  uint32_t w0, w1, w2;   // bit `pos` of w0 is the next stream bit
-  uint32_t ahead;        // the word after w2, loaded one advance early
+  uint32_t w0, w1;       // bit `pos` of w0 is the next stream bit
+  uint32_t ahead;        // the word after w1, loaded one advance early
   uint32_t pos;          // 0..31
 
   /// words: the block payload (shared or global memory), n of them.
   __device__ __forceinline__ void init(const uint32_t* words, uint32_t n, uint32_t start_bit) {
     const uint32_t first = min(start_bit >> 5, n);  // a corrupt lane table cannot send us far
-    prime(words + first, first == (start_bit >> 5) ? (start_bit & 31) : 0);
+    take(load_window(words + first, first == (start_bit >> 5) ? (start_bit & 31) : 0));
   }
 
   /// The next group: two pairs as fp16x2 bit patterns (h0, h1: two registers
-  /// of an mma fragment). Returns true if the group held a PAIR_ESC (then
-  /// `sink()` said where its raw values go, and they have been added there).
+  /// of an mma fragment). lut: the table's shared-memory address. Returns true
+  /// if the group held a PAIR_ESC (then `sink()` said where its raw values
+  /// go, and they have been added there).
+  /// A group is at most 22 bits and starts at pos < 32, so it lies in the
+  /// 64-bit window w1:w0: the second lookup is one 64-bit shift.
   template <typename Sink>
-  __device__ __forceinline__ bool group(const uint32_t* lut, uint32_t& h0, uint32_t& h1, Sink&& sink) {
+  __device__ __forceinline__ bool group(uint32_t lut, uint32_t& h0, uint32_t& h1, Sink&& sink) {
     constexpr uint32_t kMask = format::kLutSize - 1;
-    const uint32_t e0 = lut[__funnelshift_r(w0, w1, pos) & kMask];
+    const uint32_t e0 = lds(lut + ((__funnelshift_r(w0, w1, pos) & kMask) << 2));
     const uint32_t p1 = pos + (e0 & format::kLutLengthMask);  // <= 42
-    const bool wrap = p1 >= 32;
-    const uint32_t e1 = lut[__funnelshift_r(wrap ? w1 : w0, wrap ? w2 : w1, p1) & kMask];  // shift is mod 32
+    const uint32_t x1 = uint32_t(((uint64_t(w1) << 32) | w0) >> p1);
+    const uint32_t e1 = lds(lut + ((x1 & kMask) << 2));
     const uint32_t p2 = p1 + (e1 & format::kLutLengthMask);  // <= 53
     h0 = e0 & format::kLutValueMask;
     h1 = e1 & format::kLutValueMask;
     if (__builtin_expect(((e0 | e1) & format::kLutEscapeBit) != 0, 0)) {
-      const SlowGroup s = decode_group_slow(lut, next - 4 /* w0's word */, pos, sink());
+      const uint32_t* table = reinterpret_cast<const uint32_t*>(__cvta_shared_to_generic(lut));
+      const SlowGroup s = decode_group_slow(table, next - 3 /* w0's word */, pos, sink());
+      take(s);
       h0 = s.h0;
       h1 = s.h1;
-      w0 = s.w0;
-      w1 = s.w1;
-      w2 = s.w2;
-      ahead = s.ahead;
-      pos = s.pos;
-      next = s.next;
       return true;
     }
     advance(p2);
@@ -155,6 +159,14 @@ struct PairDecoder {
   }
 
  private:
+  __device__ __forceinline__ void take(const SlowGroup& s) {
+    w0 = s.w0;
+    w1 = s.w1;
+    ahead = s.ahead;
+    pos = s.pos;
+    next = s.next;
+  }
+
   /// Shifts the window by a word if p >= 32, predicated, and loads the next
   /// look-ahead word. In PTX, so that the load writes `ahead`'s own register:
   /// compiled from C++ it went to a temporary copied into `ahead` at once,
@@ -163,26 +175,15 @@ struct PairDecoder {
     asm volatile(
         "{\n"
         " .reg .pred q;\n"
-        " setp.ge.u32 q, %5, 32;\n"
+        " setp.ge.u32 q, %4, 32;\n"
         " @q mov.b32 %0, %1;\n"
         " @q mov.b32 %1, %2;\n"
-        " @q mov.b32 %2, %3;\n"
-        " @q ld.global.u32 %3, [%4];\n"
-        " @q add.u64 %4, %4, 4;\n"
+        " @q ld.global.u32 %2, [%3];\n"
+        " @q add.u64 %3, %3, 4;\n"
         "}\n"
-        : "+r"(w0), "+r"(w1), "+r"(w2), "+r"(ahead), "+l"(next)
+        : "+r"(w0), "+r"(w1), "+r"(ahead), "+l"(next)
         : "r"(p));
     pos = p & 31;
-  }
-
-  __device__ __forceinline__ void prime(const uint32_t* p, uint32_t bit) {
-    const SlowGroup s = load_window(p, bit);
-    w0 = s.w0;
-    w1 = s.w1;
-    w2 = s.w2;
-    ahead = s.ahead;
-    pos = s.pos;
-    next = s.next;
   }
 };
 
