@@ -90,7 +90,10 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention
   static_assert(max_overread(kMaxTokensPerBlock, D) <= kDecodeOverread, "decoders may read past the pool");
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ __align__(16) uint32_t luts[2 * format::kLutSize];
-  const uint32_t lut_k = uint32_t(__cvta_generic_to_shared(luts));  // shared-window addresses
+  // The tables' shared-window addresses, computed once (in asm: from C++ the
+  // compiler re-derived them from the CTA id at every lookup).
+  uint32_t lut_k;
+  asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(lut_k) : "l"(luts));
   const uint32_t lut_v = lut_k + format::kLutSize * sizeof(uint32_t);
   float* q_s = reinterpret_cast<float*>(smem);  // [8][D], scaled to log2 units; rows >= group are 0
 
