@@ -18,24 +18,34 @@
 //   NaN and Inf included, is representable, and every reconstructed value is
 //   within eb_abs of its input (escaped ones are exact).
 //
-// Entropy coding (v3: pairs)
+// Entropy coding (v3: pairs, with low bits)
 //   A lane stream is a sequence of PAIRS of codes (two values the fused
-//   kernel consumes together, see "Sub-streams"). A pair (a, b) with both
-//   codes below kPairBase = 15 is one stream symbol, a * 15 + b (0..224);
-//   any other pair (a code >= 15, or ESC) is the symbol PAIR_ESC = 225
+//   kernel consumes together, see "Sub-streams"). Each codebook has a
+//   low-bit count k in 0..3 (chosen from the data when it is built: small
+//   error bounds give many codes, whose low bits are nearly uniform): a code
+//   c splits into hi = c >> k and lo = c & (2^k - 1). A pair (a, b) with
+//   neither code ESC and both hi parts below kPairBase = 15 is the stream
+//   symbol (a >> k) * 15 + (b >> k) (0..224) followed by k raw bits of a's lo
+//   and k raw bits of b's lo; any other pair is the symbol PAIR_ESC = 225
 //   followed by two 8-bit fields, one per value: the code (0..254), or 255 =
 //   ESC followed by the 32 raw bits of x as fp32. Stream symbols are coded
 //   with a canonical Huffman code over 256 symbols (226..255 never have a
-//   codeword), lengths limited to kMaxCodeLen = 11 so the decode table
-//   (2048 x uint32) fits in shared memory and one lookup yields two values.
-//   A pair symbol with no codeword is written as PAIR_ESC; PAIR_ESC always
-//   has one. A codebook is fully described by its 256 code lengths (0 = no
-//   codeword). Codebooks belong to (layer, kv head, K|V) and live in a table;
-//   a block names its codebook by id, so a codebook may be rebuilt at any
-//   block boundary by adding a new id (old blocks keep theirs).
+//   codeword), lengths limited to kMaxCodeLen = 11, so the decode table
+//   (2048 x uint32, indexed by the next 11 stream bits) fits in shared memory
+//   and one lookup yields two values: a codeword of length L whose pair's low
+//   bits also fit (L + 2k <= 11) decodes to both codes at once; a longer one,
+//   or PAIR_ESC, is marked for the slow path. A pair symbol with no codeword
+//   is written as PAIR_ESC; PAIR_ESC always has one. A codebook is fully
+//   described by its 256 code lengths (0 = no codeword) and k; codewords are
+//   canonical: assigned in order of (length, symbol), consecutive within a
+//   length. Codebooks belong to (layer, kv head, K|V) and live in a table; a
+//   block names its codebook by id, so a codebook may be rebuilt at any block
+//   boundary by adding a new id (old blocks keep theirs).
 //   Bits are written LSB first into little-endian 32-bit words; a codeword is
 //   stored bit-reversed so the decoder indexes its table with the low bits;
-//   8-bit fields and raw words are written LSB first as they are.
+//   raw low bits, 8-bit fields and raw words are written LSB first as they are.
+//   A decoder accepts a PAIR_ESC whose codes could have been a pair symbol
+//   (the encoder never writes one).
 //
 // Sub-streams (divergence-free decoding, in the fused kernel's mma order)
 //   A block's values are split into 32 lane streams of T*D/64 pairs each, so
@@ -103,6 +113,8 @@ constexpr int kPairBase = 15;       // codes 0..14 pair up into one stream symbo
 constexpr int kPairSymbols = kPairBase * kPairBase;  // 225 pair symbols
 constexpr int kPairEscape = kPairSymbols;            // PAIR_ESC: two 8-bit fields follow
 constexpr int kFieldBits = 8;       // one value's code in an escaped pair
+constexpr int kMaxLowBits = 3;      // low bits per code sent raw after a pair symbol (k)
+constexpr int kLowBitChoices = kMaxLowBits + 1;  // histograms per codebook: one per k
 constexpr int kMaxCodeLen = 11;     // Huffman length limit
 constexpr int kLutSize = 1 << kMaxCodeLen;
 constexpr int kRawBits = 32;        // bits of an escaped value (fp32)
@@ -182,9 +194,12 @@ KVCOMP_HD void pair_position(Kind kind, int head_dim, int lane, int i, int& t0, 
   }
 }
 
-/// The stream symbol of a pair of quantization codes (0..254 or kEscape).
-KVCOMP_HD int pair_symbol(int a, int b) {
-  return (a < kPairBase && b < kPairBase) ? a * kPairBase + b : kPairEscape;
+/// The stream symbol of a pair of quantization codes (0..254 or kEscape)
+/// under k low bits.
+KVCOMP_HD int pair_symbol(int a, int b, int k = 0) {
+  if (a == kEscape || b == kEscape) return kPairEscape;
+  const int ha = a >> k, hb = b >> k;
+  return (ha < kPairBase && hb < kPairBase) ? ha * kPairBase + hb : kPairEscape;
 }
 
 // ---------------------------------------------------------------------------
@@ -319,47 +334,57 @@ KVCOMP_HD uint16_t small_int_half(uint32_t n) {
 }
 
 /// Decode-table entry (32 bits), laid out so the fused kernel's tensor-core
-/// operand is one AND away: the two codes of the pair as fp16 (low half =
-/// first value), whose low 4 mantissa bits are zero for codes below 16, hold
-/// the flags: bits 0..3 code length (0 = no codeword), bit 16 set for
-/// PAIR_ESC (whose values read as 0, the real ones follow in the stream).
+/// operand is one AND away. Fast entry (not PAIR_ESC, L + 2k <= 11): the two
+/// codes of the pair as fp16 (low half = first value), whose low 4 mantissa
+/// bits are zero for codes below 128 (k <= 3 keeps them there), with bits
+/// 0..3 = L + 2k, the bits the pair takes. Slow entry (PAIR_ESC, or a
+/// codeword too long to carry its low bits): bit 16 set, bits 0..3 = L,
+/// bits 4..11 = the symbol. No codeword: 0.
 constexpr uint32_t kLutLengthMask = 0xFu;
-constexpr uint32_t kLutEscapeBit = 0x10000u;
+constexpr uint32_t kLutEscapeBit = 0x10000u;  // "slow": PAIR_ESC or a long codeword
 constexpr uint32_t kLutValueMask = 0xFFF0FFF0u;
-KVCOMP_HD uint32_t lut_entry(int symbol, int length) {
-  if (symbol == kPairEscape) return kLutEscapeBit | uint32_t(length);
-  const uint32_t a = uint32_t(symbol / kPairBase), b = uint32_t(symbol % kPairBase);
-  return small_int_half(a) | (uint32_t(small_int_half(b)) << 16) | uint32_t(length);
+KVCOMP_HD uint32_t lut_fast_entry(int a, int b, int bits) {
+  return small_int_half(uint32_t(a)) | (uint32_t(small_int_half(uint32_t(b))) << 16) | uint32_t(bits);
+}
+KVCOMP_HD uint32_t lut_slow_entry(int symbol, int length) {
+  return kLutEscapeBit | uint32_t(length) | (uint32_t(symbol) << 4);
 }
 KVCOMP_HD int lut_length(uint32_t e) { return int(e & kLutLengthMask); }
-KVCOMP_HD bool lut_is_escape(uint32_t e) { return (e & kLutEscapeBit) != 0; }
-/// The pair's codes from an entry (not PAIR_ESC).
+KVCOMP_HD bool lut_is_slow(uint32_t e) { return (e & kLutEscapeBit) != 0; }
+/// A slow entry's symbol.
+KVCOMP_HD int lut_slow_symbol(uint32_t e) { return int((e >> 4) & 0xFFu); }
+/// A fast entry's codes.
 KVCOMP_HD int lut_first(uint32_t e) { return int(half_to_float(uint16_t(e & kLutValueMask))); }
 KVCOMP_HD int lut_second(uint32_t e) { return int(half_to_float(uint16_t((e & kLutValueMask) >> 16))); }
-KVCOMP_HD int lut_symbol(uint32_t e) {
-  return lut_is_escape(e) ? kPairEscape : lut_first(e) * kPairBase + lut_second(e);
-}
 
 /// Writes one pair (codes a, b of values va, vb) with encoder table `enc`
-/// (bit-reversed codeword | length << 16, length 0 = no codeword) through
-/// put(bits, n), n <= 32. The CPU reference and the GPU store both call this.
+/// (bit-reversed codeword | length << 16, length 0 = no codeword) and k low
+/// bits through put(bits, n), n <= 32. The CPU reference and the GPU store
+/// both call this.
 template <typename Put>
-KVCOMP_HD void put_pair(const uint32_t* enc, int a, int b, float va, float vb, Put&& put) {
-  int s = pair_symbol(a, b);
+KVCOMP_HD void put_pair(const uint32_t* enc, int k, int a, int b, float va, float vb, Put&& put) {
+  int s = pair_symbol(a, b, k);
   if ((enc[s] >> 16) == 0) s = kPairEscape;
   put(enc[s] & 0xFFFFu, int(enc[s] >> 16));
-  if (s != kPairEscape) return;
+  if (s != kPairEscape) {
+    if (k > 0) {
+      const uint32_t mask = (1u << k) - 1;
+      put((uint32_t(a) & mask) | ((uint32_t(b) & mask) << k), 2 * k);
+    }
+    return;
+  }
   put(uint32_t(a), kFieldBits);
   if (a == kEscape) put(float_bits(va), kRawBits);
   put(uint32_t(b), kFieldBits);
   if (b == kEscape) put(float_bits(vb), kRawBits);
 }
 /// Bits put_pair writes.
-KVCOMP_HD uint32_t pair_bits(const uint32_t* enc, int a, int b) {
-  int s = pair_symbol(a, b);
+KVCOMP_HD uint32_t pair_bits(const uint32_t* enc, int k, int a, int b) {
+  int s = pair_symbol(a, b, k);
   if ((enc[s] >> 16) == 0) s = kPairEscape;
   uint32_t bits = enc[s] >> 16;
   if (s == kPairEscape) bits += 2 * kFieldBits + (a == kEscape ? kRawBits : 0) + (b == kEscape ? kRawBits : 0);
+  else bits += 2 * uint32_t(k);
   return bits;
 }
 
