@@ -107,6 +107,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention
   const int u_begin = split * p.units_per_split;
   const int u_end = min(units, u_begin + p.units_per_split);
   const int group = p.group, q_heads = p.kv_heads * group;
+  const int k_low = int(p.books[2 * head].low_bits), v_low = int(p.books[2 * head + 1].low_bits);  // k
 
   if (nblocks > 0 && u_begin < u_end) {
     const uint4* src_k = reinterpret_cast<const uint4*>(p.books[2 * head].lut);
@@ -238,7 +239,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention
 #pragma unroll
         for (int n8 = 0; n8 < 4; ++n8) {
           uint32_t b0, b1;
-          escaped |= kd.group(lut_k, b0, b1, [&] {
+          escaped |= kd.group(lut_k, k_low, b0, b1, [&] {
             // Token 8 n8 + row of the chunk; channels 16 k16 + 2 quad (+ 1, + 8).
             return EscapeSink{kcorr + 8 * n8 + row, 0, kChunk, q_s, D, kparams, 16 * k16 + 2 * quad, 8, group};
           });
@@ -313,11 +314,11 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention
         for (int m16 = 0; m16 < kM16; ++m16) {
           uint4 a;
           // Channels 16 m16 + row (+ 8), tokens 16 k16 + 2 quad (+ 1), then tokens + 8.
-          escaped |= vd.group(lut_v, a.x, a.y, [&] {
+          escaped |= vd.group(lut_v, v_low, a.x, a.y, [&] {
             return EscapeSink{rows + 16 * m16 + row, 8, D + 2, pchunk, kChunk, vparams + chunk * kChunk,
                               16 * k16 + 2 * quad, 0, group};
           });
-          escaped |= vd.group(lut_v, a.z, a.w, [&] {
+          escaped |= vd.group(lut_v, v_low, a.z, a.w, [&] {
             return EscapeSink{rows + 16 * m16 + row, 8, D + 2, pchunk, kChunk, vparams + chunk * kChunk,
                               16 * k16 + 2 * quad + 8, 0, group};
           });

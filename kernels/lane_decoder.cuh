@@ -10,7 +10,8 @@
 //    one mma fragment, needs at most 22 bits and starts below bit 32); the
 //    window advances at most one word per group, predicated, and the word it
 //    takes was loaded one advance earlier (its latency hides behind decoding);
-//  - one escape test per group (PAIR_ESC is rare at the bounds we use): the
+//  - one test per group for the slow path (PAIR_ESC, or a codeword too long
+//    to carry its low bits in the table; rare at the bounds we use): the
 //    group is then decoded again from its start by a plain bit reader, out of
 //    line, which also adds the escaped raw values' contributions;
 //  - reads are not clamped word by word: buffers holding blocks are followed
@@ -69,31 +70,39 @@ __device__ __forceinline__ void fill_window(SlowGroup& out, const uint32_t* p, u
 /// path never shares a load scoreboard with them (in line, every group
 /// waited on the look-ahead load, whose scoreboard these loads shared).
 __device__ __noinline__ SlowGroup decode_group_slow(const uint32_t* lut, const uint32_t* base, uint32_t b,
-                                                    EscapeSink sink) {
+                                                    int low_bits, EscapeSink sink) {
   auto peek = [&]() { return __funnelshift_r(base[b >> 5], base[(b >> 5) + 1], b & 31); };
   auto take = [&](int n) {
     const uint32_t v = peek();
     b += uint32_t(n);
     return n == 32 ? v : v & ((1u << n) - 1);
   };
+  auto half_of = [](uint32_t code) { return uint32_t(__half_as_ushort(__uint2half_rn(code))); };
   SlowGroup out;
   for (int half = 0; half < 2; ++half) {
     const uint32_t e = lut[peek() & (format::kLutSize - 1)];
     b += e & format::kLutLengthMask;
     uint32_t h = e & format::kLutValueMask;
-    if (e & format::kLutEscapeBit) {
+    if (format::lut_is_slow(e)) {
+      const int symbol = format::lut_slow_symbol(e);
       h = 0;
-      for (int v = 0; v < 2; ++v) {
-        const uint32_t code = take(format::kFieldBits);
-        if (code == uint32_t(format::kEscape)) {
-          const float raw = __uint_as_float(take(format::kRawBits));
-          const int at = sink.v_base + sink.v_step * half + v;
-          float* acc = sink.acc + sink.acc_step * half;
-          const float vmin = __half2float(__ushort_as_half(uint16_t(sink.params[at])));
-          for (int g = 0; g < sink.group; ++g)
-            atomicAdd(acc + g * sink.acc_stride, sink.coef[g * sink.coef_stride + at] * (raw - vmin));
-        } else {
-          h |= uint32_t(__half_as_ushort(__uint2half_rn(code))) << (16 * v);
+      if (symbol != format::kPairEscape) {  // a long codeword: its low bits follow
+        const uint32_t a = (uint32_t(symbol / format::kPairBase) << low_bits) | take(low_bits);
+        const uint32_t c = (uint32_t(symbol % format::kPairBase) << low_bits) | take(low_bits);
+        h = half_of(a) | (half_of(c) << 16);
+      } else {
+        for (int v = 0; v < 2; ++v) {
+          const uint32_t code = take(format::kFieldBits);
+          if (code == uint32_t(format::kEscape)) {
+            const float raw = __uint_as_float(take(format::kRawBits));
+            const int at = sink.v_base + sink.v_step * half + v;
+            float* acc = sink.acc + sink.acc_step * half;
+            const float vmin = __half2float(__ushort_as_half(uint16_t(sink.params[at])));
+            for (int g = 0; g < sink.group; ++g)
+              atomicAdd(acc + g * sink.acc_stride, sink.coef[g * sink.coef_stride + at] * (raw - vmin));
+          } else {
+            h |= half_of(code) << (16 * v);
+          }
         }
       }
     }
@@ -131,13 +140,14 @@ struct PairDecoder {
   }
 
   /// The next group: two pairs as fp16x2 bit patterns (h0, h1: two registers
-  /// of an mma fragment). lut: the table's shared-memory address. Returns true
-  /// if the group held a PAIR_ESC (then `sink()` said where its raw values
-  /// go, and they have been added there).
+  /// of an mma fragment). lut: the table's shared-memory address; low_bits:
+  /// the codebook's k. Returns true if the group took the slow path (a
+  /// PAIR_ESC, whose raw values `sink()` said where to add, or a codeword too
+  /// long to carry its low bits in the table).
   /// A group is at most 22 bits and starts at pos < 32, so it lies in the
   /// 64-bit window w1:w0: the second lookup is one 64-bit shift.
   template <typename Sink>
-  __device__ __forceinline__ bool group(uint32_t lut, uint32_t& h0, uint32_t& h1, Sink&& sink) {
+  __device__ __forceinline__ bool group(uint32_t lut, int low_bits, uint32_t& h0, uint32_t& h1, Sink&& sink) {
     constexpr uint32_t kMask = format::kLutSize - 1;
     const uint32_t e0 = lds(lut + ((__funnelshift_r(w0, w1, pos) & kMask) << 2));
     const uint32_t p1 = pos + (e0 & format::kLutLengthMask);  // <= 42
@@ -148,7 +158,7 @@ struct PairDecoder {
     h1 = e1 & format::kLutValueMask;
     if (__builtin_expect(((e0 | e1) & format::kLutEscapeBit) != 0, 0)) {
       const uint32_t* table = reinterpret_cast<const uint32_t*>(__cvta_shared_to_generic(lut));
-      const SlowGroup s = decode_group_slow(table, next - 3 /* w0's word */, pos, sink());
+      const SlowGroup s = decode_group_slow(table, next - 3 /* w0's word */, pos, low_bits, sink());
       take(s);
       h0 = s.h0;
       h1 = s.h1;
