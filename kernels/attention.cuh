@@ -4,21 +4,25 @@
 // blocks, plus the uncompressed tail as the last unit) of one sequence and one
 // KV head, for all its query heads (GQA: one decode, up to 8 uses). Each warp
 // streams whole blocks, 32 tokens (a chunk) at a time, on tensor cores
-// (mma.m16n8k16, fp16 operands, fp32 accumulation), query heads in the M rows
-// (rows 8..15 unused):
-//   K: S[h][t] = sum_c (q_hc step_c) code_tc + sum_c q_hc min_c. A = q x step
-//      (per block, as fp16 hi + lo so the product keeps fp32-like precision),
-//      B = the codes, which each lane decodes straight into its B fragment
-//      (format.hpp orders the lane streams that way): one table lookup gives
-//      a pair of codes as fp16x2, one AND makes it an operand;
+// (mma.m16n8k16, fp16 operands, fp32 accumulation):
+//   K: S^T[h][t] = sum_c (q_hc step_c) code_tc + sum_c q_hc min_c. A = q x
+//      step for the 8 heads in rows 0..7 and its fp16 rounding rest in rows
+//      8..15 (so the fp16 products keep fp32-like precision; the two halves
+//      of the accumulator are summed), B = the codes, which each lane decodes
+//      straight into its B fragment (format.hpp orders the lane streams that
+//      way): one table lookup gives a pair of codes as fp16x2, one AND makes
+//      it an operand;
 //   online softmax of the chunk per head (a quad of lanes holds one head);
-//   V: O[h][c] += sum_t (p_ht step_t) code_tc; A = p x step, built from the
-//      score fragments in registers (the K accumulator layout is the V A
-//      layout), B = decoded codes; sum_t p_ht min_t is one scalar per head.
-// Escaped values (rare) add their exact fp32 contribution through
-// shared-memory corrections (lane_decoder.cuh). Decoded K/V live only in
-// registers. Partial (max, sum, acc) per CTA go to a workspace; merge_kernel
-// combines the splits (flash-decoding).
+//   V: O^T[c][h] += sum_t code_tc (p_ht step_t): A = the decoded codes (16
+//      channels x 16 tokens), B = p x step (hi and lo, two mmas), built from
+//      the score accumulators in registers (their layout is the B layout);
+//      sum_t p_ht min_t is one scalar per head, added at the end.
+// Slow groups (PAIR_ESC, long codewords; rare) are decoded out of line;
+// escaped raw values add their exact fp32 contribution through shared-memory
+// corrections (lane_decoder.cuh). Decoded K/V live only in registers. Partial
+// (max, sum, acc) per CTA go to a workspace; merge_kernel combines the
+// splits (flash-decoding). Each warp pulls its next block into L2 while it
+// decodes the current one.
 #pragma once
 
 #include <cuda_bf16.h>
