@@ -22,8 +22,10 @@
 // synthetic data in this format.
 //
 // Variants: fp16 (the reference), kvcomp (block 64 tokens, relative bounds for
-// K and V (the equal-error search also tries V/K bound ratios 1/4..4), one codebook per layer/head/kind built from the data, as the Cache
-// does on prefill; bytes = blocks + 8-byte block table entries + the fp32
+// K and V (the equal-error search also tries V/K bound ratios 1/4..4), one
+// codebook per layer/head/kind built from the data with
+// Codebook::from_histograms (which also picks its low-bit count k), as the
+// Cache does on prefill; bytes = blocks + 8-byte block table entries + the fp32
 // tail), KIVI 4-bit and 2-bit (group 32, 32-token fp16 window; bytes = codes +
 // fp16 scale/zero + fp16 window).
 #include <algorithm>
@@ -69,9 +71,10 @@ Compressor kvcomp_variant(float eb_k, float eb_v) {
       const kvcomp::ErrorBound bound{kvcomp::BoundMode::Relative, kind == kvcomp::Kind::Key ? eb_k : eb_v};
       const auto& x = kind == kvcomp::Kind::Key ? k : v;
       auto& out = kind == kvcomp::Kind::Key ? ko : vo;
-      std::vector<uint64_t> hist(kvcomp::format::kNumSymbols, 0);
+      // One histogram per low-bit count k; from_histograms picks the k that needs the fewest bits.
+      std::vector<uint64_t> hist(size_t(kvcomp::format::kLowBitChoices) * kvcomp::format::kNumSymbols, 0);
       for (int b = 0; b < blocks; ++b) kvcomp::ref::add_histogram(kind, &x[size_t(b) * T * D], T, D, bound, hist.data());
-      const auto book = kvcomp::Codebook::from_histogram(hist.data());
+      const auto book = kvcomp::Codebook::from_histograms(hist.data());
       for (int b = 0; b < blocks; ++b) {
         const auto blk = kvcomp::ref::encode_block(kind, &x[size_t(b) * T * D], T, D, bound, book, 0);
         bytes += blk.size();

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <queue>
+#include <string>
 #include <vector>
 
 #include "kvcomp/error.hpp"
@@ -11,6 +12,7 @@ namespace {
 
 using format::kMaxCodeLen;
 using format::kNumSymbols;
+using format::kPairBase;
 using format::kPairEscape;
 
 // Plain Huffman depths for the present symbols (two-queue-free, heap based).
@@ -57,18 +59,68 @@ std::array<uint8_t, kNumSymbols> huffman_lengths(const uint64_t* counts_in, int 
   }
 }
 
-Codebook Codebook::from_histogram(const uint64_t* counts_in) {
+namespace {
+
+void check_low_bits(int low_bits, const char* what) {
+  if (low_bits < 0 || low_bits > format::kMaxLowBits)
+    throw Error(std::string("codebook: ") + what + ": low_bits (k) must be 0.." +
+                std::to_string(format::kMaxLowBits) + ", got " + std::to_string(low_bits));
+}
+
+// Bits of the pairs of a histogram (under k) coded with `lengths`: what
+// mean_bits averages.
+double total_bits(const std::array<uint8_t, kNumSymbols>& lengths, int k, const uint64_t* counts) {
+  // A pair symbol without a codeword is written as PAIR_ESC (format::put_pair);
+  // a coded pair symbol costs its codeword and 2k low bits; a PAIR_ESC its
+  // codeword and two 8-bit fields. The 32 raw bits that follow a field of 255
+  // (an ESC value) are not counted: a histogram of stream symbols does not
+  // say how many escaped values a PAIR_ESC holds.
+  const double esc_bits = double(lengths[kPairEscape]) + 2.0 * format::kFieldBits;
+  const double low = 2.0 * double(k);
+  double bits = 0;
+  for (int s = 0; s < kNumSymbols; ++s) {
+    if (!counts[s]) continue;
+    const double per = (s < kPairEscape && lengths[s]) ? double(lengths[s]) + low : esc_bits;
+    bits += per * double(counts[s]);
+  }
+  return bits;
+}
+
+}  // namespace
+
+Codebook Codebook::from_histogram(const uint64_t* counts_in, int low_bits) {
+  check_low_bits(low_bits, "from_histogram");
   std::vector<uint64_t> counts(counts_in, counts_in + kNumSymbols);
   // Only pair symbols and PAIR_ESC may have codewords; PAIR_ESC always has one.
   for (int s = kPairEscape + 1; s < kNumSymbols; ++s) counts[s] = 0;
   counts[kPairEscape] = std::max<uint64_t>(counts[kPairEscape], 1);
   Codebook cb;
   cb.lengths_ = huffman_lengths(counts.data(), kMaxCodeLen);
+  cb.tables_.low_bits = uint32_t(low_bits);
   cb.derive_tables();
   return cb;
 }
 
-Codebook Codebook::from_lengths(const uint8_t* lengths) {
+Codebook Codebook::from_histograms(const uint64_t* counts) {
+  // One candidate per k, each from the histogram under its k; the estimate is
+  // total_bits (what mean_bits averages), so the raw words of ESC values,
+  // which every k writes alike, do not take part.
+  Codebook best;
+  double best_bits = 0;
+  for (int k = 0; k < format::kLowBitChoices; ++k) {
+    const uint64_t* h = counts + size_t(k) * kNumSymbols;
+    Codebook cb = from_histogram(h, k);
+    const double bits = total_bits(cb.lengths_, k, h);
+    if (k == 0 || bits < best_bits) {  // strictly fewer: a tie keeps the smaller k
+      best = cb;
+      best_bits = bits;
+    }
+  }
+  return best;
+}
+
+Codebook Codebook::from_lengths(const uint8_t* lengths, int low_bits) {
+  check_low_bits(low_bits, "from_lengths");
   Codebook cb;
   uint64_t kraft = 0;  // in units of 2^-kMaxCodeLen
   for (int s = 0; s < kNumSymbols; ++s) {
@@ -83,6 +135,7 @@ Codebook Codebook::from_lengths(const uint8_t* lengths) {
   if (kraft > (uint64_t(1) << kMaxCodeLen)) throw Error("codebook: lengths violate the Kraft inequality");
   if (lengths[kPairEscape] == 0)
     throw Error("codebook: the pair escape symbol " + std::to_string(kPairEscape) + " has no codeword");
+  cb.tables_.low_bits = uint32_t(low_bits);
   cb.derive_tables();
   return cb;
 }
@@ -97,31 +150,34 @@ void Codebook::derive_tables() {
     code = (code + bl_count[bits - 1]) << 1;
     next_code[bits] = code;
   }
+  const int k = int(tables_.low_bits);
+  const uint32_t mask = (1u << k) - 1;
   std::fill(std::begin(tables_.lut), std::end(tables_.lut), uint32_t(0));
   for (int s = 0; s < kNumSymbols; ++s) {
     const int len = lengths_[s];
     if (!len) { tables_.enc[s] = 0; continue; }
     const uint32_t rev = format::reverse_bits(next_code[len]++, len);
     tables_.enc[s] = rev | (uint32_t(len) << 16);
-    for (uint32_t hi = 0; hi < (1u << (kMaxCodeLen - len)); ++hi)
-      tables_.lut[rev | (hi << len)] = format::lut_entry(s, len);
+    // Every index whose low `len` bits are the codeword: the bits above it
+    // are the pair's low bits (k of a, then k of b) and whatever follows.
+    const bool slow = s == kPairEscape || len + 2 * k > kMaxCodeLen;
+    for (uint32_t ext = 0; ext < (1u << (kMaxCodeLen - len)); ++ext) {
+      uint32_t e;
+      if (slow) {
+        e = format::lut_slow_entry(s, len);
+      } else {
+        const int lo_a = int(ext & mask), lo_b = int((ext >> k) & mask);
+        e = format::lut_fast_entry((s / kPairBase) << k | lo_a, (s % kPairBase) << k | lo_b, len + 2 * k);
+      }
+      tables_.lut[rev | (ext << len)] = e;
+    }
   }
 }
 
 double Codebook::mean_bits(const uint64_t* counts) const {
-  // A pair symbol without a codeword is written as PAIR_ESC (format::put_pair);
-  // a PAIR_ESC costs its codeword and two 8-bit fields. The 32 raw bits that
-  // follow a field of 255 (an ESC value) are not counted: a histogram of
-  // stream symbols does not say how many escaped values a PAIR_ESC holds.
-  const double esc_bits = double(lengths_[kPairEscape]) + 2.0 * format::kFieldBits;
-  double bits = 0, n = 0;
-  for (int s = 0; s < kNumSymbols; ++s) {
-    if (!counts[s]) continue;
-    const double per = (s != kPairEscape && lengths_[s]) ? double(lengths_[s]) : esc_bits;
-    bits += per * double(counts[s]);
-    n += double(counts[s]);
-  }
-  return n > 0 ? bits / n : 0.0;
+  double n = 0;
+  for (int s = 0; s < kNumSymbols; ++s) n += double(counts[s]);
+  return n > 0 ? total_bits(lengths_, low_bits(), counts) / n : 0.0;
 }
 
 }  // namespace kvcomp

@@ -42,9 +42,9 @@ class BitWriter {
 class BitReader {
  public:
   BitReader(const uint8_t* words, uint64_t begin, uint64_t end) : w_(words), pos_(begin), end_(end) {}
-  // Next n bits (n <= 32), zero-filled past `end`; does not consume.
+  // Next n bits (0 <= n <= 32), zero-filled past `end`; does not consume.
   uint32_t peek(int n) const {
-    if (pos_ >= end_) return 0;
+    if (n <= 0 || pos_ >= end_) return 0;
     const uint64_t avail = std::min<uint64_t>(uint64_t(n), end_ - pos_);
     const uint64_t first = pos_ >> 3, last = (pos_ + avail - 1) >> 3;  // bytes inside [begin, end)
     uint64_t v = 0;
@@ -103,7 +103,8 @@ void add_histogram(Kind kind, const float* x, int tokens, int head_dim, ErrorBou
     for (int i = 0; i < per_lane; ++i) {
       int t0, c0, t1, c1;
       pair_position(kind, head_dim, lane, i, t0, c0, t1, c1);
-      ++counts[pair_symbol(codes[size_t(t0) * head_dim + c0], codes[size_t(t1) * head_dim + c1])];
+      const int a = codes[size_t(t0) * head_dim + c0], b = codes[size_t(t1) * head_dim + c1];
+      for (int k = 0; k < kLowBitChoices; ++k) ++counts[size_t(k) * kNumSymbols + pair_symbol(a, b, k)];
     }
 }
 
@@ -112,6 +113,7 @@ std::vector<uint8_t> encode_block(Kind kind, const float* x, int tokens, int hea
   const auto params = block_params(kind, x, tokens, head_dim, eb);
   const auto codes = block_codes(kind, x, tokens, head_dim, params);
   const auto& enc = codebook.tables().enc;
+  const int k = codebook.low_bits();
   const int per_lane = pairs_per_lane(tokens, head_dim);
 
   BitWriter bw;
@@ -123,7 +125,7 @@ std::vector<uint8_t> encode_block(Kind kind, const float* x, int tokens, int hea
       int t0, c0, t1, c1;
       pair_position(kind, head_dim, lane, i, t0, c0, t1, c1);
       const size_t i0 = size_t(t0) * head_dim + c0, i1 = size_t(t1) * head_dim + c1;
-      put_pair(enc, codes[i0], codes[i1], x[i0], x[i1], put);
+      put_pair(enc, k, codes[i0], codes[i1], x[i0], x[i1], put);
     }
     const uint64_t bits = bw.total_bits() - start;
     if (bits > max_lane_bits(tokens, head_dim)) throw Error("encode_block: lane stream longer than max_lane_bits");
@@ -195,6 +197,8 @@ DecodeStatus decode_block(const uint8_t* data, size_t size, Kind kind, int token
   if (block_bytes(kind, tokens, head_dim, start) != size) return DecodeStatus::LaneOverflow;
 
   const auto& lut = codebook.tables().lut;
+  const int low = codebook.low_bits();
+  const uint32_t low_mask = (1u << low) - 1;
   const uint8_t* payload = data + payload_at;
   const int per_lane = pairs_per_lane(tokens, head_dim);
   start = 0;
@@ -202,32 +206,42 @@ DecodeStatus decode_block(const uint8_t* data, size_t size, Kind kind, int token
     BitReader br(payload, start, start + lane_bits[lane]);
     for (int i = 0; i < per_lane; ++i) {
       const uint32_t e = lut[br.peek(kMaxCodeLen)];
+      // Fast entry: L + 2k bits (codeword and low bits); slow entry: L bits.
       const int len = lut_length(e);
       if (len == 0 || !br.consume(len)) return DecodeStatus::BadCode;
       int t[2], c[2];
       pair_position(kind, head_dim, lane, i, t[0], c[0], t[1], c[1]);
-      if (lut_is_escape(e)) {
+      int code[2];
+      if (!lut_is_slow(e)) {
+        code[0] = lut_first(e);
+        code[1] = lut_second(e);
+      } else if (lut_slow_symbol(e) != kPairEscape) {
+        // A codeword too long to carry its low bits: k raw bits of a, then k of b.
+        const int s = lut_slow_symbol(e);
+        if (s >= kPairSymbols) return DecodeStatus::BadCode;  // no codebook makes one
+        const uint32_t lo = br.peek(2 * low);
+        if (!br.consume(2 * low)) return DecodeStatus::BadCode;
+        code[0] = (s / kPairBase) << low | int(lo & low_mask);
+        code[1] = (s % kPairBase) << low | int((lo >> low) & low_mask);
+      } else {
         // PAIR_ESC: per value an 8-bit field, the code or 255 = ESC + 32 raw bits.
-        for (int k = 0; k < 2; ++k) {
+        for (int v = 0; v < 2; ++v) {
           const int field = int(br.peek(kFieldBits));
           if (!br.consume(kFieldBits)) return DecodeStatus::BadCode;
-          float v;
           if (field == kEscape) {
             const uint32_t raw = br.peek(kRawBits);
             if (!br.consume(kRawBits)) return DecodeStatus::BadCode;
-            v = bits_float(raw);
+            out[size_t(t[v]) * head_dim + c[v]] = bits_float(raw);
+            code[v] = kEscape;
           } else {
-            const int g = group_of(kind, t[k], c[k]);
-            v = dequantize(field, gmin[g], gstep[g]);
+            code[v] = field;
           }
-          out[size_t(t[k]) * head_dim + c[k]] = v;
         }
-      } else {
-        const int code[2] = {lut_first(e), lut_second(e)};
-        for (int k = 0; k < 2; ++k) {
-          const int g = group_of(kind, t[k], c[k]);
-          out[size_t(t[k]) * head_dim + c[k]] = dequantize(code[k], gmin[g], gstep[g]);
-        }
+      }
+      for (int v = 0; v < 2; ++v) {
+        if (code[v] == kEscape) continue;  // stored raw above
+        const int g = group_of(kind, t[v], c[v]);
+        out[size_t(t[v]) * head_dim + c[v]] = dequantize(code[v], gmin[g], gstep[g]);
       }
     }
     if (br.pos() != start + lane_bits[lane]) return DecodeStatus::LengthMismatch;

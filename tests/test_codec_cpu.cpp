@@ -64,28 +64,44 @@ void check_code_properties(const Codebook& cb) {
     }
     prev_sym = s; prev_code = c; prev_len = len[s];
   }
-  // The decode table maps every codeword back, with the pair's two codes.
-  for (int s = 0; s < kNumSymbols; ++s) {
-    if (!len[s]) continue;
-    const uint32_t e = cb.tables().lut[enc[s] & 0xFFFF];
-    ASSERT_EQ(lut_symbol(e), s);
-    ASSERT_EQ(lut_length(e), len[s]);
-    ASSERT_EQ(lut_is_escape(e), s == kPairEscape);
-    if (s != kPairEscape) {
-      ASSERT_EQ(lut_first(e), s / kPairBase);
-      ASSERT_EQ(lut_second(e), s % kPairBase);
-    }
-  }
-  // Every table index holds the codeword its low bits start with (or none).
+  // The decode table, index by index: the one codeword its low bits start
+  // with (or none: 0). A pair symbol whose codeword and 2k low bits fit in
+  // kMaxCodeLen bits has a fast entry: both full codes, the low bits taken
+  // from the index bits after the codeword (k of a, then k of b), length
+  // L + 2k; PAIR_ESC and longer pair symbols have a slow entry: symbol and L.
+  const int k = cb.low_bits();
+  ASSERT_TRUE(k >= 0 && k <= kMaxLowBits);
+  ASSERT_EQ(cb.tables().low_bits, uint32_t(k));
+  const uint32_t mask = (1u << k) - 1;
   size_t filled = 0;
   for (uint32_t i = 0; i < uint32_t(kLutSize); ++i) {
     const uint32_t e = cb.tables().lut[i];
-    const int l = lut_length(e);
-    if (l == 0) continue;
+    int s = -1;
+    for (int t = 0; t < kNumSymbols; ++t)
+      if (len[t] && (i & ((1u << len[t]) - 1)) == (enc[t] & 0xFFFFu)) {
+        ASSERT_EQ(s, -1) << "index " << i << " starts with two codewords";
+        s = t;
+      }
+    if (s < 0) {
+      ASSERT_EQ(e, 0u) << "index " << i;
+      continue;
+    }
     ++filled;
-    const int s = lut_symbol(e);
-    ASSERT_EQ(l, int(len[s])) << "index " << i;
-    ASSERT_EQ(i & ((1u << l) - 1), enc[s] & 0xFFFFu) << "index " << i;
+    const int l = len[s];
+    if (s == kPairEscape || l + 2 * k > kMaxCodeLen) {
+      ASSERT_TRUE(lut_is_slow(e)) << "index " << i << " symbol " << s;
+      ASSERT_EQ(lut_slow_symbol(e), s) << "index " << i;
+      ASSERT_EQ(lut_length(e), l) << "index " << i;
+      ASSERT_EQ(e, lut_slow_entry(s, l)) << "index " << i;
+    } else {
+      const int lo_a = int((i >> l) & mask), lo_b = int((i >> (l + k)) & mask);
+      ASSERT_FALSE(lut_is_slow(e)) << "index " << i << " symbol " << s;
+      ASSERT_EQ(lut_length(e), l + 2 * k) << "index " << i;
+      ASSERT_EQ(lut_first(e), (s / kPairBase) << k | lo_a) << "index " << i;
+      ASSERT_EQ(lut_second(e), (s % kPairBase) << k | lo_b) << "index " << i;
+      // Decoding the pair's codes back gives the symbol under k.
+      ASSERT_EQ(pair_symbol(lut_first(e), lut_second(e), k), s) << "index " << i;
+    }
   }
   ASSERT_EQ(filled, size_t(kraft)) << "each codeword of length l fills 2^(11-l) entries";
 }
@@ -184,12 +200,125 @@ TEST(Codebook, RandomHistogramsAndLengthsRoundTrip) {
     uint64_t counts[kNumSymbols] = {};
     const int present = 1 + int(rng() % kNumSymbols);
     for (int i = 0; i < present; ++i) counts[rng() % kNumSymbols] = 1 + (rng() % 1000000) * (rng() % 3 == 0 ? 1000 : 1);
-    const Codebook cb = Codebook::from_histogram(counts);
+    const int k = iter % kLowBitChoices;
+    const Codebook cb = Codebook::from_histogram(counts, k);
     check_code_properties(cb);
+    ASSERT_EQ(cb.low_bits(), k);
     for (int s = 0; s < kPairEscape; ++s) ASSERT_EQ(cb.length(s) != 0, counts[s] != 0) << s;
-    const Codebook again = Codebook::from_lengths(cb.lengths().data());
+    const Codebook again = Codebook::from_lengths(cb.lengths().data(), k);
     ASSERT_EQ(0, std::memcmp(&cb.tables(), &again.tables(), sizeof(CodebookTables)));
+    // The lengths do not depend on k; the decode table does (unless no pair symbol has a codeword).
+    const Codebook k0 = Codebook::from_histogram(counts, 0);
+    ASSERT_EQ(k0.lengths(), cb.lengths());
+    ASSERT_EQ(0, std::memcmp(k0.tables().enc, cb.tables().enc, sizeof(cb.tables().enc)));
   }
+}
+
+TEST(Codebook, DecodeTableForEveryLowBitCount) {
+  // A deep code: lengths 1, 2, .., 11, 11 (symbols 0, 20, .., 200 and
+  // PAIR_ESC). Under k, codewords of length L <= 11 - 2k have fast entries,
+  // longer ones (and PAIR_ESC) slow ones.
+  uint8_t lengths[kNumSymbols] = {};
+  for (int s = 0; s < 11; ++s) lengths[s * 20] = uint8_t(s + 1);
+  lengths[kPairEscape] = 11;
+  for (int k = 0; k <= kMaxLowBits; ++k) {
+    SCOPED_TRACE("k " + std::to_string(k));
+    const Codebook cb = Codebook::from_lengths(lengths, k);
+    ASSERT_EQ(cb.low_bits(), k);
+    check_code_properties(cb);
+    int fast = 0, slow = 0;
+    for (int i = 0; i < 11; ++i) {
+      const int s = i * 20, l = i + 1;
+      const uint32_t e = cb.tables().lut[cb.tables().enc[s] & 0xFFFFu];
+      EXPECT_EQ(lut_is_slow(e), l + 2 * k > kMaxCodeLen) << "length " << l;
+      (lut_is_slow(e) ? slow : fast) += 1;
+    }
+    EXPECT_EQ(slow, 2 * k);  // lengths 12 - 2k .. 11
+    EXPECT_EQ(fast, 11 - 2 * k);
+    EXPECT_TRUE(lut_is_slow(cb.tables().lut[cb.tables().enc[kPairEscape] & 0xFFFFu]));
+  }
+  // The first codeword ('0', symbol 0 = (0, 0)) under k = 3: the 6 index bits
+  // after it are a's 3 low bits, then b's.
+  const Codebook cb = Codebook::from_lengths(lengths, 3);
+  for (uint32_t lo = 0; lo < 64; ++lo) {
+    const uint32_t e = cb.tables().lut[lo << 1];
+    EXPECT_EQ(e, lut_fast_entry(int(lo & 7), int(lo >> 3), 7)) << lo;
+  }
+  // Symbol 20 = (1, 5), '10' (bit-reversed: index bits 1, 0), k = 3:
+  // codes (1 << 3 | lo_a, 5 << 3 | lo_b).
+  EXPECT_EQ(cb.tables().lut[0x1u | 0x0u << 1 | 0x5u << 2 | 0x2u << 5], lut_fast_entry(8 | 5, 40 | 2, 8));
+}
+
+TEST(Codebook, LowBitsOutOfRangeAreRejected) {
+  uint64_t counts[kNumSymbols] = {};
+  counts[0] = 5;
+  uint8_t lengths[kNumSymbols] = {};
+  lengths[0] = 1;
+  lengths[kPairEscape] = 1;
+  for (int k : {-1, kMaxLowBits + 1, 8}) {
+    for (int which = 0; which < 2; ++which) {
+      std::string msg;
+      try {
+        (void)(which ? Codebook::from_lengths(lengths, k) : Codebook::from_histogram(counts, k));
+      } catch (const Error& e) {
+        msg = e.what();
+      }
+      EXPECT_NE(msg.find("low_bits"), std::string::npos) << k << ": " << msg;
+      EXPECT_NE(msg.find(std::to_string(k)), std::string::npos) << k << ": " << msg;
+    }
+  }
+  for (int k = 0; k <= kMaxLowBits; ++k) {
+    EXPECT_EQ(Codebook::from_lengths(lengths, k).low_bits(), k);
+    EXPECT_EQ(Codebook::from_histogram(counts, k).low_bits(), k);
+  }
+}
+
+TEST(Codebook, FromHistogramsPicksTheFewestBits) {
+  const uint64_t seed = kvcomp_test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  for (int iter = 0; iter < 40; ++iter) {
+    std::vector<uint64_t> counts(size_t(kLowBitChoices) * kNumSymbols, 0);
+    for (int k = 0; k < kLowBitChoices; ++k) {
+      const int present = 1 + int(rng() % 40);
+      for (int i = 0; i < present; ++i)
+        counts[size_t(k) * kNumSymbols + rng() % (kPairEscape + 1)] += 1 + rng() % 10000;
+    }
+    if (iter % 5 == 0) {  // identical rows: the bits tie, or k = 0 is cheaper (no low bits)
+      for (int k = 1; k < kLowBitChoices; ++k)
+        std::copy(counts.begin(), counts.begin() + kNumSymbols, counts.begin() + size_t(k) * kNumSymbols);
+    }
+    int want = -1;
+    double best = 0;
+    for (int k = 0; k < kLowBitChoices; ++k) {
+      const uint64_t* h = &counts[size_t(k) * kNumSymbols];
+      double n = 0;
+      for (int s = 0; s < kNumSymbols; ++s) n += double(h[s]);
+      const double bits = Codebook::from_histogram(h, k).mean_bits(h) * n;
+      if (want < 0 || bits < best - 1e-6) { want = k; best = bits; }
+    }
+    if (iter % 5 == 0) {
+      ASSERT_EQ(want, 0);
+    }
+    const Codebook cb = Codebook::from_histograms(counts.data());
+    ASSERT_EQ(cb.low_bits(), want) << "iter " << iter;
+    const Codebook same = Codebook::from_histogram(&counts[size_t(want) * kNumSymbols], want);
+    ASSERT_EQ(0, std::memcmp(&cb.tables(), &same.tables(), sizeof(CodebookTables)));
+  }
+  // Only PAIR_ESC (every k escapes every pair alike): a tie, the smaller k.
+  std::vector<uint64_t> esc(size_t(kLowBitChoices) * kNumSymbols, 0);
+  for (int k = 0; k < kLowBitChoices; ++k) esc[size_t(k) * kNumSymbols + kPairEscape] = 1000;
+  EXPECT_EQ(Codebook::from_histograms(esc.data()).low_bits(), 0);
+  std::vector<uint64_t> none(size_t(kLowBitChoices) * kNumSymbols, 0);
+  EXPECT_EQ(Codebook::from_histograms(none.data()).low_bits(), 0);
+  // Codes uniform over 0..59: pairs escape under k = 0 (hi parts up to 59)
+  // and k = 1 (up to 29) but fit under k = 2 and 3.
+  std::vector<uint64_t> uni(size_t(kLowBitChoices) * kNumSymbols, 0);
+  for (int a = 0; a < 60; ++a)
+    for (int b = 0; b < 60; ++b)
+      for (int k = 0; k < kLowBitChoices; ++k) ++uni[size_t(k) * kNumSymbols + pair_symbol(a, b, k)];
+  const int k_uni = Codebook::from_histograms(uni.data()).low_bits();
+  EXPECT_GE(k_uni, 2);
 }
 
 namespace {
@@ -252,16 +381,27 @@ TEST(Codebook, MeanBitsCountsPairEscapeFields) {
   EXPECT_DOUBLE_EQ(cb.mean_bits(counts), want);
   uint64_t none[kNumSymbols] = {};
   EXPECT_EQ(cb.mean_bits(none), 0.0);
+  // Under k = 2 a coded pair symbol also carries 4 low bits; PAIR_ESC does not.
+  const Codebook k2 = Codebook::from_histogram(train, 2);
+  ASSERT_EQ(k2.lengths(), cb.lengths());
+  const double want2 = (10.0 * 5 + 20.0 * 6 + 30.0 * 18 + 40.0 * 18) / 100.0;
+  EXPECT_DOUBLE_EQ(k2.mean_bits(counts), want2);
 }
 
 namespace {
 
 struct Case { Kind kind; int T; int D; };
 
+/// Histograms of stream symbols under every k, as ref::add_histogram fills them.
+using Histograms = std::vector<uint64_t>;  // kLowBitChoices x kNumSymbols
+Histograms no_histograms() { return Histograms(size_t(kLowBitChoices) * kNumSymbols, 0); }
+
 Codebook codebook_for(Kind kind, const std::vector<float>& x, int T, int D, ErrorBound eb) {
-  uint64_t counts[kNumSymbols] = {};
-  ref::add_histogram(kind, x.data(), T, D, eb, counts);
-  return Codebook::from_histogram(counts);
+  Histograms counts = no_histograms();
+  ref::add_histogram(kind, x.data(), T, D, eb, counts.data());
+  const Codebook cb = Codebook::from_histograms(counts.data());
+  check_code_properties(cb);
+  return cb;
 }
 
 }  // namespace
@@ -305,97 +445,188 @@ TEST(ReferenceCodec, HistogramCountsPairSymbols) {
     for (ErrorBound eb : {ErrorBound{BoundMode::Relative, 0.003f}, ErrorBound{BoundMode::Relative, 0.05f}}) {
       auto x = kvcomp_test::make_data(kvcomp_test::Dist::HeavyTailed, cs.T, cs.D, seed + cs.T);
       x[5] = std::numeric_limits<float>::infinity();
-      uint64_t counts[kNumSymbols] = {};
-      ref::add_histogram(cs.kind, x.data(), cs.T, cs.D, eb, counts);
+      // Exactly 4 x 256 counts (ASan sees a write past them).
+      std::vector<uint64_t> counts(size_t(kLowBitChoices) * kNumSymbols, 0);
+      ref::add_histogram(cs.kind, x.data(), cs.T, cs.D, eb, counts.data());
       // Independently: the lane order pairs neighbours along the group-crossing
-      // axis, K (t, 2j) with (t, 2j + 1), V (2j, c) with (2j + 1, c).
+      // axis, K (t, 2j) with (t, 2j + 1), V (2j, c) with (2j + 1, c); row k
+      // holds the pair symbols under k low bits.
       const auto params = ref::block_params(cs.kind, x.data(), cs.T, cs.D, eb);
       auto code = [&](int t, int c) {
         return quantize(x[size_t(t) * cs.D + c], params[cs.kind == Kind::Key ? c : t]);
       };
-      uint64_t want[kNumSymbols] = {};
-      for (int t = 0; t < cs.T; ++t)
-        for (int c = 0; c < cs.D; ++c) {
-          if (cs.kind == Kind::Key && c % 2 == 0) ++want[pair_symbol(code(t, c), code(t, c + 1))];
-          if (cs.kind == Kind::Value && t % 2 == 0) ++want[pair_symbol(code(t, c), code(t + 1, c))];
-        }
-      for (int s = 0; s < kNumSymbols; ++s) ASSERT_EQ(counts[s], want[s]) << "symbol " << s;
-      EXPECT_GT(counts[kPairEscape], 0u);
+      std::vector<uint64_t> want(counts.size(), 0);
+      for (int k = 0; k < kLowBitChoices; ++k)
+        for (int t = 0; t < cs.T; ++t)
+          for (int c = 0; c < cs.D; ++c) {
+            if (cs.kind == Kind::Key && c % 2 == 0)
+              ++want[size_t(k) * kNumSymbols + pair_symbol(code(t, c), code(t, c + 1), k)];
+            if (cs.kind == Kind::Value && t % 2 == 0)
+              ++want[size_t(k) * kNumSymbols + pair_symbol(code(t, c), code(t + 1, c), k)];
+          }
+      for (size_t i = 0; i < counts.size(); ++i)
+        ASSERT_EQ(counts[i], want[i]) << "k " << i / kNumSymbols << " symbol " << i % kNumSymbols;
+      for (int k = 0; k < kLowBitChoices; ++k) {
+        uint64_t n = 0;
+        for (int s = 0; s < kNumSymbols; ++s) n += counts[size_t(k) * kNumSymbols + s];
+        EXPECT_EQ(n, uint64_t(cs.T) * cs.D / 2) << "every row counts every pair, k " << k;
+        EXPECT_GT(counts[size_t(k) * kNumSymbols + kPairEscape], 0u) << "the Inf, k " << k;
+      }
       // It adds to what is there.
-      ref::add_histogram(cs.kind, x.data(), cs.T, cs.D, eb, counts);
-      for (int s = 0; s < kNumSymbols; ++s) ASSERT_EQ(counts[s], 2 * want[s]) << "symbol " << s;
+      ref::add_histogram(cs.kind, x.data(), cs.T, cs.D, eb, counts.data());
+      for (size_t i = 0; i < counts.size(); ++i) ASSERT_EQ(counts[i], 2 * want[i]) << i;
     }
 }
 
 TEST(ReferenceCodec, EveryKindOfPairRoundTrips) {
-  // Pairs with a codeword, pairs of small codes without one (written as
-  // PAIR_ESC), pairs with a code >= 15 (8-bit fields) and pairs with an ESC
-  // value (field 255 + raw fp32, NaN and Inf included): each must occur, and
-  // every value decodes to exactly dequantize(code) within eb_abs, or to its
-  // own bits when escaped.
+  // Under every k: pairs with a codeword (fast table entries, and slow ones
+  // whose codeword is too long to carry its low bits), pairs of small codes
+  // without one (written as PAIR_ESC), pairs with a hi part >= 15 (8-bit
+  // fields) and pairs with an ESC value (field 255 + raw fp32, NaN and Inf
+  // included): each must occur, and every value decodes to exactly
+  // dequantize(code) within eb_abs, or to its own bits when escaped.
   const uint64_t seed = kvcomp_test::fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
   const float specials[] = {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
                             -std::numeric_limits<float>::infinity(), bits_float(0x7FC01234u), bits_float(0xFF800001u),
                             bits_float(0x7F800001u)};
-  uint64_t coded = 0, small_uncoded = 0, large = 0, raw = 0;
-  for (Case cs : {Case{Kind::Key, 64, 128}, Case{Kind::Value, 64, 128}, Case{Kind::Key, 32, 64},
-                  Case{Kind::Value, 128, 256}, Case{Kind::Key, 128, 256}, Case{Kind::Value, 32, 64}})
-    for (ErrorBound eb : {ErrorBound{BoundMode::Relative, 0.002f}, ErrorBound{BoundMode::Relative, 0.05f},
-                          ErrorBound{BoundMode::Absolute, 1e-4f}}) {
-      SCOPED_TRACE(std::string(cs.kind == Kind::Key ? "K " : "V ") + std::to_string(cs.T) + " x " +
-                   std::to_string(cs.D) + " eb " + std::to_string(eb.value));
-      auto x = kvcomp_test::make_data(kvcomp_test::Dist::OutlierChannels, cs.T, cs.D, rng());
-      for (size_t k = 0; k < x.size() / 64; ++k) x[rng() % x.size()] = specials[k % 6];
-      // The codebook: trained on other data, without the block's most frequent pair symbol.
-      uint64_t mine[kNumSymbols] = {}, train[kNumSymbols] = {};
-      ref::add_histogram(cs.kind, x.data(), cs.T, cs.D, eb, mine);
-      const auto other = kvcomp_test::make_data(kvcomp_test::Dist::OutlierChannels, cs.T, cs.D, rng());
-      ref::add_histogram(cs.kind, other.data(), cs.T, cs.D, eb, train);
-      const int top = int(std::max_element(mine, mine + kPairEscape) - mine);
-      train[top] = 0;
-      const Codebook cb = Codebook::from_histogram(train);
-      ASSERT_EQ(cb.length(top), 0);
+  for (int k = 0; k <= kMaxLowBits; ++k) {
+    uint64_t fast = 0, slow = 0, small_uncoded = 0, large = 0, raw = 0;
+    for (Case cs : {Case{Kind::Key, 64, 128}, Case{Kind::Value, 64, 128}, Case{Kind::Key, 32, 64},
+                    Case{Kind::Value, 128, 256}, Case{Kind::Key, 128, 256}, Case{Kind::Value, 32, 64}})
+      for (ErrorBound eb : {ErrorBound{BoundMode::Relative, 0.002f}, ErrorBound{BoundMode::Relative, 0.01f},
+                            ErrorBound{BoundMode::Relative, 0.05f}, ErrorBound{BoundMode::Absolute, 1e-4f}}) {
+        SCOPED_TRACE(std::string(cs.kind == Kind::Key ? "K " : "V ") + std::to_string(cs.T) + " x " +
+                     std::to_string(cs.D) + " eb " + std::to_string(eb.value) + " k " + std::to_string(k));
+        auto x = kvcomp_test::make_data(kvcomp_test::Dist::OutlierChannels, cs.T, cs.D, rng());
+        for (size_t j = 0; j < x.size() / 64; ++j) x[rng() % x.size()] = specials[j % 6];
+        // The codebook: trained on other data, without the block's most
+        // frequent pair symbol, under this k.
+        Histograms mine = no_histograms(), train = no_histograms();
+        ref::add_histogram(cs.kind, x.data(), cs.T, cs.D, eb, mine.data());
+        const auto other = kvcomp_test::make_data(kvcomp_test::Dist::OutlierChannels, cs.T, cs.D, rng());
+        ref::add_histogram(cs.kind, other.data(), cs.T, cs.D, eb, train.data());
+        uint64_t* row = &train[size_t(k) * kNumSymbols];
+        const uint64_t* my_row = &mine[size_t(k) * kNumSymbols];
+        const int top = int(std::max_element(my_row, my_row + kPairEscape) - my_row);
+        row[top] = 0;
+        const Codebook cb = Codebook::from_histogram(row, k);
+        ASSERT_EQ(cb.length(top), 0);
+        ASSERT_EQ(cb.low_bits(), k);
 
-      const auto bytes = ref::encode_block(cs.kind, x.data(), cs.T, cs.D, eb, cb, 3);
-      std::vector<float> out(x.size(), 12345.f);
+        const auto bytes = ref::encode_block(cs.kind, x.data(), cs.T, cs.D, eb, cb, 3);
+        std::vector<float> out(x.size(), 12345.f);
+        ASSERT_EQ(ref::decode_block(bytes.data(), bytes.size(), cs.kind, cs.T, cs.D, cb, out.data()),
+                  ref::DecodeStatus::Ok);
+        const auto params = ref::block_params(cs.kind, x.data(), cs.T, cs.D, eb);
+        std::vector<int> codes(x.size());
+        for (int t = 0; t < cs.T; ++t)
+          for (int c = 0; c < cs.D; ++c) {
+            const size_t i = size_t(t) * cs.D + c;
+            const GroupQuant& g = params[cs.kind == Kind::Key ? c : t];
+            codes[i] = quantize(x[i], g);
+            if (codes[i] == kEscape) {
+              ASSERT_EQ(float_bits(out[i]), float_bits(x[i])) << "t " << t << " c " << c;
+            } else {
+              ASSERT_EQ(float_bits(out[i]), float_bits(dequantize(codes[i], g.min, g.step))) << "t " << t << " c " << c;
+              ASSERT_LE(std::fabs(out[i] - x[i]), g.eb_abs) << "t " << t << " c " << c;
+            }
+          }
+        uint64_t total_bits = 0;
+        for (int lane = 0; lane < kLanes; ++lane)
+          for (int i = 0; i < pairs_per_lane(cs.T, cs.D); ++i) {
+            int t0, c0, t1, c1;
+            pair_position(cs.kind, cs.D, lane, i, t0, c0, t1, c1);
+            const int a = codes[size_t(t0) * cs.D + c0], b = codes[size_t(t1) * cs.D + c1];
+            total_bits += pair_bits(cb.tables().enc, k, a, b);
+            const int sym = pair_symbol(a, b, k);
+            if (sym != kPairEscape && cb.length(sym)) ++(cb.length(sym) + 2 * k <= kMaxCodeLen ? fast : slow);
+            else if (a == kEscape || b == kEscape) ++raw;
+            else if ((a >> k) >= kPairBase || (b >> k) >= kPairBase) ++large;
+            else ++small_uncoded;
+          }
+        // The block is exactly as long as pair_bits says.
+        EXPECT_EQ(bytes.size(), block_bytes(cs.kind, cs.T, cs.D, total_bits));
+      }
+    SCOPED_TRACE("k " + std::to_string(k));
+    EXPECT_GT(fast, 0u);
+    if (k >= 2) {
+      EXPECT_GT(slow, 0u);  // codewords of 8 bits and more; k = 0: every codeword fits (L <= 11)
+    }
+    if (k == 0) {
+      EXPECT_EQ(slow, 0u);
+    }
+    EXPECT_GT(small_uncoded, 0u);
+    EXPECT_GT(large, 0u);
+    EXPECT_GT(raw, 0u);
+  }
+}
+
+TEST(ReferenceCodec, LongCodewordsAndHighCodesRoundTripUnderEveryK) {
+  // Hand-made codes: Absolute bound 0.5 gives step 1, and every group holds a
+  // 0, so an integer value is its own code. Codes are drawn from the whole
+  // range of each kind of pair, with a codebook whose codewords are mostly
+  // long (lengths 7..11): under k >= 1 many pairs take the slow path.
+  const uint64_t seed = kvcomp_test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const ErrorBound eb{BoundMode::Absolute, 0.5f};
+  for (int k = 0; k <= kMaxLowBits; ++k)
+    for (Case cs : {Case{Kind::Key, 64, 128}, Case{Kind::Value, 32, 64}, Case{Kind::Value, 128, 256}}) {
+      SCOPED_TRACE(std::string(cs.kind == Kind::Key ? "K " : "V ") + std::to_string(cs.T) + " x " +
+                   std::to_string(cs.D) + " k " + std::to_string(k));
+      // Skewed so that lengths spread: symbol s gets weight ~ 1 / (1 + s).
+      uint64_t counts[kNumSymbols] = {};
+      for (int s = 0; s <= kPairEscape; ++s) counts[s] = 1 + 100000 / (1 + s);
+      for (int j = 0; j < 20; ++j) counts[rng() % kPairEscape] = 0;  // some without a codeword
+      const Codebook cb = Codebook::from_histogram(counts, k);
+      check_code_properties(cb);
+      const int pair_max = (kPairBase << k) - 1;  // largest code whose hi part pairs up
+      std::vector<float> x(size_t(cs.T) * cs.D);
+      for (auto& v : x) {
+        const uint64_t r = rng() % 100;
+        if (r < 80) v = float(rng() % (pair_max + 1));
+        else if (r < 92) v = float(pair_max + 1 + rng() % (kMaxCode - pair_max));  // hi part >= 15
+        else if (r < 96) v = float(rng() % (kMaxCode + 1));
+        else v = r < 98 ? std::numeric_limits<float>::quiet_NaN() : -std::numeric_limits<float>::infinity();
+      }
+      for (int t = 0; t < cs.T; ++t)  // a 0 in every group (row and column 0)
+        for (int c = 0; c < cs.D; ++c)
+          if (t == 0 || c == 0) x[size_t(t) * cs.D + c] = 0.f;
+      const auto bytes = ref::encode_block(cs.kind, x.data(), cs.T, cs.D, eb, cb, 1);
+      std::vector<float> out(x.size(), -7.f);
       ASSERT_EQ(ref::decode_block(bytes.data(), bytes.size(), cs.kind, cs.T, cs.D, cb, out.data()),
                 ref::DecodeStatus::Ok);
-      const auto params = ref::block_params(cs.kind, x.data(), cs.T, cs.D, eb);
-      std::vector<int> codes(x.size());
-      for (int t = 0; t < cs.T; ++t)
-        for (int c = 0; c < cs.D; ++c) {
-          const size_t i = size_t(t) * cs.D + c;
-          const GroupQuant& g = params[cs.kind == Kind::Key ? c : t];
-          codes[i] = quantize(x[i], g);
-          if (codes[i] == kEscape) {
-            ASSERT_EQ(float_bits(out[i]), float_bits(x[i])) << "t " << t << " c " << c;
-          } else {
-            ASSERT_EQ(float_bits(out[i]), float_bits(dequantize(codes[i], g.min, g.step))) << "t " << t << " c " << c;
-            ASSERT_LE(std::fabs(out[i] - x[i]), g.eb_abs) << "t " << t << " c " << c;
-          }
-        }
+      uint64_t slow = 0, fast = 0, esc = 0;
       uint64_t total_bits = 0;
       for (int lane = 0; lane < kLanes; ++lane)
         for (int i = 0; i < pairs_per_lane(cs.T, cs.D); ++i) {
-          int t0, c0, t1, c1;
-          pair_position(cs.kind, cs.D, lane, i, t0, c0, t1, c1);
-          const int a = codes[size_t(t0) * cs.D + c0], b = codes[size_t(t1) * cs.D + c1];
-          total_bits += pair_bits(cb.tables().enc, a, b);
-          const int sym = pair_symbol(a, b);
-          if (sym != kPairEscape && cb.length(sym)) ++coded;
-          else if (a == kEscape || b == kEscape) ++raw;
-          else if (a >= kPairBase || b >= kPairBase) ++large;
-          else ++small_uncoded;
+          int t[2], c[2];
+          pair_position(cs.kind, cs.D, lane, i, t[0], c[0], t[1], c[1]);
+          int code[2];
+          for (int v = 0; v < 2; ++v) {
+            const float xv = x[size_t(t[v]) * cs.D + c[v]], ov = out[size_t(t[v]) * cs.D + c[v]];
+            if (std::isfinite(xv)) {
+              code[v] = int(xv);
+              ASSERT_EQ(ov, xv) << "t " << t[v] << " c " << c[v];
+            } else {
+              code[v] = kEscape;
+              ASSERT_EQ(float_bits(ov), float_bits(xv));
+            }
+          }
+          const int s = pair_symbol(code[0], code[1], k);
+          total_bits += pair_bits(cb.tables().enc, k, code[0], code[1]);
+          if (s == kPairEscape || !cb.length(s)) ++esc;
+          else ++(cb.length(s) + 2 * k > kMaxCodeLen ? slow : fast);
         }
-      // The block is exactly as long as pair_bits says.
       EXPECT_EQ(bytes.size(), block_bytes(cs.kind, cs.T, cs.D, total_bits));
+      EXPECT_GT(fast, 0u);
+      EXPECT_GT(esc, 0u);
+      if (k >= 2) {
+        EXPECT_GT(slow, 0u);
+      }
     }
-  EXPECT_GT(coded, 0u);
-  EXPECT_GT(small_uncoded, 0u);
-  EXPECT_GT(large, 0u);
-  EXPECT_GT(raw, 0u);
 }
 
 TEST(ReferenceCodec, GoldenBitsOfALaneStream) {
@@ -465,6 +696,69 @@ TEST(ReferenceCodec, GoldenBitsOfALaneStream) {
       if (x[i] == x[i]) {
         ASSERT_LE(std::fabs(out[i] - x[i]), 0.5f) << i;
       }
+  }
+}
+
+TEST(ReferenceCodec, GoldenBitsOfALaneStreamWithLowBits) {
+  // The codebook of GoldenBitsOfALaneStream under k = 1: symbol 0 = hi parts
+  // (0, 0) = '0', symbol 16 = (1, 1) = '10', PAIR_ESC = '11'. Lane 0's first
+  // pair is (NaN, 3.0): PAIR_ESC, field 255, the NaN's raw bits, field 3 (no
+  // low bits); its second pair is codes (3, 2) = hi (1, 1), lo (1, 0): '10',
+  // then a's low bit 1, then b's 0. Every other value is 0.25 = code 0: '0'
+  // and two low bits 0.
+  uint8_t lengths[kNumSymbols] = {};
+  lengths[0] = 1;
+  lengths[1 * kPairBase + 1] = 2;
+  lengths[kPairEscape] = 2;
+  const Codebook cb = Codebook::from_lengths(lengths, 1);
+  const int T = 32, D = 64;
+  const uint32_t nan_bits = 0x7FC01234u;
+  const ErrorBound eb{BoundMode::Absolute, 0.5f};
+  for (Kind kind : {Kind::Key, Kind::Value}) {
+    SCOPED_TRACE(kind == Kind::Key ? "K" : "V");
+    std::vector<float> x(size_t(T) * D, 0.25f);
+    int t0, c0, t1, c1;
+    pair_position(kind, D, 0, 0, t0, c0, t1, c1);
+    x[size_t(t0) * D + c0] = bits_float(nan_bits);
+    x[size_t(t1) * D + c1] = 3.0f;
+    pair_position(kind, D, 0, 1, t0, c0, t1, c1);
+    x[size_t(t0) * D + c0] = 3.25f;
+    x[size_t(t1) * D + c1] = 2.25f;
+    const auto bytes = ref::encode_block(kind, x.data(), T, D, eb, cb, 9);
+
+    const int pairs = pairs_per_lane(T, D);
+    const uint64_t lane0 = 2 + 8 + 32 + 8 + (2 + 2) + 3 * uint64_t(pairs - 2);
+    const uint64_t total = lane0 + uint64_t(kLanes - 1) * 3 * pairs;
+    ASSERT_EQ(bytes.size(), block_bytes(kind, T, D, total));
+    uint16_t lane_bits[kLanes];
+    std::memcpy(lane_bits, &bytes[lane_bits_offset(kind, T, D)], sizeof(lane_bits));
+    EXPECT_EQ(lane_bits[0], lane0);
+    for (int l = 1; l < kLanes; ++l) EXPECT_EQ(lane_bits[l], 3 * pairs) << l;
+    // LSB first: '11', 0xFF, the raw word, 0x03, '10' as bits 1, 0, low bits 1, 0, then zeros.
+    const uint64_t want = 0x3u | uint64_t(0xFF) << 2 | uint64_t(nan_bits) << 10 | uint64_t(3) << 42 |
+                          uint64_t(1) << 50 | uint64_t(1) << 52;
+    const size_t at = payload_offset(kind, T, D);
+    const size_t words = (total + 31) / 32;
+    for (size_t w = 0; w < words; ++w) {
+      uint32_t got;
+      std::memcpy(&got, &bytes[at + 4 * w], 4);
+      ASSERT_EQ(got, w < 2 ? uint32_t(want >> (32 * w)) : 0u) << "word " << w;
+    }
+    std::vector<float> out(x.size());
+    ASSERT_EQ(ref::decode_block(bytes.data(), bytes.size(), kind, T, D, cb, out.data()), ref::DecodeStatus::Ok);
+    pair_position(kind, D, 0, 0, t0, c0, t1, c1);
+    EXPECT_EQ(float_bits(out[size_t(t0) * D + c0]), nan_bits);
+    EXPECT_EQ(out[size_t(t1) * D + c1], 3.25f);
+    pair_position(kind, D, 0, 1, t0, c0, t1, c1);
+    EXPECT_EQ(out[size_t(t0) * D + c0], 3.25f);
+    EXPECT_EQ(out[size_t(t1) * D + c1], 2.25f);
+    for (size_t i = 0; i < x.size(); ++i)
+      if (x[i] == x[i]) {
+        ASSERT_LE(std::fabs(out[i] - x[i]), 0.5f) << i;
+      }
+    // The same bits under k = 0 mean other pairs: the codebook's k is part of the format.
+    const Codebook k0 = Codebook::from_lengths(lengths, 0);
+    EXPECT_NE(ref::decode_block(bytes.data(), bytes.size(), kind, T, D, k0, out.data()), ref::DecodeStatus::Ok);
   }
 }
 
@@ -539,7 +833,8 @@ TEST(ReferenceCodec, CorruptHeadersAndLaneTablesGiveTheirStatus) {
   const uint64_t seed = kvcomp_test::fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   const int T = 64, D = 128;
-  const ErrorBound eb{BoundMode::Relative, 0.004f};  // codes >= 15: PAIR_ESC fields in every lane
+  // Codes up to ~125: k = 3 low bits, and PAIR_ESC fields for hi parts >= 15.
+  const ErrorBound eb{BoundMode::Relative, 0.004f};
   auto x = kvcomp_test::make_data(kvcomp_test::Dist::Gaussian, T, D, seed);
   x[7] = std::numeric_limits<float>::quiet_NaN();
   auto reseal = [](std::vector<uint8_t>& b) {
@@ -552,6 +847,7 @@ TEST(ReferenceCodec, CorruptHeadersAndLaneTablesGiveTheirStatus) {
   };
   for (Kind kind : {Kind::Key, Kind::Value}) {
     const Codebook cb = codebook_for(kind, x, T, D, eb);
+    EXPECT_EQ(cb.low_bits(), 3);
     const auto bytes = ref::encode_block(kind, x.data(), T, D, eb, cb, 5);
     std::vector<float> out(x.size());
     auto status = [&](std::vector<uint8_t> b) {
@@ -597,41 +893,45 @@ TEST(ReferenceCodec, CorruptHeadersAndLaneTablesGiveTheirStatus) {
 }
 
 TEST(ReferenceCodec, RatioIsCloseToTheHistogramEntropy) {
+  // Per stream symbol (pair), under the k the codebook picked: the entropy of
+  // the histogram under k, the Huffman codewords alone, and mean_bits
+  // (codewords + 2k low bits of coded pairs + PAIR_ESC's 8-bit fields).
   const uint64_t seed = kvcomp_test::fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   const int T = 64, D = 128, blocks = 16;
-  std::printf("%-17s %-5s %5s | %8s %8s %8s | %9s %9s %9s\n", "data", "kind", "eb", "P(esc)", "entropy", "huffman",
-              "code b/v", "total b/v", "x vs fp16");
+  std::printf("%-17s %-4s %5s %2s | %7s %8s %8s %8s | %9s %9s %9s\n", "data", "kind", "eb", "k", "P(esc)",
+              "entropy", "huffman", "code", "code b/v", "total b/v", "x vs fp16");
   for (auto dist : {kvcomp_test::Dist::Gaussian, kvcomp_test::Dist::OutlierChannels})
     for (Kind kind : {Kind::Key, Kind::Value})
-      for (float e : {0.01f, 0.05f, 0.1f}) {
+      for (float e : {0.005f, 0.01f, 0.02f, 0.05f, 0.1f}) {
         const ErrorBound eb{BoundMode::Relative, e};
         std::vector<std::vector<float>> data;
-        uint64_t counts[kNumSymbols] = {};
+        Histograms all_counts = no_histograms();
         for (int b = 0; b < blocks; ++b) {
           // OutlierChannels: the same outlier channels in every block of a head.
           auto all = kvcomp_test::make_data(dist, T * blocks, D, seed);
           data.emplace_back(all.begin() + size_t(b) * T * D, all.begin() + size_t(b + 1) * T * D);
           kvcomp_test::round_to_half(data.back());
-          ref::add_histogram(kind, data.back().data(), T, D, eb, counts);
+          ref::add_histogram(kind, data.back().data(), T, D, eb, all_counts.data());
         }
-        const Codebook cb = Codebook::from_histogram(counts);
+        const Codebook cb = Codebook::from_histograms(all_counts.data());
+        const int k = cb.low_bits();
+        const uint64_t* counts = &all_counts[size_t(k) * kNumSymbols];
         size_t total_bytes = 0;
         for (auto& x : data) total_bytes += ref::encode_block(kind, x.data(), T, D, eb, cb, 0).size();
         const double pairs = double(blocks) * T * D / 2;
-        // Per stream symbol (pair): the entropy of the histogram, the Huffman
-        // codewords alone, and mean_bits (codewords + PAIR_ESC's 8-bit fields).
         double huffman = 0;
         for (int s = 0; s < kNumSymbols; ++s) huffman += double(counts[s]) * cb.length(s);
         huffman /= pairs;
         const double p_esc = double(counts[kPairEscape]) / pairs;
         const double h = entropy_bits(counts), code = cb.mean_bits(counts);
         const double total = 8.0 * double(total_bytes) / (2 * pairs);
-        std::printf("%-17s %-5s %5.2f | %8.3f %8.3f %8.3f | %9.3f %9.3f %9.2f\n", kvcomp_test::dist_name(dist),
-                    kind == Kind::Key ? "K" : "V", e, p_esc, h, huffman, code / 2, total, 16.0 / total);
+        std::printf("%-17s %-4s %5.3f %2d | %7.3f %8.3f %8.3f %8.3f | %9.3f %9.3f %9.2f\n",
+                    kvcomp_test::dist_name(dist), kind == Kind::Key ? "K" : "V", e, k, p_esc, h, huffman, code,
+                    code / 2, total, 16.0 / total);
         // Every symbol of the histogram has a codeword (the codebook is its own).
         for (int s = 0; s < kNumSymbols; ++s) ASSERT_TRUE(counts[s] == 0 || cb.length(s) > 0) << s;
-        EXPECT_NEAR(code, huffman + 2.0 * kFieldBits * p_esc, 1e-9);
+        EXPECT_NEAR(code, huffman + 2.0 * kFieldBits * p_esc + 2.0 * k * (1 - p_esc), 1e-9);
         // Huffman is at least the entropy; on these alphabets within 0.15 bit
         // of it unless one symbol (PAIR_ESC at small bounds) dominates: then
         // within Gallager's bound 2 - p - H2(p) for its probability p >= 1/2.
@@ -641,7 +941,56 @@ TEST(ReferenceCodec, RatioIsCloseToTheHistogramEntropy) {
             p_max >= 1.0 ? 1.0 : 2 - p_max + p_max * std::log2(p_max) + (1 - p_max) * std::log2(1 - p_max);
         EXPECT_GE(huffman, h - 1e-9);
         EXPECT_LT(huffman - h, p_max < 0.5 ? 0.15 : gallager) << "Huffman gap too large, p_max " << p_max;
+        // The k picked needs no more bits than any other k (each with its own codebook).
+        for (int j = 0; j < kLowBitChoices; ++j) {
+          const uint64_t* row = &all_counts[size_t(j) * kNumSymbols];
+          EXPECT_LE(code, Codebook::from_histogram(row, j).mean_bits(row) + 1e-9) << "k " << j;
+        }
+        // Small bounds give many codes: low bits pay off, PAIR_ESC stays rare.
+        if (e <= 0.02f) {
+          EXPECT_GE(k, 1);
+          EXPECT_LT(p_esc, 0.1);
+        }
         // The blocks hold at least the coded stream (raw words, params, lane tables and padding come on top).
         EXPECT_GE(8.0 * double(total_bytes), code * pairs);
       }
+}
+
+TEST(ReferenceCodec, FromHistogramsPicksLowBitsForSmallBounds) {
+  // Gaussian data, relative bounds: at eb 0.01 codes run to ~50, so k = 2
+  // (hi parts up to ~12) needs the fewest bits; at eb 0.1 codes stay below
+  // 15 and low bits would only add raw bits: k = 0. The payload of the blocks
+  // (the exact sum of the lane streams) is smallest with the k picked.
+  const uint64_t seed = kvcomp_test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  const int T = 64, D = 128, blocks = 8;
+  for (auto [e, want_k] : {std::pair<float, int>{0.01f, 2}, std::pair<float, int>{0.1f, 0}})
+    for (Kind kind : {Kind::Key, Kind::Value}) {
+      SCOPED_TRACE(std::string(kind == Kind::Key ? "K" : "V") + " eb " + std::to_string(e));
+      const ErrorBound eb{BoundMode::Relative, e};
+      auto all = kvcomp_test::make_data(kvcomp_test::Dist::Gaussian, T * blocks, D, seed);
+      kvcomp_test::round_to_half(all);
+      Histograms counts = no_histograms();
+      for (int b = 0; b < blocks; ++b) ref::add_histogram(kind, &all[size_t(b) * T * D], T, D, eb, counts.data());
+      const Codebook cb = Codebook::from_histograms(counts.data());
+      EXPECT_EQ(cb.low_bits(), want_k);
+      auto payload_bits = [&](const Codebook& book) {
+        uint64_t bits = 0;
+        for (int b = 0; b < blocks; ++b) {
+          const auto blk = ref::encode_block(kind, &all[size_t(b) * T * D], T, D, eb, book, 0);
+          uint16_t lane_bits[kLanes];
+          std::memcpy(lane_bits, &blk[lane_bits_offset(kind, T, D)], sizeof(lane_bits));
+          for (uint16_t l : lane_bits) bits += l;
+        }
+        return bits;
+      };
+      const uint64_t picked = payload_bits(cb);
+      for (int k = 0; k < kLowBitChoices; ++k) {
+        const Codebook other = Codebook::from_histogram(&counts[size_t(k) * kNumSymbols], k);
+        const uint64_t bits = payload_bits(other);
+        std::printf("%s eb %.2f: k %d -> %.3f bits per value%s\n", kind == Kind::Key ? "K" : "V", e, k,
+                    double(bits) / (double(blocks) * T * D), k == cb.low_bits() ? " (picked)" : "");
+        EXPECT_LE(picked, bits) << "k " << k;
+      }
+    }
 }

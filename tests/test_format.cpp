@@ -1,6 +1,6 @@
 // CPU tests of the format's arithmetic: fp16 directed rounding, the
-// error-bounded quantizer, the v3 lane order (pair_position), pair symbols,
-// decode-table entries and put_pair.
+// error-bounded quantizer, the v3 lane order (pair_position), pair symbols
+// under k low bits, decode-table entries (fast and slow) and put_pair.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -120,11 +120,20 @@ TEST(Format, BlockSizesAndLaneBits) {
   // The worst pair: PAIR_ESC at the length limit, both values raw.
   uint32_t worst_enc[kNumSymbols] = {};
   worst_enc[kPairEscape] = uint32_t(kMaxCodeLen) << 16;
-  EXPECT_EQ(pair_bits(worst_enc, kEscape, kEscape), uint32_t(kMaxCodeLen + 2 * (kFieldBits + kRawBits)));
+  const uint32_t worst = uint32_t(kMaxCodeLen + 2 * (kFieldBits + kRawBits));
+  for (int k = 0; k <= kMaxLowBits; ++k) {
+    EXPECT_EQ(pair_bits(worst_enc, k, kEscape, kEscape), worst) << "k " << k;
+    // A coded pair symbol at the length limit with its 2k low bits is shorter.
+    uint32_t enc[kNumSymbols] = {};
+    for (int s = 0; s <= kPairEscape; ++s) enc[s] = uint32_t(kMaxCodeLen) << 16;
+    for (int a = 0; a <= kEscape; ++a)
+      for (int b = 0; b <= kEscape; ++b) ASSERT_LE(pair_bits(enc, k, a, b), worst) << k << " " << a << " " << b;
+    EXPECT_EQ(pair_bits(enc, k, 0, 0), uint32_t(kMaxCodeLen + 2 * k));
+  }
   for (int T : {32, 64, 128})
     for (int D : {64, 128, 256}) {
       EXPECT_EQ(pairs_per_lane(T, D) * 2 * kLanes, T * D);
-      EXPECT_EQ(max_lane_bits(T, D), uint32_t(pairs_per_lane(T, D)) * pair_bits(worst_enc, kEscape, kEscape));
+      EXPECT_EQ(max_lane_bits(T, D), uint32_t(pairs_per_lane(T, D)) * worst);
       EXPECT_LE(max_lane_bits(T, D), 65535u) << T << " x " << D << ": lane lengths must fit uint16";
     }
 }
@@ -196,19 +205,33 @@ TEST(Format, PairPositionsFollowTheMmaFragmentOrder) {
 }
 
 TEST(Format, PairSymbols) {
-  for (int a = 0; a <= kEscape; ++a)
-    for (int b = 0; b <= kEscape; ++b) {
-      const int s = pair_symbol(a, b);
-      if (a < kPairBase && b < kPairBase) {
-        ASSERT_EQ(s, a * kPairBase + b);
-        ASSERT_LT(s, kPairEscape);
-      } else {
-        ASSERT_EQ(s, kPairEscape) << a << " " << b;
+  EXPECT_EQ(kMaxLowBits, 3);
+  EXPECT_EQ(kLowBitChoices, 4);
+  for (int k = 0; k <= kMaxLowBits; ++k) {
+    std::vector<int> hits(kNumSymbols, 0);
+    for (int a = 0; a <= kEscape; ++a)
+      for (int b = 0; b <= kEscape; ++b) {
+        const int s = pair_symbol(a, b, k);
+        ++hits[s];
+        // Codes below 15 * 2^k pair up by their hi parts; ESC (255) never does.
+        if (a != kEscape && b != kEscape && a < (kPairBase << k) && b < (kPairBase << k)) {
+          ASSERT_EQ(s, (a >> k) * kPairBase + (b >> k)) << k << " " << a << " " << b;
+          ASSERT_LT(s, kPairEscape);
+        } else {
+          ASSERT_EQ(s, kPairEscape) << k << " " << a << " " << b;
+        }
       }
-    }
+    // Every pair symbol stands for 2^k x 2^k pairs of codes (its low bits).
+    for (int s = 0; s < kPairEscape; ++s) ASSERT_EQ(hits[s], 1 << (2 * k)) << k << " " << s;
+    for (int s = kPairEscape + 1; s < kNumSymbols; ++s) ASSERT_EQ(hits[s], 0) << k << " " << s;
+    EXPECT_EQ(pair_symbol((kPairBase << k) - 1, (kPairBase << k) - 1, k), kPairEscape - 1);
+    EXPECT_EQ(pair_symbol(kPairBase << k, 0, k), kPairEscape);
+    EXPECT_EQ(pair_symbol(0, kEscape, k), kPairEscape);
+  }
   EXPECT_EQ(kPairEscape, 225);
   EXPECT_LT(kPairEscape, kNumSymbols);
-  EXPECT_EQ(pair_symbol(kPairBase - 1, kPairBase - 1), kPairEscape - 1);
+  EXPECT_EQ(pair_symbol(kPairBase - 1, kPairBase - 1), kPairEscape - 1);  // k defaults to 0
+  EXPECT_EQ(pair_symbol(kPairBase, 0), kPairEscape);
 }
 
 TEST(Format, SmallIntHalfIsExact) {
@@ -216,32 +239,52 @@ TEST(Format, SmallIntHalfIsExact) {
     const uint16_t h = small_int_half(n);
     ASSERT_EQ(half_to_float(h), float(n)) << n;
     ASSERT_EQ(h, float_to_half_down(float(n))) << n;  // the one fp16 pattern of n
-    // Codes below 16 leave the low 4 mantissa bits free for the LUT flags.
-    if (n < 16) {
+    // Codes below 128 (all a fast entry holds: (14 << 3) | 7 = 119) leave
+    // the low 4 mantissa bits free for the LUT's length and slow flag.
+    if (n < 128) {
       ASSERT_EQ(h & 0xFu, 0u) << n;
     }
   }
 }
 
-TEST(Format, LutEntriesRoundTripEverySymbol) {
+TEST(Format, LutFastEntriesRoundTrip) {
+  // Every pair of codes a fast entry can hold (hi part < 15 and k <= 3 low
+  // bits: codes 0..119) and every length it can carry (L + 2k, 1..11).
+  const int max_code = ((kPairBase - 1) << kMaxLowBits) | ((1 << kMaxLowBits) - 1);
+  EXPECT_EQ(max_code, 119);
+  for (int a = 0; a <= max_code; ++a)
+    for (int b = 0; b <= max_code; ++b)
+      for (int bits = 1; bits <= kMaxCodeLen; ++bits) {
+        const uint32_t e = lut_fast_entry(a, b, bits);
+        ASSERT_FALSE(lut_is_slow(e)) << a << " " << b;
+        ASSERT_EQ(lut_length(e), bits) << a << " " << b;
+        ASSERT_EQ(lut_first(e), a) << b << " " << bits;
+        ASSERT_EQ(lut_second(e), b) << a << " " << bits;
+        // The masked entry is the pair's two codes as fp16, first value low;
+        // the flags hold nothing but the length.
+        const uint32_t values = e & kLutValueMask;
+        ASSERT_EQ(half_to_float(uint16_t(values & 0xFFFFu)), float(a));
+        ASSERT_EQ(half_to_float(uint16_t(values >> 16)), float(b));
+        ASSERT_EQ(e & ~kLutValueMask, uint32_t(bits));
+        ASSERT_NE(e, 0u);  // 0 = no codeword
+      }
+}
+
+TEST(Format, LutSlowEntriesRoundTrip) {
   for (int s = 0; s <= kPairEscape; ++s)
     for (int len = 1; len <= kMaxCodeLen; ++len) {
-      const uint32_t e = lut_entry(s, len);
+      const uint32_t e = lut_slow_entry(s, len);
+      ASSERT_TRUE(lut_is_slow(e)) << s;
       ASSERT_EQ(lut_length(e), len) << s;
-      ASSERT_EQ(lut_symbol(e), s) << s << " len " << len;
-      ASSERT_EQ(lut_is_escape(e), s == kPairEscape) << s;
-      const uint32_t values = e & kLutValueMask;
-      if (s == kPairEscape) {
-        ASSERT_EQ(values, 0u);  // PAIR_ESC's values read as 0
-      } else {
-        // The masked entry is the pair's two codes as fp16, first value low.
-        ASSERT_EQ(lut_first(e), s / kPairBase);
-        ASSERT_EQ(lut_second(e), s % kPairBase);
-        ASSERT_EQ(half_to_float(uint16_t(values & 0xFFFFu)), float(s / kPairBase));
-        ASSERT_EQ(half_to_float(uint16_t(values >> 16)), float(s % kPairBase));
-        ASSERT_EQ(e & ~kLutValueMask, uint32_t(len));  // the flags hold nothing else
-      }
+      ASSERT_EQ(lut_slow_symbol(e), s) << s << " len " << len;
+      ASSERT_EQ(e, kLutEscapeBit | uint32_t(s) << 4 | uint32_t(len)) << s;
     }
+  // Bits 0..3 = L, 4..11 = the symbol, 16 = slow: nothing overlaps.
+  EXPECT_EQ(lut_slow_symbol(lut_slow_entry(255, 15)), 255);
+  EXPECT_EQ(lut_length(lut_slow_entry(255, 15)), 15);
+  EXPECT_TRUE(lut_is_slow(lut_slow_entry(255, 15)));
+  EXPECT_FALSE(lut_is_slow(0u));
+  EXPECT_EQ(lut_length(0u), 0);
 }
 
 TEST(Format, PutPairWritesWhatPairBitsCounts) {
@@ -258,31 +301,34 @@ TEST(Format, PutPairWritesWhatPairBitsCounts) {
     }
   enc[kPairEscape] = 0x5u | 4u << 16;
   const float va = -1.5f, vb = std::numeric_limits<float>::quiet_NaN();
-  for (int a = 0; a <= kEscape; ++a)
-    for (int b = 0; b <= kEscape; ++b) {
-      std::vector<std::pair<uint32_t, int>> puts;
-      put_pair(enc, a, b, va, vb, [&](uint32_t bits, int n) { puts.push_back({bits, n}); });
-      uint32_t total = 0;
-      for (auto [bits, n] : puts) {
-        ASSERT_TRUE(n >= 1 && n <= 32);
-        if (n < 32) {
-          ASSERT_EQ(bits >> n, 0u);
+  for (int k = 0; k <= kMaxLowBits; ++k)
+    for (int a = 0; a <= kEscape; ++a)
+      for (int b = 0; b <= kEscape; ++b) {
+        std::vector<std::pair<uint32_t, int>> puts;
+        put_pair(enc, k, a, b, va, vb, [&](uint32_t bits, int n) { puts.push_back({bits, n}); });
+        uint32_t total = 0;
+        for (auto [bits, n] : puts) {
+          ASSERT_TRUE(n >= 1 && n <= 32);
+          if (n < 32) {
+            ASSERT_EQ(bits >> n, 0u);
+          }
+          total += uint32_t(n);
         }
-        total += uint32_t(n);
+        ASSERT_EQ(total, pair_bits(enc, k, a, b)) << k << ": " << a << " " << b;
+        const int s = pair_symbol(a, b, k);
+        if (s != kPairEscape && (enc[s] >> 16) != 0) {
+          // The codeword, then k low bits of a and k of b (LSB first: a's lowest).
+          std::vector<std::pair<uint32_t, int>> want = {{enc[s] & 0xFFFFu, int(enc[s] >> 16)}};
+          const uint32_t mask = (1u << k) - 1;
+          if (k > 0) want.push_back({(uint32_t(a) & mask) | (uint32_t(b) & mask) << k, 2 * k});
+          ASSERT_EQ(puts, want) << k << ": " << a << " " << b;
+          continue;
+        }
+        // PAIR_ESC, field a [raw a], field b [raw b]: no low bits.
+        std::vector<std::pair<uint32_t, int>> want = {{0x5u, 4}, {uint32_t(a), kFieldBits}};
+        if (a == kEscape) want.push_back({float_bits(va), kRawBits});
+        want.push_back({uint32_t(b), kFieldBits});
+        if (b == kEscape) want.push_back({float_bits(vb), kRawBits});
+        ASSERT_EQ(puts, want) << k << ": " << a << " " << b;
       }
-      ASSERT_EQ(total, pair_bits(enc, a, b)) << a << " " << b;
-      const int s = pair_symbol(a, b);
-      if (s != kPairEscape && (enc[s] >> 16) != 0) {
-        ASSERT_EQ(puts.size(), 1u);
-        ASSERT_EQ(puts[0].first, enc[s] & 0xFFFFu);
-        ASSERT_EQ(puts[0].second, int(enc[s] >> 16));
-        continue;
-      }
-      // PAIR_ESC, field a [raw a], field b [raw b].
-      std::vector<std::pair<uint32_t, int>> want = {{0x5u, 4}, {uint32_t(a), kFieldBits}};
-      if (a == kEscape) want.push_back({float_bits(va), kRawBits});
-      want.push_back({uint32_t(b), kFieldBits});
-      if (b == kEscape) want.push_back({float_bits(vb), kRawBits});
-      ASSERT_EQ(puts, want) << a << " " << b;
-    }
 }

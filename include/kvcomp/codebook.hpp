@@ -33,8 +33,11 @@ static_assert(sizeof(CodebookTables) % 16 == 0, "tables are copied as uint4");
 class Codebook {
  public:
   /// Builds from the histograms of stream symbols under every low-bit count
-  /// (counts[kLowBitChoices][kNumSymbols], as ref::add_histogram makes them):
-  /// k is the one whose code needs the fewest bits (the smaller on a tie).
+  /// (counts[kLowBitChoices][kNumSymbols], row k at counts + k * kNumSymbols,
+  /// as ref::add_histogram makes them): from_histogram(row k, k) for each k,
+  /// keeping the one whose code needs the fewest bits for its row, counted as
+  /// mean_bits counts them (the smaller k on a tie). The raw words of ESC
+  /// values, left out, are the same under every k.
   static Codebook from_histograms(const uint64_t* counts);
   /// Builds from a histogram of stream symbols under k low bits
   /// (counts[kNumSymbols]). PAIR_ESC always gets a codeword, so any input
@@ -50,6 +53,7 @@ class Codebook {
   int length(int symbol) const { return lengths_[symbol]; }
   const std::array<uint8_t, format::kNumSymbols>& lengths() const { return lengths_; }
   const CodebookTables& tables() const { return tables_; }
+  /// k: the raw low bits of each code that follow a pair symbol's codeword.
   int low_bits() const { return int(tables_.low_bits); }
   /// Expected bits per stream symbol (per pair) under a histogram of stream
   /// symbols (under this codebook's k): the codeword, plus 2k low bits for a

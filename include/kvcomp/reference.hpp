@@ -18,14 +18,17 @@ namespace ref {
 std::vector<format::GroupQuant> block_params(Kind kind, const float* x, int tokens, int head_dim,
                                              ErrorBound eb);
 
-/// Adds the block's stream symbols (codebook-independent) to counts[256] of
-/// stream symbols: per pair of every lane, format::pair_symbol of its two
-/// quantization codes (PAIR_ESC where a code is >= 15 or ESC). The input of
-/// Codebook::from_histogram.
+/// Adds the block's stream symbols (codebook-independent) under every low-bit
+/// count k to counts[kLowBitChoices][kNumSymbols] (4 x 256 counts, row k at
+/// counts + k * kNumSymbols; every caller must pass all of them): per pair of
+/// every lane and per k, format::pair_symbol(a, b, k) of its two quantization
+/// codes (PAIR_ESC where a code is ESC or its hi part a >> k is >= 15). The
+/// input of Codebook::from_histograms (row k alone: of from_histogram(.., k)).
 void add_histogram(Kind kind, const float* x, int tokens, int head_dim, ErrorBound eb, uint64_t* counts);
 
 /// Encodes one block in the format of format.hpp: lanes 0..31, each pair in
-/// format::pair_position order written by format::put_pair (as the GPU store).
+/// format::pair_position order written by format::put_pair with the
+/// codebook's low-bit count (as the GPU store).
 std::vector<uint8_t> encode_block(Kind kind, const float* x, int tokens, int head_dim, ErrorBound eb,
                                   const Codebook& codebook, uint16_t codebook_id);
 
@@ -35,7 +38,7 @@ enum class DecodeStatus {
   BadHeader,       // magic, version or kind do not match
   BadChecksum,     // content changed after encoding
   LaneOverflow,    // lane bit lengths do not match the block size
-  BadCode,         // bits that match no codeword, or a codeword/field/raw word past the lane's end
+  BadCode,         // bits that match no codeword, or a codeword/low bits/field/raw word past the lane's end
   LengthMismatch,  // a lane's pairs did not end exactly at its stored length
 };
 const char* to_string(DecodeStatus s);

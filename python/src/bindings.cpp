@@ -18,6 +18,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -552,17 +553,30 @@ void bind_types(py::module_& m) {
         return o.str();
       });
 
-  py::class_<Codebook>(m, "Codebook", "A Huffman codebook (opaque; for kvcomp.ref).")
-      .def_static("from_lengths", [](const std::vector<uint8_t>& lengths) {
+  py::class_<Codebook>(m, "Codebook", "A Huffman codebook with its low-bit count k (opaque; for kvcomp.ref).")
+      .def_static("from_lengths", [](const std::vector<uint8_t>& lengths, int low_bits) {
         if (lengths.size() != size_t(kvcomp::format::kNumSymbols))
           fail("Codebook.from_lengths: expected " + std::to_string(kvcomp::format::kNumSymbols) + " code lengths");
-        return Codebook::from_lengths(lengths.data());
-      }, py::arg("lengths"))
-      .def_static("from_histogram", [](const std::vector<uint64_t>& counts) {
-        if (counts.size() != size_t(kvcomp::format::kNumSymbols))
-          fail("Codebook.from_histogram: expected " + std::to_string(kvcomp::format::kNumSymbols) + " counts");
-        return Codebook::from_histogram(counts.data());
-      }, py::arg("counts"))
+        return Codebook::from_lengths(lengths.data(), low_bits);
+      }, py::arg("lengths"), py::arg("low_bits") = 0,
+         "256 code lengths of stream symbols and the low-bit count k (0..3).")
+      .def_static("from_histogram", [](const std::vector<uint64_t>& counts, std::optional<int> low_bits) {
+        const size_t one = size_t(kvcomp::format::kNumSymbols);
+        const size_t all = size_t(kvcomp::format::kLowBitChoices) * one;
+        if (counts.size() == one) return Codebook::from_histogram(counts.data(), low_bits.value_or(0));
+        if (counts.size() == all) {
+          if (low_bits)
+            fail("Codebook.from_histogram: " + std::to_string(all) + " counts (one histogram per k) pick k "
+                 "themselves; pass " + std::to_string(one) + " counts with low_bits");
+          return Codebook::from_histograms(counts.data());
+        }
+        fail("Codebook.from_histogram: expected " + std::to_string(one) + " counts (one histogram, k = low_bits or 0) or " +
+             std::to_string(all) + " (one per k = 0.." + std::to_string(kvcomp::format::kMaxLowBits) +
+             ", k picked), got " + std::to_string(counts.size()));
+      }, py::arg("counts"), py::arg("low_bits") = py::none(),
+         "256 counts of stream symbols under k = low_bits (default 0), or 1024: the histograms under k = 0..3 "
+         "(row k at 256 k), of which the k needing the fewest bits is picked.")
+      .def_property_readonly("low_bits", &Codebook::low_bits)
       .def_property_readonly("lengths", [](const Codebook& c) {
         return std::vector<int>(c.lengths().begin(), c.lengths().end());
       });

@@ -317,6 +317,53 @@ class ReferenceCodec(unittest.TestCase):
         with self.assertRaisesRegex(kvcomp.Error, "225"):
             kvcomp.Codebook.from_lengths([1, 1] + [0] * 254)  # no PAIR_ESC
         self.assertEqual(kvcomp.Codebook.from_lengths([1] + [0] * 224 + [1] + [0] * 30).lengths[225], 1)
+        with self.assertRaisesRegex(kvcomp.Error, "low_bits"):
+            kvcomp.Codebook.from_lengths([1] + [0] * 224 + [1] + [0] * 30, low_bits=4)
+        with self.assertRaisesRegex(kvcomp.Error, "low_bits"):
+            kvcomp.Codebook.from_lengths([1] + [0] * 224 + [1] + [0] * 30, low_bits=-1)
+
+    def test_codebook_low_bits(self):
+        lengths = [1] + [0] * 224 + [1] + [0] * 30
+        self.assertEqual(kvcomp.Codebook.from_lengths(lengths).low_bits, 0)
+        for k in range(4):
+            book = kvcomp.Codebook.from_lengths(lengths, low_bits=k)
+            self.assertEqual((book.low_bits, book.lengths), (k, lengths))
+        counts = [1000 // (1 + s // 15 + s % 15) for s in range(225)] + [10] + [0] * 30
+        self.assertEqual(kvcomp.Codebook.from_histogram(counts).low_bits, 0)
+        self.assertEqual(kvcomp.Codebook.from_histogram(counts, low_bits=2).low_bits, 2)
+        with self.assertRaisesRegex(kvcomp.Error, "low_bits"):
+            kvcomp.Codebook.from_histogram(counts, low_bits=7)
+        # 1024 counts: the histograms under k = 0..3 (row k at 256 k); the k needing the fewest bits wins.
+        # Codes uniform over 0..59: under k = 0 and 1 most pairs escape, under k = 2 all fit.
+        rows = [[0] * 256 for _ in range(4)]
+        for a in range(60):
+            for b in range(60):
+                for k in range(4):
+                    ha, hb = a >> k, b >> k
+                    rows[k][ha * 15 + hb if ha < 15 and hb < 15 else 225] += 1
+        self.assertGreaterEqual(kvcomp.Codebook.from_histogram(sum(rows, [])).low_bits, 2)
+        # The same histogram under every k: low bits only cost, k = 0.
+        self.assertEqual(kvcomp.Codebook.from_histogram(counts * 4).low_bits, 0)
+        with self.assertRaisesRegex(kvcomp.Error, "pass 256 counts with low_bits"):
+            kvcomp.Codebook.from_histogram(counts * 4, low_bits=1)
+        with self.assertRaisesRegex(kvcomp.Error, "expected 256 counts .* or 1024 .* got 512"):
+            kvcomp.Codebook.from_histogram(counts * 2)
+
+    def test_encode_decode_with_low_bits(self):
+        T, D, eb = 32, 64, 0.01
+        rng = random.Random(11)
+        x = array.array("f", [rng.gauss(0, 1) for _ in range(T * D)])
+        # Hi parts of codes under k = 2: a histogram skewed towards the middle of 0..14.
+        counts = [1 + 100 * (8 - abs(s // 15 - 6)) * (8 - abs(s % 15 - 6)) for s in range(225)] + [50] + [0] * 30
+        for k in range(4):
+            book = kvcomp.Codebook.from_histogram(counts, low_bits=k)
+            data = kvcomp.ref.encode_block(kvcomp.Kind.Value, x, T, D, kvcomp.ErrorBound(value=eb), book)
+            out = array.array("f", kvcomp.ref.decode_block(data, kvcomp.Kind.Value, T, D, book))
+            for t in range(T):
+                row = x[t * D:(t + 1) * D]
+                bound = eb * (max(row) - min(row)) * (1 + 1e-6)
+                for c in range(D):
+                    self.assertLessEqual(abs(out[t * D + c] - x[t * D + c]), bound, (k, t, c))
 
     def test_kivi_reference_window_is_exact_and_chunks_within_half_a_step(self):
         B, H, T, D, bits = 1, 2, 100, 64, 4

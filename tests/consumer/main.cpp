@@ -7,10 +7,10 @@ int main() {
   // CPU part: encode and decode one block with the installed library.
   float x[64 * 64];
   for (int i = 0; i < 64 * 64; ++i) x[i] = float((i * 37) % 101) / 50.f - 1.f;
-  uint64_t counts[kvcomp::format::kNumSymbols] = {};
+  uint64_t counts[kvcomp::format::kLowBitChoices][kvcomp::format::kNumSymbols] = {};  // one histogram per k
   const kvcomp::ErrorBound eb{kvcomp::BoundMode::Relative, 0.05f};
-  kvcomp::ref::add_histogram(kvcomp::Kind::Key, x, 64, 64, eb, counts);
-  const auto cb = kvcomp::Codebook::from_histogram(counts);
+  kvcomp::ref::add_histogram(kvcomp::Kind::Key, x, 64, 64, eb, &counts[0][0]);
+  const auto cb = kvcomp::Codebook::from_histograms(&counts[0][0]);
   const auto bytes = kvcomp::ref::encode_block(kvcomp::Kind::Key, x, 64, 64, eb, cb, 0);
   float y[64 * 64];
   if (kvcomp::ref::decode_block(bytes.data(), bytes.size(), kvcomp::Kind::Key, 64, 64, cb, y) !=

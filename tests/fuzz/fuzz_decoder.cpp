@@ -5,7 +5,8 @@
 //   mode 0: the rest is a block, parsed as is (header, checksum, lanes);
 //   mode 1: the rest is a block whose header and checksum are repaired first,
 //           so the fuzzer reaches the lane table and payload decoding;
-//   mode 2: the rest is 256 code lengths for Codebook::from_lengths;
+//   mode 2: the rest is 256 code lengths for Codebook::from_lengths (with the
+//           low-bit count k of bits 6..7);
 //   mode 3: the rest seeds a block of values (raw bytes as fp32, NaN and Inf
 //           included) that is encoded, must decode within the bound, and is
 //           then decoded again with bits flipped at input-chosen positions.
@@ -13,6 +14,8 @@
 // a codeword for every stream symbol (pairs 0..224 and PAIR_ESC), or a sparse,
 // incomplete one (pairs (0,0), (1,1) and PAIR_ESC only) so that pairs without
 // a codeword are written as PAIR_ESC and some bit patterns match no codeword.
+// Bits 6..7 pick the codebook's low-bit count k (0..3): under k >= 2 the
+// complete codebook's longer codewords take the decoder's slow path.
 // Any crash, sanitizer report or broken guarantee aborts.
 #include <cmath>
 #include <cstdint>
@@ -29,27 +32,31 @@ using namespace kvcomp;
 
 namespace {
 
-const Codebook& full_book() {  // skewed towards small pairs, every stream symbol has a codeword
-  static const Codebook cb = [] {
+const Codebook& full_book(int k) {  // skewed towards small pairs, every stream symbol has a codeword
+  static const auto books = [] {
     uint64_t counts[format::kNumSymbols] = {};
     for (int s = 0; s <= format::kPairEscape; ++s) {
       const int a = s / format::kPairBase, b = s % format::kPairBase;
       counts[s] = 1 + (s < format::kPairEscape && a < 4 && b < 4 ? (8 - a - b) * 1000 : 0);
     }
-    return Codebook::from_histogram(counts);
+    std::vector<Codebook> v;
+    for (int j = 0; j < format::kLowBitChoices; ++j) v.push_back(Codebook::from_histogram(counts, j));
+    return v;
   }();
-  return cb;
+  return books[size_t(k)];
 }
 
-const Codebook& sparse_book() {  // '00' = (0, 0), '01' = (1, 1), '100' = PAIR_ESC; Kraft 5/8
-  static const Codebook cb = [] {
+const Codebook& sparse_book(int k) {  // '00' = (0, 0), '01' = (1, 1), '100' = PAIR_ESC; Kraft 5/8
+  static const auto books = [] {
     uint8_t lengths[format::kNumSymbols] = {};
     lengths[0] = 2;
     lengths[1 * format::kPairBase + 1] = 2;
     lengths[format::kPairEscape] = 3;
-    return Codebook::from_lengths(lengths);
+    std::vector<Codebook> v;
+    for (int j = 0; j < format::kLowBitChoices; ++j) v.push_back(Codebook::from_lengths(lengths, j));
+    return v;
   }();
-  return cb;
+  return books[size_t(k)];
 }
 
 void repair(std::vector<uint8_t>& blk, Kind kind) {
@@ -78,7 +85,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const int T = (sel >> 1 & 1) ? 64 : 32;
   const int D = (sel >> 2 & 1) ? 128 : 64;
   const int mode = sel >> 3 & 3;
-  const Codebook& book = (sel >> 5 & 1) ? sparse_book() : full_book();
+  const int k = sel >> 6 & 3;
+  const Codebook& book = (sel >> 5 & 1) ? sparse_book(k) : full_book(k);
   const uint8_t* rest = data + 1;
   const size_t n = size - 1;
   std::vector<float> out(size_t(T) * D);
@@ -89,26 +97,41 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   } else if (mode == 2) {
     if (n < format::kNumSymbols) return 0;
     try {
-      const Codebook cb = Codebook::from_lengths(rest);
+      const Codebook cb = Codebook::from_lengths(rest, k);
+      if (cb.low_bits() != k) std::abort();
       // A valid codebook: PAIR_ESC has a codeword, no symbol above it has one,
-      // and every codeword decodes back through its table.
+      // and every table index holds what its low bits start with: nothing (0),
+      // a slow entry (PAIR_ESC, or a codeword of length L with L + 2k > 11:
+      // symbol and L), or a fast entry (both codes, the low bits taken from
+      // the index bits after the codeword, and L + 2k).
       if (cb.length(format::kPairEscape) == 0) std::abort();
       for (int s = format::kPairEscape + 1; s < format::kNumSymbols; ++s)
         if (cb.length(s) != 0) std::abort();
-      for (int s = 0; s < format::kNumSymbols; ++s) {
-        const int len = cb.length(s);
-        if (!len) continue;
-        const uint32_t e = cb.tables().lut[cb.tables().enc[s] & 0xFFFF];
-        if (format::lut_symbol(e) != s || format::lut_length(e) != len) std::abort();
-        if (s != format::kPairEscape &&
-            (format::lut_first(e) != s / format::kPairBase || format::lut_second(e) != s % format::kPairBase))
-          std::abort();
-      }
-      // Every table entry with a length is the codeword its index starts with.
+      const uint32_t mask = (1u << k) - 1;
       for (uint32_t i = 0; i < uint32_t(format::kLutSize); ++i) {
         const uint32_t e = cb.tables().lut[i];
-        const int len = format::lut_length(e);
-        if (len && (i & ((1u << len) - 1)) != (cb.tables().enc[format::lut_symbol(e)] & 0xFFFFu)) std::abort();
+        int s = -1;
+        for (int t = 0; t < format::kNumSymbols; ++t) {
+          const int len = cb.length(t);
+          if (len && (i & ((1u << len) - 1)) == (cb.tables().enc[t] & 0xFFFFu)) {
+            if (s >= 0) std::abort();  // not a prefix code
+            s = t;
+          }
+        }
+        if (s < 0) {
+          if (e != 0) std::abort();
+          continue;
+        }
+        const int len = cb.length(s);
+        if (s == format::kPairEscape || len + 2 * k > format::kMaxCodeLen) {
+          if (e != format::lut_slow_entry(s, len)) std::abort();
+        } else {
+          const int lo_a = int(i >> len & mask), lo_b = int(i >> (len + k) & mask);
+          if (format::lut_is_slow(e) || format::lut_length(e) != len + 2 * k ||
+              format::lut_first(e) != ((s / format::kPairBase) << k | lo_a) ||
+              format::lut_second(e) != ((s % format::kPairBase) << k | lo_b))
+            std::abort();
+        }
       }
     } catch (const Error&) {
     }

@@ -14,7 +14,8 @@ fi
   -I"$src/include" "$src/tests/fuzz/fuzz_decoder.cpp" "$src/src/reference.cpp" "$src/src/codebook.cpp" \
   -o "$work/fuzz_decoder"
 # Seeds: one input per mode and shape (and codebook), so every path starts covered.
-for sel in 0 1 6 7 8 9 14 15 16 23 24 25 30 31 32 41 47 56 57 63; do
+# Bits 6..7 of the selector: the codebook's low-bit count k.
+for sel in 0 1 6 7 8 9 14 15 16 23 24 25 30 31 32 41 47 56 57 63 72 80 88 137 152 153 200 208 222 249; do
   head -c 600 /dev/urandom > "$work/corpus/seed_$sel"
   printf "\\x$(printf %02x "$sel")" | cat - "$work/corpus/seed_$sel" > "$work/corpus/s$sel" && rm "$work/corpus/seed_$sel"
 done
