@@ -3,12 +3,15 @@
 // One warp compresses one block (K or V of one StoreJob); its 32 lanes produce
 // the 32 sub-streams of the format (format.hpp). Three kernels share the
 // per-lane pair walk (for_each_lane_pair, pair_position() order):
-//   histogram_kernel: stream symbols (pair_symbol) -> per-codebook histograms
-//                     (used once per (layer, head, K|V) to build the codebook);
+//   histogram_kernel: stream symbols (pair_symbol under every low-bit count
+//                     k = 0..kMaxLowBits) -> kLowBitChoices histograms per
+//                     codebook (used once per (layer, head, K|V) to build the
+//                     codebook, which picks its k from them);
 //   measure_kernel:   compressed size of every block (for the offset scan);
 //   encode_kernel:    writes blocks at their final pool offsets.
-// Bit counts and bits come from format::pair_bits / format::put_pair, the
-// functions the CPU reference encodes with. Every lane writes whole 32-bit
+// Bit counts and bits come from format::pair_bits / format::put_pair under
+// the codebook's k (CodebookTables::low_bits), the functions the CPU
+// reference encodes with. Every lane writes whole 32-bit
 // words; the one word two lanes share at a stream boundary is merged with a
 // shuffle, so no atomics and no zeroing.
 #pragma once
@@ -139,44 +142,56 @@ __host__ __device__ __forceinline__ void for_each_lane_pair(Kind kind, int T, in
 }
 
 /// Copies a codebook's encoder table into this warp's shared `dst` (read with
-/// data-dependent indices by every lane, so shared beats __ldg per pair).
-__device__ __forceinline__ void load_enc_warp(const uint32_t* enc, uint32_t* dst) {
+/// data-dependent indices by every lane, so shared beats __ldg per pair) and
+/// returns its low-bit count k (format.hpp: 0..kMaxLowBits; the tables come
+/// from Codebook, which checks it).
+__device__ __forceinline__ int load_enc_warp(const CodebookTables* book, uint32_t* dst) {
   const int lane = threadIdx.x % 32;
-  for (int s = lane; s < format::kNumSymbols; s += 32) dst[s] = __ldg(&enc[s]);
+  for (int s = lane; s < format::kNumSymbols; s += 32) dst[s] = __ldg(&book->enc[s]);
   __syncwarp();
+  return int(__ldg(&book->low_bits));
 }
 
-/// This lane's stream length in bits (format::pair_bits over its pairs).
+/// This lane's stream length in bits (format::pair_bits over its pairs, k low bits).
 template <typename Elem>
 __device__ __forceinline__ uint32_t lane_stream_bits(const StoreJob& job, Kind kind, int T, int D,
-                                                     const format::GroupQuant* params, const uint32_t* enc) {
+                                                     const format::GroupQuant* params, const uint32_t* enc, int k) {
   uint32_t bits = 0;
   for_each_lane_pair(kind, T, D, int(threadIdx.x % 32), BlockRows<Elem>(job, kind, D), params,
-                     [&](int a, int b, float, float) { bits += format::pair_bits(enc, a, b); });
+                     [&](int a, int b, float, float) { bits += format::pair_bits(enc, k, a, b); });
   return bits;
 }
 
 /// grid: ceil(2 * n_jobs / kStoreWarps) CTAs of 32 * kStoreWarps threads.
-/// hist: [codebooks][256] counts of stream symbols (format::pair_symbol per
-/// pair, codebook-independent), accumulated with atomics.
+/// hist: [codebooks][kLowBitChoices][kNumSymbols] counts of stream symbols,
+/// hist[book][k][s] = pairs with format::pair_symbol(a, b, k) == s (what
+/// ref::add_histogram adds; codebook-independent), accumulated with atomics.
+/// Shared memory: params 16 KiB + local counts 16 KiB (32-bit: a warp counts
+/// at most T * D / 2 = 16384 pairs per histogram).
 template <typename Elem>
 __global__ void __launch_bounds__(32 * kStoreWarps) histogram_kernel(const StoreJob* jobs, int n_jobs, int T, int D,
                                                                      unsigned long long* hist) {
+  constexpr int kCounts = format::kLowBitChoices * format::kNumSymbols;
   __shared__ format::GroupQuant params[kStoreWarps][kMaxGroups];
-  __shared__ uint32_t local[kStoreWarps][format::kNumSymbols];
+  __shared__ uint32_t local[kStoreWarps][kCounts];  // [k][symbol] per warp
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int item = blockIdx.x * kStoreWarps + warp;
   if (item >= 2 * n_jobs) return;
   const StoreJob job = jobs[item / 2];
   const Kind kind = Kind(item % 2);
-  for (int s = lane; s < format::kNumSymbols; s += 32) local[warp][s] = 0;
-  block_params_warp<Elem>(job, kind, T, D, params[warp]);
+  uint32_t* counts = local[warp];
+  for (int s = lane; s < kCounts; s += 32) counts[s] = 0;
+  block_params_warp<Elem>(job, kind, T, D, params[warp]);  // ends with __syncwarp: counts are zero
   for_each_lane_pair(kind, T, D, lane, BlockRows<Elem>(job, kind, D), params[warp],
-                     [&](int a, int b, float, float) { atomicAdd(&local[warp][format::pair_symbol(a, b)], 1u); });
+                     [&](int a, int b, float, float) {
+#pragma unroll
+                       for (int k = 0; k < format::kLowBitChoices; ++k)
+                         atomicAdd(&counts[k * format::kNumSymbols + format::pair_symbol(a, b, k)], 1u);
+                     });
   __syncwarp();
-  unsigned long long* out = hist + size_t(job.codebook + int(kind)) * format::kNumSymbols;
-  for (int s = lane; s < format::kNumSymbols; s += 32)
-    if (local[warp][s]) atomicAdd(&out[s], (unsigned long long)local[warp][s]);
+  unsigned long long* out = hist + size_t(job.codebook + int(kind)) * kCounts;
+  for (int s = lane; s < kCounts; s += 32)
+    if (counts[s]) atomicAdd(&out[s], (unsigned long long)counts[s]);
 }
 
 /// sizes16[2 * job + kind] = block bytes / 16. An exclusive scan of sizes16
@@ -191,18 +206,19 @@ __global__ void __launch_bounds__(32 * kStoreWarps) measure_kernel(const StoreJo
   if (item >= 2 * n_jobs) return;
   const StoreJob job = jobs[item / 2];
   const Kind kind = Kind(item % 2);
-  load_enc_warp(books[job.codebook + int(kind)].enc, enc[warp]);
+  const int k = load_enc_warp(&books[job.codebook + int(kind)], enc[warp]);
   block_params_warp<Elem>(job, kind, T, D, params[warp]);
-  uint32_t bits = lane_stream_bits<Elem>(job, kind, T, D, params[warp], enc[warp]);
+  uint32_t bits = lane_stream_bits<Elem>(job, kind, T, D, params[warp], enc[warp], k);
   for (int o = 16; o > 0; o >>= 1) bits += __shfl_xor_sync(0xFFFFFFFFu, bits, o);
   if (lane == 0) sizes16[item] = uint32_t(format::block_bytes(kind, T, D, bits) / format::kBlockAlign);
 }
 
 /// Appends bits LSB first; stores each completed 32-bit word except a first
 /// word shared with the previous lane, which is handed back at the end.
-/// put(bits, n): 0 <= n <= 32, bits above n zero (put_pair's codewords, 8-bit
-/// fields and raw words are). fill < 32 between calls, so acc holds fill + n
-/// <= 63 bits and at most one word completes per call; n = 0 changes nothing.
+/// put(bits, n): 0 <= n <= 32, bits above n zero (put_pair's codewords, 2k
+/// low bits, 8-bit fields and raw words are). fill < 32 between calls, so acc
+/// holds fill + n <= 63 bits and at most one word completes per call; n = 0
+/// changes nothing.
 /// The boundary merge assumes every lane stream completes its first word,
 /// i.e. is at least 32 bits long: it holds pairs_per_lane >= 32 pairs of at
 /// least one bit each.
@@ -251,7 +267,7 @@ __global__ void __launch_bounds__(32 * kStoreWarps) encode_kernel(const StoreJob
   const StoreJob job = jobs[j];
   const Kind kind = Kind(item % 2);
   const uint32_t* enc = enc_s[warp];
-  load_enc_warp(books[job.codebook + int(kind)].enc, enc_s[warp]);
+  const int k = load_enc_warp(&books[job.codebook + int(kind)], enc_s[warp]);
   const uint32_t k16 = sizes16[2 * j], v16 = sizes16[2 * j + 1];
   const int64_t pair16 = extent_base16[job.extent] + offsets16[2 * j];
   const int64_t at16 = pair16 + (kind == Kind::Key ? 0 : k16);
@@ -261,7 +277,7 @@ __global__ void __launch_bounds__(32 * kStoreWarps) encode_kernel(const StoreJob
 
   block_params_warp<Elem>(job, kind, T, D, params[warp]);
   // Pass 1: lane lengths -> starts.
-  const uint32_t bits = lane_stream_bits<Elem>(job, kind, T, D, params[warp], enc);
+  const uint32_t bits = lane_stream_bits<Elem>(job, kind, T, D, params[warp], enc, k);
   uint32_t incl = bits;
   for (int o = 1; o < 32; o <<= 1) {
     const uint32_t v = __shfl_up_sync(0xFFFFFFFFu, incl, o);
@@ -289,7 +305,7 @@ __global__ void __launch_bounds__(32 * kStoreWarps) encode_kernel(const StoreJob
   LaneWriter wr(payload, start);
   for_each_lane_pair(kind, T, D, lane, BlockRows<Elem>(job, kind, D), params[warp],
                      [&](int a, int b, float va, float vb) {
-                       format::put_pair(enc, a, b, va, vb, [&](uint32_t v, int n) { wr.put(v, n); });
+                       format::put_pair(enc, k, a, b, va, vb, [&](uint32_t v, int n) { wr.put(v, n); });
                      });
   sum += wr.sum;
   // Boundary words: lane l's partial last word + lane l+1's held first word.

@@ -14,21 +14,22 @@ void build_layer_codebooks(DType dtype, int layers, int kv_heads, int block_toke
                            CodebookTables* books, cudaStream_t s) {
   const int H = kv_heads, T = block_tokens, D = head_dim;
   const size_t n_books = size_t(layers) * H * 2;
-  hist.reserve(n_books * format::kNumSymbols, "histogram scratch");
-  check_cuda(cudaMemsetAsync(hist.ptr, 0, n_books * format::kNumSymbols * sizeof(unsigned long long), s),
-             "histogram clear");
+  // Per codebook, one histogram per low-bit count: [book][kLowBitChoices][kNumSymbols].
+  const size_t per_book = size_t(format::kLowBitChoices) * format::kNumSymbols;
+  hist.reserve(n_books * per_book, "histogram scratch");
+  check_cuda(cudaMemsetAsync(hist.ptr, 0, n_books * per_book * sizeof(unsigned long long), s), "histogram clear");
   launch_histogram(dtype, jobs, n_jobs, T, D, hist.ptr, s);
   const size_t layer_books = size_t(H) * 2;
   const size_t first = size_t(layer) * layer_books;
-  std::vector<unsigned long long> h(layer_books * format::kNumSymbols);
-  check_cuda(cudaMemcpyAsync(h.data(), hist.ptr + first * format::kNumSymbols,
-                             h.size() * sizeof(unsigned long long), cudaMemcpyDeviceToHost, s),
+  std::vector<unsigned long long> h(layer_books * per_book);
+  check_cuda(cudaMemcpyAsync(h.data(), hist.ptr + first * per_book, h.size() * sizeof(unsigned long long),
+                             cudaMemcpyDeviceToHost, s),
              "histogram copy");
   check_cuda(cudaStreamSynchronize(s), "histogram sync");
   std::vector<CodebookTables> tables(layer_books);
   for (size_t b = 0; b < layer_books; ++b) {
-    std::vector<uint64_t> counts(h.begin() + b * format::kNumSymbols, h.begin() + (b + 1) * format::kNumSymbols);
-    tables[b] = Codebook::from_histogram(counts.data()).tables();
+    std::vector<uint64_t> counts(h.begin() + b * per_book, h.begin() + (b + 1) * per_book);
+    tables[b] = Codebook::from_histograms(counts.data()).tables();  // picks the book's k
   }
   check_cuda(cudaMemcpyAsync(books + first, tables.data(), tables.size() * sizeof(CodebookTables),
                              cudaMemcpyHostToDevice, s),
@@ -41,7 +42,7 @@ Codebook read_codebook(const CodebookTables* tables) {
   check_cuda(cudaMemcpy(&t, tables, sizeof(t), cudaMemcpyDeviceToHost), "codebook copy");
   uint8_t lengths[format::kNumSymbols];
   for (int i = 0; i < format::kNumSymbols; ++i) lengths[i] = uint8_t(t.enc[i] >> 16);
-  return Codebook::from_lengths(lengths);
+  return Codebook::from_lengths(lengths, int(t.low_bits));
 }
 
 }  // namespace detail

@@ -1,7 +1,7 @@
 // A layer's codebooks on the device. The Cache keeps one CodebookTables per
 // (layer, kv head, K|V) in a device array laid out [layer][kv_heads][K|V].
-// A layer's codebooks are built once, from the symbol histogram of the first
-// blocks it compresses, and then kept: blocks stored later are encoded with
+// A layer's codebooks are built once, from the symbol histograms (one per
+// low-bit count k) of the first blocks it compresses, and then kept: blocks stored later are encoded with
 // them, and attention decodes every block of the layer with them.
 #pragma once
 
@@ -17,15 +17,17 @@ namespace detail {
 
 /// Builds layer `layer`'s 2 * kv_heads codebooks from a histogram of the
 /// blocks the device array `jobs` (n_jobs of them) will close, and uploads
-/// their tables to books[layer]. `hist` is scratch (grown to one histogram
-/// per codebook of every layer). Synchronizes `s` twice: after the histogram
+/// their tables to books[layer]; each codebook picks its k
+/// (Codebook::from_histograms). `hist` is scratch (grown to kLowBitChoices
+/// histograms per codebook of every layer). Synchronizes `s` twice: after the histogram
 /// copy to the host and after the upload (from a pageable local).
 void build_layer_codebooks(DType dtype, int layers, int kv_heads, int block_tokens, int head_dim, int layer,
                            const StoreJob* jobs, int n_jobs, DeviceBuffer<unsigned long long>& hist,
                            CodebookTables* books, cudaStream_t s);
 
 /// The codebook whose tables are at the device address `tables` (cudaMemcpy,
-/// synchronous): rebuilt from the code lengths the encoder table holds.
+/// synchronous): rebuilt from the code lengths the encoder table holds and
+/// the tables' low-bit count k.
 Codebook read_codebook(const CodebookTables* tables);
 
 }  // namespace detail

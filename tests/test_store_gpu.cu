@@ -1,5 +1,8 @@
 // GPU store path vs the CPU reference: bit-equal blocks, equal histograms
-// (format v3: pair symbols, PAIR_ESC with 8-bit fields and raw fp32 words).
+// (format v3: pair symbols of the codes' high parts with k raw low bits each,
+// PAIR_ESC with 8-bit fields and raw fp32 words; four histograms per codebook,
+// one per k).
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -21,13 +24,28 @@ struct StoreCase {
   int D;
 };
 
+/// How the test builds a case's codebooks from its histograms.
+constexpr int kAutoLowBits = -1;  // Codebook::from_histograms over all four (picks k)
+// Otherwise k in 0..kMaxLowBits: Codebook::from_histogram(counts[k], k).
+const std::vector<int> kEveryBookChoice = {kAutoLowBits, 0, 1, 2, 3};
+
 struct StoreOptions {
   // Non-finite and huge inputs (raw escapes), an all-NaN channel and an all-Inf
   // token (groups with no finite value), constant channels and tokens (step 0).
   bool specials = false;
-  // Codebooks built from a thinned histogram: pair symbols that occur in the
+  // Codebooks built from thinned histograms: pair symbols that occur in the
   // data but have no codeword, written as PAIR_ESC with two fields.
   bool sparse_books = false;
+  // Codebook sets to encode the case's blocks with, one after the other.
+  std::vector<int> book_choices = kEveryBookChoice;
+};
+
+/// What run_store_case saw, summed over the cases a test runs.
+struct StoreStats {
+  int dropped = 0;           // pair symbols that occur in the data but lost their codeword (sparse_books)
+  int auto_books = 0;        // codebooks built by from_histograms
+  int auto_low_bits = 0;     // ... of them with k > 0
+  int blocks_per_k[format::kLowBitChoices] = {};  // blocks encoded (and compared) per k
 };
 
 /// Overwrites some of x (rows x cols, row = token) with values that escape.
@@ -55,10 +73,24 @@ std::vector<float> case_data(Dist dist, int rows, int cols, uint64_t seed, DType
 
 bool same_bits(float a, float b) { return format::float_bits(a) == format::float_bits(b); }
 
-/// `dropped`, if given, is increased by the pair symbols that occur in the
-/// data but lost their codeword (sparse_books).
-void run_store_case(StoreCase cs, Dist dist, ErrorBound eb, uint64_t seed, StoreOptions opt = {},
-                    int* dropped = nullptr) {
+/// Payload bits of an encoded block: the sum of its lane table.
+uint64_t payload_bits(const std::vector<uint8_t>& block, Kind kind, int T, int D) {
+  uint64_t bits = 0;
+  for (int l = 0; l < format::kLanes; ++l) {
+    uint16_t b;
+    std::memcpy(&b, &block[format::lane_bits_offset(kind, T, D) + 2 * l], 2);
+    bits += b;
+  }
+  return bits;
+}
+
+constexpr int kBooks = 4;  // codebooks of a case: (head 0, 1) x (K, V)
+constexpr size_t kHistPerBook = size_t(format::kLowBitChoices) * format::kNumSymbols;  // [k][symbol]
+
+void run_store_case(StoreCase cs, Dist dist, ErrorBound eb, uint64_t seed, const StoreOptions& opt = {},
+                    StoreStats* stats = nullptr) {
+  StoreStats local_stats;
+  StoreStats& st = stats ? *stats : local_stats;
   const int H = 2, blocks = 3, tail_rows = 7;
   const int T = cs.T, D = cs.D;
   const int tokens = blocks * T;
@@ -116,124 +148,217 @@ void run_store_case(StoreCase cs, Dist dist, ErrorBound eb, uint64_t seed, Store
   DevBuf<detail::StoreJob> d_jobs(n_jobs);
   d_jobs.upload(jobs);
 
-  // Histograms: GPU vs CPU, per (head, kind).
-  std::vector<uint64_t> cpu_hist(4 * format::kNumSymbols, 0);
+  // Histograms, [book][k][symbol]: GPU vs CPU, every low-bit count.
+  std::vector<uint64_t> cpu_hist(kBooks * kHistPerBook, 0);
+  std::vector<uint64_t> book_pairs(kBooks, 0);
   for (int i = 0; i < n_jobs; ++i) {
-    ref::add_histogram(Kind::Key, expect_k[i].data(), T, D, eb, &cpu_hist[jobs[i].codebook * format::kNumSymbols]);
-    ref::add_histogram(Kind::Value, expect_v[i].data(), T, D, eb,
-                       &cpu_hist[(jobs[i].codebook + 1) * format::kNumSymbols]);
+    ref::add_histogram(Kind::Key, expect_k[i].data(), T, D, eb, &cpu_hist[jobs[i].codebook * kHistPerBook]);
+    ref::add_histogram(Kind::Value, expect_v[i].data(), T, D, eb, &cpu_hist[(jobs[i].codebook + 1) * kHistPerBook]);
+    book_pairs[jobs[i].codebook] += uint64_t(T) * D / 2;
+    book_pairs[jobs[i].codebook + 1] += uint64_t(T) * D / 2;
   }
-  DevBuf<unsigned long long> d_hist(4 * format::kNumSymbols);
-  CUDA_OK(cudaMemset(d_hist.ptr, 0, 4 * format::kNumSymbols * sizeof(unsigned long long)));
+  DevBuf<unsigned long long> d_hist(kBooks * kHistPerBook);
+  CUDA_OK(cudaMemset(d_hist.ptr, 0, kBooks * kHistPerBook * sizeof(unsigned long long)));
   detail::launch_histogram(cs.dtype, d_jobs.ptr, n_jobs, T, D, d_hist.ptr, 0);
   CUDA_LAUNCH_OK();
   const auto gpu_hist = d_hist.download();
-  for (size_t i = 0; i < cpu_hist.size(); ++i) ASSERT_EQ(gpu_hist[i], cpu_hist[i]) << "histogram entry " << i;
-  if (opt.specials)  // every codebook's data holds escaped pairs
-    for (int b = 0; b < 4; ++b) ASSERT_GT(cpu_hist[b * format::kNumSymbols + format::kPairEscape], 0u) << "book " << b;
-
-  // Codebooks from the histograms (thinned: every third pair symbol dropped).
-  std::vector<Codebook> books;
-  std::vector<CodebookTables> tables;
-  for (int b = 0; b < 4; ++b) {
-    std::vector<uint64_t> counts(cpu_hist.begin() + b * format::kNumSymbols,
-                                 cpu_hist.begin() + (b + 1) * format::kNumSymbols);
-    if (opt.sparse_books)
-      for (int sym = 0; sym < format::kPairSymbols; sym += 3) {
-        if (dropped) *dropped += counts[sym] != 0;
-        counts[sym] = 0;
-      }
-    books.push_back(Codebook::from_histogram(counts.data()));
-    tables.push_back(books.back().tables());
-  }
-  DevBuf<CodebookTables> d_books(4);
-  d_books.upload(tables);
-
-  const int n_blocks = 2 * n_jobs;
-  DevBuf<uint32_t> d_sizes(n_blocks + 1), d_offsets(n_blocks + 1);
-  CUDA_OK(cudaMemset(d_sizes.ptr, 0, (n_blocks + 1) * sizeof(uint32_t)));
-  detail::launch_measure(cs.dtype, d_jobs.ptr, n_jobs, T, D, d_books.ptr, d_sizes.ptr, 0);
-  CUDA_LAUNCH_OK();
-  const size_t scan_bytes = detail::scan_workspace_bytes(n_blocks + 1);
-  DevBuf<uint8_t> d_scan(scan_bytes);
-  detail::launch_scan(d_sizes.ptr, d_offsets.ptr, n_blocks + 1, d_scan.ptr, scan_bytes, 0);
-  CUDA_LAUNCH_OK();
-  const auto offsets = d_offsets.download();
-  const size_t pool_bytes = size_t(offsets[n_blocks]) * 16 + 64;  // +64: a base offset of 4 units
-  DevBuf<uint8_t> d_pool(pool_bytes);
-  CUDA_OK(cudaMemset(d_pool.ptr, 0xAB, pool_bytes));  // poison: encode must write every byte
-  DevBuf<int64_t> d_base(1);
-  d_base.upload({4});
-  DevBuf<format::BlockRef> d_table(n_jobs);
-  detail::launch_encode(cs.dtype, d_jobs.ptr, n_jobs, T, D, d_books.ptr, d_sizes.ptr, d_offsets.ptr, d_base.ptr,
-                        d_pool.ptr, d_table.ptr, 0);
-  CUDA_LAUNCH_OK();
-  const auto pool = d_pool.download();
-  const auto table = d_table.download();
-  const auto sizes = d_sizes.download();
-
-  for (int i = 0; i < n_jobs; ++i) {
-    for (Kind kind : {Kind::Key, Kind::Value}) {
-      const auto& x = kind == Kind::Key ? expect_k[i] : expect_v[i];
-      const uint16_t id = uint16_t(jobs[i].codebook + int(kind));
-      const auto want = ref::encode_block(kind, x.data(), T, D, eb, books[id], id);
-      const size_t at = (4 + size_t(offsets[2 * i + int(kind)])) * 16;
-      ASSERT_EQ(size_t(sizes[2 * i + int(kind)]) * 16, want.size()) << "job " << i << " kind " << int(kind);
-      for (size_t b = 0; b < want.size(); ++b)
-        ASSERT_EQ(pool[at + b], want[b]) << "job " << i << " kind " << int(kind) << " byte " << b << " of "
-                                         << want.size();
-      // GPU bytes decode on the CPU within the bound.
-      std::vector<float> out(x.size());
-      ASSERT_EQ(ref::decode_block(&pool[at], want.size(), kind, T, D, books[id], out.data()), ref::DecodeStatus::Ok);
-      const auto params = ref::block_params(kind, x.data(), T, D, eb);
-      for (int t = 0; t < T; ++t)
-        for (int c = 0; c < D; ++c) {
-          const size_t e = size_t(t) * D + c;
-          if (!std::isfinite(x[e])) {  // escaped: raw bits, NaN payload included
-            ASSERT_TRUE(same_bits(out[e], x[e])) << "t " << t << " c " << c;
-            continue;
-          }
-          ASSERT_LE(std::fabs(out[e] - x[e]), params[kind == Kind::Key ? c : t].eb_abs) << "t " << t << " c " << c;
-        }
+  for (size_t i = 0; i < cpu_hist.size(); ++i)
+    ASSERT_EQ(gpu_hist[i], cpu_hist[i]) << "histogram of book " << i / kHistPerBook << ", k "
+                                        << i % kHistPerBook / format::kNumSymbols << ", symbol "
+                                        << i % format::kNumSymbols;
+  for (int b = 0; b < kBooks; ++b)
+    for (int k = 0; k < format::kLowBitChoices; ++k) {
+      const uint64_t* h = &cpu_hist[b * kHistPerBook + k * format::kNumSymbols];
+      uint64_t sum = 0;
+      for (int sym = 0; sym < format::kNumSymbols; ++sym) sum += h[sym];
+      ASSERT_EQ(sum, book_pairs[b]) << "book " << b << " k " << k << ": every pair counted once per k";
+      for (int sym = format::kPairEscape + 1; sym < format::kNumSymbols; ++sym)
+        ASSERT_EQ(h[sym], 0u) << "book " << b << " k " << k << " symbol " << sym;
+      if (opt.specials)  // every codebook's data holds escaped values, so PAIR_ESC under every k
+        ASSERT_GT(h[format::kPairEscape], 0u) << "book " << b << " k " << k;
     }
-    ASSERT_EQ(table[i].offset16, 4 + offsets[2 * i]);
-    ASSERT_EQ(table[i].k_size16, sizes[2 * i]);
-    ASSERT_EQ(table[i].v_size16, sizes[2 * i + 1]);
+
+  // Encodes every block with `books` on the GPU and compares with the CPU
+  // reference; adds each book's payload bits to bits[book].
+  auto encode_and_compare = [&](const std::vector<Codebook>& books, std::vector<uint64_t>& bits) {
+    std::vector<CodebookTables> tables;
+    for (const Codebook& cb : books) tables.push_back(cb.tables());
+    DevBuf<CodebookTables> d_books(kBooks);
+    d_books.upload(tables);
+
+    const int n_blocks = 2 * n_jobs;
+    DevBuf<uint32_t> d_sizes(n_blocks + 1), d_offsets(n_blocks + 1);
+    CUDA_OK(cudaMemset(d_sizes.ptr, 0, (n_blocks + 1) * sizeof(uint32_t)));
+    detail::launch_measure(cs.dtype, d_jobs.ptr, n_jobs, T, D, d_books.ptr, d_sizes.ptr, 0);
+    CUDA_LAUNCH_OK();
+    const size_t scan_bytes = detail::scan_workspace_bytes(n_blocks + 1);
+    DevBuf<uint8_t> d_scan(scan_bytes);
+    detail::launch_scan(d_sizes.ptr, d_offsets.ptr, n_blocks + 1, d_scan.ptr, scan_bytes, 0);
+    CUDA_LAUNCH_OK();
+    const auto offsets = d_offsets.download();
+    const size_t pool_bytes = size_t(offsets[n_blocks]) * 16 + 64;  // +64: a base offset of 4 units
+    DevBuf<uint8_t> d_pool(pool_bytes);
+    CUDA_OK(cudaMemset(d_pool.ptr, 0xAB, pool_bytes));  // poison: encode must write every byte
+    DevBuf<int64_t> d_base(1);
+    d_base.upload({4});
+    DevBuf<format::BlockRef> d_table(n_jobs);
+    detail::launch_encode(cs.dtype, d_jobs.ptr, n_jobs, T, D, d_books.ptr, d_sizes.ptr, d_offsets.ptr, d_base.ptr,
+                          d_pool.ptr, d_table.ptr, 0);
+    CUDA_LAUNCH_OK();
+    const auto pool = d_pool.download();
+    const auto table = d_table.download();
+    const auto sizes = d_sizes.download();
+
+    for (int i = 0; i < n_jobs; ++i) {
+      for (Kind kind : {Kind::Key, Kind::Value}) {
+        SCOPED_TRACE("job " + std::to_string(i) + (kind == Kind::Key ? " K" : " V"));
+        const auto& x = kind == Kind::Key ? expect_k[i] : expect_v[i];
+        const uint16_t id = uint16_t(jobs[i].codebook + int(kind));
+        const auto want = ref::encode_block(kind, x.data(), T, D, eb, books[id], id);
+        const size_t at = (4 + size_t(offsets[2 * i + int(kind)])) * 16;
+        ASSERT_EQ(size_t(sizes[2 * i + int(kind)]) * 16, want.size());
+        for (size_t b = 0; b < want.size(); ++b)
+          ASSERT_EQ(pool[at + b], want[b]) << "byte " << b << " of " << want.size();
+        bits[id] += payload_bits(want, kind, T, D);
+        ++st.blocks_per_k[books[id].low_bits()];
+        // GPU bytes decode on the CPU within the bound.
+        std::vector<float> out(x.size());
+        ASSERT_EQ(ref::decode_block(&pool[at], want.size(), kind, T, D, books[id], out.data()),
+                  ref::DecodeStatus::Ok);
+        const auto params = ref::block_params(kind, x.data(), T, D, eb);
+        for (int t = 0; t < T; ++t)
+          for (int c = 0; c < D; ++c) {
+            const size_t e = size_t(t) * D + c;
+            if (!std::isfinite(x[e])) {  // escaped: raw bits, NaN payload included
+              ASSERT_TRUE(same_bits(out[e], x[e])) << "t " << t << " c " << c;
+              continue;
+            }
+            ASSERT_LE(std::fabs(out[e] - x[e]), params[kind == Kind::Key ? c : t].eb_abs) << "t " << t << " c " << c;
+          }
+      }
+      ASSERT_EQ(table[i].offset16, 4 + offsets[2 * i]);
+      ASSERT_EQ(table[i].k_size16, sizes[2 * i]);
+      ASSERT_EQ(table[i].v_size16, sizes[2 * i + 1]);
+    }
+  };
+
+  // Thinned histograms (sparse_books): every third pair symbol dropped, under every k.
+  std::vector<uint64_t> hist = cpu_hist;
+  if (opt.sparse_books)
+    for (size_t h = 0; h < kBooks * size_t(format::kLowBitChoices); ++h)
+      for (int sym = 0; sym < format::kPairSymbols; sym += 3) hist[h * format::kNumSymbols + sym] = 0;
+
+  // bits[choice][book]: payload bits of the book's blocks under each codebook choice.
+  std::vector<std::vector<uint64_t>> bits(opt.book_choices.size(), std::vector<uint64_t>(kBooks, 0));
+  for (size_t ci = 0; ci < opt.book_choices.size(); ++ci) {
+    const int choice = opt.book_choices[ci];
+    SCOPED_TRACE(choice == kAutoLowBits ? std::string("codebooks from_histograms")
+                                        : "codebooks from_histogram, k " + std::to_string(choice));
+    std::vector<Codebook> books;
+    for (int b = 0; b < kBooks; ++b) {
+      if (choice == kAutoLowBits) {
+        books.push_back(Codebook::from_histograms(&hist[b * kHistPerBook]));
+        ++st.auto_books;
+        st.auto_low_bits += books.back().low_bits() > 0;
+      } else {
+        books.push_back(Codebook::from_histogram(&hist[b * kHistPerBook + choice * format::kNumSymbols], choice));
+        ASSERT_EQ(books.back().low_bits(), choice) << "book " << b;
+      }
+      const int k = books.back().low_bits();
+      ASSERT_TRUE(k >= 0 && k <= format::kMaxLowBits) << "book " << b << " k " << k;
+      if (opt.sparse_books)
+        for (int sym = 0; sym < format::kPairSymbols; sym += 3)
+          st.dropped += cpu_hist[b * kHistPerBook + k * format::kNumSymbols + sym] != 0;
+    }
+    encode_and_compare(books, bits[ci]);
+    if (::testing::Test::HasFatalFailure()) return;
   }
+
+  // from_histograms picks the k whose code needs the fewest bits on its
+  // histograms, and the blocks encoded here are exactly those histograms (raw
+  // fp32 words, the only bits a stream-symbol histogram does not see, are the
+  // same under every k): its payload is the smallest of the four.
+  if (!opt.sparse_books && opt.book_choices == kEveryBookChoice)
+    for (int b = 0; b < kBooks; ++b) {
+      const uint64_t best = std::min({bits[1][b], bits[2][b], bits[3][b], bits[4][b]});
+      EXPECT_EQ(bits[0][b], best) << "book " << b << ": from_histograms did not pick the smallest k (bits per k: "
+                                  << bits[1][b] << " " << bits[2][b] << " " << bits[3][b] << " " << bits[4][b] << ")";
+    }
 }
 
 }  // namespace
 
+// Every case is encoded five times: with codebooks from from_histograms (k
+// picked from the data) and with codebooks of each k = 0..3
+// (from_histogram(counts[k], k)), so every k meets every shape and type.
 TEST(StoreGpu, BitEqualToReferenceForEveryTypeHeadDimAndDistribution) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
+  StoreStats stats;
   for (StoreCase cs : {StoreCase{DType::F16, 64, 64}, StoreCase{DType::F16, 64, 128}, StoreCase{DType::F16, 64, 256},
                        StoreCase{DType::BF16, 64, 128}, StoreCase{DType::BF16, 32, 64}, StoreCase{DType::F32, 64, 128},
                        StoreCase{DType::F32, 128, 256}, StoreCase{DType::F16, 128, 128}, StoreCase{DType::F16, 32, 128}})
     for (Dist dist : kAllDists) {
       SCOPED_TRACE(std::string(dtype_name(cs.dtype)) + " T " + std::to_string(cs.T) + " D " + std::to_string(cs.D) +
                    " " + dist_name(dist));
-      run_store_case(cs, dist, {BoundMode::Relative, 0.05f}, seed);
+      run_store_case(cs, dist, {BoundMode::Relative, 0.05f}, seed, {}, &stats);
       if (HasFatalFailure()) return;
     }
   // Other bounds, including absolute ones that force escapes.
   for (ErrorBound eb : {ErrorBound{BoundMode::Relative, 0.01f}, ErrorBound{BoundMode::Relative, 0.1f},
                         ErrorBound{BoundMode::Absolute, 0.001f}, ErrorBound{BoundMode::Absolute, 0.5f}}) {
     SCOPED_TRACE("eb " + std::to_string(eb.value));
-    run_store_case({DType::F16, 64, 128}, Dist::HeavyTailed, eb, seed + 5);
+    run_store_case({DType::F16, 64, 128}, Dist::HeavyTailed, eb, seed + 5, {}, &stats);
     if (HasFatalFailure()) return;
   }
+  for (int k = 0; k < format::kLowBitChoices; ++k) EXPECT_GT(stats.blocks_per_k[k], 0) << "k " << k;
 }
 
-// Small bound (codes beyond 15 and beyond 254: PAIR_ESC fields and raw words),
-// non-finite inputs (raw words, NaN payloads kept), empty and constant groups,
-// and pair symbols without a codeword, over every block shape and input type.
+// Small relative bounds give codes up to 50 (eb 0.01) and 100 (eb 0.005):
+// most pairs escape under k = 0, so from_histograms picks k > 0, and the
+// blocks it writes carry low bits after most codewords. Every block shape and
+// input type, each with every codebook choice.
+TEST(StoreGpu, BitEqualToReferenceWithLowBitsAtSmallBounds) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  StoreStats stats;
+  int n = 0;
+  for (float bound : {0.01f, 0.005f})
+    for (int T : {32, 64, 128})
+      for (int D : {64, 128, 256}) {
+        const DType dtypes[] = {DType::F16, DType::BF16, DType::F32};
+        const DType dtype = dtypes[n % 3];
+        const Dist dist = kAllDists[n % 4];
+        ++n;
+        SCOPED_TRACE(std::string(dtype_name(dtype)) + " T " + std::to_string(T) + " D " + std::to_string(D) + " " +
+                     dist_name(dist) + " eb " + std::to_string(bound));
+        StoreStats one;
+        run_store_case({dtype, T, D}, dist, {BoundMode::Relative, bound}, seed + 17 * n, {}, &one);
+        if (HasFatalFailure()) return;
+        // Codes spread over 0..1/(2 eb) around the group's middle: k = 0
+        // escapes most pairs. (Outlier channels can crowd a token's other
+        // values into a few small codes, so they are only counted.)
+        if (dist != Dist::OutlierChannels)
+          EXPECT_EQ(one.auto_low_bits, one.auto_books) << "from_histograms kept k = 0 for some codebook";
+        stats.auto_books += one.auto_books;
+        stats.auto_low_bits += one.auto_low_bits;
+        for (int k = 0; k < format::kLowBitChoices; ++k) stats.blocks_per_k[k] += one.blocks_per_k[k];
+      }
+  EXPECT_GT(stats.auto_low_bits, stats.auto_books / 2) << "from_histograms rarely picked k > 0 at small bounds";
+}
+
+// Small bound (codes beyond 15 << k and beyond 254: PAIR_ESC fields and raw
+// words), non-finite inputs (raw words, NaN payloads kept), empty and constant
+// groups, and pair symbols without a codeword, over every block shape and
+// input type, each with every codebook choice (k = 0..3 and from_histograms).
 TEST(StoreGpu, BitEqualToReferenceWithPairEscapesAndRawValues) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
-  int n = 0, dropped = 0;
+  int n = 0;
+  StoreStats stats;
   for (DType dtype : {DType::F16, DType::BF16, DType::F32})
     for (int T : {32, 64, 128})
       for (int D : {64, 128, 256})
@@ -241,18 +366,24 @@ TEST(StoreGpu, BitEqualToReferenceWithPairEscapesAndRawValues) {
           const Dist dist = kAllDists[n++ % 4];
           SCOPED_TRACE(std::string(dtype_name(dtype)) + " T " + std::to_string(T) + " D " + std::to_string(D) + " " +
                        dist_name(dist) + (sparse ? " sparse codebooks" : ""));
-          run_store_case({dtype, T, D}, dist, {BoundMode::Relative, 0.005f}, seed + 7 * n, {true, sparse},
-                         &dropped);
+          StoreOptions opt;
+          opt.specials = true;
+          opt.sparse_books = sparse;
+          run_store_case({dtype, T, D}, dist, {BoundMode::Relative, 0.005f}, seed + 7 * n, opt, &stats);
           if (HasFatalFailure()) return;
         }
-  EXPECT_GT(dropped, 0) << "no case encoded a pair symbol without a codeword";
-  // Bounds where most finite codes exceed 254 (raw words) or 14 (fields).
+  EXPECT_GT(stats.dropped, 0) << "no case encoded a pair symbol without a codeword";
+  // Bounds where most finite codes exceed 254 (raw words) or 15 << k (fields).
   for (ErrorBound eb : {ErrorBound{BoundMode::Relative, 0.0005f}, ErrorBound{BoundMode::Absolute, 0.0001f},
                         ErrorBound{BoundMode::Relative, 0.02f}}) {
     SCOPED_TRACE("eb " + std::to_string(eb.value));
-    run_store_case({DType::F32, 64, 128}, Dist::Gaussian, eb, seed + 11, {true, false});
+    StoreOptions opt;
+    opt.specials = true;
+    run_store_case({DType::F32, 64, 128}, Dist::Gaussian, eb, seed + 11, opt, &stats);
     if (HasFatalFailure()) return;
-    run_store_case({DType::BF16, 128, 64}, Dist::OutlierChannels, eb, seed + 13, {false, true});
+    opt.specials = false;
+    opt.sparse_books = true;
+    run_store_case({DType::BF16, 128, 64}, Dist::OutlierChannels, eb, seed + 13, opt, &stats);
     if (HasFatalFailure()) return;
   }
 }
