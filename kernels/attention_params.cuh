@@ -18,10 +18,10 @@ constexpr int kMaxTokensPerBlock = 128;
 /// this much readable memory.
 /// Bound: a lane consumes at most max_lane_bits (every pair escaped with two
 /// raw values) from a start that is at most the block end, and its window
-/// holds 4 words from its position (T = 128, D = 128: 2944 bytes).
+/// holds 4 words beyond its position (T = 128, D = 128: 2928 bytes).
 constexpr uint32_t kDecodeOverread = 4096;
 constexpr uint32_t max_overread(int tokens, int head_dim) {
-  return (format::max_lane_bits(tokens, head_dim) + 7) / 8 + 32;
+  return (format::max_lane_bits(tokens, head_dim) + 7) / 8 + 20;
 }
 
 struct AttendSeq {
