@@ -176,218 +176,172 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention
   };
   prefetch_unit(u_begin + warp);
 
-  // The warp's chunks run as a two-stage pipeline: step i decodes K of chunk i
-  // interleaved with V of chunk i - 1 (two independent decode chains per
-  // lane, so each hides the other's latency), then folds chunk i into the
-  // softmax. K and V keep their own block state, since chunk i - 1 may
-  // belong to the previous block.
   PairDecoder kd, vd;
-  // K side: the block being scored.
-  const uint32_t* kparams = nullptr;
-  const uint8_t* k_vblock = nullptr;  // the V block of the K side's block
-  float qmin = 0.f, kscale = 1.f;
-  // V side: the pending chunk (scored, not yet multiplied with V).
-  const uint8_t* vblock = nullptr;
-  const uint32_t* vchunk_params = nullptr;  // its V params, from its first token
-  int v_chunk = 0;
-  bool pending = false;
-  uint32_t pb[2][2] = {}, pl[2][2] = {};  // its B operands: p x step, fp16 hi and lo
-
-  // A new block on the K side: A operands of K (qa), pre-divided by a power of
-  // two when they would overflow fp16; its K decoder.
-  auto k_setup = [&](int u) {
+  for (int u = u_begin + warp; u < u_stop; u += kAttnWarps) {
     prefetch_unit(u + kAttnWarps);  // this warp's next block, while it decodes this one
     const format::BlockRef r = block_ref(u);
     const uint8_t* kb = p.pool + size_t(r.offset16) * 16;
-    k_vblock = kb + r.k_size16 * 16u;
-    kparams = reinterpret_cast<const uint32_t*>(kb + format::params_offset());
-    qmin = 0.f;
-    kscale = 1.f;
-    float x[kK16][4];
-    float amax = 0.f;
+    const uint8_t* vb = kb + r.k_size16 * 16u;
+    const uint32_t* kparams = reinterpret_cast<const uint32_t*>(kb + format::params_offset());
+    const uint32_t* vparams = reinterpret_cast<const uint32_t*>(vb + format::params_offset());
+
+    // A operands of K (qa), pre-divided by a power of two when they would overflow fp16.
+    float qmin = 0.f, kscale = 1.f;
+    {
+      float x[kK16][4];
+      float amax = 0.f;
 #pragma unroll
-    for (int k16 = 0; k16 < kK16; ++k16)
+      for (int k16 = 0; k16 < kK16; ++k16)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int c = 16 * k16 + 2 * quad + 8 * h;
-        const uint2 w = *reinterpret_cast<const uint2*>(kparams + c);
-        const float2 qv = *reinterpret_cast<const float2*>(q_s + row * D + c);
-        x[k16][2 * h] = qv.x * half_hi(w.x);
-        x[k16][2 * h + 1] = qv.y * half_hi(w.y);
-        qmin = fmaf(qv.x, half_lo(w.x), fmaf(qv.y, half_lo(w.y), qmin));
-        amax = fmaxf(amax, fmaxf(fabsf(x[k16][2 * h]), fabsf(x[k16][2 * h + 1])));
+        for (int h = 0; h < 2; ++h) {
+          const int c = 16 * k16 + 2 * quad + 8 * h;
+          const uint2 w = *reinterpret_cast<const uint2*>(kparams + c);
+          const float2 qv = *reinterpret_cast<const float2*>(q_s + row * D + c);
+          x[k16][2 * h] = qv.x * half_hi(w.x);
+          x[k16][2 * h + 1] = qv.y * half_hi(w.y);
+          qmin = fmaf(qv.x, half_lo(w.x), fmaf(qv.y, half_lo(w.y), qmin));
+          amax = fmaxf(amax, fmaxf(fabsf(x[k16][2 * h]), fabsf(x[k16][2 * h + 1])));
+        }
+      amax = warp_max(amax);
+      float inv = 1.f;
+      if (amax > 16384.f) {  // uniform
+        const float e = ceilf(log2f(amax / 16384.f));
+        kscale = exp2f(e);
+        inv = exp2f(-e);
       }
-    amax = warp_max(amax);
-    float inv = 1.f;
-    if (amax > 16384.f) {  // uniform
-      const float e = ceilf(log2f(amax / 16384.f));
-      kscale = exp2f(e);
-      inv = exp2f(-e);
-    }
 #pragma unroll
-    for (int k16 = 0; k16 < kK16; ++k16) {
-      uint32_t hi[2], lo[2];
+      for (int k16 = 0; k16 < kK16; ++k16) {
+        uint32_t hi[2], lo[2];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float x0 = x[k16][2 * h] * inv, x1 = x[k16][2 * h + 1] * inv;
-        hi[h] = pack_half2(x0, x1);
-        lo[h] = pack_half2(x0 - half_lo(hi[h]), x1 - half_hi(hi[h]));
+        for (int h = 0; h < 2; ++h) {
+          const float x0 = x[k16][2 * h] * inv, x1 = x[k16][2 * h + 1] * inv;
+          hi[h] = pack_half2(x0, x1);
+          lo[h] = pack_half2(x0 - half_lo(hi[h]), x1 - half_hi(hi[h]));
+        }
+        // Rows 0..7 of A: q x step (hi) for heads 0..7; rows 8..15: the rounding rest (lo).
+        qa[k16 * 32 + lane] = make_uint4(hi[0], lo[0], hi[1], lo[1]);
       }
-      // Rows 0..7 of A: q x step (hi) for heads 0..7; rows 8..15: the rounding rest (lo).
-      qa[k16 * 32 + lane] = make_uint4(hi[0], lo[0], hi[1], lo[1]);
+      qmin += __shfl_xor_sync(0xFFFFFFFFu, qmin, 1);
+      qmin += __shfl_xor_sync(0xFFFFFFFFu, qmin, 2);
     }
-    qmin += __shfl_xor_sync(0xFFFFFFFFu, qmin, 1);
-    qmin += __shfl_xor_sync(0xFFFFFFFFu, qmin, 2);
     kd.init(reinterpret_cast<const uint32_t*>(kb + k_pay), (r.k_size16 * 16u - k_pay) / 4,
             lane_stream_start(reinterpret_cast<const uint16_t*>(kb + format::lane_bits_offset(Kind::Key, T, D)), lane));
+    vd.init(reinterpret_cast<const uint32_t*>(vb + v_pay), (r.v_size16 * 16u - v_pay) / 4,
+            lane_stream_start(reinterpret_cast<const uint16_t*>(vb + format::lane_bits_offset(Kind::Value, T, D)), lane));
     __syncwarp();  // qa
-  };
-  // K: 4 groups (tiles n8 0..3 of 8 tokens) of channel tile k16; sc[n8]: d0 d1 = hi
-  // part, d2 d3 = lo part of head `row`, tokens 8 n8 + 2 quad + {0, 1}.
-  auto k_tile = [&](int k16, float (&sc)[4][4], bool& escaped) {
-    const uint4 a = qa[k16 * 32 + lane];
-#pragma unroll
-    for (int n8 = 0; n8 < 4; ++n8) {
-      uint32_t b0, b1;
-      escaped |= kd.group(lut_k, k_low, b0, b1, [&] {
-        // Token 8 n8 + row of the chunk; channels 16 k16 + 2 quad (+ 1, + 8).
-        return EscapeSink{kcorr + 8 * n8 + row, 0, kChunk, q_s, D, kparams, 16 * k16 + 2 * quad, 8, group};
-      });
-      mma_16816(sc[n8], a, b0, b1);
-    }
-  };
-  // V: channel tile m16 of token tile k16: O^T[channels][heads] += codes (A) x (p x step) (B).
-  auto v_tile = [&](int k16, int m16, bool& escaped) {
-    const uint32_t b0 = k16 ? pb[1][0] : pb[0][0], b1 = k16 ? pb[1][1] : pb[0][1];
-    const uint32_t l0 = k16 ? pl[1][0] : pl[0][0], l1 = k16 ? pl[1][1] : pl[0][1];
-    uint4 a;
-    // Channels 16 m16 + row (+ 8), tokens 16 k16 + 2 quad (+ 1), then tokens + 8.
-    escaped |= vd.group(lut_v, v_low, a.x, a.y, [&] {
-      return EscapeSink{rows + 16 * m16 + row, 8, D + 2, pchunk, kChunk, vchunk_params, 16 * k16 + 2 * quad, 0, group};
-    });
-    escaped |= vd.group(lut_v, v_low, a.z, a.w, [&] {
-      return EscapeSink{rows + 16 * m16 + row, 8, D + 2, pchunk, kChunk, vchunk_params, 16 * k16 + 2 * quad + 8, 0,
-                        group};
-    });
-    mma_16816(o[m16], a, b0, b1);
-    mma_16816(o[m16], a, l0, l1);
-  };
 
-  int u = u_begin + warp, k_chunk = 0;  // the next chunk to score: block u, chunk k_chunk
-  uint32_t vblock_bytes = 0, k_vblock_bytes = 0;  // V block sizes (pending chunk's, K side's)
-  for (;;) {
-    const bool has_k = u < u_stop;
-    if (!has_k && !pending) break;
-    if (has_k && k_chunk == 0) {
-      k_setup(u);
-      const format::BlockRef r = block_ref(u);
-      k_vblock_bytes = r.v_size16 * 16u;
-    }
-    if (pending && v_chunk == 0)
-      vd.init(reinterpret_cast<const uint32_t*>(vblock + v_pay), (vblock_bytes - v_pay) / 4,
-              lane_stream_start(reinterpret_cast<const uint16_t*>(vblock + format::lane_bits_offset(Kind::Value, T, D)),
-                                lane));
-
-    float sc[4][4];
+    for (int chunk = 0; chunk < T / kChunk; ++chunk) {
+      // K: scores of the chunk's 32 tokens (4 tiles of 8); per tile d0 d1 = hi
+      // part, d2 d3 = lo part of head `row`, tokens 8 n8 + 2 quad + {0, 1}.
+      float sc[4][4];
 #pragma unroll
-    for (int n = 0; n < 4; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
-    bool k_escaped = false, v_escaped = false;
-    if (has_k && pending) {
-      // Both stages, one K tile and two V tiles at a time (kK16 == kM16).
-#pragma unroll
-      for (int j = 0; j < kK16; ++j) {
-        k_tile(j, sc, k_escaped);
-        v_tile(2 * j / kM16, (2 * j) % kM16, v_escaped);
-        v_tile(2 * j / kM16, (2 * j) % kM16 + 1, v_escaped);
-      }
-    } else if (has_k) {
+      for (int n = 0; n < 4; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
+      bool escaped = false;
 #pragma unroll 1
-      for (int k16 = 0; k16 < kK16; ++k16) k_tile(k16, sc, k_escaped);
-    } else {
+      for (int k16 = 0; k16 < kK16; ++k16) {
+        const uint4 a = qa[k16 * 32 + lane];
 #pragma unroll
-      for (int j = 0; j < 2 * kM16; ++j) v_tile(j / kM16, j % kM16, v_escaped);
-    }
-
-    if (pending && __any_sync(0xFFFFFFFFu, v_escaped)) {  // V escape corrections of the pending chunk
-      __syncwarp();
-#pragma unroll
-      for (int i = 0; i < kM16; ++i)
-#pragma unroll
-        for (int jj = 0; jj < 4; ++jj) {
-          float* at = rows + (2 * quad + (jj & 1)) * (D + 2) + 16 * i + row + 8 * (jj >> 1);
-          o[i][jj] += *at;
-          *at = 0.f;
+        for (int n8 = 0; n8 < 4; ++n8) {
+          uint32_t b0, b1;
+          escaped |= kd.group(lut_k, k_low, b0, b1, [&] {
+            // Token 8 n8 + row of the chunk; channels 16 k16 + 2 quad (+ 1, + 8).
+            return EscapeSink{kcorr + 8 * n8 + row, 0, kChunk, q_s, D, kparams, 16 * k16 + 2 * quad, 8, group};
+          });
+          mma_16816(sc[n8], a, b0, b1);
         }
-    }
-    pending = false;
-    if (!has_k) break;
-
-    // Scores of the chunk just decoded, its K escape corrections.
-    float s[4][2];
-#pragma unroll
-    for (int n = 0; n < 4; ++n)
-#pragma unroll
-      for (int i = 0; i < 2; ++i) s[n][i] = fmaf(sc[n][i] + sc[n][i + 2], kscale, qmin);
-    if (__any_sync(0xFFFFFFFFu, k_escaped)) {
-      __syncwarp();
+      }
+      float s[4][2];
 #pragma unroll
       for (int n = 0; n < 4; ++n)
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          float* at = kcorr + row * kChunk + 8 * n + 2 * quad + i;
-          s[n][i] += *at;
-          *at = 0.f;
+        for (int i = 0; i < 2; ++i) s[n][i] = fmaf(sc[n][i] + sc[n][i + 2], kscale, qmin);
+      if (__any_sync(0xFFFFFFFFu, escaped)) {
+        __syncwarp();
+#pragma unroll
+        for (int n = 0; n < 4; ++n)
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            float* at = kcorr + row * kChunk + 8 * n + 2 * quad + i;
+            s[n][i] += *at;
+            *at = 0.f;
+          }
+        __syncwarp();
+      }
+
+      // Online softmax of head `row` over the chunk (the quad holds its 32 tokens).
+      float cmax = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < 4; ++n) cmax = fmaxf(cmax, fmaxf(s[n][0], s[n][1]));
+      cmax = fmaxf(cmax, __shfl_xor_sync(0xFFFFFFFFu, cmax, 1));
+      cmax = fmaxf(cmax, __shfl_xor_sync(0xFFFFFFFFu, cmax, 2));
+      const float m_new = fmaxf(m, cmax);
+      const float corr = exp2f(m - m_new);
+      m = m_new;
+      l *= corr;
+      pmin *= corr;
+      // o holds heads 2 quad and 2 quad + 1, whose quads are lanes 8 quad and 8 quad + 4.
+      const float corr_a = __shfl_sync(0xFFFFFFFFu, corr, 8 * quad);
+      const float corr_b = __shfl_sync(0xFFFFFFFFu, corr, 8 * quad + 4);
+#pragma unroll
+      for (int i = 0; i < kM16; ++i) {
+        o[i][0] *= corr_a;
+        o[i][1] *= corr_b;
+        o[i][2] *= corr_a;
+        o[i][3] *= corr_b;
+      }
+
+      // B operands of V: p x step of head `row`, tokens 16 k16 + 2 quad + {0,1} (+ 8), as
+      // fp16 hi + lo (two mmas: one fp16 rounding of p x step alone cost 1e-3 of the output).
+      uint32_t pb[2][2], pl[2][2];
+#pragma unroll
+      for (int n = 0; n < 4; ++n) {
+        const int t = 8 * n + 2 * quad;  // in the chunk
+        const uint2 w = *reinterpret_cast<const uint2*>(vparams + chunk * kChunk + t);
+        const float p0 = exp2f(s[n][0] - m_new), p1 = exp2f(s[n][1] - m_new);
+        l += p0 + p1;
+        pmin = fmaf(p0, half_lo(w.x), fmaf(p1, half_lo(w.y), pmin));
+        const float x0 = p0 * half_hi(w.x), x1 = p1 * half_hi(w.y);
+        const uint32_t hi = pack_half2(x0, x1);
+        pb[n / 2][n % 2] = hi;
+        pl[n / 2][n % 2] = pack_half2(x0 - half_lo(hi), x1 - half_hi(hi));
+        *reinterpret_cast<float2*>(pchunk + row * kChunk + t) = make_float2(p0, p1);
+      }
+      __syncwarp();
+
+      // V: O^T[channels][heads] += codes (A, decoded) x (p x step) (B).
+      escaped = false;
+#pragma unroll 1
+      for (int k16 = 0; k16 < 2; ++k16) {
+        const uint32_t b0 = k16 ? pb[1][0] : pb[0][0], b1 = k16 ? pb[1][1] : pb[0][1];
+        const uint32_t l0 = k16 ? pl[1][0] : pl[0][0], l1 = k16 ? pl[1][1] : pl[0][1];
+#pragma unroll
+        for (int m16 = 0; m16 < kM16; ++m16) {
+          uint4 a;
+          // Channels 16 m16 + row (+ 8), tokens 16 k16 + 2 quad (+ 1), then tokens + 8.
+          escaped |= vd.group(lut_v, v_low, a.x, a.y, [&] {
+            return EscapeSink{rows + 16 * m16 + row, 8, D + 2, pchunk, kChunk, vparams + chunk * kChunk,
+                              16 * k16 + 2 * quad, 0, group};
+          });
+          escaped |= vd.group(lut_v, v_low, a.z, a.w, [&] {
+            return EscapeSink{rows + 16 * m16 + row, 8, D + 2, pchunk, kChunk, vparams + chunk * kChunk,
+                              16 * k16 + 2 * quad + 8, 0, group};
+          });
+          mma_16816(o[m16], a, b0, b1);
+          mma_16816(o[m16], a, l0, l1);
         }
-    }
-    __syncwarp();  // pchunk and the corrections of the pending chunk are done with
-
-    // Online softmax of head `row` over the chunk (the quad holds its 32 tokens).
-    float cmax = -INFINITY;
+      }
+      if (__any_sync(0xFFFFFFFFu, escaped)) {
+        __syncwarp();
 #pragma unroll
-    for (int n = 0; n < 4; ++n) cmax = fmaxf(cmax, fmaxf(s[n][0], s[n][1]));
-    cmax = fmaxf(cmax, __shfl_xor_sync(0xFFFFFFFFu, cmax, 1));
-    cmax = fmaxf(cmax, __shfl_xor_sync(0xFFFFFFFFu, cmax, 2));
-    const float m_new = fmaxf(m, cmax);
-    const float corr = exp2f(m - m_new);
-    m = m_new;
-    l *= corr;
-    pmin *= corr;
-    // o holds heads 2 quad and 2 quad + 1, whose quads are lanes 8 quad and 8 quad + 4.
-    const float corr_a = __shfl_sync(0xFFFFFFFFu, corr, 8 * quad);
-    const float corr_b = __shfl_sync(0xFFFFFFFFu, corr, 8 * quad + 4);
+        for (int i = 0; i < kM16; ++i)
 #pragma unroll
-    for (int i = 0; i < kM16; ++i) {
-      o[i][0] *= corr_a;
-      o[i][1] *= corr_b;
-      o[i][2] *= corr_a;
-      o[i][3] *= corr_b;
-    }
-
-    // This chunk becomes the pending one: its B operands of V, p x step of head `row`,
-    // tokens 16 k16 + 2 quad + {0,1} (+ 8), as fp16 hi + lo (two mmas: one fp16 rounding
-    // of p x step alone cost 1e-3 of the output).
-    vblock = k_vblock;
-    vblock_bytes = k_vblock_bytes;
-    v_chunk = k_chunk;
-    vchunk_params = reinterpret_cast<const uint32_t*>(vblock + format::params_offset()) + v_chunk * kChunk;
-#pragma unroll
-    for (int n = 0; n < 4; ++n) {
-      const int t = 8 * n + 2 * quad;  // in the chunk
-      const uint2 w = *reinterpret_cast<const uint2*>(vchunk_params + t);
-      const float p0 = exp2f(s[n][0] - m_new), p1 = exp2f(s[n][1] - m_new);
-      l += p0 + p1;
-      pmin = fmaf(p0, half_lo(w.x), fmaf(p1, half_lo(w.y), pmin));
-      const float x0 = p0 * half_hi(w.x), x1 = p1 * half_hi(w.y);
-      const uint32_t hi = pack_half2(x0, x1);
-      pb[n / 2][n % 2] = hi;
-      pl[n / 2][n % 2] = pack_half2(x0 - half_lo(hi), x1 - half_hi(hi));
-      *reinterpret_cast<float2*>(pchunk + row * kChunk + t) = make_float2(p0, p1);
-    }
-    __syncwarp();
-    pending = true;
-    if (++k_chunk == T / kChunk) {
-      k_chunk = 0;
-      u += kAttnWarps;
+          for (int j = 0; j < 4; ++j) {
+            float* at = rows + (2 * quad + (j & 1)) * (D + 2) + 16 * i + row + 8 * (j >> 1);
+            o[i][j] += *at;
+            *at = 0.f;
+          }
+      }
+      __syncwarp();  // pchunk and the corrections are reused by the next chunk
     }
   }
 
