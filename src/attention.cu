@@ -17,8 +17,9 @@ void dispatch(DType q_type, int D, int G, F&& f) {
   if (G < 1 || G > kMmaRows) throw Error("query heads per kv head must be 1..8, got " + std::to_string(G));
   auto with_d = [&](auto qt) {
     if (D == 64) return f(qt, std::integral_constant<int, 64>{});
+    if (D == 96) return f(qt, std::integral_constant<int, 96>{});
     if (D == 128) return f(qt, std::integral_constant<int, 128>{});
-    throw Error("attention supports head_dim 64 and 128, got " + std::to_string(D));
+    throw Error("attention supports head_dim 64, 96 and 128, got " + std::to_string(D));
   };
   if (q_type == DType::F16) return with_d(__half{});
   if (q_type == DType::BF16) return with_d(__nv_bfloat16{});

@@ -151,7 +151,7 @@ TEST(AttentionGpu, GqaGroupsHeadDimsAndBf16) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
-  // 3, 6 and 7 (Llama-3.2-3B, Qwen2.5) run on the kernel of the next power of two with padded query rows.
+  // 3, 6 and 7 (Llama-3.2-3B, Qwen2.5): the mma rows hold up to 8 heads, the unused ones are zero.
   for (int G : {1, 2, 3, 6, 7, 8}) {
     SCOPED_TRACE("G " + std::to_string(G));
     run_attention_case(2, G, 64, DType::F16, {130, 700}, seed + G, false);
@@ -159,6 +159,10 @@ TEST(AttentionGpu, GqaGroupsHeadDimsAndBf16) {
   }
   run_attention_case(2, 4, 128, DType::BF16, {129, 513}, seed + 3, false);
   run_attention_case(2, 3, 128, DType::BF16, {129, 513}, seed + 5, false);
+  // head_dim 96 (Phi-3): 6 channel tiles of 16.
+  run_attention_case(2, 4, 96, DType::F16, {1, 64, 130, 700}, seed + 11, false);
+  if (HasFatalFailure()) return;
+  run_attention_case(2, 3, 96, DType::BF16, {129, 513}, seed + 13, true);
 }
 
 TEST(AttentionGpu, BlockSizesAndManyBlocksPerWarp) {

@@ -30,8 +30,8 @@ void expect_error(const Config& c, const std::string& needle) {
 
 TEST(CacheConfig, BadConfigurationsAreRejectedWithClearMessages) {
   Config c;
-  c.head_dim = 96;
-  expect_error(c, "head_dim must be 64 or 128");
+  c.head_dim = 80;
+  expect_error(c, "head_dim must be 64, 96 or 128, got 80");
   c = Config{};
   c.max_attend_batch = 300;
   expect_error(c, "max_attend_batch must be 0");

@@ -81,7 +81,8 @@ struct ModelConfig {
 
     // What kvcomp supports (kvcomp::Config checks the same, later and less clearly).
     if (c.head_dim != 64 && c.head_dim != 128)
-      throw bad("head_dim " + std::to_string(c.head_dim) + " is not supported by kvcomp (64 and 128 are)");
+      throw bad("head_dim " + std::to_string(c.head_dim) + " is not supported by this example's fp16 comparison "
+                "cache (64 and 128 are; kvcomp itself takes 64, 96 and 128)");
     if (c.q_heads % c.kv_heads != 0) throw bad("num_attention_heads must be a multiple of num_key_value_heads");
     const int group = c.q_heads / c.kv_heads;
     if (group != 1 && group != 2 && group != 4 && group != 8)
