@@ -124,11 +124,13 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention
   }
   const QT* q = static_cast<const QT*>(p.q) + (size_t(b) * q_heads + size_t(head) * group) * D;
   const int q_real = group * D;
-  if (p.transform == kTransformHadamard) {
+  constexpr bool kPow2 = (D & (D - 1)) == 0;  // the Hadamard transform needs it (Config checks)
+  if (kPow2 && p.transform == kTransformHadamard) {
     // K/V are stored rotated (x R): q.k = (q R).(k R), so rotate q (fp32, one warp per row), then scale.
     for (int i = threadIdx.x; i < kMmaRows * D; i += blockDim.x) q_s[i] = i < q_real ? load_q(q + i) : 0.f;
     __syncthreads();
-    for (int g = warp; g < group; g += kAttnWarps) hadamard_row_shared<D>(q_s + g * D);
+    if constexpr (kPow2)
+      for (int g = warp; g < group; g += kAttnWarps) hadamard_row_shared<D>(q_s + g * D);
     __syncthreads();
     for (int i = threadIdx.x; i < kMmaRows * D; i += blockDim.x) q_s[i] *= p.scale_log2;
   } else {

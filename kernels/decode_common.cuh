@@ -194,13 +194,15 @@ __global__ void merge_kernel(const float* part, int splits, QT* out, bool rotate
     }
   }
   float o = den > 0.f ? num / den : 0.f;
-  if (rotate_back) {  // uniform over the launch
-    __shared__ float row[D];
-    row[threadIdx.x] = o;
-    __syncthreads();
-    if (threadIdx.x < 32) hadamard_row_shared<D>(row);
-    __syncthreads();
-    o = row[threadIdx.x];
+  if constexpr ((D & (D - 1)) == 0) {  // the Hadamard transform needs a power of two (Config checks)
+    if (rotate_back) {                   // uniform over the launch
+      __shared__ float row[D];
+      row[threadIdx.x] = o;
+      __syncthreads();
+      if (threadIdx.x < 32) hadamard_row_shared<D>(row);
+      __syncthreads();
+      o = row[threadIdx.x];
+    }
   }
   store_out(out + bh * D + threadIdx.x, o);
 }
