@@ -271,7 +271,7 @@ TEST(LlamaConfig, RejectsWhatTheExampleCannotRun) {
   EXPECT_NE(err("rope_scaling", R"({"type": "linear", "factor": 2.0})").find("\"linear\" is not supported"),
             std::string::npos);
   EXPECT_NE(err("rope_parameters", R"({"rope_type": "yarn", "rope_theta": 1e6})").find("\"yarn\""), std::string::npos);
-  EXPECT_NE(err("head_dim", "96").find("head_dim 96 is not supported by kvcomp"), std::string::npos);
+  EXPECT_NE(err("head_dim", "96").find("head_dim 96 is not supported by this example"), std::string::npos);
   EXPECT_EQ(err("num_key_value_heads", "1"), "");  // GQA group 8 is supported, 6 is not
   EXPECT_NE(err("num_attention_heads", "12").find("= 6 is not supported by this example"), std::string::npos);
   EXPECT_NE(err("model_type", "\"qwen3\"").find("model_type \"qwen3\" is not supported"), std::string::npos);
