@@ -629,29 +629,58 @@ TEST(ReferenceCodec, LongCodewordsAndHighCodesRoundTripUnderEveryK) {
     }
 }
 
+namespace {
+
+// The hand-made codebook of the golden-bit tests: symbol 0 = '0', pair (1, 1)
+// = '10', PAIR_ESC = '11' (canonical, MSB first).
+std::array<uint8_t, kNumSymbols> golden_lengths() {
+  std::array<uint8_t, kNumSymbols> lengths{};
+  lengths[0] = 1;
+  lengths[1 * kPairBase + 1] = 2;
+  lengths[kPairEscape] = 2;
+  return lengths;
+}
+
+// A T x D block of 0.25 whose lane 0 starts with the pairs (NaN, 3.0) and (a, b).
+std::vector<float> golden_input(Kind kind, int T, int D, uint32_t nan_bits, float a, float b) {
+  std::vector<float> x(size_t(T) * D, 0.25f);
+  int t0, c0, t1, c1;
+  pair_position(kind, D, 0, 0, t0, c0, t1, c1);
+  x[size_t(t0) * D + c0] = bits_float(nan_bits);
+  x[size_t(t1) * D + c1] = 3.0f;
+  pair_position(kind, D, 0, 1, t0, c0, t1, c1);
+  x[size_t(t0) * D + c0] = a;
+  x[size_t(t1) * D + c1] = b;
+  return x;
+}
+
+// The payload's first two words are `want` (LSB first), every later word of the `total` bits is 0.
+void expect_payload(const std::vector<uint8_t>& bytes, Kind kind, int T, int D, uint64_t total, uint64_t want) {
+  const size_t at = payload_offset(kind, T, D);
+  const size_t words = (total + 31) / 32;
+  for (size_t w = 0; w < words; ++w) {
+    uint32_t got;
+    std::memcpy(&got, &bytes[at + 4 * w], 4);
+    ASSERT_EQ(got, w < 2 ? uint32_t(want >> (32 * w)) : 0u) << "word " << w;
+  }
+}
+
+}  // namespace
+
 TEST(ReferenceCodec, GoldenBitsOfALaneStream) {
   // A hand-made codebook: symbol 0 = '0', pair (1, 1) = '10', PAIR_ESC = '11'
   // (canonical, MSB first). Lane 0's first pair is (NaN, 3.0): PAIR_ESC, field
   // 255, the NaN's raw bits, field 3; its second pair is (1.25, 1.25) = (1, 1);
   // every other value is 0.25 = code 0 (Absolute bound 0.5: min 0.25, step 1).
-  uint8_t lengths[kNumSymbols] = {};
-  lengths[0] = 1;
-  lengths[1 * kPairBase + 1] = 2;
-  lengths[kPairEscape] = 2;
-  const Codebook cb = Codebook::from_lengths(lengths);
+  const auto lengths = golden_lengths();
+  const Codebook cb = Codebook::from_lengths(lengths.data());
   const int T = 32, D = 64;
   const uint32_t nan_bits = 0x7FC01234u;
   const ErrorBound eb{BoundMode::Absolute, 0.5f};
   for (Kind kind : {Kind::Key, Kind::Value}) {
     SCOPED_TRACE(kind == Kind::Key ? "K" : "V");
-    std::vector<float> x(size_t(T) * D, 0.25f);
+    const std::vector<float> x = golden_input(kind, T, D, nan_bits, 1.25f, 1.25f);
     int t0, c0, t1, c1;
-    pair_position(kind, D, 0, 0, t0, c0, t1, c1);
-    x[size_t(t0) * D + c0] = bits_float(nan_bits);
-    x[size_t(t1) * D + c1] = 3.0f;
-    pair_position(kind, D, 0, 1, t0, c0, t1, c1);
-    x[size_t(t0) * D + c0] = 1.25f;
-    x[size_t(t1) * D + c1] = 1.25f;
     const auto bytes = ref::encode_block(kind, x.data(), T, D, eb, cb, 9);
 
     const int pairs = pairs_per_lane(T, D);
@@ -676,14 +705,9 @@ TEST(ReferenceCodec, GoldenBitsOfALaneStream) {
     for (int l = 1; l < kLanes; ++l) EXPECT_EQ(lane_bits[l], pairs) << l;
     // LSB first: '11', 0xFF, the raw word, 0x03, then '10' as bits 1, 0, then zeros.
     const uint64_t want = 0x3u | uint64_t(0xFF) << 2 | uint64_t(nan_bits) << 10 | uint64_t(3) << 42 | uint64_t(1) << 50;
-    const size_t at = payload_offset(kind, T, D);
-    const size_t words = (total + 31) / 32;
-    for (size_t w = 0; w < words; ++w) {
-      uint32_t got;
-      std::memcpy(&got, &bytes[at + 4 * w], 4);
-      ASSERT_EQ(got, w < 2 ? uint32_t(want >> (32 * w)) : 0u) << "word " << w;
-    }
-    for (size_t b = at + 4 * words; b < bytes.size(); ++b) ASSERT_EQ(bytes[b], 0) << "padding byte " << b;
+    expect_payload(bytes, kind, T, D, total, want);
+    if (HasFatalFailure()) return;
+    for (size_t b = payload_offset(kind, T, D) + 4 * ((total + 31) / 32); b < bytes.size(); ++b) ASSERT_EQ(bytes[b], 0) << "padding byte " << b;
 
     std::vector<float> out(x.size());
     uint16_t id = 0;
@@ -706,24 +730,15 @@ TEST(ReferenceCodec, GoldenBitsOfALaneStreamWithLowBits) {
   // low bits); its second pair is codes (3, 2) = hi (1, 1), lo (1, 0): '10',
   // then a's low bit 1, then b's 0. Every other value is 0.25 = code 0: '0'
   // and two low bits 0.
-  uint8_t lengths[kNumSymbols] = {};
-  lengths[0] = 1;
-  lengths[1 * kPairBase + 1] = 2;
-  lengths[kPairEscape] = 2;
-  const Codebook cb = Codebook::from_lengths(lengths, 1);
+  const auto lengths = golden_lengths();
+  const Codebook cb = Codebook::from_lengths(lengths.data(), 1);
   const int T = 32, D = 64;
   const uint32_t nan_bits = 0x7FC01234u;
   const ErrorBound eb{BoundMode::Absolute, 0.5f};
   for (Kind kind : {Kind::Key, Kind::Value}) {
     SCOPED_TRACE(kind == Kind::Key ? "K" : "V");
-    std::vector<float> x(size_t(T) * D, 0.25f);
+    const std::vector<float> x = golden_input(kind, T, D, nan_bits, 3.25f, 2.25f);
     int t0, c0, t1, c1;
-    pair_position(kind, D, 0, 0, t0, c0, t1, c1);
-    x[size_t(t0) * D + c0] = bits_float(nan_bits);
-    x[size_t(t1) * D + c1] = 3.0f;
-    pair_position(kind, D, 0, 1, t0, c0, t1, c1);
-    x[size_t(t0) * D + c0] = 3.25f;
-    x[size_t(t1) * D + c1] = 2.25f;
     const auto bytes = ref::encode_block(kind, x.data(), T, D, eb, cb, 9);
 
     const int pairs = pairs_per_lane(T, D);
@@ -737,13 +752,8 @@ TEST(ReferenceCodec, GoldenBitsOfALaneStreamWithLowBits) {
     // LSB first: '11', 0xFF, the raw word, 0x03, '10' as bits 1, 0, low bits 1, 0, then zeros.
     const uint64_t want = 0x3u | uint64_t(0xFF) << 2 | uint64_t(nan_bits) << 10 | uint64_t(3) << 42 |
                           uint64_t(1) << 50 | uint64_t(1) << 52;
-    const size_t at = payload_offset(kind, T, D);
-    const size_t words = (total + 31) / 32;
-    for (size_t w = 0; w < words; ++w) {
-      uint32_t got;
-      std::memcpy(&got, &bytes[at + 4 * w], 4);
-      ASSERT_EQ(got, w < 2 ? uint32_t(want >> (32 * w)) : 0u) << "word " << w;
-    }
+    expect_payload(bytes, kind, T, D, total, want);
+    if (HasFatalFailure()) return;
     std::vector<float> out(x.size());
     ASSERT_EQ(ref::decode_block(bytes.data(), bytes.size(), kind, T, D, cb, out.data()), ref::DecodeStatus::Ok);
     pair_position(kind, D, 0, 0, t0, c0, t1, c1);
@@ -757,7 +767,7 @@ TEST(ReferenceCodec, GoldenBitsOfALaneStreamWithLowBits) {
         ASSERT_LE(std::fabs(out[i] - x[i]), 0.5f) << i;
       }
     // The same bits under k = 0 mean other pairs: the codebook's k is part of the format.
-    const Codebook k0 = Codebook::from_lengths(lengths, 0);
+    const Codebook k0 = Codebook::from_lengths(lengths.data(), 0);
     EXPECT_NE(ref::decode_block(bytes.data(), bytes.size(), kind, T, D, k0, out.data()), ref::DecodeStatus::Ok);
   }
 }

@@ -152,7 +152,6 @@ KVCOMP_HD bool supported_head_dim(int d) { return d == 64 || d == 96 || d == 128
 KVCOMP_HD int num_groups(Kind kind, int tokens, int head_dim) {
   return kind == Kind::Key ? head_dim : tokens;
 }
-KVCOMP_HD int symbols_per_lane(int tokens, int head_dim) { return tokens * head_dim / kLanes; }  // values
 KVCOMP_HD constexpr int pairs_per_lane(int tokens, int head_dim) { return tokens * head_dim / (2 * kLanes); }
 constexpr int kChunkTokens = 32;  // the lane order repeats per 32-token chunk
 KVCOMP_HD size_t params_offset() { return sizeof(BlockHeader); }
