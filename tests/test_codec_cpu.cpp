@@ -2,21 +2,26 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <queue>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "kernels/huffman_build.cuh"
 #include "kvcomp/codebook.hpp"
 #include "kvcomp/error.hpp"
 #include "kvcomp/reference.hpp"
+#include "random_histograms.hpp"
 #include "test_data.hpp"
 
 using namespace kvcomp;
 using namespace kvcomp::format;
+using kvcomp_test::HistShape;
 
 namespace {
 
@@ -386,6 +391,292 @@ TEST(Codebook, MeanBitsCountsPairEscapeFields) {
   ASSERT_EQ(k2.lengths(), cb.lengths());
   const double want2 = (10.0 * 5 + 20.0 * 6 + 30.0 * 18 + 40.0 * 18) / 100.0;
   EXPECT_DOUBLE_EQ(k2.mean_bits(counts), want2);
+}
+
+namespace {
+
+// The construction before kernels/huffman_build.cuh, as the oracle of the
+// tests below: a binary heap ordered by (weight, id), internal nodes numbered
+// 256, 257, .. in creation order; (c + 1) / 2 halving for the length limit;
+// tables filled codeword by codeword; bit totals in double.
+namespace heap_oracle {
+
+std::array<uint8_t, kNumSymbols> unlimited_lengths(const std::vector<uint64_t>& counts) {
+  std::array<uint8_t, kNumSymbols> len{};
+  struct Node { uint64_t weight; int id; };
+  auto cmp = [](const Node& a, const Node& b) { return a.weight != b.weight ? a.weight > b.weight : a.id > b.id; };
+  std::priority_queue<Node, std::vector<Node>, decltype(cmp)> heap(cmp);
+  std::vector<int> parent(2 * kNumSymbols, -1);
+  int present = 0;
+  for (int s = 0; s < kNumSymbols; ++s)
+    if (counts[s] > 0) { heap.push({counts[s], s}); ++present; }
+  if (present == 1) {
+    for (int s = 0; s < kNumSymbols; ++s) if (counts[s] > 0) len[s] = 1;
+    return len;
+  }
+  int next = kNumSymbols;
+  while (heap.size() > 1) {
+    const Node a = heap.top(); heap.pop();
+    const Node b = heap.top(); heap.pop();
+    parent[a.id] = parent[b.id] = next;
+    heap.push({a.weight + b.weight, next++});
+  }
+  for (int s = 0; s < kNumSymbols; ++s) {
+    if (counts[s] == 0) continue;
+    int depth = 0;
+    for (int n = s; parent[n] != -1; n = parent[n]) ++depth;
+    len[s] = uint8_t(std::min(depth, 255));
+  }
+  return len;
+}
+
+std::array<uint8_t, kNumSymbols> lengths(const uint64_t* counts_in, int max_len) {
+  std::vector<uint64_t> counts(counts_in, counts_in + kNumSymbols);
+  for (;;) {
+    const auto len = unlimited_lengths(counts);
+    if (*std::max_element(len.begin(), len.end()) <= max_len) return len;
+    for (auto& c : counts) if (c > 0) c = (c + 1) / 2;
+  }
+}
+
+CodebookTables tables(const std::array<uint8_t, kNumSymbols>& lengths, int k) {
+  CodebookTables t{};
+  int bl_count[kMaxCodeLen + 1] = {};
+  for (int s = 0; s < kNumSymbols; ++s) if (lengths[s]) ++bl_count[lengths[s]];
+  uint32_t next_code[kMaxCodeLen + 2] = {};
+  uint32_t code = 0;
+  for (int bits = 1; bits <= kMaxCodeLen; ++bits) {
+    code = (code + bl_count[bits - 1]) << 1;
+    next_code[bits] = code;
+  }
+  t.low_bits = uint32_t(k);
+  const uint32_t mask = (1u << k) - 1;
+  for (int s = 0; s < kNumSymbols; ++s) {
+    const int len = lengths[s];
+    if (!len) continue;
+    const uint32_t rev = reverse_bits(next_code[len]++, len);
+    t.enc[s] = rev | (uint32_t(len) << 16);
+    const bool slow = s == kPairEscape || len + 2 * k > kMaxCodeLen;
+    for (uint32_t ext = 0; ext < (1u << (kMaxCodeLen - len)); ++ext) {
+      const int lo_a = int(ext & mask), lo_b = int((ext >> k) & mask);
+      t.lut[rev | (ext << len)] = slow ? lut_slow_entry(s, len)
+                                       : lut_fast_entry((s / kPairBase) << k | lo_a, (s % kPairBase) << k | lo_b,
+                                                        len + 2 * k);
+    }
+  }
+  return t;
+}
+
+std::array<uint8_t, kNumSymbols> codebook_lengths(const uint64_t* counts_in) {
+  std::vector<uint64_t> counts(counts_in, counts_in + kNumSymbols);
+  for (int s = kPairEscape + 1; s < kNumSymbols; ++s) counts[s] = 0;
+  counts[kPairEscape] = std::max<uint64_t>(counts[kPairEscape], 1);
+  return lengths(counts.data(), kMaxCodeLen);
+}
+
+double total_bits(const std::array<uint8_t, kNumSymbols>& len, int k, const uint64_t* counts) {
+  const double esc_bits = double(len[kPairEscape]) + 2.0 * kFieldBits;
+  double bits = 0;
+  for (int s = 0; s < kNumSymbols; ++s)
+    if (counts[s]) bits += ((s < kPairEscape && len[s]) ? double(len[s]) + 2.0 * k : esc_bits) * double(counts[s]);
+  return bits;
+}
+
+CodebookTables from_histograms(const uint64_t* counts) {
+  CodebookTables best{};
+  double best_bits = 0;
+  for (int k = 0; k < kLowBitChoices; ++k) {
+    const uint64_t* row = counts + size_t(k) * kNumSymbols;
+    const auto len = codebook_lengths(row);
+    const double bits = total_bits(len, k, row);
+    if (k == 0 || bits < best_bits) { best = tables(len, k); best_bits = bits; }
+  }
+  return best;
+}
+
+}  // namespace heap_oracle
+
+using Bits = unsigned __int128;
+
+/// Exact bits of a row under a codebook (what from_histograms compares).
+Bits exact_bits(const Codebook& cb, const uint64_t* counts) {
+  const int k = cb.low_bits();
+  Bits bits = 0;
+  for (int s = 0; s < kNumSymbols; ++s) {
+    const bool coded = s < kPairEscape && cb.length(s);
+    bits += Bits(counts[s]) * Bits(coded ? cb.length(s) + 2 * k : cb.length(kPairEscape) + 2 * kFieldBits);
+  }
+  return bits;
+}
+
+bool same_tables(const CodebookTables& a, const CodebookTables& b) { return std::memcmp(&a, &b, sizeof(a)) == 0; }
+
+}  // namespace
+
+TEST(Codebook, TwoQueueLengthsMatchTheHeapConstruction) {
+  const uint64_t seed = kvcomp_test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  uint64_t row[kNumSymbols];
+  int limited = 0;
+  for (int iter = 0; iter < 100; ++iter)
+    for (auto shape : kvcomp_test::kAllShapes) {
+      kvcomp_test::random_row(rng, shape, row);
+      for (int max_len : {8, kMaxCodeLen, 15}) {
+        SCOPED_TRACE(std::string(kvcomp_test::shape_name(shape)) + " limit " + std::to_string(max_len) + " iter " +
+                     std::to_string(iter));
+        const auto want = heap_oracle::lengths(row, max_len);
+        ASSERT_EQ(huffman_lengths(row, max_len), want);
+        if (max_len == kMaxCodeLen && heap_oracle::lengths(row, 64) != want) ++limited;
+      }
+      // As a codebook: PAIR_ESC forced in, symbols above it dropped.
+      ASSERT_EQ(Codebook::from_histogram(row).lengths(), heap_oracle::codebook_lengths(row))
+          << kvcomp_test::shape_name(shape);
+    }
+  EXPECT_GT(limited, 50) << "the length limit must bind often enough to be tested";
+  // Ties at every level: equal counts over 2..256 symbols (a balanced tree, lengths differ by symbol order).
+  for (int present = 2; present <= kNumSymbols; ++present) {
+    std::fill(std::begin(row), std::end(row), uint64_t(0));
+    for (int s = 0; s < present; ++s) row[(s * 37) % kNumSymbols] = 7;
+    ASSERT_EQ(huffman_lengths(row, kMaxCodeLen), heap_oracle::lengths(row, kMaxCodeLen)) << present;
+  }
+}
+
+TEST(Codebook, TablesMatchTheHeapConstruction) {
+  // The whole host build against the old one: lengths, k choice (doubles are
+  // exact at these counts), encoder and decode tables, byte for byte.
+  const uint64_t seed = kvcomp_test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  for (int iter = 0; iter < 25; ++iter)
+    for (auto shape : kvcomp_test::kAllShapes) {
+      if (shape == HistShape::Huge || shape == HistShape::Single) continue;  // doubles would round
+      SCOPED_TRACE(std::string(kvcomp_test::shape_name(shape)) + " iter " + std::to_string(iter));
+      const auto rows = kvcomp_test::random_book(rng, shape);
+      ASSERT_TRUE(same_tables(Codebook::from_histograms(rows.data()).tables(), heap_oracle::from_histograms(rows.data())));
+      const int k = iter % kLowBitChoices;
+      const uint64_t* row = &rows[size_t(k) * kNumSymbols];
+      ASSERT_TRUE(same_tables(Codebook::from_histogram(row, k).tables(),
+                              heap_oracle::tables(heap_oracle::codebook_lengths(row), k)));
+    }
+}
+
+TEST(Codebook, FromHistogramsTakesTheExactArgminOfBits) {
+  // Random 4-row histograms of every shape, huge counts included: a complete
+  // prefix code (Kraft sum 1 with two or more codewords), PAIR_ESC coded, and
+  // k the first argmin of the exact bit totals of the four candidates.
+  const uint64_t seed = kvcomp_test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  for (int iter = 0; iter < 6; ++iter)
+    for (auto shape : kvcomp_test::kAllShapes) {
+      SCOPED_TRACE(std::string(kvcomp_test::shape_name(shape)) + " iter " + std::to_string(iter));
+      const auto rows = kvcomp_test::random_book(rng, shape);
+      const Codebook cb = Codebook::from_histograms(rows.data());
+      check_code_properties(cb);
+      int want = 0;
+      Bits best = 0;
+      for (int k = 0; k < kLowBitChoices; ++k) {
+        const uint64_t* row = &rows[size_t(k) * kNumSymbols];
+        const Bits bits = exact_bits(Codebook::from_histogram(row, k), row);
+        if (k == 0 || bits < best) { want = k; best = bits; }
+      }
+      ASSERT_EQ(cb.low_bits(), want);
+      ASSERT_TRUE(same_tables(cb.tables(), Codebook::from_histogram(&rows[size_t(want) * kNumSymbols], want).tables()));
+    }
+  // Only PAIR_ESC under every k, 2^58 pairs under k = 0 and one fewer under
+  // k = 1: 17 x 2^58 and 17 x 2^58 - 17 bits, the same double (a tie that
+  // would keep k = 0); the integers pick k = 1.
+  std::vector<uint64_t> rows(size_t(kLowBitChoices) * kNumSymbols, 0);
+  for (int k = 0; k < kLowBitChoices; ++k) rows[size_t(k) * kNumSymbols + kPairEscape] = uint64_t(1) << 58;
+  rows[size_t(1) * kNumSymbols + kPairEscape] -= 1;
+  ASSERT_EQ(17.0 * double(uint64_t(1) << 58), 17.0 * double((uint64_t(1) << 58) - 1));
+  EXPECT_EQ(Codebook::from_histograms(rows.data()).low_bits(), 1);
+}
+
+TEST(Codebook, CountsPastTwoToTheSixtyFourAreHalvedFirst) {
+  // Node weights would wrap: the counts are halved (ceil) until they sum
+  // below 2^64; the code is then that of the halved counts.
+  uint64_t row[kNumSymbols] = {}, halved[kNumSymbols] = {};
+  for (int s = 0; s < 4; ++s) row[s] = uint64_t(1) << 63;
+  auto len = huffman_lengths(row, kMaxCodeLen);
+  for (int s = 0; s < kNumSymbols; ++s) EXPECT_EQ(len[s], s < 4 ? 2 : 0) << s;
+  const uint64_t big = ~uint64_t(0);
+  for (int s = 0; s < 40; ++s) row[s] = big >> s;  // sum near 2^65, skewed
+  for (int s = 0; s < kNumSymbols; ++s) halved[s] = row[s] - row[s] / 2;
+  len = huffman_lengths(row, kMaxCodeLen);
+  EXPECT_EQ(len, huffman_lengths(halved, kMaxCodeLen));
+  uint64_t kraft = 0;
+  for (int s = 0; s < kNumSymbols; ++s) {
+    ASSERT_EQ(len[s] != 0, row[s] != 0) << s;
+    if (len[s]) kraft += uint64_t(1) << (kMaxCodeLen - len[s]);
+  }
+  EXPECT_EQ(kraft, uint64_t(1) << kMaxCodeLen);
+  // As a codebook, bits past 2^64 included.
+  row[kPairEscape] = big;
+  const Codebook cb = Codebook::from_histogram(row, 2);
+  check_code_properties(cb);
+  EXPECT_GT(cb.mean_bits(row), 1.0);
+}
+
+TEST(Codebook, StridedStepsMatchTheSerialBuild) {
+  // kernels/codebook_build.cuh's decomposition, emulated lane by lane: one
+  // warp (32 lanes) per k for the lengths, 128 threads for the tables. Each
+  // strided step's lanes are independent, so running them one after another
+  // is one valid interleaving of the device's.
+  const uint64_t seed = kvcomp_test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  namespace hf = kvcomp::huffman;
+  for (int iter = 0; iter < 5; ++iter)
+    for (auto shape : kvcomp_test::kAllShapes) {
+      SCOPED_TRACE(std::string(kvcomp_test::shape_name(shape)) + " iter " + std::to_string(iter));
+      const auto rows = kvcomp_test::random_book(rng, shape);
+      std::vector<hf::LengthWork> work(kLowBitChoices);
+      hf::BitTotal bits[kLowBitChoices];
+      for (int k = 0; k < kLowBitChoices; ++k) {
+        hf::LengthWork& w = work[k];
+        const uint64_t* row = &rows[size_t(k) * kNumSymbols];
+        for (int lane = 0; lane < 32; ++lane) hf::load_step(w, row, true, lane, 32);
+        hf::finish_load(w);
+        for (;;) {
+          for (int lane = 0; lane < 32; ++lane) hf::rank_step(w, lane, 32);
+          hf::merge_step(w);
+          if (w.max_depth <= kMaxCodeLen) break;
+          for (int lane = 0; lane < 32; ++lane) hf::halve_step(w, lane, 32);
+        }
+        bits[k] = hf::total_bits(w.length, k, row);
+      }
+      int best = 0;
+      for (int k = 1; k < kLowBitChoices; ++k)
+        if (hf::fewer_bits(bits[k], bits[best])) best = k;
+      CodebookTables t{};
+      hf::CanonicalCode code;
+      uint8_t by_length[kNumSymbols];
+      hf::canonical_code(work[best].length, code);
+      t.low_bits = uint32_t(best);
+      for (int lane = 0; lane < 128; ++lane) hf::enc_step(work[best].length, code, t.enc, by_length, lane, 128);
+      for (int lane = 0; lane < 128; ++lane) hf::lut_step(code, by_length, best, t.lut, lane, 128);
+      ASSERT_TRUE(same_tables(t, Codebook::from_histograms(rows.data()).tables()));
+    }
+}
+
+TEST(Codebook, ExactBitTotalsCarryPastSixtyFourBits) {
+  namespace hf = kvcomp::huffman;
+  hf::BitTotal t = {0, 0};
+  Bits want = 0;
+  std::mt19937_64 rng(kvcomp_test::fresh_seed());
+  for (int i = 0; i < 1000; ++i) {
+    const uint64_t count = i % 3 ? rng() : ~uint64_t(0) - i;
+    const uint32_t per = uint32_t(rng() % 28);
+    hf::add_bits(t, count, per);
+    want += Bits(count) * per;
+    ASSERT_EQ(t.low, uint64_t(want));
+    ASSERT_EQ(t.high, uint64_t(want >> 64));
+  }
+  EXPECT_TRUE(hf::fewer_bits({0, ~uint64_t(0)}, {1, 0}));
+  EXPECT_FALSE(hf::fewer_bits({1, 0}, {1, 0}));
+  EXPECT_TRUE(hf::fewer_bits({1, 0}, {1, 1}));
 }
 
 namespace {

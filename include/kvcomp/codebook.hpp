@@ -36,8 +36,9 @@ class Codebook {
   /// (counts[kLowBitChoices][kNumSymbols], row k at counts + k * kNumSymbols,
   /// as ref::add_histogram makes them): from_histogram(row k, k) for each k,
   /// keeping the one whose code needs the fewest bits for its row, counted as
-  /// mean_bits counts them (the smaller k on a tie). The raw words of ESC
-  /// values, left out, are the same under every k.
+  /// mean_bits counts them, in exact integers (the smaller k on a tie). The
+  /// raw words of ESC values, left out, are the same under every k. The
+  /// device build (detail::launch_build_codebooks) gives the same tables.
   static Codebook from_histograms(const uint64_t* counts);
   /// Builds from a histogram of stream symbols under k low bits
   /// (counts[kNumSymbols]). PAIR_ESC always gets a codeword, so any input
@@ -69,7 +70,9 @@ class Codebook {
   CodebookTables tables_{};
 };
 
-/// Huffman code lengths for `counts`, limited to `max_len` (exposed for tests).
+/// Huffman code lengths for `counts`, limited to `max_len` >= 8 (exposed for
+/// tests): ties broken by symbol (kernels/huffman_build.cuh); counts summing
+/// to 2^64 or more are halved first until they do not.
 std::array<uint8_t, format::kNumSymbols> huffman_lengths(const uint64_t* counts, int max_len);
 
 }  // namespace kvcomp

@@ -11,7 +11,7 @@ if ! command -v "$cxx" > /dev/null || ! echo 'extern "C" int LLVMFuzzerTestOneIn
   echo "SKIP: $cxx with libFuzzer not found (set KVCOMP_FUZZ_CXX)"; exit 77
 fi
 "$cxx" -std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -ffp-contract=off \
-  -I"$src/include" "$src/tests/fuzz/fuzz_decoder.cpp" "$src/src/reference.cpp" "$src/src/codebook.cpp" \
+  -I"$src/include" -I"$src" "$src/tests/fuzz/fuzz_decoder.cpp" "$src/src/reference.cpp" "$src/src/codebook.cpp" \
   -o "$work/fuzz_decoder"
 # Seeds: one input per mode and shape (and codebook), so every path starts covered.
 # Bits 6..7 of the selector: the codebook's low-bit count k.
