@@ -3,11 +3,21 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/codebook_build.cuh"
 #include "kvcomp/format.hpp"
 #include "launch.hpp"
 
 namespace kvcomp {
 namespace detail {
+
+void launch_build_codebooks(const unsigned long long* hist, int n_books, CodebookTables* books, int32_t* ready,
+                            cudaStream_t s) {
+  if (n_books <= 0) return;  // no histogram: nothing to build, *ready stays as it is
+  build_codebooks_kernel<<<n_books, kBuildThreads, 0, s>>>(hist, n_books, books, ready);
+  check_cuda(cudaGetLastError(), "codebook build kernel launch");
+  mark_ready_kernel<<<1, kBuildThreads, 0, s>>>(hist, size_t(n_books) * kBookCounts, ready);
+  check_cuda(cudaGetLastError(), "codebook ready kernel launch");
+}
 
 void build_layer_codebooks(DType dtype, int layers, int kv_heads, int block_tokens, int head_dim, int layer,
                            const StoreJob* jobs, int n_jobs, DeviceBuffer<unsigned long long>& hist,

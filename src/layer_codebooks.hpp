@@ -7,6 +7,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include "device_buffer.hpp"
 #include "kernels/store_job.cuh"
 #include "kvcomp/codebook.hpp"
@@ -15,6 +17,17 @@
 namespace kvcomp {
 namespace detail {
 
+/// Builds n_books codebooks on the device: books[b] = Codebook::from_histograms(hist + b * kLowBitChoices *
+/// kNumSymbols).tables(), bit for bit, unless *ready != 0 (then does nothing). If every histogram is empty (all
+/// counts zero: no block was closed), builds nothing and leaves *ready == 0; otherwise sets *ready = 1 once all
+/// n_books tables are written. hist: [n_books][kLowBitChoices][kNumSymbols] (histogram_kernel's layout for one
+/// layer's books, book = 2 * kv_head + kind); hist, books and ready are device memory. No host
+/// synchronization, no allocation: safe inside CUDA graph capture. Throws kvcomp::Error on a launch error.
+void launch_build_codebooks(const unsigned long long* hist, int n_books, CodebookTables* books, int32_t* ready,
+                            cudaStream_t s);
+
+/// The host-synchronizing build (histograms to the host, Codebook::from_histograms
+/// there): kept for the Cache until it calls launch_histogram + launch_build_codebooks.
 /// Builds layer `layer`'s 2 * kv_heads codebooks from a histogram of the
 /// blocks the device array `jobs` (n_jobs of them) will close, and uploads
 /// their tables to books[layer]; each codebook picks its k
