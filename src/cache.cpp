@@ -112,7 +112,8 @@ struct Cache::Impl {
   DeviceBuffer<uint32_t> d_sizes, d_offsets;
   DeviceBuffer<int64_t> d_bases;
   DeviceBuffer<uint8_t> d_scan;
-  DeviceBuffer<unsigned long long> d_hist;
+  DeviceBuffer<unsigned long long> d_hist;  // [layer][H][K|V][kLowBitChoices][kNumSymbols]
+  DeviceBuffer<int32_t> d_ready;            // [layer]: codebooks built (launch_build_codebooks)
   DeviceBuffer<uint8_t> d_rotated;  // Transform::Hadamard: K then V rows, [tokens][H][D] of dtype
   PinnedBuffer h_stage;
 
@@ -264,8 +265,19 @@ void Cache::append(int layer, const std::vector<int>& seq_ids, const std::vector
     check_cuda(cudaMemcpyAsync(m.d_jobs.ptr, jobs.data(), jobs.size() * sizeof(jobs[0]), cudaMemcpyHostToDevice, stream),
                "job upload");
     if (!m.layer_has_books[layer]) {
-      detail::build_layer_codebooks(m.cfg.dtype, m.cfg.layers, H, T, D, layer, m.d_jobs.ptr, n_jobs, m.d_hist,
-                                    m.books.ptr, stream);
+      // Built on the device from the histograms of the blocks this append
+      // closes: no host round trip.
+      const size_t per_book = size_t(format::kLowBitChoices) * format::kNumSymbols;
+      const size_t layer_books = size_t(2) * H, first = size_t(layer) * layer_books;
+      m.d_hist.reserve(size_t(m.cfg.layers) * layer_books * per_book, "histogram scratch");
+      m.d_ready.reserve(size_t(m.cfg.layers), "codebook flags");
+      check_cuda(cudaMemsetAsync(m.d_hist.ptr + first * per_book, 0, layer_books * per_book * sizeof(unsigned long long),
+                                 stream),
+                 "histogram clear");
+      check_cuda(cudaMemsetAsync(m.d_ready.ptr + layer, 0, sizeof(int32_t), stream), "codebook flag clear");
+      detail::launch_histogram(m.cfg.dtype, m.d_jobs.ptr, n_jobs, T, D, m.d_hist.ptr, stream);
+      detail::launch_build_codebooks(m.d_hist.ptr + first * per_book, int(layer_books), m.books.ptr + first,
+                                     m.d_ready.ptr + layer, stream);
       m.layer_has_books[layer] = true;
     }
     const int n_blocks = 2 * n_jobs;
@@ -376,6 +388,8 @@ Codebook Cache::codebook(int layer, int kv_head, Kind kind) const {
   m.check_layer(layer);
   if (kv_head < 0 || kv_head >= m.H) throw Error("codebook: kv head " + str(kv_head) + " out of range");
   if (!m.layer_has_books[layer]) throw Error("codebook: layer " + str(layer) + " has no codebooks yet");
+  // The tables are built by device work queued on the caller's stream.
+  check_cuda(cudaDeviceSynchronize(), "codebook sync");
   return detail::read_codebook(m.books.ptr + (size_t(layer) * m.H + kv_head) * 2 + int(kind));
 }
 

@@ -1,16 +1,15 @@
 // A layer's codebooks on the device. The Cache keeps one CodebookTables per
 // (layer, kv head, K|V) in a device array laid out [layer][kv_heads][K|V].
-// A layer's codebooks are built once, from the symbol histograms (one per
-// low-bit count k) of the first blocks it compresses, and then kept: blocks stored later are encoded with
-// them, and attention decodes every block of the layer with them.
+// A layer's codebooks are built once, on the device, from the symbol
+// histograms (one per low-bit count k) of the first blocks it compresses, and
+// then kept: blocks stored later are encoded with them, and attention decodes
+// every block of the layer with them. Building needs no host round trip.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
-#include "device_buffer.hpp"
-#include "kernels/store_job.cuh"
 #include "kvcomp/codebook.hpp"
 #include "kvcomp/dtype.hpp"
 
@@ -25,18 +24,6 @@ namespace detail {
 /// synchronization, no allocation: safe inside CUDA graph capture. Throws kvcomp::Error on a launch error.
 void launch_build_codebooks(const unsigned long long* hist, int n_books, CodebookTables* books, int32_t* ready,
                             cudaStream_t s);
-
-/// The host-synchronizing build (histograms to the host, Codebook::from_histograms
-/// there): kept for the Cache until it calls launch_histogram + launch_build_codebooks.
-/// Builds layer `layer`'s 2 * kv_heads codebooks from a histogram of the
-/// blocks the device array `jobs` (n_jobs of them) will close, and uploads
-/// their tables to books[layer]; each codebook picks its k
-/// (Codebook::from_histograms). `hist` is scratch (grown to kLowBitChoices
-/// histograms per codebook of every layer). Synchronizes `s` twice: after the histogram
-/// copy to the host and after the upload (from a pageable local).
-void build_layer_codebooks(DType dtype, int layers, int kv_heads, int block_tokens, int head_dim, int layer,
-                           const StoreJob* jobs, int n_jobs, DeviceBuffer<unsigned long long>& hist,
-                           CodebookTables* books, cudaStream_t s);
 
 /// The codebook whose tables are at the device address `tables` (cudaMemcpy,
 /// synchronous): rebuilt from the code lengths the encoder table holds and

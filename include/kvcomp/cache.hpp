@@ -14,8 +14,8 @@
 // Streams: every call takes a cudaStream_t and runs in order on it. append()
 // synchronizes `stream` once when it closes blocks (it must learn the
 // compressed sizes to place them in the pool; the first compression of a
-// layer also builds that layer's codebooks, one more sync); nothing else
-// synchronizes. All calls must be made with the same current CUDA device.
+// layer also builds that layer's codebooks, on the device, without a sync);
+// read_block() and codebook() synchronize too; nothing else synchronizes. All calls must be made with the same current CUDA device.
 // The cache's scratch buffers (append jobs, the Hadamard scratch, attention
 // workspace) are shared by its calls: calls on different streams must be
 // ordered by the caller (e.g. with events), as calls on one stream are.
@@ -157,6 +157,7 @@ class Cache {
   std::vector<uint8_t> read_block(int layer, int seq, int kv_head, int64_t block, Kind kind,
                                   cudaStream_t stream) const;
   /// The codebook a layer's head uses for K or V (after its first block).
+  /// Synchronizes the device (the tables are built by queued device work).
   Codebook codebook(int layer, int kv_head, Kind kind) const;
 
  private:
