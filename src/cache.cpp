@@ -4,7 +4,7 @@
 // store path (append) and the fused attention (attend) on the caller's stream.
 // The parts live beside it: device_buffer.hpp (RAII device/pinned memory),
 // pool_allocator (the pool's free space), layer_codebooks (building and
-// reading a layer's codebooks), store_plan (an append's jobs, tail copies and
+// reading a layer's codebooks), config_check (what a Config may hold), store_plan (an append's jobs, tail copies and
 // pool placement). A call that throws leaves the cache as it was.
 #include "kvcomp/cache.hpp"
 #include "cache_internals.hpp"
@@ -13,6 +13,7 @@
 #include <cmath>
 #include <string>
 
+#include "config_check.hpp"
 #include "device_buffer.hpp"
 #include "kvcomp/codebook.hpp"
 #include "kvcomp/transform.hpp"
@@ -33,51 +34,7 @@ using format::BlockRef;
 namespace {
 
 std::string str(long long v) { return std::to_string(v); }
-
-void validate_bound(const ErrorBound& b, const char* what) {
-  if (!(b.value > 0.f) || !std::isfinite(b.value))
-    throw Error(std::string(what) + " error bound must be positive and finite, got " + std::to_string(b.value));
-  if (b.mode != BoundMode::Relative && b.mode != BoundMode::Absolute)
-    throw Error(std::string(what) + " error bound mode is invalid");
-}
-
-void validate(const Config& c) {
-  if (c.layers <= 0) throw Error("config: layers must be positive, got " + str(c.layers));
-  if (c.kv_heads <= 0) throw Error("config: kv_heads must be positive, got " + str(c.kv_heads));
-  if (c.q_heads <= 0 || c.q_heads % c.kv_heads != 0)
-    throw Error("config: q_heads (" + str(c.q_heads) + ") must be a positive multiple of kv_heads (" +
-                str(c.kv_heads) + ")");
-  const int g = c.q_heads / c.kv_heads;
-  if (g < 1 || g > 8)  // 3, 5, 6, 7 run on the kernel of the next power of two, padded
-    throw Error("config: q_heads / kv_heads must be 1..8, got " + str(g));
-  if (c.transform != Transform::None && c.transform != Transform::Hadamard)
-    throw Error("config: transform must be Transform::None or Transform::Hadamard, got " + str(int(c.transform)));
-  if (c.transform == Transform::Hadamard && !is_power_of_two(c.head_dim))
-    throw Error("config: transform Hadamard needs head_dim a power of two, got " + str(c.head_dim));
-  if (c.head_dim != 64 && c.head_dim != 96 && c.head_dim != 128)
-    throw Error("config: head_dim must be 64, 96 or 128, got " + str(c.head_dim));
-  if (!format::supported_tokens(c.block_tokens))
-    throw Error("config: block_tokens must be 32, 64 or 128, got " + str(c.block_tokens));
-  if (c.dtype != DType::F16 && c.dtype != DType::BF16 && c.dtype != DType::F32) throw Error("config: unknown dtype");
-  validate_bound(c.k_bound, "config: K");
-  validate_bound(c.v_bound, "config: V");
-  for (const auto& o : c.overrides) {
-    if (o.layer < 0 || o.layer >= c.layers) throw Error("config: override names layer " + str(o.layer));
-    if (o.kv_head < -1 || o.kv_head >= c.kv_heads) throw Error("config: override names kv head " + str(o.kv_head));
-    validate_bound(o.k, "config: override K");
-    validate_bound(o.v, "config: override V");
-  }
-  if (c.pool_bytes < 4096) throw Error("config: pool_bytes must be at least 4096");
-  if (c.max_seqs <= 0) throw Error("config: max_seqs must be positive");
-  if (c.max_tokens_per_seq <= 0) throw Error("config: max_tokens_per_seq must be positive");
-  if (c.max_attend_batch < 0 || c.max_attend_batch > detail::kMaxBatch)
-    throw Error("config: max_attend_batch must be 0 (= max_seqs) or 1.." + str(detail::kMaxBatch) + ", got " +
-                str(c.max_attend_batch));
-}
-
-int attend_batch_limit(const Config& c) {
-  return c.max_attend_batch > 0 ? c.max_attend_batch : std::min(c.max_seqs, detail::kMaxBatch);
-}
+using detail::attend_batch_limit;
 
 }  // namespace
 
@@ -162,7 +119,7 @@ struct Cache::Impl {
 };
 
 Cache::Cache(const Config& config) {
-  validate(config);
+  detail::validate(config);
   impl_ = std::make_unique<Impl>(config);
 }
 Cache::~Cache() = default;

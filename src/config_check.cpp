@@ -1,0 +1,65 @@
+#include "config_check.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "kernels/attention_params.cuh"
+#include "kvcomp/transform.hpp"
+
+namespace kvcomp {
+namespace detail {
+namespace {
+
+std::string str(long long v) { return std::to_string(v); }
+
+void validate_bound(const ErrorBound& b, const char* what) {
+  if (!(b.value > 0.f) || !std::isfinite(b.value))
+    throw Error(std::string(what) + " error bound must be positive and finite, got " + std::to_string(b.value));
+  if (b.mode != BoundMode::Relative && b.mode != BoundMode::Absolute)
+    throw Error(std::string(what) + " error bound mode is invalid");
+}
+
+}  // namespace
+
+void validate(const Config& c) {
+  if (c.layers <= 0) throw Error("config: layers must be positive, got " + str(c.layers));
+  if (c.kv_heads <= 0) throw Error("config: kv_heads must be positive, got " + str(c.kv_heads));
+  if (c.q_heads <= 0 || c.q_heads % c.kv_heads != 0)
+    throw Error("config: q_heads (" + str(c.q_heads) + ") must be a positive multiple of kv_heads (" +
+                str(c.kv_heads) + ")");
+  const int g = c.q_heads / c.kv_heads;
+  if (g < 1 || g > 8)  // 3, 5, 6, 7 run on the kernel of the next power of two, padded
+    throw Error("config: q_heads / kv_heads must be 1..8, got " + str(g));
+  if (c.transform != Transform::None && c.transform != Transform::Hadamard)
+    throw Error("config: transform must be Transform::None or Transform::Hadamard, got " + str(int(c.transform)));
+  if (c.transform == Transform::Hadamard && !is_power_of_two(c.head_dim))
+    throw Error("config: transform Hadamard needs head_dim a power of two, got " + str(c.head_dim));
+  if (c.head_dim != 64 && c.head_dim != 96 && c.head_dim != 128)
+    throw Error("config: head_dim must be 64, 96 or 128, got " + str(c.head_dim));
+  if (!format::supported_tokens(c.block_tokens))
+    throw Error("config: block_tokens must be 32, 64 or 128, got " + str(c.block_tokens));
+  if (c.dtype != DType::F16 && c.dtype != DType::BF16 && c.dtype != DType::F32) throw Error("config: unknown dtype");
+  validate_bound(c.k_bound, "config: K");
+  validate_bound(c.v_bound, "config: V");
+  for (const auto& o : c.overrides) {
+    if (o.layer < 0 || o.layer >= c.layers) throw Error("config: override names layer " + str(o.layer));
+    if (o.kv_head < -1 || o.kv_head >= c.kv_heads) throw Error("config: override names kv head " + str(o.kv_head));
+    validate_bound(o.k, "config: override K");
+    validate_bound(o.v, "config: override V");
+  }
+  if (c.pool_bytes < 4096) throw Error("config: pool_bytes must be at least 4096");
+  if (c.max_seqs <= 0) throw Error("config: max_seqs must be positive");
+  if (c.max_tokens_per_seq <= 0) throw Error("config: max_tokens_per_seq must be positive");
+  if (c.max_attend_batch < 0 || c.max_attend_batch > kMaxBatch)
+    throw Error("config: max_attend_batch must be 0 (= max_seqs) or 1.." + str(kMaxBatch) + ", got " +
+                str(c.max_attend_batch));
+}
+
+int attend_batch_limit(const Config& c) {
+  return c.max_attend_batch > 0 ? c.max_attend_batch : std::min(c.max_seqs, kMaxBatch);
+}
+
+
+}  // namespace detail
+}  // namespace kvcomp
