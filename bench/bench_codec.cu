@@ -161,6 +161,56 @@ void BM_decode_close_step(benchmark::State& st) {
   cudaFree(k); cudaFree(v);
 }
 
+// The same step through a DecodePlan: 32 layers of append(plan) captured in
+// one CUDA graph; T - 1 replays fill the tails (untimed), the timed replay
+// closes a block for every sequence and layer.
+void BM_decode_close_step_graph(benchmark::State& st) {
+  const int layers = 32, B = 8, T = 64, H = 8, D = 128;
+  kvcomp::Config cfg;
+  cfg.layers = layers; cfg.kv_heads = H; cfg.q_heads = 32; cfg.head_dim = D;
+  cfg.max_seqs = B; cfg.max_tokens_per_seq = 1 << 16; cfg.pool_bytes = size_t(2) << 30;
+  kvcomp::Cache cache(cfg);
+  const size_t per_step = size_t(B) * H * D;
+  __half *k, *v;
+  CK(cudaMalloc(&k, per_step * 2)); CK(cudaMalloc(&v, per_step * 2));
+  fill_normal<<<256, 256>>>(k, per_step, D, 21, true);
+  fill_normal<<<256, 256>>>(v, per_step, D, 22, false);
+  std::vector<int> ids;
+  for (int b = 0; b < B; ++b) ids.push_back(cache.add_sequence());
+  const kvcomp::DecodePlan plan = cache.make_plan(B);
+  cudaStream_t s;
+  CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  cache.set_plan(plan, ids, s);
+  CK(cudaStreamSynchronize(s));
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+  for (int l = 0; l < layers; ++l) cache.append(plan, l, k, v, s);
+  CK(cudaStreamEndCapture(s, &graph));
+  CK(cudaGraphInstantiate(&exec, graph, 0));
+  cudaEvent_t a, e;
+  cudaEventCreate(&a); cudaEventCreate(&e);
+  int64_t stored = 0;
+  for (auto _ : st) {
+    for (int t = 0; t < T - 1; ++t) CK(cudaGraphLaunch(exec, s));
+    cudaEventRecord(a, s);
+    CK(cudaGraphLaunch(exec, s));
+    cudaEventRecord(e, s);
+    cudaEventSynchronize(e);
+    stored += T;
+    float ms = 0;
+    cudaEventElapsedTime(&ms, a, e);
+    st.SetIterationTime(ms / 1e3);
+  }
+  cache.check(s);
+  if (cache.tokens(ids[0], layers - 1) != stored) st.SkipWithError("the graph did not append every token");
+  st.counters["layers_per_step"] = layers;
+  cudaGraphExecDestroy(exec); cudaGraphDestroy(graph);
+  cudaEventDestroy(a); cudaEventDestroy(e);
+  cudaStreamDestroy(s);
+  cudaFree(k); cudaFree(v);
+}
+
 }  // namespace
 
 // {tokens, eb x 1000}
@@ -170,6 +220,7 @@ BENCHMARK(BM_store_prefill)->ArgsProduct({{4096, 32768, 131072}, {10, 50, 100}})
 BENCHMARK(BM_store_synthetic)->Arg(5)->Arg(10)->Arg(20)->Arg(50)->Arg(100)->UseManualTime()
     ->Unit(benchmark::kMillisecond)->MinTime(0.1);
 BENCHMARK(BM_decode_close_step)->UseManualTime()->Unit(benchmark::kMicrosecond)->Iterations(20);
+BENCHMARK(BM_decode_close_step_graph)->UseManualTime()->Unit(benchmark::kMicrosecond)->Iterations(20);
 
 int main(int argc, char** argv) {
   if (kvcomp_bench::no_gpu("bench_codec")) return 0;

@@ -105,11 +105,12 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention
   const int row = lane / 4, quad = lane % 4;  // mma fragment coordinates: this lane's head is `row`
   const int split = blockIdx.x, head = blockIdx.y, b = blockIdx.z;
   const int T = p.tokens_per_block;
-  const AttendSeq seq = p.seqs[b];
+  const AttendSeq seq = attend_seq(p, b);
   const int nblocks = seq.tokens / T, tail = seq.tokens % T;
   const int units = nblocks + (tail > 0);
-  const int u_begin = split * p.units_per_split;
-  const int u_end = min(units, u_begin + p.units_per_split);
+  const int per = max(p.units_per_split, (units + p.splits - 1) / p.splits);
+  const int u_begin = split * per;
+  const int u_end = min(units, u_begin + per);
   const int group = p.group, q_heads = p.kv_heads * group;
   const int k_low = int(p.books[2 * head].low_bits), v_low = int(p.books[2 * head + 1].low_bits);  // k
 

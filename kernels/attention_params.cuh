@@ -25,7 +25,7 @@ constexpr uint32_t max_overread(int tokens, int head_dim) {
 }
 
 struct AttendSeq {
-  int32_t slot;    // sequence slot in the cache's tables
+  int32_t slot;    // sequence slot in the cache's tables (-1: idle, no tokens)
   int32_t tokens;  // tokens stored (compressed blocks * T + tail)
 };
 
@@ -42,7 +42,7 @@ struct AttendParams {
   int32_t tokens_per_block;       // T
   int32_t kv_heads;
   int32_t max_blocks;
-  int32_t units_per_split;
+  int32_t units_per_split;        // at least; a sequence of u units takes max(this, ceil(u / splits)) per split
   int32_t splits;
   float scale_log2;               // softmax scale * log2(e)
   int32_t tail_dtype;
@@ -50,8 +50,17 @@ struct AttendParams {
   int32_t transform;              // Config::transform: Hadamard = K/V stored as x R, so q is
                                   // rotated in the kernel and the output rotated back in the merge
   int32_t batch;
-  AttendSeq seqs[kMaxBatch];
+  const int32_t* lengths;         // this layer's token counts (device), by slot
+  const int32_t* slots;           // device [batch] (plan-based), or null: slots[b] = seq_slot[b]
+  int32_t seq_slot[kMaxBatch];
 };
+
+/// Sequence b of the batch: its slot and its tokens, read on the device (so a
+/// replayed CUDA graph sees the current lengths).
+__host__ __device__ inline AttendSeq attend_seq(const AttendParams& p, int b) {
+  const int32_t slot = p.slots ? p.slots[b] : p.seq_slot[b];
+  return {slot, slot >= 0 ? p.lengths[slot] : 0};
+}
 
 struct SplitPlan {
   int units_per_split;

@@ -7,7 +7,7 @@
 //                     k = 0..kMaxLowBits) -> kLowBitChoices histograms per
 //                     codebook (used once per (layer, head, K|V) to build the
 //                     codebook, which picks its k from them);
-//   measure_kernel:   compressed size of every block (for the offset scan);
+//   measure_kernel:   compressed size of every block (for place_kernel);
 //   encode_kernel:    writes blocks at their final pool offsets.
 // Bit counts and bits come from format::pair_bits / format::put_pair under
 // the codebook's k (CodebookTables::low_bits), the functions the CPU
@@ -170,14 +170,15 @@ __device__ __forceinline__ uint32_t lane_stream_bits(const StoreJob& job, Kind k
 /// at most T * D / 2 = 16384 pairs per histogram).
 template <typename Elem>
 __global__ void __launch_bounds__(32 * kStoreWarps) histogram_kernel(const StoreJob* jobs, int n_jobs, int T, int D,
-                                                                     unsigned long long* hist) {
+                                                                     unsigned long long* hist, const int32_t* ready) {
   constexpr int kCounts = format::kLowBitChoices * format::kNumSymbols;
   __shared__ format::GroupQuant params[kStoreWarps][kMaxGroups];
   __shared__ uint32_t local[kStoreWarps][kCounts];  // [k][symbol] per warp
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int item = blockIdx.x * kStoreWarps + warp;
-  if (item >= 2 * n_jobs) return;
+  if (item >= 2 * n_jobs || (ready && *ready != 0)) return;
   const StoreJob job = jobs[item / 2];
+  if (job.tail_tokens < 0) return;
   const Kind kind = Kind(item % 2);
   uint32_t* counts = local[warp];
   for (int s = lane; s < kCounts; s += 32) counts[s] = 0;
@@ -194,8 +195,8 @@ __global__ void __launch_bounds__(32 * kStoreWarps) histogram_kernel(const Store
     if (counts[s]) atomicAdd(&out[s], (unsigned long long)counts[s]);
 }
 
-/// sizes16[2 * job + kind] = block bytes / 16. An exclusive scan of sizes16
-/// gives every block's offset; a job's V block directly follows its K block.
+/// sizes16[2 * job + kind] = block bytes / 16 (0 for an idle job); a job's V
+/// block directly follows its K block in the pool (place_kernel).
 template <typename Elem>
 __global__ void __launch_bounds__(32 * kStoreWarps) measure_kernel(const StoreJob* jobs, int n_jobs, int T, int D,
                                                                    const CodebookTables* books, uint32_t* sizes16) {
@@ -205,6 +206,10 @@ __global__ void __launch_bounds__(32 * kStoreWarps) measure_kernel(const StoreJo
   const int item = blockIdx.x * kStoreWarps + warp;
   if (item >= 2 * n_jobs) return;
   const StoreJob job = jobs[item / 2];
+  if (job.tail_tokens < 0) {
+    if (lane == 0) sizes16[item] = 0;
+    return;
+  }
   const Kind kind = Kind(item % 2);
   const int k = load_enc_warp(&books[job.codebook + int(kind)], enc[warp]);
   block_params_warp<Elem>(job, kind, T, D, params[warp]);
@@ -249,14 +254,13 @@ struct LaneWriter {
   }
 };
 
-/// Writes every block at pool + 16 * (extent_base16[job.extent] + offsets16[block]),
-/// offsets16 being the exclusive scan of sizes16.
-/// extent_base16 is pre-adjusted by the host so that this sum is the block's place.
+/// Writes job j's K block at pool + 16 * pair_at16[j] and its V block right
+/// after (place_kernel's offsets), unless the job is idle or its entry failed.
 template <typename Elem>
 __global__ void __launch_bounds__(32 * kStoreWarps) encode_kernel(const StoreJob* jobs, int n_jobs, int T, int D,
                                                                   const CodebookTables* books,
-                                                                  const uint32_t* sizes16, const uint32_t* offsets16,
-                                                                  const int64_t* extent_base16, uint8_t* pool,
+                                                                  const uint32_t* sizes16, const uint32_t* pair_at16,
+                                                                  const int32_t* entry_ok, uint8_t* pool,
                                                                   format::BlockRef* table) {
   __shared__ format::GroupQuant params[kStoreWarps][kMaxGroups];
   __shared__ uint32_t enc_s[kStoreWarps][format::kNumSymbols];
@@ -265,11 +269,12 @@ __global__ void __launch_bounds__(32 * kStoreWarps) encode_kernel(const StoreJob
   if (item >= 2 * n_jobs) return;
   const int j = item / 2;
   const StoreJob job = jobs[j];
+  if (job.tail_tokens < 0 || entry_ok[job.entry] == 0) return;
   const Kind kind = Kind(item % 2);
   const uint32_t* enc = enc_s[warp];
   const int k = load_enc_warp(&books[job.codebook + int(kind)], enc_s[warp]);
   const uint32_t k16 = sizes16[2 * j], v16 = sizes16[2 * j + 1];
-  const int64_t pair16 = extent_base16[job.extent] + offsets16[2 * j];
+  const int64_t pair16 = pair_at16[j];
   const int64_t at16 = pair16 + (kind == Kind::Key ? 0 : k16);
   uint32_t* block = reinterpret_cast<uint32_t*>(pool + at16 * format::kBlockAlign);
   const uint32_t block_words = (kind == Kind::Key ? k16 : v16) * (format::kBlockAlign / 4);
@@ -338,10 +343,12 @@ __global__ void __launch_bounds__(32 * kStoreWarps) encode_kernel(const StoreJob
 namespace kvcomp {
 namespace detail {
 
-/// Copies input rows into a tail (in the input's type): grid = number of copies.
+/// Copies input rows into a tail (in the input's type) unless the copy's
+/// entry failed: grid = number of copies.
 template <typename Elem>
-__global__ void tail_copy_kernel(const TailCopy* copies, int D) {
+__global__ void tail_copy_kernel(const TailCopy* copies, int D, const int32_t* entry_ok) {
   const TailCopy c = copies[blockIdx.x];
+  if (c.rows <= 0 || entry_ok[c.entry] == 0) return;
   const Elem* k = static_cast<const Elem*>(c.k_in);
   const Elem* v = static_cast<const Elem*>(c.v_in);
   for (int i = threadIdx.x; i < c.rows * D; i += blockDim.x) {

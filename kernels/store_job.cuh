@@ -1,7 +1,10 @@
-// What the store kernels are told about each block pair they compress.
-// Shared by the launch code (src/store.cu) and the kernels.
+// What the store kernels are told about each block pair they compress, each
+// tail copy and each (sequence, layer) of an append. Shared by the host
+// planner (src/store_plan.cpp), the device planner of plan-based decode
+// (kernels/decode_jobs.cuh) and the kernels.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "kvcomp/format.hpp"
@@ -12,6 +15,8 @@ namespace detail {
 /// One (sequence, kv head, token block): a K block and a V block.
 /// Row t of the block is tail row t for t < tail_tokens (rows the cache held
 /// back), else input row t - tail_tokens (the engine's strided buffer).
+/// tail_tokens < 0: an idle job (plan-based decode: no block closes), which
+/// every store kernel skips.
 struct StoreJob {
   const void* k_in;          // input K row of the first new token, this head
   const void* v_in;          // input V row of the first new token, this head
@@ -23,17 +28,70 @@ struct StoreJob {
   int32_t tail_tokens;
   uint32_t codebook;         // K codebook index; the V codebook is codebook + 1
   uint32_t table_index;      // BlockRef slot this pair fills
-  uint32_t extent;           // allocation (per sequence) the pair is placed in
+  uint32_t entry;            // the AppendEntry this job belongs to
 };
 
-/// Rows an append leaves uncompressed: input rows -> tail rows (copied as they are).
+/// Rows an append leaves uncompressed: input rows -> tail rows (copied as
+/// they are), unless the append of its entry failed.
 struct TailCopy {
   const void* k_in;          // first input row, this head
   const void* v_in;
   void* k_dst;               // first tail row to write
   void* v_dst;
   int64_t in_token_stride;
-  int32_t rows;
+  int32_t rows;              // 0: nothing to copy
+  uint32_t entry;
+};
+
+/// One (sequence, layer) of an append: the place kernel checks it, places its
+/// jobs' blocks in the sequence's pool pages and advances its token count,
+/// all or nothing (kernels/pool_pages.cuh).
+struct AppendEntry {
+  int32_t slot;        // sequence slot; ignored when n_tokens == 0
+  int32_t n_tokens;    // tokens appended (0: nothing to do)
+  int32_t expected;    // tokens the layer holds before the append, as planned
+  uint32_t job_begin;  // its StoreJobs: [job_begin, job_end)
+  uint32_t job_end;
+};
+
+/// Where tail rows live: one buffer [layer][K|V][slot][kv head][T][D] of the
+/// input's type (elem_bytes per element).
+struct TailLayout {
+  uint8_t* base;
+  int max_seqs;
+  int kv_heads;
+  int block_tokens;
+  int head_dim;
+  size_t elem_bytes;
+  /// Tail row `row` of (layer, slot, head, kind).
+  KVCOMP_HD uint8_t* row_ptr(int layer, int slot, int head, Kind kind, int row = 0) const {
+    return base + (((((size_t(layer) * 2 + int(kind)) * max_seqs + slot) * kv_heads + head) * block_tokens + row) *
+                   head_dim) * elem_bytes;
+  }
+};
+
+/// The BlockRef slot of (layer, slot, block, head) in the block tables [layer][slot][max_blocks][H].
+KVCOMP_HD uint32_t table_slot(int layer, int slot, int64_t block, int head, int max_seqs, int max_blocks, int H) {
+  return uint32_t(((size_t(layer) * max_seqs + slot) * max_blocks + size_t(block)) * H + head);
+}
+
+/// What decode_jobs_kernel (kernels/decode_jobs.cuh) is told: one plan-based decode append.
+struct DecodeJobsParams {
+  const int32_t* slots;       // [batch]
+  const int32_t* tokens;      // [layer][max_seqs]
+  const ErrorBound* bounds;   // this layer: [H][K|V]
+  const uint8_t* k;           // input rows, elem_bytes each element
+  const uint8_t* v;
+  int64_t token_stride;       // elements
+  int64_t head_stride;
+  TailLayout tails;
+  int32_t layer;
+  int32_t layers;
+  int32_t batch;
+  int32_t max_blocks;
+  StoreJob* jobs;             // [batch][H]
+  TailCopy* copies;           // [batch][H]
+  AppendEntry* entries;       // [batch]
 };
 
 }  // namespace detail

@@ -1,11 +1,10 @@
 // kvcomp::Cache (include/kvcomp/cache.hpp): the facade. It validates the
-// configuration and every call's arguments, owns the device buffers (Impl),
-// keeps each sequence's token counts and pool extents, and orchestrates the
-// store path (append) and the fused attention (attend) on the caller's stream.
-// The parts live beside it: device_buffer.hpp (RAII device/pinned memory),
-// pool_allocator (the pool's free space), layer_codebooks (building and
-// reading a layer's codebooks), config_check (what a Config may hold), store_plan (an append's jobs, tail copies and
-// pool placement). A call that throws leaves the cache as it was.
+// configuration and every call's arguments and orchestrates the store path
+// and the fused attention on the caller's stream. Its parts: cache_impl.hpp
+// (the buffers and host bookkeeping), cache_plan.cpp (plan-based decode),
+// cache_failures.cpp (device failure records -> kvcomp::Error), store_plan
+// (an eager append's jobs), pool_pages (the paged pool), layer_codebooks,
+// config_check. A call that throws leaves the cache as it was.
 #include "kvcomp/cache.hpp"
 #include "cache_internals.hpp"
 
@@ -13,110 +12,171 @@
 #include <cmath>
 #include <string>
 
+#include "cache_impl.hpp"
 #include "config_check.hpp"
-#include "device_buffer.hpp"
 #include "kvcomp/codebook.hpp"
-#include "kvcomp/transform.hpp"
 #include "launch.hpp"
 #include "layer_codebooks.hpp"
-#include "pool_allocator.hpp"
 #include "store_plan.hpp"
 
 namespace kvcomp {
 
 using detail::check_cuda;
-using detail::DeviceBuffer;
-using detail::Extent;
-using detail::PinnedBuffer;
-using detail::PoolAllocator;
 using format::BlockRef;
 
 namespace {
-
 std::string str(long long v) { return std::to_string(v); }
-using detail::attend_batch_limit;
-
 }  // namespace
 
-struct Cache::Impl {
-  Config cfg;
-  int T, D, H, G;
-  int max_blocks;
-  int sms = 132;
-  int ctas_per_sm = 2;
+Cache::Impl::Impl(const Config& c)
+    : cfg(c), T(c.block_tokens), D(c.head_dim), H(c.kv_heads), G(c.q_heads / c.kv_heads),
+      max_blocks((c.max_tokens_per_seq + c.block_tokens - 1) / c.block_tokens) {
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "device attribute");
+  pages = detail::plan_pages(c.pool_bytes, c.max_seqs, T, D, c.pool_page_bytes);
+  const size_t pool_bytes = size_t(pages.pages) * pages.page_units16 * format::kBlockAlign;
+  // The fused kernel's decoders may read a little past a block: the pool is followed by that much.
+  pool.allocate(pool_bytes + detail::kDecodeOverread, "the compressed pool");
+  table.allocate(size_t(c.layers) * c.max_seqs * max_blocks * H, "block tables");
+  tails.allocate(size_t(c.layers) * c.max_seqs * H * 2 * T * D * dtype_size(c.dtype), "tail buffers");
+  books.allocate(size_t(c.layers) * H * 2, "codebook tables");
+  ctas_per_sm = detail::attention_ctas_per_sm(D, G);
+  part_splits = detail::plan_splits(max_blocks + 1, 1, H, sms, ctas_per_sm).splits;
+  part.allocate(size_t(detail::attend_batch_limit(c)) * c.q_heads * part_splits * (D + 2), "attention workspace");
 
-  DeviceBuffer<uint8_t> pool;             // pool_capacity bytes + decoder overread room
-  size_t pool_capacity = 0;
-  DeviceBuffer<BlockRef> table;           // [layer][slot][max_blocks][H]
-  DeviceBuffer<uint8_t> tails;            // [layer][K|V][slot][H][T][D] of the input type: see tail_ptr
-  DeviceBuffer<CodebookTables> books;     // [layer][H][K|V]
-  DeviceBuffer<float> part;               // attention workspace
-  int part_splits = 0;
-  PoolAllocator alloc;
+  const size_t slots = size_t(c.layers) * c.max_seqs;
+  free_pages.allocate(pages.pages, "pool page stack");
+  free_count.allocate(1, "pool page stack");
+  owner.allocate(pages.pages, "pool page owners");
+  open_page.allocate(c.max_seqs, "sequence pages");
+  open_fill16.allocate(c.max_seqs, "sequence pages");
+  tokens.allocate(slots, "token counts");
+  units16.allocate(slots, "sequence sizes");
+  fail.allocate(slots, "failure records");
+  const size_t per_layer_hist = size_t(H) * 2 * format::kLowBitChoices * format::kNumSymbols;
+  hist.allocate(size_t(c.layers) * per_layer_hist, "histogram scratch");
+  ready.allocate(c.layers, "codebook flags");
+  bounds.allocate(size_t(c.layers) * H * 2, "error bounds");
+  fail_flag.reserve(sizeof(int32_t));
+  *static_cast<volatile int32_t*>(fail_flag.ptr) = 0;
 
-  struct Seq {
-    bool live = false;
-    std::vector<int64_t> tokens;               // per layer
-    std::vector<std::vector<Extent>> extents;  // per layer
+  // Every page free (page 0 on top), nothing owned, nothing stored.
+  std::vector<int32_t> stack(pages.pages), none(std::max<size_t>(pages.pages, c.max_seqs), -1);
+  for (int32_t i = 0; i < pages.pages; ++i) stack[i] = pages.pages - 1 - i;
+  std::vector<ErrorBound> b(bounds.count);
+  for (int l = 0; l < c.layers; ++l)
+    for (int h = 0; h < H; ++h) {
+      b[(size_t(l) * H + h) * 2] = bound(l, h, Kind::Key);
+      b[(size_t(l) * H + h) * 2 + 1] = bound(l, h, Kind::Value);
+    }
+  auto up = [](void* dst, const void* src, size_t bytes) {
+    check_cuda(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), "cache initialization");
   };
-  std::vector<Seq> seqs;
-  std::vector<bool> layer_has_books;
-  std::vector<size_t> layer_compressed;
+  up(free_pages.ptr, stack.data(), stack.size() * sizeof(int32_t));
+  up(free_count.ptr, &pages.pages, sizeof(int32_t));
+  up(owner.ptr, none.data(), size_t(pages.pages) * sizeof(int32_t));
+  up(open_page.ptr, none.data(), size_t(c.max_seqs) * sizeof(int32_t));
+  up(bounds.ptr, b.data(), b.size() * sizeof(ErrorBound));
+  auto zero = [](void* p, size_t bytes) { check_cuda(cudaMemset(p, 0, bytes), "cache initialization"); };
+  zero(open_fill16.ptr, open_fill16.count * sizeof(uint32_t));
+  zero(tokens.ptr, tokens.count * sizeof(int32_t));
+  zero(units16.ptr, units16.count * sizeof(uint64_t));
+  zero(fail.ptr, fail.count * sizeof(int32_t));
+  zero(hist.ptr, hist.count * sizeof(unsigned long long));
+  zero(ready.ptr, ready.count * sizeof(int32_t));
+  check_cuda(cudaDeviceSynchronize(), "cache initialization");
 
-  // Scratch for append, grown on demand.
-  DeviceBuffer<detail::StoreJob> d_jobs;
-  DeviceBuffer<detail::TailCopy> d_copies;
-  DeviceBuffer<uint32_t> d_sizes, d_offsets;
-  DeviceBuffer<int64_t> d_bases;
-  DeviceBuffer<uint8_t> d_scan;
-  DeviceBuffer<unsigned long long> d_hist;  // [layer][H][K|V][kLowBitChoices][kNumSymbols]
-  DeviceBuffer<int32_t> d_ready;            // [layer]: codebooks built (launch_build_codebooks)
-  DeviceBuffer<uint8_t> d_rotated;  // Transform::Hadamard: K then V rows, [tokens][H][D] of dtype
-  PinnedBuffer h_stage;
+  live.assign(c.max_seqs, false);
+  h_tokens.assign(slots, 0);
+  books_built.assign(c.layers, false);
+}
 
-  explicit Impl(const Config& c)
-      : cfg(c), T(c.block_tokens), D(c.head_dim), H(c.kv_heads), G(c.q_heads / c.kv_heads),
-        max_blocks((c.max_tokens_per_seq + c.block_tokens - 1) / c.block_tokens),
-        alloc(c.pool_bytes / format::kBlockAlign) {
-    int dev = 0;
-    check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "device attribute");
-    pool_capacity = c.pool_bytes / format::kBlockAlign * format::kBlockAlign;
-    // The fused kernel's decoders may read a little past a block: the pool is followed by that much.
-    pool.allocate(pool_capacity + detail::kDecodeOverread, "the compressed pool");
-    table.allocate(size_t(c.layers) * c.max_seqs * max_blocks * H, "block tables");
-    tails.allocate(size_t(c.layers) * c.max_seqs * H * 2 * T * D * dtype_size(c.dtype), "tail buffers");
-    books.allocate(size_t(c.layers) * H * 2, "codebook tables");
-    ctas_per_sm = detail::attention_ctas_per_sm(D, G);
-    part_splits = detail::plan_splits(max_blocks + 1, 1, H, sms, ctas_per_sm).splits;
-    part.allocate(size_t(attend_batch_limit(c)) * c.q_heads *
-                      part_splits * (D + 2), "attention workspace");
-    seqs.resize(c.max_seqs);
-    layer_has_books.assign(c.layers, false);
-    layer_compressed.assign(c.layers, 0);
-  }
+detail::SeqState Cache::Impl::seq_state() const {
+  int32_t* flag = nullptr;
+  check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&flag), fail_flag.ptr, 0), "failure flag address");
+  return {tokens.ptr, units16.ptr, fail.ptr, flag, cfg.max_seqs, cfg.max_tokens_per_seq, cfg.layers};
+}
 
-  ErrorBound bound(int layer, int head, Kind kind) const {
-    ErrorBound b = kind == Kind::Key ? cfg.k_bound : cfg.v_bound;
-    for (const auto& o : cfg.overrides)
-      if (o.layer == layer && (o.kv_head == -1 || o.kv_head == head)) b = kind == Kind::Key ? o.k : o.v;
-    return b;
+ErrorBound Cache::Impl::bound(int layer, int head, Kind kind) const {
+  ErrorBound b = kind == Kind::Key ? cfg.k_bound : cfg.v_bound;
+  for (const auto& o : cfg.overrides)
+    if (o.layer == layer && (o.kv_head == -1 || o.kv_head == head)) b = kind == Kind::Key ? o.k : o.v;
+  return b;
+}
+
+void Cache::Impl::check_seq(int id) const {
+  if (id < 0 || id >= cfg.max_seqs || !live[id]) throw Error("unknown or removed sequence id " + str(id));
+}
+
+void Cache::Impl::check_layer(int layer) const {
+  if (layer < 0 || layer >= cfg.layers)
+    throw Error("layer " + str(layer) + " out of range [0, " + str(cfg.layers) + ")");
+}
+
+void Cache::Impl::refresh_tokens() {
+  if (!tokens_stale) return;
+  check_cuda(cudaDeviceSynchronize(), "token count sync");
+  check_cuda(cudaMemcpy(h_tokens.data(), tokens.ptr, h_tokens.size() * sizeof(int32_t), cudaMemcpyDeviceToHost),
+             "token count copy");
+  tokens_stale = false;
+}
+
+void Cache::Impl::fill_attend(int layer, const void* q, void* out, detail::AttendParams& p) const {
+  p.pool = pool.ptr;
+  p.pool_units16 = uint64_t(pages.pages) * pages.page_units16;
+  p.table = table.ptr + size_t(layer) * cfg.max_seqs * max_blocks * H;
+  p.books = books.ptr + size_t(layer) * H * 2;
+  p.k_tail = tail_layout().row_ptr(layer, 0, 0, Kind::Key);
+  p.v_tail = tail_layout().row_ptr(layer, 0, 0, Kind::Value);
+  p.q = q;
+  p.out = out;
+  p.part = part.ptr;
+  p.tokens_per_block = T;
+  p.kv_heads = H;
+  p.max_blocks = max_blocks;
+  p.scale_log2 = float(1.4426950408889634 / std::sqrt(double(D)));
+  p.tail_dtype = int32_t(cfg.dtype);
+  p.transform = int32_t(cfg.transform);
+  p.lengths = tokens.ptr + size_t(layer) * cfg.max_seqs;
+}
+
+void Cache::Impl::rotate_input(AppendScratch& s, int64_t rows, const void*& k, const void*& v, int64_t& token_stride,
+                               int64_t& head_stride, cudaStream_t stream) {
+  // Everything below stores x R: rotate the input into contiguous scratch
+  // once, then take it as the input (default strides).
+  const size_t rows_bytes = size_t(rows) * H * D * dtype_size(cfg.dtype);
+  s.rotated.reserve(2 * rows_bytes, "append scratch");
+  uint8_t* k_rot = s.rotated.ptr;
+  uint8_t* v_rot = s.rotated.ptr + rows_bytes;
+  detail::launch_hadamard_rows(cfg.dtype, D, k, token_stride, head_stride, rows, H, k_rot, stream);
+  detail::launch_hadamard_rows(cfg.dtype, D, v, token_stride, head_stride, rows, H, v_rot, stream);
+  k = k_rot;
+  v = v_rot;
+  token_stride = int64_t(H) * D;
+  head_stride = D;
+}
+
+void Cache::Impl::run_store(int layer, AppendScratch& s, int n_jobs, int n_entries, int n_copies, bool build_books,
+                            cudaStream_t stream) {
+  if (n_jobs > 0) {
+    if (build_books) {
+      // Built on the device from the histograms of the first blocks the layer closes.
+      const size_t per_book = size_t(format::kLowBitChoices) * format::kNumSymbols;
+      const size_t layer_books = size_t(2) * H, first = size_t(layer) * layer_books;
+      detail::launch_histogram(cfg.dtype, s.jobs.ptr, n_jobs, T, D, hist.ptr, stream, ready.ptr + layer);
+      detail::launch_build_codebooks(hist.ptr + first * per_book, int(layer_books), books.ptr + first,
+                                     ready.ptr + layer, stream);
+    }
+    detail::launch_measure(cfg.dtype, s.jobs.ptr, n_jobs, T, D, books.ptr, s.sizes16.ptr, stream);
   }
-  /// Where tail rows are: see TailLayout (store_plan.hpp).
-  detail::TailLayout tail_layout() const { return {tails.ptr, cfg.max_seqs, H, T, D, dtype_size(cfg.dtype)}; }
-  /// Tail row `row` of (layer, slot, head, kind); tails hold the input's type.
-  uint8_t* tail_ptr(int layer, int slot, int head, Kind kind, int row = 0) const {
-    return tail_layout().row_ptr(layer, slot, head, kind, row);
-  }
-  const Seq& seq(int id) const {
-    if (id < 0 || id >= int(seqs.size()) || !seqs[id].live) throw Error("unknown or removed sequence id " + str(id));
-    return seqs[id];
-  }
-  void check_layer(int layer) const {
-    if (layer < 0 || layer >= cfg.layers)
-      throw Error("layer " + str(layer) + " out of range [0, " + str(cfg.layers) + ")");
-  }
-};
+  detail::launch_place(s.entries.ptr, n_entries, layer, s.sizes16.ptr, s.pair_at16.ptr, s.entry_ok.ptr,
+                       s.page_base.ptr, pool_state(), seq_state(), stream);
+  if (n_jobs > 0)
+    detail::launch_encode(cfg.dtype, s.jobs.ptr, n_jobs, T, D, books.ptr, s.sizes16.ptr, s.pair_at16.ptr,
+                          s.entry_ok.ptr, pool.ptr, table.ptr, stream);
+  detail::launch_tail_copy(cfg.dtype, s.copies.ptr, n_copies, D, s.entry_ok.ptr, stream);
+}
 
 Cache::Cache(const Config& config) {
   detail::validate(config);
@@ -129,31 +189,32 @@ Cache& Cache::operator=(Cache&&) noexcept = default;
 const Config& Cache::config() const { return impl_->cfg; }
 
 int Cache::add_sequence() {
-  auto& seqs = impl_->seqs;
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    if (seqs[i].live) continue;
-    seqs[i].live = true;
-    seqs[i].tokens.assign(impl_->cfg.layers, 0);
-    seqs[i].extents.assign(impl_->cfg.layers, {});
-    return int(i);
+  Impl& m = *impl_;
+  m.poll_failures("add_sequence");
+  for (int i = 0; i < m.cfg.max_seqs; ++i) {
+    if (m.live[i]) continue;
+    m.live[i] = true;  // the device state of a free slot is empty (construction, remove_sequence)
+    return i;
   }
-  throw Error("all " + str(impl_->cfg.max_seqs) + " sequence slots are in use (config.max_seqs)");
+  throw Error("all " + str(m.cfg.max_seqs) + " sequence slots are in use (config.max_seqs)");
 }
 
-void Cache::remove_sequence(int id) {
-  impl_->seq(id);
-  auto& s = impl_->seqs[id];
-  for (int l = 0; l < impl_->cfg.layers; ++l)
-    for (const Extent& e : s.extents[l]) {
-      impl_->alloc.release(e.at16, e.units16);
-      impl_->layer_compressed[l] -= e.units16 * format::kBlockAlign;
-    }
-  s = Impl::Seq{};
+void Cache::remove_sequence(int id, cudaStream_t stream) {
+  Impl& m = *impl_;
+  m.check_seq(id);
+  detail::launch_release(id, m.pool_state(), m.seq_state(), stream);
+  m.live[id] = false;
+  for (int l = 0; l < m.cfg.layers; ++l) m.h_tokens[m.at(l, id)] = 0;
 }
 
 int64_t Cache::tokens(int seq, int layer) const {
-  impl_->check_layer(layer);
-  return impl_->seq(seq).tokens[layer];
+  Impl& m = *impl_;
+  m.check_layer(layer);
+  m.check_seq(seq);
+  m.poll_failures("tokens");
+  m.tokens_stale = true;  // the device is the truth: read it
+  m.refresh_tokens();
+  return m.host_tokens(seq, layer);
 }
 
 void Cache::append(int layer, const std::vector<int>& seq_ids, const std::vector<int>& n_tokens, const void* k,
@@ -161,6 +222,8 @@ void Cache::append(int layer, const std::vector<int>& seq_ids, const std::vector
   Impl& m = *impl_;
   const int T = m.T, D = m.D, H = m.H;
   m.check_layer(layer);
+  m.poll_failures("append");
+  m.refresh_tokens();
   if (seq_ids.size() != n_tokens.size())
     throw Error("append: " + str(seq_ids.size()) + " sequence ids but " + str(n_tokens.size()) + " token counts");
   if (token_stride < 0) token_stride = int64_t(H) * D;
@@ -169,173 +232,101 @@ void Cache::append(int layer, const std::vector<int>& seq_ids, const std::vector
   if (token_stride < D) throw Error("append: token_stride " + str(token_stride) + " < head_dim " + str(D));
   int64_t total = 0;
   for (size_t i = 0; i < seq_ids.size(); ++i) {
-    const auto& s = m.seq(seq_ids[i]);
+    m.check_seq(seq_ids[i]);
     for (size_t j = 0; j < i; ++j)
       if (seq_ids[j] == seq_ids[i]) throw Error("append: sequence " + str(seq_ids[i]) + " appears twice");
     if (n_tokens[i] < 0) throw Error("append: negative token count " + str(n_tokens[i]));
-    if (s.tokens[layer] + n_tokens[i] > m.cfg.max_tokens_per_seq)
+    const int64_t have = m.host_tokens(seq_ids[i], layer);
+    if (have + n_tokens[i] > m.cfg.max_tokens_per_seq)
       throw Error("append: sequence " + str(seq_ids[i]) + " would exceed max_tokens_per_seq (" +
                   str(m.cfg.max_tokens_per_seq) + ")");
     // Layers are appended in order: a token reaches layer l after layer l - 1.
-    if (layer > 0 && s.tokens[layer] + n_tokens[i] > s.tokens[layer - 1])
+    if (layer > 0 && have + n_tokens[i] > m.host_tokens(seq_ids[i], layer - 1))
       throw Error("append: layer " + str(layer) + " of sequence " + str(seq_ids[i]) + " would hold " +
-                  str((long long)(s.tokens[layer] + n_tokens[i])) + " tokens, more than layer " + str(layer - 1) +
-                  " (" + str((long long)s.tokens[layer - 1]) + "): append the layers of a token in order");
+                  str((long long)(have + n_tokens[i])) + " tokens, more than layer " + str(layer - 1) + " (" +
+                  str((long long)m.host_tokens(seq_ids[i], layer - 1)) + "): append the layers of a token in order");
     total += n_tokens[i];
   }
   if (total == 0) return;
   if (!k || !v) throw Error("append: k and v must be device pointers, got null");
+  AppendScratch& s = m.eager;
+  if (m.cfg.transform == Transform::Hadamard) m.rotate_input(s, total, k, v, token_stride, head_stride, stream);
 
-  const size_t esz = dtype_size(m.cfg.dtype);
-  if (m.cfg.transform == Transform::Hadamard) {
-    // Everything below stores x R: rotate the input into contiguous scratch
-    // once, then take it as the input (default strides).
-    const size_t rows_bytes = size_t(total) * H * D * esz;
-    m.d_rotated.reserve(2 * rows_bytes, "append scratch");
-    uint8_t* k_rot = m.d_rotated.ptr;
-    uint8_t* v_rot = m.d_rotated.ptr + rows_bytes;
-    detail::launch_hadamard_rows(m.cfg.dtype, D, k, token_stride, head_stride, total, H, k_rot, stream);
-    detail::launch_hadamard_rows(m.cfg.dtype, D, v, token_stride, head_stride, total, H, v_rot, stream);
-    k = k_rot;
-    v = v_rot;
-    token_stride = int64_t(H) * D;
-    head_stride = D;
-  }
-
-  // Jobs (blocks to close) and tail copies, sequence by sequence.
-  detail::AppendRequest req{layer, T, H, m.cfg.max_seqs, m.max_blocks, k, v, token_stride, head_stride, esz,
-                            m.tail_layout(), {}, {}, {}};
+  // Jobs (blocks to close), tail copies and entries, sequence by sequence.
+  detail::AppendRequest req{layer, T, H, m.cfg.max_seqs, m.max_blocks, k, v, token_stride, head_stride,
+                            dtype_size(m.cfg.dtype), m.tail_layout(), {}, {}, {}};
   for (int h = 0; h < H; ++h) {
     req.k_bounds.push_back(m.bound(layer, h, Kind::Key));
     req.v_bounds.push_back(m.bound(layer, h, Kind::Value));
   }
   for (size_t i = 0; i < seq_ids.size(); ++i)
-    req.seqs.push_back({seq_ids[i], m.seqs[seq_ids[i]].tokens[layer], n_tokens[i]});
+    req.seqs.push_back({seq_ids[i], m.host_tokens(seq_ids[i], layer), n_tokens[i]});
   const detail::StorePlan plan = detail::plan_store(req);
-  const std::vector<detail::StoreJob>& jobs = plan.jobs;
-  const std::vector<detail::TailCopy>& copies = plan.copies;
-
-  const int n_jobs = int(jobs.size());
-  std::vector<Extent> new_extents(seq_ids.size(), Extent{0, 0});
-  if (n_jobs > 0) {
-    m.d_jobs.reserve(jobs.size(), "append scratch");
-    check_cuda(cudaMemcpyAsync(m.d_jobs.ptr, jobs.data(), jobs.size() * sizeof(jobs[0]), cudaMemcpyHostToDevice, stream),
-               "job upload");
-    if (!m.layer_has_books[layer]) {
-      // Built on the device from the histograms of the blocks this append
-      // closes: no host round trip.
-      const size_t per_book = size_t(format::kLowBitChoices) * format::kNumSymbols;
-      const size_t layer_books = size_t(2) * H, first = size_t(layer) * layer_books;
-      m.d_hist.reserve(size_t(m.cfg.layers) * layer_books * per_book, "histogram scratch");
-      m.d_ready.reserve(size_t(m.cfg.layers), "codebook flags");
-      check_cuda(cudaMemsetAsync(m.d_hist.ptr + first * per_book, 0, layer_books * per_book * sizeof(unsigned long long),
-                                 stream),
-                 "histogram clear");
-      check_cuda(cudaMemsetAsync(m.d_ready.ptr + layer, 0, sizeof(int32_t), stream), "codebook flag clear");
-      detail::launch_histogram(m.cfg.dtype, m.d_jobs.ptr, n_jobs, T, D, m.d_hist.ptr, stream);
-      detail::launch_build_codebooks(m.d_hist.ptr + first * per_book, int(layer_books), m.books.ptr + first,
-                                     m.d_ready.ptr + layer, stream);
-      m.layer_has_books[layer] = true;
-    }
-    const int n_blocks = 2 * n_jobs;
-    m.d_sizes.reserve(n_blocks + 1, "append scratch");
-    m.d_offsets.reserve(n_blocks + 1, "append scratch");
-    m.d_bases.reserve(seq_ids.size(), "append scratch");
-    const size_t scan_bytes = detail::scan_workspace_bytes(n_blocks + 1);
-    m.d_scan.reserve(scan_bytes, "append scratch");
-    check_cuda(cudaMemsetAsync(m.d_sizes.ptr + n_blocks, 0, sizeof(uint32_t), stream), "size clear");
-    detail::launch_measure(m.cfg.dtype, m.d_jobs.ptr, n_jobs, T, D, m.books.ptr, m.d_sizes.ptr, stream);
-    detail::launch_scan(m.d_sizes.ptr, m.d_offsets.ptr, n_blocks + 1, m.d_scan.ptr, m.d_scan.count, stream);
-    m.h_stage.reserve((n_blocks + 1) * sizeof(uint32_t));
-    uint32_t* offsets = static_cast<uint32_t*>(m.h_stage.ptr);
-    check_cuda(cudaMemcpyAsync(offsets, m.d_offsets.ptr, (n_blocks + 1) * sizeof(uint32_t), cudaMemcpyDeviceToHost,
-                               stream),
-               "offset copy");
-    check_cuda(cudaStreamSynchronize(stream), "append sync");
-    // Place every sequence's blocks in one extent; all or nothing.
-    detail::BlockPlacement placed = detail::place_closed_blocks(m.alloc, plan.seq_jobs, offsets, m.pool_capacity);
-    new_extents = std::move(placed.extents);
-    const std::vector<int64_t>& bases = placed.bases;
-    check_cuda(cudaMemcpyAsync(m.d_bases.ptr, bases.data(), bases.size() * sizeof(int64_t), cudaMemcpyHostToDevice,
-                               stream),
-               "extent upload");
-    detail::launch_encode(m.cfg.dtype, m.d_jobs.ptr, n_jobs, T, D, m.books.ptr, m.d_sizes.ptr, m.d_offsets.ptr,
-                          m.d_bases.ptr, m.pool.ptr, m.table.ptr, stream);
-  }
-  if (!copies.empty()) {
-    m.d_copies.reserve(copies.size(), "append scratch");
-    check_cuda(cudaMemcpyAsync(m.d_copies.ptr, copies.data(), copies.size() * sizeof(copies[0]),
-                               cudaMemcpyHostToDevice, stream),
-               "tail job upload");
-    detail::launch_tail_copy(m.cfg.dtype, m.d_copies.ptr, int(copies.size()), D, stream);
-  }
-  // Pageable uploads above were staged by the runtime before returning, so
-  // the host vectors may go. Commit the bookkeeping.
-  for (size_t i = 0; i < seq_ids.size(); ++i) {
-    auto& s = m.seqs[seq_ids[i]];
-    s.tokens[layer] += n_tokens[i];
-    if (new_extents[i].units16) {
-      s.extents[layer].push_back(new_extents[i]);
-      m.layer_compressed[layer] += new_extents[i].units16 * format::kBlockAlign;
-    }
-  }
+  s.reserve(std::max<size_t>(plan.jobs.size(), 1), std::max<size_t>(plan.copies.size(), 1), plan.entries.size(),
+            "append scratch");
+  auto upload = [&](void* dst, const void* src, size_t bytes) {
+    if (bytes)
+      check_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream), "append job upload");
+  };
+  upload(s.jobs.ptr, plan.jobs.data(), plan.jobs.size() * sizeof(plan.jobs[0]));
+  upload(s.copies.ptr, plan.copies.data(), plan.copies.size() * sizeof(plan.copies[0]));
+  upload(s.entries.ptr, plan.entries.data(), plan.entries.size() * sizeof(plan.entries[0]));
+  // Pageable uploads are staged by the runtime before returning: the host vectors may go.
+  const bool build = !plan.jobs.empty() && !m.books_built[layer];
+  m.run_store(layer, s, int(plan.jobs.size()), int(plan.entries.size()), int(plan.copies.size()), build, stream);
+  if (build) m.books_built[layer] = true;  // closed blocks make the build kernels build
+  // The mirror assumes success; a failure is reported (poll_failures) and refreshes it.
+  for (size_t i = 0; i < seq_ids.size(); ++i) m.h_tokens[m.at(layer, seq_ids[i])] += n_tokens[i];
 }
 
 void Cache::attend(int layer, const std::vector<int>& seq_ids, const void* q, void* out, DType q_type,
                    cudaStream_t stream) {
   Impl& m = *impl_;
   m.check_layer(layer);
+  m.poll_failures("attend");
+  m.refresh_tokens();
   if (seq_ids.empty()) return;
-  if (int(seq_ids.size()) > attend_batch_limit(m.cfg))
-    throw Error("attend: batch of " + str(seq_ids.size()) + " exceeds " + str(attend_batch_limit(m.cfg)) +
+  if (int(seq_ids.size()) > detail::attend_batch_limit(m.cfg))
+    throw Error("attend: batch of " + str(seq_ids.size()) + " exceeds " + str(detail::attend_batch_limit(m.cfg)) +
                 " (Config::max_attend_batch)");
   if (q_type != DType::F16 && q_type != DType::BF16) throw Error("attend: q/out must be float16 or bfloat16");
   if (!q || !out) throw Error("attend: q and out must be device pointers, got null");
   detail::AttendParams p{};
   int max_units = 0;
   for (size_t i = 0; i < seq_ids.size(); ++i) {
-    const auto& s = m.seq(seq_ids[i]);
-    p.seqs[i] = {seq_ids[i], int32_t(s.tokens[layer])};
-    max_units = std::max(max_units, int((s.tokens[layer] + m.T - 1) / m.T));
+    m.check_seq(seq_ids[i]);
+    p.seq_slot[i] = seq_ids[i];
+    max_units = std::max(max_units, int((m.host_tokens(seq_ids[i], layer) + m.T - 1) / m.T));
   }
+  // Lengths come from the device; the mirror bounds them (failures only make them shorter).
   const auto plan = detail::plan_splits(max_units, int(seq_ids.size()), m.H, m.sms, m.ctas_per_sm);
   // The workspace holds part_splits splits for every sequence of a batch.
   const int per = std::max(plan.units_per_split, (max_units + m.part_splits - 1) / m.part_splits);
   p.units_per_split = per;
   p.splits = std::max(1, (max_units + per - 1) / per);
-  p.pool = m.pool.ptr;
-  p.pool_units16 = m.pool_capacity / format::kBlockAlign;
-  p.table = m.table.ptr + size_t(layer) * m.cfg.max_seqs * m.max_blocks * m.H;
-  p.books = m.books.ptr + size_t(layer) * m.H * 2;
-  p.k_tail = m.tail_ptr(layer, 0, 0, Kind::Key);
-  p.v_tail = m.tail_ptr(layer, 0, 0, Kind::Value);
-  p.q = q;
-  p.out = out;
-  p.part = m.part.ptr;
-  p.tokens_per_block = m.T;
-  p.kv_heads = m.H;
-  p.max_blocks = m.max_blocks;
-  p.scale_log2 = float(1.4426950408889634 / std::sqrt(double(m.D)));
-  p.tail_dtype = int32_t(m.cfg.dtype);
-  p.transform = int32_t(m.cfg.transform);
   p.batch = int(seq_ids.size());
+  m.fill_attend(layer, q, out, p);
   detail::launch_attention(q_type, m.D, m.G, p, stream);
 }
 
 std::vector<uint8_t> Cache::read_block(int layer, int seq, int kv_head, int64_t block, Kind kind,
                                        cudaStream_t stream) const {
-  const Impl& m = *impl_;
+  Impl& m = *impl_;
   m.check_layer(layer);
-  const auto& s = m.seq(seq);
+  m.check_seq(seq);
+  m.poll_failures("read_block");
+  m.refresh_tokens();
   if (kv_head < 0 || kv_head >= m.H) throw Error("read_block: kv head " + str(kv_head) + " out of range");
-  if (block < 0 || block >= s.tokens[layer] / m.T) throw Error("read_block: block " + str(block) + " not stored");
+  if (block < 0 || block >= m.host_tokens(seq, layer) / m.T)
+    throw Error("read_block: block " + str(block) + " not stored");
   BlockRef r;
-  const size_t idx = ((size_t(layer) * m.cfg.max_seqs + seq) * m.max_blocks + block) * m.H + kv_head;
+  const size_t idx = detail::table_slot(layer, seq, block, kv_head, m.cfg.max_seqs, m.max_blocks, m.H);
   check_cuda(cudaMemcpyAsync(&r, m.table.ptr + idx, sizeof(r), cudaMemcpyDeviceToHost, stream), "block ref copy");
   check_cuda(cudaStreamSynchronize(stream), "read_block sync");
   const size_t off = size_t(r.offset16) * 16 + (kind == Kind::Key ? 0 : size_t(r.k_size16) * 16);
   std::vector<uint8_t> bytes(size_t(kind == Kind::Key ? r.k_size16 : r.v_size16) * 16);
-  check_cuda(cudaMemcpyAsync(bytes.data(), m.pool.ptr + off, bytes.size(), cudaMemcpyDeviceToHost, stream), "block copy");
+  check_cuda(cudaMemcpyAsync(bytes.data(), m.pool.ptr + off, bytes.size(), cudaMemcpyDeviceToHost, stream),
+             "block copy");
   check_cuda(cudaStreamSynchronize(stream), "read_block sync");
   return bytes;
 }
@@ -344,33 +335,43 @@ Codebook Cache::codebook(int layer, int kv_head, Kind kind) const {
   const Impl& m = *impl_;
   m.check_layer(layer);
   if (kv_head < 0 || kv_head >= m.H) throw Error("codebook: kv head " + str(kv_head) + " out of range");
-  if (!m.layer_has_books[layer]) throw Error("codebook: layer " + str(layer) + " has no codebooks yet");
   // The tables are built by device work queued on the caller's stream.
   check_cuda(cudaDeviceSynchronize(), "codebook sync");
+  int32_t built = 0;
+  check_cuda(cudaMemcpy(&built, m.ready.ptr + layer, sizeof(built), cudaMemcpyDeviceToHost), "codebook flag copy");
+  if (!built) throw Error("codebook: layer " + str(layer) + " has no codebooks yet");
   return detail::read_codebook(m.books.ptr + (size_t(layer) * m.H + kv_head) * 2 + int(kind));
 }
 
 Stats Cache::stats() const {
-  const Impl& m = *impl_;
+  Impl& m = *impl_;
+  m.poll_failures("stats");
+  m.tokens_stale = true;
+  m.refresh_tokens();
+  std::vector<uint64_t> units(m.units16.count);
+  int32_t free_pages = 0;
+  check_cuda(cudaMemcpy(units.data(), m.units16.ptr, units.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost),
+             "stats copy");
+  check_cuda(cudaMemcpy(&free_pages, m.free_count.ptr, sizeof(int32_t), cudaMemcpyDeviceToHost), "stats copy");
   Stats st;
   st.per_layer.resize(m.cfg.layers);
-  for (const auto& s : m.seqs) {
-    if (!s.live) continue;
-    for (int l = 0; l < m.cfg.layers; ++l) {
-      st.per_layer[l].tokens += size_t(s.tokens[l]);
-      st.per_layer[l].tail_tokens += size_t(s.tokens[l] % m.T);
-    }
-  }
+  const size_t page_bytes = size_t(m.pages.page_units16) * format::kBlockAlign;
   for (int l = 0; l < m.cfg.layers; ++l) {
-    st.per_layer[l].compressed_bytes = m.layer_compressed[l];
-    st.compressed_bytes += m.layer_compressed[l];
-    st.tokens += st.per_layer[l].tokens;
-    st.tail_bytes += st.per_layer[l].tail_tokens * size_t(m.H) * m.D * 2 * dtype_size(m.cfg.dtype);
+    LayerStats& ls = st.per_layer[l];
+    for (int s = 0; s < m.cfg.max_seqs; ++s) {
+      if (!m.live[s]) continue;
+      ls.tokens += size_t(m.host_tokens(s, l));
+      ls.tail_tokens += size_t(m.host_tokens(s, l) % m.T);
+      ls.compressed_bytes += units[m.at(l, s)] * format::kBlockAlign;
+    }
+    st.compressed_bytes += ls.compressed_bytes;
+    st.tokens += ls.tokens;
+    st.tail_bytes += ls.tail_tokens * size_t(m.H) * m.D * 2 * dtype_size(m.cfg.dtype);
   }
-  st.metadata_bytes = m.table.count * sizeof(BlockRef) + m.books.count * sizeof(CodebookTables) +
-                      m.tails.count;
-  st.pool_bytes_in_use = m.alloc.used() * format::kBlockAlign;
-  st.pool_capacity = m.pool_capacity;
+  st.metadata_bytes = m.table.count * sizeof(BlockRef) + m.books.count * sizeof(CodebookTables) + m.tails.count;
+  st.pool_page_bytes = page_bytes;
+  st.pool_capacity = size_t(m.pages.pages) * page_bytes;
+  st.pool_bytes_in_use = size_t(m.pages.pages - free_pages) * page_bytes;
   const double fp16 = double(st.tokens) * m.H * m.D * 2 * 2;
   const double held = double(st.compressed_bytes + st.tail_bytes);
   st.ratio_vs_fp16 = held > 0 ? fp16 / held : 0.0;

@@ -1,4 +1,5 @@
 #include "config_check.hpp"
+#include "pool_pages.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -49,6 +50,13 @@ void validate(const Config& c) {
     validate_bound(o.v, "config: override V");
   }
   if (c.pool_bytes < 4096) throw Error("config: pool_bytes must be at least 4096");
+  const size_t worst = worst_pair_bytes(c.block_tokens, c.head_dim);
+  if (c.pool_page_bytes != 0 && (c.pool_page_bytes % format::kBlockAlign != 0 || c.pool_page_bytes < worst))
+    throw Error("config: pool_page_bytes must be 0 (automatic) or a multiple of 16 of at least " + str(worst) +
+                " (a worst-case K+V block pair at this block_tokens and head_dim), got " + str(c.pool_page_bytes));
+  if (plan_pages(c.pool_bytes, c.max_seqs, c.block_tokens, c.head_dim, c.pool_page_bytes).pages == 0)
+    throw Error("config: pool_bytes (" + str(c.pool_bytes) + ") must hold at least one pool page of " +
+                str(std::max(worst, c.pool_page_bytes)) + " bytes (a page holds a worst-case K+V block pair)");
   if (c.max_seqs <= 0) throw Error("config: max_seqs must be positive");
   if (c.max_tokens_per_seq <= 0) throw Error("config: max_tokens_per_seq must be positive");
   if (c.max_attend_batch < 0 || c.max_attend_batch > kMaxBatch)

@@ -19,18 +19,17 @@ namespace detail {
 void check_cuda(cudaError_t e, const char* what);
 
 // Store path. `jobs` and every pointer are device memory.
+/// ready (device, may be null): a nonzero *ready skips the launch's work (the books are built).
 void launch_histogram(DType t, const StoreJob* jobs, int n_jobs, int T, int D, unsigned long long* hist,
-                      cudaStream_t s);
+                      cudaStream_t s, const int32_t* ready = nullptr);
 void launch_measure(DType t, const StoreJob* jobs, int n_jobs, int T, int D, const CodebookTables* books,
                     uint32_t* sizes16, cudaStream_t s);
-/// Scratch bytes for launch_scan over n items.
-size_t scan_workspace_bytes(int n);
-/// out[i] = sum of in[0..i) for i in [0, n).
-void launch_scan(const uint32_t* in, uint32_t* out, int n, void* scratch, size_t scratch_bytes, cudaStream_t s);
 void launch_encode(DType t, const StoreJob* jobs, int n_jobs, int T, int D, const CodebookTables* books,
-                   const uint32_t* sizes16, const uint32_t* offsets16, const int64_t* extent_base16, uint8_t* pool,
+                   const uint32_t* sizes16, const uint32_t* pair_at16, const int32_t* entry_ok, uint8_t* pool,
                    format::BlockRef* table, cudaStream_t s);
-void launch_tail_copy(DType t, const TailCopy* copies, int n, int D, cudaStream_t s);
+void launch_tail_copy(DType t, const TailCopy* copies, int n, int D, const int32_t* entry_ok, cudaStream_t s);
+/// Plan-based decode: jobs, copies and entries of one append (kernels/decode_jobs.cuh).
+void launch_decode_jobs(const DecodeJobsParams& p, cudaStream_t s);
 
 /// Config::transform = Hadamard (kernels/hadamard.cuh): dst[t][h] = src row
 /// (t, h) R rounded to nearest in `type`, for `tokens` tokens of `heads`

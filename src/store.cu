@@ -1,7 +1,7 @@
-#include <cub/device/device_scan.cuh>
-
 #include <string>
 
+#include "kernels/decode_jobs.cuh"
+#include "kernels/pool_pages.cuh"
 #include "kernels/store.cuh"
 #include "kvcomp/error.hpp"
 #include "launch.hpp"
@@ -29,10 +29,10 @@ void by_type(DType t, F&& f) {
 }  // namespace
 
 void launch_histogram(DType t, const StoreJob* jobs, int n_jobs, int T, int D, unsigned long long* hist,
-                      cudaStream_t s) {
+                      cudaStream_t s, const int32_t* ready) {
   if (n_jobs == 0) return;
   by_type(t, [&](auto e) {
-    histogram_kernel<decltype(e)><<<store_grid(n_jobs), 32 * kStoreWarps, 0, s>>>(jobs, n_jobs, T, D, hist);
+    histogram_kernel<decltype(e)><<<store_grid(n_jobs), 32 * kStoreWarps, 0, s>>>(jobs, n_jobs, T, D, hist, ready);
   });
   check_cuda(cudaGetLastError(), "histogram kernel launch");
 }
@@ -46,33 +46,41 @@ void launch_measure(DType t, const StoreJob* jobs, int n_jobs, int T, int D, con
   check_cuda(cudaGetLastError(), "measure kernel launch");
 }
 
-size_t scan_workspace_bytes(int n) {
-  size_t bytes = 0;
-  check_cuda(cub::DeviceScan::ExclusiveSum(nullptr, bytes, static_cast<const uint32_t*>(nullptr),
-                                           static_cast<uint32_t*>(nullptr), n),
-             "scan workspace query");
-  return bytes;
-}
-
-void launch_scan(const uint32_t* in, uint32_t* out, int n, void* scratch, size_t scratch_bytes, cudaStream_t s) {
-  check_cuda(cub::DeviceScan::ExclusiveSum(scratch, scratch_bytes, in, out, n, s), "offset scan");
-}
-
 void launch_encode(DType t, const StoreJob* jobs, int n_jobs, int T, int D, const CodebookTables* books,
-                   const uint32_t* sizes16, const uint32_t* offsets16, const int64_t* extent_base16, uint8_t* pool,
+                   const uint32_t* sizes16, const uint32_t* pair_at16, const int32_t* entry_ok, uint8_t* pool,
                    format::BlockRef* table, cudaStream_t s) {
   if (n_jobs == 0) return;
   by_type(t, [&](auto e) {
     encode_kernel<decltype(e)><<<store_grid(n_jobs), 32 * kStoreWarps, 0, s>>>(
-        jobs, n_jobs, T, D, books, sizes16, offsets16, extent_base16, pool, table);
+        jobs, n_jobs, T, D, books, sizes16, pair_at16, entry_ok, pool, table);
   });
   check_cuda(cudaGetLastError(), "encode kernel launch");
 }
 
-void launch_tail_copy(DType t, const TailCopy* copies, int n, int D, cudaStream_t s) {
+void launch_tail_copy(DType t, const TailCopy* copies, int n, int D, const int32_t* entry_ok, cudaStream_t s) {
   if (n == 0) return;
-  by_type(t, [&](auto e) { tail_copy_kernel<decltype(e)><<<n, 256, 0, s>>>(copies, D); });
+  by_type(t, [&](auto e) { tail_copy_kernel<decltype(e)><<<n, 256, 0, s>>>(copies, D, entry_ok); });
   check_cuda(cudaGetLastError(), "tail copy kernel launch");
+}
+
+void launch_place(const AppendEntry* entries, int n_entries, int layer, const uint32_t* sizes16, uint32_t* pair_at16,
+                  int32_t* entry_ok, int32_t* page_base, const PoolState& pool, const SeqState& seqs, cudaStream_t s) {
+  if (n_entries == 0) return;
+  place_kernel<<<1, kPlaceThreads, 0, s>>>(entries, n_entries, layer, sizes16, pair_at16, entry_ok, page_base, pool,
+                                           seqs);
+  check_cuda(cudaGetLastError(), "place kernel launch");
+}
+
+void launch_release(int slot, const PoolState& pool, const SeqState& seqs, cudaStream_t s) {
+  release_kernel<<<1, kReleaseThreads, 0, s>>>(slot, pool, seqs);
+  check_cuda(cudaGetLastError(), "release kernel launch");
+}
+
+void launch_decode_jobs(const DecodeJobsParams& p, cudaStream_t s) {
+  const int n = p.batch * p.tails.kv_heads;
+  if (n == 0) return;
+  decode_jobs_kernel<<<(n + 127) / 128, 128, 0, s>>>(p);
+  check_cuda(cudaGetLastError(), "decode jobs kernel launch");
 }
 
 }  // namespace detail

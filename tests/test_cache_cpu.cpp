@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "kvcomp/cache.hpp"
+#include "src/pool_pages.hpp"
 #include "src/store_plan.hpp"
 
 using namespace kvcomp;
@@ -72,6 +73,15 @@ TEST(CacheConfig, BadConfigurationsAreRejectedWithClearMessages) {
   c.transform = Transform::Hadamard;
   c.head_dim = 96;
   expect_error(c, "transform Hadamard needs head_dim a power of two, got 96");
+  c = Config{};
+  c.pool_bytes = 64 * 1024;  // less than one worst-case pair (T = 64, D = 128)
+  expect_error(c, "pool_bytes (65536) must hold at least one pool page of " +
+                      std::to_string(detail::worst_pair_bytes(64, 128)) + " bytes");
+  c = Config{};
+  c.pool_page_bytes = 64 * 1024;
+  expect_error(c, "pool_page_bytes must be 0 (automatic) or a multiple of 16 of at least");
+  c.pool_page_bytes = detail::worst_pair_bytes(64, 128) + 8;
+  expect_error(c, "pool_page_bytes must be 0 (automatic) or a multiple of 16");
 }
 
 TEST(CacheConfig, ValidConfigEitherWorksOrFailsClearlyWithoutAGpu) {
@@ -141,7 +151,7 @@ TEST(StorePlan, JobsAndTailCopiesOfAnAppendOfThreeSequences) {
     int64_t block;
     int tail_tokens;
     int64_t in_token;
-    uint32_t extent;
+    uint32_t entry;
   };
   const Expected want[] = {{0, 0, 63, 1, 1}, {0, 1, 0, 2, 1}, {0, 2, 0, 66, 1}, {3, 1, 0, 131, 2}};
   ASSERT_EQ(plan.jobs.size(), std::size(want) * kH);
@@ -162,10 +172,18 @@ TEST(StorePlan, JobsAndTailCopiesOfAnAppendOfThreeSequences) {
       EXPECT_EQ(j.tail_tokens, e.tail_tokens);
       EXPECT_EQ(j.codebook, uint32_t((layer * kH + h) * 2));
       EXPECT_EQ(j.table_index, table_index(layer, e.slot, e.block, h));
-      EXPECT_EQ(j.extent, e.extent);
+      EXPECT_EQ(j.entry, e.entry);
     }
-  const std::vector<std::pair<size_t, size_t>> seq_jobs{{0, 0}, {0, 6}, {6, 8}};
-  EXPECT_EQ(plan.seq_jobs, seq_jobs);
+  // One entry per sequence: slot, new tokens, tokens held before, its jobs.
+  ASSERT_EQ(plan.entries.size(), 3u);
+  const detail::AppendEntry want_entries[] = {{2, 1, 0, 0, 0}, {0, 130, 63, 0, 3 * kH}, {3, 64, 64, 3 * kH, 4 * kH}};
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(plan.entries[i].slot, want_entries[i].slot);
+    EXPECT_EQ(plan.entries[i].n_tokens, want_entries[i].n_tokens);
+    EXPECT_EQ(plan.entries[i].expected, want_entries[i].expected);
+    EXPECT_EQ(plan.entries[i].job_begin, want_entries[i].job_begin);
+    EXPECT_EQ(plan.entries[i].job_end, want_entries[i].job_end);
+  }
 
   // Tail copies: slot 2 keeps its 1 token in tail row 0 (input token 0); slot
   // 0 keeps its last token (input token 130) in tail row 0; slot 3 keeps none.
@@ -189,6 +207,7 @@ TEST(StorePlan, JobsAndTailCopiesOfAnAppendOfThreeSequences) {
       EXPECT_EQ(offset(t.v_dst, tails.data()), ptrdiff_t(tail_row_offset(layer, Kind::Value, e.slot, h, e.dst_row)));
       EXPECT_EQ(t.in_token_stride, token_stride);
       EXPECT_EQ(t.rows, e.rows);
+      EXPECT_EQ(t.entry, uint32_t(c));  // copy c belongs to input sequence c
     }
 }
 
@@ -206,43 +225,36 @@ TEST(StorePlan, TailRowsAppendAfterTheHeldOnesWhenNoBlockCloses) {
   EXPECT_EQ(plan.copies[1].rows, 10);
 }
 
-TEST(StorePlan, ClosedBlocksArePlacedOneExtentPerSequenceAllOrNothing) {
-  // Jobs 0, 1 belong to sequence 1 and job 2 to sequence 2; K and V sizes
-  // (16-byte units) 3 4 | 5 6 | 2 3, so the scan is 0 3 7 12 18 20 23.
-  const std::vector<std::pair<size_t, size_t>> seq_jobs{{0, 0}, {0, 2}, {2, 3}};
-  const uint32_t offsets[] = {0, 3, 7, 12, 18, 20, 23};
-
-  // Free: [0, 10) and [30, 100). Sequence 1 (18 units) goes to 30 by first
-  // fit, sequence 2 (5 units) to the hole at 0.
-  detail::PoolAllocator alloc(100);
-  uint64_t a = 0, b = 0;
-  ASSERT_TRUE(alloc.allocate(10, a));
-  ASSERT_TRUE(alloc.allocate(20, b));
-  alloc.release(a, 10);
-  const detail::BlockPlacement placed = detail::place_closed_blocks(alloc, seq_jobs, offsets, 100 * 16);
-  ASSERT_EQ(placed.extents.size(), 3u);
-  EXPECT_EQ(placed.extents[0].units16, 0u);
-  EXPECT_EQ(placed.extents[1].at16, 30u);
-  EXPECT_EQ(placed.extents[1].units16, 18u);
-  EXPECT_EQ(placed.extents[2].at16, 0u);
-  EXPECT_EQ(placed.extents[2].units16, 5u);
-  EXPECT_EQ(placed.bases, (std::vector<int64_t>{0, 30, 0 - 18}));
-  EXPECT_EQ(alloc.used(), 20u + 18 + 5);
-
-  // A pool of 30 units holds sequence 1 but not then sequence 2 (15 units):
-  // the call throws and gives sequence 1's extent back.
-  const uint32_t bigger[] = {0, 3, 7, 12, 18, 25, 33};
-  detail::PoolAllocator small(30);
-  try {
-    detail::place_closed_blocks(small, seq_jobs, bigger, 30 * 16);
-    FAIL() << "expected the pool to be full";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("append: the pool is full (0 of 480 bytes in use, 240 more needed)"),
-              std::string::npos)
-        << e.what();
+TEST(PoolPages, PairsFillTheOpenPageThenOpenANewOne) {
+  // Pages of 10 units; pairs of 4, 5, 0 (idle), 2, 7, 10 units.
+  detail::PageCursor c{-1, 0};
+  const uint32_t units[] = {4, 5, 0, 2, 7, 10};
+  const bool fresh_want[] = {true, false, false, true, false, true};
+  const uint32_t at_want[] = {0, 4, 0, 0, 2, 0};
+  const uint32_t fill_want[] = {4, 9, 9, 2, 9, 10};
+  int page = -1;
+  for (size_t i = 0; i < std::size(units); ++i) {
+    SCOPED_TRACE("pair " + std::to_string(i));
+    uint32_t at = 99;
+    const bool fresh = detail::place_pair(c, units[i], 10, at);
+    EXPECT_EQ(fresh, fresh_want[i]);
+    if (fresh) c.page = ++page;
+    if (units[i]) EXPECT_EQ(at, at_want[i]);
+    else EXPECT_EQ(at, 99u);  // an idle job is not placed
+    EXPECT_EQ(c.fill16, fill_want[i]);
   }
-  EXPECT_EQ(small.used(), 0u);
-  uint64_t at = 1;
-  EXPECT_TRUE(small.allocate(30, at));  // free space coalesced back into one run
-  EXPECT_EQ(at, 0u);
+  EXPECT_EQ(page, 2);
+}
+
+TEST(PoolPages, APageHoldsAWorstCasePairAndLargePoolsGetQuarterMegabytePages) {
+  const size_t worst = detail::worst_pair_bytes(64, 128);
+  EXPECT_EQ(worst, format::block_bytes(Kind::Key, 64, 128, uint64_t(32) * format::max_lane_bits(64, 128)) +
+                       format::block_bytes(Kind::Value, 64, 128, uint64_t(32) * format::max_lane_bits(64, 128)));
+  const auto big = detail::plan_pages(size_t(1) << 30, 64, 64, 128);
+  EXPECT_EQ(size_t(big.page_units16) * 16, size_t(256) << 10);
+  EXPECT_EQ(big.pages, 4096);
+  const auto small = detail::plan_pages(size_t(2) << 20, 16, 64, 128);  // 2 MiB / 32 = 64 KiB < worst
+  EXPECT_EQ(small.page_units16, (worst + 15) / 16);
+  EXPECT_EQ(small.pages, int((size_t(2) << 20) / (size_t(small.page_units16) * 16)));
+  EXPECT_EQ(detail::plan_pages(worst - 16, 1, 64, 128).pages, 0);
 }

@@ -6,6 +6,7 @@
 
 #include "gpu_util.cuh"
 #include "kvcomp/cache.hpp"
+#include "src/pool_pages.hpp"
 #include "attention_ref.hpp"
 #include "test_data.hpp"
 
@@ -177,27 +178,50 @@ TEST(CacheGpu, FullPoolFailsCleanlyAndRecoversAfterRemove) {
   SCOPED_TRACE("seed " + std::to_string(seed));
   Config cfg = small_config();
   cfg.layers = 1;
-  cfg.pool_bytes = 64 * 1024;  // a few blocks
+  cfg.max_tokens_per_seq = 2048;
+  // Three pages of one worst-case pair each (the pool is too small for bigger ones).
+  cfg.pool_bytes = 3 * detail::worst_pair_bytes(cfg.block_tokens, cfg.head_dim) + 16;
   const int H = cfg.kv_heads, D = cfg.head_dim;
   Cache cache(cfg);
-  Tokens t(512, H, D, seed);
+  ASSERT_EQ(cache.stats().pool_capacity, 3 * cache.stats().pool_page_bytes);
+  Tokens t(2048, H, D, seed);
   DevBuf<uint8_t> dk(t.k.size()), dv(t.v.size());
   dk.upload(t.k); dv.upload(t.v);
   const int a = cache.add_sequence();
   cache.append(0, {a}, {256}, dk.ptr, dv.ptr, 0);
+  cache.check(0);
   const int b = cache.add_sequence();
   const Stats before = cache.stats();
   const auto block0 = cache.read_block(0, a, 0, 0, Kind::Key, 0);
-  EXPECT_THROW(cache.append(0, {b}, {512}, dk.ptr, dv.ptr, 0), Error);
+  // 64 pairs of at least 4 KiB (compression below 16x) cannot fit the two pages left.
+  cache.append(0, {b}, {2048}, dk.ptr, dv.ptr, 0);  // the failure is seen on the device
+  try {
+    cache.check(0);
+    FAIL() << "expected kvcomp::Error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("the pool is full: sequence " + std::to_string(b) + " (layer 0)"),
+              std::string::npos)
+        << e.what();
+  }
+  cache.check(0);  // the throw cleared the record
   const Stats after = cache.stats();
   EXPECT_EQ(cache.tokens(b, 0), 0);
   EXPECT_EQ(before.pool_bytes_in_use, after.pool_bytes_in_use);
   EXPECT_EQ(before.compressed_bytes, after.compressed_bytes);
+  EXPECT_EQ(before.tail_bytes, after.tail_bytes);
   EXPECT_EQ(block0, cache.read_block(0, a, 0, 0, Kind::Key, 0));
-  cache.remove_sequence(a);
+  // The next eager call reports a failure too (no check() needed).
+  cache.append(0, {b}, {2048}, dk.ptr, dv.ptr, 0);
+  CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_THROW(cache.append(0, {b}, {1}, dk.ptr, dv.ptr, 0), Error);
+  EXPECT_EQ(cache.tokens(b, 0), 0);
+  cache.remove_sequence(a, 0);
   cache.append(0, {b}, {256}, dk.ptr, dv.ptr, 0);
+  cache.check(0);
   CUDA_LAUNCH_OK();
   EXPECT_EQ(cache.tokens(b, 0), 256);
+  // b's blocks are a's (same data, same codebook).
+  EXPECT_EQ(block0, cache.read_block(0, b, 0, 0, Kind::Key, 0));
 }
 
 TEST(CacheGpu, LayersOutOfOrderAreRejectedAndLeaveTheCacheAsItWas) {

@@ -139,7 +139,7 @@ void run_store_case(StoreCase cs, Dist dist, ErrorBound eb, uint64_t seed, const
       j.tail_tokens = tailed ? tail_rows : 0;
       j.codebook = uint32_t(2 * h);
       j.table_index = uint32_t(jobs.size());
-      j.extent = 0;
+      j.entry = 0;
       jobs.push_back(j);
       expect_k.push_back(block_of(k_all, &tail_k, j.tail_tokens, first_tok, h));
       expect_v.push_back(block_of(v_all, &tail_v, j.tail_tokens, first_tok, h));
@@ -187,27 +187,27 @@ void run_store_case(StoreCase cs, Dist dist, ErrorBound eb, uint64_t seed, const
     d_books.upload(tables);
 
     const int n_blocks = 2 * n_jobs;
-    DevBuf<uint32_t> d_sizes(n_blocks + 1), d_offsets(n_blocks + 1);
-    CUDA_OK(cudaMemset(d_sizes.ptr, 0, (n_blocks + 1) * sizeof(uint32_t)));
+    DevBuf<uint32_t> d_sizes(n_blocks);
     detail::launch_measure(cs.dtype, d_jobs.ptr, n_jobs, T, D, d_books.ptr, d_sizes.ptr, 0);
     CUDA_LAUNCH_OK();
-    const size_t scan_bytes = detail::scan_workspace_bytes(n_blocks + 1);
-    DevBuf<uint8_t> d_scan(scan_bytes);
-    detail::launch_scan(d_sizes.ptr, d_offsets.ptr, n_blocks + 1, d_scan.ptr, scan_bytes, 0);
-    CUDA_LAUNCH_OK();
-    const auto offsets = d_offsets.download();
+    const auto sizes = d_sizes.download();
+    // Pairs one after the other from unit 4 (as the place kernel puts them in a page).
+    std::vector<uint32_t> offsets(n_blocks + 1, 0), pair_at(n_jobs);
+    for (int b = 0; b < n_blocks; ++b) offsets[b + 1] = offsets[b] + sizes[b];
+    for (int j = 0; j < n_jobs; ++j) pair_at[j] = 4 + offsets[2 * j];
     const size_t pool_bytes = size_t(offsets[n_blocks]) * 16 + 64;  // +64: a base offset of 4 units
     DevBuf<uint8_t> d_pool(pool_bytes);
     CUDA_OK(cudaMemset(d_pool.ptr, 0xAB, pool_bytes));  // poison: encode must write every byte
-    DevBuf<int64_t> d_base(1);
-    d_base.upload({4});
+    DevBuf<uint32_t> d_pair_at(n_jobs);
+    d_pair_at.upload(pair_at);
+    DevBuf<int32_t> d_ok(1);
+    d_ok.upload({1});
     DevBuf<format::BlockRef> d_table(n_jobs);
-    detail::launch_encode(cs.dtype, d_jobs.ptr, n_jobs, T, D, d_books.ptr, d_sizes.ptr, d_offsets.ptr, d_base.ptr,
+    detail::launch_encode(cs.dtype, d_jobs.ptr, n_jobs, T, D, d_books.ptr, d_sizes.ptr, d_pair_at.ptr, d_ok.ptr,
                           d_pool.ptr, d_table.ptr, 0);
     CUDA_LAUNCH_OK();
     const auto pool = d_pool.download();
     const auto table = d_table.download();
-    const auto sizes = d_sizes.download();
 
     for (int i = 0; i < n_jobs; ++i) {
       for (Kind kind : {Kind::Key, Kind::Value}) {

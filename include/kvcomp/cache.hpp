@@ -8,17 +8,51 @@
 //   cache.attend(layer, {s}, q, out, stream);         // fused attention
 //   cache.stats();                                    // memory, per layer
 //
+// Decode through CUDA graphs (plan once, capture, replay every token):
+//   kvcomp::DecodePlan plan = cache.make_plan(8);      // a batch of 8 slots
+//   cache.set_plan(plan, {s0, s1, ..., -1}, stream);    // -1: an idle slot
+//   // captured: for every layer
+//   cache.append(plan, layer, k, v, stream);           // one token per sequence
+//   cache.attend(plan, layer, q, out, q_type, stream);
+//   cache.check(stream);                               // after replays: throws on a failed step
+//
 // Errors: every call throws kvcomp::Error with a message naming what is wrong
-// (bad shapes, unknown ids, unsupported types, a full pool, CUDA failures);
-// a call that throws leaves the cache as it was.
-// Streams: every call takes a cudaStream_t and runs in order on it. append()
-// synchronizes `stream` once when it closes blocks (it must learn the
-// compressed sizes to place them in the pool; the first compression of a
-// layer also builds that layer's codebooks, on the device, without a sync);
-// read_block() and codebook() synchronize too; nothing else synchronizes. All calls must be made with the same current CUDA device.
-// The cache's scratch buffers (append jobs, the Hadamard scratch, attention
-// workspace) are shared by its calls: calls on different streams must be
-// ordered by the caller (e.g. with events), as calls on one stream are.
+// (bad shapes, unknown ids, unsupported types, CUDA failures); a call that
+// throws leaves the cache as it was. Failures only the device can see (a full
+// pool, a sequence at max_tokens_per_seq) are recorded on the device and
+// turned into kvcomp::Error by check(), or by the next eager append/attend,
+// add_sequence, set_plan, tokens, stats or read_block once the failing work
+// has run: see "Pool full" below.
+//
+// Streams and synchronization: every call takes (or defaults to) a
+// cudaStream_t and runs in order on it. append() and attend() never
+// synchronize (codebooks are built and blocks placed in the pool on the
+// device). Synchronizing: tokens(), stats(), read_block(), codebook(),
+// check(), and the first eager append/attend after plan-based appends (they
+// refresh the host's copy of the token counts). All calls must be made with
+// the same current CUDA device. The cache's scratch buffers (eager append
+// jobs, the Hadamard scratch, attention workspace) are shared by its calls:
+// calls on different streams must be ordered by the caller (e.g. with
+// events), as calls on one stream are.
+//
+// CUDA graphs: append(plan, ...), attend(plan, ...) may be captured; their
+// kernels take every pointer from the plan and every length from device
+// memory, so a replay appends the next token. The eager calls may not be
+// captured. A plan-based decode step is idempotent per (sequence, layer):
+// layer l stores a token for a sequence only while layer l holds as many
+// tokens as the last layer and (l > 0) fewer than layer l - 1, so replaying a
+// step that failed part way stores exactly what is missing for that sequence.
+//
+// Pool full: the pool is cut into pages; each sequence fills its own pages
+// with its blocks (a page holds at least one worst-case K+V block pair). When
+// the blocks one append closes for a (sequence, layer) do not fit, none of
+// them is stored and neither are that append's tail rows: the layer keeps the
+// tokens it had (tokens() tells), other sequences and layers go on, and the
+// failure is recorded. check() then throws an Error naming each failed
+// sequence and its layers; remove_sequence() frees pages; redo the step for
+// the failed sequences (plan: set_plan with only them, the others -1, and
+// replay; eager: append what tokens() says is missing). Replaying with a
+// sequence whose step had completed would append its token again.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -42,6 +76,14 @@ struct CacheInternals;  // device buffers, for tests that corrupt them (src/cach
 /// An orthonormal transform of every K and V vector before it is stored (Config::transform).
 enum class Transform : uint8_t { None = 0, Hadamard = 1 };
 
+/// A batch layout for plan-based decode (make_plan): `batch` sequence slots
+/// whose device buffers stay fixed, so calls with it can be captured in a
+/// CUDA graph. Valid for the Cache that made it.
+struct DecodePlan {
+  int id = -1;
+  int batch = 0;
+};
+
 /// Error bounds for one (layer, kv head); kv_head = -1 means every head.
 struct BoundOverride {
   int layer = 0;
@@ -61,6 +103,11 @@ struct Config {
   ErrorBound v_bound{BoundMode::Relative, 0.05f};
   std::vector<BoundOverride> overrides;  // later entries win
   size_t pool_bytes = size_t(1) << 30;   // compressed blocks
+  /// The pool is handed to sequences in pages of this many bytes (a multiple
+  /// of 16, at least one worst-case K+V block pair: about 92 KiB at T = 64,
+  /// D = 128). 0: 256 KiB, or less down to that minimum so that the pool
+  /// holds two pages per sequence (max_seqs) where it can.
+  size_t pool_page_bytes = 0;
   int max_seqs = 64;              // live sequences at once
   /// Queries per attend call (a sequence may appear more than once, e.g. a
   /// prefill chunk attending to the cache); 0 = min(max_seqs, 256); at most 256.
@@ -109,7 +156,8 @@ struct Stats {
   size_t compressed_bytes = 0;      // all blocks in the pool
   size_t tail_bytes = 0;            // uncompressed tail tokens in use (held in the input type)
   size_t metadata_bytes = 0;        // block tables, codebooks, tail buffers reserved
-  size_t pool_bytes_in_use = 0;     // pool extents allocated (>= compressed_bytes)
+  size_t pool_bytes_in_use = 0;     // pool pages held by sequences (>= compressed_bytes)
+  size_t pool_page_bytes = 0;       // the pool is handed out in pages of this size
   size_t pool_capacity = 0;
   size_t tokens = 0;                // summed over layers and sequences
   double ratio_vs_fp16 = 0;         // fp16 K+V bytes / (compressed + tail bytes)
@@ -129,10 +177,11 @@ class Cache {
 
   /// A new, empty sequence; throws when max_seqs are live.
   int add_sequence();
-  /// Frees the sequence's blocks and its id. Work already queued that reads
-  /// the sequence must be complete (synchronize its stream first).
-  void remove_sequence(int seq);
-  /// Tokens stored for `seq` in `layer`.
+  /// Frees the sequence's pages and its id, on `stream` (no host sync): work
+  /// queued on other streams that reads the sequence must be complete. Plans
+  /// that hold the sequence must be set again (set_plan) before they run.
+  void remove_sequence(int seq, cudaStream_t stream = 0);
+  /// Tokens stored for `seq` in `layer` (synchronizes the device).
   int64_t tokens(int seq, int layer) const;
 
   /// Appends n_tokens[i] tokens to sequence seq_ids[i] in `layer`. k and v
@@ -149,6 +198,29 @@ class Cache {
   void attend(int layer, const std::vector<int>& seq_ids, const void* q, void* out, DType q_type,
               cudaStream_t stream);
 
+  /// A plan for decode batches of `batch` sequences (1..max_attend_batch):
+  /// allocates its device buffers once. Many plans may coexist (e.g. one per
+  /// captured batch size).
+  DecodePlan make_plan(int batch);
+  /// Puts sequences in the plan's slots (seq_ids.size() == plan.batch; -1
+  /// leaves a slot idle: nothing is appended, its attention output is zero).
+  /// Not capturable; call it again whenever the batch changes. The ids must
+  /// be live and distinct.
+  void set_plan(const DecodePlan& plan, const std::vector<int>& seq_ids, cudaStream_t stream);
+  /// Decode append of one token per plan slot to `layer`: row i of k and v
+  /// (same layout and strides as the eager append, batch rows) is slot i's
+  /// token. Stores it only where the step has not yet done so (see
+  /// "CUDA graphs" above); checks max_tokens_per_seq on the device.
+  void append(const DecodePlan& plan, int layer, const void* k, const void* v, cudaStream_t stream,
+              int64_t token_stride = -1, int64_t head_stride = -1);
+  /// Attention for the plan's slots: q and out are [plan.batch, q_heads, head_dim].
+  void attend(const DecodePlan& plan, int layer, const void* q, void* out, DType q_type, cudaStream_t stream);
+  /// Synchronizes `stream`, then throws kvcomp::Error if device work failed
+  /// (pool full, max_tokens_per_seq reached) naming the sequences and
+  /// layers; the records are cleared by the throw.
+  void check(cudaStream_t stream);
+
+  /// Synchronizes the device.
   Stats stats() const;
 
   /// A copy of one stored block (synchronizes `stream`): for inspection,

@@ -5,7 +5,8 @@
 // (None = the caller's current stream) and re-exports. Here: device arrays
 // arrive through __cuda_array_interface__ (v2/v3) or DLPack, so no framework
 // is linked; every array is checked (CUDA, dtype, shape, strides, writable)
-// before any device work, and every failure is a kvcomp.Error.
+// before any device work, and every failure is a kvcomp.Error. A DecodePlan
+// remembers the cache that made it (another cache's plan is refused).
 // The GIL is released around CUDA work; a mutex per object then keeps two
 // Python threads from using one (not thread-safe) cache at once.
 #include <pybind11/pybind11.h>
@@ -13,8 +14,10 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -41,6 +44,7 @@ using kvcomp::BoundOverride;
 using kvcomp::Cache;
 using kvcomp::Codebook;
 using kvcomp::Config;
+using kvcomp::DecodePlan;
 using kvcomp::DType;
 using kvcomp::Error;
 using kvcomp::ErrorBound;
@@ -367,6 +371,76 @@ int current_sms() {
   return sms;
 }
 
+// ---------------------------------------------------------------------------
+// The arrays of Cache calls, checked against the config: shared by the eager
+// calls (append, attend) and the plan-based ones (append_plan, attend_plan),
+// which differ only in how many rows they take.
+
+/// k and v of an append, parsed and checked (the strides are the C++ call's: -1 = its default).
+struct KvArrays {
+  ArrayView k, v;
+  int64_t token_stride = -1, head_stride = -1;
+};
+
+/// k and v: [rows, kv_heads, head_dim] of the config's dtype, unit stride along
+/// head_dim; token and head strides are free but must be the same for both.
+/// `layout` names the shape in messages.
+KvArrays parse_kv(const Config& cfg, py::handle k_obj, py::handle v_obj, int64_t rows, const char* what,
+                  const char* layout, uintptr_t stream) {
+  KvArrays in{parse_array(k_obj, "k", dlpack_stream_arg(stream)), parse_array(v_obj, "v", dlpack_stream_arg(stream))};
+  const std::vector<int64_t> want{rows, cfg.kv_heads, cfg.head_dim};
+  for (const ArrayView* a : {&in.k, &in.v}) {
+    check_dtype(*a, cfg.dtype, what);
+    check_shape(*a, want, what, layout);
+    if (cfg.head_dim > 1 && a->strides[2] != 1)
+      fail(std::string(what) + ": " + a->name + " must have unit stride along head_dim, got strides " +
+           shape_str(a->strides));
+  }
+  // One token stride and one head stride serve both arrays (size-1 dims: any stride).
+  for (int d = 0; d < 2; ++d)
+    if (want[d] > 1 && in.k.strides[d] != in.v.strides[d])
+      fail(std::string(what) + ": k and v must have the same strides, got " + shape_str(in.k.strides) + " and " +
+           shape_str(in.v.strides));
+  if (rows > 1) in.token_stride = in.k.strides[0];
+  if (cfg.kv_heads > 1) in.head_stride = in.k.strides[1];
+  if (rows > 0) {
+    check_device_memory(in.k);
+    check_device_memory(in.v);
+  }
+  return in;
+}
+
+/// q and out of an attention: contiguous [rows, q_heads, head_dim], q float16
+/// or bfloat16, out of q's dtype and writable.
+struct QOutArrays {
+  ArrayView q, out;
+};
+
+QOutArrays parse_q_out(const Config& cfg, py::handle q_obj, py::handle out_obj, int64_t rows, const char* what,
+                       const char* layout, uintptr_t stream) {
+  QOutArrays a{parse_array(q_obj, "q", dlpack_stream_arg(stream)),
+               parse_array(out_obj, "out", dlpack_stream_arg(stream))};
+  if (a.q.dtype != DType::F16 && a.q.dtype != DType::BF16)
+    fail(std::string(what) + ": q must be float16 or bfloat16, got " + kvcomp::dtype_name(a.q.dtype));
+  check_dtype(a.out, a.q.dtype, what);
+  const std::vector<int64_t> want{rows, cfg.q_heads, cfg.head_dim};
+  for (const ArrayView* x : {&a.q, &a.out}) {
+    check_shape(*x, want, what, layout);
+    check_contiguous(*x, what);
+  }
+  check_writable(a.out, what);
+  if (rows > 0) {
+    check_device_memory(a.q);
+    check_device_memory(a.out);
+  }
+  return a;
+}
+
+/// Orders each array's producer stream (CAI v3) before `stream`.
+void wait_for_producers(std::initializer_list<const ArrayView*> arrays, cudaStream_t stream) {
+  for (const ArrayView* a : arrays) wait_for_producer(*a, stream);
+}
+
 /// A float32 host buffer (array.array('f'), memoryview, or raw bytes) of exactly `count` floats.
 std::vector<float> host_floats(const py::buffer& b, const std::string& name, size_t count) {
   const py::buffer_info info = b.request();
@@ -394,11 +468,37 @@ py::bytes float_bytes(const std::vector<float>& v) {
 // ---------------------------------------------------------------------------
 // Objects held by Python.
 
+/// A number no other PyCache of this process has (0 is never used).
+uint64_t next_cache_serial() {
+  static std::atomic<uint64_t> n{0};
+  return ++n;
+}
+
 struct PyCache {
   explicit PyCache(const Config& c) : cache(c) {}
   Cache cache;
   std::mutex mu;
+  const uint64_t serial = next_cache_serial();
 };
+
+/// A DecodePlan with the cache that made it: a plan id means nothing to
+/// another cache (it would name that cache's plan of another batch, or none).
+struct PyPlan {
+  DecodePlan plan;
+  uint64_t cache_serial = 0;  // PyCache::serial of its maker; 0: DecodePlan(), made by no cache
+};
+
+std::string plan_repr(const PyPlan& p) {
+  return "DecodePlan(id=" + std::to_string(p.plan.id) + ", batch=" + std::to_string(p.plan.batch) + ")";
+}
+
+/// The C++ plan of `p`, once it is known to be `self`'s.
+DecodePlan plan_of(const PyCache& self, const PyPlan& p, const char* what) {
+  if (p.cache_serial == 0)
+    fail(std::string(what) + ": " + plan_repr(p) + " was not made by a Cache; use Cache.make_plan(batch)");
+  if (p.cache_serial != self.serial) fail(std::string(what) + ": " + plan_repr(p) + " was made by another Cache");
+  return p.plan;
+}
 
 /// Runs f(cache) without the GIL, one thread at a time.
 template <typename F>
@@ -452,7 +552,7 @@ std::string config_repr(const Config& c) {
     << ", k_bound=" << bound_repr(c.k_bound) << ", v_bound=" << bound_repr(c.v_bound) << ", overrides=[";
   for (size_t i = 0; i < c.overrides.size(); ++i) s << (i ? ", " : "") << override_repr(c.overrides[i]);
   s << "], pool_bytes=" << c.pool_bytes << ", max_seqs=" << c.max_seqs << ", max_attend_batch=" << c.max_attend_batch
-    << ", max_tokens_per_seq=" << c.max_tokens_per_seq
+    << ", max_tokens_per_seq=" << c.max_tokens_per_seq << ", pool_page_bytes=" << c.pool_page_bytes
     << ", transform=" << (c.transform == kvcomp::Transform::Hadamard ? "Transform.Hadamard" : "Transform.None_") << ")";
   return s.str();
 }
@@ -523,6 +623,7 @@ void bind_types(py::module_& m) {
       .def_readwrite("max_seqs", &Config::max_seqs)
       .def_readwrite("max_attend_batch", &Config::max_attend_batch)
       .def_readwrite("max_tokens_per_seq", &Config::max_tokens_per_seq)
+      .def_readwrite("pool_page_bytes", &Config::pool_page_bytes)
       .def_readwrite("transform", &Config::transform)
       .def("__repr__", &config_repr);
 
@@ -540,6 +641,7 @@ void bind_types(py::module_& m) {
       .def_readonly("tail_bytes", &Stats::tail_bytes)
       .def_readonly("metadata_bytes", &Stats::metadata_bytes)
       .def_readonly("pool_bytes_in_use", &Stats::pool_bytes_in_use)
+      .def_readonly("pool_page_bytes", &Stats::pool_page_bytes)
       .def_readonly("pool_capacity", &Stats::pool_capacity)
       .def_readonly("tokens", &Stats::tokens)
       .def_readonly("ratio_vs_fp16", &Stats::ratio_vs_fp16)
@@ -548,10 +650,20 @@ void bind_types(py::module_& m) {
         std::ostringstream o;
         o << "Stats(compressed_bytes=" << s.compressed_bytes << ", tail_bytes=" << s.tail_bytes
           << ", metadata_bytes=" << s.metadata_bytes << ", pool_bytes_in_use=" << s.pool_bytes_in_use
-          << ", pool_capacity=" << s.pool_capacity << ", tokens=" << s.tokens << ", ratio_vs_fp16=" << s.ratio_vs_fp16
-          << ", layers=" << s.per_layer.size() << ")";
+          << ", pool_page_bytes=" << s.pool_page_bytes << ", pool_capacity=" << s.pool_capacity
+          << ", tokens=" << s.tokens << ", ratio_vs_fp16=" << s.ratio_vs_fp16 << ", layers=" << s.per_layer.size()
+          << ")";
         return o.str();
       });
+
+  py::class_<PyPlan>(m, "DecodePlan",
+                     "A batch layout for plan-based decode (Cache.make_plan): `batch` sequence slots whose device "
+                     "buffers stay fixed, so append_plan/attend_plan can be captured in a CUDA graph. Valid only "
+                     "for the Cache that made it; DecodePlan() is a placeholder no cache accepts.")
+      .def(py::init<>())
+      .def_property_readonly("id", [](const PyPlan& p) { return p.plan.id; })
+      .def_property_readonly("batch", [](const PyPlan& p) { return p.plan.batch; })
+      .def("__repr__", &plan_repr);
 
   py::class_<Codebook>(m, "Codebook", "A Huffman codebook with its low-bit count k (opaque; for kvcomp.ref).")
       .def_static("from_lengths", [](const std::vector<uint8_t>& lengths, int low_bits) {
@@ -593,14 +705,15 @@ void bind_cache(py::module_& m) {
            py::arg("config"))
       .def_property_readonly("config", [](PyCache& self) { return self.cache.config(); })
       .def("add_sequence", [](PyCache& self) { return locked(self, [](Cache& c) { return c.add_sequence(); }); })
-      .def("remove_sequence", [](PyCache& self, int seq) { locked(self, [&](Cache& c) { c.remove_sequence(seq); }); },
-           py::arg("seq"))
+      .def("remove_sequence", [](PyCache& self, int seq, uintptr_t stream) {
+             locked(self, [&](Cache& c) { c.remove_sequence(seq, as_stream(stream)); });
+           },
+           py::arg("seq"), py::arg("stream") = 0)
       .def("tokens", [](PyCache& self, int seq, int layer) {
              return locked(self, [&](Cache& c) { return c.tokens(seq, layer); });
            }, py::arg("seq"), py::arg("layer"))
       .def("append", [](PyCache& self, int layer, const std::vector<int>& seq_ids, const std::vector<int>& n_tokens,
                         py::handle k_obj, py::handle v_obj, uintptr_t stream) {
-             const Config& cfg = self.cache.config();  // immutable after construction
              if (seq_ids.size() != n_tokens.size())
                fail("append: " + std::to_string(seq_ids.size()) + " sequence ids but " +
                     std::to_string(n_tokens.size()) + " token counts");
@@ -609,60 +722,65 @@ void bind_cache(py::module_& m) {
                if (n < 0) fail("append: negative token count " + std::to_string(n));
                total += n;
              }
-             const ArrayView k = parse_array(k_obj, "k", dlpack_stream_arg(stream));
-             const ArrayView v = parse_array(v_obj, "v", dlpack_stream_arg(stream));
-             const std::vector<int64_t> want{total, cfg.kv_heads, cfg.head_dim};
-             for (const ArrayView* a : {&k, &v}) {
-               check_dtype(*a, cfg.dtype, "append");
-               check_shape(*a, want, "append", "[total_tokens, kv_heads, head_dim]");
-               if (cfg.head_dim > 1 && a->strides[2] != 1)
-                 fail("append: " + a->name + " must have unit stride along head_dim, got strides " + shape_str(a->strides));
-             }
-             // One token stride and one head stride serve both arrays (size-1 dims: any stride).
-             for (int d = 0; d < 2; ++d)
-               if (want[d] > 1 && k.strides[d] != v.strides[d])
-                 fail("append: k and v must have the same strides, got " + shape_str(k.strides) + " and " +
-                      shape_str(v.strides));
-             const int64_t token_stride = total > 1 ? k.strides[0] : -1;  // -1: the C++ default
-             const int64_t head_stride = cfg.kv_heads > 1 ? k.strides[1] : -1;
-             if (total > 0) {
-               check_device_memory(k);
-               check_device_memory(v);
-             }
+             // The config is immutable after construction: read without the lock.
+             const KvArrays in = parse_kv(self.cache.config(), k_obj, v_obj, total, "append",
+                                          "[total_tokens, kv_heads, head_dim]", stream);
              locked(self, [&](Cache& c) {
-               wait_for_producer(k, as_stream(stream));
-               wait_for_producer(v, as_stream(stream));
-               c.append(layer, seq_ids, n_tokens, reinterpret_cast<const void*>(k.ptr),
-                        reinterpret_cast<const void*>(v.ptr), as_stream(stream), token_stride, head_stride);
+               wait_for_producers({&in.k, &in.v}, as_stream(stream));
+               c.append(layer, seq_ids, n_tokens, reinterpret_cast<const void*>(in.k.ptr),
+                        reinterpret_cast<const void*>(in.v.ptr), as_stream(stream), in.token_stride, in.head_stride);
              });
            },
            py::arg("layer"), py::arg("seq_ids"), py::arg("n_tokens"), py::arg("k"), py::arg("v"), py::arg("stream") = 0)
       .def("attend", [](PyCache& self, int layer, const std::vector<int>& seq_ids, py::handle q_obj, py::handle out_obj,
                         uintptr_t stream) {
-             const Config& cfg = self.cache.config();
-             const ArrayView q = parse_array(q_obj, "q", dlpack_stream_arg(stream));
-             const ArrayView out = parse_array(out_obj, "out", dlpack_stream_arg(stream));
-             if (q.dtype != DType::F16 && q.dtype != DType::BF16)
-               fail(std::string("attend: q must be float16 or bfloat16, got ") + kvcomp::dtype_name(q.dtype));
-             check_dtype(out, q.dtype, "attend");
-             const std::vector<int64_t> want{int64_t(seq_ids.size()), cfg.q_heads, cfg.head_dim};
-             for (const ArrayView* a : {&q, &out}) {
-               check_shape(*a, want, "attend", "[batch = len(seq_ids), q_heads, head_dim]");
-               check_contiguous(*a, "attend");
-             }
-             check_writable(out, "attend");
-             if (!seq_ids.empty()) {
-               check_device_memory(q);
-               check_device_memory(out);
-             }
+             const QOutArrays a = parse_q_out(self.cache.config(), q_obj, out_obj, int64_t(seq_ids.size()), "attend",
+                                              "[batch = len(seq_ids), q_heads, head_dim]", stream);
              locked(self, [&](Cache& c) {
-               wait_for_producer(q, as_stream(stream));
-               wait_for_producer(out, as_stream(stream));
-               c.attend(layer, seq_ids, reinterpret_cast<const void*>(q.ptr), reinterpret_cast<void*>(out.ptr),
-                        q.dtype, as_stream(stream));
+               wait_for_producers({&a.q, &a.out}, as_stream(stream));
+               c.attend(layer, seq_ids, reinterpret_cast<const void*>(a.q.ptr), reinterpret_cast<void*>(a.out.ptr),
+                        a.q.dtype, as_stream(stream));
              });
            },
            py::arg("layer"), py::arg("seq_ids"), py::arg("q"), py::arg("out"), py::arg("stream") = 0)
+      .def("make_plan", [](PyCache& self, int batch) {
+             const DecodePlan p = locked(self, [&](Cache& c) { return c.make_plan(batch); });
+             return PyPlan{p, self.serial};
+           },
+           py::arg("batch"))
+      .def("set_plan", [](PyCache& self, const PyPlan& plan, const std::vector<int>& seq_ids, uintptr_t stream) {
+             const DecodePlan p = plan_of(self, plan, "set_plan");
+             locked(self, [&](Cache& c) { c.set_plan(p, seq_ids, as_stream(stream)); });
+           },
+           py::arg("plan"), py::arg("seq_ids"), py::arg("stream") = 0)
+      .def("append_plan", [](PyCache& self, const PyPlan& plan, int layer, py::handle k_obj, py::handle v_obj,
+                             uintptr_t stream) {
+             const DecodePlan p = plan_of(self, plan, "append_plan");
+             const KvArrays in = parse_kv(self.cache.config(), k_obj, v_obj, p.batch, "append_plan",
+                                          "[plan.batch, kv_heads, head_dim]", stream);
+             locked(self, [&](Cache& c) {
+               wait_for_producers({&in.k, &in.v}, as_stream(stream));
+               c.append(p, layer, reinterpret_cast<const void*>(in.k.ptr), reinterpret_cast<const void*>(in.v.ptr),
+                        as_stream(stream), in.token_stride, in.head_stride);
+             });
+           },
+           py::arg("plan"), py::arg("layer"), py::arg("k"), py::arg("v"), py::arg("stream") = 0)
+      .def("attend_plan", [](PyCache& self, const PyPlan& plan, int layer, py::handle q_obj, py::handle out_obj,
+                             uintptr_t stream) {
+             const DecodePlan p = plan_of(self, plan, "attend_plan");
+             const QOutArrays a = parse_q_out(self.cache.config(), q_obj, out_obj, p.batch, "attend_plan",
+                                              "[plan.batch, q_heads, head_dim]", stream);
+             locked(self, [&](Cache& c) {
+               wait_for_producers({&a.q, &a.out}, as_stream(stream));
+               c.attend(p, layer, reinterpret_cast<const void*>(a.q.ptr), reinterpret_cast<void*>(a.out.ptr),
+                        a.q.dtype, as_stream(stream));
+             });
+           },
+           py::arg("plan"), py::arg("layer"), py::arg("q"), py::arg("out"), py::arg("stream") = 0)
+      .def("check", [](PyCache& self, uintptr_t stream) {
+             locked(self, [&](Cache& c) { c.check(as_stream(stream)); });
+           },
+           py::arg("stream") = 0)
       .def("stats", [](PyCache& self) { return locked(self, [](Cache& c) { return c.stats(); }); })
       .def("read_block", [](PyCache& self, int layer, int seq, int kv_head, int64_t block, Kind kind, uintptr_t stream) {
              const std::vector<uint8_t> b = locked(self, [&](Cache& c) {

@@ -6,6 +6,7 @@ their metadata and touches no memory. Run: PYTHONPATH=build/python python3 pytho
 """
 import array
 import ctypes
+import inspect
 import pathlib
 import random
 import re
@@ -101,14 +102,46 @@ class ImportAndVersion(unittest.TestCase):
 
     def test_public_names(self):
         for name in ["Cache", "Config", "DType", "BoundMode", "ErrorBound", "Kind", "BoundOverride", "LayerStats",
-                     "Stats", "Codebook", "Error", "Transform"]:
+                     "Stats", "Codebook", "Error", "Transform", "DecodePlan"]:
             self.assertTrue(hasattr(kvcomp, name), name)
+            self.assertIn(name, kvcomp.__all__)
         for method in ["add_sequence", "remove_sequence", "tokens", "append", "attend", "stats", "read_block",
-                       "codebook", "config"]:
+                       "codebook", "config", "make_plan", "set_plan", "append_plan", "attend_plan", "check"]:
             self.assertTrue(hasattr(kvcomp.Cache, method), method)
+        for field in ["compressed_bytes", "tail_bytes", "metadata_bytes", "pool_bytes_in_use", "pool_page_bytes",
+                      "pool_capacity", "tokens", "ratio_vs_fp16", "per_layer"]:
+            self.assertTrue(hasattr(kvcomp.Stats, field), field)
         self.assertTrue(callable(kvcomp.ref.decode_block))
         self.assertTrue(callable(kvcomp.baselines.flash_decode_fp16))
         self.assertTrue(issubclass(kvcomp.Error, RuntimeError))
+
+
+    def test_stream_arguments_default_to_none(self):
+        # Every call that runs on a stream takes stream=None (the caller's current stream), last.
+        for method, params in [("remove_sequence", ["seq"]), ("append", ["layer", "seq_ids", "n_tokens", "k", "v"]),
+                               ("attend", ["layer", "seq_ids", "q", "out"]), ("set_plan", ["plan", "seq_ids"]),
+                               ("append_plan", ["plan", "layer", "k", "v"]),
+                               ("attend_plan", ["plan", "layer", "q", "out"]), ("check", []),
+                               ("read_block", ["layer", "seq", "kv_head", "block", "kind"])]:
+            with self.subTest(method=method):
+                sig = inspect.signature(getattr(kvcomp.Cache, method))
+                self.assertEqual(list(sig.parameters), ["self"] + params + ["stream"])
+                self.assertIsNone(sig.parameters["stream"].default)
+
+
+class DecodePlanType(unittest.TestCase):
+    def test_placeholder_fields_and_repr(self):
+        # DecodePlan() is the C++ default (id -1, batch 0): a placeholder no cache accepts.
+        p = kvcomp.DecodePlan()
+        self.assertEqual((p.id, p.batch), (-1, 0))
+        self.assertEqual(repr(p), "DecodePlan(id=-1, batch=0)")
+
+    def test_fields_are_read_only(self):
+        p = kvcomp.DecodePlan()
+        for field in ("id", "batch"):
+            with self.subTest(field=field), self.assertRaises(AttributeError):
+                setattr(p, field, 3)
+        self.assertEqual((p.id, p.batch), (-1, 0))
 
 
 class ConfigFields(unittest.TestCase):

@@ -265,6 +265,259 @@ class CacheTorch(TorchBase):
             cache.read_block(0, s, 0, 0, kvcomp.Kind.Key)
 
 
+class PlanDecodeTorch(TorchBase):
+    """Plan-based decode (make_plan, set_plan, append_plan, attend_plan, check), run directly and in a CUDA graph."""
+    L, H, HQ, D, T = 2, 2, 8, 128, 64
+    PREFILL = [130, 64, 37]  # 2 closed blocks + tail, exactly 1 block, tail only
+    STEPS = 70               # every sequence closes at least one more block in every layer
+    SLOTS = [0, None, 1, 2]  # plan slot -> index into PREFILL; None: an idle slot
+
+    def make_cache(self, pool_bytes=64 << 20, kv_heads=None, q_heads=None, pool_page_bytes=0):
+        cfg = kvcomp.Config(layers=self.L, kv_heads=kv_heads or self.H, q_heads=q_heads or self.HQ,
+                            head_dim=self.D, block_tokens=self.T, pool_bytes=pool_bytes, max_seqs=8,
+                            max_tokens_per_seq=4096, pool_page_bytes=pool_page_bytes)
+        return kvcomp.Cache(cfg)
+
+    def prefill(self, cache, k, v):
+        """Eager prefill of PREFILL tokens, every layer in order; k, v: [layers, sum(PREFILL), H, D]."""
+        seqs = [cache.add_sequence() for _ in self.PREFILL]
+        for layer in range(self.L):
+            cache.append(layer, seqs, self.PREFILL, k[layer], v[layer])
+        return seqs
+
+    def assert_tokens(self, cache, seqs, steps, what):
+        got = [[cache.tokens(s, layer) for layer in range(self.L)] for s in seqs]
+        self.assertEqual(got, [[n + steps] * self.L for n in self.PREFILL], f"{what}: tokens after {steps} steps")
+
+    def inputs(self):
+        """Prefill K/V, then per step and layer: K/V rows for the plan's slots ([..., :D] of 2D-wide buffers:
+        row stride 2HD, head stride 2D) and q."""
+        L, H, HQ, D, B, N = self.L, self.H, self.HQ, self.D, len(self.SLOTS), self.STEPS
+        kp = torch.randn(L, sum(self.PREFILL), H, D, device=self.dev).half()
+        vp = torch.randn(L, sum(self.PREFILL), H, D, device=self.dev).half()
+        kd = torch.randn(N, L, B, H, 2 * D, device=self.dev).half()[..., :D]
+        vd = torch.randn(N, L, B, H, 2 * D, device=self.dev).half()[..., :D]
+        qd = torch.randn(N, L, B, HQ, D, device=self.dev).half()
+        return kp, vp, kd, vd, qd
+
+    def plan_slots(self, seqs):
+        return [-1 if i is None else seqs[i] for i in self.SLOTS]
+
+    def run_plan_direct(self, kp, vp, kd, vd, qd):
+        cache = self.make_cache()
+        seqs = self.prefill(cache, kp, vp)
+        plan = cache.make_plan(len(self.SLOTS))
+        self.assertEqual(plan.batch, len(self.SLOTS))
+        self.assertEqual(repr(plan), f"DecodePlan(id={plan.id}, batch={plan.batch})")
+        cache.set_plan(plan, self.plan_slots(seqs))
+        outs = torch.full(qd.shape, float("nan"), dtype=qd.dtype, device=self.dev)
+        for step in range(self.STEPS):
+            for layer in range(self.L):
+                cache.append_plan(plan, layer, kd[step, layer], vd[step, layer])
+                cache.attend_plan(plan, layer, qd[step, layer], outs[step, layer])
+            self.assert_tokens(cache, seqs, step + 1, "plan")
+        cache.check()
+        return outs
+
+    def run_plan_graph(self, kp, vp, kd, vd, qd):
+        """One step for all layers captured once, replayed per token on static inputs."""
+        cache = self.make_cache()
+        seqs = self.prefill(cache, kp, vp)
+        plan = cache.make_plan(len(self.SLOTS))
+        cache.set_plan(plan, self.plan_slots(seqs))
+        k_in = torch.zeros(kd.shape[1:], dtype=kd.dtype, device=self.dev)  # contiguous [L, B, H, D]
+        v_in = torch.zeros_like(k_in)
+        q_in = torch.zeros(qd.shape[1:], dtype=qd.dtype, device=self.dev)
+        out_in = torch.zeros_like(q_in)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for layer in range(self.L):
+                cache.append_plan(plan, layer, k_in[layer], v_in[layer])
+                cache.attend_plan(plan, layer, q_in[layer], out_in[layer])
+        self.assert_tokens(cache, seqs, 0, "graph after capture")  # capturing stores nothing
+        outs = torch.full(qd.shape, float("nan"), dtype=qd.dtype, device=self.dev)
+        for step in range(self.STEPS):
+            k_in.copy_(kd[step])
+            v_in.copy_(vd[step])
+            q_in.copy_(qd[step])
+            graph.replay()
+            outs[step].copy_(out_in)
+            self.assert_tokens(cache, seqs, step + 1, "graph")
+        cache.check()
+        return cache, seqs, outs
+
+    def run_eager(self, kp, vp, kd, vd, qd):
+        """The same steps through the eager calls, for the live slots only."""
+        cache = self.make_cache()
+        seqs = self.prefill(cache, kp, vp)
+        live = torch.tensor([i for i, x in enumerate(self.SLOTS) if x is not None], device=self.dev)
+        order = [seqs[x] for x in self.SLOTS if x is not None]
+        outs = torch.full(qd.shape, float("nan"), dtype=qd.dtype, device=self.dev)
+        out = torch.empty(len(order), self.HQ, self.D, dtype=qd.dtype, device=self.dev)
+        for step in range(self.STEPS):
+            for layer in range(self.L):
+                cache.append(layer, order, [1] * len(order), kd[step, layer, live], vd[step, layer, live])
+                cache.attend(layer, order, qd[step, layer, live], out)
+                outs[step, layer, live] = out
+        self.assert_tokens(cache, seqs, self.STEPS, "eager")
+        return cache, seqs, outs
+
+    def assert_close_to_eager(self, got, eager, v_max, what):
+        """Both attend over the same stored K/V: each within fp16 rounding and fp32 noise of the other."""
+        got, eager = got.double().cpu(), eager.double().cpu()
+        self.assertTrue(torch.isfinite(got).all(), f"{what}: unwritten or non-finite output (seed {SEED})")
+        err = (got - eager).abs()
+        worst = (err - (REL["float16"] * eager.abs() + ABS * v_max)).max().item()
+        self.assertLessEqual(worst, 0.0, f"{what}: max |plan - eager| {err.max().item():.3g} exceeds the "
+                                         f"tolerance by {worst:.3g} (seed {SEED})")
+
+    def test_plan_decode_direct_graph_and_eager_agree(self):
+        kp, vp, kd, vd, qd = self.inputs()
+        direct = self.run_plan_direct(kp, vp, kd, vd, qd)
+        graph_cache, graph_seqs, graph = self.run_plan_graph(kp, vp, kd, vd, qd)
+        eager_cache, eager_seqs, eager = self.run_eager(kp, vp, kd, vd, qd)
+        torch.cuda.synchronize()
+        self.assertTrue(torch.equal(direct, graph), f"plan calls direct and replayed in a CUDA graph differ "
+                                                    f"(seed {SEED})")
+        idle = [i for i, x in enumerate(self.SLOTS) if x is None]
+        self.assertTrue(bool((direct[:, :, idle] == 0).all()), "an idle slot's output must be zero")
+        live = [i for i, x in enumerate(self.SLOTS) if x is not None]
+        v_max = max(vp.abs().max().item(), vd.abs().max().item())
+        self.assert_close_to_eager(direct[:, :, live], eager[:, :, live], v_max, "plan vs eager")
+
+        # Eager calls after plan-based appends continue where the plan left off.
+        order_g = [graph_seqs[x] for x in self.SLOTS if x is not None]
+        order_e = [eager_seqs[x] for x in self.SLOTS if x is not None]
+        k1 = torch.randn(self.L, len(order_g), self.H, self.D, device=self.dev).half()
+        v1 = torch.randn(self.L, len(order_g), self.H, self.D, device=self.dev).half()
+        q1 = torch.randn(self.L, len(order_g), self.HQ, self.D, device=self.dev).half()
+        outs = []
+        for cache, order in ((graph_cache, order_g), (eager_cache, order_e)):
+            out = torch.empty(self.L, len(order), self.HQ, self.D, dtype=torch.float16, device=self.dev)
+            for layer in range(self.L):
+                cache.append(layer, order, [1] * len(order), k1[layer], v1[layer])
+                cache.attend(layer, order, q1[layer], out[layer])
+            self.assertEqual([cache.tokens(s, layer) for s in order for layer in range(self.L)],
+                             [n + self.STEPS + 1 for n in self.PREFILL for _ in range(self.L)])
+            outs.append(out)
+        self.assert_close_to_eager(outs[0], outs[1], max(v_max, v1.abs().max().item()), "eager after plan")
+
+    def test_plan_misuse_raises_before_device_work(self):
+        cache, other = self.make_cache(), self.make_cache()
+        s = cache.add_sequence()
+        plan = cache.make_plan(2)
+        foreign = other.make_plan(2)
+        B, H, HQ, D = 2, self.H, self.HQ, self.D
+        k = torch.randn(B, H, D, device=self.dev).half()
+        q = torch.randn(B, HQ, D, device=self.dev).half()
+        out = torch.empty_like(q)
+        with self.assertRaisesRegex(kvcomp.Error, r"set_plan: DecodePlan\(id=\d+, batch=2\) was made by another Cache"):
+            cache.set_plan(foreign, [s, -1])
+        with self.assertRaisesRegex(kvcomp.Error, r"append_plan: DecodePlan\(id=-1, batch=0\) was not made by a"):
+            cache.append_plan(kvcomp.DecodePlan(), 0, k, k)
+        cache.set_plan(plan, [s, -1])
+        cases = [
+            (lambda: cache.append_plan(plan, 0, k[:1], k[:1]),
+             r"append_plan: k must be \[plan.batch, kv_heads, head_dim\] = \[2, 2, 128\], got \[1, 2, 128\]"),
+            (lambda: cache.append_plan(plan, 0, k, k.float()), "append_plan: v must be float16, got float32"),
+            (lambda: cache.append_plan(plan, 0, k, torch.randn(B, H, 2 * D, device=self.dev).half()[..., :D]),
+             "append_plan: k and v must have the same strides"),
+            (lambda: cache.append_plan(plan, 0, k.cpu(), k), r"k is not a CUDA array \(DLPack device: CPU\)"),
+            (lambda: cache.attend_plan(plan, 0, q.float(), out), "attend_plan: q must be float16 or bfloat16"),
+            (lambda: cache.attend_plan(plan, 0, q[:1], out[:1]),
+             r"attend_plan: q must be \[plan.batch, q_heads, head_dim\] = \[2, 8, 128\], got \[1, 8, 128\]"),
+            (lambda: cache.attend_plan(plan, 0, q, CaiView(out, readonly=True)), "attend_plan: out is read-only"),
+            (lambda: cache.attend_plan(foreign, 0, q, out), "attend_plan: .* was made by another Cache"),
+        ]
+        for call, pattern in cases:
+            with self.subTest(pattern=pattern), self.assertRaisesRegex(kvcomp.Error, pattern):
+                call()
+        cache.check()  # nothing failed on the device
+        self.assertEqual(cache.tokens(s, 0), 0)
+
+    def test_pool_full_raises_from_check_and_a_replay_after_remove_sequence_completes_the_step(self):
+        # One KV head: a sequence's blocks of a block round (K+V of each layer) are small next to a page.
+        H, HQ, B = 1, 4, 2
+        page = self.make_cache(pool_bytes=4 << 20, kv_heads=H, q_heads=HQ).stats().pool_page_bytes
+        self.assertGreater(page, 0)
+        cache = self.make_cache(pool_bytes=3 * page, pool_page_bytes=page, kv_heads=H, q_heads=HQ)
+        st = cache.stats()
+        self.assertEqual(st.pool_page_bytes, page)
+        self.assertLessEqual(st.pool_capacity, 3 * page)
+        # Eager prefill: `other` one block per layer, `s` one block and a tail.
+        other, s = cache.add_sequence(), cache.add_sequence()
+        lengths = [self.T, self.T + 40]
+        for layer in range(self.L):
+            kv = torch.randn(sum(lengths), H, self.D, device=self.dev).half()
+            cache.append(layer, [other, s], lengths, kv, kv.clone())
+        cache.check()
+        st = cache.stats()
+        self.assertGreater(st.pool_bytes_in_use, 0)
+        self.assertEqual(st.pool_bytes_in_use % page, 0)
+
+        plan = cache.make_plan(B)
+        cache.set_plan(plan, [s, -1])  # only s decodes
+        k_in = torch.zeros(self.L, B, H, self.D, dtype=torch.float16, device=self.dev)
+        v_in = torch.zeros_like(k_in)
+        q_in = torch.zeros(self.L, B, HQ, self.D, dtype=torch.float16, device=self.dev)
+        out_in = torch.zeros_like(q_in)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for layer in range(self.L):
+                cache.append_plan(plan, layer, k_in[layer], v_in[layer])
+                cache.attend_plan(plan, layer, q_in[layer], out_in[layer])
+
+        def new_token():
+            for t in (k_in, v_in, q_in):
+                t.copy_(torch.randn(t.shape, device=self.dev))
+
+        def tokens(seq):
+            return [cache.tokens(seq, layer) for layer in range(self.L)]
+
+        n, failure = lengths[1], None
+        for _ in range(40 * self.T):  # far more blocks than 3 pages hold
+            new_token()
+            graph.replay()
+            try:
+                cache.check()
+            except kvcomp.Error as e:
+                failure = e
+                break
+            n += 1
+            self.assertEqual(tokens(s), [n] * self.L)
+        self.assertIsNotNone(failure, f"the pool of {3 * page} bytes never filled")
+        self.assertRegex(str(failure), "pool is full")
+        self.assertIn(str(s), str(failure))  # names the failed sequence
+        cache.check()  # the raise cleared the records
+        self.assertEqual(n % self.T, self.T - 1, "only a step that closes blocks needs pool space")
+        got = tokens(s)
+        # A layer stores only after the layer before it: the last layer failed, the first may have stored.
+        self.assertEqual(got[-1], n, got)
+        self.assertTrue(all(x in (n, n + 1) for x in got) and got == sorted(got, reverse=True), got)
+        self.assertEqual(tokens(other), [self.T] * self.L)
+
+        graph.replay()  # still full: fails again, stores nothing more
+        with self.assertRaisesRegex(kvcomp.Error, "pool is full"):
+            cache.check()
+        self.assertEqual(tokens(s), got)
+
+        in_use = cache.stats().pool_bytes_in_use
+        cache.remove_sequence(other)
+        self.assertLess(cache.stats().pool_bytes_in_use, in_use)
+        graph.replay()  # the same step, the same inputs: stores exactly what is missing
+        cache.check()
+        self.assertEqual(tokens(s), [n + 1] * self.L)
+        new_token()
+        graph.replay()
+        cache.check()
+        self.assertEqual(tokens(s), [n + 2] * self.L)
+        torch.cuda.synchronize()
+        self.assertTrue(bool(torch.isfinite(out_in[:, 0]).all()))
+        self.assertTrue(bool((out_in[:, 1] == 0).all()), "an idle slot's output must be zero")
+
+
 class BaselinesTorch(TorchBase):
     def test_kivi_against_float64_over_its_reconstruction(self):
         B, H, HQ, D, N = 2, 2, 8, 128, 300

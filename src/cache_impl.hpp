@@ -1,0 +1,114 @@
+// Cache::Impl: the device buffers and host bookkeeping behind kvcomp::Cache
+// (include/kvcomp/cache.hpp). The device holds the truth about sequences
+// (token counts, pool pages, failure records: kernels/pool_state.cuh); the
+// host keeps a mirror of the token counts for eager argument checks, marked
+// stale after plan-based appends (whose effect only the device sees).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "device_buffer.hpp"
+#include "kernels/attention_params.cuh"
+#include "kvcomp/cache.hpp"
+#include "pool_pages.hpp"
+
+namespace kvcomp {
+
+/// The device buffers of one append's work: jobs, copies, entries and what the
+/// place kernel writes. Eager appends grow one set on demand; each plan owns
+/// one of fixed size (its pointers are captured in graphs).
+struct AppendScratch {
+  detail::DeviceBuffer<detail::StoreJob> jobs;
+  detail::DeviceBuffer<detail::TailCopy> copies;
+  detail::DeviceBuffer<detail::AppendEntry> entries;
+  detail::DeviceBuffer<uint32_t> sizes16, pair_at16;
+  detail::DeviceBuffer<int32_t> entry_ok, page_base;
+  detail::DeviceBuffer<uint8_t> rotated;  // Transform::Hadamard: K then V rows
+  void reserve(size_t jobs_n, size_t copies_n, size_t entries_n, const char* what) {
+    jobs.reserve(jobs_n, what);
+    copies.reserve(copies_n, what);
+    entries.reserve(entries_n, what);
+    sizes16.reserve(2 * jobs_n, what);
+    pair_at16.reserve(jobs_n, what);
+    entry_ok.reserve(entries_n, what);
+    page_base.reserve(entries_n, what);
+  }
+};
+
+struct Cache::Impl {
+  Config cfg;
+  int T, D, H, G;
+  int max_blocks;
+  int sms = 132;
+  int ctas_per_sm = 2;
+
+  detail::DeviceBuffer<uint8_t> pool;             // pages + decoder overread room
+  detail::PageGeometry pages{};
+  detail::DeviceBuffer<format::BlockRef> table;   // [layer][slot][max_blocks][H]
+  detail::DeviceBuffer<uint8_t> tails;            // [layer][K|V][slot][H][T][D] of the input type
+  detail::DeviceBuffer<CodebookTables> books;     // [layer][H][K|V]
+  detail::DeviceBuffer<ErrorBound> bounds;        // [layer][H][K|V]
+  detail::DeviceBuffer<float> part;               // attention workspace
+  int part_splits = 0;
+
+  // Device state (kernels/pool_state.cuh).
+  detail::DeviceBuffer<int32_t> free_pages, free_count, owner, open_page;
+  detail::DeviceBuffer<uint32_t> open_fill16;
+  detail::DeviceBuffer<int32_t> tokens;           // [layer][slot]
+  detail::DeviceBuffer<uint64_t> units16;         // [layer][slot]
+  detail::DeviceBuffer<int32_t> fail;             // [layer][slot]
+  detail::PinnedBuffer fail_flag;                 // one int32, host-mapped
+  detail::DeviceBuffer<unsigned long long> hist;  // [layer][H][K|V][kLowBitChoices][kNumSymbols]
+  detail::DeviceBuffer<int32_t> ready;            // [layer]: codebooks built
+
+  // Host side.
+  std::vector<bool> live;                   // [slot]
+  std::vector<int32_t> h_tokens;            // mirror of `tokens`
+  bool tokens_stale = false;                // plan-based appends ran since the last refresh
+  std::vector<bool> books_built;            // known built (eager appends that closed blocks)
+  AppendScratch eager;
+
+  struct Plan {
+    int batch = 0;
+    int splits = 1;
+    detail::DeviceBuffer<int32_t> slots;
+    std::vector<int> seq_ids;
+    AppendScratch scratch;
+  };
+  std::vector<std::unique_ptr<Plan>> plans;
+
+  explicit Impl(const Config& c);
+
+  detail::PoolState pool_state() const {
+    return {free_pages.ptr, free_count.ptr, owner.ptr, open_page.ptr, open_fill16.ptr, pages.page_units16,
+            pages.pages};
+  }
+  detail::SeqState seq_state() const;
+  detail::TailLayout tail_layout() const { return {tails.ptr, cfg.max_seqs, H, T, D, dtype_size(cfg.dtype)}; }
+  size_t at(int layer, int slot) const { return size_t(layer) * cfg.max_seqs + slot; }
+  ErrorBound bound(int layer, int head, Kind kind) const;
+
+  void check_seq(int id) const;
+  void check_layer(int layer) const;
+  Plan& plan(const DecodePlan& p, const char* call);
+  /// Throws the recorded device failures, if the flag is up (see cache.hpp).
+  void poll_failures(const char* call);
+  /// Makes h_tokens current (synchronizes the device) if plan-based appends ran.
+  void refresh_tokens();
+  int32_t host_tokens(int slot, int layer) const { return h_tokens[at(layer, slot)]; }
+
+  /// Everything of AttendParams but the batch, its slots and the split.
+  void fill_attend(int layer, const void* q, void* out, detail::AttendParams& p) const;
+  /// The store kernels for `n_jobs` jobs, `n_entries` entries and `n_copies`
+  /// copies already in `s` (device), on `stream`.
+  void run_store(int layer, AppendScratch& s, int n_jobs, int n_entries, int n_copies, bool build_books,
+                 cudaStream_t stream);
+  /// Hadamard: rotates rows into s.rotated; returns the rotated K and V (default strides).
+  void rotate_input(AppendScratch& s, int64_t rows, const void*& k, const void*& v, int64_t& token_stride,
+                    int64_t& head_stride, cudaStream_t stream);
+};
+
+}  // namespace kvcomp

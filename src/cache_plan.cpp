@@ -1,0 +1,118 @@
+// Plan-based decode (include/kvcomp/cache.hpp, "CUDA graphs"): a plan owns
+// fixed device buffers for a batch of slots; append(plan) derives its jobs on
+// the device from the token counts (kernels/decode_jobs.cuh) and attend(plan)
+// reads slots and lengths from device memory, so both can be captured.
+#include <algorithm>
+#include <string>
+
+#include "cache_impl.hpp"
+#include "config_check.hpp"
+#include "launch.hpp"
+
+namespace kvcomp {
+
+using detail::check_cuda;
+
+namespace {
+std::string str(long long v) { return std::to_string(v); }
+}  // namespace
+
+Cache::Impl::Plan& Cache::Impl::plan(const DecodePlan& p, const char* call) {
+  if (p.id < 0 || p.id >= int(plans.size()) || plans[p.id]->batch != p.batch)
+    throw Error(std::string(call) + ": not a plan of this cache (id " + str(p.id) + ", batch " + str(p.batch) + ")");
+  return *plans[p.id];
+}
+
+DecodePlan Cache::make_plan(int batch) {
+  Impl& m = *impl_;
+  const int limit = detail::attend_batch_limit(m.cfg);
+  if (batch < 1 || batch > limit)
+    throw Error("make_plan: batch " + str(batch) + " out of range [1, " + str(limit) + "] (Config::max_attend_batch)");
+  auto p = std::make_unique<Impl::Plan>();
+  p->batch = batch;
+  // Splits for the longest sequences; shorter ones leave splits empty.
+  const auto split = detail::plan_splits(m.max_blocks + 1, batch, m.H, m.sms, m.ctas_per_sm);
+  p->splits = std::min(split.splits, m.part_splits);
+  p->slots.allocate(batch, "plan slots");
+  const size_t jobs = size_t(batch) * m.H;
+  p->scratch.reserve(jobs, jobs, batch, "plan buffers");
+  if (m.cfg.transform == Transform::Hadamard)
+    p->scratch.rotated.allocate(2 * jobs * m.D * dtype_size(m.cfg.dtype), "plan buffers");
+  std::vector<int32_t> idle(batch, -1);
+  check_cuda(cudaMemcpy(p->slots.ptr, idle.data(), batch * sizeof(int32_t), cudaMemcpyHostToDevice), "plan slots");
+  p->seq_ids.assign(batch, -1);
+  m.plans.push_back(std::move(p));
+  return {int(m.plans.size()) - 1, batch};
+}
+
+void Cache::set_plan(const DecodePlan& plan, const std::vector<int>& seq_ids, cudaStream_t stream) {
+  Impl& m = *impl_;
+  Impl::Plan& p = m.plan(plan, "set_plan");
+  m.poll_failures("set_plan");
+  if (int(seq_ids.size()) != p.batch)
+    throw Error("set_plan: " + str(seq_ids.size()) + " sequence ids for a plan of batch " + str(p.batch));
+  for (size_t i = 0; i < seq_ids.size(); ++i) {
+    if (seq_ids[i] == -1) continue;
+    m.check_seq(seq_ids[i]);
+    for (size_t j = 0; j < i; ++j)
+      if (seq_ids[j] == seq_ids[i]) throw Error("set_plan: sequence " + str(seq_ids[i]) + " appears twice");
+  }
+  // Pageable: staged by the runtime before the call returns.
+  check_cuda(cudaMemcpyAsync(p.slots.ptr, seq_ids.data(), seq_ids.size() * sizeof(int32_t), cudaMemcpyHostToDevice,
+                             stream),
+             "plan slot upload");
+  p.seq_ids = seq_ids;
+}
+
+void Cache::append(const DecodePlan& plan, int layer, const void* k, const void* v, cudaStream_t stream,
+                   int64_t token_stride, int64_t head_stride) {
+  Impl& m = *impl_;
+  Impl::Plan& p = m.plan(plan, "append");
+  m.check_layer(layer);
+  const int H = m.H, D = m.D;
+  if (token_stride < 0) token_stride = int64_t(H) * D;
+  if (head_stride < 0) head_stride = D;
+  if (head_stride < D && H > 1) throw Error("append: head_stride " + str(head_stride) + " < head_dim " + str(D));
+  if (token_stride < D) throw Error("append: token_stride " + str(token_stride) + " < head_dim " + str(D));
+  if (!k || !v) throw Error("append: k and v must be device pointers, got null");
+  AppendScratch& s = p.scratch;
+  if (m.cfg.transform == Transform::Hadamard) m.rotate_input(s, p.batch, k, v, token_stride, head_stride, stream);
+  detail::DecodeJobsParams d{};
+  d.slots = p.slots.ptr;
+  d.tokens = m.tokens.ptr;
+  d.bounds = m.bounds.ptr + size_t(layer) * H * 2;
+  d.k = static_cast<const uint8_t*>(k);
+  d.v = static_cast<const uint8_t*>(v);
+  d.token_stride = token_stride;
+  d.head_stride = head_stride;
+  d.tails = m.tail_layout();
+  d.layer = layer;
+  d.layers = m.cfg.layers;
+  d.batch = p.batch;
+  d.max_blocks = m.max_blocks;
+  d.jobs = s.jobs.ptr;
+  d.copies = s.copies.ptr;
+  d.entries = s.entries.ptr;
+  detail::launch_decode_jobs(d, stream);
+  const int n = p.batch * H;
+  // The build kernels skip themselves once the layer's books exist.
+  m.run_store(layer, s, n, p.batch, n, true, stream);
+  m.tokens_stale = true;
+}
+
+void Cache::attend(const DecodePlan& plan, int layer, const void* q, void* out, DType q_type, cudaStream_t stream) {
+  Impl& m = *impl_;
+  Impl::Plan& p = m.plan(plan, "attend");
+  m.check_layer(layer);
+  if (q_type != DType::F16 && q_type != DType::BF16) throw Error("attend: q/out must be float16 or bfloat16");
+  if (!q || !out) throw Error("attend: q and out must be device pointers, got null");
+  detail::AttendParams a{};
+  a.batch = p.batch;
+  a.splits = p.splits;
+  a.units_per_split = detail::plan_splits(1, 1, 1, 1).units_per_split;  // the least a split takes
+  a.slots = p.slots.ptr;
+  m.fill_attend(layer, q, out, a);
+  detail::launch_attention(q_type, m.D, m.G, a, stream);
+}
+
+}  // namespace kvcomp
