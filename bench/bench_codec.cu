@@ -123,11 +123,17 @@ void load_dump_layers(const std::string& path) {
 }
 
 // Decode step that closes a block for every sequence: 32 layers x 8 heads x batch 8.
-void BM_decode_close_step(benchmark::State& st) {
-  const int layers = 32, B = 8, T = 64, H = 8, D = 128;
+constexpr int kStepLayers = 32, kStepBatch = 8;
+kvcomp::Config close_step_config() {
   kvcomp::Config cfg;
-  cfg.layers = layers; cfg.kv_heads = H; cfg.q_heads = 32; cfg.head_dim = D;
-  cfg.max_seqs = B; cfg.max_tokens_per_seq = 1 << 16; cfg.pool_bytes = size_t(2) << 30;
+  cfg.layers = kStepLayers; cfg.kv_heads = 8; cfg.q_heads = 32; cfg.head_dim = 128; cfg.block_tokens = 64;
+  cfg.max_seqs = kStepBatch; cfg.max_tokens_per_seq = 1 << 16; cfg.pool_bytes = size_t(2) << 30;
+  return cfg;
+}
+
+void BM_decode_close_step(benchmark::State& st) {
+  const int layers = kStepLayers, B = kStepBatch, T = 64, H = 8, D = 128;
+  const kvcomp::Config cfg = close_step_config();
   kvcomp::Cache cache(cfg);
   const size_t per_step = size_t(B) * H * D;
   __half *k, *v;
@@ -165,10 +171,8 @@ void BM_decode_close_step(benchmark::State& st) {
 // one CUDA graph; T - 1 replays fill the tails (untimed), the timed replay
 // closes a block for every sequence and layer.
 void BM_decode_close_step_graph(benchmark::State& st) {
-  const int layers = 32, B = 8, T = 64, H = 8, D = 128;
-  kvcomp::Config cfg;
-  cfg.layers = layers; cfg.kv_heads = H; cfg.q_heads = 32; cfg.head_dim = D;
-  cfg.max_seqs = B; cfg.max_tokens_per_seq = 1 << 16; cfg.pool_bytes = size_t(2) << 30;
+  const int layers = kStepLayers, B = kStepBatch, T = 64, H = 8, D = 128;
+  const kvcomp::Config cfg = close_step_config();
   kvcomp::Cache cache(cfg);
   const size_t per_step = size_t(B) * H * D;
   __half *k, *v;
