@@ -60,6 +60,8 @@ Cache::Impl::Impl(const Config& c)
   bounds.allocate(size_t(c.layers) * H * 2, "error bounds");
   fail_flag.reserve(sizeof(int32_t));
   *static_cast<volatile int32_t*>(fail_flag.ptr) = 0;
+  check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&fail_flag_device), fail_flag.ptr, 0),
+             "failure flag address");
 
   // Every page free (page 0 on top), nothing owned, nothing stored.
   std::vector<int32_t> stack(pages.pages), none(std::max<size_t>(pages.pages, c.max_seqs), -1);
@@ -93,9 +95,7 @@ Cache::Impl::Impl(const Config& c)
 }
 
 detail::SeqState Cache::Impl::seq_state() const {
-  int32_t* flag = nullptr;
-  check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&flag), fail_flag.ptr, 0), "failure flag address");
-  return {tokens.ptr, units16.ptr, fail.ptr, flag, cfg.max_seqs, cfg.max_tokens_per_seq, cfg.layers};
+  return {tokens.ptr, units16.ptr, fail.ptr, fail_flag_device, cfg.max_seqs, cfg.max_tokens_per_seq, cfg.layers};
 }
 
 ErrorBound Cache::Impl::bound(int layer, int head, Kind kind) const {

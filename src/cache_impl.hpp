@@ -61,6 +61,7 @@ struct Cache::Impl {
   detail::DeviceBuffer<uint64_t> units16;         // [layer][slot]
   detail::DeviceBuffer<int32_t> fail;             // [layer][slot]
   detail::PinnedBuffer fail_flag;                 // one int32, host-mapped
+  int32_t* fail_flag_device = nullptr;            // its device address
   detail::DeviceBuffer<unsigned long long> hist;  // [layer][H][K|V][kLowBitChoices][kNumSymbols]
   detail::DeviceBuffer<int32_t> ready;            // [layer]: codebooks built
 

@@ -273,7 +273,8 @@ class _CacheBase(Cache):
 
 _DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 _CONFIG_FIELDS = ("layers", "kv_heads", "q_heads", "head_dim", "dtype", "block_tokens", "k_bound", "v_bound",
-                  "overrides", "pool_bytes", "max_seqs", "max_attend_batch", "max_tokens_per_seq", "transform")
+                  "overrides", "pool_bytes", "pool_page_bytes", "max_seqs", "max_attend_batch", "max_tokens_per_seq",
+                  "transform")
 
 
 class _KvcompLayer(_Layer):
