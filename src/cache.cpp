@@ -109,6 +109,18 @@ void Cache::Impl::check_seq(int id) const {
   if (id < 0 || id >= cfg.max_seqs || !live[id]) throw Error("unknown or removed sequence id " + str(id));
 }
 
+void Cache::Impl::resolve_strides(int64_t& token_stride, int64_t& head_stride) const {
+  if (token_stride < 0) token_stride = int64_t(H) * D;
+  if (head_stride < 0) head_stride = D;
+  if (head_stride < D && H > 1) throw Error("append: head_stride " + str(head_stride) + " < head_dim " + str(D));
+  if (token_stride < D) throw Error("append: token_stride " + str(token_stride) + " < head_dim " + str(D));
+}
+
+void Cache::Impl::check_attend_io(const void* q, const void* out, DType q_type) {
+  if (q_type != DType::F16 && q_type != DType::BF16) throw Error("attend: q/out must be float16 or bfloat16");
+  if (!q || !out) throw Error("attend: q and out must be device pointers, got null");
+}
+
 void Cache::Impl::check_layer(int layer) const {
   if (layer < 0 || layer >= cfg.layers)
     throw Error("layer " + str(layer) + " out of range [0, " + str(cfg.layers) + ")");
@@ -220,16 +232,13 @@ int64_t Cache::tokens(int seq, int layer) const {
 void Cache::append(int layer, const std::vector<int>& seq_ids, const std::vector<int>& n_tokens, const void* k,
                    const void* v, cudaStream_t stream, int64_t token_stride, int64_t head_stride) {
   Impl& m = *impl_;
-  const int T = m.T, D = m.D, H = m.H;
+  const int T = m.T, H = m.H;
   m.check_layer(layer);
   m.poll_failures("append");
   m.refresh_tokens();
   if (seq_ids.size() != n_tokens.size())
     throw Error("append: " + str(seq_ids.size()) + " sequence ids but " + str(n_tokens.size()) + " token counts");
-  if (token_stride < 0) token_stride = int64_t(H) * D;
-  if (head_stride < 0) head_stride = D;
-  if (head_stride < D && H > 1) throw Error("append: head_stride " + str(head_stride) + " < head_dim " + str(D));
-  if (token_stride < D) throw Error("append: token_stride " + str(token_stride) + " < head_dim " + str(D));
+  m.resolve_strides(token_stride, head_stride);
   int64_t total = 0;
   for (size_t i = 0; i < seq_ids.size(); ++i) {
     m.check_seq(seq_ids[i]);
@@ -289,8 +298,7 @@ void Cache::attend(int layer, const std::vector<int>& seq_ids, const void* q, vo
   if (int(seq_ids.size()) > detail::attend_batch_limit(m.cfg))
     throw Error("attend: batch of " + str(seq_ids.size()) + " exceeds " + str(detail::attend_batch_limit(m.cfg)) +
                 " (Config::max_attend_batch)");
-  if (q_type != DType::F16 && q_type != DType::BF16) throw Error("attend: q/out must be float16 or bfloat16");
-  if (!q || !out) throw Error("attend: q and out must be device pointers, got null");
+  Impl::check_attend_io(q, out, q_type);
   detail::AttendParams p{};
   int max_units = 0;
   for (size_t i = 0; i < seq_ids.size(); ++i) {

@@ -93,6 +93,10 @@ struct Cache::Impl {
   ErrorBound bound(int layer, int head, Kind kind) const;
 
   void check_seq(int id) const;
+  /// The default strides for negative ones; throws on strides that overlap heads or channels.
+  void resolve_strides(int64_t& token_stride, int64_t& head_stride) const;
+  /// Throws on a q/out type attention does not take or null pointers.
+  static void check_attend_io(const void* q, const void* out, DType q_type);
   void check_layer(int layer) const;
   Plan& plan(const DecodePlan& p, const char* call);
   /// Throws the recorded device failures, if the flag is up (see cache.hpp).

@@ -69,11 +69,8 @@ void Cache::append(const DecodePlan& plan, int layer, const void* k, const void*
   Impl& m = *impl_;
   Impl::Plan& p = m.plan(plan, "append");
   m.check_layer(layer);
-  const int H = m.H, D = m.D;
-  if (token_stride < 0) token_stride = int64_t(H) * D;
-  if (head_stride < 0) head_stride = D;
-  if (head_stride < D && H > 1) throw Error("append: head_stride " + str(head_stride) + " < head_dim " + str(D));
-  if (token_stride < D) throw Error("append: token_stride " + str(token_stride) + " < head_dim " + str(D));
+  const int H = m.H;
+  m.resolve_strides(token_stride, head_stride);
   if (!k || !v) throw Error("append: k and v must be device pointers, got null");
   AppendScratch& s = p.scratch;
   if (m.cfg.transform == Transform::Hadamard) m.rotate_input(s, p.batch, k, v, token_stride, head_stride, stream);
@@ -104,12 +101,11 @@ void Cache::attend(const DecodePlan& plan, int layer, const void* q, void* out, 
   Impl& m = *impl_;
   Impl::Plan& p = m.plan(plan, "attend");
   m.check_layer(layer);
-  if (q_type != DType::F16 && q_type != DType::BF16) throw Error("attend: q/out must be float16 or bfloat16");
-  if (!q || !out) throw Error("attend: q and out must be device pointers, got null");
+  Impl::check_attend_io(q, out, q_type);
   detail::AttendParams a{};
   a.batch = p.batch;
   a.splits = p.splits;
-  a.units_per_split = detail::plan_splits(1, 1, 1, 1).units_per_split;  // the least a split takes
+  a.units_per_split = detail::kAttnWarps;  // at least a unit per warp; the kernel spreads longer sequences
   a.slots = p.slots.ptr;
   m.fill_attend(layer, q, out, a);
   detail::launch_attention(q_type, m.D, m.G, a, stream);
