@@ -18,6 +18,8 @@
 #pragma once
 
 #include <cub/block/block_scan.cuh>
+#include <cub/warp/warp_reduce.cuh>
+#include <cub/warp/warp_scan.cuh>
 
 #include <cstdint>
 
@@ -29,15 +31,54 @@ namespace kvcomp {
 namespace detail {
 
 constexpr int kPlaceThreads = 256;
+constexpr int kPlaceWarps = kPlaceThreads / 32;
+constexpr uint32_t kWalkAlone = 64;  // an entry of more jobs, among the first 32, is walked by a warp
+constexpr int kPlaceStage = 128;     // jobs a warp stages in shared memory at a time
+constexpr int kPlaceItems = 8;       // jobs a thread takes in the CTA-wide pass of step 3
+static_assert(kPlaceStage % 32 == 0 && (kPlaceStage & (kPlaceStage - 1)) == 0, "lane rows, 8-job steps, a mask");
 
 /// One CTA. sizes16[2 j], [2 j + 1]: job j's K and V block units (measure);
-/// writes pair_at16[j] (K at it, V right after), entry_ok[e], page_base[e] (scratch).
-__global__ void __launch_bounds__(kPlaceThreads) place_kernel(const AppendEntry* entries, int n_entries, int layer,
-                                                              const uint32_t* sizes16, uint32_t* pair_at16,
-                                                              int32_t* entry_ok, int32_t* page_base, PoolState pool,
-                                                              SeqState seqs) {
+/// writes pair_at16[j] (K at it, V right after) and entry_ok[e]. Scratch,
+/// two per entry: page_base[2 e] the new pages entry e needs, then (step 2)
+/// its first new page's stack position + 1; page_base[2 e + 1] its open
+/// page's fill after the append. Step 1 leaves each pair's offset in its page
+/// in pair_at16, step 3 adds the page.
+__global__ void __launch_bounds__(kPlaceThreads, 1) place_kernel(const AppendEntry* entries, int n_entries, int layer,
+                                                                 const uint32_t* sizes16, uint32_t* pair_at16,
+                                                                 int32_t* entry_ok, int32_t* page_base,
+                                                                 PoolState pool, SeqState seqs) {
+  using BlockScan = cub::BlockScan<int32_t, kPlaceThreads>;
+  using WarpScan = cub::WarpScan<int32_t>;
+  using WarpSum = cub::WarpReduce<uint64_t>;
+  __shared__ union {
+    typename BlockScan::TempStorage block;
+    typename WarpScan::TempStorage warp;
+  } scan;
+  __shared__ typename WarpSum::TempStorage warp_sum[kPlaceWarps];
+  __shared__ __align__(16) uint2 stage[kPlaceWarps][kPlaceStage];       // a job's {units, pair_limit}
+  __shared__ __align__(16) uint32_t offsets[kPlaceWarps][kPlaceStage];  // its offset in its page
+  __shared__ uint32_t by_warp;                                          // bit e: entry e is walked by a warp
+  __shared__ int32_t w_need[32];
+  __shared__ uint64_t w_units[32];
+  // Step 3's warp-walked entries that took their pages, in order.
+  __shared__ uint32_t w_begin[32], w_end[32];
+  __shared__ int32_t w_opened[32], w_top[32], w_page0[32], w_slot[32], w_n;
   const uint32_t P = pool.page_units16;
-  // 1. Check each entry and count the pages it needs.
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const uint2* sizes = reinterpret_cast<const uint2*>(sizes16);  // {K, V} of a job
+  auto units16 = [&](uint32_t j) {
+    const uint2 s = sizes[j];
+    return s.x + s.y;
+  };
+  if (threadIdx.x == 0) by_warp = 0;
+  __syncthreads();
+
+  // 1. Check each entry and walk its jobs once, counting the new pages. The
+  // greedy fill is one chain per entry (walk_step: add, compare, select, ~14
+  // cycles a pair on an H100), so the sizes are read ahead of it. A short
+  // entry (decode: one job per kv head) is walked by its thread from global
+  // memory, 16 sizes a round trip. A long one (prefill: thousands of jobs) by
+  // a warp (below).
   for (int e = threadIdx.x; e < n_entries; e += blockDim.x) {
     const AppendEntry a = entries[e];
     int32_t reason = kFailNone, need = 0;
@@ -48,33 +89,192 @@ __global__ void __launch_bounds__(kPlaceThreads) place_kernel(const AppendEntry*
         reason = kFailStale;
       else if (have + a.n_tokens > seqs.max_tokens)
         reason = kFailMaxTokens;
-      PageCursor c{pool.open_page[a.slot], pool.open_fill16[a.slot]};
-      for (uint32_t j = a.job_begin; j < a.job_end && reason == kFailNone; ++j) {
-        uint32_t at = 0;
-        if (place_pair(c, sizes16[2 * j] + sizes16[2 * j + 1], P, at)) {
-          ++need;
-          c.page = 0;  // any page: only the count matters here
-        }
+      if (reason == kFailNone && e < 32 && a.job_end - a.job_begin > kWalkAlone) {
+        atomicOr(&by_warp, 1u << e);
+      } else if (reason == kFailNone) {
+        PageCursor c{pool.open_page[a.slot], pool.open_fill16[a.slot]};
+        need = walk_pairs<16>(units16, a.job_begin, a.job_end, c, P, pair_at16);
+        page_base[2 * e + 1] = int32_t(c.fill16);
       }
     }
     entry_ok[e] = reason == kFailNone ? 1 : -reason;
-    page_base[e] = need;
+    page_base[2 * e] = need;
   }
   __syncthreads();
-  // 2. Take pages in entry order (deterministic), all or nothing per entry.
-  if (threadIdx.x == 0) {
-    int32_t free = *pool.free_count;
-    for (int e = 0; e < n_entries; ++e) {
-      if (entry_ok[e] != 1) continue;
-      const int32_t need = page_base[e];
-      if (need > free) { entry_ok[e] = -kFailPoolFull; continue; }
-      free -= need;
-      page_base[e] = free + need;  // its i-th new page is free_pages[page_base - 1 - i]
+  // Long entries, a warp each. Per kPlaceStage jobs: the lanes stage {units,
+  // limit} in shared memory (the limits need a ballot for the first pair) and
+  // load the next chunk's sizes; lane 0 runs the chain out of shared memory,
+  // ~20 cycles a job all told on an H100 (4096 jobs: ~80k cycles, ~42 us; the
+  // old kernel walked twice with a dependent global load a job, ~780 us); the
+  // lanes store the offsets and count the pairs at 0, which open pages.
+  const uint32_t warp_walked = by_warp;
+  for (uint32_t left = warp_walked, i = 0; left; left &= left - 1, ++i) {
+    if (int(i % kPlaceWarps) != warp) continue;
+    const int e = __ffs(left) - 1;
+    const AppendEntry a = entries[e];
+    const PageCursor c0{pool.open_page[a.slot], pool.open_fill16[a.slot]};
+    bool open = c0.page >= 0;
+    uint32_t fill = open ? c0.fill16 : 0;  // lane 0's chain
+    int32_t need = 0;
+    uint64_t units = 0;
+    uint2 ahead[kPlaceStage / 32];  // sizes of job j0 + 32 k + lane
+    auto fetch = [&](uint32_t j0) {
+#pragma unroll
+      for (int k = 0; k < kPlaceStage / 32; ++k) ahead[k] = sizes[min(j0 + k * 32 + lane, a.job_end - 1)];
+    };
+    fetch(a.job_begin);
+    for (uint32_t j0 = a.job_begin; j0 < a.job_end; j0 += kPlaceStage) {
+      uint32_t u[kPlaceStage / 32];
+#pragma unroll
+      for (int k = 0; k < kPlaceStage / 32; ++k) {
+        u[k] = j0 + k * 32 + lane < a.job_end ? ahead[k].x + ahead[k].y : 0;
+        const uint32_t placed = __ballot_sync(~0u, u[k] != 0);
+        const bool open_before = open || (placed & ((1u << lane) - 1));
+        stage[warp][k * 32 + lane] = {u[k], pair_limit(u[k], open_before, P)};
+        open = open || placed;
+        units += u[k];
+      }
+      __syncwarp();
+      fetch(j0 + kPlaceStage);  // in flight during the walk (not used before it ends)
+      if (lane == 0) {
+        // 8 jobs a step: read the next 8, store the last 8's offsets, then
+        // the chain. The reads cannot move past the stores (the compiler
+        // would otherwise sink them to their use and wait on each).
+        uint2 p[2][8];
+        uint32_t at[8] = {};  // the first step stores these to [kPlaceStage - 8, kPlaceStage), rewritten last
+        auto step = [&](int now, int k) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) p[now ^ 1][i] = stage[warp][min(k + 8, kPlaceStage - 8) + i];
+#pragma unroll
+          for (int i = 0; i < 8; ++i) offsets[warp][(k - 8 + i) & (kPlaceStage - 1)] = at[i];
+#pragma unroll
+          for (int i = 0; i < 8; ++i) walk_step(fill, p[now][i].x, p[now][i].y, at[i]);
+        };
+#pragma unroll
+        for (int i = 0; i < 8; ++i) p[0][i] = stage[warp][i];
+#pragma unroll 1
+        for (int k = 0; k < kPlaceStage; k += 16) {
+          step(0, k);
+          step(1, k + 8);
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) offsets[warp][kPlaceStage - 8 + i] = at[i];
+      }
+      __syncwarp();
+#pragma unroll
+      for (int k = 0; k < kPlaceStage / 32; ++k) {
+        const uint32_t at16 = offsets[warp][k * 32 + lane];
+        need += __popc(__ballot_sync(~0u, u[k] != 0 && at16 == 0));
+        if (u[k]) pair_at16[j0 + k * 32 + lane] = at16;
+      }
     }
-    *pool.free_count = free;
+    units = WarpSum(warp_sum[warp]).Sum(units);
+    if (lane == 0) {
+      page_base[2 * e] = need;
+      page_base[2 * e + 1] = int32_t(open ? fill : c0.fill16);
+      w_need[e] = need;
+      w_units[e] = units;
+    }
   }
   __syncthreads();
-  // 3. Offsets, page ownership, counts; or the failure record.
+
+  // 2. Take pages in entry order (deterministic), all or nothing per entry:
+  // warp 0, 32 entries a step, by a scan when they all fit (the usual case),
+  // else entry by entry.
+  if (warp == 0) {
+    int32_t free = *pool.free_count;
+    for (int e0 = 0; e0 < n_entries; e0 += 32) {
+      const int e = e0 + lane;
+      const bool ok = e < n_entries && entry_ok[e] == 1;
+      const int32_t need = ok ? page_base[2 * e] : 0;
+      int32_t before, total;
+      WarpScan(scan.warp).ExclusiveSum(need, before, total);
+      __syncwarp();
+      if (total <= free) {
+        if (ok) page_base[2 * e] = free - before;  // its i-th new page is free_pages[page_base - 1 - i]
+        free -= total;
+      } else {
+        for (int i = 0; i < 32; ++i) {
+          const bool ok_i = __shfl_sync(~0u, ok, i);
+          const int32_t need_i = __shfl_sync(~0u, need, i);
+          if (lane == i && ok) {
+            if (need > free) entry_ok[e] = -kFailPoolFull;
+            else page_base[2 * e] = free;
+          }
+          if (ok_i && need_i <= free) free -= need_i;
+        }
+      }
+    }
+    if (lane == 0) *pool.free_count = free;
+  }
+  __syncthreads();
+
+  // 3. Offsets, page ownership, counts; or the failure record. A pair opened
+  // a page iff its offset is 0: an open page always holds some units (a
+  // page is opened by a pair of units > 0, idle jobs place nothing, and
+  // release_kernel closes the page with the sequence), so the k-th pair at 0
+  // of an entry is on its k-th new page, free_pages[page_base - k], the pairs
+  // after it too, and those before any on the page open before the append.
+  // Warp-walked entries: the CTA together, an inclusive scan of those flags
+  // over all their jobs (kPlaceThreads * kPlaceItems a step, ~2-3k cycles).
+  if (warp_walked) {
+    if (warp == 0) {
+      const bool ok = (warp_walked >> lane & 1) && entry_ok[lane] == 1;
+      const uint32_t oks = __ballot_sync(~0u, ok);
+      const int r = __popc(oks & ((1u << lane) - 1));
+      const int32_t need = ok ? w_need[lane] : 0;
+      int32_t before;
+      WarpScan(scan.warp).ExclusiveSum(need, before);  // pages the ones before open
+      if (ok) {
+        const AppendEntry a = entries[lane];
+        const int32_t top = page_base[2 * lane], page0 = pool.open_page[a.slot];
+        w_begin[r] = a.job_begin;
+        w_end[r] = a.job_end;
+        w_opened[r] = before;
+        w_top[r] = top + before;
+        w_page0[r] = page0;
+        w_slot[r] = a.slot;
+        const size_t at = size_t(layer) * seqs.max_seqs + a.slot;
+        pool.open_page[a.slot] = need > 0 ? pool.free_pages[top - need] : page0;
+        pool.open_fill16[a.slot] = uint32_t(page_base[2 * lane + 1]);
+        seqs.tokens[at] += a.n_tokens;
+        seqs.units16[at] += w_units[lane];
+      }
+      if (lane == 0) w_n = __popc(oks);
+    }
+    __syncthreads();
+    const int n = w_n;
+    int32_t carry = 0;  // pages the jobs of the steps before open
+    for (uint32_t j0 = n ? w_begin[0] : 0, last = n ? w_end[n - 1] : 0; j0 < last;
+         j0 += kPlaceThreads * kPlaceItems) {
+      uint32_t u[kPlaceItems], at16[kPlaceItems];
+      int32_t opens[kPlaceItems], k[kPlaceItems], r[kPlaceItems];
+#pragma unroll
+      for (int i = 0; i < kPlaceItems; ++i) {
+        const uint32_t j = j0 + threadIdx.x * kPlaceItems + i;
+        r[i] = 0;  // the last entry starting at or before j (j may be another entry's job)
+        for (int step = 16; step; step >>= 1)
+          if (r[i] + step < n && w_begin[r[i] + step] <= j) r[i] += step;
+        const bool mine = j < w_end[r[i]];
+        u[i] = mine ? units16(j) : 0;
+        at16[i] = mine ? pair_at16[j] : 0;
+        opens[i] = u[i] != 0 && at16[i] == 0;
+      }
+      int32_t total;
+      BlockScan(scan.block).InclusiveSum(opens, k, total);
+#pragma unroll
+      for (int i = 0; i < kPlaceItems; ++i) {
+        if (!u[i]) continue;
+        const int32_t opened = carry + k[i];
+        const int32_t page = opened > w_opened[r[i]] ? pool.free_pages[w_top[r[i]] - opened] : w_page0[r[i]];
+        if (opens[i]) pool.owner[page] = w_slot[r[i]];
+        pair_at16[j0 + threadIdx.x * kPlaceItems + i] = uint32_t(uint64_t(page) * P + at16[i]);
+      }
+      carry += total;
+      __syncthreads();
+    }
+  }
+  // The other entries, a thread each, and every failure record.
   for (int e = threadIdx.x; e < n_entries; e += blockDim.x) {
     const AppendEntry a = entries[e];
     if (a.n_tokens <= 0) continue;
@@ -86,21 +286,31 @@ __global__ void __launch_bounds__(kPlaceThreads) place_kernel(const AppendEntry*
       __threadfence_system();
       continue;
     }
-    PageCursor c{pool.open_page[a.slot], pool.open_fill16[a.slot]};
-    int32_t next = page_base[e] - 1;
+    if (e < 32 && (warp_walked >> e & 1)) continue;
+    const int32_t top = page_base[2 * e];
+    int32_t page = pool.open_page[a.slot], opened = 0;
     uint64_t units = 0;
-    for (uint32_t j = a.job_begin; j < a.job_end; ++j) {
-      const uint32_t u = sizes16[2 * j] + sizes16[2 * j + 1];
-      uint32_t in_page = 0;
-      if (place_pair(c, u, P, in_page)) {
-        c.page = pool.free_pages[next--];
-        pool.owner[c.page] = a.slot;
+    for (uint32_t j = a.job_begin; j < a.job_end; j += 16) {
+      uint32_t u[16], at16[16];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        u[i] = j + i < a.job_end ? units16(j + i) : 0;
+        at16[i] = j + i < a.job_end ? pair_at16[j + i] : 0;
       }
-      if (u) pair_at16[j] = uint32_t(uint64_t(c.page) * P + in_page);
-      units += u;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        if (u[i]) {
+          if (at16[i] == 0) {
+            page = pool.free_pages[top - ++opened];
+            pool.owner[page] = a.slot;
+          }
+          pair_at16[j + i] = uint32_t(uint64_t(page) * P + at16[i]);
+        }
+        units += u[i];
+      }
     }
-    pool.open_page[a.slot] = c.page;
-    pool.open_fill16[a.slot] = c.fill16;
+    pool.open_page[a.slot] = page;
+    pool.open_fill16[a.slot] = uint32_t(page_base[2 * e + 1]);
     seqs.tokens[at] += a.n_tokens;
     seqs.units16[at] += units;
   }

@@ -19,7 +19,7 @@ struct PoolState {
   int32_t* free_count;    // [1]
   int32_t* owner;         // [n_pages]: slot holding the page, or -1
   int32_t* open_page;     // [max_seqs]: page being filled, or -1
-  uint32_t* open_fill16;  // [max_seqs]: units of the open page in use
+  uint32_t* open_fill16;  // [max_seqs]: units of the open page in use (> 0 while one is open)
   uint32_t page_units16;  // page size, 16-byte units
   int32_t n_pages;
 };
@@ -49,6 +49,49 @@ KVCOMP_HD bool place_pair(PageCursor& c, uint32_t units16, uint32_t page_units16
   at16 = c.fill16;
   c.fill16 += units16;
   return fresh;
+}
+
+/// place_pair for the place kernel's first pass, which only counts pages:
+/// a pair opens one when fill + units16 passes its pair_limit (never for an
+/// idle job, always for the first pair with no page open), so walk_step is
+/// branch-free, its chain over the fill an add, a compare and a select.
+KVCOMP_HD uint32_t pair_limit(uint32_t units16, bool page_open, uint32_t page_units16) {
+  return units16 == 0 ? UINT32_MAX : page_open ? page_units16 : 0;
+}
+KVCOMP_HD bool walk_step(uint32_t& fill16, uint32_t units16, uint32_t limit, uint32_t& at16) {
+  const uint32_t t = fill16 + units16;
+  const bool fresh = t > limit;
+  at16 = fresh ? 0 : fill16;
+  fill16 = fresh ? units16 : t;
+  return fresh;
+}
+
+/// place_pair over jobs [j, end), job j's units given by units16(j), counting
+/// pages: writes each placed pair's offset in its page to at16[j] and returns
+/// how many pairs open a new page; c.fill16 ends as place_pair leaves it,
+/// c.page >= 0 once a pair is placed (not a real page). N units are read
+/// first, ahead of the chain.
+template <int N, class Units>
+KVCOMP_HD int32_t walk_pairs(Units units16, uint32_t j, uint32_t end, PageCursor& c, uint32_t page_units16,
+                             uint32_t* at16) {
+  bool open = c.page >= 0;
+  uint32_t fill = open ? c.fill16 : 0;  // a first pair on no page starts at 0 anyway
+  int32_t fresh_pages = 0;
+  for (; j < end; j += N) {
+    uint32_t u[N], limit[N];
+    for (int i = 0; i < N; ++i) u[i] = j + i < end ? units16(j + i) : 0;
+    for (int i = 0; i < N; ++i) {
+      limit[i] = pair_limit(u[i], open, page_units16);
+      open = open || u[i] != 0;
+    }
+    for (int i = 0; i < N; ++i) {
+      uint32_t at = 0;
+      fresh_pages += walk_step(fill, u[i], limit[i], at);
+      if (u[i]) at16[j + i] = at;
+    }
+  }
+  if (open) c = {c.page < 0 ? 0 : c.page, fill};
+  return fresh_pages;
 }
 
 }  // namespace detail

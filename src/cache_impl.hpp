@@ -34,7 +34,7 @@ struct AppendScratch {
     sizes16.reserve(2 * jobs_n, what);
     pair_at16.reserve(jobs_n, what);
     entry_ok.reserve(entries_n, what);
-    page_base.reserve(entries_n, what);
+    page_base.reserve(2 * entries_n, what);  // two per entry (kernels/pool_pages.cuh)
   }
 };
 

@@ -15,7 +15,16 @@ void check_cuda(cudaError_t e, const char* what) {
 
 namespace {
 
-int store_grid(int n_jobs) { return (2 * n_jobs + kStoreWarps - 1) / kStoreWarps; }
+/// One CTA per block; dynamic shared memory past 48 KiB (T = 128 or D = 256)
+/// needs the kernel's opt-in, set on the current device before each such launch.
+template <typename Smem, typename Kernel>
+size_t store_smem(Kernel kernel, int T, int D) {
+  const size_t bytes = StoreSmem<Smem>::bytes(T, D);
+  if (bytes > 48 * 1024)
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+               "store kernel shared memory opt-in");
+  return bytes;
+}
 
 template <typename F>
 void by_type(DType t, F&& f) {
@@ -32,7 +41,9 @@ void launch_histogram(DType t, const StoreJob* jobs, int n_jobs, int T, int D, u
                       cudaStream_t s, const int32_t* ready) {
   if (n_jobs == 0) return;
   by_type(t, [&](auto e) {
-    histogram_kernel<decltype(e)><<<store_grid(n_jobs), 32 * kStoreWarps, 0, s>>>(jobs, n_jobs, T, D, hist, ready);
+    auto* kernel = histogram_kernel<decltype(e)>;
+    const size_t smem = store_smem<HistogramSmem>(kernel, T, D);
+    kernel<<<2 * n_jobs, kStoreThreads, smem, s>>>(jobs, T, D, hist, ready);
   });
   check_cuda(cudaGetLastError(), "histogram kernel launch");
 }
@@ -41,7 +52,9 @@ void launch_measure(DType t, const StoreJob* jobs, int n_jobs, int T, int D, con
                     uint32_t* sizes16, cudaStream_t s) {
   if (n_jobs == 0) return;
   by_type(t, [&](auto e) {
-    measure_kernel<decltype(e)><<<store_grid(n_jobs), 32 * kStoreWarps, 0, s>>>(jobs, n_jobs, T, D, books, sizes16);
+    auto* kernel = measure_kernel<decltype(e)>;
+    const size_t smem = store_smem<MeasureSmem>(kernel, T, D);
+    kernel<<<2 * n_jobs, kStoreThreads, smem, s>>>(jobs, T, D, books, sizes16);
   });
   check_cuda(cudaGetLastError(), "measure kernel launch");
 }
@@ -51,8 +64,9 @@ void launch_encode(DType t, const StoreJob* jobs, int n_jobs, int T, int D, cons
                    format::BlockRef* table, cudaStream_t s) {
   if (n_jobs == 0) return;
   by_type(t, [&](auto e) {
-    encode_kernel<decltype(e)><<<store_grid(n_jobs), 32 * kStoreWarps, 0, s>>>(
-        jobs, n_jobs, T, D, books, sizes16, pair_at16, entry_ok, pool, table);
+    auto* kernel = encode_kernel<decltype(e)>;
+    const size_t smem = store_smem<EncodeSmem>(kernel, T, D);
+    kernel<<<2 * n_jobs, kStoreThreads, smem, s>>>(jobs, T, D, books, sizes16, pair_at16, entry_ok, pool, table);
   });
   check_cuda(cudaGetLastError(), "encode kernel launch");
 }

@@ -3,9 +3,11 @@
 // pool placement (src/store_plan.hpp) give the expected jobs and extents.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <iterator>
+#include <random>
 #include <string>
 #include <utility>
 #include <vector>
@@ -244,6 +246,51 @@ TEST(PoolPages, PairsFillTheOpenPageThenOpenANewOne) {
     EXPECT_EQ(c.fill16, fill_want[i]);
   }
   EXPECT_EQ(page, 2);
+}
+
+TEST(PoolPages, WalkPairsCountsAndPlacesAsPlacePairDoes) {
+  // The place kernel's first pass against place_pair, pair by pair: idle
+  // jobs, pairs larger than a page, sums that wrap, no page open or one open.
+  std::mt19937 rng(7);
+  auto pick = [&](uint32_t n) { return uint32_t(rng() % n); };
+  for (int trial = 0; trial < 2000; ++trial) {
+    SCOPED_TRACE("trial " + std::to_string(trial));
+    const uint32_t P = std::vector<uint32_t>{1, 10, 37, 1024}[pick(4)];
+    std::vector<uint32_t> units(pick(70));
+    for (uint32_t& u : units) {
+      const uint32_t kind = pick(20);
+      u = kind < 4 ? 0 : kind < 18 ? 1 + pick(P) : kind == 18 ? P + pick(3) : UINT32_MAX - pick(2 * P + 2);
+    }
+    const detail::PageCursor start = pick(3) ? detail::PageCursor{-1, pick(2) ? 0u : pick(P + 1)}
+                                             : detail::PageCursor{int32_t(pick(5)), pick(P + 2)};
+    detail::PageCursor want = start;
+    int32_t want_fresh = 0;
+    std::vector<uint32_t> want_at(units.size(), 12345u);
+    for (size_t j = 0; j < units.size(); ++j) {
+      if (detail::place_pair(want, units[j], P, want_at[j])) {
+        ++want_fresh;
+        want.page = 0;
+      }
+    }
+    std::vector<uint32_t> at(units.size(), 12345u);
+    detail::PageCursor c = start;
+    const int32_t fresh = detail::walk_pairs<8>([&](uint32_t j) { return units[j]; }, 0, uint32_t(units.size()), c, P,
+                                                at.data());
+    EXPECT_EQ(fresh, want_fresh);
+    EXPECT_EQ(at, want_at);
+    EXPECT_EQ(c.fill16, want.fill16);
+    EXPECT_EQ(c.page >= 0, want.page >= 0);
+    // In two parts, N dividing neither: the cursor carries over.
+    std::fill(at.begin(), at.end(), 12345u);
+    c = start;
+    const uint32_t half = uint32_t(units.size() / 2);
+    const int32_t fresh2 = detail::walk_pairs<3>([&](uint32_t j) { return units[j]; }, 0, half, c, P, at.data()) +
+                           detail::walk_pairs<3>([&](uint32_t j) { return units[j]; }, half, uint32_t(units.size()),
+                                                 c, P, at.data());
+    EXPECT_EQ(fresh2, want_fresh);
+    EXPECT_EQ(at, want_at);
+    EXPECT_EQ(c.fill16, want.fill16);
+  }
 }
 
 TEST(PoolPages, APageHoldsAWorstCasePairAndLargePoolsGetQuarterMegabytePages) {

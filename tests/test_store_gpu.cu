@@ -38,6 +38,9 @@ struct StoreOptions {
   bool sparse_books = false;
   // Codebook sets to encode the case's blocks with, one after the other.
   std::vector<int> book_choices = kEveryBookChoice;
+  // Input rows one element further apart than H D: most rows miss 16-byte
+  // alignment, so the store kernels take their element-load path.
+  bool odd_stride = false;
 };
 
 /// What run_store_case saw, summed over the cases a test runs.
@@ -104,7 +107,13 @@ void run_store_case(StoreCase cs, Dist dist, ErrorBound eb, uint64_t seed, const
   // tail_rows rows come from a tail buffer (what a decode step closes).
   std::vector<detail::StoreJob> jobs;
   std::vector<std::vector<float>> expect_k, expect_v;  // row-major T x D per job
-  const auto k_bytes = to_dtype_bytes(cs.dtype, k_all), v_bytes = to_dtype_bytes(cs.dtype, v_all);
+  const int64_t in_stride = int64_t(H) * D + (opt.odd_stride ? 1 : 0);
+  auto spread = [&](const std::vector<float>& x) {  // rows [tokens][in_stride]; a gap is never read
+    std::vector<float> y(size_t(tokens) * in_stride, 0.f);
+    for (int t = 0; t < tokens; ++t) std::copy_n(&x[size_t(t) * H * D], size_t(H) * D, &y[size_t(t) * in_stride]);
+    return y;
+  };
+  const auto k_bytes = to_dtype_bytes(cs.dtype, spread(k_all)), v_bytes = to_dtype_bytes(cs.dtype, spread(v_all));
   DevBuf<uint8_t> d_k(k_bytes.size()), d_v(v_bytes.size());
   d_k.upload(k_bytes);
   d_v.upload(v_bytes);
@@ -129,11 +138,11 @@ void run_store_case(StoreCase cs, Dist dist, ErrorBound eb, uint64_t seed, const
       if (tailed && h == 1) continue;
       const int first_tok = tailed ? 0 : b * T;
       detail::StoreJob j{};
-      j.k_in = d_k.ptr + (size_t(first_tok) * H + h) * D * esz;
-      j.v_in = d_v.ptr + (size_t(first_tok) * H + h) * D * esz;
+      j.k_in = d_k.ptr + (size_t(first_tok) * in_stride + size_t(h) * D) * esz;
+      j.v_in = d_v.ptr + (size_t(first_tok) * in_stride + size_t(h) * D) * esz;
       j.k_tail = d_tk.ptr;
       j.v_tail = d_tv.ptr;
-      j.in_token_stride = int64_t(H) * D;
+      j.in_token_stride = in_stride;
       j.eb_k = eb;
       j.eb_v = eb;
       j.tail_tokens = tailed ? tail_rows : 0;
@@ -384,6 +393,15 @@ TEST(StoreGpu, BitEqualToReferenceWithPairEscapesAndRawValues) {
     opt.specials = false;
     opt.sparse_books = true;
     run_store_case({DType::BF16, 128, 64}, Dist::OutlierChannels, eb, seed + 13, opt, &stats);
+    if (HasFatalFailure()) return;
+  }
+  // Unaligned input rows, every input type (16-byte vector loads do not apply).
+  for (DType dtype : {DType::F16, DType::BF16, DType::F32}) {
+    SCOPED_TRACE(std::string("odd stride ") + dtype_name(dtype));
+    StoreOptions opt;
+    opt.specials = true;
+    opt.odd_stride = true;
+    run_store_case({dtype, 64, 96}, Dist::HeavyTailed, {BoundMode::Relative, 0.02f}, seed + 19, opt, &stats);
     if (HasFatalFailure()) return;
   }
 }
