@@ -166,9 +166,10 @@ void sweep_args(benchmark::internal::Benchmark* b) {
     for (int var : kMain) b->Args({32768, 8, var, g, 128});
   for (int var : kMain) b->Args({32768, 8, var, 4, 64});
   // GQA groups that run padded (Llama-3.2-3B: 3, Qwen2.5-7B: 7): kvcomp only (the baselines take 1/2/4/8).
-  for (int g : {3, 7}) b->Args({32768, 8, kKvcomp, g, 128});
-  // head_dim 96 (Phi-3): kvcomp only (the baselines take 64 and 128).
+  for (int g : {3, 7, 16}) b->Args({32768, 8, kKvcomp, g, 128});
+  // head_dim 96 (Phi-3) and 256 (Gemma): kvcomp only (the baselines take 64 and 128).
   b->Args({32768, 8, kKvcomp, 4, 96});
+  b->Args({32768, 8, kKvcomp, 4, 256});
   // Config::transform = Hadamard (q rotated in the kernel, output in the merge).
   for (int n : {1024, 32768}) b->Args({n, 8, kKvcompHadamard, 4, 128});
   b->Args({131072, 1, kKvcompHadamard, 4, 128});

@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 MAIN = [(n, b, 4, 128) for n in (1024, 4096, 16384, 32768, 65536, 131072) for b in (1, 8)]
 MAIN += [(524288, 1, 4, 128)] + [(n, 32, 4, 128) for n in (1024, 4096, 16384, 32768)]
 SWEEP = [(32768, 8, 1, 128), (32768, 8, 8, 128), (32768, 8, 4, 64), (32768, 8, 2, 128), (32768, 8, 3, 128),
-         (32768, 8, 7, 128), (32768, 8, 4, 96)]
+         (32768, 8, 7, 128), (32768, 8, 16, 128), (32768, 8, 4, 96), (32768, 8, 4, 256)]
 
 
 def time_call(fn, reps=15, inner=20):
@@ -47,6 +47,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", required=True)
     ap.add_argument("--backend", default="flash", choices=["flash", "efficient", "math", "cudnn", "any"])
+    ap.add_argument("--context", type=int, default=0, help="only shapes of this context (0: all)")
+    ap.add_argument("--batch", type=int, default=0, help="only shapes of this batch (0: all)")
     args = ap.parse_args()
     backends = {"flash": [SDPBackend.FLASH_ATTENTION], "efficient": [SDPBackend.EFFICIENT_ATTENTION],
                 "math": [SDPBackend.MATH], "cudnn": [SDPBackend.CUDNN_ATTENTION],
@@ -56,6 +58,8 @@ def main():
                        "sdpa_backend": args.backend}, "benchmarks": []}
     for name, shapes in (("BM_attention", MAIN), ("BM_attention_sweep", SWEEP)):
         for n, batch, g, d in shapes:
+            if (args.context and n != args.context) or (args.batch and batch != args.batch):
+                continue
             gen = torch.Generator(device="cuda").manual_seed(n + batch + g + d)
             k = torch.randn(batch, H, n, d, device="cuda", dtype=torch.float16, generator=gen)
             v = torch.randn(batch, H, n, d, device="cuda", dtype=torch.float16, generator=gen)

@@ -2,7 +2,8 @@
 //
 // grid (splits, kv_heads, batch); each CTA takes a range of `units` (token
 // blocks, plus the uncompressed tail as the last unit) of one sequence and one
-// KV head, for all its query heads (GQA: one decode, up to 8 uses). Each warp
+// KV head, for all its query heads (GQA: one decode, up to 8 uses; 9..16
+// query heads run as two launches of 8 and G - 8, each decoding the blocks). Each warp
 // streams whole blocks, 32 tokens (a chunk) at a time, on tensor cores
 // (mma.m16n8k16, fp16 operands, fp32 accumulation):
 //   K: S^T[h][t] = sum_c (q_hc step_c) code_tc + sum_c q_hc min_c. A = q x
@@ -81,14 +82,16 @@ struct AttnSmem {
 
 /// 3 CTAs (12 warps) per SM, which shared memory allows at D = 128; 158
 /// registers then hold the K loop without spills (4 CTAs spill around the
-/// escape path's call).
-constexpr int kAttnMinCtas = 3;
+/// escape path's call). D = 256 (Gemma) doubles the output accumulators and
+/// shared memory (~98 KiB a CTA): 2 CTAs.
+template <int D>
+constexpr int attn_min_ctas() { return D > 128 ? 2 : 3; }
 
 constexpr int32_t kTailF16 = 0, kTailBF16 = 1;  // AttendParams::tail_dtype, as DType
 constexpr int32_t kTransformHadamard = 1;        // AttendParams::transform, as Transform
 
 template <typename QT, int D>
-__global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention_kernel(const __grid_constant__ AttendParams p) {
+__global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_attention_kernel(const __grid_constant__ AttendParams p) {
   using Smem = AttnSmem<D>;
   constexpr int kK16 = D / 16, kM16 = D / 16, kChunk = format::kChunkTokens;
   static_assert(max_overread(kMaxTokensPerBlock, D) <= kDecodeOverread, "decoders may read past the pool");
@@ -111,7 +114,9 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention
   const int per = max(p.units_per_split, (units + p.splits - 1) / p.splits);
   const int u_begin = split * per;
   const int u_end = min(units, u_begin + per);
-  const int group = p.group, q_heads = p.kv_heads * group;
+  // This launch's query heads of the KV head: p.head_base .. + group - 1 (G > 8 runs two launches).
+  const int q_heads = p.kv_heads * p.group, group = min(kMmaRows, p.group - p.head_base);
+  const size_t first_q_head = size_t(b) * q_heads + size_t(head) * p.group + p.head_base;
   const int k_low = int(p.books[2 * head].low_bits), v_low = int(p.books[2 * head + 1].low_bits);  // k
 
   if (nblocks > 0 && u_begin < u_end) {
@@ -123,7 +128,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention
       reinterpret_cast<uint4*>(luts + format::kLutSize)[i] = src_v[i];
     }
   }
-  const QT* q = static_cast<const QT*>(p.q) + (size_t(b) * q_heads + size_t(head) * group) * D;
+  const QT* q = static_cast<const QT*>(p.q) + first_q_head * D;
   const int q_real = group * D;
   constexpr bool kPow2 = (D & (D - 1)) == 0;  // the Hadamard transform needs it (Config checks)
   if (kPow2 && p.transform == kTransformHadamard) {
@@ -398,7 +403,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kAttnMinCtas) fused_attention
   __syncthreads();
 
   // Merge the warps' partials: this split's (acc, max, sum) per real query head.
-  float* part = p.part + (size_t(b) * q_heads + size_t(head) * group) * p.splits * (D + 2);
+  float* part = p.part + first_q_head * p.splits * (D + 2);
   for (int i = threadIdx.x; i < group * D; i += blockDim.x) {
     const int g = i / D, d = i % D;
     auto warp_row = [&](int w) {

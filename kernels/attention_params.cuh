@@ -18,8 +18,8 @@ constexpr int kMaxTokensPerBlock = 128;
 /// this much readable memory.
 /// Bound: a lane consumes at most max_lane_bits (every pair escaped with two
 /// raw values) from a start that is at most the block end, and its window
-/// holds 4 words beyond its position (T = 128, D = 128: 2928 bytes).
-constexpr uint32_t kDecodeOverread = 4096;
+/// holds 4 words beyond its position (T = 128, D = 256: 5844 bytes).
+constexpr uint32_t kDecodeOverread = 8192;
 constexpr uint32_t max_overread(int tokens, int head_dim) {
   return (format::max_lane_bits(tokens, head_dim) + 7) / 8 + 20;
 }
@@ -46,7 +46,8 @@ struct AttendParams {
   int32_t splits;
   float scale_log2;               // softmax scale * log2(e)
   int32_t tail_dtype;
-  int32_t group;                  // query heads per kv head, 1..8 (the mma rows of one KV head)
+  int32_t group;                  // query heads per kv head, 1..16
+  int32_t head_base;              // first of them this launch handles (0 or 8: the mma rows hold 8)
   int32_t transform;              // Config::transform: Hadamard = K/V stored as x R, so q is
                                   // rotated in the kernel and the output rotated back in the merge
   int32_t batch;

@@ -14,12 +14,13 @@ namespace {
 
 template <typename F>
 void dispatch(DType q_type, int D, int G, F&& f) {
-  if (G < 1 || G > kMmaRows) throw Error("query heads per kv head must be 1..8, got " + std::to_string(G));
+  if (G < 1 || G > 2 * kMmaRows) throw Error("query heads per kv head must be 1..16, got " + std::to_string(G));
   auto with_d = [&](auto qt) {
     if (D == 64) return f(qt, std::integral_constant<int, 64>{});
     if (D == 96) return f(qt, std::integral_constant<int, 96>{});
     if (D == 128) return f(qt, std::integral_constant<int, 128>{});
-    throw Error("attention supports head_dim 64, 96 and 128, got " + std::to_string(D));
+    if (D == 256) return f(qt, std::integral_constant<int, 256>{});
+    throw Error("attention supports head_dim 64, 96, 128 and 256, got " + std::to_string(D));
   };
   if (q_type == DType::F16) return with_d(__half{});
   if (q_type == DType::BF16) return with_d(__nv_bfloat16{});
@@ -55,8 +56,11 @@ void launch_attention(DType q_type, int D, int G, const AttendParams& params, cu
     constexpr int kD = d.value;
     const dim3 grid(p.splits, p.kv_heads, p.batch);
     allow_smem(fused_attention_kernel<QT, kD>, AttnSmem<kD>::kBytes);
-    fused_attention_kernel<QT, kD><<<grid, 32 * kAttnWarps, AttnSmem<kD>::kBytes, s>>>(p);
-    check_cuda(cudaGetLastError(), "fused attention launch");
+    // 8 query heads per launch (the mma rows); G > 8 decodes the blocks twice.
+    for (p.head_base = 0; p.head_base < G; p.head_base += kMmaRows) {
+      fused_attention_kernel<QT, kD><<<grid, 32 * kAttnWarps, AttnSmem<kD>::kBytes, s>>>(p);
+      check_cuda(cudaGetLastError(), "fused attention launch");
+    }
     merge_kernel<QT, kD><<<p.batch * p.kv_heads * G, kD, 0, s>>>(p.part, p.splits, static_cast<QT*>(p.out),
                                                                  p.transform == kTransformHadamard);
     check_cuda(cudaGetLastError(), "split merge launch");

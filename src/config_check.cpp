@@ -30,14 +30,14 @@ void validate(const Config& c) {
     throw Error("config: q_heads (" + str(c.q_heads) + ") must be a positive multiple of kv_heads (" +
                 str(c.kv_heads) + ")");
   const int g = c.q_heads / c.kv_heads;
-  if (g < 1 || g > 8)  // 3, 5, 6, 7 run on the kernel of the next power of two, padded
-    throw Error("config: q_heads / kv_heads must be 1..8, got " + str(g));
+  if (g < 1 || g > 16)  // the kernel's 8 mma rows, padded; 9..16 take two passes
+    throw Error("config: q_heads / kv_heads must be 1..16, got " + str(g));
   if (c.transform != Transform::None && c.transform != Transform::Hadamard)
     throw Error("config: transform must be Transform::None or Transform::Hadamard, got " + str(int(c.transform)));
   if (c.transform == Transform::Hadamard && !is_power_of_two(c.head_dim))
     throw Error("config: transform Hadamard needs head_dim a power of two, got " + str(c.head_dim));
-  if (c.head_dim != 64 && c.head_dim != 96 && c.head_dim != 128)
-    throw Error("config: head_dim must be 64, 96 or 128, got " + str(c.head_dim));
+  if (!format::supported_head_dim(c.head_dim))
+    throw Error("config: head_dim must be 64, 96, 128 or 256, got " + str(c.head_dim));
   if (!format::supported_tokens(c.block_tokens))
     throw Error("config: block_tokens must be 32, 64 or 128, got " + str(c.block_tokens));
   if (c.dtype != DType::F16 && c.dtype != DType::BF16 && c.dtype != DType::F32) throw Error("config: unknown dtype");

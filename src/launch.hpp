@@ -34,11 +34,11 @@ void launch_decode_jobs(const DecodeJobsParams& p, cudaStream_t s);
 /// Config::transform = Hadamard (kernels/hadamard.cuh): dst[t][h] = src row
 /// (t, h) R rounded to nearest in `type`, for `tokens` tokens of `heads`
 /// heads; src row (t, h) starts at src + t * token_stride + h * head_stride
-/// (elements), dst is contiguous [tokens][heads][D]. D in {64, 128}.
+/// (elements), dst is contiguous [tokens][heads][D]. D in {64, 128, 256}.
 void launch_hadamard_rows(DType type, int D, const void* src, int64_t token_stride, int64_t head_stride, int64_t tokens,
                           int heads, void* dst, cudaStream_t s);
 
-// Fused attention (q/out in F16 or BF16; D in {64, 128}; G in 1..8, run padded to 1, 2, 4 or 8).
+// Fused attention (q/out in F16 or BF16; D in {64, 96, 128, 256}; G in 1..16, padded to 8 mma rows a launch).
 /// CTAs of the fused kernel that fit on one multiprocessor (for split planning).
 int attention_ctas_per_sm(int D, int G);
 void launch_attention(DType q_type, int D, int G, const AttendParams& p, cudaStream_t s);

@@ -20,7 +20,8 @@ void launch_hadamard_rows(DType type, int D, const void* src, int64_t token_stri
   auto with_d = [&](auto elem) {
     if (D == 64) return launch(elem, std::integral_constant<int, 64>{});
     if (D == 128) return launch(elem, std::integral_constant<int, 128>{});
-    throw Error("the Hadamard transform supports head_dim 64 and 128, got " + std::to_string(D));
+    if (D == 256) return launch(elem, std::integral_constant<int, 256>{});
+    throw Error("the Hadamard transform supports head_dim 64, 128 and 256, got " + std::to_string(D));
   };
   switch (type) {
     case DType::F16: with_d(__half{}); break;

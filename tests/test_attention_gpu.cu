@@ -152,7 +152,8 @@ TEST(AttentionGpu, GqaGroupsHeadDimsAndBf16) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   // 3, 6 and 7 (Llama-3.2-3B, Qwen2.5): the mma rows hold up to 8 heads, the unused ones are zero.
-  for (int G : {1, 2, 3, 6, 7, 8}) {
+  // 9..16 (Qwen3-235B: 16) run as two launches of up to 8 heads each.
+  for (int G : {1, 2, 3, 6, 7, 8, 9, 12, 16}) {
     SCOPED_TRACE("G " + std::to_string(G));
     run_attention_case(2, G, 64, DType::F16, {130, 700}, seed + G, false);
     if (HasFatalFailure()) return;
@@ -163,6 +164,13 @@ TEST(AttentionGpu, GqaGroupsHeadDimsAndBf16) {
   run_attention_case(2, 4, 96, DType::F16, {1, 64, 130, 700}, seed + 11, false);
   if (HasFatalFailure()) return;
   run_attention_case(2, 3, 96, DType::BF16, {129, 513}, seed + 13, true);
+  if (HasFatalFailure()) return;
+  // head_dim 256 (Gemma): 16 channel tiles, 2 CTAs per SM; 32- and 128-token blocks.
+  run_attention_case(2, 8, 256, DType::F16, {1, 64, 130, 700}, seed + 17, false);
+  if (HasFatalFailure()) return;
+  run_attention_case(2, 7, 256, DType::BF16, {33, 500}, seed + 19, true, 32);
+  if (HasFatalFailure()) return;
+  run_attention_case(1, 2, 256, DType::F16, {127, 1300}, seed + 23, false, 128);
 }
 
 TEST(AttentionGpu, BlockSizesAndManyBlocksPerWarp) {

@@ -34,7 +34,7 @@ void expect_error(const Config& c, const std::string& needle) {
 TEST(CacheConfig, BadConfigurationsAreRejectedWithClearMessages) {
   Config c;
   c.head_dim = 80;
-  expect_error(c, "head_dim must be 64, 96 or 128, got 80");
+  expect_error(c, "head_dim must be 64, 96, 128 or 256, got 80");
   c = Config{};
   c.max_attend_batch = 300;
   expect_error(c, "max_attend_batch must be 0");
@@ -46,9 +46,9 @@ TEST(CacheConfig, BadConfigurationsAreRejectedWithClearMessages) {
   c.kv_heads = 8;
   expect_error(c, "multiple of kv_heads");
   c = Config{};
-  c.q_heads = 48;
+  c.q_heads = 51;
   c.kv_heads = 3;
-  expect_error(c, "must be 1..8, got 16");
+  expect_error(c, "must be 1..16, got 17");
   c = Config{};
   c.k_bound.value = -1.f;
   expect_error(c, "K error bound must be positive");

@@ -111,7 +111,8 @@ TEST(TransformGpu, HadamardBlocksAreTheReferenceEncodingOfTheRotatedRows) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   struct Case { DType dtype; int D, T; };
-  for (const Case cs : {Case{DType::F16, 128, 64}, Case{DType::BF16, 64, 32}, Case{DType::F32, 128, 32}}) {
+  for (const Case cs : {Case{DType::F16, 128, 64}, Case{DType::BF16, 64, 32}, Case{DType::F32, 128, 32},
+                        Case{DType::F16, 256, 64}}) {
     SCOPED_TRACE(std::string(dtype_name(cs.dtype)) + " D " + std::to_string(cs.D) + " T " + std::to_string(cs.T));
     Config cfg;
     cfg.layers = 2;
@@ -320,7 +321,7 @@ TEST(TransformGpu, HadamardAttentionGqaHeadDimsAndTypes) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
-  for (int G : {1, 8}) {
+  for (int G : {1, 8, 16}) {
     SCOPED_TRACE("G " + std::to_string(G));
     run_hadamard_attention({2, G, 64, DType::F16, DType::F16, {130, 700}}, seed + G);
     if (HasFatalFailure()) return;
@@ -330,6 +331,9 @@ TEST(TransformGpu, HadamardAttentionGqaHeadDimsAndTypes) {
   if (HasFatalFailure()) return;
   SCOPED_TRACE("fp32 K/V");
   run_hadamard_attention({2, 4, 64, DType::F32, DType::F16, {200, 77}}, seed + 4);
+  if (HasFatalFailure()) return;
+  SCOPED_TRACE("head_dim 256");
+  run_hadamard_attention({2, 2, 256, DType::BF16, DType::BF16, {129, 300}}, seed + 5);
 }
 
 TEST(TransformGpu, HadamardAttentionTightBoundAndLongContext) {

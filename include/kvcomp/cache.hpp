@@ -95,8 +95,9 @@ struct BoundOverride {
 struct Config {
   int layers = 1;
   int kv_heads = 8;
-  int q_heads = 32;               // q_heads / kv_heads in 1..8 (the query heads of a KV head share its decode)
-  int head_dim = 128;             // 64, 96 or 128 (Hadamard: 64 or 128)
+  int q_heads = 32;               // q_heads / kv_heads in 1..16 (up to 8 query heads of a KV head share
+                                  // one decode of its blocks; 9..16 decode them twice)
+  int head_dim = 128;             // 64, 96, 128 or 256 (Hadamard: 64, 128 or 256)
   DType dtype = DType::F16;       // of the K/V the engine appends
   int block_tokens = 64;          // T: 32, 64 or 128
   ErrorBound k_bound{BoundMode::Relative, 0.05f};

@@ -186,9 +186,9 @@ class ConfigFields(unittest.TestCase):
         # Config validation runs first in Cache's constructor, so this holds with or without a GPU.
         with self.assertRaises(kvcomp.Error) as e:
             kvcomp.Cache(kvcomp.Config(head_dim=80))
-        self.assertEqual(str(e.exception), "kvcomp: config: head_dim must be 64, 96 or 128, got 80")
-        with self.assertRaisesRegex(kvcomp.Error, r"^kvcomp: config: q_heads / kv_heads must be 1..8, got 16$"):
-            kvcomp.Cache(kvcomp.Config(kv_heads=2, q_heads=32))
+        self.assertEqual(str(e.exception), "kvcomp: config: head_dim must be 64, 96, 128 or 256, got 80")
+        with self.assertRaisesRegex(kvcomp.Error, r"^kvcomp: config: q_heads / kv_heads must be 1..16, got 17$"):
+            kvcomp.Cache(kvcomp.Config(kv_heads=2, q_heads=34))
         with self.assertRaisesRegex(kvcomp.Error, "override names layer 4"):
             kvcomp.Cache(kvcomp.Config(overrides=[kvcomp.BoundOverride(layer=4)]))
 
