@@ -6,8 +6,10 @@
 // from there, then walks the 32 lane sub-streams of the format (format.hpp):
 // each lane stream is cut into kStoreWarps segments of whole "units" (the 8 or
 // 4 pairs of one (chunk, k16[, m16]) step of pair_position() order), segment w
-// walked by warp w, so a block keeps 4 warps busy instead of one. Three kernels
-// share that walk (for_each_unit_pair):
+// walked by warp w, so a block keeps kStoreWarps warps busy instead of one
+// (a decode step closes only batch x kv_heads blocks per layer). measure hands
+// the segment lengths to encode, which walks once. Three kernels share the
+// walk (for_each_unit_pair):
 //   histogram_kernel: stream symbols (pair_symbol under every low-bit count
 //                     k = 0..kMaxLowBits) -> kLowBitChoices histograms per
 //                     codebook (used once per (layer, head, K|V) to build the
@@ -35,7 +37,6 @@
 namespace kvcomp {
 namespace detail {
 
-constexpr int kStoreWarps = 4;  // segments per lane stream = warps per block
 constexpr int kStoreThreads = 32 * kStoreWarps;
 constexpr int kMaxGroups = 256;
 
@@ -288,10 +289,14 @@ struct MeasureSmem {
 
 /// sizes16[2 * job + kind] = block bytes / 16 (0 for an idle job); a job's V
 /// block directly follows its K block in the pool (place_kernel).
+/// seg_bits[(2 * job + kind) * kStoreSegments + lane * kStoreWarps + segment]:
+/// the segment's length in bits (< 2^16: max_lane_bits), which encode takes
+/// instead of walking the block twice.
 /// grid: 2 n_jobs CTAs of kStoreThreads, StoreSmem<MeasureSmem>::bytes(T, D).
 template <typename Elem>
 __global__ void __launch_bounds__(kStoreThreads) measure_kernel(const StoreJob* jobs, int T, int D,
-                                                               const CodebookTables* books, uint32_t* sizes16) {
+                                                               const CodebookTables* books, uint32_t* sizes16,
+                                                               uint16_t* seg_bits) {
   extern __shared__ __align__(16) uint8_t smem[];
   const StoreItem item;
   const StoreJob job = jobs[item.job];
@@ -304,8 +309,9 @@ __global__ void __launch_bounds__(kStoreThreads) measure_kernel(const StoreJob* 
   const int k = load_enc(&books[job.codebook + int(item.kind)], s.enc);
   const StagedRows rows = stage_and_params<Elem>(job, item.kind, T, D, vals, s.params);  // syncs: enc is loaded
   uint32_t bits = 0;
-  SegmentWalk(item.kind, T, D)(item.kind, D, rows, s.params,
-                               [&](int a, int b, float, float) { bits += format::pair_bits(s.enc, k, a, b); });
+  const SegmentWalk walk(item.kind, T, D);
+  walk(item.kind, D, rows, s.params, [&](int a, int b, float, float) { bits += format::pair_bits(s.enc, k, a, b); });
+  seg_bits[size_t(blockIdx.x) * kStoreSegments + walk.lane * kStoreWarps + walk.seg] = uint16_t(bits);
   const uint32_t total = block_sum(bits, s.red);
   if (threadIdx.x == 0) sizes16[blockIdx.x] = uint32_t(format::block_bytes(item.kind, T, D, total) / format::kBlockAlign);
 }
@@ -362,12 +368,14 @@ struct EncodeSmem {
 
 /// Writes job j's K block at pool + 16 * pair_at16[j] and its V block right
 /// after (place_kernel's offsets), unless the job is idle or its entry failed.
+/// sizes16 and seg_bits: measure_kernel's, for the same jobs and codebooks.
 /// grid: 2 n_jobs CTAs of kStoreThreads, StoreSmem<EncodeSmem>::bytes(T, D).
 template <typename Elem>
 __global__ void __launch_bounds__(kStoreThreads) encode_kernel(const StoreJob* jobs, int T, int D,
                                                               const CodebookTables* books, const uint32_t* sizes16,
-                                                              const uint32_t* pair_at16, const int32_t* entry_ok,
-                                                              uint8_t* pool, format::BlockRef* table) {
+                                                              const uint16_t* seg_bits, const uint32_t* pair_at16,
+                                                              const int32_t* entry_ok, uint8_t* pool,
+                                                              format::BlockRef* table) {
   extern __shared__ __align__(16) uint8_t smem[];
   const StoreItem item;
   const StoreJob job = jobs[item.job];
@@ -386,9 +394,8 @@ __global__ void __launch_bounds__(kStoreThreads) encode_kernel(const StoreJob* j
   const SegmentWalk walk(kind, T, D);
   const int at = walk.lane * kStoreWarps + walk.seg;  // stream order: lane-major
 
-  // Pass 1: segment lengths -> starts (warp 0 scans the lanes).
-  uint32_t bits = 0;
-  walk(kind, D, rows, s.params, [&](int a, int b, float, float) { bits += format::pair_bits(s.enc, k, a, b); });
+  // Segment lengths (measure's) -> starts (warp 0 scans the lanes).
+  const uint32_t bits = seg_bits[size_t(blockIdx.x) * kStoreSegments + at];
   s.seg_bits[at] = bits;
   __syncthreads();
   uint64_t sum = 0;
@@ -436,7 +443,7 @@ __global__ void __launch_bounds__(kStoreThreads) encode_kernel(const StoreJob* j
   for (uint32_t w = used + threadIdx.x; w < block_words; w += blockDim.x) block[w] = 0;
   __syncthreads();
 
-  // Pass 2: the bits.
+  // The bits.
   SegmentWriter wr(payload, start);
   walk(kind, D, rows, s.params, [&](int a, int b, float va, float vb) {
     format::put_pair(s.enc, k, a, b, va, vb, [&](uint32_t v, int n) { wr.put(v, n); });

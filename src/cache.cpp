@@ -180,13 +180,13 @@ void Cache::Impl::run_store(int layer, AppendScratch& s, int n_jobs, int n_entri
       detail::launch_build_codebooks(hist.ptr + first * per_book, int(layer_books), books.ptr + first,
                                      ready.ptr + layer, stream);
     }
-    detail::launch_measure(cfg.dtype, s.jobs.ptr, n_jobs, T, D, books.ptr, s.sizes16.ptr, stream);
+    detail::launch_measure(cfg.dtype, s.jobs.ptr, n_jobs, T, D, books.ptr, s.sizes16.ptr, s.seg_bits.ptr, stream);
   }
   detail::launch_place(s.entries.ptr, n_entries, layer, s.sizes16.ptr, s.pair_at16.ptr, s.entry_ok.ptr,
                        s.page_base.ptr, pool_state(), seq_state(), stream);
   if (n_jobs > 0)
-    detail::launch_encode(cfg.dtype, s.jobs.ptr, n_jobs, T, D, books.ptr, s.sizes16.ptr, s.pair_at16.ptr,
-                          s.entry_ok.ptr, pool.ptr, table.ptr, stream);
+    detail::launch_encode(cfg.dtype, s.jobs.ptr, n_jobs, T, D, books.ptr, s.sizes16.ptr, s.seg_bits.ptr,
+                          s.pair_at16.ptr, s.entry_ok.ptr, pool.ptr, table.ptr, stream);
   detail::launch_tail_copy(cfg.dtype, s.copies.ptr, n_copies, D, s.entry_ok.ptr, stream);
 }
 

@@ -25,6 +25,7 @@ struct AppendScratch {
   detail::DeviceBuffer<detail::TailCopy> copies;
   detail::DeviceBuffer<detail::AppendEntry> entries;
   detail::DeviceBuffer<uint32_t> sizes16, pair_at16;
+  detail::DeviceBuffer<uint16_t> seg_bits;  // measure -> encode (kernels/store.cuh)
   detail::DeviceBuffer<int32_t> entry_ok, page_base;
   detail::DeviceBuffer<uint8_t> rotated;  // Transform::Hadamard: K then V rows
   void reserve(size_t jobs_n, size_t copies_n, size_t entries_n, const char* what) {
@@ -32,6 +33,7 @@ struct AppendScratch {
     copies.reserve(copies_n, what);
     entries.reserve(entries_n, what);
     sizes16.reserve(2 * jobs_n, what);
+    seg_bits.reserve(2 * jobs_n * detail::kStoreSegments, what);
     pair_at16.reserve(jobs_n, what);
     entry_ok.reserve(entries_n, what);
     page_base.reserve(2 * entries_n, what);  // two per entry (kernels/pool_pages.cuh)

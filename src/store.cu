@@ -49,24 +49,25 @@ void launch_histogram(DType t, const StoreJob* jobs, int n_jobs, int T, int D, u
 }
 
 void launch_measure(DType t, const StoreJob* jobs, int n_jobs, int T, int D, const CodebookTables* books,
-                    uint32_t* sizes16, cudaStream_t s) {
+                    uint32_t* sizes16, uint16_t* seg_bits, cudaStream_t s) {
   if (n_jobs == 0) return;
   by_type(t, [&](auto e) {
     auto* kernel = measure_kernel<decltype(e)>;
     const size_t smem = store_smem<MeasureSmem>(kernel, T, D);
-    kernel<<<2 * n_jobs, kStoreThreads, smem, s>>>(jobs, T, D, books, sizes16);
+    kernel<<<2 * n_jobs, kStoreThreads, smem, s>>>(jobs, T, D, books, sizes16, seg_bits);
   });
   check_cuda(cudaGetLastError(), "measure kernel launch");
 }
 
 void launch_encode(DType t, const StoreJob* jobs, int n_jobs, int T, int D, const CodebookTables* books,
-                   const uint32_t* sizes16, const uint32_t* pair_at16, const int32_t* entry_ok, uint8_t* pool,
-                   format::BlockRef* table, cudaStream_t s) {
+                   const uint32_t* sizes16, const uint16_t* seg_bits, const uint32_t* pair_at16,
+                   const int32_t* entry_ok, uint8_t* pool, format::BlockRef* table, cudaStream_t s) {
   if (n_jobs == 0) return;
   by_type(t, [&](auto e) {
     auto* kernel = encode_kernel<decltype(e)>;
     const size_t smem = store_smem<EncodeSmem>(kernel, T, D);
-    kernel<<<2 * n_jobs, kStoreThreads, smem, s>>>(jobs, T, D, books, sizes16, pair_at16, entry_ok, pool, table);
+    kernel<<<2 * n_jobs, kStoreThreads, smem, s>>>(jobs, T, D, books, sizes16, seg_bits, pair_at16, entry_ok, pool,
+                                                   table);
   });
   check_cuda(cudaGetLastError(), "encode kernel launch");
 }

@@ -197,7 +197,8 @@ void run_store_case(StoreCase cs, Dist dist, ErrorBound eb, uint64_t seed, const
 
     const int n_blocks = 2 * n_jobs;
     DevBuf<uint32_t> d_sizes(n_blocks);
-    detail::launch_measure(cs.dtype, d_jobs.ptr, n_jobs, T, D, d_books.ptr, d_sizes.ptr, 0);
+    DevBuf<uint16_t> d_seg_bits(size_t(n_blocks) * detail::kStoreSegments);
+    detail::launch_measure(cs.dtype, d_jobs.ptr, n_jobs, T, D, d_books.ptr, d_sizes.ptr, d_seg_bits.ptr, 0);
     CUDA_LAUNCH_OK();
     const auto sizes = d_sizes.download();
     // Pairs one after the other from unit 4 (as the place kernel puts them in a page).
@@ -212,8 +213,8 @@ void run_store_case(StoreCase cs, Dist dist, ErrorBound eb, uint64_t seed, const
     DevBuf<int32_t> d_ok(1);
     d_ok.upload({1});
     DevBuf<format::BlockRef> d_table(n_jobs);
-    detail::launch_encode(cs.dtype, d_jobs.ptr, n_jobs, T, D, d_books.ptr, d_sizes.ptr, d_pair_at.ptr, d_ok.ptr,
-                          d_pool.ptr, d_table.ptr, 0);
+    detail::launch_encode(cs.dtype, d_jobs.ptr, n_jobs, T, D, d_books.ptr, d_sizes.ptr, d_seg_bits.ptr,
+                          d_pair_at.ptr, d_ok.ptr, d_pool.ptr, d_table.ptr, 0);
     CUDA_LAUNCH_OK();
     const auto pool = d_pool.download();
     const auto table = d_table.download();
