@@ -112,7 +112,7 @@ __device__ void stage_block(const StoreJob& job, Kind kind, int T, int D, float*
 
 /// params[G] (shared) = the quantizer of every group of the staged block.
 /// Ends with __syncthreads.
-__device__ void block_params(const StagedRows& rows, Kind kind, ErrorBound eb, int T, int D,
+__device__ inline void block_params(const StagedRows& rows, Kind kind, ErrorBound eb, int T, int D,
                              format::GroupQuant* params) {
   if (kind == Kind::Key) {  // per channel: thread c owns channel c (consecutive banks)
     for (int c = threadIdx.x; c < D; c += blockDim.x) {
