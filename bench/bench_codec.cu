@@ -28,6 +28,13 @@ struct LayerKv {
   __half *k = nullptr, *v = nullptr;
   ~LayerKv() { cudaFree(k); cudaFree(v); }
   size_t values() const { return size_t(tokens) * heads * D; }
+  /// `rows` tokens of GPU-generated K (outlier channels) and V.
+  void fill(int rows, uint64_t seed_k, uint64_t seed_v, int grid = 256) {
+    tokens = rows;
+    CK(cudaMalloc(&k, values() * 2)); CK(cudaMalloc(&v, values() * 2));
+    fill_normal<<<grid, 256>>>(k, values(), D, seed_k, true);
+    fill_normal<<<grid, 256>>>(v, values(), D, seed_v, false);
+  }
 };
 
 /// Appends `kv` as one sequence `iterations` times (state.iterations()).
@@ -68,10 +75,7 @@ float eb_of(int64_t thousandths) { return float(thousandths) / 1000.f; }
 // GPU-generated data (every 16th K channel an outlier): throughput at scale.
 void BM_store_prefill(benchmark::State& st) {
   LayerKv kv;
-  kv.tokens = int(st.range(0));
-  CK(cudaMalloc(&kv.k, kv.values() * 2)); CK(cudaMalloc(&kv.v, kv.values() * 2));
-  fill_normal<<<1024, 256>>>(kv.k, kv.values(), kv.D, 11, true);
-  fill_normal<<<1024, 256>>>(kv.v, kv.values(), kv.D, 12, false);
+  kv.fill(int(st.range(0)), 11, 12, 1024);
   CK(cudaDeviceSynchronize());
   time_store(st, kv, eb_of(st.range(1)));
 }
@@ -132,14 +136,12 @@ kvcomp::Config close_step_config() {
 }
 
 void BM_decode_close_step(benchmark::State& st) {
-  const int layers = kStepLayers, B = kStepBatch, T = 64, H = 8, D = 128;
+  const int layers = kStepLayers, B = kStepBatch, T = 64;
   const kvcomp::Config cfg = close_step_config();
   kvcomp::Cache cache(cfg);
-  const size_t per_step = size_t(B) * H * D;
-  __half *k, *v;
-  CK(cudaMalloc(&k, per_step * T * 2)); CK(cudaMalloc(&v, per_step * T * 2));
-  fill_normal<<<256, 256>>>(k, per_step * T, D, 21, true);
-  fill_normal<<<256, 256>>>(v, per_step * T, D, 22, false);
+  LayerKv in;  // B x T input rows [token][head][D] (8 heads, D 128, as close_step_config); appends read from row 0
+  in.fill(B * T, 21, 22);
+  const __half *k = in.k, *v = in.v;
   std::vector<int> ids;
   for (int b = 0; b < B; ++b) ids.push_back(cache.add_sequence());
   const std::vector<int> one(B, 1), rest(B, T - 1);
@@ -164,21 +166,18 @@ void BM_decode_close_step(benchmark::State& st) {
   CK(cudaGetLastError());
   st.counters["layers_per_step"] = layers;
   cudaEventDestroy(a); cudaEventDestroy(e);
-  cudaFree(k); cudaFree(v);
 }
 
 // The same step through a DecodePlan: 32 layers of append(plan) captured in
 // one CUDA graph; T - 1 replays fill the tails (untimed), the timed replay
 // closes a block for every sequence and layer.
 void BM_decode_close_step_graph(benchmark::State& st) {
-  const int layers = kStepLayers, B = kStepBatch, T = 64, H = 8, D = 128;
+  const int layers = kStepLayers, B = kStepBatch, T = 64;
   const kvcomp::Config cfg = close_step_config();
   kvcomp::Cache cache(cfg);
-  const size_t per_step = size_t(B) * H * D;
-  __half *k, *v;
-  CK(cudaMalloc(&k, per_step * 2)); CK(cudaMalloc(&v, per_step * 2));
-  fill_normal<<<256, 256>>>(k, per_step, D, 21, true);
-  fill_normal<<<256, 256>>>(v, per_step, D, 22, false);
+  LayerKv in;  // one input row per sequence
+  in.fill(B, 21, 22);
+  const __half *k = in.k, *v = in.v;
   std::vector<int> ids;
   for (int b = 0; b < B; ++b) ids.push_back(cache.add_sequence());
   const kvcomp::DecodePlan plan = cache.make_plan(B);
@@ -212,7 +211,6 @@ void BM_decode_close_step_graph(benchmark::State& st) {
   cudaGraphExecDestroy(exec); cudaGraphDestroy(graph);
   cudaEventDestroy(a); cudaEventDestroy(e);
   cudaStreamDestroy(s);
-  cudaFree(k); cudaFree(v);
 }
 
 }  // namespace
