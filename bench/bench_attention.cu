@@ -9,7 +9,10 @@
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cmath>
+#include <string>
+#include <vector>
 #include <cstdio>
 #include <memory>
 
@@ -61,7 +64,8 @@ struct Setup {
 };
 
 std::unique_ptr<Setup> g_setup;
-std::unique_ptr<kvcomp::Cache> make_cache(const Setup& s, kvcomp::Transform transform = kvcomp::Transform::None);
+std::unique_ptr<kvcomp::Cache> make_cache(const Setup& s, kvcomp::Transform transform = kvcomp::Transform::None,
+                                          int window = 0);
 
 Setup& setup(int N, int B, int G, int D, float eb) {
   if (g_setup && g_setup->N == N && g_setup->B == B && g_setup->G == G && g_setup->D == D && g_setup->eb == eb)
@@ -86,9 +90,11 @@ Setup& setup(int N, int B, int G, int D, float eb) {
   return *g_setup;
 }
 
-std::unique_ptr<kvcomp::Cache> make_cache(const Setup& s, kvcomp::Transform transform) {
+std::unique_ptr<kvcomp::Cache> make_cache(const Setup& s, kvcomp::Transform transform, int window) {
   kvcomp::Config cfg;
   cfg.transform = transform;
+  cfg.window = window;
+  cfg.max_attend_batch = std::min(256, 16 * s.B);  // multi-token queries: up to 16 a sequence
   cfg.layers = 1; cfg.kv_heads = kH; cfg.q_heads = s.Hq(); cfg.head_dim = s.D;
   cfg.k_bound = cfg.v_bound = {kvcomp::BoundMode::Relative, s.eb};
   cfg.max_seqs = s.B; cfg.max_tokens_per_seq = s.N;
@@ -151,6 +157,49 @@ void BM_attention(benchmark::State& st) {
 
 constexpr Variant kMain[] = {kKvcomp, kFlash, kCublas, kKivi4, kKivi2};
 
+/// kvcomp with n query tokens per sequence (speculative verification: causal
+/// over the sequence's last n tokens) and optionally a sliding window;
+/// bench/sdpa_anchor.py times SDPA on the same shapes (its "queries" sweep).
+void BM_attention_queries(benchmark::State& st) {
+  const int N = int(st.range(0)), B = int(st.range(1)), G = int(st.range(2)), D = int(st.range(3));
+  const int n = int(st.range(4)), window = int(st.range(5));
+  Setup& s = setup(N, B, G, D, 0.05f);
+  std::unique_ptr<kvcomp::Cache> windowed = window ? make_cache(s, kvcomp::Transform::None, window) : nullptr;
+  kvcomp::Cache& cache = windowed ? *windowed : *s.cache;
+  const size_t rows = size_t(B) * n * s.Hq() * D;
+  __half *q = nullptr, *out = nullptr;
+  CK(cudaMalloc(&q, rows * 2));
+  CK(cudaMalloc(&out, rows * 2));
+  fill_normal<<<64, 256>>>(q, rows, D, 4, false);
+  const std::vector<int> counts(B, n);
+  cudaEvent_t a, b;
+  cudaEventCreate(&a); cudaEventCreate(&b);
+  for (int i = 0; i < 3; ++i) cache.attend(0, s.ids, counts, q, out, kvcomp::DType::F16, 0);
+  CK(cudaDeviceSynchronize());
+  for (auto _ : st) {
+    cudaEventRecord(a);
+    cache.attend(0, s.ids, counts, q, out, kvcomp::DType::F16, 0);
+    cudaEventRecord(b);
+    cudaEventSynchronize(b);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, a, b);
+    st.SetIterationTime(ms / 1e3);
+  }
+  CK(cudaGetLastError());
+  cudaEventDestroy(a); cudaEventDestroy(b);
+  cudaFree(q); cudaFree(out);
+  st.counters["bytes_read"] = double(cache.stats().compressed_bytes);
+  st.SetLabel("kvcomp eb0.05 n" + std::to_string(n) + (window ? " window " + std::to_string(window) : ""));
+}
+
+// {context, batch, G, D, queries per sequence, window} at 32k x 8.
+void queries_args(benchmark::internal::Benchmark* b) {
+  for (int n : {1, 2, 4, 8, 16}) b->Args({32768, 8, 4, 128, n, 0});
+  for (int n : {1, 4}) b->Args({32768, 8, 1, 128, n, 0});
+  b->Args({32768, 8, 4, 128, 1, 4096});  // Mistral's window
+  b->Args({32768, 8, 4, 128, 4, 4096});
+}
+
 // {context, batch, variant, q heads per kv head, head_dim}; 8 kv heads throughout.
 void attention_args(benchmark::internal::Benchmark* b) {
   for (int n : {1024, 4096, 16384, 32768, 65536, 131072})
@@ -179,6 +228,7 @@ void sweep_args(benchmark::internal::Benchmark* b) {
 
 BENCHMARK(BM_attention)->Apply(attention_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
 BENCHMARK(BM_attention)->Name("BM_attention_sweep")->Apply(sweep_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
+BENCHMARK(BM_attention_queries)->Apply(queries_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
 
 int main(int argc, char** argv) {
   int dev = 0;

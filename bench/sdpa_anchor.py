@@ -12,6 +12,11 @@ session:
 Shapes: 8 KV heads, 8 x G query heads, one query token per sequence, fp16 K/V [batch, 8, context, D]
 (the layout SDPA reads without a copy), GQA through enable_gqa (no K/V expansion). Time per call:
 CUDA events around 20 back-to-back calls, median of 15 repetitions, after warm-up.
+
+QUERIES (bench_attention's BM_attention_queries, names .../<G>/<D>/<n>/<window>): n query tokens per
+sequence, causal against the last n keys (torch's causal_lower_right bias; if this torch cannot run it
+on the chosen backend, no mask: the label says which). A window W is timed as SDPA over the last
+W + n - 1 keys (a rolling-buffer engine's fp16 cache).
 """
 import argparse
 import json
@@ -23,6 +28,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 MAIN = [(n, b, 4, 128) for n in (1024, 4096, 16384, 32768, 65536, 131072) for b in (1, 8)]
 MAIN += [(524288, 1, 4, 128)] + [(n, 32, 4, 128) for n in (1024, 4096, 16384, 32768)]
+QUERIES = [(32768, 8, 4, 128, n, 0) for n in (1, 2, 4, 8, 16)] + [(32768, 8, 1, 128, n, 0) for n in (1, 4)]
+QUERIES += [(32768, 8, 4, 128, 1, 4096), (32768, 8, 4, 128, 4, 4096)]
 SWEEP = [(32768, 8, 1, 128), (32768, 8, 8, 128), (32768, 8, 4, 64), (32768, 8, 2, 128), (32768, 8, 3, 128),
          (32768, 8, 7, 128), (32768, 8, 16, 128), (32768, 8, 4, 96), (32768, 8, 4, 256)]
 
@@ -74,6 +81,33 @@ def main():
                   f"({fp16_bytes / (us * 1e-6) / 1e12:.2f} TB/s)", flush=True)
             del k, v, q
             torch.cuda.empty_cache()
+    for n, batch, g, d, nq, window in QUERIES:
+        if (args.context and n != args.context) or (args.batch and batch != args.batch):
+            continue
+        keys = min(n, window + nq - 1) if window else n
+        gen = torch.Generator(device="cuda").manual_seed(n + batch + g + d + nq)
+        k = torch.randn(batch, H, keys, d, device="cuda", dtype=torch.float16, generator=gen)
+        v = torch.randn(batch, H, keys, d, device="cuda", dtype=torch.float16, generator=gen)
+        q = torch.randn(batch, H * g, nq, d, device="cuda", dtype=torch.float16, generator=gen)
+        label = "sdpa-fp16"
+        with sdpa_kernel(backends[args.backend]):
+            try:
+                from torch.nn.attention.bias import causal_lower_right
+                mask = causal_lower_right(nq, keys) if nq > 1 else None
+                fn = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=g > 1)
+                fn()
+                label += " causal" if nq > 1 else ""
+            except Exception as e:  # noqa: BLE001 -- fall back to the unmasked call, say so
+                print(f"causal_lower_right not available here ({type(e).__name__}: {e}); timing without a mask")
+                fn = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=g > 1)
+                label += " no-mask"
+            us = time_call(fn)
+        out["benchmarks"].append({"name": f"BM_attention_queries/{n}/{batch}/{g}/{d}/{nq}/{window}",
+                                  "run_type": "iteration", "label": label, "real_time": us, "time_unit": "us"})
+        print(f"BM_attention_queries context {n:7d} batch {batch:2d} G {g} D {d:3d} n {nq:2d} window {window}: "
+              f"{us:9.1f} us ({label})", flush=True)
+        del k, v, q
+        torch.cuda.empty_cache()
     with open(args.json, "w") as f:
         json.dump(out, f, indent=1)
 

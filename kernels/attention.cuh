@@ -1,9 +1,12 @@
 // Fused decode attention straight from compressed blocks (format v3).
 //
-// grid (splits, kv_heads, batch); each CTA takes a range of `units` (token
-// blocks, plus the uncompressed tail as the last unit) of one sequence and one
-// KV head, for all its query heads (GQA: one decode, up to 8 uses; 9..16
-// query heads run as two launches of 8 and G - 8, each decoding the blocks). Each warp
+// grid (splits, kv_heads x row tiles, batch); each CTA takes a range of
+// `units` (token blocks, plus the uncompressed tail as the last unit) of one
+// sequence and one KV head, for a tile of 8 mma rows: (query token, query
+// head) pairs of that KV head (GQA and multi-token queries share one decode
+// of a block among 8 rows; more rows take more tiles, each decoding again).
+// Rows see the tokens up to their query's position (causal), within the
+// sliding window plus sinks if any; the units no row sees are skipped. Each warp
 // streams whole blocks, 32 tokens (a chunk) at a time, on tensor cores
 // (mma.m16n8k16, fp16 operands, fp32 accumulation):
 //   K: S^T[h][t] = sum_c (q_hc step_c) code_tc + sum_c q_hc min_c. A = q x
@@ -40,8 +43,6 @@
 
 namespace kvcomp {
 namespace detail {
-
-constexpr int kMmaRows = 8;  // query heads per KV head the kernel holds (mma rows 0..7)
 
 /// d += A B on tensor cores (mma.m16n8k16, fp16 operands, fp32 accumulation),
 /// fragments as in the PTX ISA: a = {a0a1, a2a3, a4a5, a6a7}, b = {b0b1, b2b3}.
@@ -106,20 +107,47 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_att
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = lane / 4, quad = lane % 4;  // mma fragment coordinates: this lane's head is `row`
-  const int split = blockIdx.x, head = blockIdx.y, b = blockIdx.z;
+  const int split = blockIdx.x, head = blockIdx.y % p.kv_heads, tile = blockIdx.y / p.kv_heads, b = blockIdx.z;
   const int T = p.tokens_per_block;
   const AttendSeq seq = attend_seq(p, b);
+  const int2 queries = attend_queries(p, b);  // (first row in q/out, count)
+  // This CTA's mma rows: (query j, head g) pairs tile * 8 + r = j * group + g of the KV head.
+  const int group = min(kMmaRows, queries.y * p.group - tile * kMmaRows);  // real rows
+  if (group <= 0) return;  // the entry has fewer row tiles than the launch
+  const int q_heads = p.kv_heads * p.group;
+  // Per row: its row of q/out and the tokens it sees, [lo, hi) (plus the sinks).
+  auto row_of = [&](int r) {
+    const int f = tile * kMmaRows + min(r, group - 1), j = f / p.group;  // padded rows copy the last real one
+    const int hi = seq.tokens - queries.y + j + 1;
+    return int4{(queries.x + j) * q_heads + head * p.group + f % p.group, p.window > 0 ? hi - p.window : 0, hi, 0};
+  };
   const int nblocks = seq.tokens / T, tail = seq.tokens % T;
-  const int units = nblocks + (tail > 0);
-  const int per = max(p.units_per_split, (units + p.splits - 1) / p.splits);
-  const int u_begin = split * per;
-  const int u_end = min(units, u_begin + per);
-  // This launch's query heads of the KV head: p.head_base .. + group - 1 (G > 8 runs two launches).
-  const int q_heads = p.kv_heads * p.group, group = min(kMmaRows, p.group - p.head_base);
-  const size_t first_q_head = size_t(b) * q_heads + size_t(head) * p.group + p.head_base;
+  const UnitRange range = unit_range(row_of(0).y, row_of(group - 1).z, p.sinks, T, nblocks + (tail > 0));
+  const int per = max(p.units_per_split, (range.count + p.splits - 1) / p.splits);
+  const int v_begin = split * per;  // virtual units (range.unit maps them to blocks)
+  const int v_end = min(range.count, v_begin + per);
+  // The block loop reads the rows' bounds and its range from shared memory
+  // (registers are full there; masks are rare).
+  __shared__ int2 row_bounds[kMmaRows];  // (lo, hi)
+  __shared__ int row_out[kMmaRows];      // its row of q/out (and of the split workspace)
+  __shared__ UnitRange loop_range;
+  __shared__ int tail_warp;              // the warp that attends the tail, or -1
+  if (threadIdx.x < kMmaRows) {
+    const int4 r = row_of(threadIdx.x);
+    row_bounds[threadIdx.x] = make_int2(r.y, r.z);
+    row_out[threadIdx.x] = r.x;
+  }
+  const int v_tail = range.count - 1;  // the tail is the last unit, when the rows see it
+  const bool has_tail = tail > 0 && v_tail >= 0 && range.unit(v_tail) == nblocks;
+  const int v_blocks_end = min(v_end, has_tail ? v_tail : range.count);  // virtual units below it are blocks
+  if (threadIdx.x == 0) {
+    loop_range = range;
+    tail_warp = has_tail && v_tail >= v_begin && v_tail < v_end ? (v_tail - v_begin) % kAttnWarps : -1;
+  }
+  __syncthreads();
   const int k_low = int(p.books[2 * head].low_bits), v_low = int(p.books[2 * head + 1].low_bits);  // k
 
-  if (nblocks > 0 && u_begin < u_end) {
+  if (nblocks > 0 && v_begin < v_end) {
     const uint4* src_k = reinterpret_cast<const uint4*>(p.books[2 * head].lut);
     const uint4* src_v = reinterpret_cast<const uint4*>(p.books[2 * head + 1].lut);
     constexpr int kLutVec = format::kLutSize * sizeof(uint32_t) / sizeof(uint4);
@@ -128,20 +156,20 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_att
       reinterpret_cast<uint4*>(luts + format::kLutSize)[i] = src_v[i];
     }
   }
-  const QT* q = static_cast<const QT*>(p.q) + first_q_head * D;
+  const QT* q = static_cast<const QT*>(p.q);
   const int q_real = group * D;
+  auto load_q_row = [&](int i) { return i < q_real ? load_q(q + size_t(row_out[i / D]) * D + i % D) : 0.f; };
   constexpr bool kPow2 = (D & (D - 1)) == 0;  // the Hadamard transform needs it (Config checks)
   if (kPow2 && p.transform == kTransformHadamard) {
     // K/V are stored rotated (x R): q.k = (q R).(k R), so rotate q (fp32, one warp per row), then scale.
-    for (int i = threadIdx.x; i < kMmaRows * D; i += blockDim.x) q_s[i] = i < q_real ? load_q(q + i) : 0.f;
+    for (int i = threadIdx.x; i < kMmaRows * D; i += blockDim.x) q_s[i] = load_q_row(i);
     __syncthreads();
     if constexpr (kPow2)
       for (int g = warp; g < group; g += kAttnWarps) hadamard_row_shared<D>(q_s + g * D);
     __syncthreads();
     for (int i = threadIdx.x; i < kMmaRows * D; i += blockDim.x) q_s[i] *= p.scale_log2;
   } else {
-    for (int i = threadIdx.x; i < kMmaRows * D; i += blockDim.x)
-      q_s[i] = i < q_real ? load_q(q + i) * p.scale_log2 : 0.f;
+    for (int i = threadIdx.x; i < kMmaRows * D; i += blockDim.x) q_s[i] = load_q_row(i) * p.scale_log2;
   }
   uint8_t* my_area = smem + Smem::kQ + warp * Smem::kWarp;
   float* rows = reinterpret_cast<float*>(my_area);  // [8][D + 2]: V escape corrections, then the partial
@@ -176,18 +204,24 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_att
 #pragma unroll
   for (int i = 0; i < kM16; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
 
-  const int u_stop = min(u_end, nblocks);
-  auto prefetch_unit = [&](int u) {
-    if (u >= u_stop) return;
-    const format::BlockRef r = block_ref(u);
+  // Virtual units v_begin + warp, + 4 warps, ... below v_blocks_end (loop_range.unit maps them to blocks).
+  // Each warp reads its next block's table entry and pulls the block into L2 while it decodes this one.
+  auto fetch_ref = [&](int v) {
+    if (v >= v_blocks_end) return format::BlockRef{};
+    const format::BlockRef r = block_ref(loop_range.unit(v));
     prefetch_l2(p.pool + size_t(r.offset16) * 16, (r.k_size16 + r.v_size16) * 16u, lane);
+    return r;
   };
-  prefetch_unit(u_begin + warp);
+  format::BlockRef next_ref = fetch_ref(v_begin + warp);
 
   PairDecoder kd, vd;
-  for (int u = u_begin + warp; u < u_stop; u += kAttnWarps) {
-    prefetch_unit(u + kAttnWarps);  // this warp's next block, while it decodes this one
-    const format::BlockRef r = block_ref(u);
+  for (int v = v_begin + warp; v < v_blocks_end; v += kAttnWarps) {
+    const format::BlockRef r = next_ref;
+    next_ref = fetch_ref(v + kAttnWarps);
+    // Whether a causal or window mask may cut into this block (the first row
+    // sees the fewest tokens, the last row the most): never in plain decode.
+    const int b0 = loop_range.unit(v) * T;
+    const bool mask_block = b0 + T > row_bounds[0].y || (b0 < row_bounds[group - 1].x && b0 + T > p.sinks);
     const uint8_t* kb = p.pool + size_t(r.offset16) * 16;
     const uint8_t* vb = kb + r.k_size16 * 16u;
     const uint32_t* kparams = reinterpret_cast<const uint32_t*>(kb + format::params_offset());
@@ -275,6 +309,17 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_att
           }
         __syncwarp();
       }
+      if (mask_block) {  // causal and window masks, token by token
+        const int t0 = b0 + chunk * kChunk;
+        const int2 mine = row_bounds[row];
+#pragma unroll
+        for (int n = 0; n < 4; ++n)
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const int t = t0 + 8 * n + 2 * quad + i;
+            if (t >= mine.y || (t < mine.x && t >= p.sinks)) s[n][i] = -INFINITY;
+          }
+      }
 
       // Online softmax of head `row` over the chunk (the quad holds its 32 tokens).
       float cmax = -INFINITY;
@@ -282,8 +327,11 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_att
       for (int n = 0; n < 4; ++n) cmax = fmaxf(cmax, fmaxf(s[n][0], s[n][1]));
       cmax = fmaxf(cmax, __shfl_xor_sync(0xFFFFFFFFu, cmax, 1));
       cmax = fmaxf(cmax, __shfl_xor_sync(0xFFFFFFFFu, cmax, 2));
+      // A row that has seen only masked tokens keeps m = -inf; it subtracts 0 instead (p = 0, corr = 0:
+      // its sums are 0), as -inf - -inf would be NaN.
       const float m_new = fmaxf(m, cmax);
-      const float corr = exp2f(m - m_new);
+      const float m_sub = m_new == -INFINITY ? 0.f : m_new;
+      const float corr = exp2f(m - m_sub);
       m = m_new;
       l *= corr;
       pmin *= corr;
@@ -305,7 +353,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_att
       for (int n = 0; n < 4; ++n) {
         const int t = 8 * n + 2 * quad;  // in the chunk
         const uint2 w = *reinterpret_cast<const uint2*>(vparams + chunk * kChunk + t);
-        const float p0 = exp2f(s[n][0] - m_new), p1 = exp2f(s[n][1] - m_new);
+        const float p0 = exp2f(s[n][0] - m_sub), p1 = exp2f(s[n][1] - m_sub);
         l += p0 + p1;
         pmin = fmaf(p0, half_lo(w.x), fmaf(p1, half_lo(w.y), pmin));
         const float x0 = p0 * half_hi(w.x), x1 = p1 * half_hi(w.y);
@@ -373,16 +421,29 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_att
 
   // The uncompressed tail, if this warp owns it: attended on CUDA cores, then
   // folded into the warp's partial.
-  if (tail > 0 && nblocks >= u_begin && nblocks < u_end && (nblocks - u_begin) % kAttnWarps == warp) {
+  if (tail_warp == warp) {
     SoftmaxAcc<D, kMmaRows> st;
     st.init();
     const size_t base = (size_t(seq.slot) * p.kv_heads + head) * size_t(T) * D;
+    int row_lo[kMmaRows], row_hi[kMmaRows];
+#pragma unroll
+    for (int g = 0; g < kMmaRows; ++g) {
+      row_lo[g] = row_bounds[g].x;
+      row_hi[g] = row_bounds[g].y;
+    }
     auto attend_tail = [&](auto type_tag) {  // the tail is held in the K/V input's type
       using E = decltype(type_tag);
       const E* kt = static_cast<const E*>(p.k_tail) + base;
       const E* vt = static_cast<const E*>(p.v_tail) + base;
-      for (int first = 0; first < tail; first += 32)
-        attend_rows<D, kMmaRows>(st, q_s, kt + size_t(first) * D, vt + size_t(first) * D, min(32, tail - first));
+      for (int first = 0; first < tail; first += 32) {
+        const int t0 = nblocks * T + first;
+        auto visible = [&](int g, int i) {
+          const int t = t0 + i;
+          return t < row_hi[g] && (t >= row_lo[g] || t < p.sinks);
+        };
+        attend_rows<D, kMmaRows>(st, q_s, kt + size_t(first) * D, vt + size_t(first) * D, min(32, tail - first),
+                                 visible);
+      }
     };
     if (p.tail_dtype == kTailF16) attend_tail(__half{});
     else if (p.tail_dtype == kTailBF16) attend_tail(__nv_bfloat16{});
@@ -402,8 +463,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_att
   }
   __syncthreads();
 
-  // Merge the warps' partials: this split's (acc, max, sum) per real query head.
-  float* part = p.part + first_q_head * p.splits * (D + 2);
+  // Merge the warps' partials: this split's (acc, max, sum) per real row.
   for (int i = threadIdx.x; i < group * D; i += blockDim.x) {
     const int g = i / D, d = i % D;
     auto warp_row = [&](int w) {
@@ -421,7 +481,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_att
         L += rw[D + 1] * f;
       }
     }
-    float* out = part + (size_t(g) * p.splits + split) * (D + 2);
+    float* out = p.part + (size_t(row_out[g]) * p.splits + split) * (D + 2);
     out[d] = A;
     if (d == 0) { out[D] = M; out[D + 1] = L; }
   }

@@ -12,6 +12,7 @@ namespace detail {
 constexpr int kAttnWarps = 4;
 constexpr int kMaxBatch = 256;
 constexpr int kMaxTokensPerBlock = 128;
+constexpr int kMmaRows = 8;  // (query, head) rows of a KV head one CTA of the fused kernel holds
 
 /// Bytes a decoder may read past the end of its block (lookahead, and corrupt
 /// lane tables clamped to the block end): the pool is followed by at least
@@ -47,14 +48,51 @@ struct AttendParams {
   float scale_log2;               // softmax scale * log2(e)
   int32_t tail_dtype;
   int32_t group;                  // query heads per kv head, 1..16
-  int32_t head_base;              // first of them this launch handles (0 or 8: the mma rows hold 8)
+  // Rows of a KV head: entry b's (query j, head g) pairs, j * group + g, cut into tiles of 8 (the mma
+  // rows); grid y = kv_heads * row_tiles, a tile per CTA (one decode of the blocks per tile).
+  int32_t row_tiles;
+  // A query sees tokens [lo, hi): hi = its position + 1 (causal), lo = hi - window (0: no window), and
+  // tokens below `sinks` (attention sinks; with a window only).
+  int32_t window;
+  int32_t sinks;
   int32_t transform;              // Config::transform: Hadamard = K/V stored as x R, so q is
                                   // rotated in the kernel and the output rotated back in the merge
   int32_t batch;
   const int32_t* lengths;         // this layer's token counts (device), by slot
   const int32_t* slots;           // device [batch] (plan-based), or null: slots[b] = seq_slot[b]
   int32_t seq_slot[kMaxBatch];
+  // Queries: 0 (plan-based): entry b has one query, row b of q/out. 1: entry b has q_count[b] query tokens,
+  // rows q_first[b] .. + q_count[b] - 1; query j sits at position tokens - q_count[b] + j (the last
+  // q_count[b] tokens were appended with them) and sees the tokens up to it.
+  int32_t multi_query;
+  int32_t q_first[kMaxBatch];
+  int32_t q_count[kMaxBatch];
 };
+
+/// Entry b's query tokens and the first of their rows in q/out.
+__host__ __device__ inline int2 attend_queries(const AttendParams& p, int b) {
+  return p.multi_query ? int2{p.q_first[b], p.q_count[b]} : int2{b, 1};
+}
+
+/// The units (blocks, then the tail as one more) that queries seeing [lo, hi)
+/// plus the sinks need, as a list of `count` virtual units: the sink units
+/// [0, sink_units), then [first, first + count - sink_units).
+struct UnitRange {
+  int sink_units;
+  int first;
+  int count;
+  __host__ __device__ int unit(int v) const { return v < sink_units ? v : first + (v - sink_units); }
+};
+/// lo_min, hi_max: the loosest bounds of the rows of a tile; units: of the sequence (nblocks + tail unit).
+__host__ __device__ inline UnitRange unit_range(int lo_min, int hi_max, int sinks, int T, int units) {
+  const int end = hi_max <= 0 ? 0 : (hi_max + T - 1) / T < units ? (hi_max + T - 1) / T : units;
+  int first = lo_min > 0 ? lo_min / T : 0;
+  int sink_units = sinks > 0 ? (sinks + T - 1) / T : 0;
+  if (sink_units >= first) sink_units = first = 0;  // the sinks touch the window: one range
+  if (first > end) first = end;
+  if (sink_units > end) sink_units = end;
+  return {sink_units, first, sink_units + (end - first)};
+}
 
 /// Sequence b of the batch: its slot and its tokens, read on the device (so a
 /// replayed CUDA graph sees the current lengths).

@@ -49,13 +49,17 @@ struct SoftmaxAcc {
     }
   }
   /// Folds this chunk's scores in; returns p (this lane's token) per head.
+  /// A score of -inf is a masked token: p = 0. A head that has seen only
+  /// masked tokens keeps m = -inf and its sums 0 (it subtracts 0, as
+  /// -inf - -inf would be NaN).
   __device__ void update(const float (&s)[G], bool valid, float (&p)[G]) {
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       const float sv = valid ? s[g] : -INFINITY;
       const float m_new = fmaxf(m[g], warp_max(sv));
-      const float corr = exp2f(m[g] - m_new);
-      p[g] = valid ? exp2f(sv - m_new) : 0.f;
+      const float m_sub = m_new == -INFINITY ? 0.f : m_new;
+      const float corr = exp2f(m[g] - m_sub);
+      p[g] = valid ? exp2f(sv - m_sub) : 0.f;
       l[g] = l[g] * corr + p[g];
 #pragma unroll
       for (int j = 0; j < kPerLane; ++j) acc[g][j] *= corr;
@@ -122,11 +126,17 @@ __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+struct AllVisible {
+  __device__ bool operator()(int, int) const { return true; }
+};
+
 /// Attends one warp to n <= 32 uncompressed tokens (an uncompressed tail or
 /// window): rows k[t * D ..], v[t * D ..]; lane l scores row l against q_s
 /// ([G][D], log2 units), the chunk is folded into the softmax, p.V accumulated.
-template <int D, int G, typename E>
-__device__ void attend_rows(SoftmaxAcc<D, G>& st, const float* q_s, const E* k, const E* v, int n) {
+/// visible(g, t): whether head g sees row t (causal and window masks).
+template <int D, int G, typename E, typename Visible = AllVisible>
+__device__ void attend_rows(SoftmaxAcc<D, G>& st, const float* q_s, const E* k, const E* v, int n,
+                            Visible visible = {}) {
   const int lane = threadIdx.x % 32;
   float s[G], pr[G];
 #pragma unroll
@@ -140,6 +150,9 @@ __device__ void attend_rows(SoftmaxAcc<D, G>& st, const float* q_s, const E* k, 
         s[g] = fmaf(qg[0], x.x, fmaf(qg[1], x.y, fmaf(qg[2], x.z, fmaf(qg[3], x.w, s[g]))));
       }
     }
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+      if (!visible(g, lane)) s[g] = -INFINITY;
   }
   st.update(s, lane < n, pr);
   for (int t = 0; t < n; ++t) {

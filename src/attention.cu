@@ -51,18 +51,26 @@ void launch_attention(DType q_type, int D, int G, const AttendParams& params, cu
   if (params.batch <= 0) return;
   AttendParams p = params;
   p.group = G;
+  // Tiles of 8 (query, head) rows per KV head: each CTA decodes its blocks once for a tile.
+  int rows = 0, max_queries = 1;
+  for (int b = 0; b < p.batch; ++b) {
+    const int n = attend_queries(p, b).y;
+    rows += n;
+    max_queries = n > max_queries ? n : max_queries;
+  }
+  p.row_tiles = (max_queries * G + kMmaRows - 1) / kMmaRows;
+  if (static_cast<long long>(p.kv_heads) * p.row_tiles > 65535)
+    throw Error("attend: kv_heads x tiles of 8 query rows (" + std::to_string(p.kv_heads) + " x " +
+                std::to_string(p.row_tiles) + ") exceeds 65535; attend fewer queries per sequence at once");
   dispatch(q_type, D, G, [&](auto qt, auto d) {
     using QT = decltype(qt);
     constexpr int kD = d.value;
-    const dim3 grid(p.splits, p.kv_heads, p.batch);
+    const dim3 grid(p.splits, p.kv_heads * p.row_tiles, p.batch);
     allow_smem(fused_attention_kernel<QT, kD>, AttnSmem<kD>::kBytes);
-    // 8 query heads per launch (the mma rows); G > 8 decodes the blocks twice.
-    for (p.head_base = 0; p.head_base < G; p.head_base += kMmaRows) {
-      fused_attention_kernel<QT, kD><<<grid, 32 * kAttnWarps, AttnSmem<kD>::kBytes, s>>>(p);
-      check_cuda(cudaGetLastError(), "fused attention launch");
-    }
-    merge_kernel<QT, kD><<<p.batch * p.kv_heads * G, kD, 0, s>>>(p.part, p.splits, static_cast<QT*>(p.out),
-                                                                 p.transform == kTransformHadamard);
+    fused_attention_kernel<QT, kD><<<grid, 32 * kAttnWarps, AttnSmem<kD>::kBytes, s>>>(p);
+    check_cuda(cudaGetLastError(), "fused attention launch");
+    merge_kernel<QT, kD><<<rows * p.kv_heads * G, kD, 0, s>>>(p.part, p.splits, static_cast<QT*>(p.out),
+                                                              p.transform == kTransformHadamard);
     check_cuda(cudaGetLastError(), "split merge launch");
   });
 }

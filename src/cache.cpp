@@ -151,6 +151,8 @@ void Cache::Impl::fill_attend(int layer, const void* q, void* out, detail::Atten
   p.tail_dtype = int32_t(cfg.dtype);
   p.transform = int32_t(cfg.transform);
   p.lengths = tokens.ptr + size_t(layer) * cfg.max_seqs;
+  p.window = cfg.layer_windows.empty() ? cfg.window : cfg.layer_windows[layer];
+  p.sinks = p.window > 0 ? cfg.sink_tokens : 0;
 }
 
 void Cache::Impl::rotate_input(AppendScratch& s, int64_t rows, const void*& k, const void*& v, int64_t& token_stride,
@@ -290,30 +292,52 @@ void Cache::append(int layer, const std::vector<int>& seq_ids, const std::vector
 
 void Cache::attend(int layer, const std::vector<int>& seq_ids, const void* q, void* out, DType q_type,
                    cudaStream_t stream) {
+  attend(layer, seq_ids, std::vector<int>(seq_ids.size(), 1), q, out, q_type, stream);
+}
+
+void Cache::attend(int layer, const std::vector<int>& seq_ids, const std::vector<int>& n_queries, const void* q,
+                   void* out, DType q_type, cudaStream_t stream) {
   Impl& m = *impl_;
   m.check_layer(layer);
   m.poll_failures("attend");
   m.refresh_tokens();
+  if (n_queries.size() != seq_ids.size())
+    throw Error("attend: " + str(n_queries.size()) + " query counts for " + str(seq_ids.size()) + " sequences");
   if (seq_ids.empty()) return;
-  if (int(seq_ids.size()) > detail::attend_batch_limit(m.cfg))
-    throw Error("attend: batch of " + str(seq_ids.size()) + " exceeds " + str(detail::attend_batch_limit(m.cfg)) +
+  long long rows = 0;
+  for (int n : n_queries) rows += n;
+  if (rows > detail::attend_batch_limit(m.cfg))
+    throw Error("attend: " + str(rows) + " query tokens exceed " + str(detail::attend_batch_limit(m.cfg)) +
                 " (Config::max_attend_batch)");
   Impl::check_attend_io(q, out, q_type);
   detail::AttendParams p{};
-  int max_units = 0;
+  m.fill_attend(layer, q, out, p);
+  p.multi_query = 1;
+  int max_units = 0, tiles = 0;
   for (size_t i = 0; i < seq_ids.size(); ++i) {
     m.check_seq(seq_ids[i]);
+    const int64_t L = m.host_tokens(seq_ids[i], layer);
+    // One query may attend to a sequence without tokens (output 0); n > 1 are the sequence's last n tokens.
+    if (n_queries[i] < 1 || (n_queries[i] > 1 && n_queries[i] > L))
+      throw Error("attend: sequence " + str(seq_ids[i]) + " has " + str(n_queries[i]) + " queries but " + str(L) +
+                  " tokens in layer " + str(layer) + " (n queries are its last n tokens: append them first)");
     p.seq_slot[i] = seq_ids[i];
-    max_units = std::max(max_units, int((m.host_tokens(seq_ids[i], layer) + m.T - 1) / m.T));
+    p.q_first[i] = int32_t(i == 0 ? 0 : p.q_first[i - 1] + p.q_count[i - 1]);
+    p.q_count[i] = n_queries[i];
+    // The units its queries see (the window bounds them).
+    const int hi_first = int(L - n_queries[i] + 1);
+    const int units = int((L + m.T - 1) / m.T);
+    max_units = std::max(max_units,
+                         detail::unit_range(p.window > 0 ? hi_first - p.window : 0, int(L), p.sinks, m.T, units).count);
+    tiles += (n_queries[i] * m.G + detail::kMmaRows - 1) / detail::kMmaRows;
   }
   // Lengths come from the device; the mirror bounds them (failures only make them shorter).
-  const auto plan = detail::plan_splits(max_units, int(seq_ids.size()), m.H, m.sms, m.ctas_per_sm);
-  // The workspace holds part_splits splits for every sequence of a batch.
+  const auto plan = detail::plan_splits(max_units, tiles, m.H, m.sms, m.ctas_per_sm);
+  // The workspace holds part_splits splits for every query row of a call.
   const int per = std::max(plan.units_per_split, (max_units + m.part_splits - 1) / m.part_splits);
   p.units_per_split = per;
   p.splits = std::max(1, (max_units + per - 1) / per);
   p.batch = int(seq_ids.size());
-  m.fill_attend(layer, q, out, p);
   detail::launch_attention(q_type, m.D, m.G, p, stream);
 }
 

@@ -49,6 +49,15 @@ void validate(const Config& c) {
     validate_bound(o.k, "config: override K");
     validate_bound(o.v, "config: override V");
   }
+  if (c.window < 0) throw Error("config: window must be 0 (full attention) or positive, got " + str(c.window));
+  if (!c.layer_windows.empty() && int(c.layer_windows.size()) != c.layers)
+    throw Error("config: layer_windows has " + str(c.layer_windows.size()) + " entries for " + str(c.layers) +
+                " layers (one per layer, or none)");
+  for (size_t l = 0; l < c.layer_windows.size(); ++l)
+    if (c.layer_windows[l] < 0)
+      throw Error("config: layer_windows[" + str(l) + "] must be 0 (full attention) or positive, got " +
+                  str(c.layer_windows[l]));
+  if (c.sink_tokens < 0) throw Error("config: sink_tokens must be 0 or positive, got " + str(c.sink_tokens));
   if (c.pool_bytes < 4096) throw Error("config: pool_bytes must be at least 4096");
   const size_t worst = worst_pair_bytes(c.block_tokens, c.head_dim);
   if (c.pool_page_bytes != 0 && (c.pool_page_bytes % format::kBlockAlign != 0 || c.pool_page_bytes < worst))

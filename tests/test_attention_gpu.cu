@@ -44,9 +44,23 @@ void decoded_kv(const Cache& cache, int layer, int seq, int head, const SeqData&
     }
 }
 
+/// Rows of k/v ([tokens][D]) a query at position `pos` sees: causal, and
+/// within the window plus sinks if window > 0.
+std::vector<double> visible_rows(const std::vector<double>& x, int pos, int window, int sinks, int D) {
+  std::vector<double> out;
+  for (int t = 0; t <= pos; ++t)
+    if (window == 0 || t > pos - window || t < sinks) out.insert(out.end(), &x[size_t(t) * D], &x[size_t(t + 1) * D]);
+  return out;
+}
+
+/// queries: query tokens per sequence (empty: one each, through the one-query
+/// attend); query j of a sequence of L tokens sits at position L - n + j.
 void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int>& lengths, uint64_t seed,
-                        bool one_append_call, int block_tokens = 64) {
+                        bool one_append_call, int block_tokens = 64, const std::vector<int>& queries = {},
+                        int window = 0, int sinks = 0) {
   Config cfg;
+  cfg.window = window;
+  cfg.sink_tokens = sinks;
   cfg.layers = 1;
   cfg.block_tokens = block_tokens;
   cfg.kv_heads = H;
@@ -54,6 +68,9 @@ void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int
   cfg.head_dim = D;
   cfg.dtype = DType::F16;
   cfg.max_seqs = int(lengths.size());
+  int query_rows = 0;
+  for (size_t b = 0; b < lengths.size(); ++b) query_rows += queries.empty() ? 1 : queries[b];
+  cfg.max_attend_batch = query_rows;
   int longest = 1;
   for (int n : lengths) longest = std::max(longest, n);
   cfg.max_tokens_per_seq = longest;
@@ -89,12 +106,16 @@ void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int
   for (int b = 0; b < B; ++b) ASSERT_EQ(cache.tokens(ids[b], 0), lengths[b]);
 
   const int Hq = H * G;
-  auto q = round_to(q_type, make_data(Dist::Gaussian, B * Hq, D, seed + 99));
+  std::vector<int> n_q = queries.empty() ? std::vector<int>(B, 1) : queries, q_first(B, 0);
+  for (int b = 1; b < B; ++b) q_first[b] = q_first[b - 1] + n_q[b - 1];
+  const int rows = q_first[B - 1] + n_q[B - 1];
+  auto q = round_to(q_type, make_data(Dist::Gaussian, rows * Hq, D, seed + 99));
   const auto qb = to_dtype_bytes(q_type, q);
   DevBuf<uint8_t> dq(qb.size()), dout(qb.size());
   dq.upload(qb);
   CUDA_OK(cudaMemset(dout.ptr, 0xFF, qb.size()));  // NaN poison
-  cache.attend(0, ids, dq.ptr, dout.ptr, q_type, 0);
+  if (queries.empty()) cache.attend(0, ids, dq.ptr, dout.ptr, q_type, 0);
+  else cache.attend(0, ids, queries, dq.ptr, dout.ptr, q_type, 0);
   CUDA_LAUNCH_OK();
   const auto ob = dout.download();
 
@@ -115,25 +136,33 @@ void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int
           ve[size_t(t) * D + c] = data[b].v[(size_t(t) * H + h) * D + c];
           max_v = std::max(max_v, std::fabs(ve[size_t(t) * D + c]));
         }
-      for (int g = 0; g < G; ++g) {
-        const int hq = h * G + g;
-        const float* qv = &q[(size_t(b) * Hq + hq) * D];
-        const auto ref = attention64(qv, k.data(), v.data(), lengths[b], D);
-        const auto exact = attention64(qv, ke.data(), ve.data(), lengths[b], D);
-        double num = 0, den = 0, max_dev = 0;
-        for (int c = 0; c < D; ++c) {
-          const float got = load_as_float(q_type, ob.data(), (size_t(b) * Hq + hq) * D + c);
-          ASSERT_TRUE(std::isfinite(got)) << "unwritten or non-finite output: seq " << b << " head " << hq << " c " << c;
-          num += (got - ref[c]) * (got - ref[c]);
-          den += ref[c] * ref[c];
-          max_dev = std::max(max_dev, std::fabs(got - exact[c]));
+      for (int j = 0; j < n_q[b]; ++j) {
+        // Query j's view: the tokens up to its position, in the window (the reference gathers them).
+        const int pos = lengths[b] - n_q[b] + j;
+        const auto kv = visible_rows(k, pos, window, sinks, D), vv = visible_rows(v, pos, window, sinks, D);
+        const auto kev = visible_rows(ke, pos, window, sinks, D), vev = visible_rows(ve, pos, window, sinks, D);
+        const int seen = int(kv.size() / D);
+        for (int g = 0; g < G; ++g) {
+          const int hq = h * G + g;
+          const size_t out_row = size_t(q_first[b] + j) * Hq + hq;
+          const float* qv = &q[out_row * D];
+          const auto ref = attention64(qv, kv.data(), vv.data(), seen, D);
+          const auto exact = attention64(qv, kev.data(), vev.data(), seen, D);
+          double num = 0, den = 0, max_dev = 0;
+          for (int c = 0; c < D; ++c) {
+            const float got = load_as_float(q_type, ob.data(), out_row * D + c);
+            ASSERT_TRUE(std::isfinite(got)) << "unwritten or non-finite output: seq " << b << " query " << j
+                                            << " head " << hq << " c " << c;
+            num += (got - ref[c]) * (got - ref[c]);
+            den += ref[c] * ref[c];
+            max_dev = std::max(max_dev, std::fabs(got - exact[c]));
+          }
+          ASSERT_LE(std::sqrt(num / std::max(den, 1e-30)), tol)
+              << "seq " << b << " (" << lengths[b] << " tokens) query " << j << " of " << n_q[b] << " q head " << hq;
+          // The bound that follows from the error bound (attention_ref.hpp), plus rounding.
+          const double bound = attention_deviation_bound(qv, kev, vev, kv, vv, seen, D) + 4 * tol * max_v;
+          ASSERT_LE(max_dev, bound) << "seq " << b << " query " << j << " q head " << hq;
         }
-        ASSERT_LE(std::sqrt(num / std::max(den, 1e-30)), tol)
-            << "seq " << b << " (" << lengths[b] << " tokens) q head " << hq;
-        // The bound that follows from the error bound (attention_ref.hpp), plus rounding.
-        const double bound =
-            attention_deviation_bound(qv, ke, ve, k, v, lengths[b], D) + 4 * tol * max_v;
-        ASSERT_LE(max_dev, bound) << "seq " << b << " q head " << hq;
       }
     }
 }
@@ -171,6 +200,40 @@ TEST(AttentionGpu, GqaGroupsHeadDimsAndBf16) {
   run_attention_case(2, 7, 256, DType::BF16, {33, 500}, seed + 19, true, 32);
   if (HasFatalFailure()) return;
   run_attention_case(1, 2, 256, DType::F16, {127, 1300}, seed + 23, false, 128);
+}
+
+TEST(AttentionGpu, MultiTokenQueriesAreCausalInMixedBatches) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  // Speculative verification (n up to 16) and prefill chunks next to plain decode in one call: queries
+  // whose last tokens fall in the tail, straddle a block edge or fill whole blocks; n x G over 8 rows
+  // takes several row tiles.
+  run_attention_case(4, 4, 128, DType::F16, {1000, 65, 64, 3, 700, 130}, seed, true, 64, {4, 16, 1, 3, 7, 2});
+  if (HasFatalFailure()) return;
+  for (int G : {1, 3, 7, 16}) {
+    SCOPED_TRACE("G " + std::to_string(G));
+    run_attention_case(2, G, 64, DType::F16, {300, 33, 129}, seed + G, false, 32, {5, 33, 16});
+    if (HasFatalFailure()) return;
+  }
+  run_attention_case(2, 2, 256, DType::BF16, {257, 40}, seed + 5, true, 128, {12, 40});
+  if (HasFatalFailure()) return;
+  run_attention_case(2, 6, 96, DType::F16, {1500, 200}, seed + 6, false, 64, {128, 3});  // a prefill chunk
+}
+
+TEST(AttentionGpu, SlidingWindowWithSinks) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  // Windows inside a block, across blocks and longer than the sequence; sinks that share the window's
+  // first block or lie blocks before it; multi-token queries whose windows differ.
+  run_attention_case(2, 4, 128, DType::F16, {1, 50, 1000, 3000, 200}, seed, true, 64, {}, 100, 4);
+  if (HasFatalFailure()) return;
+  run_attention_case(2, 4, 128, DType::F16, {1000, 3000, 77}, seed + 1, false, 64, {8, 3, 5}, 300, 0);
+  if (HasFatalFailure()) return;
+  run_attention_case(2, 2, 64, DType::BF16, {5000, 100}, seed + 2, true, 32, {16, 2}, 40, 70);
+  if (HasFatalFailure()) return;
+  run_attention_case(1, 8, 256, DType::F16, {4000}, seed + 3, false, 128, {4}, 1024, 1);
 }
 
 TEST(AttentionGpu, BlockSizesAndManyBlocksPerWarp) {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kvcomp/cache.hpp"
+#include "kernels/attention_params.cuh"
 #include "src/pool_pages.hpp"
 #include "src/store_plan.hpp"
 
@@ -84,6 +85,42 @@ TEST(CacheConfig, BadConfigurationsAreRejectedWithClearMessages) {
   expect_error(c, "pool_page_bytes must be 0 (automatic) or a multiple of 16 of at least");
   c.pool_page_bytes = detail::worst_pair_bytes(64, 128) + 8;
   expect_error(c, "pool_page_bytes must be 0 (automatic) or a multiple of 16");
+  c = Config{};
+  c.window = -1;
+  expect_error(c, "window must be 0 (full attention) or positive, got -1");
+  c = Config{};
+  c.layers = 3;
+  c.layer_windows = {4096, 0};
+  expect_error(c, "layer_windows has 2 entries for 3 layers");
+  c.layer_windows = {4096, 0, -5};
+  expect_error(c, "layer_windows[2] must be 0 (full attention) or positive, got -5");
+  c = Config{};
+  c.sink_tokens = -4;
+  expect_error(c, "sink_tokens must be 0 or positive, got -4");
+}
+
+// The units a tile of query rows needs (kernels/attention_params.cuh): every
+// unit holding a token some row sees, each once, in order; no other.
+TEST(AttentionUnits, UnitRangeListsExactlyTheUnitsTheRowsSee) {
+  std::mt19937 rng(1234);
+  for (int trial = 0; trial < 20000; ++trial) {
+    const int T = 32 << (trial % 3);
+    const int L = 1 + int(rng() % 2000);
+    const int units = (L + T - 1) / T;
+    const int hi_max = 1 + int(rng() % L);
+    const int window = trial % 4 == 0 ? 0 : 1 + int(rng() % 600);
+    const int lo_min = window ? hi_max - int(rng() % 17) - window : 0;  // the first row's (a few queries before)
+    const int sinks = window && trial % 2 ? int(rng() % 300) : 0;
+    const detail::UnitRange r = detail::unit_range(lo_min, hi_max, sinks, T, units);
+    std::vector<int> got, want;
+    for (int v = 0; v < r.count; ++v) got.push_back(r.unit(v));
+    for (int u = 0; u < units; ++u) {
+      bool seen = false;
+      for (int t = u * T; t < std::min(L, u * T + T) && !seen; ++t) seen = t < hi_max && (t >= lo_min || t < sinks);
+      if (seen) want.push_back(u);
+    }
+    ASSERT_EQ(got, want) << "T " << T << " L " << L << " lo " << lo_min << " hi " << hi_max << " sinks " << sinks;
+  }
 }
 
 TEST(CacheConfig, ValidConfigEitherWorksOrFailsClearlyWithoutAGpu) {
@@ -100,6 +137,10 @@ TEST(CacheConfig, ValidConfigEitherWorksOrFailsClearlyWithoutAGpu) {
     EXPECT_THROW(cache.append(0, {s}, {1}, nullptr, nullptr, nullptr), Error);
     EXPECT_THROW(cache.append(0, {s}, {257}, nullptr, nullptr, nullptr), Error);
     EXPECT_THROW(cache.append(0, {s, s}, {1, 1}, nullptr, nullptr, nullptr), Error);
+    EXPECT_THROW(cache.attend(0, {s}, {1, 2}, nullptr, nullptr, DType::F16, nullptr), Error);  // counts
+    EXPECT_THROW(cache.attend(0, {s}, {2}, reinterpret_cast<void*>(16), reinterpret_cast<void*>(16), DType::F16,
+                              nullptr),
+                 Error);  // 2 queries are the sequence's last 2 tokens: it has none
     EXPECT_EQ(cache.tokens(s, 0), 0);
     cache.add_sequence();
     EXPECT_THROW(cache.add_sequence(), Error);

@@ -103,6 +103,16 @@ struct Config {
   ErrorBound k_bound{BoundMode::Relative, 0.05f};
   ErrorBound v_bound{BoundMode::Relative, 0.05f};
   std::vector<BoundOverride> overrides;  // later entries win
+  /// Sliding-window attention (Mistral; Gemma's local layers): a query at
+  /// position t sees tokens t - window + 1 .. t, plus tokens 0 ..
+  /// sink_tokens - 1 (attention sinks, as in StreamingLLM). 0: every token.
+  /// layer_windows, if not empty, gives each layer its own (one entry per
+  /// layer, 0 = full attention), e.g. Gemma's mix of local and global layers.
+  /// attend() skips the blocks no query sees; they stay stored (the pool
+  /// does not free blocks behind the window).
+  int window = 0;
+  std::vector<int> layer_windows;
+  int sink_tokens = 0;
   size_t pool_bytes = size_t(1) << 30;   // compressed blocks
   /// The pool is handed to sequences in pages of this many bytes (a multiple
   /// of 16, at least one worst-case K+V block pair: about 92 KiB at T = 64,
@@ -110,8 +120,8 @@ struct Config {
   /// holds two pages per sequence (max_seqs) where it can.
   size_t pool_page_bytes = 0;
   int max_seqs = 64;              // live sequences at once
-  /// Queries per attend call (a sequence may appear more than once, e.g. a
-  /// prefill chunk attending to the cache); 0 = min(max_seqs, 256); at most 256.
+  /// Query tokens per attend call (summed over its sequences, see the
+  /// multi-token attend); 0 = min(max_seqs, 256); at most 256.
   int max_attend_batch = 0;
   int max_tokens_per_seq = 32768;
   /// Hadamard: each appended K and V vector x (one token of one kv head, D =
@@ -194,10 +204,25 @@ class Cache {
   void append(int layer, const std::vector<int>& seq_ids, const std::vector<int>& n_tokens, const void* k,
               const void* v, cudaStream_t stream, int64_t token_stride = -1, int64_t head_stride = -1);
 
-  /// out[i] = attention of q[i] over sequence seq_ids[i]'s tokens in `layer`.
-  /// q and out: device [batch, q_heads, head_dim] of q_type (F16 or BF16).
+  /// out[i] = attention of q[i] over sequence seq_ids[i]'s tokens in `layer`
+  /// (within the window, if the layer has one; 0 for a sequence without
+  /// tokens). q and out: device [batch, q_heads, head_dim] of q_type (F16 or
+  /// BF16). A sequence may appear more than once.
   void attend(int layer, const std::vector<int>& seq_ids, const void* q, void* out, DType q_type,
               cudaStream_t stream);
+  /// Multi-token queries (speculative verification, chunked prefill):
+  /// sequence seq_ids[i] has n_queries[i] >= 1 query tokens, which are its
+  /// last n_queries[i] tokens (append them first; one query may attend to a
+  /// sequence without tokens, and gets 0). q and out: device
+  /// [sum n_queries, q_heads, head_dim], the sequences' queries one after
+  /// the other; query j of a sequence of L tokens sits at position
+  /// L - n + j and attends causally to tokens 0 .. L - n + j (and within
+  /// the window). Every block is decoded once per 8 (query, query head)
+  /// rows of a KV head: n_queries x (q_heads / kv_heads) <= 8 decode it
+  /// once for all of a sequence's queries. sum n_queries <=
+  /// Config::max_attend_batch.
+  void attend(int layer, const std::vector<int>& seq_ids, const std::vector<int>& n_queries, const void* q,
+              void* out, DType q_type, cudaStream_t stream);
 
   /// A plan for decode batches of `batch` sequences (1..max_attend_batch):
   /// allocates its device buffers once. Many plans may coexist (e.g. one per

@@ -70,10 +70,16 @@ class Cache(_C.Cache):
         config.dtype, unit stride along head_dim (token and head strides are free)."""
         super().append(layer, list(seq_ids), list(n_tokens), k, v, resolve_stream(stream, k))
 
-    def attend(self, layer, seq_ids, q, out, stream=None):
-        """out[i] = attention of q[i] over seq_ids[i]; q, out: contiguous [len(seq_ids), q_heads,
-        head_dim], float16 or bfloat16 (out's dtype = q's)."""
-        super().attend(layer, list(seq_ids), q, out, resolve_stream(stream, q))
+    def attend(self, layer, seq_ids, q, out, stream=None, n_queries=None):
+        """out[i] = attention of q[i] over seq_ids[i] (within the layer's window, if any); q, out: contiguous
+        [len(seq_ids), q_heads, head_dim], float16 or bfloat16 (out's dtype = q's).
+
+        n_queries (multi-token queries: speculative verification, prefill chunks): seq_ids[i] has
+        n_queries[i] query tokens, its last n_queries[i] tokens (append them first); q, out:
+        [sum(n_queries), q_heads, head_dim], the sequences' queries one after the other. Query j of a
+        sequence of L tokens attends causally to tokens 0 .. L - n + j."""
+        counts = None if n_queries is None else list(n_queries)
+        super().attend(layer, list(seq_ids), q, out, resolve_stream(stream, q), counts)
 
     def set_plan(self, plan, seq_ids, stream=None):
         """Puts sequences in the plan's slots: len(seq_ids) == plan.batch, live and distinct ids, -1 for an

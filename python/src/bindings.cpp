@@ -553,7 +553,10 @@ std::string config_repr(const Config& c) {
   for (size_t i = 0; i < c.overrides.size(); ++i) s << (i ? ", " : "") << override_repr(c.overrides[i]);
   s << "], pool_bytes=" << c.pool_bytes << ", max_seqs=" << c.max_seqs << ", max_attend_batch=" << c.max_attend_batch
     << ", max_tokens_per_seq=" << c.max_tokens_per_seq << ", pool_page_bytes=" << c.pool_page_bytes
-    << ", transform=" << (c.transform == kvcomp::Transform::Hadamard ? "Transform.Hadamard" : "Transform.None_") << ")";
+    << ", transform=" << (c.transform == kvcomp::Transform::Hadamard ? "Transform.Hadamard" : "Transform.None_")
+    << ", window=" << c.window << ", layer_windows=[";
+  for (size_t i = 0; i < c.layer_windows.size(); ++i) s << (i ? ", " : "") << c.layer_windows[i];
+  s << "], sink_tokens=" << c.sink_tokens << ")";
   return s.str();
 }
 
@@ -625,6 +628,9 @@ void bind_types(py::module_& m) {
       .def_readwrite("max_tokens_per_seq", &Config::max_tokens_per_seq)
       .def_readwrite("pool_page_bytes", &Config::pool_page_bytes)
       .def_readwrite("transform", &Config::transform)
+      .def_readwrite("window", &Config::window)
+      .def_readwrite("layer_windows", &Config::layer_windows)
+      .def_readwrite("sink_tokens", &Config::sink_tokens)
       .def("__repr__", &config_repr);
 
   py::class_<LayerStats>(m, "LayerStats")
@@ -733,16 +739,23 @@ void bind_cache(py::module_& m) {
            },
            py::arg("layer"), py::arg("seq_ids"), py::arg("n_tokens"), py::arg("k"), py::arg("v"), py::arg("stream") = 0)
       .def("attend", [](PyCache& self, int layer, const std::vector<int>& seq_ids, py::handle q_obj, py::handle out_obj,
-                        uintptr_t stream) {
-             const QOutArrays a = parse_q_out(self.cache.config(), q_obj, out_obj, int64_t(seq_ids.size()), "attend",
-                                              "[batch = len(seq_ids), q_heads, head_dim]", stream);
+                        uintptr_t stream, std::optional<std::vector<int>> n_queries) {
+             // n_queries: multi-token queries (each sequence's last n tokens, causal); default one each.
+             const std::vector<int> counts = n_queries ? *n_queries : std::vector<int>(seq_ids.size(), 1);
+             int64_t rows = 0;
+             for (int n : counts) rows += n;
+             const QOutArrays a = parse_q_out(self.cache.config(), q_obj, out_obj, rows, "attend",
+                                              n_queries ? "[sum(n_queries), q_heads, head_dim]"
+                                                        : "[batch = len(seq_ids), q_heads, head_dim]",
+                                              stream);
              locked(self, [&](Cache& c) {
                wait_for_producers({&a.q, &a.out}, as_stream(stream));
-               c.attend(layer, seq_ids, reinterpret_cast<const void*>(a.q.ptr), reinterpret_cast<void*>(a.out.ptr),
-                        a.q.dtype, as_stream(stream));
+               c.attend(layer, seq_ids, counts, reinterpret_cast<const void*>(a.q.ptr),
+                        reinterpret_cast<void*>(a.out.ptr), a.q.dtype, as_stream(stream));
              });
            },
-           py::arg("layer"), py::arg("seq_ids"), py::arg("q"), py::arg("out"), py::arg("stream") = 0)
+           py::arg("layer"), py::arg("seq_ids"), py::arg("q"), py::arg("out"), py::arg("stream") = 0,
+           py::arg("n_queries") = py::none())
       .def("make_plan", [](PyCache& self, int batch) {
              const DecodePlan p = locked(self, [&](Cache& c) { return c.make_plan(batch); });
              return PyPlan{p, self.serial};

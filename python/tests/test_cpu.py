@@ -160,7 +160,8 @@ class ConfigFields(unittest.TestCase):
         values = dict(layers=3, kv_heads=4, q_heads=16, head_dim=64, dtype=kvcomp.DType.BF16, block_tokens=32,
                       k_bound=kvcomp.ErrorBound(kvcomp.BoundMode.Absolute, 0.5),
                       v_bound=kvcomp.ErrorBound(kvcomp.BoundMode.Relative, 0.0625), pool_bytes=(1 << 33) + 16,
-                      max_seqs=7, max_attend_batch=5, max_tokens_per_seq=123456, transform=kvcomp.Transform.Hadamard)
+                      max_seqs=7, max_attend_batch=5, max_tokens_per_seq=123456, transform=kvcomp.Transform.Hadamard,
+                      window=4096, layer_windows=[4096, 0, 1024], sink_tokens=4)
         by_kwargs = kvcomp.Config(overrides=[o], **values)
         by_setattr = kvcomp.Config()
         for name, value in values.items():
@@ -173,7 +174,8 @@ class ConfigFields(unittest.TestCase):
             self.assertEqual((got.layer, got.kv_head, got.k, got.v), (1, 2, o.k, o.v))
         r = repr(by_kwargs)
         for text in ["layers=3", "head_dim=64", "dtype=DType.BF16", "BoundMode.Absolute", "pool_bytes=8589934608",
-                     "BoundOverride(layer=1, kv_head=2", "max_tokens_per_seq=123456", "transform=Transform.Hadamard"]:
+                     "BoundOverride(layer=1, kv_head=2", "max_tokens_per_seq=123456", "transform=Transform.Hadamard",
+                     "window=4096, layer_windows=[4096, 0, 1024], sink_tokens=4"]:
             self.assertIn(text, r)
 
     def test_unknown_field_and_wrong_type(self):
@@ -191,6 +193,8 @@ class ConfigFields(unittest.TestCase):
             kvcomp.Cache(kvcomp.Config(kv_heads=2, q_heads=34))
         with self.assertRaisesRegex(kvcomp.Error, "override names layer 4"):
             kvcomp.Cache(kvcomp.Config(overrides=[kvcomp.BoundOverride(layer=4)]))
+        with self.assertRaisesRegex(kvcomp.Error, "layer_windows has 1 entries for 2 layers"):
+            kvcomp.Cache(kvcomp.Config(layers=2, layer_windows=[4096]))
 
     @unittest.skipIf(HAVE_GPU, "a CUDA device is present")
     def test_cache_without_gpu_names_the_cuda_failure(self):

@@ -95,13 +95,13 @@ class CacheTorch(TorchBase):
     PREFILL = [130, 64, 37]  # 2 closed blocks + tail, exactly 1 block, tail only
     STEPS = 70               # decode steps: every sequence closes at least one more block
 
-    def make_cache(self, dtype):
+    def make_cache(self, dtype, **fields):
         # kv head 1 has its own bounds: absolute for K, a tighter relative one for V.
         over = kvcomp.BoundOverride(layer=0, kv_head=1, k=kvcomp.ErrorBound(kvcomp.BoundMode.Absolute, 0.02),
                                     v=kvcomp.ErrorBound(kvcomp.BoundMode.Relative, 0.02))
         cfg = kvcomp.Config(layers=1, kv_heads=self.H, q_heads=self.HQ, head_dim=self.D, dtype=dtype,
                             block_tokens=self.T, pool_bytes=64 << 20, max_seqs=8, max_tokens_per_seq=4096,
-                            overrides=[over])
+                            overrides=[over], **fields)
         return kvcomp.Cache(cfg)
 
     def fill(self, cache, tdtype, stream=None):
@@ -186,6 +186,28 @@ class CacheTorch(TorchBase):
 
     def test_fp16_append_attend_read_block(self):
         self.run_case(kvcomp.DType.F16, torch.float16, torch.float16)
+
+    def test_multi_token_queries_with_a_window_and_sinks(self):
+        """attend(n_queries=...): query j of n sits at position L - n + j and sees the tokens up to it that lie in
+        the window (60) or the sinks (3), against float64 over the stored K/V."""
+        window, sinks, counts = 60, 3, [3, 1, 5]
+        cache = self.make_cache(kvcomp.DType.F16, window=window, sink_tokens=sinks, max_attend_batch=16)
+        seqs, ks, vs = self.fill(cache, torch.float16)
+        q = torch.randn(sum(counts), self.HQ, self.D, device=self.dev).half()
+        out = torch.full_like(q, float("nan"))
+        cache.attend(0, seqs, q, out, n_queries=counts)
+        torch.cuda.synchronize()
+        row = 0
+        for i, s in enumerate(seqs):
+            kr, vr = self.reconstruct_and_check_bounds(cache, s, ks[i], vs[i])
+            for j in range(counts[i]):
+                pos = kr.shape[0] - counts[i] + j
+                keep = [t for t in range(pos + 1) if t > pos - window or t < sinks]
+                self.assert_attention_close(out[row], attention64(q[row], kr[keep], vr[keep]), vr[keep],
+                                            REL["float16"], f"seq {s} query {j} of {counts[i]}")
+                row += 1
+        with self.assertRaisesRegex(kvcomp.Error, r"attend: q must be \[sum\(n_queries\), q_heads, head_dim\]"):
+            cache.attend(0, seqs[:1], q, out, n_queries=[2])
 
     def test_bf16_kv_through_dlpack(self):
         # torch's CUDA array interface spells bfloat16 '<V2': kvcomp reads these through DLPack.
