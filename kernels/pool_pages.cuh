@@ -3,8 +3,11 @@
 // A page holds at least one worst-case K+V block pair (format::block_bytes at
 // max_lane_bits), so any pair fits an empty page. A sequence fills its own
 // open page pair after pair (bump allocation); a pair that does not fit opens
-// a new page, popped from a free stack. remove_sequence pushes the sequence's
-// pages back. Both run as single-CTA kernels on the caller's stream: no host
+// a new page, popped from a free stack. A page records which sequences use
+// it (a bitmap): the one that fills it, and after fork() the sequences that
+// share its blocks; remove_sequence drops the sequence from its pages and
+// pushes a page back when its last user goes. Each page also counts its
+// blocks' units by layer (stats). Both run as single-CTA kernels on the caller's stream: no host
 // round trip, so appends can be captured in CUDA graphs, and the order is
 // deterministic (the same appends place the same blocks at the same offsets).
 //
@@ -17,6 +20,7 @@
 // entry_ok == 0) and is recorded in fail[layer][slot] and a host-mapped flag.
 #pragma once
 
+#include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 #include <cub/warp/warp_reduce.cuh>
 #include <cub/warp/warp_scan.cuh>
@@ -37,6 +41,12 @@ constexpr int kPlaceStage = 128;     // jobs a warp stages in shared memory at a
 constexpr int kPlaceItems = 8;       // jobs a thread takes in the CTA-wide pass of step 3
 static_assert(kPlaceStage % 32 == 0 && (kPlaceStage & (kPlaceStage - 1)) == 0, "lane rows, 8-job steps, a mask");
 
+/// A page popped from the free stack becomes `slot`'s (no user bits are set
+/// on a free page: release_kernel frees a page when its last user goes).
+__device__ __forceinline__ void take_page(const PoolState& pool, int32_t page, int32_t slot) {
+  pool.users[size_t(page) * pool.user_words + slot / 32] = 1u << (slot % 32);
+}
+
 /// One CTA. sizes16[2 j], [2 j + 1]: job j's K and V block units (measure);
 /// writes pair_at16[j] (K at it, V right after) and entry_ok[e]. Scratch,
 /// two per entry: page_base[2 e] the new pages entry e needs, then (step 2)
@@ -49,17 +59,14 @@ __global__ void __launch_bounds__(kPlaceThreads, 1) place_kernel(const AppendEnt
                                                                  PoolState pool, SeqState seqs) {
   using BlockScan = cub::BlockScan<int32_t, kPlaceThreads>;
   using WarpScan = cub::WarpScan<int32_t>;
-  using WarpSum = cub::WarpReduce<uint64_t>;
   __shared__ union {
     typename BlockScan::TempStorage block;
     typename WarpScan::TempStorage warp;
   } scan;
-  __shared__ typename WarpSum::TempStorage warp_sum[kPlaceWarps];
   __shared__ __align__(16) uint2 stage[kPlaceWarps][kPlaceStage];       // a job's {units, pair_limit}
   __shared__ __align__(16) uint32_t offsets[kPlaceWarps][kPlaceStage];  // its offset in its page
   __shared__ uint32_t by_warp;                                          // bit e: entry e is walked by a warp
   __shared__ int32_t w_need[32];
-  __shared__ uint64_t w_units[32];
   // Step 3's warp-walked entries that took their pages, in order.
   __shared__ uint32_t w_begin[32], w_end[32];
   __shared__ int32_t w_opened[32], w_top[32], w_page0[32], w_slot[32], w_n;
@@ -116,7 +123,6 @@ __global__ void __launch_bounds__(kPlaceThreads, 1) place_kernel(const AppendEnt
     bool open = c0.page >= 0;
     uint32_t fill = open ? c0.fill16 : 0;  // lane 0's chain
     int32_t need = 0;
-    uint64_t units = 0;
     uint2 ahead[kPlaceStage / 32];  // sizes of job j0 + 32 k + lane
     auto fetch = [&](uint32_t j0) {
 #pragma unroll
@@ -132,7 +138,6 @@ __global__ void __launch_bounds__(kPlaceThreads, 1) place_kernel(const AppendEnt
         const bool open_before = open || (placed & ((1u << lane) - 1));
         stage[warp][k * 32 + lane] = {u[k], pair_limit(u[k], open_before, P)};
         open = open || placed;
-        units += u[k];
       }
       __syncwarp();
       fetch(j0 + kPlaceStage);  // in flight during the walk (not used before it ends)
@@ -168,12 +173,10 @@ __global__ void __launch_bounds__(kPlaceThreads, 1) place_kernel(const AppendEnt
         if (u[k]) pair_at16[j0 + k * 32 + lane] = at16;
       }
     }
-    units = WarpSum(warp_sum[warp]).Sum(units);
     if (lane == 0) {
       page_base[2 * e] = need;
       page_base[2 * e + 1] = int32_t(open ? fill : c0.fill16);
       w_need[e] = need;
-      w_units[e] = units;
     }
   }
   __syncthreads();
@@ -238,7 +241,6 @@ __global__ void __launch_bounds__(kPlaceThreads, 1) place_kernel(const AppendEnt
         pool.open_page[a.slot] = need > 0 ? pool.free_pages[top - need] : page0;
         pool.open_fill16[a.slot] = uint32_t(page_base[2 * lane + 1]);
         seqs.tokens[at] += a.n_tokens;
-        seqs.units16[at] += w_units[lane];
       }
       if (lane == 0) w_n = __popc(oks);
     }
@@ -267,7 +269,8 @@ __global__ void __launch_bounds__(kPlaceThreads, 1) place_kernel(const AppendEnt
         if (!u[i]) continue;
         const int32_t opened = carry + k[i];
         const int32_t page = opened > w_opened[r[i]] ? pool.free_pages[w_top[r[i]] - opened] : w_page0[r[i]];
-        if (opens[i]) pool.owner[page] = w_slot[r[i]];
+        if (opens[i]) take_page(pool, page, w_slot[r[i]]);
+        atomicAdd(pool.layer_units16 + size_t(page) * seqs.layers + layer, u[i]);
         pair_at16[j0 + threadIdx.x * kPlaceItems + i] = uint32_t(uint64_t(page) * P + at16[i]);
       }
       carry += total;
@@ -289,7 +292,6 @@ __global__ void __launch_bounds__(kPlaceThreads, 1) place_kernel(const AppendEnt
     if (e < 32 && (warp_walked >> e & 1)) continue;
     const int32_t top = page_base[2 * e];
     int32_t page = pool.open_page[a.slot], opened = 0;
-    uint64_t units = 0;
     for (uint32_t j = a.job_begin; j < a.job_end; j += 16) {
       uint32_t u[16], at16[16];
 #pragma unroll
@@ -302,39 +304,50 @@ __global__ void __launch_bounds__(kPlaceThreads, 1) place_kernel(const AppendEnt
         if (u[i]) {
           if (at16[i] == 0) {
             page = pool.free_pages[top - ++opened];
-            pool.owner[page] = a.slot;
+            take_page(pool, page, a.slot);
           }
+          atomicAdd(pool.layer_units16 + size_t(page) * seqs.layers + layer, u[i]);
           pair_at16[j + i] = uint32_t(uint64_t(page) * P + at16[i]);
         }
-        units += u[i];
       }
     }
     pool.open_page[a.slot] = page;
     pool.open_fill16[a.slot] = uint32_t(page_base[2 * e + 1]);
     seqs.tokens[at] += a.n_tokens;
-    seqs.units16[at] += units;
   }
 }
 
 constexpr int kReleaseThreads = 512;
 
-/// One CTA: gives every page of `slot` back (pushed from the highest page
-/// number down, so the lowest is popped first) and clears the slot's state.
+/// One CTA: `slot` stops using its pages (its own and, after fork, shared
+/// ones); a page no sequence uses any more is pushed back (from the highest
+/// page number down, so the lowest is popped first), its layer counts
+/// cleared. Clears the slot's state.
 __global__ void __launch_bounds__(kReleaseThreads) release_kernel(int slot, PoolState pool, SeqState seqs) {
   using Scan = cub::BlockScan<int, kReleaseThreads>;
   __shared__ typename Scan::TempStorage scan;
   __shared__ int32_t top;
   if (threadIdx.x == 0) top = *pool.free_count;
   __syncthreads();
+  const uint32_t bit = 1u << (slot % 32);
   for (int first = 0; first < pool.n_pages; first += kReleaseThreads) {
     const int i = first + int(threadIdx.x);
     const int page = pool.n_pages - 1 - i;
-    const int mine = i < pool.n_pages && pool.owner[page] == slot ? 1 : 0;
+    int freed = 0;
+    if (i < pool.n_pages) {
+      uint32_t* users = pool.users + size_t(page) * pool.user_words;
+      if (users[slot / 32] & bit) {
+        users[slot / 32] &= ~bit;
+        uint32_t any = 0;
+        for (int w = 0; w < pool.user_words; ++w) any |= users[w];
+        freed = any == 0;
+      }
+    }
     int pos = 0, total = 0;
-    Scan(scan).ExclusiveSum(mine, pos, total);
-    if (mine) {
+    Scan(scan).ExclusiveSum(freed, pos, total);
+    if (freed) {
       pool.free_pages[top + pos] = page;
-      pool.owner[page] = -1;
+      for (int l = 0; l < seqs.layers; ++l) pool.layer_units16[size_t(page) * seqs.layers + l] = 0;
     }
     __syncthreads();
     if (threadIdx.x == 0) top += total;
@@ -348,9 +361,45 @@ __global__ void __launch_bounds__(kReleaseThreads) release_kernel(int slot, Pool
   for (int l = threadIdx.x; l < seqs.layers; l += blockDim.x) {
     const size_t at = size_t(l) * seqs.max_seqs + slot;
     seqs.tokens[at] = 0;
-    seqs.units16[at] = 0;
     seqs.fail[at] = 0;
   }
+}
+
+/// One CTA: `child` (a free slot) starts as a copy of `parent`: it uses
+/// every page the parent uses (the closed blocks are immutable, so they are
+/// shared), holds its token counts, and opens pages of its own for the
+/// blocks it closes later. (The block table rows and tails are copied by the
+/// caller.)
+__global__ void __launch_bounds__(kReleaseThreads) fork_kernel(int parent, int child, PoolState pool, SeqState seqs) {
+  for (int page = threadIdx.x; page < pool.n_pages; page += blockDim.x) {
+    uint32_t* users = pool.users + size_t(page) * pool.user_words;
+    if (users[parent / 32] >> (parent % 32) & 1) users[child / 32] |= 1u << (child % 32);
+  }
+  if (threadIdx.x == 0) {
+    pool.open_page[child] = -1;
+    pool.open_fill16[child] = 0;
+  }
+  for (int l = threadIdx.x; l < seqs.layers; l += blockDim.x) {
+    seqs.tokens[size_t(l) * seqs.max_seqs + child] = seqs.tokens[size_t(l) * seqs.max_seqs + parent];
+    seqs.fail[size_t(l) * seqs.max_seqs + child] = 0;
+  }
+}
+
+/// Per layer (one CTA each): the pool units of the blocks in pages some
+/// sequence uses (each stored block once, however many sequences share it).
+__global__ void __launch_bounds__(256) layer_units_kernel(PoolState pool, int layers, unsigned long long* out) {
+  using Sum = cub::BlockReduce<unsigned long long, 256>;
+  __shared__ typename Sum::TempStorage sum;
+  const int layer = blockIdx.x;
+  unsigned long long units = 0;
+  for (int page = threadIdx.x; page < pool.n_pages; page += blockDim.x) {
+    const uint32_t* users = pool.users + size_t(page) * pool.user_words;
+    uint32_t any = 0;
+    for (int w = 0; w < pool.user_words; ++w) any |= users[w];
+    if (any) units += pool.layer_units16[size_t(page) * layers + layer];
+  }
+  units = Sum(sum).Sum(units);
+  if (threadIdx.x == 0) out[layer] = units;
 }
 
 }  // namespace detail

@@ -17,15 +17,17 @@ enum FailReason : int32_t { kFailNone = 0, kFailPoolFull = 1, kFailMaxTokens = 2
 struct PoolState {
   int32_t* free_pages;    // stack of free page numbers, [n_pages]
   int32_t* free_count;    // [1]
-  int32_t* owner;         // [n_pages]: slot holding the page, or -1
-  int32_t* open_page;     // [max_seqs]: page being filled, or -1
-  uint32_t* open_fill16;  // [max_seqs]: units of the open page in use (> 0 while one is open)
-  uint32_t page_units16;  // page size, 16-byte units
+  uint32_t* users;          // [n_pages][user_words]: bit s set while slot s uses the page (it placed
+                            // blocks there, or shares them through fork); a free page has none
+  uint32_t* layer_units16;  // [n_pages][layers]: units of the blocks placed in the page, by layer
+  int32_t* open_page;       // [max_seqs]: page being filled, or -1
+  uint32_t* open_fill16;    // [max_seqs]: units of the open page in use (> 0 while one is open)
+  uint32_t page_units16;    // page size, 16-byte units
   int32_t n_pages;
+  int32_t user_words;       // ceil(max_seqs / 32)
 };
 struct SeqState {
   int32_t* tokens;        // [layer][max_seqs]
-  uint64_t* units16;      // [layer][max_seqs]: pool units of the sequence's blocks
   int32_t* fail;          // [layer][max_seqs]: FailReason of the last failed append
   int32_t* fail_flag;     // host-mapped: set when any fail is recorded
   int32_t max_seqs;

@@ -48,11 +48,12 @@ Cache::Impl::Impl(const Config& c)
   const size_t slots = size_t(c.layers) * c.max_seqs;
   free_pages.allocate(pages.pages, "pool page stack");
   free_count.allocate(1, "pool page stack");
-  owner.allocate(pages.pages, "pool page owners");
+  users.allocate(size_t(pages.pages) * user_words(), "pool page users");
+  layer_units16.allocate(size_t(pages.pages) * c.layers, "pool page sizes");
+  layer_units.allocate(c.layers, "stats scratch");
   open_page.allocate(c.max_seqs, "sequence pages");
   open_fill16.allocate(c.max_seqs, "sequence pages");
   tokens.allocate(slots, "token counts");
-  units16.allocate(slots, "sequence sizes");
   fail.allocate(slots, "failure records");
   const size_t per_layer_hist = size_t(H) * 2 * format::kLowBitChoices * format::kNumSymbols;
   hist.allocate(size_t(c.layers) * per_layer_hist, "histogram scratch");
@@ -63,7 +64,7 @@ Cache::Impl::Impl(const Config& c)
   check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&fail_flag_device), fail_flag.ptr, 0),
              "failure flag address");
 
-  // Every page free (page 0 on top), nothing owned, nothing stored.
+  // Every page free (page 0 on top), used by no one, nothing stored.
   std::vector<int32_t> stack(pages.pages), none(std::max<size_t>(pages.pages, c.max_seqs), -1);
   for (int32_t i = 0; i < pages.pages; ++i) stack[i] = pages.pages - 1 - i;
   std::vector<ErrorBound> b(bounds.count);
@@ -77,13 +78,13 @@ Cache::Impl::Impl(const Config& c)
   };
   up(free_pages.ptr, stack.data(), stack.size() * sizeof(int32_t));
   up(free_count.ptr, &pages.pages, sizeof(int32_t));
-  up(owner.ptr, none.data(), size_t(pages.pages) * sizeof(int32_t));
   up(open_page.ptr, none.data(), size_t(c.max_seqs) * sizeof(int32_t));
   up(bounds.ptr, b.data(), b.size() * sizeof(ErrorBound));
   auto zero = [](void* p, size_t bytes) { check_cuda(cudaMemset(p, 0, bytes), "cache initialization"); };
   zero(open_fill16.ptr, open_fill16.count * sizeof(uint32_t));
   zero(tokens.ptr, tokens.count * sizeof(int32_t));
-  zero(units16.ptr, units16.count * sizeof(uint64_t));
+  zero(users.ptr, users.count * sizeof(uint32_t));
+  zero(layer_units16.ptr, layer_units16.count * sizeof(uint32_t));
   zero(fail.ptr, fail.count * sizeof(int32_t));
   zero(hist.ptr, hist.count * sizeof(unsigned long long));
   zero(ready.ptr, ready.count * sizeof(int32_t));
@@ -95,7 +96,7 @@ Cache::Impl::Impl(const Config& c)
 }
 
 detail::SeqState Cache::Impl::seq_state() const {
-  return {tokens.ptr, units16.ptr, fail.ptr, fail_flag_device, cfg.max_seqs, cfg.max_tokens_per_seq, cfg.layers};
+  return {tokens.ptr, fail.ptr, fail_flag_device, cfg.max_seqs, cfg.max_tokens_per_seq, cfg.layers};
 }
 
 ErrorBound Cache::Impl::bound(int layer, int head, Kind kind) const {
@@ -211,6 +212,34 @@ int Cache::add_sequence() {
     return i;
   }
   throw Error("all " + str(m.cfg.max_seqs) + " sequence slots are in use (config.max_seqs)");
+}
+
+int Cache::fork(int seq, cudaStream_t stream) {
+  Impl& m = *impl_;
+  m.check_seq(seq);
+  m.poll_failures("fork");
+  m.refresh_tokens();
+  int child = -1;
+  for (int i = 0; i < m.cfg.max_seqs && child < 0; ++i)
+    if (!m.live[i]) child = i;
+  if (child < 0) throw Error("fork: all " + str(m.cfg.max_seqs) + " sequence slots are in use (config.max_seqs)");
+  // The child's block table rows and tails are the parent's: [layer][slot][...] rows, one per layer
+  // (tails: per layer and kind).
+  const size_t table_row = size_t(m.max_blocks) * m.H * sizeof(BlockRef);
+  check_cuda(cudaMemcpy2DAsync(m.table.ptr + size_t(child) * m.max_blocks * m.H, m.cfg.max_seqs * table_row,
+                               m.table.ptr + size_t(seq) * m.max_blocks * m.H, m.cfg.max_seqs * table_row, table_row,
+                               m.cfg.layers, cudaMemcpyDeviceToDevice, stream),
+             "fork: block table copy");
+  const detail::TailLayout tl = m.tail_layout();
+  const size_t tail_row = size_t(m.H) * m.T * m.D * dtype_size(m.cfg.dtype);
+  check_cuda(cudaMemcpy2DAsync(tl.row_ptr(0, child, 0, Kind::Key), m.cfg.max_seqs * tail_row,
+                               tl.row_ptr(0, seq, 0, Kind::Key), m.cfg.max_seqs * tail_row, tail_row,
+                               size_t(m.cfg.layers) * 2, cudaMemcpyDeviceToDevice, stream),
+             "fork: tail copy");
+  detail::launch_fork(seq, child, m.pool_state(), m.seq_state(), stream);
+  m.live[child] = true;
+  for (int l = 0; l < m.cfg.layers; ++l) m.h_tokens[m.at(l, child)] = m.h_tokens[m.at(l, seq)];
+  return child;
 }
 
 void Cache::remove_sequence(int id, cudaStream_t stream) {
@@ -380,9 +409,12 @@ Stats Cache::stats() const {
   m.poll_failures("stats");
   m.tokens_stale = true;
   m.refresh_tokens();
-  std::vector<uint64_t> units(m.units16.count);
+  // Bytes of the blocks in pages in use: a block shared through fork counts once.
+  std::vector<unsigned long long> units(m.cfg.layers);
   int32_t free_pages = 0;
-  check_cuda(cudaMemcpy(units.data(), m.units16.ptr, units.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost),
+  detail::launch_layer_units(m.pool_state(), m.cfg.layers, m.layer_units.ptr, 0);
+  check_cuda(cudaMemcpy(units.data(), m.layer_units.ptr, units.size() * sizeof(unsigned long long),
+                        cudaMemcpyDeviceToHost),
              "stats copy");
   check_cuda(cudaMemcpy(&free_pages, m.free_count.ptr, sizeof(int32_t), cudaMemcpyDeviceToHost), "stats copy");
   Stats st;
@@ -394,8 +426,8 @@ Stats Cache::stats() const {
       if (!m.live[s]) continue;
       ls.tokens += size_t(m.host_tokens(s, l));
       ls.tail_tokens += size_t(m.host_tokens(s, l) % m.T);
-      ls.compressed_bytes += units[m.at(l, s)] * format::kBlockAlign;
     }
+    ls.compressed_bytes = size_t(units[l]) * format::kBlockAlign;
     st.compressed_bytes += ls.compressed_bytes;
     st.tokens += ls.tokens;
     st.tail_bytes += ls.tail_tokens * size_t(m.H) * m.D * 2 * dtype_size(m.cfg.dtype);

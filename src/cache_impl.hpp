@@ -57,10 +57,12 @@ struct Cache::Impl {
   int part_splits = 0;
 
   // Device state (kernels/pool_state.cuh).
-  detail::DeviceBuffer<int32_t> free_pages, free_count, owner, open_page;
+  detail::DeviceBuffer<int32_t> free_pages, free_count, open_page;
+  detail::DeviceBuffer<uint32_t> users;           // [page][user_words]: which slots use it
+  detail::DeviceBuffer<uint32_t> layer_units16;   // [page][layer]
   detail::DeviceBuffer<uint32_t> open_fill16;
   detail::DeviceBuffer<int32_t> tokens;           // [layer][slot]
-  detail::DeviceBuffer<uint64_t> units16;         // [layer][slot]
+  detail::DeviceBuffer<unsigned long long> layer_units;  // [layer]: stats scratch
   detail::DeviceBuffer<int32_t> fail;             // [layer][slot]
   detail::PinnedBuffer fail_flag;                 // one int32, host-mapped
   int32_t* fail_flag_device = nullptr;            // its device address
@@ -86,12 +88,13 @@ struct Cache::Impl {
   explicit Impl(const Config& c);
 
   detail::PoolState pool_state() const {
-    return {free_pages.ptr, free_count.ptr, owner.ptr, open_page.ptr, open_fill16.ptr, pages.page_units16,
-            pages.pages};
+    return {free_pages.ptr, free_count.ptr, users.ptr, layer_units16.ptr, open_page.ptr, open_fill16.ptr,
+            pages.page_units16, pages.pages, user_words()};
   }
   detail::SeqState seq_state() const;
   detail::TailLayout tail_layout() const { return {tails.ptr, cfg.max_seqs, H, T, D, dtype_size(cfg.dtype)}; }
   size_t at(int layer, int slot) const { return size_t(layer) * cfg.max_seqs + slot; }
+  int32_t user_words() const { return (cfg.max_seqs + 31) / 32; }
   ErrorBound bound(int layer, int head, Kind kind) const;
 
   void check_seq(int id) const;

@@ -91,6 +91,16 @@ void launch_release(int slot, const PoolState& pool, const SeqState& seqs, cudaS
   check_cuda(cudaGetLastError(), "release kernel launch");
 }
 
+void launch_fork(int parent, int child, const PoolState& pool, const SeqState& seqs, cudaStream_t s) {
+  fork_kernel<<<1, kReleaseThreads, 0, s>>>(parent, child, pool, seqs);
+  check_cuda(cudaGetLastError(), "fork kernel launch");
+}
+
+void launch_layer_units(const PoolState& pool, int layers, unsigned long long* out, cudaStream_t s) {
+  layer_units_kernel<<<layers, 256, 0, s>>>(pool, layers, out);
+  check_cuda(cudaGetLastError(), "layer units kernel launch");
+}
+
 void launch_decode_jobs(const DecodeJobsParams& p, cudaStream_t s) {
   const int n = p.batch * p.tails.kv_heads;
   if (n == 0) return;

@@ -3,7 +3,7 @@
 //
 //   kvcomp::Config cfg;              // shapes, error bounds, pool size
 //   kvcomp::Cache cache(cfg);        // allocates every device buffer once
-//   int s = cache.add_sequence();
+//   int s = cache.add_sequence();          // or cache.fork(parent): shares its blocks
 //   cache.append(layer, {s}, {n}, k, v, stream);     // prefill or decode
 //   cache.attend(layer, {s}, q, out, stream);         // fused attention
 //   cache.stats();                                    // memory, per layer
@@ -158,13 +158,13 @@ struct Config {
 };
 
 struct LayerStats {
-  size_t compressed_bytes = 0;  // blocks in the pool (K and V)
+  size_t compressed_bytes = 0;  // blocks in the pool (K and V), once however many sequences share them
   size_t tail_tokens = 0;       // tokens held uncompressed, summed over sequences
   size_t tokens = 0;            // tokens stored, summed over sequences
 };
 
 struct Stats {
-  size_t compressed_bytes = 0;      // all blocks in the pool
+  size_t compressed_bytes = 0;      // all blocks in pages in use (shared blocks once)
   size_t tail_bytes = 0;            // uncompressed tail tokens in use (held in the input type)
   size_t metadata_bytes = 0;        // block tables, codebooks, tail buffers reserved
   size_t pool_bytes_in_use = 0;     // pool pages held by sequences (>= compressed_bytes)
@@ -188,10 +188,19 @@ class Cache {
 
   /// A new, empty sequence; throws when max_seqs are live.
   int add_sequence();
-  /// Frees the sequence's pages and its id, on `stream` (no host sync): work
+  /// Frees the sequence's id and its pages, on `stream` (no host sync): work
   /// queued on other streams that reads the sequence must be complete. Plans
   /// that hold the sequence must be set again (set_plan) before they run.
+  /// Pages shared through fork() are freed when their last user goes.
   void remove_sequence(int seq, cudaStream_t stream = 0);
+  /// A new sequence that starts as a copy of `seq` (beam search, parallel
+  /// sampling, a cached prompt): it shares seq's closed blocks (immutable:
+  /// no copy, no new pool bytes; stats() counts them once) and gets a copy
+  /// of its open tail; from then on each appends its own tokens. Either may
+  /// be removed first. Runs on `stream`, after the work queued before it
+  /// (no host sync unless plan-based appends ran since the last sync, as for
+  /// eager calls); throws when max_seqs are live.
+  int fork(int seq, cudaStream_t stream = 0);
   /// Tokens stored for `seq` in `layer` (synchronizes the device).
   int64_t tokens(int seq, int layer) const;
 

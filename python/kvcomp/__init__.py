@@ -65,6 +65,11 @@ class Cache(_C.Cache):
         set again (set_plan) before they run."""
         super().remove_sequence(seq, resolve_stream(stream))
 
+    def fork(self, seq, stream=None):
+        """A new sequence that starts as a copy of `seq`: it shares seq's closed blocks (stats count them once)
+        and copies its open tail; then each appends its own tokens. Either may be removed first."""
+        return super().fork(seq, resolve_stream(stream))
+
     def append(self, layer, seq_ids, n_tokens, k, v, stream=None):
         """Appends n_tokens[i] tokens to seq_ids[i]; k, v: [sum(n_tokens), kv_heads, head_dim] of
         config.dtype, unit stride along head_dim (token and head strides are free)."""

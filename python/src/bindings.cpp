@@ -756,6 +756,10 @@ void bind_cache(py::module_& m) {
            },
            py::arg("layer"), py::arg("seq_ids"), py::arg("q"), py::arg("out"), py::arg("stream") = 0,
            py::arg("n_queries") = py::none())
+      .def("fork", [](PyCache& self, int seq, uintptr_t stream) {
+             return locked(self, [&](Cache& c) { return c.fork(seq, as_stream(stream)); });
+           },
+           py::arg("seq"), py::arg("stream") = 0)
       .def("make_plan", [](PyCache& self, int batch) {
              const DecodePlan p = locked(self, [&](Cache& c) { return c.make_plan(batch); });
              return PyPlan{p, self.serial};

@@ -209,6 +209,33 @@ class CacheTorch(TorchBase):
         with self.assertRaisesRegex(kvcomp.Error, r"attend: q must be \[sum\(n_queries\), q_heads, head_dim\]"):
             cache.attend(0, seqs[:1], q, out, n_queries=[2])
 
+    def test_fork_shares_blocks_and_either_may_go_first(self):
+        """fork: the child holds the parent's tokens without new pool bytes; both attend alike; removing the
+        parent leaves the child intact; the pool ends empty."""
+        cache = self.make_cache(kvcomp.DType.F16)
+        seqs, _, _ = self.fill(cache, torch.float16)
+        before = cache.stats()
+        child = cache.fork(seqs[0])
+        self.assertEqual(cache.stats().compressed_bytes, before.compressed_bytes)
+        self.assertEqual(cache.stats().pool_bytes_in_use, before.pool_bytes_in_use)
+        self.assertEqual(cache.tokens(child, 0), cache.tokens(seqs[0], 0))
+        q = torch.randn(1, self.HQ, self.D, device=self.dev).half()
+        out = torch.full((2, self.HQ, self.D), float("nan"), device=self.dev, dtype=torch.float16)
+        cache.attend(0, [seqs[0], child], q.expand(2, -1, -1).contiguous(), out)
+        torch.cuda.synchronize()
+        self.assertTrue(torch.isfinite(out).all())
+        self.assertTrue(torch.equal(out[0], out[1]))
+        for s in seqs:
+            cache.remove_sequence(s)
+        alone = torch.full_like(q, float("nan"))
+        cache.attend(0, [child], q, alone)
+        torch.cuda.synchronize()
+        # (a batch of one splits the work differently: fp32 rounding, not bits)
+        self.assertTrue(torch.allclose(alone[0].float(), out[1].float(), rtol=2e-3, atol=1e-3))
+        cache.remove_sequence(child)
+        self.assertEqual(cache.stats().pool_bytes_in_use, 0)
+        self.assertEqual(cache.stats().compressed_bytes, 0)
+
     def test_bf16_kv_through_dlpack(self):
         # torch's CUDA array interface spells bfloat16 '<V2': kvcomp reads these through DLPack.
         t = torch.zeros(4, 2, 64, dtype=torch.bfloat16, device=self.dev)
