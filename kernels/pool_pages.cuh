@@ -385,6 +385,73 @@ __global__ void __launch_bounds__(kReleaseThreads) fork_kernel(int parent, int c
   }
 }
 
+/// One CTA, after an append to the last layer: for each entry's sequence
+/// (in order, so the free stack's order is deterministic), the pages it uses
+/// that hold none of its live blocks (WindowTrim: in no layer visible to a
+/// future query, sinks live) and are not its open page: it stops using them,
+/// and a page no one uses is freed. every_call = false (plan-based decode, a
+/// token a step): a sequence is looked at when its last layer's token count
+/// is a multiple of T, as blocks die at most once every T tokens a layer.
+__global__ void __launch_bounds__(kReleaseThreads) trim_kernel(const AppendEntry* entries, int n_entries,
+                                                               bool every_call, WindowTrim w, PoolState pool,
+                                                               SeqState seqs) {
+  using Scan = cub::BlockScan<int, kReleaseThreads>;
+  __shared__ typename Scan::TempStorage scan;
+  __shared__ int32_t top;
+  const int words = (pool.n_pages + 31) / 32, T = w.block_tokens;
+  for (int e = 0; e < n_entries; ++e) {
+    const AppendEntry a = entries[e];
+    if (a.n_tokens <= 0) continue;
+    const int slot = a.slot;
+    const int32_t last = seqs.tokens[size_t(seqs.layers - 1) * seqs.max_seqs + slot];
+    if (!every_call && last % T != 0) continue;
+    for (int i = threadIdx.x; i < words; i += blockDim.x) w.alive[i] = 0;
+    __syncthreads();
+    // Mark the pages of the live blocks: the sinks and the window's, every layer (all of a full-attention one).
+    for (int l = 0; l < seqs.layers; ++l) {
+      const int32_t tokens = seqs.tokens[size_t(l) * seqs.max_seqs + slot], n = tokens / T;
+      const int32_t first = first_live_block(tokens, w.windows[l], w.max_queries, T);
+      const int32_t sinks = first > 0 ? min(sink_blocks(w.sinks, T), n) : 0;
+      const format::BlockRef* row = w.table + (size_t(l) * seqs.max_seqs + slot) * w.max_blocks * w.kv_heads;
+      const int32_t live = sinks + (n - first);
+      for (int i = threadIdx.x; i < live * w.kv_heads; i += blockDim.x) {
+        const int32_t v = i / w.kv_heads, block = v < sinks ? v : first + (v - sinks);
+        const uint32_t page = row[size_t(block) * w.kv_heads + i % w.kv_heads].offset16 / pool.page_units16;
+        if (page < uint32_t(pool.n_pages)) atomicOr(&w.alive[page / 32], 1u << (page % 32));
+      }
+    }
+    if (threadIdx.x == 0) top = *pool.free_count;
+    __syncthreads();
+    const uint32_t bit = 1u << (slot % 32);
+    const int32_t open = pool.open_page[slot];
+    for (int base = 0; base < pool.n_pages; base += kReleaseThreads) {
+      const int i = base + int(threadIdx.x);
+      const int page = pool.n_pages - 1 - i;
+      int freed = 0;
+      if (i < pool.n_pages && page != open && !(w.alive[page / 32] >> (page % 32) & 1)) {
+        uint32_t* users = pool.users + size_t(page) * pool.user_words;
+        if (users[slot / 32] & bit) {
+          users[slot / 32] &= ~bit;
+          uint32_t any = 0;
+          for (int k = 0; k < pool.user_words; ++k) any |= users[k];
+          freed = any == 0;
+        }
+      }
+      int pos = 0, total = 0;
+      Scan(scan).ExclusiveSum(freed, pos, total);
+      if (freed) {
+        pool.free_pages[top + pos] = page;
+        for (int l = 0; l < seqs.layers; ++l) pool.layer_units16[size_t(page) * seqs.layers + l] = 0;
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) top += total;
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) *pool.free_count = top;
+    __syncthreads();
+  }
+}
+
 /// Per layer (one CTA each): the pool units of the blocks in pages some
 /// sequence uses (each stored block once, however many sequences share it).
 __global__ void __launch_bounds__(256) layer_units_kernel(PoolState pool, int layers, unsigned long long* out) {

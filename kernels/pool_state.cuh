@@ -35,6 +35,32 @@ struct SeqState {
   int32_t layers;
 };
 
+/// Sliding windows (Config::window): what trim_kernel needs to find the
+/// blocks no query can see any more. An attend call takes at most
+/// max_queries query tokens of a sequence, its last ones, so in a layer of L
+/// tokens every future query sits at L - max_queries or later and, with
+/// window W, sees only tokens >= L - max_queries - W + 1 (and the sinks):
+/// the blocks that end at or before that are dead.
+struct WindowTrim {
+  const format::BlockRef* table;  // every layer: [layer][slot][max_blocks][kv_heads]
+  const int32_t* windows;         // [layers]: W, 0 = full attention
+  uint32_t* alive;                // scratch: [ceil(n_pages / 32)] bits
+  int32_t max_blocks;
+  int32_t kv_heads;
+  int32_t block_tokens;
+  int32_t sinks;
+  int32_t max_queries;  // Config::max_attend_batch (resolved)
+};
+
+/// The first block of a layer of `tokens` tokens that a query can still see
+/// (WindowTrim); blocks [sink_blocks, it) are dead.
+KVCOMP_HD int32_t first_live_block(int32_t tokens, int32_t window, int32_t max_queries, int32_t block_tokens) {
+  if (window <= 0) return 0;
+  const int32_t lo = tokens - max_queries - window + 1;
+  return lo > 0 ? lo / block_tokens : 0;
+}
+KVCOMP_HD int32_t sink_blocks(int32_t sinks, int32_t block_tokens) { return (sinks + block_tokens - 1) / block_tokens; }
+
 /// A sequence's fill position: `page` (-1: none open) and units used in it.
 struct PageCursor {
   int32_t page;

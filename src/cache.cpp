@@ -51,6 +51,17 @@ Cache::Impl::Impl(const Config& c)
   users.allocate(size_t(pages.pages) * user_words(), "pool page users");
   layer_units16.allocate(size_t(pages.pages) * c.layers, "pool page sizes");
   layer_units.allocate(c.layers, "stats scratch");
+  std::vector<int32_t> w(c.layers);
+  for (int l = 0; l < c.layers; ++l) {
+    w[l] = layer_window(l);
+    windowed = windowed || w[l] > 0;
+  }
+  if (windowed) {
+    windows.allocate(c.layers, "layer windows");
+    alive_pages.allocate((size_t(pages.pages) + 31) / 32, "window scratch");
+    check_cuda(cudaMemcpy(windows.ptr, w.data(), w.size() * sizeof(int32_t), cudaMemcpyHostToDevice),
+               "cache initialization");
+  }
   open_page.allocate(c.max_seqs, "sequence pages");
   open_fill16.allocate(c.max_seqs, "sequence pages");
   tokens.allocate(slots, "token counts");
@@ -172,8 +183,14 @@ void Cache::Impl::rotate_input(AppendScratch& s, int64_t rows, const void*& k, c
   head_stride = D;
 }
 
+bool Cache::Impl::behind_window(int seq, int layer, int64_t block) const {
+  const int32_t first =
+      detail::first_live_block(host_tokens(seq, layer), layer_window(layer), detail::attend_batch_limit(cfg), T);
+  return block < first && block >= detail::sink_blocks(cfg.sink_tokens, T);
+}
+
 void Cache::Impl::run_store(int layer, AppendScratch& s, int n_jobs, int n_entries, int n_copies, bool build_books,
-                            cudaStream_t stream) {
+                            bool trim_every_call, cudaStream_t stream) {
   if (n_jobs > 0) {
     if (build_books) {
       // Built on the device from the histograms of the first blocks the layer closes.
@@ -191,6 +208,11 @@ void Cache::Impl::run_store(int layer, AppendScratch& s, int n_jobs, int n_entri
     detail::launch_encode(cfg.dtype, s.jobs.ptr, n_jobs, T, D, books.ptr, s.sizes16.ptr, s.seg_bits.ptr,
                           s.pair_at16.ptr, s.entry_ok.ptr, pool.ptr, table.ptr, stream);
   detail::launch_tail_copy(cfg.dtype, s.copies.ptr, n_copies, D, s.entry_ok.ptr, stream);
+  if (windowed && layer == cfg.layers - 1) {
+    const detail::WindowTrim w{table.ptr,         windows.ptr, alive_pages.ptr, max_blocks, H, T, cfg.sink_tokens,
+                               detail::attend_batch_limit(cfg)};
+    detail::launch_trim(s.entries.ptr, n_entries, trim_every_call, w, pool_state(), seq_state(), stream);
+  }
 }
 
 Cache::Cache(const Config& config) {
@@ -313,7 +335,7 @@ void Cache::append(int layer, const std::vector<int>& seq_ids, const std::vector
   upload(s.entries.ptr, plan.entries.data(), plan.entries.size() * sizeof(plan.entries[0]));
   // Pageable uploads are staged by the runtime before returning: the host vectors may go.
   const bool build = !plan.jobs.empty() && !m.books_built[layer];
-  m.run_store(layer, s, int(plan.jobs.size()), int(plan.entries.size()), int(plan.copies.size()), build, stream);
+  m.run_store(layer, s, int(plan.jobs.size()), int(plan.entries.size()), int(plan.copies.size()), build, true, stream);
   if (build) m.books_built[layer] = true;  // closed blocks make the build kernels build
   // The mirror assumes success; a failure is reported (poll_failures) and refreshes it.
   for (size_t i = 0; i < seq_ids.size(); ++i) m.h_tokens[m.at(layer, seq_ids[i])] += n_tokens[i];
@@ -380,6 +402,9 @@ std::vector<uint8_t> Cache::read_block(int layer, int seq, int kv_head, int64_t 
   if (kv_head < 0 || kv_head >= m.H) throw Error("read_block: kv head " + str(kv_head) + " out of range");
   if (block < 0 || block >= m.host_tokens(seq, layer) / m.T)
     throw Error("read_block: block " + str(block) + " not stored");
+  if (m.behind_window(seq, layer, block))
+    throw Error("read_block: block " + str(block) + " of layer " + str(layer) +
+                " is behind the sliding window (no query can see it; its pool page may be reused)");
   BlockRef r;
   const size_t idx = detail::table_slot(layer, seq, block, kv_head, m.cfg.max_seqs, m.max_blocks, m.H);
   check_cuda(cudaMemcpyAsync(&r, m.table.ptr + idx, sizeof(r), cudaMemcpyDeviceToHost, stream), "block ref copy");

@@ -63,6 +63,10 @@ struct Cache::Impl {
   detail::DeviceBuffer<uint32_t> open_fill16;
   detail::DeviceBuffer<int32_t> tokens;           // [layer][slot]
   detail::DeviceBuffer<unsigned long long> layer_units;  // [layer]: stats scratch
+  // Sliding windows (Config::window): freeing the pages behind them.
+  bool windowed = false;                          // some layer has a window
+  detail::DeviceBuffer<int32_t> windows;          // [layer]: W, 0 = full attention
+  detail::DeviceBuffer<uint32_t> alive_pages;     // trim scratch: [ceil(pages / 32)] bits
   detail::DeviceBuffer<int32_t> fail;             // [layer][slot]
   detail::PinnedBuffer fail_flag;                 // one int32, host-mapped
   int32_t* fail_flag_device = nullptr;            // its device address
@@ -114,8 +118,14 @@ struct Cache::Impl {
   void fill_attend(int layer, const void* q, void* out, detail::AttendParams& p) const;
   /// The store kernels for `n_jobs` jobs, `n_entries` entries and `n_copies`
   /// copies already in `s` (device), on `stream`.
+  /// After the last layer's append, with windows: frees the pages behind them (every call, or
+  /// plan-based: every T tokens).
   void run_store(int layer, AppendScratch& s, int n_jobs, int n_entries, int n_copies, bool build_books,
-                 cudaStream_t stream);
+                 bool trim_every_call, cudaStream_t stream);
+  int32_t layer_window(int layer) const { return cfg.layer_windows.empty() ? cfg.window : cfg.layer_windows[layer]; }
+  /// Block `block` of (seq, layer) can no longer be seen by any query (behind the window), so its
+  /// page may have been freed.
+  bool behind_window(int seq, int layer, int64_t block) const;
   /// Hadamard: rotates rows into s.rotated; returns the rotated K and V (default strides).
   void rotate_input(AppendScratch& s, int64_t rows, const void*& k, const void*& v, int64_t& token_stride,
                     int64_t& head_stride, cudaStream_t stream);

@@ -93,7 +93,7 @@ void Cache::append(const DecodePlan& plan, int layer, const void* k, const void*
   detail::launch_decode_jobs(d, stream);
   const int n = p.batch * H;
   // The build kernels skip themselves once the layer's books exist.
-  m.run_store(layer, s, n, p.batch, n, true, stream);
+  m.run_store(layer, s, n, p.batch, n, true, false, stream);
   m.tokens_stale = true;
 }
 

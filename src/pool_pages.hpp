@@ -30,6 +30,9 @@ PageGeometry plan_pages(size_t pool_bytes, int max_seqs, int block_tokens, int h
 void launch_place(const AppendEntry* entries, int n_entries, int layer, const uint32_t* sizes16, uint32_t* pair_at16,
                   int32_t* entry_ok, int32_t* page_base, const PoolState& pool, const SeqState& seqs, cudaStream_t s);
 void launch_release(int slot, const PoolState& pool, const SeqState& seqs, cudaStream_t s);
+/// With sliding windows, after an append to the last layer (kernels/pool_pages.cuh, trim_kernel).
+void launch_trim(const AppendEntry* entries, int n_entries, bool every_call, const WindowTrim& w,
+                 const PoolState& pool, const SeqState& seqs, cudaStream_t s);
 void launch_fork(int parent, int child, const PoolState& pool, const SeqState& seqs, cudaStream_t s);
 /// out[layer] (device, `layers` entries): units of the blocks in pages in use, by layer.
 void launch_layer_units(const PoolState& pool, int layers, unsigned long long* out, cudaStream_t s);

@@ -91,6 +91,13 @@ void launch_release(int slot, const PoolState& pool, const SeqState& seqs, cudaS
   check_cuda(cudaGetLastError(), "release kernel launch");
 }
 
+void launch_trim(const AppendEntry* entries, int n_entries, bool every_call, const WindowTrim& w,
+                 const PoolState& pool, const SeqState& seqs, cudaStream_t s) {
+  if (n_entries == 0) return;
+  trim_kernel<<<1, kReleaseThreads, 0, s>>>(entries, n_entries, every_call, w, pool, seqs);
+  check_cuda(cudaGetLastError(), "trim kernel launch");
+}
+
 void launch_fork(int parent, int child, const PoolState& pool, const SeqState& seqs, cudaStream_t s) {
   fork_kernel<<<1, kReleaseThreads, 0, s>>>(parent, child, pool, seqs);
   check_cuda(cudaGetLastError(), "fork kernel launch");

@@ -8,6 +8,7 @@
 #include "kvcomp/cache.hpp"
 #include "kvcomp/reference.hpp"
 #include "attention_ref.hpp"
+#include "cache_ref.hpp"
 #include "test_data.hpp"
 
 using namespace kvcomp;
@@ -18,40 +19,6 @@ namespace {
 struct SeqData {
   std::vector<float> k, v;  // [tokens][H][D], as appended (fp16-exact)
 };
-
-// Decoded K/V of one (seq, head) as the fused kernel sees it: blocks through
-// the reference decoder, tail tokens exact.
-void decoded_kv(const Cache& cache, int layer, int seq, int head, const SeqData& s, int tokens,
-                std::vector<double>& k, std::vector<double>& v) {
-  const auto& cfg = cache.config();
-  const int T = cfg.block_tokens, D = cfg.head_dim, H = cfg.kv_heads;
-  k.assign(size_t(tokens) * D, 0);
-  v.assign(size_t(tokens) * D, 0);
-  const int blocks = tokens / T;
-  std::vector<float> out(size_t(T) * D);
-  for (int b = 0; b < blocks; ++b)
-    for (Kind kind : {Kind::Key, Kind::Value}) {
-      const auto bytes = cache.read_block(layer, seq, head, b, kind, 0);
-      const Codebook cb = cache.codebook(layer, head, kind);
-      ASSERT_EQ(ref::decode_block(bytes.data(), bytes.size(), kind, T, D, cb, out.data()), ref::DecodeStatus::Ok);
-      auto& dst = kind == Kind::Key ? k : v;
-      for (size_t i = 0; i < out.size(); ++i) dst[size_t(b) * T * D + i] = out[i];
-    }
-  for (int t = blocks * T; t < tokens; ++t)
-    for (int c = 0; c < D; ++c) {
-      k[size_t(t) * D + c] = s.k[(size_t(t) * H + head) * D + c];
-      v[size_t(t) * D + c] = s.v[(size_t(t) * H + head) * D + c];
-    }
-}
-
-/// Rows of k/v ([tokens][D]) a query at position `pos` sees: causal, and
-/// within the window plus sinks if window > 0.
-std::vector<double> visible_rows(const std::vector<double>& x, int pos, int window, int sinks, int D) {
-  std::vector<double> out;
-  for (int t = 0; t <= pos; ++t)
-    if (window == 0 || t > pos - window || t < sinks) out.insert(out.end(), &x[size_t(t) * D], &x[size_t(t + 1) * D]);
-  return out;
-}
 
 /// queries: query tokens per sequence (empty: one each, through the one-query
 /// attend); query j of a sequence of L tokens sits at position L - n + j.
@@ -125,7 +92,9 @@ void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < H; ++h) {
       std::vector<double> k, v;
-      decoded_kv(cache, 0, ids[b], h, data[b], lengths[b], k, v);
+      // Blocks before the first query's window (kept: the sinks) are not read: their pages may be reused.
+      const int first_seen = window > 0 ? lengths[b] - n_q[b] - window + 1 : 0;
+      decoded_kv(cache, 0, ids[b], h, data[b].k, data[b].v, lengths[b], k, v, first_seen, sinks);
       if (::testing::Test::HasFatalFailure()) return;
       // Exact (uncompressed) K/V for the error-bound check.
       std::vector<double> ke(size_t(lengths[b]) * D), ve(size_t(lengths[b]) * D);

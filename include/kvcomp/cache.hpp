@@ -108,8 +108,14 @@ struct Config {
   /// sink_tokens - 1 (attention sinks, as in StreamingLLM). 0: every token.
   /// layer_windows, if not empty, gives each layer its own (one entry per
   /// layer, 0 = full attention), e.g. Gemma's mix of local and global layers.
-  /// attend() skips the blocks no query sees; they stay stored (the pool
-  /// does not free blocks behind the window).
+  /// attend() skips the blocks no query sees. Blocks no future query can
+  /// see (every query of an attend call is among the sequence's last
+  /// max_attend_batch tokens) are dropped: after an append to the last
+  /// layer, a sequence lets go of the pool pages that hold none of its
+  /// live blocks, and a page no sequence uses is freed (plan-based decode:
+  /// every block_tokens tokens). Freeing is per page, and a page holds
+  /// blocks of every layer, so pages with blocks of full-attention layers
+  /// stay. read_block() refuses blocks behind the window.
   int window = 0;
   std::vector<int> layer_windows;
   int sink_tokens = 0;

@@ -1,0 +1,57 @@
+// What the fused kernel attends to, on the CPU: a (sequence, head)'s K/V as
+// stored (closed blocks through the reference decoder, the tail exact), and
+// the rows a query sees. Shared by the GPU tests of attention, windows, fork.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <vector>
+
+#include "kvcomp/cache.hpp"
+#include "kvcomp/reference.hpp"
+
+namespace kvcomp_test {
+
+/// K/V of (layer, seq, head) as the fused kernel sees it, [tokens][D]: blocks
+/// through the reference decoder, tail tokens exact (k_in, v_in: every token
+/// appended, [tokens][H][D]). Blocks that end at or before `first_token`,
+/// other than the sinks' (blocks holding tokens < sinks), are left 0: no
+/// query sees them, and behind a sliding window their pages may be reused.
+inline void decoded_kv(const kvcomp::Cache& cache, int layer, int seq, int head, const std::vector<float>& k_in,
+                       const std::vector<float>& v_in, int tokens, std::vector<double>& k, std::vector<double>& v,
+                       int first_token = 0, int sinks = 0) {
+  using kvcomp::Kind;
+  const auto& cfg = cache.config();
+  const int T = cfg.block_tokens, D = cfg.head_dim, H = cfg.kv_heads;
+  k.assign(size_t(tokens) * D, 0);
+  v.assign(size_t(tokens) * D, 0);
+  const int blocks = tokens / T;
+  std::vector<float> out(size_t(T) * D);
+  for (int b = 0; b < blocks; ++b) {
+    if ((b + 1) * T <= first_token && b * T >= sinks) continue;
+    for (Kind kind : {Kind::Key, Kind::Value}) {
+      const auto bytes = cache.read_block(layer, seq, head, b, kind, 0);
+      const kvcomp::Codebook cb = cache.codebook(layer, head, kind);
+      ASSERT_EQ(kvcomp::ref::decode_block(bytes.data(), bytes.size(), kind, T, D, cb, out.data()),
+                kvcomp::ref::DecodeStatus::Ok);
+      auto& dst = kind == Kind::Key ? k : v;
+      for (size_t i = 0; i < out.size(); ++i) dst[size_t(b) * T * D + i] = out[i];
+    }
+  }
+  for (int t = blocks * T; t < tokens; ++t)
+    for (int c = 0; c < D; ++c) {
+      k[size_t(t) * D + c] = k_in[(size_t(t) * H + head) * D + c];
+      v[size_t(t) * D + c] = v_in[(size_t(t) * H + head) * D + c];
+    }
+}
+
+/// Rows of x ([tokens][D]) a query at position `pos` sees: causal, and within
+/// the window plus sinks if window > 0.
+inline std::vector<double> visible_rows(const std::vector<double>& x, int pos, int window, int sinks, int D) {
+  std::vector<double> out;
+  for (int t = 0; t <= pos; ++t)
+    if (window == 0 || t > pos - window || t < sinks) out.insert(out.end(), &x[size_t(t) * D], &x[size_t(t + 1) * D]);
+  return out;
+}
+
+}  // namespace kvcomp_test
