@@ -68,33 +68,39 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
 
 /// Shared memory of the fused kernel: the two decode tables are a static
 /// array; the dynamic part holds q and, per warp, escape corrections (and at
-/// the end the warp's partial result, in `rows`).
-template <int D>
+/// the end the warp's partial result, in `rows`). R = 8 kTiles rows.
+template <int D, int kTiles = 1>
 struct AttnSmem {
+  static constexpr int kR = kMmaRows * kTiles;
   static constexpr size_t kLuts = 2 * format::kLutSize * sizeof(uint32_t);  // static
-  static constexpr size_t kQ = size_t(kMmaRows) * D * sizeof(float);        // q [8][D], log2 units
-  static constexpr size_t kRows = size_t(kMmaRows) * (D + 2) * sizeof(float);  // [8][D + 2]
-  static constexpr size_t kChunk = size_t(kMmaRows) * format::kChunkTokens * sizeof(float);  // [8][32]
-  static constexpr size_t kQa = size_t(D / 16) * 32 * sizeof(uint4);  // K's A operands [k16][lane]
+  static constexpr size_t kQ = size_t(kR) * D * sizeof(float);              // q [R][D], log2 units
+  static constexpr size_t kRows = size_t(kR) * (D + 2) * sizeof(float);     // [R][D + 2]
+  static constexpr size_t kChunk = size_t(kR) * format::kChunkTokens * sizeof(float);  // [R][32]
+  static constexpr size_t kQa = size_t(kTiles) * (D / 16) * 32 * sizeof(uint4);  // K's A operands [tile][k16][lane]
   static constexpr size_t kWarp = kRows + 2 * kChunk + kQa;  // rows, K score corrections, p of the chunk, A
   /// Dynamic shared memory (over 48 KiB at D = 128: launches opt in).
   static constexpr size_t kBytes = kQ + kAttnWarps * kWarp;
 };
 
-/// 3 CTAs (12 warps) per SM, which shared memory allows at D = 128; 158
-/// registers then hold the K loop without spills (4 CTAs spill around the
-/// escape path's call). D = 256 (Gemma) doubles the output accumulators and
-/// shared memory (~98 KiB a CTA): 2 CTAs.
-template <int D>
-constexpr int attn_min_ctas() { return D > 128 ? 2 : 3; }
+/// 3 CTAs (12 warps) per SM, which shared memory allows at D = 128; 168
+/// registers then hold the K loop (4 CTAs spill around the escape path's
+/// call). D = 256 (Gemma) doubles the output accumulators and shared memory
+/// (~98 KiB a CTA): 2 CTAs. Two row tiles (16 rows: G > 8, or several query
+/// tokens) double the scores and accumulators: 2 CTAs, D <= 128.
+template <int D, int kTiles = 1>
+constexpr int attn_min_ctas() { return D > 128 || kTiles > 1 ? 2 : 3; }
 
 constexpr int32_t kTailF16 = 0, kTailBF16 = 1;  // AttendParams::tail_dtype, as DType
 constexpr int32_t kTransformHadamard = 1;        // AttendParams::transform, as Transform
 
-template <typename QT, int D>
-__global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_attention_kernel(const __grid_constant__ AttendParams p) {
-  using Smem = AttnSmem<D>;
-  constexpr int kK16 = D / 16, kM16 = D / 16, kChunk = format::kChunkTokens;
+/// kTiles: mma row tiles of 8 (query, head) rows a CTA holds; each decoded
+/// block feeds kTiles x the mmas (2: 16 rows share one decode).
+template <typename QT, int D, int kTiles>
+__global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
+    fused_attention_kernel(const __grid_constant__ AttendParams p) {
+  using Smem = AttnSmem<D, kTiles>;
+  constexpr int kK16 = D / 16, kM16 = D / 16, kChunk = format::kChunkTokens, kR = Smem::kR;
+  static_assert(kTiles == 1 || (kTiles == 2 && D <= 128), "registers: 16 rows only up to D = 128");
   static_assert(max_overread(kMaxTokensPerBlock, D) <= kDecodeOverread, "decoders may read past the pool");
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ __align__(16) uint32_t luts[2 * format::kLutSize];
@@ -103,7 +109,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_att
   uint32_t lut_k;
   asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(lut_k) : "l"(luts));
   const uint32_t lut_v = lut_k + format::kLutSize * sizeof(uint32_t);
-  float* q_s = reinterpret_cast<float*>(smem);  // [8][D], scaled to log2 units; rows >= group are 0
+  float* q_s = reinterpret_cast<float*>(smem);  // [R][D], scaled to log2 units; rows >= group are 0
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = lane / 4, quad = lane % 4;  // mma fragment coordinates: this lane's head is `row`
@@ -111,13 +117,14 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_att
   const int T = p.tokens_per_block;
   const AttendSeq seq = attend_seq(p, b);
   const int2 queries = attend_queries(p, b);  // (first row in q/out, count)
-  // This CTA's mma rows: (query j, head g) pairs tile * 8 + r = j * group + g of the KV head.
-  const int group = min(kMmaRows, queries.y * p.group - tile * kMmaRows);  // real rows
+  // This CTA's mma rows: (query j, head g) pairs tile * R + r = j * group + g of the KV head; mma
+  // tile t holds rows 8 t .. 8 t + 7.
+  const int group = min(kR, queries.y * p.group - tile * kR);  // real rows
   if (group <= 0) return;  // the entry has fewer row tiles than the launch
   const int q_heads = p.kv_heads * p.group;
   // Per row: its row of q/out and the tokens it sees, [lo, hi) (plus the sinks).
   auto row_of = [&](int r) {
-    const int f = tile * kMmaRows + min(r, group - 1), j = f / p.group;  // padded rows copy the last real one
+    const int f = tile * kR + min(r, group - 1), j = f / p.group;  // padded rows copy the last real one
     const int hi = seq.tokens - queries.y + j + 1;
     return int4{(queries.x + j) * q_heads + head * p.group + f % p.group, p.window > 0 ? hi - p.window : 0, hi, 0};
   };
@@ -128,11 +135,11 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_att
   const int v_end = min(range.count, v_begin + per);
   // The block loop reads the rows' bounds and its range from shared memory
   // (registers are full there; masks are rare).
-  __shared__ int2 row_bounds[kMmaRows];  // (lo, hi)
-  __shared__ int row_out[kMmaRows];      // its row of q/out (and of the split workspace)
+  __shared__ int2 row_bounds[kR];  // (lo, hi)
+  __shared__ int row_out[kR];      // its row of q/out (and of the split workspace)
   __shared__ UnitRange loop_range;
   __shared__ int tail_warp;              // the warp that attends the tail, or -1
-  if (threadIdx.x < kMmaRows) {
+  if (threadIdx.x < kR) {
     const int4 r = row_of(threadIdx.x);
     row_bounds[threadIdx.x] = make_int2(r.y, r.z);
     row_out[threadIdx.x] = r.x;
@@ -162,25 +169,25 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_att
   constexpr bool kPow2 = (D & (D - 1)) == 0;  // the Hadamard transform needs it (Config checks)
   if (kPow2 && p.transform == kTransformHadamard) {
     // K/V are stored rotated (x R): q.k = (q R).(k R), so rotate q (fp32, one warp per row), then scale.
-    for (int i = threadIdx.x; i < kMmaRows * D; i += blockDim.x) q_s[i] = load_q_row(i);
+    for (int i = threadIdx.x; i < kR * D; i += blockDim.x) q_s[i] = load_q_row(i);
     __syncthreads();
     if constexpr (kPow2)
       for (int g = warp; g < group; g += kAttnWarps) hadamard_row_shared<D>(q_s + g * D);
     __syncthreads();
-    for (int i = threadIdx.x; i < kMmaRows * D; i += blockDim.x) q_s[i] *= p.scale_log2;
+    for (int i = threadIdx.x; i < kR * D; i += blockDim.x) q_s[i] *= p.scale_log2;
   } else {
-    for (int i = threadIdx.x; i < kMmaRows * D; i += blockDim.x) q_s[i] = load_q_row(i) * p.scale_log2;
+    for (int i = threadIdx.x; i < kR * D; i += blockDim.x) q_s[i] = load_q_row(i) * p.scale_log2;
   }
   uint8_t* my_area = smem + Smem::kQ + warp * Smem::kWarp;
-  float* rows = reinterpret_cast<float*>(my_area);  // [8][D + 2]: V escape corrections, then the partial
-  float* kcorr = rows + kMmaRows * (D + 2);         // [8][32]: K escape corrections of a chunk
-  float* pchunk = kcorr + kMmaRows * kChunk;        // [8][32]: p of a chunk (for V escapes)
-  // [k16][lane]: this lane's A fragment of K (q x step for head `row`, channels 16 k16 +
-  // 2 quad + {0,1} and + 8, as fp16 hi in rows 0..7 and lo in rows 8..15). In shared memory
-  // so that the K loop need not be unrolled over k16 (registers).
-  uint4* qa = reinterpret_cast<uint4*>(pchunk + kMmaRows * kChunk);
-  for (int i = lane; i < kMmaRows * (D + 2); i += 32) rows[i] = 0.f;
-  for (int i = lane; i < kMmaRows * kChunk; i += 32) kcorr[i] = 0.f;
+  float* rows = reinterpret_cast<float*>(my_area);  // [R][D + 2]: V escape corrections, then the partial
+  float* kcorr = rows + kR * (D + 2);               // [R][32]: K escape corrections of a chunk
+  float* pchunk = kcorr + kR * kChunk;              // [R][32]: p of a chunk (for V escapes)
+  // [tile][k16][lane]: this lane's A fragment of K (q x step for row 8 tile + `row`, channels
+  // 16 k16 + 2 quad + {0,1} and + 8, as fp16 hi in mma rows 0..7 and lo in mma rows 8..15). In
+  // shared memory so that the K loop need not be unrolled over k16 (registers).
+  uint4* qa = reinterpret_cast<uint4*>(pchunk + kR * kChunk);
+  for (int i = lane; i < kR * (D + 2); i += 32) rows[i] = 0.f;
+  for (int i = lane; i < kR * kChunk; i += 32) kcorr[i] = 0.f;
   __syncthreads();
 
   const uint32_t k_pay = uint32_t(format::payload_offset(Kind::Key, T, D));
@@ -195,14 +202,19 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_att
     return fits ? r : format::BlockRef{0, uint16_t((k_pay + 15) / 16), uint16_t((v_pay + 15) / 16)};
   };
 
-  // Softmax state of head `row` (quad-uniform running max in log2 units; this
-  // lane's share of the sum of p and of sum_t p_t min_t). The output O^T
-  // accumulates on tensor cores: o[m16] = channels 16 m16 + row (+ 8) x heads
-  // 2 quad, 2 quad + 1 (without the min term).
-  float m = -INFINITY, l = 0.f, pmin = 0.f;
-  float o[kM16][4];
+  // Softmax state of row 8 t + `row` (quad-uniform running max in log2 units;
+  // this lane's share of the sum of p and of sum_t p_t min_t). The output O^T
+  // accumulates on tensor cores: o[t][m16] = channels 16 m16 + row (+ 8) x
+  // rows 8 t + 2 quad, 8 t + 2 quad + 1 (without the min term).
+  float m[kTiles], l[kTiles], pmin[kTiles];
+  float o[kTiles][kM16][4];
 #pragma unroll
-  for (int i = 0; i < kM16; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  for (int t = 0; t < kTiles; ++t) {
+    m[t] = -INFINITY;
+    l[t] = pmin[t] = 0.f;
+#pragma unroll
+    for (int i = 0; i < kM16; ++i) o[t][i][0] = o[t][i][1] = o[t][i][2] = o[t][i][3] = 0.f;
+  }
 
   // Virtual units v_begin + warp, + 4 warps, ... below v_blocks_end (loop_range.unit maps them to blocks).
   // Each warp reads its next block's table entry and pulls the block into L2 while it decodes this one.
@@ -228,27 +240,30 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_att
     const uint32_t* vparams = reinterpret_cast<const uint32_t*>(vb + format::params_offset());
 
     // A operands of K (qa), pre-divided by a power of two when they would overflow fp16.
-    float qmin = 0.f, kscale = 1.f;
-    {
+    float qmin[kTiles], kscale[kTiles];
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
       float x[kK16][4];
       float amax = 0.f;
+      qmin[t] = 0.f;
+      kscale[t] = 1.f;
 #pragma unroll
       for (int k16 = 0; k16 < kK16; ++k16)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int c = 16 * k16 + 2 * quad + 8 * h;
           const uint2 w = *reinterpret_cast<const uint2*>(kparams + c);
-          const float2 qv = *reinterpret_cast<const float2*>(q_s + row * D + c);
+          const float2 qv = *reinterpret_cast<const float2*>(q_s + (8 * t + row) * D + c);
           x[k16][2 * h] = qv.x * half_hi(w.x);
           x[k16][2 * h + 1] = qv.y * half_hi(w.y);
-          qmin = fmaf(qv.x, half_lo(w.x), fmaf(qv.y, half_lo(w.y), qmin));
+          qmin[t] = fmaf(qv.x, half_lo(w.x), fmaf(qv.y, half_lo(w.y), qmin[t]));
           amax = fmaxf(amax, fmaxf(fabsf(x[k16][2 * h]), fabsf(x[k16][2 * h + 1])));
         }
       amax = warp_max(amax);
       float inv = 1.f;
       if (amax > 16384.f) {  // uniform
         const float e = ceilf(log2f(amax / 16384.f));
-        kscale = exp2f(e);
+        kscale[t] = exp2f(e);
         inv = exp2f(-e);
       }
 #pragma unroll
@@ -260,11 +275,11 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_att
           hi[h] = pack_half2(x0, x1);
           lo[h] = pack_half2(x0 - half_lo(hi[h]), x1 - half_hi(hi[h]));
         }
-        // Rows 0..7 of A: q x step (hi) for heads 0..7; rows 8..15: the rounding rest (lo).
-        qa[k16 * 32 + lane] = make_uint4(hi[0], lo[0], hi[1], lo[1]);
+        // mma rows 0..7 of A: q x step (hi) for the tile's rows; 8..15: the rounding rest (lo).
+        qa[(t * kK16 + k16) * 32 + lane] = make_uint4(hi[0], lo[0], hi[1], lo[1]);
       }
-      qmin += __shfl_xor_sync(0xFFFFFFFFu, qmin, 1);
-      qmin += __shfl_xor_sync(0xFFFFFFFFu, qmin, 2);
+      qmin[t] += __shfl_xor_sync(0xFFFFFFFFu, qmin[t], 1);
+      qmin[t] += __shfl_xor_sync(0xFFFFFFFFu, qmin[t], 2);
     }
     kd.init(reinterpret_cast<const uint32_t*>(kb + k_pay), (r.k_size16 * 16u - k_pay) / 4,
             lane_stream_start(reinterpret_cast<const uint16_t*>(kb + format::lane_bits_offset(Kind::Key, T, D)), lane));
@@ -273,15 +288,20 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_att
     __syncwarp();  // qa
 
     for (int chunk = 0; chunk < T / kChunk; ++chunk) {
-      // K: scores of the chunk's 32 tokens (4 tiles of 8); per tile d0 d1 = hi
-      // part, d2 d3 = lo part of head `row`, tokens 8 n8 + 2 quad + {0, 1}.
-      float sc[4][4];
+      // K: scores of the chunk's 32 tokens (4 n-tiles of 8); per row tile t and
+      // n-tile, d0 d1 = hi part, d2 d3 = lo part of row 8 t + `row`, tokens
+      // 8 n8 + 2 quad + {0, 1}. Each decoded B fragment feeds every row tile.
+      float sc[kTiles][4][4];
 #pragma unroll
-      for (int n = 0; n < 4; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
+      for (int t = 0; t < kTiles; ++t)
+#pragma unroll
+        for (int n = 0; n < 4; ++n) sc[t][n][0] = sc[t][n][1] = sc[t][n][2] = sc[t][n][3] = 0.f;
       bool escaped = false;
 #pragma unroll 1
       for (int k16 = 0; k16 < kK16; ++k16) {
-        const uint4 a = qa[k16 * 32 + lane];
+        uint4 a[kTiles];
+#pragma unroll
+        for (int t = 0; t < kTiles; ++t) a[t] = qa[(t * kK16 + k16) * 32 + lane];
 #pragma unroll
         for (int n8 = 0; n8 < 4; ++n8) {
           uint32_t b0, b1;
@@ -289,78 +309,88 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_att
             // Token 8 n8 + row of the chunk; channels 16 k16 + 2 quad (+ 1, + 8).
             return EscapeSink{kcorr + 8 * n8 + row, 0, kChunk, q_s, D, kparams, 16 * k16 + 2 * quad, 8, group};
           });
-          mma_16816(sc[n8], a, b0, b1);
+#pragma unroll
+          for (int t = 0; t < kTiles; ++t) mma_16816(sc[t][n8], a[t], b0, b1);
         }
       }
-      float s[4][2];
+      float s[kTiles][4][2];
 #pragma unroll
-      for (int n = 0; n < 4; ++n)
-#pragma unroll
-        for (int i = 0; i < 2; ++i) s[n][i] = fmaf(sc[n][i] + sc[n][i + 2], kscale, qmin);
-      if (__any_sync(0xFFFFFFFFu, escaped)) {
-        __syncwarp();
+      for (int t = 0; t < kTiles; ++t)
 #pragma unroll
         for (int n = 0; n < 4; ++n)
 #pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            float* at = kcorr + row * kChunk + 8 * n + 2 * quad + i;
-            s[n][i] += *at;
-            *at = 0.f;
-          }
+          for (int i = 0; i < 2; ++i) s[t][n][i] = fmaf(sc[t][n][i] + sc[t][n][i + 2], kscale[t], qmin[t]);
+      if (__any_sync(0xFFFFFFFFu, escaped)) {
+        __syncwarp();
+#pragma unroll
+        for (int t = 0; t < kTiles; ++t)
+#pragma unroll
+          for (int n = 0; n < 4; ++n)
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              float* at = kcorr + (8 * t + row) * kChunk + 8 * n + 2 * quad + i;
+              s[t][n][i] += *at;
+              *at = 0.f;
+            }
         __syncwarp();
       }
       if (mask_block) {  // causal and window masks, token by token
         const int t0 = b0 + chunk * kChunk;
-        const int2 mine = row_bounds[row];
 #pragma unroll
-        for (int n = 0; n < 4; ++n)
+        for (int t = 0; t < kTiles; ++t) {
+          const int2 mine = row_bounds[8 * t + row];
 #pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const int t = t0 + 8 * n + 2 * quad + i;
-            if (t >= mine.y || (t < mine.x && t >= p.sinks)) s[n][i] = -INFINITY;
-          }
+          for (int n = 0; n < 4; ++n)
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              const int tok = t0 + 8 * n + 2 * quad + i;
+              if (tok >= mine.y || (tok < mine.x && tok >= p.sinks)) s[t][n][i] = -INFINITY;
+            }
+        }
       }
 
-      // Online softmax of head `row` over the chunk (the quad holds its 32 tokens).
-      float cmax = -INFINITY;
+      // Online softmax of each tile's row `row` over the chunk (the quad holds its 32 tokens), then the
+      // B operands of V: p x step of that row, tokens 16 k16 + 2 quad + {0,1} (+ 8), as fp16 hi + lo
+      // (two mmas: one fp16 rounding of p x step alone cost 1e-3 of the output).
+      uint32_t pb[kTiles][2][2], pl[kTiles][2][2];
 #pragma unroll
-      for (int n = 0; n < 4; ++n) cmax = fmaxf(cmax, fmaxf(s[n][0], s[n][1]));
-      cmax = fmaxf(cmax, __shfl_xor_sync(0xFFFFFFFFu, cmax, 1));
-      cmax = fmaxf(cmax, __shfl_xor_sync(0xFFFFFFFFu, cmax, 2));
-      // A row that has seen only masked tokens keeps m = -inf; it subtracts 0 instead (p = 0, corr = 0:
-      // its sums are 0), as -inf - -inf would be NaN.
-      const float m_new = fmaxf(m, cmax);
-      const float m_sub = m_new == -INFINITY ? 0.f : m_new;
-      const float corr = exp2f(m - m_sub);
-      m = m_new;
-      l *= corr;
-      pmin *= corr;
-      // o holds heads 2 quad and 2 quad + 1, whose quads are lanes 8 quad and 8 quad + 4.
-      const float corr_a = __shfl_sync(0xFFFFFFFFu, corr, 8 * quad);
-      const float corr_b = __shfl_sync(0xFFFFFFFFu, corr, 8 * quad + 4);
+      for (int t = 0; t < kTiles; ++t) {
+        float cmax = -INFINITY;
 #pragma unroll
-      for (int i = 0; i < kM16; ++i) {
-        o[i][0] *= corr_a;
-        o[i][1] *= corr_b;
-        o[i][2] *= corr_a;
-        o[i][3] *= corr_b;
-      }
-
-      // B operands of V: p x step of head `row`, tokens 16 k16 + 2 quad + {0,1} (+ 8), as
-      // fp16 hi + lo (two mmas: one fp16 rounding of p x step alone cost 1e-3 of the output).
-      uint32_t pb[2][2], pl[2][2];
+        for (int n = 0; n < 4; ++n) cmax = fmaxf(cmax, fmaxf(s[t][n][0], s[t][n][1]));
+        cmax = fmaxf(cmax, __shfl_xor_sync(0xFFFFFFFFu, cmax, 1));
+        cmax = fmaxf(cmax, __shfl_xor_sync(0xFFFFFFFFu, cmax, 2));
+        // A row that has seen only masked tokens keeps m = -inf; it subtracts 0 instead (p = 0, corr = 0:
+        // its sums are 0), as -inf - -inf would be NaN.
+        const float m_new = fmaxf(m[t], cmax);
+        const float m_sub = m_new == -INFINITY ? 0.f : m_new;
+        const float corr = exp2f(m[t] - m_sub);
+        m[t] = m_new;
+        l[t] *= corr;
+        pmin[t] *= corr;
+        // o[t] holds rows 8 t + 2 quad and + 1, whose quads are lanes 8 quad and 8 quad + 4.
+        const float corr_a = __shfl_sync(0xFFFFFFFFu, corr, 8 * quad);
+        const float corr_b = __shfl_sync(0xFFFFFFFFu, corr, 8 * quad + 4);
 #pragma unroll
-      for (int n = 0; n < 4; ++n) {
-        const int t = 8 * n + 2 * quad;  // in the chunk
-        const uint2 w = *reinterpret_cast<const uint2*>(vparams + chunk * kChunk + t);
-        const float p0 = exp2f(s[n][0] - m_sub), p1 = exp2f(s[n][1] - m_sub);
-        l += p0 + p1;
-        pmin = fmaf(p0, half_lo(w.x), fmaf(p1, half_lo(w.y), pmin));
-        const float x0 = p0 * half_hi(w.x), x1 = p1 * half_hi(w.y);
-        const uint32_t hi = pack_half2(x0, x1);
-        pb[n / 2][n % 2] = hi;
-        pl[n / 2][n % 2] = pack_half2(x0 - half_lo(hi), x1 - half_hi(hi));
-        *reinterpret_cast<float2*>(pchunk + row * kChunk + t) = make_float2(p0, p1);
+        for (int i = 0; i < kM16; ++i) {
+          o[t][i][0] *= corr_a;
+          o[t][i][1] *= corr_b;
+          o[t][i][2] *= corr_a;
+          o[t][i][3] *= corr_b;
+        }
+#pragma unroll
+        for (int n = 0; n < 4; ++n) {
+          const int tok = 8 * n + 2 * quad;  // in the chunk
+          const uint2 w = *reinterpret_cast<const uint2*>(vparams + chunk * kChunk + tok);
+          const float p0 = exp2f(s[t][n][0] - m_sub), p1 = exp2f(s[t][n][1] - m_sub);
+          l[t] += p0 + p1;
+          pmin[t] = fmaf(p0, half_lo(w.x), fmaf(p1, half_lo(w.y), pmin[t]));
+          const float x0 = p0 * half_hi(w.x), x1 = p1 * half_hi(w.y);
+          const uint32_t hi = pack_half2(x0, x1);
+          pb[t][n / 2][n % 2] = hi;
+          pl[t][n / 2][n % 2] = pack_half2(x0 - half_lo(hi), x1 - half_hi(hi));
+          *reinterpret_cast<float2*>(pchunk + (8 * t + row) * kChunk + tok) = make_float2(p0, p1);
+        }
       }
       __syncwarp();
 
@@ -368,8 +398,14 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_att
       escaped = false;
 #pragma unroll 1
       for (int k16 = 0; k16 < 2; ++k16) {
-        const uint32_t b0 = k16 ? pb[1][0] : pb[0][0], b1 = k16 ? pb[1][1] : pb[0][1];
-        const uint32_t l0 = k16 ? pl[1][0] : pl[0][0], l1 = k16 ? pl[1][1] : pl[0][1];
+        uint32_t b0[kTiles], b1[kTiles], l0[kTiles], l1[kTiles];
+#pragma unroll
+        for (int t = 0; t < kTiles; ++t) {
+          b0[t] = k16 ? pb[t][1][0] : pb[t][0][0];
+          b1[t] = k16 ? pb[t][1][1] : pb[t][0][1];
+          l0[t] = k16 ? pl[t][1][0] : pl[t][0][0];
+          l1[t] = k16 ? pl[t][1][1] : pl[t][0][1];
+        }
 #pragma unroll
         for (int m16 = 0; m16 < kM16; ++m16) {
           uint4 a;
@@ -382,52 +418,61 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_att
             return EscapeSink{rows + 16 * m16 + row, 8, D + 2, pchunk, kChunk, vparams + chunk * kChunk,
                               16 * k16 + 2 * quad + 8, 0, group};
           });
-          mma_16816(o[m16], a, b0, b1);
-          mma_16816(o[m16], a, l0, l1);
+#pragma unroll
+          for (int t = 0; t < kTiles; ++t) {
+            mma_16816(o[t][m16], a, b0[t], b1[t]);
+            mma_16816(o[t][m16], a, l0[t], l1[t]);
+          }
         }
       }
       if (__any_sync(0xFFFFFFFFu, escaped)) {
         __syncwarp();
 #pragma unroll
-        for (int i = 0; i < kM16; ++i)
+        for (int t = 0; t < kTiles; ++t)
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            float* at = rows + (2 * quad + (j & 1)) * (D + 2) + 16 * i + row + 8 * (j >> 1);
-            o[i][j] += *at;
-            *at = 0.f;
-          }
+          for (int i = 0; i < kM16; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              float* at = rows + (8 * t + 2 * quad + (j & 1)) * (D + 2) + 16 * i + row + 8 * (j >> 1);
+              o[t][i][j] += *at;
+              *at = 0.f;
+            }
       }
       __syncwarp();  // pchunk and the corrections are reused by the next chunk
     }
   }
 
-  // This warp's partial for heads 0..7 into `rows`: the min term on every channel, the sum.
-  l += __shfl_xor_sync(0xFFFFFFFFu, l, 1);
-  l += __shfl_xor_sync(0xFFFFFFFFu, l, 2);
-  pmin += __shfl_xor_sync(0xFFFFFFFFu, pmin, 1);
-  pmin += __shfl_xor_sync(0xFFFFFFFFu, pmin, 2);
-  const float pmin_a = __shfl_sync(0xFFFFFFFFu, pmin, 8 * quad);
-  const float pmin_b = __shfl_sync(0xFFFFFFFFu, pmin, 8 * quad + 4);
+  // This warp's partial for its R rows into `rows`: the min term on every channel, the sum.
 #pragma unroll
-  for (int i = 0; i < kM16; ++i)
+  for (int t = 0; t < kTiles; ++t) {
+    l[t] += __shfl_xor_sync(0xFFFFFFFFu, l[t], 1);
+    l[t] += __shfl_xor_sync(0xFFFFFFFFu, l[t], 2);
+    pmin[t] += __shfl_xor_sync(0xFFFFFFFFu, pmin[t], 1);
+    pmin[t] += __shfl_xor_sync(0xFFFFFFFFu, pmin[t], 2);
+    const float pmin_a = __shfl_sync(0xFFFFFFFFu, pmin[t], 8 * quad);
+    const float pmin_b = __shfl_sync(0xFFFFFFFFu, pmin[t], 8 * quad + 4);
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
-      rows[(2 * quad + (j & 1)) * (D + 2) + 16 * i + row + 8 * (j >> 1)] = o[i][j] + ((j & 1) ? pmin_b : pmin_a);
-  if (quad == 0) {
-    rows[row * (D + 2) + D] = m;
-    rows[row * (D + 2) + D + 1] = l;
+    for (int i = 0; i < kM16; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        rows[(8 * t + 2 * quad + (j & 1)) * (D + 2) + 16 * i + row + 8 * (j >> 1)] =
+            o[t][i][j] + ((j & 1) ? pmin_b : pmin_a);
+    if (quad == 0) {
+      rows[(8 * t + row) * (D + 2) + D] = m[t];
+      rows[(8 * t + row) * (D + 2) + D + 1] = l[t];
+    }
   }
   __syncwarp();
 
   // The uncompressed tail, if this warp owns it: attended on CUDA cores, then
   // folded into the warp's partial.
   if (tail_warp == warp) {
-    SoftmaxAcc<D, kMmaRows> st;
+    SoftmaxAcc<D, kR> st;
     st.init();
     const size_t base = (size_t(seq.slot) * p.kv_heads + head) * size_t(T) * D;
-    int row_lo[kMmaRows], row_hi[kMmaRows];
+    int row_lo[kR], row_hi[kR];
 #pragma unroll
-    for (int g = 0; g < kMmaRows; ++g) {
+    for (int g = 0; g < kR; ++g) {
       row_lo[g] = row_bounds[g].x;
       row_hi[g] = row_bounds[g].y;
     }
@@ -441,7 +486,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_att
           const int t = t0 + i;
           return t < row_hi[g] && (t >= row_lo[g] || t < p.sinks);
         };
-        attend_rows<D, kMmaRows>(st, q_s, kt + size_t(first) * D, vt + size_t(first) * D, min(32, tail - first),
+        attend_rows<D, kR>(st, q_s, kt + size_t(first) * D, vt + size_t(first) * D, min(32, tail - first),
                                  visible);
       }
     };
@@ -449,7 +494,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D>()) fused_att
     else if (p.tail_dtype == kTailBF16) attend_tail(__nv_bfloat16{});
     else attend_tail(float{});
 #pragma unroll
-    for (int g = 0; g < kMmaRows; ++g) {
+    for (int g = 0; g < kR; ++g) {
       float* rg = rows + g * (D + 2);
       const float mw = rg[D], lw = rg[D + 1], lt = warp_sum(st.l[g]);
       const float mx = fmaxf(mw, st.m[g]);

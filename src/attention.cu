@@ -39,13 +39,15 @@ void allow_smem(K kernel, size_t bytes) {
 int attention_ctas_per_sm(int D, int G) {
   int ctas = 1;
   dispatch(DType::F16, D, G, [&](auto qt, auto d) {
-    auto kernel = fused_attention_kernel<decltype(qt), d.value>;
+    auto kernel = fused_attention_kernel<decltype(qt), d.value, 1>;
     allow_smem(kernel, AttnSmem<d.value>::kBytes);
     check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, 32 * kAttnWarps, AttnSmem<d.value>::kBytes),
                "attention occupancy");
   });
   return ctas > 0 ? ctas : 1;
 }
+
+int attention_tile_rows(int D, int rows) { return rows > kMmaRows && D <= 128 ? 2 * kMmaRows : kMmaRows; }
 
 void launch_attention(DType q_type, int D, int G, const AttendParams& params, cudaStream_t s) {
   if (params.batch <= 0) return;
@@ -58,7 +60,8 @@ void launch_attention(DType q_type, int D, int G, const AttendParams& params, cu
     rows += n;
     max_queries = n > max_queries ? n : max_queries;
   }
-  p.row_tiles = (max_queries * G + kMmaRows - 1) / kMmaRows;
+  const int tile_rows = attention_tile_rows(D, max_queries * G);
+  p.row_tiles = (max_queries * G + tile_rows - 1) / tile_rows;
   if (static_cast<long long>(p.kv_heads) * p.row_tiles > 65535)
     throw Error("attend: kv_heads x tiles of 8 query rows (" + std::to_string(p.kv_heads) + " x " +
                 std::to_string(p.row_tiles) + ") exceeds 65535; attend fewer queries per sequence at once");
@@ -66,8 +69,17 @@ void launch_attention(DType q_type, int D, int G, const AttendParams& params, cu
     using QT = decltype(qt);
     constexpr int kD = d.value;
     const dim3 grid(p.splits, p.kv_heads * p.row_tiles, p.batch);
-    allow_smem(fused_attention_kernel<QT, kD>, AttnSmem<kD>::kBytes);
-    fused_attention_kernel<QT, kD><<<grid, 32 * kAttnWarps, AttnSmem<kD>::kBytes, s>>>(p);
+    auto launch = [&](auto tiles) {
+      constexpr int kTiles = decltype(tiles)::value;
+      allow_smem(fused_attention_kernel<QT, kD, kTiles>, AttnSmem<kD, kTiles>::kBytes);
+      fused_attention_kernel<QT, kD, kTiles><<<grid, 32 * kAttnWarps, AttnSmem<kD, kTiles>::kBytes, s>>>(p);
+    };
+    if constexpr (kD <= 128) {
+      if (tile_rows > kMmaRows) launch(std::integral_constant<int, 2>{});
+      else launch(std::integral_constant<int, 1>{});
+    } else {
+      launch(std::integral_constant<int, 1>{});
+    }
     check_cuda(cudaGetLastError(), "fused attention launch");
     merge_kernel<QT, kD><<<rows * p.kv_heads * G, kD, 0, s>>>(p.part, p.splits, static_cast<QT*>(p.out),
                                                               p.transform == kTransformHadamard);

@@ -364,7 +364,9 @@ void Cache::attend(int layer, const std::vector<int>& seq_ids, const std::vector
   detail::AttendParams p{};
   m.fill_attend(layer, q, out, p);
   p.multi_query = 1;
-  int max_units = 0, tiles = 0;
+  int max_units = 0, tiles = 0, max_rows = 0;
+  for (int n : n_queries) max_rows = std::max(max_rows, n * m.G);
+  const int tile_rows = detail::attention_tile_rows(m.D, max_rows);  // as launch_attention picks
   for (size_t i = 0; i < seq_ids.size(); ++i) {
     m.check_seq(seq_ids[i]);
     const int64_t L = m.host_tokens(seq_ids[i], layer);
@@ -380,7 +382,7 @@ void Cache::attend(int layer, const std::vector<int>& seq_ids, const std::vector
     const int units = int((L + m.T - 1) / m.T);
     max_units = std::max(max_units,
                          detail::unit_range(p.window > 0 ? hi_first - p.window : 0, int(L), p.sinks, m.T, units).count);
-    tiles += (n_queries[i] * m.G + detail::kMmaRows - 1) / detail::kMmaRows;
+    tiles += (n_queries[i] * m.G + tile_rows - 1) / tile_rows;
   }
   // Lengths come from the device; the mirror bounds them (failures only make them shorter).
   const auto plan = detail::plan_splits(max_units, tiles, m.H, m.sms, m.ctas_per_sm);
