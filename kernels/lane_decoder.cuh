@@ -50,7 +50,7 @@ struct EscapeSink {
 
 struct SlowGroup {
   uint32_t h0, h1;         // the group's fp16x2 codes (escaped raw values read as 0)
-  uint32_t w0, w1, ahead;  // the decoder's window after the group
+  uint32_t w0, w1, ahead, ahead2;  // the decoder's window after the group
   uint32_t pos;
   const uint32_t* next;
 };
@@ -61,7 +61,8 @@ __device__ __forceinline__ void fill_window(SlowGroup& out, const uint32_t* p, u
   out.w0 = p[0];
   out.w1 = p[1];
   out.ahead = p[2];
-  out.next = p + 3;
+  out.ahead2 = p[3];
+  out.next = p + 4;
 }
 
 /// A group decoded from bit b of base[] by a plain bit reader, escapes
@@ -128,9 +129,10 @@ __device__ __forceinline__ uint32_t lds(uint32_t addr) {
 }
 
 struct PairDecoder {
-  const uint32_t* next;  // the word after `ahead`
+  const uint32_t* next;  // the word after `ahead2`
   uint32_t w0, w1;       // bit `pos` of w0 is the next stream bit
-  uint32_t ahead;        // the word after w1, loaded one advance early
+  uint32_t ahead;        // the word after w1, loaded two advances early
+  uint32_t ahead2;       // the word after it (an L2 hit outlasts one advance)
   uint32_t pos;          // 0..31
 
   /// words: the block payload (shared or global memory), n of them.
@@ -158,7 +160,7 @@ struct PairDecoder {
     h1 = e1 & format::kLutValueMask;
     if (__builtin_expect(((e0 | e1) & format::kLutEscapeBit) != 0, 0)) {
       const uint32_t* table = reinterpret_cast<const uint32_t*>(__cvta_shared_to_generic(lut));
-      const SlowGroup s = decode_group_slow(table, next - 3 /* w0's word */, pos, low_bits, sink());
+      const SlowGroup s = decode_group_slow(table, next - 4 /* w0's word */, pos, low_bits, sink());
       take(s);
       h0 = s.h0;
       h1 = s.h1;
@@ -173,6 +175,7 @@ struct PairDecoder {
     w0 = s.w0;
     w1 = s.w1;
     ahead = s.ahead;
+    ahead2 = s.ahead2;
     pos = s.pos;
     next = s.next;
   }
@@ -185,13 +188,14 @@ struct PairDecoder {
     asm volatile(
         "{\n"
         " .reg .pred q;\n"
-        " setp.ge.u32 q, %4, 32;\n"
+        " setp.ge.u32 q, %5, 32;\n"
         " @q mov.b32 %0, %1;\n"
         " @q mov.b32 %1, %2;\n"
-        " @q ld.global.u32 %2, [%3];\n"
-        " @q add.u64 %3, %3, 4;\n"
+        " @q mov.b32 %2, %3;\n"
+        " @q ld.global.u32 %3, [%4];\n"
+        " @q add.u64 %4, %4, 4;\n"
         "}\n"
-        : "+r"(w0), "+r"(w1), "+r"(ahead), "+l"(next)
+        : "+r"(w0), "+r"(w1), "+r"(ahead), "+r"(ahead2), "+l"(next)
         : "r"(p));
     pos = p & 31;
   }
