@@ -110,27 +110,11 @@ std::unique_ptr<kvcomp::Cache> make_cache(const Setup& s, kvcomp::Transform tran
 }
 
 
-enum Variant { kFlash = 1, kCublas = 2, kKvcomp = 3, kKivi4 = 4, kKivi2 = 5, kKvcompHadamard = 7 };  // numbers name the benchmarks
-
-void BM_attention(benchmark::State& st) {
-  const int N = int(st.range(0)), B = int(st.range(1));
-  const Variant var = Variant(st.range(2));
-  const int G = int(st.range(3)), D = int(st.range(4));
-  Setup& s = setup(N, B, G, D, 0.05f);
-  kvcomp::baseline::KiviCache* kivi = (var == kKivi4 || var == kKivi2) ? &s.kivi_cache(var == kKivi4 ? 4 : 2) : nullptr;
-  if (var == kKvcompHadamard && !s.cache_hadamard) s.cache_hadamard = make_cache(s, kvcomp::Transform::Hadamard);
+/// Manual time per iteration: CUDA events around one call, after 3 warm-up calls.
+template <class Run>
+void time_calls(benchmark::State& st, Run&& run) {
   cudaEvent_t a, b;
   cudaEventCreate(&a); cudaEventCreate(&b);
-  auto run = [&] {
-    switch (var) {
-      case kKvcomp: s.cache->attend(0, s.ids, s.q, s.out, kvcomp::DType::F16, 0); break;
-      case kKvcompHadamard: s.cache_hadamard->attend(0, s.ids, s.q, s.out, kvcomp::DType::F16, 0); break;
-      case kFlash: kvcomp::baseline::flash_decode_fp16(s.fp16(), s.q, s.out, s.flash_ws, g_sms, 0); break;
-      case kCublas: kvcomp::baseline::cublas_attention(s.handle, s.fp16(), s.q, s.out, s.cublas_ws, 0); break;
-      case kKivi4:
-      case kKivi2: kivi->attend(s.q, s.out, s.kivi_ws, g_sms, 0); break;
-    }
-  };
   for (int i = 0; i < 3; ++i) run();
   CK(cudaDeviceSynchronize());
   for (auto _ : st) {
@@ -144,6 +128,28 @@ void BM_attention(benchmark::State& st) {
   }
   CK(cudaGetLastError());
   cudaEventDestroy(a); cudaEventDestroy(b);
+}
+
+enum Variant { kFlash = 1, kCublas = 2, kKvcomp = 3, kKivi4 = 4, kKivi2 = 5, kKvcompHadamard = 7 };  // numbers name the benchmarks
+
+void BM_attention(benchmark::State& st) {
+  const int N = int(st.range(0)), B = int(st.range(1));
+  const Variant var = Variant(st.range(2));
+  const int G = int(st.range(3)), D = int(st.range(4));
+  Setup& s = setup(N, B, G, D, 0.05f);
+  kvcomp::baseline::KiviCache* kivi = (var == kKivi4 || var == kKivi2) ? &s.kivi_cache(var == kKivi4 ? 4 : 2) : nullptr;
+  if (var == kKvcompHadamard && !s.cache_hadamard) s.cache_hadamard = make_cache(s, kvcomp::Transform::Hadamard);
+  auto run = [&] {
+    switch (var) {
+      case kKvcomp: s.cache->attend(0, s.ids, s.q, s.out, kvcomp::DType::F16, 0); break;
+      case kKvcompHadamard: s.cache_hadamard->attend(0, s.ids, s.q, s.out, kvcomp::DType::F16, 0); break;
+      case kFlash: kvcomp::baseline::flash_decode_fp16(s.fp16(), s.q, s.out, s.flash_ws, g_sms, 0); break;
+      case kCublas: kvcomp::baseline::cublas_attention(s.handle, s.fp16(), s.q, s.out, s.cublas_ws, 0); break;
+      case kKivi4:
+      case kKivi2: kivi->attend(s.q, s.out, s.kivi_ws, g_sms, 0); break;
+    }
+  };
+  time_calls(st, run);
   const double bytes = var == kKvcomp ? double(s.compressed)
                        : var == kKvcompHadamard ? double(s.cache_hadamard->stats().compressed_bytes)
                        : kivi ? double(kivi->shape().bytes()) : double(s.fp16_bytes());
@@ -172,21 +178,7 @@ void BM_attention_queries(benchmark::State& st) {
   CK(cudaMalloc(&out, rows * 2));
   fill_normal<<<64, 256>>>(q, rows, D, 4, false);
   const std::vector<int> counts(B, n);
-  cudaEvent_t a, b;
-  cudaEventCreate(&a); cudaEventCreate(&b);
-  for (int i = 0; i < 3; ++i) cache.attend(0, s.ids, counts, q, out, kvcomp::DType::F16, 0);
-  CK(cudaDeviceSynchronize());
-  for (auto _ : st) {
-    cudaEventRecord(a);
-    cache.attend(0, s.ids, counts, q, out, kvcomp::DType::F16, 0);
-    cudaEventRecord(b);
-    cudaEventSynchronize(b);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, a, b);
-    st.SetIterationTime(ms / 1e3);
-  }
-  CK(cudaGetLastError());
-  cudaEventDestroy(a); cudaEventDestroy(b);
+  time_calls(st, [&] { cache.attend(0, s.ids, counts, q, out, kvcomp::DType::F16, 0); });
   cudaFree(q); cudaFree(out);
   st.counters["bytes_read"] = double(cache.stats().compressed_bytes);
   st.SetLabel("kvcomp eb0.05 n" + std::to_string(n) + (window ? " window " + std::to_string(window) : ""));

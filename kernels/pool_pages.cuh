@@ -319,22 +319,23 @@ __global__ void __launch_bounds__(kPlaceThreads, 1) place_kernel(const AppendEnt
 
 constexpr int kReleaseThreads = 512;
 
-/// One CTA: `slot` stops using its pages (its own and, after fork, shared
-/// ones); a page no sequence uses any more is pushed back (from the highest
-/// page number down, so the lowest is popped first), its layer counts
-/// cleared. Clears the slot's state.
-__global__ void __launch_bounds__(kReleaseThreads) release_kernel(int slot, PoolState pool, SeqState seqs) {
+/// The whole CTA (kReleaseThreads): `slot` stops using every page it uses
+/// for which keep(page) is false; a page left with no user is pushed on the
+/// free stack (from the highest page number down, so the lowest is popped
+/// first) and its layer counts cleared.
+template <class Keep>
+__device__ void drop_pages(int slot, const PoolState& pool, int layers, Keep keep) {
   using Scan = cub::BlockScan<int, kReleaseThreads>;
   __shared__ typename Scan::TempStorage scan;
   __shared__ int32_t top;
   if (threadIdx.x == 0) top = *pool.free_count;
   __syncthreads();
   const uint32_t bit = 1u << (slot % 32);
-  for (int first = 0; first < pool.n_pages; first += kReleaseThreads) {
-    const int i = first + int(threadIdx.x);
+  for (int base = 0; base < pool.n_pages; base += kReleaseThreads) {
+    const int i = base + int(threadIdx.x);
     const int page = pool.n_pages - 1 - i;
     int freed = 0;
-    if (i < pool.n_pages) {
+    if (i < pool.n_pages && !keep(page)) {
       uint32_t* users = pool.users + size_t(page) * pool.user_words;
       if (users[slot / 32] & bit) {
         users[slot / 32] &= ~bit;
@@ -347,14 +348,23 @@ __global__ void __launch_bounds__(kReleaseThreads) release_kernel(int slot, Pool
     Scan(scan).ExclusiveSum(freed, pos, total);
     if (freed) {
       pool.free_pages[top + pos] = page;
-      for (int l = 0; l < seqs.layers; ++l) pool.layer_units16[size_t(page) * seqs.layers + l] = 0;
+      for (int l = 0; l < layers; ++l) pool.layer_units16[size_t(page) * layers + l] = 0;
     }
     __syncthreads();
     if (threadIdx.x == 0) top += total;
     __syncthreads();
   }
+  if (threadIdx.x == 0) *pool.free_count = top;
+  __syncthreads();
+}
+
+/// One CTA: `slot` stops using its pages (its own and, after fork, shared
+/// ones); a page no sequence uses any more is pushed back (from the highest
+/// page number down, so the lowest is popped first), its layer counts
+/// cleared. Clears the slot's state.
+__global__ void __launch_bounds__(kReleaseThreads) release_kernel(int slot, PoolState pool, SeqState seqs) {
+  drop_pages(slot, pool, seqs.layers, [](int) { return false; });
   if (threadIdx.x == 0) {
-    *pool.free_count = top;
     pool.open_page[slot] = -1;
     pool.open_fill16[slot] = 0;
   }
@@ -395,9 +405,6 @@ __global__ void __launch_bounds__(kReleaseThreads) fork_kernel(int parent, int c
 __global__ void __launch_bounds__(kReleaseThreads) trim_kernel(const AppendEntry* entries, int n_entries,
                                                                bool every_call, WindowTrim w, PoolState pool,
                                                                SeqState seqs) {
-  using Scan = cub::BlockScan<int, kReleaseThreads>;
-  __shared__ typename Scan::TempStorage scan;
-  __shared__ int32_t top;
   const int words = (pool.n_pages + 31) / 32, T = w.block_tokens;
   for (int e = 0; e < n_entries; ++e) {
     const AppendEntry a = entries[e];
@@ -420,35 +427,10 @@ __global__ void __launch_bounds__(kReleaseThreads) trim_kernel(const AppendEntry
         if (page < uint32_t(pool.n_pages)) atomicOr(&w.alive[page / 32], 1u << (page % 32));
       }
     }
-    if (threadIdx.x == 0) top = *pool.free_count;
     __syncthreads();
-    const uint32_t bit = 1u << (slot % 32);
     const int32_t open = pool.open_page[slot];
-    for (int base = 0; base < pool.n_pages; base += kReleaseThreads) {
-      const int i = base + int(threadIdx.x);
-      const int page = pool.n_pages - 1 - i;
-      int freed = 0;
-      if (i < pool.n_pages && page != open && !(w.alive[page / 32] >> (page % 32) & 1)) {
-        uint32_t* users = pool.users + size_t(page) * pool.user_words;
-        if (users[slot / 32] & bit) {
-          users[slot / 32] &= ~bit;
-          uint32_t any = 0;
-          for (int k = 0; k < pool.user_words; ++k) any |= users[k];
-          freed = any == 0;
-        }
-      }
-      int pos = 0, total = 0;
-      Scan(scan).ExclusiveSum(freed, pos, total);
-      if (freed) {
-        pool.free_pages[top + pos] = page;
-        for (int l = 0; l < seqs.layers; ++l) pool.layer_units16[size_t(page) * seqs.layers + l] = 0;
-      }
-      __syncthreads();
-      if (threadIdx.x == 0) top += total;
-      __syncthreads();
-    }
-    if (threadIdx.x == 0) *pool.free_count = top;
-    __syncthreads();
+    drop_pages(slot, pool, seqs.layers,
+               [&](int page) { return page == open || (w.alive[page / 32] >> (page % 32) & 1); });
   }
 }
 
