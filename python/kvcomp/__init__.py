@@ -48,8 +48,9 @@ __all__ = ["BoundMode", "BoundOverride", "Cache", "Codebook", "Config", "DecodeP
 class Cache(_C.Cache):
     """A compressed KV cache on the current CUDA device (kvcomp::Cache).
 
-    Cache(config); add_sequence() -> int; remove_sequence(seq, stream=None); tokens(seq, layer);
-    append(layer, seq_ids, n_tokens, k, v, stream=None); attend(layer, seq_ids, q, out, stream=None);
+    Cache(config); add_sequence() -> int; fork(seq, stream=None) -> int; remove_sequence(seq, stream=None);
+    tokens(seq, layer); append(layer, seq_ids, n_tokens, k, v, stream=None);
+    attend(layer, seq_ids, q, out, n_queries=None, stream=None);
     make_plan(batch) -> DecodePlan; set_plan(plan, seq_ids, stream=None);
     append_plan(plan, layer, k, v, stream=None); attend_plan(plan, layer, q, out, stream=None);
     check(stream=None); stats() -> Stats; read_block(layer, seq, kv_head, block, kind, stream=None) -> bytes;
@@ -75,7 +76,7 @@ class Cache(_C.Cache):
         config.dtype, unit stride along head_dim (token and head strides are free)."""
         super().append(layer, list(seq_ids), list(n_tokens), k, v, resolve_stream(stream, k))
 
-    def attend(self, layer, seq_ids, q, out, stream=None, n_queries=None):
+    def attend(self, layer, seq_ids, q, out, n_queries=None, stream=None):
         """out[i] = attention of q[i] over seq_ids[i] (within the layer's window, if any); q, out: contiguous
         [len(seq_ids), q_heads, head_dim], float16 or bfloat16 (out's dtype = q's).
 
