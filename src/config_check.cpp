@@ -30,7 +30,7 @@ void validate(const Config& c) {
     throw Error("config: q_heads (" + str(c.q_heads) + ") must be a positive multiple of kv_heads (" +
                 str(c.kv_heads) + ")");
   const int g = c.q_heads / c.kv_heads;
-  if (g < 1 || g > 16)  // the kernel's 8 mma rows, padded; 9..16 take two passes
+  if (g < 1 || g > 16)  // the kernel's row tiles hold 8 or 16 (query, head) rows, padded
     throw Error("config: q_heads / kv_heads must be 1..16, got " + str(g));
   if (c.transform != Transform::None && c.transform != Transform::Hadamard)
     throw Error("config: transform must be Transform::None or Transform::Hadamard, got " + str(int(c.transform)));

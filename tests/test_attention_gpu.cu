@@ -150,7 +150,7 @@ TEST(AttentionGpu, GqaGroupsHeadDimsAndBf16) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   // 3, 6 and 7 (Llama-3.2-3B, Qwen2.5): the mma rows hold up to 8 heads, the unused ones are zero.
-  // 9..16 (Qwen3-235B: 16) run as two launches of up to 8 heads each.
+  // 9..16 (Qwen3-235B: 16) take 16-row tiles (two mma row tiles on each decoded block).
   for (int G : {1, 2, 3, 6, 7, 8, 9, 12, 16}) {
     SCOPED_TRACE("G " + std::to_string(G));
     run_attention_case(2, G, 64, DType::F16, {130, 700}, seed + G, false);

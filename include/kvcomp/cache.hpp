@@ -95,8 +95,8 @@ struct BoundOverride {
 struct Config {
   int layers = 1;
   int kv_heads = 8;
-  int q_heads = 32;               // q_heads / kv_heads in 1..16 (up to 8 query heads of a KV head share
-                                  // one decode of its blocks; 9..16 decode them twice)
+  int q_heads = 32;               // q_heads / kv_heads in 1..16 (the query heads of a KV head share one
+                                  // decode of its blocks; at head_dim 256, 9..16 decode them twice)
   int head_dim = 128;             // 64, 96, 128 or 256 (Hadamard: 64, 128 or 256)
   DType dtype = DType::F16;       // of the K/V the engine appends
   int block_tokens = 64;          // T: 32, 64 or 128
@@ -232,10 +232,11 @@ class Cache {
   /// [sum n_queries, q_heads, head_dim], the sequences' queries one after
   /// the other; query j of a sequence of L tokens sits at position
   /// L - n + j and attends causally to tokens 0 .. L - n + j (and within
-  /// the window). Every block is decoded once per 8 (query, query head)
-  /// rows of a KV head: n_queries x (q_heads / kv_heads) <= 8 decode it
-  /// once for all of a sequence's queries. sum n_queries <=
-  /// Config::max_attend_batch.
+  /// the window). Every block is decoded once per tile of (query, query
+  /// head) rows of its KV head: 16 rows when a sequence has more than 8 and
+  /// head_dim <= 128, else 8; n_queries x (q_heads / kv_heads) <= 16 (8 at
+  /// head_dim 256) decodes it once for all of a sequence's queries.
+  /// sum n_queries <= Config::max_attend_batch.
   void attend(int layer, const std::vector<int>& seq_ids, const std::vector<int>& n_queries, const void* q,
               void* out, DType q_type, cudaStream_t stream);
 
