@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Turns bench_attention's JSON (--benchmark_out=FILE --benchmark_out_format=json),
 and optionally sdpa_anchor.py's from the same session, into a markdown table
-(stdout) with kvcomp / SDPA and kvcomp / best-fp16 time ratios, and a PNG plot
+(stdout) with kvcomp / SDPA and kvcomp / best-fp16 time ratios (and one of the
+multi-token / window benchmarks, BM_attention_queries), and a PNG plot
 of time vs context length per variant (--plot FILE, needs matplotlib).
 
     python3 bench/report.py attention.json sdpa.json --plot bench/attention.png > table.md
@@ -14,6 +15,7 @@ import re
 
 def load(paths):
     rows = collections.OrderedDict()  # (name, context, batch, G, D) -> {variant: run}
+    queries = collections.OrderedDict()  # (context, batch, G, D, n, window) -> {"kvcomp" | "sdpa": run}
     variants = []
     context = {}
     benchmarks = []
@@ -26,6 +28,11 @@ def load(paths):
     for b in benchmarks:
         if b.get("run_type") == "aggregate":
             continue
+        q = re.match(r"BM_attention_queries/(\d+)/(\d+)/(\d+)/(\d+)/(\d+)/(\d+)", b["name"])
+        if q:  # n query tokens per sequence, optionally a window (bench_attention / sdpa_anchor.py)
+            side = "sdpa" if b.get("label", "").startswith("sdpa") else "kvcomp"
+            queries.setdefault(tuple(int(x) for x in q.groups()), {})[side] = b
+            continue
         m = re.match(r"(BM_attention\w*)/(\d+)/(\d+)/(\d+)/(\d+)/(\d+)", b["name"])
         if not m:
             continue
@@ -35,7 +42,22 @@ def load(paths):
         rows.setdefault(key, {})[label] = b
         if label not in variants:
             variants.append(label)
-    return context, rows, variants
+    return context, rows, variants, queries
+
+
+def queries_table(queries):
+    """n query tokens per sequence (causal) and windows: kvcomp vs SDPA from the same session."""
+    if not queries:
+        return ""
+    out = ["\n| context | batch | q/kv heads | head_dim | queries | window | kvcomp | SDPA | kvcomp / SDPA |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (n, batch, g, d, nq, window), runs in queries.items():
+        kv, sd = runs.get("kvcomp"), runs.get("sdpa")
+        ratio = f"{us_of(kv) / us_of(sd):.2f}x" if kv and sd else "–"
+        out.append(f"| {n // 1024}k | {batch} | {g} | {d} | {nq} | {window or '–'} | "
+                   f"{fmt_time(us_of(kv)) if kv else '–'} | "
+                   f"{fmt_time(us_of(sd)) + ' (' + sd.get('label', '') + ')' if sd else '–'} | {ratio} |")
+    return "\n".join(out)
 
 
 def us_of(r):
@@ -115,8 +137,9 @@ def main():
     ap.add_argument("--plot")
     ap.add_argument("--batch", type=int, default=8)
     a = ap.parse_args()
-    ctx, rows, variants = load(a.json)
+    ctx, rows, variants, queries = load(a.json)
     print(table(ctx, rows, variants))
+    print(queries_table(queries))
     if a.plot:
         plot(rows, variants, a.plot, batch=a.batch)
 
