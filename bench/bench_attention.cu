@@ -208,7 +208,8 @@ void sweep_args(benchmark::internal::Benchmark* b) {
   for (int var : kMain) b->Args({32768, 8, var, 4, 64});
   // GQA groups that run padded (Llama-3.2-3B: 3, Qwen2.5-7B: 7): kvcomp only (the baselines take 1/2/4/8).
   for (int g : {3, 7, 16}) b->Args({32768, 8, kKvcomp, g, 128});
-  // head_dim 96 (Phi-3) and 256 (Gemma): kvcomp only (the baselines take 64 and 128).
+  // head_dim 80 (Phi-2), 96 (Phi-3) and 256 (Gemma): kvcomp only (the baselines take 64 and 128).
+  b->Args({32768, 8, kKvcomp, 4, 80});
   b->Args({32768, 8, kKvcomp, 4, 96});
   b->Args({32768, 8, kKvcomp, 4, 256});
   // Config::transform = Hadamard (q rotated in the kernel, output in the merge).

@@ -502,7 +502,8 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
       const float ft = st.m[g] == -INFINITY ? 0.f : exp2f(st.m[g] - mx);
       __syncwarp();
 #pragma unroll
-      for (int j = 0; j < D / 32; ++j) rg[lane + 32 * j] = rg[lane + 32 * j] * fw + st.acc[g][j] * ft;
+      for (int j = 0; j < SoftmaxAcc<D, kR>::kPerLane; ++j)
+        if (D % 32 == 0 || lane + 32 * j < D) rg[lane + 32 * j] = rg[lane + 32 * j] * fw + st.acc[g][j] * ft;
       if (lane == 0) { rg[D] = mx; rg[D + 1] = lw * fw + lt * ft; }
     }
   }

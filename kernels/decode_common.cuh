@@ -34,10 +34,10 @@ __device__ __forceinline__ float warp_sum(float v) {
 /// Running softmax state of one warp for G query heads (flash attention).
 template <int D, int G>
 struct SoftmaxAcc {
-  static constexpr int kPerLane = D / 32;
+  static constexpr int kPerLane = (D + 31) / 32;  // D = 80: the last of them only on lanes 0..15
   float m[G];               // running max (log2 domain), warp-uniform
   float l[G];               // this lane's share of the running sum
-  float acc[G][kPerLane];   // output channels lane, lane+32, ...
+  float acc[G][kPerLane];   // output channels lane, lane+32, ... (below D)
 
   __device__ void init() {
 #pragma unroll
@@ -78,6 +78,7 @@ struct SoftmaxAcc {
 template <int D, int G, bool kPairs = false>
 __device__ void write_split_partial(const SoftmaxAcc<D, G>& st, float* merge, float* part, int splits, int split,
                                     int g_real = G) {
+  static_assert(D % 32 == 0, "the baselines' head sizes");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
   for (int g = 0; g < G; ++g) {
@@ -160,7 +161,8 @@ __device__ void attend_rows(SoftmaxAcc<D, G>& st, const float* q_s, const E* k, 
 #pragma unroll
     for (int g = 0; g < G; ++g) pt[g] = __shfl_sync(0xFFFFFFFFu, pr[g], t);
 #pragma unroll
-    for (int j = 0; j < D / 32; ++j) {
+    for (int j = 0; j < SoftmaxAcc<D, G>::kPerLane; ++j) {
+      if (D % 32 != 0 && lane + 32 * j >= D) break;
       const float x = to_float(v[size_t(t) * D + lane + 32 * j]);
 #pragma unroll
       for (int g = 0; g < G; ++g) st.acc[g][j] = fmaf(pt[g], x, st.acc[g][j]);

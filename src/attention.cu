@@ -17,10 +17,11 @@ void dispatch(DType q_type, int D, int G, F&& f) {
   if (G < 1 || G > 2 * kMmaRows) throw Error("query heads per kv head must be 1..16, got " + std::to_string(G));
   auto with_d = [&](auto qt) {
     if (D == 64) return f(qt, std::integral_constant<int, 64>{});
+    if (D == 80) return f(qt, std::integral_constant<int, 80>{});
     if (D == 96) return f(qt, std::integral_constant<int, 96>{});
     if (D == 128) return f(qt, std::integral_constant<int, 128>{});
     if (D == 256) return f(qt, std::integral_constant<int, 256>{});
-    throw Error("attention supports head_dim 64, 96, 128 and 256, got " + std::to_string(D));
+    throw Error("attention supports head_dim 64, 80, 96, 128 and 256, got " + std::to_string(D));
   };
   if (q_type == DType::F16) return with_d(__half{});
   if (q_type == DType::BF16) return with_d(__nv_bfloat16{});

@@ -37,7 +37,7 @@ void validate(const Config& c) {
   if (c.transform == Transform::Hadamard && !is_power_of_two(c.head_dim))
     throw Error("config: transform Hadamard needs head_dim a power of two, got " + str(c.head_dim));
   if (!format::supported_head_dim(c.head_dim))
-    throw Error("config: head_dim must be 64, 96, 128 or 256, got " + str(c.head_dim));
+    throw Error("config: head_dim must be 64, 80, 96, 128 or 256, got " + str(c.head_dim));
   if (!format::supported_tokens(c.block_tokens))
     throw Error("config: block_tokens must be 32, 64 or 128, got " + str(c.block_tokens));
   if (c.dtype != DType::F16 && c.dtype != DType::BF16 && c.dtype != DType::F32) throw Error("config: unknown dtype");

@@ -13,7 +13,7 @@ using namespace format;
 
 void check_shape(int tokens, int head_dim) {
   if (!supported_tokens(tokens)) throw Error("block tokens must be 32, 64 or 128, got " + std::to_string(tokens));
-  if (!supported_head_dim(head_dim)) throw Error("head_dim must be 64, 96, 128 or 256, got " + std::to_string(head_dim));
+  if (!supported_head_dim(head_dim)) throw Error("head_dim must be 64, 80, 96, 128 or 256, got " + std::to_string(head_dim));
 }
 
 // Appends bits LSB first into 32-bit words.

@@ -158,6 +158,11 @@ TEST(AttentionGpu, GqaGroupsHeadDimsAndBf16) {
   }
   run_attention_case(2, 4, 128, DType::BF16, {129, 513}, seed + 3, false);
   run_attention_case(2, 3, 128, DType::BF16, {129, 513}, seed + 5, false);
+  // head_dim 80 (Phi-2, StableLM): 5 channel tiles of 16; the uncompressed tail's lanes 16..31 hold 2 channels, not 3.
+  run_attention_case(2, 1, 80, DType::F16, {1, 63, 130, 700}, seed + 29, false);
+  if (HasFatalFailure()) return;
+  run_attention_case(1, 4, 80, DType::BF16, {129, 1000}, seed + 31, true, 32);
+  if (HasFatalFailure()) return;
   // head_dim 96 (Phi-3): 6 channel tiles of 16.
   run_attention_case(2, 4, 96, DType::F16, {1, 64, 130, 700}, seed + 11, false);
   if (HasFatalFailure()) return;
@@ -186,6 +191,8 @@ TEST(AttentionGpu, MultiTokenQueriesAreCausalInMixedBatches) {
     if (HasFatalFailure()) return;
   }
   run_attention_case(2, 2, 256, DType::BF16, {257, 40}, seed + 5, true, 128, {12, 40});
+  if (HasFatalFailure()) return;
+  run_attention_case(2, 4, 80, DType::F16, {300, 77}, seed + 7, false, 64, {3, 9});  // 16-row tiles at D = 80
   if (HasFatalFailure()) return;
   run_attention_case(2, 6, 96, DType::F16, {1500, 200}, seed + 6, false, 64, {128, 3});  // a prefill chunk
 }

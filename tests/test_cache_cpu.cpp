@@ -34,8 +34,8 @@ void expect_error(const Config& c, const std::string& needle) {
 
 TEST(CacheConfig, BadConfigurationsAreRejectedWithClearMessages) {
   Config c;
-  c.head_dim = 80;
-  expect_error(c, "head_dim must be 64, 96, 128 or 256, got 80");
+  c.head_dim = 72;
+  expect_error(c, "head_dim must be 64, 80, 96, 128 or 256, got 72");
   c = Config{};
   c.max_attend_batch = 300;
   expect_error(c, "max_attend_batch must be 0");

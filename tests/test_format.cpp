@@ -131,7 +131,7 @@ TEST(Format, BlockSizesAndLaneBits) {
     EXPECT_EQ(pair_bits(enc, k, 0, 0), uint32_t(kMaxCodeLen + 2 * k));
   }
   for (int T : {32, 64, 128})
-    for (int D : {64, 96, 128, 256}) {
+    for (int D : {64, 80, 96, 128, 256}) {
       EXPECT_EQ(pairs_per_lane(T, D) * 2 * kLanes, T * D);
       EXPECT_EQ(max_lane_bits(T, D), uint32_t(pairs_per_lane(T, D)) * worst);
       EXPECT_LE(max_lane_bits(T, D), 65535u) << T << " x " << D << ": lane lengths must fit uint16";
@@ -143,7 +143,7 @@ TEST(Format, PairPositionsCoverEveryValueOnce) {
   // values of a pair are neighbours along the mma's k dimension.
   for (Kind kind : {Kind::Key, Kind::Value})
     for (int T : {32, 64, 128})
-      for (int D : {64, 96, 128, 256}) {
+      for (int D : {64, 80, 96, 128, 256}) {
         SCOPED_TRACE(std::string(kind == Kind::Key ? "K " : "V ") + std::to_string(T) + " x " + std::to_string(D));
         std::vector<int> seen(size_t(T) * D, 0);
         for (int lane = 0; lane < kLanes; ++lane)
@@ -173,7 +173,7 @@ TEST(Format, PairPositionsFollowTheMmaFragmentOrder) {
   // K: two pairs (b0 b1, b2 b3) per (k16, n8) tile; V: four pairs (a0 a1 .. a6 a7) per (k16, m16) tile.
   for (Kind kind : {Kind::Key, Kind::Value})
     for (int T : {32, 64, 128})
-      for (int D : {64, 96, 128, 256})
+      for (int D : {64, 80, 96, 128, 256})
         for (int lane = 0; lane < kLanes; ++lane) {
           const int g = lane / 4, q = lane % 4;
           int i = 0;

@@ -337,7 +337,7 @@ TEST(StoreGpu, BitEqualToReferenceWithLowBitsAtSmallBounds) {
   int n = 0;
   for (float bound : {0.01f, 0.005f})
     for (int T : {32, 64, 128})
-      for (int D : {64, 96, 128, 256}) {
+      for (int D : {64, 80, 96, 128, 256}) {
         const DType dtypes[] = {DType::F16, DType::BF16, DType::F32};
         const DType dtype = dtypes[n % 3];
         const Dist dist = kAllDists[n % 4];
@@ -371,7 +371,7 @@ TEST(StoreGpu, BitEqualToReferenceWithPairEscapesAndRawValues) {
   StoreStats stats;
   for (DType dtype : {DType::F16, DType::BF16, DType::F32})
     for (int T : {32, 64, 128})
-      for (int D : {64, 96, 128, 256})
+      for (int D : {64, 80, 96, 128, 256})
         for (bool sparse : {false, true}) {
           const Dist dist = kAllDists[n++ % 4];
           SCOPED_TRACE(std::string(dtype_name(dtype)) + " T " + std::to_string(T) + " D " + std::to_string(D) + " " +

@@ -21,7 +21,7 @@ float position_value(int t, int c) { return float(t * 1024 + c); }
 TEST(StoreWalk, SegmentsCoverEveryLaneStreamInPairPositionOrder) {
   for (Kind kind : {Kind::Key, Kind::Value})
     for (int T : {32, 64, 128})
-      for (int D : {64, 96, 128, 256}) {
+      for (int D : {64, 80, 96, 128, 256}) {
         SCOPED_TRACE(std::string(kind == Kind::Key ? "K" : "V") + " T " + std::to_string(T) + " D " +
                      std::to_string(D));
         const int stride = detail::StagedRows::stride_of(kind, D);

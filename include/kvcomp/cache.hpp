@@ -97,7 +97,7 @@ struct Config {
   int kv_heads = 8;
   int q_heads = 32;               // q_heads / kv_heads in 1..16 (the query heads of a KV head share one
                                   // decode of its blocks; at head_dim 256, 9..16 decode them twice)
-  int head_dim = 128;             // 64, 96, 128 or 256 (Hadamard: 64, 128 or 256)
+  int head_dim = 128;             // 64, 80, 96, 128 or 256 (Hadamard: 64, 128 or 256)
   DType dtype = DType::F16;       // of the K/V the engine appends
   int block_tokens = 64;          // T: 32, 64 or 128
   ErrorBound k_bound{BoundMode::Relative, 0.05f};

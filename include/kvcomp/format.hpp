@@ -1,7 +1,7 @@
 // kvcomp compressed-block format: the single source of truth.
 //
 // A block holds T consecutive tokens x D channels of one KV head of one layer,
-// either keys (K) or values (V). T is 32, 64 or 128; D is 64, 96, 128 or 256.
+// either keys (K) or values (V). T is 32, 64 or 128; D is 64, 80, 96, 128 or 256.
 //
 // Quantization (error bounded, hard guarantee)
 //   K blocks are quantized per channel over the block's T tokens (D groups);
@@ -147,7 +147,7 @@ struct BlockRef {
 static_assert(sizeof(BlockRef) == 8, "block ref is 8 bytes");
 
 KVCOMP_HD bool supported_tokens(int t) { return t == 32 || t == 64 || t == 128; }
-KVCOMP_HD bool supported_head_dim(int d) { return d == 64 || d == 96 || d == 128 || d == 256; }
+KVCOMP_HD bool supported_head_dim(int d) { return d == 64 || d == 80 || d == 96 || d == 128 || d == 256; }
 
 KVCOMP_HD int num_groups(Kind kind, int tokens, int head_dim) {
   return kind == Kind::Key ? head_dim : tokens;

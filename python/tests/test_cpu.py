@@ -188,8 +188,8 @@ class ConfigFields(unittest.TestCase):
     def test_bad_config_raises_the_cpp_message_before_device_work(self):
         # Config validation runs first in Cache's constructor, so this holds with or without a GPU.
         with self.assertRaises(kvcomp.Error) as e:
-            kvcomp.Cache(kvcomp.Config(head_dim=80))
-        self.assertEqual(str(e.exception), "kvcomp: config: head_dim must be 64, 96, 128 or 256, got 80")
+            kvcomp.Cache(kvcomp.Config(head_dim=72))
+        self.assertEqual(str(e.exception), "kvcomp: config: head_dim must be 64, 80, 96, 128 or 256, got 72")
         with self.assertRaisesRegex(kvcomp.Error, r"^kvcomp: config: q_heads / kv_heads must be 1..16, got 17$"):
             kvcomp.Cache(kvcomp.Config(kv_heads=2, q_heads=34))
         with self.assertRaisesRegex(kvcomp.Error, "override names layer 4"):
