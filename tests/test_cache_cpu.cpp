@@ -334,6 +334,30 @@ TEST(PoolPages, WalkPairsCountsAndPlacesAsPlacePairDoes) {
   }
 }
 
+// Sliding windows (kernels/pool_state.cuh): the blocks trim_kernel drops are
+// exactly those no query of any later attend call can see. Such a query sits
+// at position p >= L - max_queries (an attend call's queries are a sequence's
+// last ones) and sees tokens t with p - W < t <= p, or t < sinks.
+TEST(PoolPages, DeadBlocksAreThoseNoLaterQueryCanSee) {
+  std::mt19937 rng(99);
+  for (int trial = 0; trial < 20000; ++trial) {
+    const int T = 32 << (trial % 3), L = 1 + int(rng() % 3000), W = 1 + int(rng() % 700);
+    const int max_queries = 1 + int(rng() % 256), sinks = trial % 2 ? int(rng() % 200) : 0;
+    const int first = detail::first_live_block(L, W, max_queries, T);
+    const int sink = detail::sink_blocks(sinks, T);
+    for (int b = 0; b < L / T; ++b) {
+      // The earliest query position gives the lowest window start; later queries see later tokens only.
+      const int lowest = std::max(0, L - max_queries) - W + 1;
+      bool seen = false;
+      for (int t = b * T; t < (b + 1) * T && !seen; ++t) seen = t >= lowest || t < sinks;
+      const bool dead = b < first && b >= sink;
+      ASSERT_EQ(dead, !seen) << "T " << T << " L " << L << " W " << W << " max_queries " << max_queries
+                             << " sinks " << sinks << " block " << b;
+    }
+  }
+  EXPECT_EQ(detail::first_live_block(5000, 0, 4, 64), 0);  // full attention: nothing dies
+}
+
 TEST(PoolPages, APageHoldsAWorstCasePairAndLargePoolsGetQuarterMegabytePages) {
   const size_t worst = detail::worst_pair_bytes(64, 128);
   EXPECT_EQ(worst, format::block_bytes(Kind::Key, 64, 128, uint64_t(32) * format::max_lane_bits(64, 128)) +
