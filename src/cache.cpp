@@ -163,7 +163,7 @@ void Cache::Impl::fill_attend(int layer, const void* q, void* out, detail::Atten
   p.tail_dtype = int32_t(cfg.dtype);
   p.transform = int32_t(cfg.transform);
   p.lengths = tokens.ptr + size_t(layer) * cfg.max_seqs;
-  p.window = cfg.layer_windows.empty() ? cfg.window : cfg.layer_windows[layer];
+  p.window = layer_window(layer);
   p.sinks = p.window > 0 ? cfg.sink_tokens : 0;
 }
 
