@@ -25,8 +25,8 @@
 // escaped raw values add their exact fp32 contribution through shared-memory
 // corrections (lane_decoder.cuh). Decoded K/V live only in registers. Partial
 // (max, sum, acc) per CTA go to a workspace; merge_kernel combines the
-// splits (flash-decoding). Each warp pulls its next block into L2 while it
-// decodes the current one.
+// splits (flash-decoding). Kernels of 2 CTAs (8 warps) per SM pull each warp's
+// next block into L2 while it decodes the current one.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -67,28 +67,35 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
 }
 
 /// Shared memory of the fused kernel: the two decode tables are a static
-/// array; the dynamic part holds q and, per warp, escape corrections (and at
-/// the end the warp's partial result, in `rows`). R = 8 kTiles rows.
+/// array; the dynamic part holds q and, per warp, K's A operands, escape
+/// corrections and p of a chunk. R = 8 kTiles rows. The A operands' area
+/// also holds V's escape corrections of a chunk (then the A operands are
+/// built again: escapes are rare) and, at the end, the warp's partial result
+/// (spilling into the K corrections' area), so that 4 CTAs fit an SM at
+/// D = 128 (~46 KB each).
 template <int D, int kTiles = 1>
 struct AttnSmem {
   static constexpr int kR = kMmaRows * kTiles;
   static constexpr size_t kLuts = 2 * format::kLutSize * sizeof(uint32_t);  // static
   static constexpr size_t kQ = size_t(kR) * D * sizeof(float);              // q [R][D], log2 units
-  static constexpr size_t kRows = size_t(kR) * (D + 2) * sizeof(float);     // [R][D + 2]
   static constexpr size_t kChunk = size_t(kR) * format::kChunkTokens * sizeof(float);  // [R][32]
   static constexpr size_t kQa = size_t(kTiles) * (D / 16) * 32 * sizeof(uint4);  // K's A operands [tile][k16][lane]
-  static constexpr size_t kWarp = kRows + 2 * kChunk + kQa;  // rows, K score corrections, p of the chunk, A
+  static constexpr size_t kWarp = kQa + 2 * kChunk;  // A (or V corrections, or the partial), K corrections, p
+  static_assert(size_t(kR) * D * sizeof(float) <= kQa, "V corrections [R][D] fit the A operands' area");
+  static_assert(size_t(kR) * (D + 2) * sizeof(float) <= kQa + kChunk, "the partial [R][D + 2] fits");
   /// Dynamic shared memory (over 48 KiB at D = 128: launches opt in).
   static constexpr size_t kBytes = kQ + kAttnWarps * kWarp;
 };
 
-/// 3 CTAs (12 warps) per SM, which shared memory allows at D = 128; 168
-/// registers then hold the K loop (4 CTAs spill around the escape path's
-/// call). D = 256 (Gemma) doubles the output accumulators and shared memory
-/// (~98 KiB a CTA): 2 CTAs. Two row tiles (16 rows: G > 8, or several query
-/// tokens) double the scores and accumulators: 2 CTAs, D <= 128.
+/// 4 CTAs (16 warps) per SM at D <= 128: 128 registers a thread (a few
+/// values of the block loop spill, once per block or chunk, never in the
+/// decode loop; 16 warps hide more of the stream reads' latency than 3 CTAs
+/// with 168 registers did: 590 vs 652 us at 32k x 8) and ~46 KB of shared
+/// memory a CTA. D = 256 (Gemma) doubles the output accumulators and shared
+/// memory: 2 CTAs. Two row tiles (16 rows: G > 8, or several query tokens)
+/// double the scores and accumulators: 2 CTAs, D <= 128.
 template <int D, int kTiles = 1>
-constexpr int attn_min_ctas() { return D > 128 || kTiles > 1 ? 2 : 3; }
+constexpr int attn_min_ctas() { return D > 128 || kTiles > 1 ? 2 : 4; }
 
 constexpr int32_t kTailF16 = 0, kTailBF16 = 1;  // AttendParams::tail_dtype, as DType
 constexpr int32_t kTransformHadamard = 1;        // AttendParams::transform, as Transform
@@ -179,14 +186,14 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
     for (int i = threadIdx.x; i < kR * D; i += blockDim.x) q_s[i] = load_q_row(i) * p.scale_log2;
   }
   uint8_t* my_area = smem + Smem::kQ + warp * Smem::kWarp;
-  float* rows = reinterpret_cast<float*>(my_area);  // [R][D + 2]: V escape corrections, then the partial
-  float* kcorr = rows + kR * (D + 2);               // [R][32]: K escape corrections of a chunk
-  float* pchunk = kcorr + kR * kChunk;              // [R][32]: p of a chunk (for V escapes)
   // [tile][k16][lane]: this lane's A fragment of K (q x step for row 8 tile + `row`, channels
   // 16 k16 + 2 quad + {0,1} and + 8, as fp16 hi in mma rows 0..7 and lo in mma rows 8..15). In
   // shared memory so that the K loop need not be unrolled over k16 (registers).
-  uint4* qa = reinterpret_cast<uint4*>(pchunk + kR * kChunk);
-  for (int i = lane; i < kR * (D + 2); i += 32) rows[i] = 0.f;
+  uint4* qa = reinterpret_cast<uint4*>(my_area);
+  float* vcorr = reinterpret_cast<float*>(my_area);  // [R][D]: V escape corrections of a chunk (over qa)
+  float* rows = reinterpret_cast<float*>(my_area);   // [R][D + 2]: at the end, the warp's partial
+  float* kcorr = reinterpret_cast<float*>(my_area + Smem::kQa);  // [R][32]: K escape corrections of a chunk
+  float* pchunk = kcorr + kR * kChunk;                           // [R][32]: p of a chunk (for V escapes)
   for (int i = lane; i < kR * kChunk; i += 32) kcorr[i] = 0.f;
   __syncthreads();
 
@@ -217,11 +224,14 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
   }
 
   // Virtual units v_begin + warp, + 4 warps, ... below v_blocks_end (loop_range.unit maps them to blocks).
-  // Each warp reads its next block's table entry and pulls the block into L2 while it decodes this one.
+  // Each warp reads its next block's table entry while it decodes this one. With 8 warps per SM it
+  // also pulls that block into L2 (G 16: 892 vs 1040 us); with 16 warps that cost 4-5% (596-609 vs
+  // 568-575 us at G 4): their number hides the latency, and the prefetches only add L2 traffic.
+  constexpr bool kPrefetch = attn_min_ctas<D, kTiles>() <= 2;
   auto fetch_ref = [&](int v) {
     if (v >= v_blocks_end) return format::BlockRef{};
     const format::BlockRef r = block_ref(loop_range.unit(v));
-    prefetch_l2(p.pool + size_t(r.offset16) * 16, (r.k_size16 + r.v_size16) * 16u, lane);
+    if (kPrefetch) prefetch_l2(p.pool + size_t(r.offset16) * 16, (r.k_size16 + r.v_size16) * 16u, lane);
     return r;
   };
   format::BlockRef next_ref = fetch_ref(v_begin + warp);
@@ -241,46 +251,49 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
 
     // A operands of K (qa), pre-divided by a power of two when they would overflow fp16.
     float qmin[kTiles], kscale[kTiles];
+    auto build_qa = [&] {
 #pragma unroll
-    for (int t = 0; t < kTiles; ++t) {
-      float x[kK16][4];
-      float amax = 0.f;
-      qmin[t] = 0.f;
-      kscale[t] = 1.f;
+      for (int t = 0; t < kTiles; ++t) {
+        float x[kK16][4];
+        float amax = 0.f;
+        qmin[t] = 0.f;
+        kscale[t] = 1.f;
 #pragma unroll
-      for (int k16 = 0; k16 < kK16; ++k16)
+        for (int k16 = 0; k16 < kK16; ++k16)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int c = 16 * k16 + 2 * quad + 8 * h;
-          const uint2 w = *reinterpret_cast<const uint2*>(kparams + c);
-          const float2 qv = *reinterpret_cast<const float2*>(q_s + (8 * t + row) * D + c);
-          x[k16][2 * h] = qv.x * half_hi(w.x);
-          x[k16][2 * h + 1] = qv.y * half_hi(w.y);
-          qmin[t] = fmaf(qv.x, half_lo(w.x), fmaf(qv.y, half_lo(w.y), qmin[t]));
-          amax = fmaxf(amax, fmaxf(fabsf(x[k16][2 * h]), fabsf(x[k16][2 * h + 1])));
+          for (int h = 0; h < 2; ++h) {
+            const int c = 16 * k16 + 2 * quad + 8 * h;
+            const uint2 w = *reinterpret_cast<const uint2*>(kparams + c);
+            const float2 qv = *reinterpret_cast<const float2*>(q_s + (8 * t + row) * D + c);
+            x[k16][2 * h] = qv.x * half_hi(w.x);
+            x[k16][2 * h + 1] = qv.y * half_hi(w.y);
+            qmin[t] = fmaf(qv.x, half_lo(w.x), fmaf(qv.y, half_lo(w.y), qmin[t]));
+            amax = fmaxf(amax, fmaxf(fabsf(x[k16][2 * h]), fabsf(x[k16][2 * h + 1])));
+          }
+        amax = warp_max(amax);
+        float inv = 1.f;
+        if (amax > 16384.f) {  // uniform
+          const float e = ceilf(log2f(amax / 16384.f));
+          kscale[t] = exp2f(e);
+          inv = exp2f(-e);
         }
-      amax = warp_max(amax);
-      float inv = 1.f;
-      if (amax > 16384.f) {  // uniform
-        const float e = ceilf(log2f(amax / 16384.f));
-        kscale[t] = exp2f(e);
-        inv = exp2f(-e);
-      }
 #pragma unroll
-      for (int k16 = 0; k16 < kK16; ++k16) {
-        uint32_t hi[2], lo[2];
+        for (int k16 = 0; k16 < kK16; ++k16) {
+          uint32_t hi[2], lo[2];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float x0 = x[k16][2 * h] * inv, x1 = x[k16][2 * h + 1] * inv;
-          hi[h] = pack_half2(x0, x1);
-          lo[h] = pack_half2(x0 - half_lo(hi[h]), x1 - half_hi(hi[h]));
+          for (int h = 0; h < 2; ++h) {
+            const float x0 = x[k16][2 * h] * inv, x1 = x[k16][2 * h + 1] * inv;
+            hi[h] = pack_half2(x0, x1);
+            lo[h] = pack_half2(x0 - half_lo(hi[h]), x1 - half_hi(hi[h]));
+          }
+          // mma rows 0..7 of A: q x step (hi) for the tile's rows; 8..15: the rounding rest (lo).
+          qa[(t * kK16 + k16) * 32 + lane] = make_uint4(hi[0], lo[0], hi[1], lo[1]);
         }
-        // mma rows 0..7 of A: q x step (hi) for the tile's rows; 8..15: the rounding rest (lo).
-        qa[(t * kK16 + k16) * 32 + lane] = make_uint4(hi[0], lo[0], hi[1], lo[1]);
+        qmin[t] += __shfl_xor_sync(0xFFFFFFFFu, qmin[t], 1);
+        qmin[t] += __shfl_xor_sync(0xFFFFFFFFu, qmin[t], 2);
       }
-      qmin[t] += __shfl_xor_sync(0xFFFFFFFFu, qmin[t], 1);
-      qmin[t] += __shfl_xor_sync(0xFFFFFFFFu, qmin[t], 2);
-    }
+    };
+    build_qa();
     kd.init(reinterpret_cast<const uint32_t*>(kb + k_pay), (r.k_size16 * 16u - k_pay) / 4,
             lane_stream_start(reinterpret_cast<const uint16_t*>(kb + format::lane_bits_offset(Kind::Key, T, D)), lane));
     vd.init(reinterpret_cast<const uint32_t*>(vb + v_pay), (r.v_size16 * 16u - v_pay) / 4,
@@ -296,7 +309,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
       for (int t = 0; t < kTiles; ++t)
 #pragma unroll
         for (int n = 0; n < 4; ++n) sc[t][n][0] = sc[t][n][1] = sc[t][n][2] = sc[t][n][3] = 0.f;
-      bool escaped = false;
+      bool k_slow = false;  // warp-uniform: a group took the slow path (its raw values went to kcorr)
 #pragma unroll 1
       for (int k16 = 0; k16 < kK16; ++k16) {
         uint4 a[kTiles];
@@ -305,7 +318,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
 #pragma unroll
         for (int n8 = 0; n8 < 4; ++n8) {
           uint32_t b0, b1;
-          escaped |= kd.group(lut_k, k_low, b0, b1, [&] {
+          kd.group(lut_k, k_low, b0, b1, [&] { k_slow = true; }, [&] {
             // Token 8 n8 + row of the chunk; channels 16 k16 + 2 quad (+ 1, + 8).
             return EscapeSink{kcorr + 8 * n8 + row, 0, kChunk, q_s, D, kparams, 16 * k16 + 2 * quad, 8, group};
           });
@@ -320,8 +333,8 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
         for (int n = 0; n < 4; ++n)
 #pragma unroll
           for (int i = 0; i < 2; ++i) s[t][n][i] = fmaf(sc[t][n][i] + sc[t][n][i + 2], kscale[t], qmin[t]);
-      if (__any_sync(0xFFFFFFFFu, escaped)) {
-        __syncwarp();
+      if (k_slow) {
+        __syncwarp();  // the slow path's corrections
 #pragma unroll
         for (int t = 0; t < kTiles; ++t)
 #pragma unroll
@@ -394,8 +407,17 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
       }
       __syncwarp();
 
-      // V: O^T[channels][heads] += codes (A, decoded) x (p x step) (B).
-      escaped = false;
+      // V: O^T[channels][heads] += codes (A, decoded) x (p x step) (B). At the chunk's first slow
+      // group the warp clears vcorr (qa's area: K is done with it until the next chunk).
+      bool v_slow = false;  // warp-uniform
+      auto on_v_slow = [&] {
+        if (!v_slow) {
+          __syncwarp();
+          for (int i = lane; i < kR * D; i += 32) vcorr[i] = 0.f;
+          __syncwarp();
+          v_slow = true;
+        }
+      };
 #pragma unroll 1
       for (int k16 = 0; k16 < 2; ++k16) {
         uint32_t b0[kTiles], b1[kTiles], l0[kTiles], l1[kTiles];
@@ -410,12 +432,12 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
         for (int m16 = 0; m16 < kM16; ++m16) {
           uint4 a;
           // Channels 16 m16 + row (+ 8), tokens 16 k16 + 2 quad (+ 1), then tokens + 8.
-          escaped |= vd.group(lut_v, v_low, a.x, a.y, [&] {
-            return EscapeSink{rows + 16 * m16 + row, 8, D + 2, pchunk, kChunk, vparams + chunk * kChunk,
+          vd.group(lut_v, v_low, a.x, a.y, on_v_slow, [&] {
+            return EscapeSink{vcorr + 16 * m16 + row, 8, D, pchunk, kChunk, vparams + chunk * kChunk,
                               16 * k16 + 2 * quad, 0, group};
           });
-          escaped |= vd.group(lut_v, v_low, a.z, a.w, [&] {
-            return EscapeSink{rows + 16 * m16 + row, 8, D + 2, pchunk, kChunk, vparams + chunk * kChunk,
+          vd.group(lut_v, v_low, a.z, a.w, on_v_slow, [&] {
+            return EscapeSink{vcorr + 16 * m16 + row, 8, D, pchunk, kChunk, vparams + chunk * kChunk,
                               16 * k16 + 2 * quad + 8, 0, group};
           });
 #pragma unroll
@@ -425,20 +447,19 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
           }
         }
       }
-      if (__any_sync(0xFFFFFFFFu, escaped)) {
+      if (v_slow) {
         __syncwarp();
 #pragma unroll
         for (int t = 0; t < kTiles; ++t)
 #pragma unroll
           for (int i = 0; i < kM16; ++i)
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              float* at = rows + (8 * t + 2 * quad + (j & 1)) * (D + 2) + 16 * i + row + 8 * (j >> 1);
-              o[t][i][j] += *at;
-              *at = 0.f;
-            }
+            for (int j = 0; j < 4; ++j)
+              o[t][i][j] += vcorr[(8 * t + 2 * quad + (j & 1)) * D + 16 * i + row + 8 * (j >> 1)];
+        __syncwarp();
+        build_qa();  // over vcorr
       }
-      __syncwarp();  // pchunk and the corrections are reused by the next chunk
+      __syncwarp();  // pchunk, kcorr and qa are reused by the next chunk
     }
   }
 

@@ -7,13 +7,17 @@
 //    mantissa bits that are zero for codes < 16): one AND makes it a
 //    tensor-core operand, no integer-to-float conversion;
 //  - bits are read from a 64-bit window of two words (a group, two pairs of
-//    one mma fragment, needs at most 22 bits and starts below bit 32); the
+//    one mma fragment, needs at most 22 bits and starts below bit 34); the
 //    window advances at most one word per group, predicated, and the word it
 //    takes was loaded one advance earlier (its latency hides behind decoding);
-//  - one test per group for the slow path (PAIR_ESC, or a codeword too long
-//    to carry its low bits in the table; rare at the bounds we use): the
-//    group is then decoded again from its start by a plain bit reader, out of
-//    line, which also adds the escaped raw values' contributions;
+//  - the window keeps two consumed bits below the next one (the next stream
+//    bit is window bit pos + 2), so that one shift and one AND give a table
+//    index already scaled to the entry's byte offset;
+//  - one warp-uniform test per group for the slow path (PAIR_ESC, or a
+//    codeword too long to carry its low bits in the table; rare at the bounds
+//    we use): the whole warp then decodes the group again from its start by a
+//    plain bit reader, out of line, which also adds the escaped raw values'
+//    contributions (the caller learns of it through a callback);
 //  - reads are not clamped word by word: buffers holding blocks are followed
 //    by kDecodeOverread readable bytes instead.
 #pragma once
@@ -55,9 +59,13 @@ struct SlowGroup {
   const uint32_t* next;
 };
 
-/// The decoder's window at word `p`, bit `pos`.
-__device__ __forceinline__ void fill_window(SlowGroup& out, const uint32_t* p, uint32_t pos) {
-  out.pos = pos;
+/// The decoder's window whose next stream bit is bit b of base[]: that bit
+/// lands at window bit pos + 2 (for b < 2 the window starts one word before
+/// base, inside the block's lane table: its bits are never used).
+__device__ __forceinline__ void fill_window(SlowGroup& out, const uint32_t* base, uint32_t b) {
+  const uint32_t c = b + 30;  // b - 2, kept non-negative
+  const uint32_t* p = base + (c >> 5) - 1;
+  out.pos = c & 31;
   out.w0 = p[0];
   out.w1 = p[1];
   out.ahead = p[2];
@@ -109,15 +117,15 @@ __device__ __noinline__ SlowGroup decode_group_slow(const uint32_t* lut, const u
     }
     (half == 0 ? out.h0 : out.h1) = h;
   }
-  fill_window(out, base + (b >> 5), b & 31);
+  fill_window(out, base, b);
   return out;
 }
 
-/// The window at word `p`, bit `pos` (block start; out of line for the same reason).
-__device__ __noinline__ SlowGroup load_window(const uint32_t* p, uint32_t pos) {
+/// The window at bit b of base[] (block start; out of line for the same reason).
+__device__ __noinline__ SlowGroup load_window(const uint32_t* base, uint32_t b) {
   SlowGroup out;
   out.h0 = out.h1 = 0;
-  fill_window(out, p, pos);
+  fill_window(out, base, b);
   return out;
 }
 
@@ -128,46 +136,67 @@ __device__ __forceinline__ uint32_t lds(uint32_t addr) {
   return v;
 }
 
+/// Whether any lane's group holds a slow table entry (one vote; in PTX so that
+/// the test stays one predicate-writing LOP3, not a bool round trip).
+__device__ __forceinline__ bool warp_any_slow(uint32_t e0, uint32_t e1) {
+  uint32_t any;
+  asm("{\n"
+      " .reg .pred p;\n"
+      " .reg .b32 t;\n"
+      " or.b32 t, %1, %2;\n"
+      " and.b32 t, t, %3;\n"
+      " setp.ne.u32 p, t, 0;\n"
+      " vote.sync.any.pred p, p, 0xffffffff;\n"
+      " selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(any)
+      : "r"(e0), "r"(e1), "n"(format::kLutEscapeBit));
+  return any != 0;
+}
+
 struct PairDecoder {
   const uint32_t* next;  // the word after `ahead2`
   uint32_t w0, w1;       // bit `pos` of w0 is the next stream bit
   uint32_t ahead;        // the word after w1, loaded two advances early
-  uint32_t ahead2;       // the word after it (an L2 hit outlasts one advance)
-  uint32_t pos;          // 0..31
+  uint32_t ahead2;       // the word after it
+  uint32_t pos;          // 0..31: the next stream bit is bit pos + 2 of w1:w0
 
-  /// words: the block payload (shared or global memory), n of them.
+  /// words: the block payload (global memory), n of them.
   __device__ __forceinline__ void init(const uint32_t* words, uint32_t n, uint32_t start_bit) {
     const uint32_t first = min(start_bit >> 5, n);  // a corrupt lane table cannot send us far
-    take(load_window(words + first, first == (start_bit >> 5) ? (start_bit & 31) : 0));
+    take(load_window(words, first == (start_bit >> 5) ? start_bit : 32 * first));
   }
 
   /// The next group: two pairs as fp16x2 bit patterns (h0, h1: two registers
   /// of an mma fragment). lut: the table's shared-memory address; low_bits:
-  /// the codebook's k. Returns true if the group took the slow path (a
-  /// PAIR_ESC, whose raw values `sink()` said where to add, or a codeword too
-  /// long to carry its low bits in the table).
-  /// A group is at most 22 bits and starts at pos < 32, so it lies in the
-  /// 64-bit window w1:w0: the second lookup is one 64-bit shift.
-  template <typename Sink>
-  __device__ __forceinline__ bool group(uint32_t lut, int low_bits, uint32_t& h0, uint32_t& h1, Sink&& sink) {
-    constexpr uint32_t kMask = format::kLutSize - 1;
-    const uint32_t e0 = lds(lut + ((__funnelshift_r(w0, w1, pos) & kMask) << 2));
+  /// the codebook's k. If a lane's group takes the slow path (a PAIR_ESC,
+  /// whose raw values `sink()` says where to add, or a codeword too long to
+  /// carry its low bits in the table), the whole warp decodes its group
+  /// there (the branch stays warp-uniform: no reconvergence bookkeeping in
+  /// the fast path) and `slow()` is called first, by every lane.
+  /// A group is at most 22 bits from window bit pos + 2 <= 33, so it lies in
+  /// the 64-bit window w1:w0: the second lookup is one 64-bit shift.
+  template <typename Slow, typename Sink>
+  __device__ __forceinline__ void group(uint32_t lut, int low_bits, uint32_t& h0, uint32_t& h1, Slow&& slow,
+                                        Sink&& sink) {
+    constexpr uint32_t kIndex = (format::kLutSize - 1) << 2;  // index bits, scaled to bytes
+    const uint32_t e0 = lds(lut + (__funnelshift_r(w0, w1, pos) & kIndex));
     const uint32_t p1 = pos + (e0 & format::kLutLengthMask);  // <= 42
     const uint32_t x1 = uint32_t(((uint64_t(w1) << 32) | w0) >> p1);
-    const uint32_t e1 = lds(lut + ((x1 & kMask) << 2));
+    const uint32_t e1 = lds(lut + (x1 & kIndex));
     const uint32_t p2 = p1 + (e1 & format::kLutLengthMask);  // <= 53
     h0 = e0 & format::kLutValueMask;
     h1 = e1 & format::kLutValueMask;
-    if (__builtin_expect(((e0 | e1) & format::kLutEscapeBit) != 0, 0)) {
+    if (__builtin_expect(warp_any_slow(e0, e1), 0)) {
+      slow();
       const uint32_t* table = reinterpret_cast<const uint32_t*>(__cvta_shared_to_generic(lut));
-      const SlowGroup s = decode_group_slow(table, next - 4 /* w0's word */, pos, low_bits, sink());
+      const SlowGroup s = decode_group_slow(table, next - 4 /* w0's word */, pos + 2, low_bits, sink());
       take(s);
       h0 = s.h0;
       h1 = s.h1;
-      return true;
+      return;
     }
     advance(p2);
-    return false;
   }
 
  private:
@@ -181,19 +210,22 @@ struct PairDecoder {
   }
 
   /// Shifts the window by a word if p >= 32, predicated, and loads the next
-  /// look-ahead word. In PTX, so that the load writes `ahead`'s own register:
-  /// compiled from C++ it went to a temporary copied into `ahead` at once,
-  /// which waited out the whole memory latency at every advance.
+  /// look-ahead word. In PTX, so that the load writes `ahead2`'s own register
+  /// (compiled from C++ it went to a temporary copied at once, which waited
+  /// out the whole memory latency at every advance); the pointer moves by
+  /// one multiply-add whether or not the window does.
   __device__ __forceinline__ void advance(uint32_t p) {
     asm volatile(
         "{\n"
         " .reg .pred q;\n"
+        " .reg .u32 a;\n"
         " setp.ge.u32 q, %5, 32;\n"
+        " shr.u32 a, %5, 5;\n"
         " @q mov.b32 %0, %1;\n"
         " @q mov.b32 %1, %2;\n"
         " @q mov.b32 %2, %3;\n"
-        " @q ld.global.u32 %3, [%4];\n"
-        " @q add.u64 %4, %4, 4;\n"
+        " mad.wide.u32 %4, a, 4, %4;\n"
+        " @q ld.global.u32 %3, [%4+-4];\n"
         "}\n"
         : "+r"(w0), "+r"(w1), "+r"(ahead), "+r"(ahead2), "+l"(next)
         : "r"(p));

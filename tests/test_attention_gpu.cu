@@ -24,8 +24,13 @@ struct SeqData {
 /// attend); query j of a sequence of L tokens sits at position L - n + j.
 void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int>& lengths, uint64_t seed,
                         bool one_append_call, int block_tokens = 64, const std::vector<int>& queries = {},
-                        int window = 0, int sinks = 0) {
+                        int window = 0, int sinks = 0, const ErrorBound* bounds = nullptr,
+                        Dist v_dist = Dist::Gaussian) {
   Config cfg;
+  if (bounds) {
+    cfg.k_bound = bounds[0];
+    cfg.v_bound = bounds[1];
+  }
   cfg.window = window;
   cfg.sink_tokens = sinks;
   cfg.layers = 1;
@@ -49,7 +54,7 @@ void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int
   for (int b = 0; b < B; ++b) {
     ids.push_back(cache.add_sequence());
     data[b].k = round_to(DType::F16, make_data(Dist::OutlierChannels, lengths[b], H * D, seed + 2 * b));
-    data[b].v = round_to(DType::F16, make_data(Dist::Gaussian, lengths[b], H * D, seed + 2 * b + 1));
+    data[b].v = round_to(DType::F16, make_data(v_dist, lengths[b], H * D, seed + 2 * b + 1));
   }
   if (one_append_call) {  // all sequences in one prefill call
     std::vector<float> k_all, v_all;
@@ -210,6 +215,23 @@ TEST(AttentionGpu, SlidingWindowWithSinks) {
   run_attention_case(2, 2, 64, DType::BF16, {5000, 100}, seed + 2, true, 32, {16, 2}, 40, 70);
   if (HasFatalFailure()) return;
   run_attention_case(1, 8, 256, DType::F16, {4000}, seed + 3, false, 128, {4}, 1024, 1);
+}
+
+TEST(AttentionGpu, EscapedValuesTakeTheSlowPathInEveryPhase) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  // Absolute bounds far below the data's spread: codes of 15 and more (PAIR_ESC pairs with 8-bit fields)
+  // everywhere, and codes over 8 bits (raw fp32 escapes) in K's outlier channels and V's heavy tail. The
+  // warp decodes such groups out of line and adds the raw values' exact K score and V output terms.
+  const ErrorBound tight[2] = {{BoundMode::Absolute, 0.05f}, {BoundMode::Absolute, 0.01f}};
+  run_attention_case(2, 4, 128, DType::F16, {1, 100, 700}, seed, true, 64, {}, 0, 0, tight, Dist::HeavyTailed);
+  if (HasFatalFailure()) return;
+  run_attention_case(2, 12, 64, DType::BF16, {300, 65}, seed + 1, false, 32, {3, 1}, 0, 0, tight,
+                     Dist::HeavyTailed);  // 16-row tiles
+  if (HasFatalFailure()) return;
+  const ErrorBound mild[2] = {{BoundMode::Absolute, 0.2f}, {BoundMode::Absolute, 0.1f}};  // rarer escapes
+  run_attention_case(2, 3, 96, DType::F16, {1000, 129}, seed + 2, true, 128, {}, 0, 0, mild, Dist::HeavyTailed);
 }
 
 TEST(AttentionGpu, BlockSizesAndManyBlocksPerWarp) {
