@@ -324,6 +324,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
           });
 #pragma unroll
           for (int t = 0; t < kTiles; ++t) mma_16816(sc[t][n8], a[t], b0, b1);
+          if (n8 % 2 == 1) kd.merge();
         }
       }
       float s[kTiles][4][2];
@@ -445,6 +446,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
             mma_16816(o[t][m16], a, b0[t], b1[t]);
             mma_16816(o[t][m16], a, l0[t], l1[t]);
           }
+          vd.merge();
         }
       }
       if (v_slow) {

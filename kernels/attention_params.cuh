@@ -19,10 +19,11 @@ constexpr int kMmaRows = 8;  // (query, head) rows of a KV head one CTA of the f
 /// this much readable memory.
 /// Bound: a lane consumes at most max_lane_bits (every pair escaped with two
 /// raw values) from a start that is at most the block end, and its window
-/// holds 5 words beyond its position (T = 128, D = 256: 5848 bytes).
+/// and queue hold 7 words beyond its position, plus 2 words it loads at a merge
+/// (T = 128, D = 256: 5864 bytes).
 constexpr uint32_t kDecodeOverread = 8192;
 constexpr uint32_t max_overread(int tokens, int head_dim) {
-  return (format::max_lane_bits(tokens, head_dim) + 7) / 8 + 24;
+  return (format::max_lane_bits(tokens, head_dim) + 7) / 8 + 40;
 }
 
 struct AttendSeq {

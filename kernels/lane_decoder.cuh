@@ -53,8 +53,8 @@ struct EscapeSink {
 };
 
 struct SlowGroup {
-  uint32_t h0, h1;         // the group's fp16x2 codes (escaped raw values read as 0)
-  uint32_t w0, w1, ahead, ahead2;  // the decoder's window after the group
+  uint32_t h0, h1;                 // the group's fp16x2 codes (escaped raw values read as 0)
+  uint32_t w0, w1, q0, q1, l0, l1;  // the decoder's window, queue and pending words after the group
   uint32_t pos;
   const uint32_t* next;
 };
@@ -68,9 +68,11 @@ __device__ __forceinline__ void fill_window(SlowGroup& out, const uint32_t* base
   out.pos = c & 31;
   out.w0 = p[0];
   out.w1 = p[1];
-  out.ahead = p[2];
-  out.ahead2 = p[3];
-  out.next = p + 4;
+  out.q0 = p[2];
+  out.q1 = p[3];
+  out.l0 = p[4];
+  out.l1 = p[5];
+  out.next = p + 6;
 }
 
 /// A group decoded from bit b of base[] by a plain bit reader, escapes
@@ -154,12 +156,22 @@ __device__ __forceinline__ bool warp_any_slow(uint32_t e0, uint32_t e1) {
   return any != 0;
 }
 
+/// A lane's stream reader. The window w1:w0 shifts by a word after a group
+/// that ends in w1, taking the next word from a two-word queue (q0, q1); the
+/// queue is topped up only at merge() (the kernel calls it after every second
+/// group: a group ends at most one word further), from two pending words
+/// (l0, l1) loaded at the merge before. Loads thus complete while two groups
+/// decode: each lane shifts on its own, and a register a load writes is
+/// waited for by the first instruction that reads it, whichever lanes need it,
+/// so a load that the next group's shift read (as before) waited out its
+/// latency at nearly every group.
 struct PairDecoder {
-  const uint32_t* next;  // the word after `ahead2`
-  uint32_t w0, w1;       // bit `pos` of w0 is the next stream bit
-  uint32_t ahead;        // the word after w1, loaded two advances early
-  uint32_t ahead2;       // the word after it
-  uint32_t pos;          // 0..31: the next stream bit is bit pos + 2 of w1:w0
+  const uint32_t* next;  // the word after l1
+  uint32_t w0, w1;       // the next stream bit is bit pos + 2 of w1:w0
+  uint32_t q0, q1;       // the words after w1 (q1 valid only before the first shift since merge())
+  uint32_t l0, l1;       // the two words after the queue as it was at the last merge()
+  uint32_t pos;          // 0..31
+  uint32_t shifts;       // window shifts since merge(): 0..2
 
   /// words: the block payload (global memory), n of them.
   __device__ __forceinline__ void init(const uint32_t* words, uint32_t n, uint32_t start_bit) {
@@ -190,7 +202,8 @@ struct PairDecoder {
     if (__builtin_expect(warp_any_slow(e0, e1), 0)) {
       slow();
       const uint32_t* table = reinterpret_cast<const uint32_t*>(__cvta_shared_to_generic(lut));
-      const SlowGroup s = decode_group_slow(table, next - 4 /* w0's word */, pos + 2, low_bits, sink());
+      // w0's word: the window has moved `shifts` words since `next` was set.
+      const SlowGroup s = decode_group_slow(table, next - 6 + shifts, pos + 2, low_bits, sink());
       take(s);
       h0 = s.h0;
       h1 = s.h1;
@@ -199,36 +212,55 @@ struct PairDecoder {
     advance(p2);
   }
 
+  /// Tops the queue up by the words the window took since the last merge
+  /// (0, 1 or 2: q1, then q0 and q1, come from l0 and l1) and loads the
+  /// pending words after it. Call after every second group().
+  __device__ __forceinline__ void merge() {
+    asm volatile(
+        "{\n"
+        " .reg .pred c1, c2, c12;\n"
+        " setp.eq.u32 c1, %5, 1;\n"
+        " setp.eq.u32 c2, %5, 2;\n"
+        " setp.ne.u32 c12, %5, 0;\n"
+        " @c1 mov.b32 %1, %2;\n"   // q1 = l0
+        " @c2 mov.b32 %1, %3;\n"   // q1 = l1
+        " @c2 mov.b32 %0, %2;\n"   // q0 = l0
+        " @c1 mov.b32 %2, %3;\n"   // l0 = l1
+        " mad.wide.u32 %4, %5, 4, %4;\n"
+        " @c2 ld.global.u32 %2, [%4+-8];\n"
+        " @c12 ld.global.u32 %3, [%4+-4];\n"
+        "}\n"
+        : "+r"(q0), "+r"(q1), "+r"(l0), "+r"(l1), "+l"(next)
+        : "r"(shifts));
+    shifts = 0;
+  }
+
  private:
   __device__ __forceinline__ void take(const SlowGroup& s) {
     w0 = s.w0;
     w1 = s.w1;
-    ahead = s.ahead;
-    ahead2 = s.ahead2;
+    q0 = s.q0;
+    q1 = s.q1;
+    l0 = s.l0;
+    l1 = s.l1;
     pos = s.pos;
     next = s.next;
+    shifts = 0;
   }
 
-  /// Shifts the window by a word if p >= 32, predicated, and loads the next
-  /// look-ahead word. In PTX, so that the load writes `ahead2`'s own register
-  /// (compiled from C++ it went to a temporary copied at once, which waited
-  /// out the whole memory latency at every advance); the pointer moves by
-  /// one multiply-add whether or not the window does.
+  /// Shifts the window by a word if p >= 32 (predicated moves, no load).
   __device__ __forceinline__ void advance(uint32_t p) {
     asm volatile(
         "{\n"
         " .reg .pred q;\n"
-        " .reg .u32 a;\n"
-        " setp.ge.u32 q, %5, 32;\n"
-        " shr.u32 a, %5, 5;\n"
+        " setp.ge.u32 q, %4, 32;\n"
         " @q mov.b32 %0, %1;\n"
         " @q mov.b32 %1, %2;\n"
         " @q mov.b32 %2, %3;\n"
-        " mad.wide.u32 %4, a, 4, %4;\n"
-        " @q ld.global.u32 %3, [%4+-4];\n"
         "}\n"
-        : "+r"(w0), "+r"(w1), "+r"(ahead), "+r"(ahead2), "+l"(next)
+        : "+r"(w0), "+r"(w1), "+r"(q0), "+r"(q1)
         : "r"(p));
+    shifts += p >> 5;
     pos = p & 31;
   }
 };
