@@ -343,20 +343,26 @@ void Cache::append(int layer, const std::vector<int>& seq_ids, const std::vector
 
 void Cache::attend(int layer, const std::vector<int>& seq_ids, const void* q, void* out, DType q_type,
                    cudaStream_t stream) {
-  attend(layer, seq_ids, std::vector<int>(seq_ids.size(), 1), q, out, q_type, stream);
+  impl_->attend(layer, seq_ids, nullptr, q, out, q_type, stream);
 }
 
 void Cache::attend(int layer, const std::vector<int>& seq_ids, const std::vector<int>& n_queries, const void* q,
                    void* out, DType q_type, cudaStream_t stream) {
-  Impl& m = *impl_;
+  if (n_queries.size() != seq_ids.size())
+    throw Error("attend: " + str(n_queries.size()) + " query counts for " + str(seq_ids.size()) + " sequences");
+  impl_->attend(layer, seq_ids, n_queries.data(), q, out, q_type, stream);
+}
+
+void Cache::Impl::attend(int layer, const std::vector<int>& seq_ids, const int* n_queries_or_null, const void* q,
+                         void* out, DType q_type, cudaStream_t stream) {
+  Impl& m = *this;
   m.check_layer(layer);
   m.poll_failures("attend");
   m.refresh_tokens();
-  if (n_queries.size() != seq_ids.size())
-    throw Error("attend: " + str(n_queries.size()) + " query counts for " + str(seq_ids.size()) + " sequences");
   if (seq_ids.empty()) return;
+  auto n_of = [&](size_t i) { return n_queries_or_null ? n_queries_or_null[i] : 1; };
   long long rows = 0;
-  for (int n : n_queries) rows += n;
+  for (size_t i = 0; i < seq_ids.size(); ++i) rows += std::max(n_of(i), 1);  // n < 1 is refused below
   if (rows > detail::attend_batch_limit(m.cfg))
     throw Error("attend: " + str(rows) + " query tokens exceed " + str(detail::attend_batch_limit(m.cfg)) +
                 " (Config::max_attend_batch)");
@@ -365,24 +371,25 @@ void Cache::attend(int layer, const std::vector<int>& seq_ids, const std::vector
   m.fill_attend(layer, q, out, p);
   p.multi_query = 1;
   int max_units = 0, tiles = 0, max_rows = 0;
-  for (int n : n_queries) max_rows = std::max(max_rows, n * m.G);
+  for (size_t i = 0; i < seq_ids.size(); ++i) max_rows = std::max(max_rows, n_of(i) * m.G);
   const int tile_rows = detail::attention_tile_rows(m.D, max_rows);  // as launch_attention picks
   for (size_t i = 0; i < seq_ids.size(); ++i) {
     m.check_seq(seq_ids[i]);
+    const int n = n_of(i);
     const int64_t L = m.host_tokens(seq_ids[i], layer);
     // One query may attend to a sequence without tokens (output 0); n > 1 are the sequence's last n tokens.
-    if (n_queries[i] < 1 || (n_queries[i] > 1 && n_queries[i] > L))
-      throw Error("attend: sequence " + str(seq_ids[i]) + " has " + str(n_queries[i]) + " queries but " + str(L) +
+    if (n < 1 || (n > 1 && n > L))
+      throw Error("attend: sequence " + str(seq_ids[i]) + " has " + str(n) + " queries but " + str(L) +
                   " tokens in layer " + str(layer) + " (n queries are its last n tokens: append them first)");
     p.seq_slot[i] = seq_ids[i];
     p.q_first[i] = int32_t(i == 0 ? 0 : p.q_first[i - 1] + p.q_count[i - 1]);
-    p.q_count[i] = n_queries[i];
+    p.q_count[i] = n;
     // The units its queries see (the window bounds them).
-    const int hi_first = int(L - n_queries[i] + 1);
+    const int hi_first = int(L - n + 1);
     const int units = int((L + m.T - 1) / m.T);
     max_units = std::max(max_units,
                          detail::unit_range(p.window > 0 ? hi_first - p.window : 0, int(L), p.sinks, m.T, units).count);
-    tiles += (n_queries[i] * m.G + tile_rows - 1) / tile_rows;
+    tiles += (n * m.G + tile_rows - 1) / tile_rows;
   }
   // Lengths come from the device; the mirror bounds them (failures only make them shorter).
   const auto plan = detail::plan_splits(max_units, tiles, m.H, m.sms, m.ctas_per_sm);

@@ -116,6 +116,9 @@ struct Cache::Impl {
 
   /// Everything of AttendParams but the batch, its slots and the split.
   void fill_attend(int layer, const void* q, void* out, detail::AttendParams& p) const;
+  /// Cache::attend: n_queries[i] query tokens for seq_ids[i] (nullptr: one each).
+  void attend(int layer, const std::vector<int>& seq_ids, const int* n_queries, const void* q, void* out,
+              DType q_type, cudaStream_t stream);
   /// The store kernels for `n_jobs` jobs, `n_entries` entries and `n_copies`
   /// copies already in `s` (device), on `stream`.
   /// After the last layer's append, with windows: frees the pages behind them (every call, or

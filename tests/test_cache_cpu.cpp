@@ -141,6 +141,13 @@ TEST(CacheConfig, ValidConfigEitherWorksOrFailsClearlyWithoutAGpu) {
     EXPECT_THROW(cache.attend(0, {s}, {2}, reinterpret_cast<void*>(16), reinterpret_cast<void*>(16), DType::F16,
                               nullptr),
                  Error);  // 2 queries are the sequence's last 2 tokens: it has none
+    {  // counts below 1 cannot hide a batch over the limit (the launch's tables hold at most 256 entries)
+      std::vector<int> counts(300, 1);
+      counts.back() = -1000;
+      EXPECT_THROW(cache.attend(0, std::vector<int>(300, s), counts, reinterpret_cast<void*>(16),
+                                reinterpret_cast<void*>(16), DType::F16, nullptr),
+                   Error);
+    }
     EXPECT_EQ(cache.tokens(s, 0), 0);
     cache.add_sequence();
     EXPECT_THROW(cache.add_sequence(), Error);
