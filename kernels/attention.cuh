@@ -228,10 +228,20 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
   // also pulls that block into L2 (G 16: 892 vs 1040 us); with 16 warps that cost 4-5% (596-609 vs
   // 568-575 us at G 4): their number hides the latency, and the prefetches only add L2 traffic.
   constexpr bool kPrefetch = attn_min_ctas<D, kTiles>() <= 2;
+  // Otherwise it pulls only the block's headers (params and lane tables) into L2: a block starts with
+  // three dependent reads (params and lane table, the scan, the stream window).
+  const uint32_t k_head_lines = (k_pay + 127) / 128, v_head_lines = (v_pay + 127) / 128;
   auto fetch_ref = [&](int v) {
     if (v >= v_blocks_end) return format::BlockRef{};
     const format::BlockRef r = block_ref(loop_range.unit(v));
-    if (kPrefetch) prefetch_l2(p.pool + size_t(r.offset16) * 16, (r.k_size16 + r.v_size16) * 16u, lane);
+    const uint8_t* kb = p.pool + size_t(r.offset16) * 16;
+    if (kPrefetch) {
+      prefetch_l2(kb, (r.k_size16 + r.v_size16) * 16u, lane);
+    } else if (uint32_t(lane) < k_head_lines + v_head_lines) {
+      const uint8_t* at = uint32_t(lane) < k_head_lines ? kb + 128 * lane
+                                                        : kb + r.k_size16 * 16u + 128 * (lane - k_head_lines);
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(at));
+    }
     return r;
   };
   format::BlockRef next_ref = fetch_ref(v_begin + warp);
