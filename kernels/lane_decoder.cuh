@@ -8,8 +8,9 @@
 //    tensor-core operand, no integer-to-float conversion;
 //  - bits are read from a 64-bit window of two words (a group, two pairs of
 //    one mma fragment, needs at most 22 bits and starts below bit 34); the
-//    window advances at most one word per group, predicated, and the word it
-//    takes was loaded one advance earlier (its latency hides behind decoding);
+//    window advances at most one word per group (predicated moves) from a
+//    two-word queue, which is topped up every second group from words loaded
+//    two groups before (their latency hides behind decoding: PairDecoder);
 //  - the window keeps two consumed bits below the next one (the next stream
 //    bit is window bit pos + 2), so that one shift and one AND give a table
 //    index already scaled to the entry's byte offset;
