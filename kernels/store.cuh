@@ -45,7 +45,9 @@ constexpr int kMaxGroups = 256;
 // reference bit for bit, and the hardware conversions may canonicalize NaNs.
 __device__ __forceinline__ float load_exact(__half x) {
   const uint16_t h = __half_as_ushort(x);
-  return (h & 0x7FFFu) > 0x7C00u ? format::half_to_float(h) : __half2float(x);  // exact for non-NaN
+  // A NaN keeps sign and payload, as format::half_to_float; a select, not a branch.
+  const uint32_t nan = (uint32_t(h & 0x8000u) << 16) | 0x7F800000u | (uint32_t(h & 0x3FFu) << 13);
+  return (h & 0x7FFFu) > 0x7C00u ? __uint_as_float(nan) : __half2float(x);  // exact for non-NaN
 }
 __device__ __forceinline__ float load_exact(__nv_bfloat16 x) {
   return format::bits_float(uint32_t(__bfloat16_as_ushort(x)) << 16);

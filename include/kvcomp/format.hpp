@@ -10,7 +10,8 @@
 //     eb_abs = Relative ? eb * (gmax - gmin) : eb            (fp32)
 //     min    = gmin rounded down to fp16 (clamped to +-65504)
 //     step   = 2 * eb_abs rounded toward zero to fp16 (clamped to 65504)
-//     code   = rint((x - min) / step)                         (fp32, IEEE)
+//     inv    = 1 / step                                       (fp32, IEEE division)
+//     code   = rint((x - min) * inv)                          (fp32, IEEE)
 //     recon  = fmaf(code, step, min)                          (fp32, one rounding)
 //   A value is stored as its `code` when 0 <= code <= 254 and |recon - x| <=
 //   eb_abs. Otherwise its code is ESC (255) and it is stored as the 32 raw
@@ -265,6 +266,7 @@ struct GroupQuant {
   GroupParams stored;  // what the block holds
   float min;           // decoded stored min
   float step;          // decoded stored step
+  float inv_step;      // 1 / step (0 when step is 0): a multiply per value, not a division
   float eb_abs;        // the bound every reconstructed value meets
 };
 
@@ -273,7 +275,7 @@ KVCOMP_HD GroupQuant make_group_quant(float gmin, float gmax, ErrorBound eb) {
   GroupQuant g;
   if (!(gmin <= gmax)) {  // empty group: everything escapes
     g.stored = {0, 0};
-    g.min = 0.f; g.step = 0.f; g.eb_abs = 0.f;
+    g.min = 0.f; g.step = 0.f; g.inv_step = 0.f; g.eb_abs = 0.f;
     return g;
   }
   g.eb_abs = eb.mode == BoundMode::Relative ? eb.value * (gmax - gmin) : eb.value;
@@ -282,6 +284,7 @@ KVCOMP_HD GroupQuant make_group_quant(float gmin, float gmax, ErrorBound eb) {
   g.stored.step_bits = (two_eb == two_eb && two_eb > 0.f) ? float_to_half_toward_zero(two_eb) : uint16_t(0);
   g.min = half_to_float(g.stored.min_bits);
   g.step = half_to_float(g.stored.step_bits);
+  g.inv_step = g.step > 0.f ? 1.0f / g.step : 0.f;  // step >= 2^-24: no overflow
   return g;
 }
 
@@ -292,7 +295,10 @@ KVCOMP_HD int quantize(float x, const GroupQuant& g) {
   if (!is_finite_bits(float_bits(x))) return kEscape;
   float qf;
   if (g.step > 0.f) {
-    qf = rintf((x - g.min) / g.step);
+    // A multiply, not a division: the GPU's IEEE division falls back to an
+    // out-of-line subroutine for some operands, in a third of the store
+    // kernels' warps (ncu); inv_step is one division per group.
+    qf = rintf((x - g.min) * g.inv_step);
   } else {
     qf = (x == g.min) ? 0.f : -1.f;
   }
