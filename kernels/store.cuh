@@ -89,25 +89,41 @@ struct StoreSmem {
 template <typename Elem>
 __device__ void stage_block(const StoreJob& job, Kind kind, int T, int D, float* vals, int stride) {
   constexpr int V = 16 / sizeof(Elem);  // elements per 16-byte load
+  constexpr int kInFlight = 4;          // loads a thread issues before it waits on the first
   const Elem* tail = static_cast<const Elem*>(kind == Kind::Key ? job.k_tail : job.v_tail);
   const Elem* in = static_cast<const Elem*>(kind == Kind::Key ? job.k_in : job.v_in);
-  const int per_row = D / V;
-  for (int i = threadIdx.x; i < T * per_row; i += blockDim.x) {
+  const int per_row = D / V, n = T * per_row;
+  auto source = [&](int i) {
     const int t = i / per_row, c = (i % per_row) * V;
-    const Elem* src = (t < job.tail_tokens ? tail + size_t(t) * D : in + int64_t(t - job.tail_tokens) * job.in_token_stride) + c;
-    float x[V];
-    if ((reinterpret_cast<uintptr_t>(src) & 15u) == 0) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src));
-      const Elem* e = reinterpret_cast<const Elem*>(&raw);
+    return (t < job.tail_tokens ? tail + size_t(t) * D : in + int64_t(t - job.tail_tokens) * job.in_token_stride) + c;
+  };
+  for (int i0 = threadIdx.x; i0 < n; i0 += kInFlight * blockDim.x) {
+    uint4 raw[kInFlight];
 #pragma unroll
-      for (int j = 0; j < V; ++j) x[j] = load_exact(e[j]);
-    } else {
-#pragma unroll
-      for (int j = 0; j < V; ++j) x[j] = load_exact(src[j]);
+    for (int k = 0; k < kInFlight; ++k) {
+      const int i = i0 + k * blockDim.x;
+      const Elem* src = source(i < n ? i : i0);
+      if ((reinterpret_cast<uintptr_t>(src) & 15u) == 0) raw[k] = __ldg(reinterpret_cast<const uint4*>(src));
     }
-    float4* dst = reinterpret_cast<float4*>(vals + t * stride + c);
 #pragma unroll
-    for (int j = 0; j < V / 4; ++j) dst[j] = make_float4(x[4 * j], x[4 * j + 1], x[4 * j + 2], x[4 * j + 3]);
+    for (int k = 0; k < kInFlight; ++k) {
+      const int i = i0 + k * blockDim.x;
+      if (i >= n) break;
+      const Elem* src = source(i);
+      float x[V];
+      if ((reinterpret_cast<uintptr_t>(src) & 15u) == 0) {
+        const Elem* e = reinterpret_cast<const Elem*>(&raw[k]);
+#pragma unroll
+        for (int j = 0; j < V; ++j) x[j] = load_exact(e[j]);
+      } else {  // a row that is not 16-byte aligned
+#pragma unroll
+        for (int j = 0; j < V; ++j) x[j] = load_exact(src[j]);
+      }
+      const int t = i / per_row, c = (i % per_row) * V;
+      float4* dst = reinterpret_cast<float4*>(vals + t * stride + c);
+#pragma unroll
+      for (int j = 0; j < V / 4; ++j) dst[j] = make_float4(x[4 * j], x[4 * j + 1], x[4 * j + 2], x[4 * j + 3]);
+    }
   }
   __syncthreads();
 }

@@ -10,7 +10,7 @@
 //     eb_abs = Relative ? eb * (gmax - gmin) : eb            (fp32)
 //     min    = gmin rounded down to fp16 (clamped to +-65504)
 //     step   = 2 * eb_abs rounded toward zero to fp16 (clamped to 65504)
-//     inv    = 1 / step                                       (fp32, IEEE division)
+//     inv    = 1 / step, 0 if step is 0                      (fp32, IEEE division)
 //     code   = rint((x - min) * inv)                          (fp32, IEEE)
 //     recon  = fmaf(code, step, min)                          (fp32, one rounding)
 //   A value is stored as its `code` when 0 <= code <= 254 and |recon - x| <=
@@ -291,21 +291,19 @@ KVCOMP_HD GroupQuant make_group_quant(float gmin, float gmax, ErrorBound eb) {
 KVCOMP_HD float dequantize(int code, float min, float step) { return fmaf(float(code), step, min); }
 
 /// Quantization code of x (0..254), or kEscape if x must be stored raw.
+/// Branch-free (the store kernels run it per value): a non-finite x, or one
+/// whose code falls outside 0..254, fails the range or the bound test (NaN
+/// compares false; an infinite x leaves an infinite error).
 KVCOMP_HD int quantize(float x, const GroupQuant& g) {
-  if (!is_finite_bits(float_bits(x))) return kEscape;
-  float qf;
-  if (g.step > 0.f) {
-    // A multiply, not a division: the GPU's IEEE division falls back to an
-    // out-of-line subroutine for some operands, in a third of the store
-    // kernels' warps (ncu); inv_step is one division per group.
-    qf = rintf((x - g.min) * g.inv_step);
-  } else {
-    qf = (x == g.min) ? 0.f : -1.f;
-  }
-  if (!(qf >= 0.f && qf <= float(kMaxCode))) return kEscape;
-  const int q = int(qf);
-  const float err = dequantize(q, g.min, g.step) - x;
-  return fabsf(err) <= g.eb_abs ? q : kEscape;
+  // A multiply, not a division: the GPU's IEEE division falls back to an
+  // out-of-line subroutine for some operands, in a third of the store
+  // kernels' warps (ncu); inv_step is one division per group. With step 0,
+  // inv_step is 0: every value tries code 0, which the bound test settles.
+  const float r = rintf((x - g.min) * g.inv_step);
+  const bool in_range = r >= 0.f && r <= float(kMaxCode);
+  const float qf = in_range ? r : 0.f;
+  const float err = fmaf(qf, g.step, g.min) - x;  // dequantize(int(qf), ...): qf is a whole number
+  return in_range && fabsf(err) <= g.eb_abs ? int(qf) : kEscape;
 }
 
 /// Min/max accumulation over finite values only.
