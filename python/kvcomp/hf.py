@@ -24,8 +24,15 @@ cache through the same token-by-token path), so one harness runs all three.
 
 Padded batches (generate() on prompts of different lengths, left padding):
 KvcompCache stores only each row's real tokens (a kvcomp sequence per row, of
-its own length); KiviCache and Fp16Cache refuse padding. Limits (each raises a
-clear error): no beam search / cache reordering, no cropping.
+its own length); KiviCache and Fp16Cache refuse padding.
+
+Beam search and other batch reordering (reorder_cache, batch_select_indices,
+batch_repeat_interleave): KvcompCache makes each new row a fork of the row it
+copies (kvcomp.Cache.fork: closed blocks are shared, not copied; the open tail
+is copied), so reordering moves no compressed bytes. The kvcomp cache is made
+for twice the first batch of sequences, room for the forks of a reorder.
+Limits (each raises a clear error): no cropping (assisted decoding), and
+reordering is KvcompCache's only (KiviCache and Fp16Cache are harness caches).
 """
 from __future__ import annotations
 
@@ -372,7 +379,7 @@ class KvcompCache(_CacheBase):
             raise ValueError(f"kvcomp.hf: K/V of type {key_states.dtype} are not supported")
         c.dtype = getattr(kvcomp.DType, _DTYPES[key_states.dtype])
         self.element_bytes = key_states.element_size()
-        c.max_seqs = self.batch  # one kvcomp sequence per batch row
+        c.max_seqs = 2 * self.batch  # a sequence per batch row, and room for a reorder's forks
         if self.max_tokens:
             c.max_tokens_per_seq = self.max_tokens
         self.cache = kvcomp.Cache(c)
@@ -381,6 +388,42 @@ class KvcompCache(_CacheBase):
 
     def stats(self):
         return self.cache.stats() if self.cache is not None else None
+
+    # Batch reordering (transformers' Cache API, used by beam search): new row i
+    # continues old row rows[i]. Done once for the whole cache (a kvcomp sequence
+    # holds every layer), not per layer.
+    def _reseat(self, rows, call):
+        if self.cache is None:  # nothing stored yet: the first update sets the batch
+            return
+        if any(r < 0 or r >= self.batch for r in rows):
+            raise IndexError(f"kvcomp.hf: {call}: rows {rows} outside the batch of {self.batch}")
+        forks = len(rows) - len(set(rows))
+        live = self.batch + forks
+        if live > self.config.max_seqs:
+            raise ValueError(f"kvcomp.hf: {call} needs {live} sequences at once; this cache was made for "
+                             f"{self.config.max_seqs} (twice its first batch)")
+        old, new, taken = self.seqs, [], set()
+        for r in rows:
+            if r in taken:
+                new.append(self.cache.fork(old[r]))  # shares old[r]'s closed blocks, copies its tail
+            else:
+                new.append(old[r])
+                taken.add(r)
+        for i, s in enumerate(old):
+            if i not in taken:
+                self.cache.remove_sequence(s)
+        self.seqs = new
+        self.batch = len(new)
+        self.ones = [1] * self.batch
+
+    def reorder_cache(self, beam_idx):
+        self._reseat([int(i) for i in beam_idx.tolist()], "reorder_cache")
+
+    def batch_select_indices(self, indices):
+        self._reseat([int(i) for i in torch.as_tensor(indices).tolist()], "batch_select_indices")
+
+    def batch_repeat_interleave(self, repeats):
+        self._reseat([i for i in range(self.batch or 0) for _ in range(repeats)], "batch_repeat_interleave")
 
 
 # ----------------------------------------------------------------------------- fp16

@@ -96,6 +96,63 @@ class HfGpu(unittest.TestCase):
         st = cache.stats()
         self.assertEqual(st.tokens, cache.n_layers * (out.shape[1] - 1))
 
+    def test_reorder_and_select_fork_rows_that_decode_as_fresh_rows(self):
+        """reorder_cache / batch_select_indices (beam search): the reordered cache decodes exactly as a cache
+        filled in the new order, while the copied rows share their closed blocks."""
+        with open(os.path.join(ROOT, "examples", "data", "eval_excerpt.txt")) as f:
+            x = self.tok(f.read(), return_tensors="pt")["input_ids"][0, :260].cuda()
+        L, n = 70, 4  # prompts past one 64-token block: a fork shares a closed block
+        prompts = torch.stack([x[s:s + L] for s in (0, 90, 180)])
+        steps = torch.stack([x[s + L:s + L + n] for s in (0, 90, 180)])
+
+        def decode(cache, prompt_rows, step_rows, reorder=None):
+            with torch.no_grad():
+                self.model(prompt_rows, past_key_values=cache)
+                if reorder is not None:
+                    reorder(cache)
+                return torch.cat([self.model(step_rows[:, t:t + 1], past_key_values=cache).logits.float()
+                                  for t in range(step_rows.shape[1])], 1)
+
+        order = [2, 0, 0]
+        moved = self.hf.KvcompCache(self.model)
+        got = decode(moved, prompts, steps[order], lambda c: c.reorder_cache(torch.tensor(order, device="cuda")))
+        fresh = self.hf.KvcompCache(self.model)
+        want = decode(fresh, prompts[order], steps[order])
+        self.assertLess((got - want).abs().max().item(), 1e-3)
+        self.assertTrue(torch.equal(got.argmax(-1), want.argmax(-1)))
+        self.assertEqual(moved.batch, 3)
+        for s in moved.seqs:
+            self.assertEqual(moved.cache.tokens(s, 0), L + n)
+        # Rows 1 and 2 share prompt 0's closed blocks; the fresh cache compressed prompt 0 twice.
+        self.assertLess(moved.stats().compressed_bytes, fresh.stats().compressed_bytes)
+
+        # Keep row 1 only: it decodes on as prompt 0 alone.
+        more = x[L + n:L + n + 2][None]
+        with torch.no_grad():
+            moved.batch_select_indices(torch.tensor([1]))
+            got = torch.cat([self.model(more[:, t:t + 1], past_key_values=moved).logits.float() for t in range(2)], 1)
+        alone = self.hf.KvcompCache(self.model)
+        want = decode(alone, prompts[:1], torch.cat([steps[:1], more], 1))[:, n:]
+        self.assertLess((got - want).abs().max().item(), 1e-3)
+        self.assertEqual(moved.batch, 1)
+        with self.assertRaisesRegex(ValueError, "twice its first batch"):
+            moved.batch_repeat_interleave(8)
+
+    def test_beam_search_at_tight_bound_matches_transformers_cache(self):
+        import kvcomp
+
+        with torch.no_grad():
+            ref = self.ref_model.generate(self.ids, attention_mask=torch.ones_like(self.ids), max_new_tokens=12,
+                                          num_beams=3, do_sample=False, pad_token_id=0)
+            cfg = kvcomp.Config()
+            cfg.k_bound = kvcomp.ErrorBound(kvcomp.BoundMode.Relative, 0.001)
+            cfg.v_bound = kvcomp.ErrorBound(kvcomp.BoundMode.Relative, 0.001)
+            cache = self.hf.KvcompCache(self.model, cfg)
+            out = self.model.generate(self.ids, attention_mask=torch.ones_like(self.ids), past_key_values=cache,
+                                      max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0)
+        self.assertEqual(out.tolist(), ref.tolist(), self.tok.decode(out[0]))
+        self.assertEqual(cache.batch, 3)  # one kvcomp sequence per beam
+
     def test_cache_path_matches_model_forward(self):
         """Teacher-forced: the token-by-token fp16 path equals the model's own causal forward."""
         with open(os.path.join(ROOT, "examples", "data", "eval_excerpt.txt")) as f:
@@ -129,7 +186,7 @@ class HfGpu(unittest.TestCase):
         self.assertEqual(cfg.transform, kvcomp.Transform.None_)
         self.assertEqual((cfg.layers, cfg.head_dim, cfg.max_seqs), (1, 128, 64))
         self.assertEqual(cache.cache.config.transform, kvcomp.Transform.Hadamard)
-        self.assertEqual(cache.cache.config.max_seqs, 1)
+        self.assertEqual(cache.cache.config.max_seqs, 2)  # the batch of 1, and room for a reorder's fork
 
     def test_kivi_emulation_matches_fused_kivi_kernel(self):
         import kvcomp
