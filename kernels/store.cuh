@@ -1,12 +1,13 @@
 // Store path: blockwise quantize + Huffman-encode on the GPU.
 //
-// One CTA of kStoreThreads compresses one block (K or V of one StoreJob). It
+// One CTA of W warps compresses one block (K or V of one StoreJob; W =
+// kStoreWarps, or kStoreWarpsFew for launches of few blocks: store_job.cuh). It
 // first stages the block's T x D input values in shared memory as fp32 (16-byte
 // vector loads, one read of the input per kernel), computes the group params
 // from there, then walks the 32 lane sub-streams of the format (format.hpp):
-// each lane stream is cut into kStoreWarps segments of whole "units" (the 8 or
+// each lane stream is cut into W segments of whole "units" (the 8 or
 // 4 pairs of one (chunk, k16[, m16]) step of pair_position() order), segment w
-// walked by warp w, so a block keeps kStoreWarps warps busy instead of one
+// walked by warp w, so a block keeps W warps busy instead of one
 // (a decode step closes only batch x kv_heads blocks per layer). measure hands
 // the segment lengths to encode, which walks once. Three kernels share the
 // walk (for_each_unit_pair):
@@ -158,8 +159,8 @@ __device__ inline void block_params(const StagedRows& rows, Kind kind, ErrorBoun
 KVCOMP_HD int lane_units(Kind kind, int T, int D) {
   return (T / format::kChunkTokens) * (D / 16) * (kind == Kind::Key ? 1 : 2);
 }
-/// Segment w of kStoreWarps: units [w U / W, (w + 1) U / W).
-KVCOMP_HD int segment_begin(int w, int units) { return w * units / kStoreWarps; }
+/// Segment w of W (the CTA's warps): units [w U / W, (w + 1) U / W).
+KVCOMP_HD int segment_begin(int w, int units, int warps = kStoreWarps) { return w * units / warps; }
 
 /// Calls f(a, b, va, vb) for each pair of units [u_begin, u_end) of lane
 /// `lane`'s stream, in stream order: pair i holds the values at
@@ -208,14 +209,15 @@ __host__ __device__ __forceinline__ void for_each_unit_pair(Kind kind, int D, in
   }
 }
 
-/// This thread's (lane, segment) of the walk: lane = threadIdx % 32, segment = warp.
+/// This thread's (lane, segment) of the walk: lane = threadIdx % 32, segment = warp (of W).
+template <int W = kStoreWarps>
 struct SegmentWalk {
   int lane, seg, u_begin, u_end;
   __device__ SegmentWalk(Kind kind, int T, int D)
       : lane(int(threadIdx.x % 32)), seg(int(threadIdx.x / 32)) {
     const int units = lane_units(kind, T, D);
-    u_begin = segment_begin(seg, units);
-    u_end = segment_begin(seg + 1, units);
+    u_begin = segment_begin(seg, units, W);
+    u_end = segment_begin(seg + 1, units, W);
   }
   template <typename F>
   __device__ __forceinline__ void operator()(Kind kind, int D, const StagedRows& rows,
@@ -244,15 +246,15 @@ __device__ __forceinline__ int load_enc(const CodebookTables* book, uint32_t* ds
   return int(__ldg(&book->low_bits));
 }
 
-/// Sum of v over the CTA (every thread gets it). `red` holds kStoreWarps entries.
-template <typename T>
+/// Sum of v over a CTA of W warps (every thread gets it). `red` holds W entries.
+template <int W, typename T>
 __device__ __forceinline__ T block_sum(T v, T* red) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
   if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = v;
   __syncthreads();
   T total = 0;
 #pragma unroll
-  for (int w = 0; w < kStoreWarps; ++w) total += red[w];
+  for (int w = 0; w < W; ++w) total += red[w];
   __syncthreads();
   return total;
 }
@@ -288,7 +290,7 @@ __global__ void __launch_bounds__(kStoreThreads) histogram_kernel(const StoreJob
   constexpr int kCounts = format::kLowBitChoices * format::kNumSymbols;
   for (int i = threadIdx.x; i < kCounts; i += blockDim.x) s.counts[i] = 0;
   const StagedRows rows = stage_and_params<Elem>(job, item.kind, T, D, vals, s.params);  // syncs: counts are zero
-  SegmentWalk(item.kind, T, D)(item.kind, D, rows, s.params, [&](int a, int b, float, float) {
+  SegmentWalk<>(item.kind, T, D)(item.kind, D, rows, s.params, [&](int a, int b, float, float) {
 #pragma unroll
     for (int k = 0; k < format::kLowBitChoices; ++k)
       atomicAdd(&s.counts[k * format::kNumSymbols + format::pair_symbol(a, b, k)], 1u);
@@ -299,20 +301,21 @@ __global__ void __launch_bounds__(kStoreThreads) histogram_kernel(const StoreJob
     if (s.counts[i]) atomicAdd(&out[i], (unsigned long long)s.counts[i]);
 }
 
+template <int W>
 struct MeasureSmem {
   format::GroupQuant params[kMaxGroups];
   uint32_t enc[format::kNumSymbols];
-  uint32_t red[kStoreWarps];
+  uint32_t red[W];
 };
 
 /// sizes16[2 * job + kind] = block bytes / 16 (0 for an idle job); a job's V
 /// block directly follows its K block in the pool (place_kernel).
-/// seg_bits[(2 * job + kind) * kStoreSegments + lane * kStoreWarps + segment]:
-/// the segment's length in bits (< 2^16: max_lane_bits), which encode takes
-/// instead of walking the block twice.
-/// grid: 2 n_jobs CTAs of kStoreThreads, StoreSmem<MeasureSmem>::bytes(T, D).
-template <typename Elem>
-__global__ void __launch_bounds__(kStoreThreads) measure_kernel(const StoreJob* jobs, int T, int D,
+/// seg_bits[(2 * job + kind) * kMaxStoreSegments + lane * W + segment]:
+/// the segment's length in bits (< 2^16: max_lane_bits), which encode (of the
+/// same W) takes instead of walking the block twice.
+/// grid: 2 n_jobs CTAs of 32 W threads, StoreSmem<MeasureSmem<W>>::bytes(T, D).
+template <typename Elem, int W>
+__global__ void __launch_bounds__(32 * W) measure_kernel(const StoreJob* jobs, int T, int D,
                                                                const CodebookTables* books, uint32_t* sizes16,
                                                                uint16_t* seg_bits) {
   extern __shared__ __align__(16) uint8_t smem[];
@@ -323,14 +326,14 @@ __global__ void __launch_bounds__(kStoreThreads) measure_kernel(const StoreJob* 
     return;
   }
   float* vals = reinterpret_cast<float*>(smem);
-  MeasureSmem& s = *reinterpret_cast<MeasureSmem*>(smem + StoreSmem<MeasureSmem>::values_bytes(T, D));
+  MeasureSmem<W>& s = *reinterpret_cast<MeasureSmem<W>*>(smem + StoreSmem<MeasureSmem<W>>::values_bytes(T, D));
   const int k = load_enc(&books[job.codebook + int(item.kind)], s.enc);
   const StagedRows rows = stage_and_params<Elem>(job, item.kind, T, D, vals, s.params);  // syncs: enc is loaded
   uint32_t bits = 0;
-  const SegmentWalk walk(item.kind, T, D);
+  const SegmentWalk<W> walk(item.kind, T, D);
   walk(item.kind, D, rows, s.params, [&](int a, int b, float, float) { bits += format::pair_bits(s.enc, k, a, b); });
-  seg_bits[size_t(blockIdx.x) * kStoreSegments + walk.lane * kStoreWarps + walk.seg] = uint16_t(bits);
-  const uint32_t total = block_sum(bits, s.red);
+  seg_bits[size_t(blockIdx.x) * kMaxStoreSegments + walk.lane * W + walk.seg] = uint16_t(bits);
+  const uint32_t total = block_sum<W>(bits, s.red);
   if (threadIdx.x == 0) sizes16[blockIdx.x] = uint32_t(format::block_bytes(item.kind, T, D, total) / format::kBlockAlign);
 }
 
@@ -375,21 +378,22 @@ struct SegmentWriter {
   }
 };
 
+template <int W>
 struct EncodeSmem {
   format::GroupQuant params[kMaxGroups];
   uint32_t enc[format::kNumSymbols];
-  uint32_t seg_bits[format::kLanes * kStoreWarps];   // [lane][segment]
-  uint32_t seg_start[format::kLanes * kStoreWarps];
-  unsigned long long red[kStoreWarps];
+  uint32_t seg_bits[format::kLanes * W];   // [lane][segment]
+  uint32_t seg_start[format::kLanes * W];
+  unsigned long long red[W];
   uint32_t total_bits;
 };
 
 /// Writes job j's K block at pool + 16 * pair_at16[j] and its V block right
 /// after (place_kernel's offsets), unless the job is idle or its entry failed.
 /// sizes16 and seg_bits: measure_kernel's, for the same jobs and codebooks.
-/// grid: 2 n_jobs CTAs of kStoreThreads, StoreSmem<EncodeSmem>::bytes(T, D).
-template <typename Elem>
-__global__ void __launch_bounds__(kStoreThreads) encode_kernel(const StoreJob* jobs, int T, int D,
+/// grid: 2 n_jobs CTAs of 32 W threads, StoreSmem<EncodeSmem<W>>::bytes(T, D).
+template <typename Elem, int W>
+__global__ void __launch_bounds__(32 * W) encode_kernel(const StoreJob* jobs, int T, int D,
                                                               const CodebookTables* books, const uint32_t* sizes16,
                                                               const uint16_t* seg_bits, const uint32_t* pair_at16,
                                                               const int32_t* entry_ok, uint8_t* pool,
@@ -400,7 +404,7 @@ __global__ void __launch_bounds__(kStoreThreads) encode_kernel(const StoreJob* j
   if (job.tail_tokens < 0 || entry_ok[job.entry] == 0) return;
   const Kind kind = item.kind;
   float* vals = reinterpret_cast<float*>(smem);
-  EncodeSmem& s = *reinterpret_cast<EncodeSmem*>(smem + StoreSmem<EncodeSmem>::values_bytes(T, D));
+  EncodeSmem<W>& s = *reinterpret_cast<EncodeSmem<W>*>(smem + StoreSmem<EncodeSmem<W>>::values_bytes(T, D));
   const int k = load_enc(&books[job.codebook + int(kind)], s.enc);
   const uint32_t k16 = sizes16[2 * item.job], v16 = sizes16[2 * item.job + 1];
   const int64_t pair16 = pair_at16[item.job];
@@ -409,18 +413,18 @@ __global__ void __launch_bounds__(kStoreThreads) encode_kernel(const StoreJob* j
   if (kind == Kind::Key && threadIdx.x == 0)
     table[job.table_index] = {uint32_t(pair16), uint16_t(k16), uint16_t(v16)};
   const StagedRows rows = stage_and_params<Elem>(job, kind, T, D, vals, s.params);  // syncs: enc is loaded
-  const SegmentWalk walk(kind, T, D);
-  const int at = walk.lane * kStoreWarps + walk.seg;  // stream order: lane-major
+  const SegmentWalk<W> walk(kind, T, D);
+  const int at = walk.lane * W + walk.seg;  // stream order: lane-major
 
   // Segment lengths (measure's) -> starts (warp 0 scans the lanes).
-  const uint32_t bits = seg_bits[size_t(blockIdx.x) * kStoreSegments + at];
+  const uint32_t bits = seg_bits[size_t(blockIdx.x) * kMaxStoreSegments + at];
   s.seg_bits[at] = bits;
   __syncthreads();
   uint64_t sum = 0;
   if (walk.seg == 0) {
     uint32_t lane_bits = 0;
 #pragma unroll
-    for (int w = 0; w < kStoreWarps; ++w) lane_bits += s.seg_bits[walk.lane * kStoreWarps + w];
+    for (int w = 0; w < W; ++w) lane_bits += s.seg_bits[walk.lane * W + w];
     uint32_t incl = lane_bits;
     for (int o = 1; o < 32; o <<= 1) {
       const uint32_t v = __shfl_up_sync(0xFFFFFFFFu, incl, o);
@@ -428,9 +432,9 @@ __global__ void __launch_bounds__(kStoreThreads) encode_kernel(const StoreJob* j
     }
     uint32_t start = incl - lane_bits;
 #pragma unroll
-    for (int w = 0; w < kStoreWarps; ++w) {
-      s.seg_start[walk.lane * kStoreWarps + w] = start;
-      start += s.seg_bits[walk.lane * kStoreWarps + w];
+    for (int w = 0; w < W; ++w) {
+      s.seg_start[walk.lane * W + w] = start;
+      start += s.seg_bits[walk.lane * W + w];
     }
     if (walk.lane == 31) s.total_bits = incl;
     // The lane table: uint16 lengths, two per word.
@@ -467,7 +471,7 @@ __global__ void __launch_bounds__(kStoreThreads) encode_kernel(const StoreJob* j
     format::put_pair(s.enc, k, a, b, va, vb, [&](uint32_t v, int n) { wr.put(v, n); });
   });
   wr.finish();
-  sum = block_sum<unsigned long long>(sum + wr.sum, s.red);
+  sum = block_sum<W, unsigned long long>(sum + wr.sum, s.red);
   if (threadIdx.x == 0) {
     sum += job.codebook + uint32_t(kind);
     block[0] = format::kMagic | (uint32_t(kind) << 16) | (uint32_t(format::kVersion) << 24);

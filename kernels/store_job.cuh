@@ -14,11 +14,20 @@ namespace detail {
 
 /// Warps of a store kernel's CTA (one block); each lane stream of the block is
 /// cut into this many segments, one per warp (kernels/store.cuh). measure
-/// hands the segment lengths to encode: kStoreSegments uint16 per block.
-/// H100 (bench_codec, 32k prefill / 32-layer block-closing step through a
-/// graph): 4 warps 1.13 ms / 2.20 ms, 8 warps 0.87 / 1.50, 16 warps 0.92 / 1.20.
+/// hands the segment lengths to encode in a scratch of kMaxStoreSegments
+/// uint16 per block. Launches of many blocks (prefill) take kStoreWarps;
+/// launches whose blocks do not fill the GPU twice over (a decode step that
+/// closes batch x kv_heads blocks) take kStoreWarpsFew, which shortens each
+/// block (store_warps). H100 (bench_codec, 32k prefill / 32-layer
+/// block-closing step through a graph, at 0faddae): 8 warps 0.65 ms / 1.27 ms,
+/// 16 warps 0.78-0.81 / 1.12.
 constexpr int kStoreWarps = 8;
-constexpr int kStoreSegments = format::kLanes * kStoreWarps;
+constexpr int kStoreWarpsFew = 16;
+constexpr int kMaxStoreSegments = format::kLanes * kStoreWarpsFew;
+
+/// The warps of measure_kernel and encode_kernel (the same for both) for n_jobs
+/// jobs (2 n_jobs blocks) on a GPU of `sms` multiprocessors.
+inline int store_warps(int n_jobs, int sms) { return 2 * n_jobs <= 2 * sms ? kStoreWarpsFew : kStoreWarps; }
 
 /// One (sequence, kv head, token block): a K block and a V block.
 /// Row t of the block is tail row t for t < tail_tokens (rows the cache held

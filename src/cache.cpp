@@ -191,6 +191,7 @@ bool Cache::Impl::behind_window(int seq, int layer, int64_t block) const {
 
 void Cache::Impl::run_store(int layer, AppendScratch& s, int n_jobs, int n_entries, int n_copies, bool build_books,
                             bool trim_every_call, cudaStream_t stream) {
+  const int warps = detail::store_warps(n_jobs, sms);  // the same for measure and encode
   if (n_jobs > 0) {
     if (build_books) {
       // Built on the device from the histograms of the first blocks the layer closes.
@@ -200,12 +201,13 @@ void Cache::Impl::run_store(int layer, AppendScratch& s, int n_jobs, int n_entri
       detail::launch_build_codebooks(hist.ptr + first * per_book, int(layer_books), books.ptr + first,
                                      ready.ptr + layer, stream);
     }
-    detail::launch_measure(cfg.dtype, s.jobs.ptr, n_jobs, T, D, books.ptr, s.sizes16.ptr, s.seg_bits.ptr, stream);
+    detail::launch_measure(cfg.dtype, warps, s.jobs.ptr, n_jobs, T, D, books.ptr, s.sizes16.ptr, s.seg_bits.ptr,
+                           stream);
   }
   detail::launch_place(s.entries.ptr, n_entries, layer, s.sizes16.ptr, s.pair_at16.ptr, s.entry_ok.ptr,
                        s.page_base.ptr, pool_state(), seq_state(), stream);
   if (n_jobs > 0)
-    detail::launch_encode(cfg.dtype, s.jobs.ptr, n_jobs, T, D, books.ptr, s.sizes16.ptr, s.seg_bits.ptr,
+    detail::launch_encode(cfg.dtype, warps, s.jobs.ptr, n_jobs, T, D, books.ptr, s.sizes16.ptr, s.seg_bits.ptr,
                           s.pair_at16.ptr, s.entry_ok.ptr, pool.ptr, table.ptr, stream);
   detail::launch_tail_copy(cfg.dtype, s.copies.ptr, n_copies, D, s.entry_ok.ptr, stream);
   if (windowed && layer == cfg.layers - 1) {

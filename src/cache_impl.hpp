@@ -33,7 +33,7 @@ struct AppendScratch {
     copies.reserve(copies_n, what);
     entries.reserve(entries_n, what);
     sizes16.reserve(2 * jobs_n, what);
-    seg_bits.reserve(2 * jobs_n * detail::kStoreSegments, what);
+    seg_bits.reserve(2 * jobs_n * detail::kMaxStoreSegments, what);
     pair_at16.reserve(jobs_n, what);
     entry_ok.reserve(entries_n, what);
     page_base.reserve(2 * entries_n, what);  // two per entry (kernels/pool_pages.cuh)

@@ -22,10 +22,11 @@ void check_cuda(cudaError_t e, const char* what);
 /// ready (device, may be null): a nonzero *ready skips the launch's work (the books are built).
 void launch_histogram(DType t, const StoreJob* jobs, int n_jobs, int T, int D, unsigned long long* hist,
                       cudaStream_t s, const int32_t* ready = nullptr);
-/// seg_bits: 2 n_jobs kStoreSegments scratch, written by measure and read by encode.
-void launch_measure(DType t, const StoreJob* jobs, int n_jobs, int T, int D, const CodebookTables* books,
+/// seg_bits: 2 n_jobs kMaxStoreSegments scratch, written by measure and read by encode; both
+/// launches of one store take the same `warps` (kStoreWarps or kStoreWarpsFew: store_warps()).
+void launch_measure(DType t, int warps, const StoreJob* jobs, int n_jobs, int T, int D, const CodebookTables* books,
                     uint32_t* sizes16, uint16_t* seg_bits, cudaStream_t s);
-void launch_encode(DType t, const StoreJob* jobs, int n_jobs, int T, int D, const CodebookTables* books,
+void launch_encode(DType t, int warps, const StoreJob* jobs, int n_jobs, int T, int D, const CodebookTables* books,
                    const uint32_t* sizes16, const uint16_t* seg_bits, const uint32_t* pair_at16,
                    const int32_t* entry_ok, uint8_t* pool, format::BlockRef* table, cudaStream_t s);
 void launch_tail_copy(DType t, const TailCopy* copies, int n, int D, const int32_t* entry_ok, cudaStream_t s);

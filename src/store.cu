@@ -1,4 +1,5 @@
 #include <string>
+#include <type_traits>
 
 #include "kernels/decode_jobs.cuh"
 #include "kernels/pool_pages.cuh"
@@ -35,6 +36,14 @@ void by_type(DType t, F&& f) {
   }
 }
 
+/// f(std::integral_constant<int, W>) for the store CTA's warp count.
+template <typename F>
+void by_warps(int warps, F&& f) {
+  if (warps == kStoreWarpsFew) f(std::integral_constant<int, kStoreWarpsFew>{});
+  else if (warps == kStoreWarps) f(std::integral_constant<int, kStoreWarps>{});
+  else throw Error("store kernels: " + std::to_string(warps) + " warps a block is not built");
+}
+
 }  // namespace
 
 void launch_histogram(DType t, const StoreJob* jobs, int n_jobs, int T, int D, unsigned long long* hist,
@@ -48,26 +57,32 @@ void launch_histogram(DType t, const StoreJob* jobs, int n_jobs, int T, int D, u
   check_cuda(cudaGetLastError(), "histogram kernel launch");
 }
 
-void launch_measure(DType t, const StoreJob* jobs, int n_jobs, int T, int D, const CodebookTables* books,
+void launch_measure(DType t, int warps, const StoreJob* jobs, int n_jobs, int T, int D, const CodebookTables* books,
                     uint32_t* sizes16, uint16_t* seg_bits, cudaStream_t s) {
   if (n_jobs == 0) return;
-  by_type(t, [&](auto e) {
-    auto* kernel = measure_kernel<decltype(e)>;
-    const size_t smem = store_smem<MeasureSmem>(kernel, T, D);
-    kernel<<<2 * n_jobs, kStoreThreads, smem, s>>>(jobs, T, D, books, sizes16, seg_bits);
+  by_warps(warps, [&](auto w) {
+    constexpr int W = decltype(w)::value;
+    by_type(t, [&](auto e) {
+      auto* kernel = measure_kernel<decltype(e), W>;
+      const size_t smem = store_smem<MeasureSmem<W>>(kernel, T, D);
+      kernel<<<2 * n_jobs, 32 * W, smem, s>>>(jobs, T, D, books, sizes16, seg_bits);
+    });
   });
   check_cuda(cudaGetLastError(), "measure kernel launch");
 }
 
-void launch_encode(DType t, const StoreJob* jobs, int n_jobs, int T, int D, const CodebookTables* books,
+void launch_encode(DType t, int warps, const StoreJob* jobs, int n_jobs, int T, int D, const CodebookTables* books,
                    const uint32_t* sizes16, const uint16_t* seg_bits, const uint32_t* pair_at16,
                    const int32_t* entry_ok, uint8_t* pool, format::BlockRef* table, cudaStream_t s) {
   if (n_jobs == 0) return;
-  by_type(t, [&](auto e) {
-    auto* kernel = encode_kernel<decltype(e)>;
-    const size_t smem = store_smem<EncodeSmem>(kernel, T, D);
-    kernel<<<2 * n_jobs, kStoreThreads, smem, s>>>(jobs, T, D, books, sizes16, seg_bits, pair_at16, entry_ok, pool,
-                                                   table);
+  by_warps(warps, [&](auto w) {
+    constexpr int W = decltype(w)::value;
+    by_type(t, [&](auto e) {
+      auto* kernel = encode_kernel<decltype(e), W>;
+      const size_t smem = store_smem<EncodeSmem<W>>(kernel, T, D);
+      kernel<<<2 * n_jobs, 32 * W, smem, s>>>(jobs, T, D, books, sizes16, seg_bits, pair_at16, entry_ok, pool,
+                                              table);
+    });
   });
   check_cuda(cudaGetLastError(), "encode kernel launch");
 }

@@ -195,60 +195,66 @@ void run_store_case(StoreCase cs, Dist dist, ErrorBound eb, uint64_t seed, const
     DevBuf<CodebookTables> d_books(kBooks);
     d_books.upload(tables);
 
-    const int n_blocks = 2 * n_jobs;
-    DevBuf<uint32_t> d_sizes(n_blocks);
-    DevBuf<uint16_t> d_seg_bits(size_t(n_blocks) * detail::kStoreSegments);
-    detail::launch_measure(cs.dtype, d_jobs.ptr, n_jobs, T, D, d_books.ptr, d_sizes.ptr, d_seg_bits.ptr, 0);
-    CUDA_LAUNCH_OK();
-    const auto sizes = d_sizes.download();
-    // Pairs one after the other from unit 4 (as the place kernel puts them in a page).
-    std::vector<uint32_t> offsets(n_blocks + 1, 0), pair_at(n_jobs);
-    for (int b = 0; b < n_blocks; ++b) offsets[b + 1] = offsets[b] + sizes[b];
-    for (int j = 0; j < n_jobs; ++j) pair_at[j] = 4 + offsets[2 * j];
-    const size_t pool_bytes = size_t(offsets[n_blocks]) * 16 + 64;  // +64: a base offset of 4 units
-    DevBuf<uint8_t> d_pool(pool_bytes);
-    CUDA_OK(cudaMemset(d_pool.ptr, 0xAB, pool_bytes));  // poison: encode must write every byte
-    DevBuf<uint32_t> d_pair_at(n_jobs);
-    d_pair_at.upload(pair_at);
-    DevBuf<int32_t> d_ok(1);
-    d_ok.upload({1});
-    DevBuf<format::BlockRef> d_table(n_jobs);
-    detail::launch_encode(cs.dtype, d_jobs.ptr, n_jobs, T, D, d_books.ptr, d_sizes.ptr, d_seg_bits.ptr,
-                          d_pair_at.ptr, d_ok.ptr, d_pool.ptr, d_table.ptr, 0);
-    CUDA_LAUNCH_OK();
-    const auto pool = d_pool.download();
-    const auto table = d_table.download();
+    // Both warp counts of the store CTA (prefill's and a decode step's) write the same bytes.
+    for (int warps : {detail::kStoreWarps, detail::kStoreWarpsFew}) {
+      SCOPED_TRACE("store CTA of " + std::to_string(warps) + " warps");
+      const int n_blocks = 2 * n_jobs;
+      DevBuf<uint32_t> d_sizes(n_blocks);
+      DevBuf<uint16_t> d_seg_bits(size_t(n_blocks) * detail::kMaxStoreSegments);
+      detail::launch_measure(cs.dtype, warps, d_jobs.ptr, n_jobs, T, D, d_books.ptr, d_sizes.ptr, d_seg_bits.ptr, 0);
+      CUDA_LAUNCH_OK();
+      const auto sizes = d_sizes.download();
+      // Pairs one after the other from unit 4 (as the place kernel puts them in a page).
+      std::vector<uint32_t> offsets(n_blocks + 1, 0), pair_at(n_jobs);
+      for (int b = 0; b < n_blocks; ++b) offsets[b + 1] = offsets[b] + sizes[b];
+      for (int j = 0; j < n_jobs; ++j) pair_at[j] = 4 + offsets[2 * j];
+      const size_t pool_bytes = size_t(offsets[n_blocks]) * 16 + 64;  // +64: a base offset of 4 units
+      DevBuf<uint8_t> d_pool(pool_bytes);
+      CUDA_OK(cudaMemset(d_pool.ptr, 0xAB, pool_bytes));  // poison: encode must write every byte
+      DevBuf<uint32_t> d_pair_at(n_jobs);
+      d_pair_at.upload(pair_at);
+      DevBuf<int32_t> d_ok(1);
+      d_ok.upload({1});
+      DevBuf<format::BlockRef> d_table(n_jobs);
+      detail::launch_encode(cs.dtype, warps, d_jobs.ptr, n_jobs, T, D, d_books.ptr, d_sizes.ptr, d_seg_bits.ptr,
+                            d_pair_at.ptr, d_ok.ptr, d_pool.ptr, d_table.ptr, 0);
+      CUDA_LAUNCH_OK();
+      const auto pool = d_pool.download();
+      const auto table = d_table.download();
 
-    for (int i = 0; i < n_jobs; ++i) {
-      for (Kind kind : {Kind::Key, Kind::Value}) {
-        SCOPED_TRACE("job " + std::to_string(i) + (kind == Kind::Key ? " K" : " V"));
-        const auto& x = kind == Kind::Key ? expect_k[i] : expect_v[i];
-        const uint16_t id = uint16_t(jobs[i].codebook + int(kind));
-        const auto want = ref::encode_block(kind, x.data(), T, D, eb, books[id], id);
-        const size_t at = (4 + size_t(offsets[2 * i + int(kind)])) * 16;
-        ASSERT_EQ(size_t(sizes[2 * i + int(kind)]) * 16, want.size());
-        for (size_t b = 0; b < want.size(); ++b)
-          ASSERT_EQ(pool[at + b], want[b]) << "byte " << b << " of " << want.size();
-        bits[id] += payload_bits(want, kind, T, D);
-        ++st.blocks_per_k[books[id].low_bits()];
-        // GPU bytes decode on the CPU within the bound.
-        std::vector<float> out(x.size());
-        ASSERT_EQ(ref::decode_block(&pool[at], want.size(), kind, T, D, books[id], out.data()),
-                  ref::DecodeStatus::Ok);
-        const auto params = ref::block_params(kind, x.data(), T, D, eb);
-        for (int t = 0; t < T; ++t)
-          for (int c = 0; c < D; ++c) {
-            const size_t e = size_t(t) * D + c;
-            if (!std::isfinite(x[e])) {  // escaped: raw bits, NaN payload included
-              ASSERT_TRUE(same_bits(out[e], x[e])) << "t " << t << " c " << c;
-              continue;
-            }
-            ASSERT_LE(std::fabs(out[e] - x[e]), params[kind == Kind::Key ? c : t].eb_abs) << "t " << t << " c " << c;
+      for (int i = 0; i < n_jobs; ++i) {
+        for (Kind kind : {Kind::Key, Kind::Value}) {
+          SCOPED_TRACE("job " + std::to_string(i) + (kind == Kind::Key ? " K" : " V"));
+          const auto& x = kind == Kind::Key ? expect_k[i] : expect_v[i];
+          const uint16_t id = uint16_t(jobs[i].codebook + int(kind));
+          const auto want = ref::encode_block(kind, x.data(), T, D, eb, books[id], id);
+          const size_t at = (4 + size_t(offsets[2 * i + int(kind)])) * 16;
+          ASSERT_EQ(size_t(sizes[2 * i + int(kind)]) * 16, want.size());
+          for (size_t b = 0; b < want.size(); ++b)
+            ASSERT_EQ(pool[at + b], want[b]) << "byte " << b << " of " << want.size();
+          if (warps == detail::kStoreWarps) {  // counted once
+            bits[id] += payload_bits(want, kind, T, D);
+            ++st.blocks_per_k[books[id].low_bits()];
           }
+          // GPU bytes decode on the CPU within the bound.
+          std::vector<float> out(x.size());
+          ASSERT_EQ(ref::decode_block(&pool[at], want.size(), kind, T, D, books[id], out.data()),
+                    ref::DecodeStatus::Ok);
+          const auto params = ref::block_params(kind, x.data(), T, D, eb);
+          for (int t = 0; t < T; ++t)
+            for (int c = 0; c < D; ++c) {
+              const size_t e = size_t(t) * D + c;
+              if (!std::isfinite(x[e])) {  // escaped: raw bits, NaN payload included
+                ASSERT_TRUE(same_bits(out[e], x[e])) << "t " << t << " c " << c;
+                continue;
+              }
+              ASSERT_LE(std::fabs(out[e] - x[e]), params[kind == Kind::Key ? c : t].eb_abs) << "t " << t << " c " << c;
+            }
+        }
+        ASSERT_EQ(table[i].offset16, 4 + offsets[2 * i]);
+        ASSERT_EQ(table[i].k_size16, sizes[2 * i]);
+        ASSERT_EQ(table[i].v_size16, sizes[2 * i + 1]);
       }
-      ASSERT_EQ(table[i].offset16, 4 + offsets[2 * i]);
-      ASSERT_EQ(table[i].k_size16, sizes[2 * i]);
-      ASSERT_EQ(table[i].v_size16, sizes[2 * i + 1]);
     }
   };
 

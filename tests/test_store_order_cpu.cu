@@ -33,20 +33,22 @@ TEST(StoreWalk, SegmentsCoverEveryLaneStreamInPairPositionOrder) {
                                                format::make_group_quant(0.f, 1.f, ErrorBound{}));
         const int units = detail::lane_units(kind, T, D);
         ASSERT_EQ(units * (kind == Kind::Key ? 8 : 4), format::pairs_per_lane(T, D));
-        for (int lane = 0; lane < format::kLanes; ++lane) {
-          int i = 0;  // pairs visited so far: the stream index the next pair must have
-          for (int w = 0; w < detail::kStoreWarps; ++w)
-            detail::for_each_unit_pair(kind, D, lane, detail::segment_begin(w, units),
-                                       detail::segment_begin(w + 1, units), rows, params.data(),
-                                       [&](int, int, float va, float vb) {
-                                         int t0, c0, t1, c1;
-                                         format::pair_position(kind, D, lane, i, t0, c0, t1, c1);
-                                         ASSERT_EQ(va, position_value(t0, c0)) << "lane " << lane << " pair " << i;
-                                         ASSERT_EQ(vb, position_value(t1, c1)) << "lane " << lane << " pair " << i;
-                                         ++i;
-                                       });
-          ASSERT_EQ(i, format::pairs_per_lane(T, D)) << "lane " << lane;
-          ASSERT_EQ(detail::segment_begin(detail::kStoreWarps, units), units);
+        for (int warps : {detail::kStoreWarps, detail::kStoreWarpsFew}) {
+          for (int lane = 0; lane < format::kLanes; ++lane) {
+            int i = 0;  // pairs visited so far: the stream index the next pair must have
+            for (int w = 0; w < warps; ++w)
+              detail::for_each_unit_pair(kind, D, lane, detail::segment_begin(w, units, warps),
+                                         detail::segment_begin(w + 1, units, warps), rows, params.data(),
+                                         [&](int, int, float va, float vb) {
+                                           int t0, c0, t1, c1;
+                                           format::pair_position(kind, D, lane, i, t0, c0, t1, c1);
+                                           ASSERT_EQ(va, position_value(t0, c0)) << "lane " << lane << " pair " << i;
+                                           ASSERT_EQ(vb, position_value(t1, c1)) << "lane " << lane << " pair " << i;
+                                           ++i;
+                                         });
+            ASSERT_EQ(i, format::pairs_per_lane(T, D)) << "lane " << lane;
+            ASSERT_EQ(detail::segment_begin(warps, units, warps), units) << warps << " warps";
+          }
         }
       }
 }
