@@ -160,7 +160,7 @@ KVCOMP_HD int lane_units(Kind kind, int T, int D) {
   return (T / format::kChunkTokens) * (D / 16) * (kind == Kind::Key ? 1 : 2);
 }
 /// Segment w of W (the CTA's warps): units [w U / W, (w + 1) U / W).
-KVCOMP_HD int segment_begin(int w, int units, int warps = kStoreWarps) { return w * units / warps; }
+KVCOMP_HD int segment_begin(int w, int units, int warps) { return w * units / warps; }
 
 /// Calls f(a, b, va, vb) for each pair of units [u_begin, u_end) of lane
 /// `lane`'s stream, in stream order: pair i holds the values at

@@ -26,8 +26,9 @@ constexpr int kStoreWarpsFew = 16;
 constexpr int kMaxStoreSegments = format::kLanes * kStoreWarpsFew;
 
 /// The warps of measure_kernel and encode_kernel (the same for both) for n_jobs
-/// jobs (2 n_jobs blocks) on a GPU of `sms` multiprocessors.
-inline int store_warps(int n_jobs, int sms) { return 2 * n_jobs <= 2 * sms ? kStoreWarpsFew : kStoreWarps; }
+/// jobs on a GPU of `sms` multiprocessors: their 2 n_jobs blocks fill it at
+/// most twice over when n_jobs <= sms.
+inline int store_warps(int n_jobs, int sms) { return n_jobs <= sms ? kStoreWarpsFew : kStoreWarps; }
 
 /// One (sequence, kv head, token block): a K block and a V block.
 /// Row t of the block is tail row t for t < tail_tokens (rows the cache held
