@@ -84,6 +84,36 @@ struct StoreSmem {
   KVCOMP_HD static size_t bytes(int T, int D) { return values_bytes(T, D) + sizeof(Extra); }
 };
 
+/// The V elements of a 16-byte load as fp32, exactly as load_exact. fp16:
+/// one integer test for a NaN among all eight (a half is a NaN iff its low 15
+/// bits exceed 0x7C00: adding 0x3FF carries into bit 15, never past it); the
+/// hardware conversion where there is none (exact for every non-NaN), the
+/// payload-keeping one per element where there is.
+__device__ __forceinline__ void convert16(const uint4& raw, float (&x)[8], __half) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+  uint32_t nan = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) nan |= (w[j] & 0x7FFF7FFFu) + 0x03FF03FFu;
+  if ((nan & 0x80008000u) == 0) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[j]));
+      x[2 * j] = f.x;
+      x[2 * j + 1] = f.y;
+    }
+  } else {
+    const __half* e = reinterpret_cast<const __half*>(&raw);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) x[j] = load_exact(e[j]);
+  }
+}
+template <typename Elem, int V>
+__device__ __forceinline__ void convert16(const uint4& raw, float (&x)[V], Elem) {
+  const Elem* e = reinterpret_cast<const Elem*>(&raw);
+#pragma unroll
+  for (int j = 0; j < V; ++j) x[j] = load_exact(e[j]);
+}
+
 /// Stages rows 0..T-1 of job's `kind` block (tail rows, then input rows) as
 /// fp32 with load_exact. Vector loads where a row is 16-byte aligned (the
 /// usual case), element loads otherwise. Ends with __syncthreads.
@@ -93,37 +123,44 @@ __device__ void stage_block(const StoreJob& job, Kind kind, int T, int D, float*
   constexpr int kInFlight = 4;          // loads a thread issues before it waits on the first
   const Elem* tail = static_cast<const Elem*>(kind == Kind::Key ? job.k_tail : job.v_tail);
   const Elem* in = static_cast<const Elem*>(kind == Kind::Key ? job.k_in : job.v_in);
-  const int per_row = D / V, n = T * per_row;
-  auto source = [&](int i) {
-    const int t = i / per_row, c = (i % per_row) * V;
+  // Vector i = t * per_row + j (channels V j ..) is taken by thread i % blockDim: a cursor (t, j)
+  // moves by blockDim vectors at a time (no division per load: per_row need not be a power of two).
+  const int per_row = D / V, step_rows = int(blockDim.x) / per_row, step_cols = int(blockDim.x) % per_row;
+  int t = int(threadIdx.x) / per_row, j = int(threadIdx.x) % per_row;
+  // Element (t, c) of the block: the tail's row t, or input row t - tail_tokens.
+  auto source = [&](int t, int c) {
     return (t < job.tail_tokens ? tail + size_t(t) * D : in + int64_t(t - job.tail_tokens) * job.in_token_stride) + c;
   };
-  for (int i0 = threadIdx.x; i0 < n; i0 += kInFlight * blockDim.x) {
+  while (t < T) {
     uint4 raw[kInFlight];
+    int at[kInFlight];     // staged position t * stride + V j; -1: past the block
+    uint32_t aligned = 0;  // bit k: load k was a vector load
 #pragma unroll
     for (int k = 0; k < kInFlight; ++k) {
-      const int i = i0 + k * blockDim.x;
-      const Elem* src = source(i < n ? i : i0);
-      if ((reinterpret_cast<uintptr_t>(src) & 15u) == 0) raw[k] = __ldg(reinterpret_cast<const uint4*>(src));
+      const Elem* src = source(min(t, T - 1), V * j);  // past the end: the last row again, not stored
+      at[k] = t < T ? t * stride + V * j : -1;
+      if ((reinterpret_cast<uintptr_t>(src) & 15u) == 0) {
+        raw[k] = __ldg(reinterpret_cast<const uint4*>(src));
+        aligned |= 1u << k;
+      }
+      t += step_rows;
+      j += step_cols;
+      if (j >= per_row) { j -= per_row; ++t; }
     }
 #pragma unroll
     for (int k = 0; k < kInFlight; ++k) {
-      const int i = i0 + k * blockDim.x;
-      if (i >= n) break;
-      const Elem* src = source(i);
+      if (at[k] < 0) break;
       float x[V];
-      if ((reinterpret_cast<uintptr_t>(src) & 15u) == 0) {
-        const Elem* e = reinterpret_cast<const Elem*>(&raw[k]);
+      if (aligned >> k & 1) {
+        convert16(raw[k], x, Elem{});
+      } else {  // a row that is not 16-byte aligned (rare: found again from the staged position)
+        const Elem* src = source(at[k] / stride, at[k] % stride);
 #pragma unroll
-        for (int j = 0; j < V; ++j) x[j] = load_exact(e[j]);
-      } else {  // a row that is not 16-byte aligned
-#pragma unroll
-        for (int j = 0; j < V; ++j) x[j] = load_exact(src[j]);
+        for (int e = 0; e < V; ++e) x[e] = load_exact(src[e]);
       }
-      const int t = i / per_row, c = (i % per_row) * V;
-      float4* dst = reinterpret_cast<float4*>(vals + t * stride + c);
+      float4* dst = reinterpret_cast<float4*>(vals + at[k]);
 #pragma unroll
-      for (int j = 0; j < V / 4; ++j) dst[j] = make_float4(x[4 * j], x[4 * j + 1], x[4 * j + 2], x[4 * j + 3]);
+      for (int e = 0; e < V / 4; ++e) dst[e] = make_float4(x[4 * e], x[4 * e + 1], x[4 * e + 2], x[4 * e + 3]);
     }
   }
   __syncthreads();
@@ -139,17 +176,19 @@ __device__ inline void block_params(const StagedRows& rows, Kind kind, ErrorBoun
       for (int t = 0; t < T; ++t) format::range_add(rows.row(t)[c], lo, hi);
       params[c] = format::make_group_quant(lo, hi, eb);
     }
-  } else {  // per token: a warp per row, a warp reduction
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int t = warp; t < T; t += blockDim.x / 32) {
-      float lo = format::kEmptyLo, hi = format::kEmptyHi;
-      for (int c = lane; c < D; c += 32) format::range_add(rows.row(t)[c], lo, hi);
-      for (int o = 16; o > 0; o >>= 1) {
-        lo = fminf(lo, __shfl_xor_sync(0xFFFFFFFFu, lo, o));
-        hi = fmaxf(hi, __shfl_xor_sync(0xFFFFFFFFu, hi, o));
-      }
-      if (lane == 0) params[t] = format::make_group_quant(lo, hi, eb);
+  } else {
+    // Per token: blockDim / T consecutive lanes share a row (a power of two, 2..16: every thread has
+    // one), each reads every parts-th channel, a shuffle tree combines them, and the first computes
+    // the params (a warp computes 32 / parts rows' at once, not one).
+    const int parts = int(blockDim.x) / T, t = int(threadIdx.x) / parts, part = int(threadIdx.x) % parts;
+    float lo = format::kEmptyLo, hi = format::kEmptyHi;
+    const float* r = rows.row(t);
+    for (int c = part; c < D; c += parts) format::range_add(rows.load(r, c), lo, hi);
+    for (int o = parts / 2; o > 0; o >>= 1) {
+      lo = fminf(lo, __shfl_xor_sync(0xFFFFFFFFu, lo, o));
+      hi = fmaxf(hi, __shfl_xor_sync(0xFFFFFFFFu, hi, o));
     }
+    if (part == 0) params[t] = format::make_group_quant(lo, hi, eb);
   }
   __syncthreads();
 }

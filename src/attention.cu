@@ -1,4 +1,3 @@
-#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -6,6 +5,7 @@
 #include "kvcomp/cache.hpp"
 #include "kvcomp/error.hpp"
 #include "launch.hpp"
+#include "smem_opt_in.hpp"
 
 namespace kvcomp {
 namespace detail {
@@ -30,30 +30,13 @@ void dispatch(DType q_type, int D, int G, F&& f) {
   throw Error("attention takes q/out as float16 or bfloat16");
 }
 
-/// Lets the fused kernel <QT, D, kTiles> use its dynamic shared memory (over
-/// the 48 KiB default at D = 128) on the current device. The attribute
-/// belongs to the kernel and device, so each is set once, not at every
-/// launch (a driver call each decode step per layer, otherwise).
-template <typename QT, int D, int kTiles>
-void allow_attention_smem() {
-  static std::atomic<uint64_t> done{0};  // bit d: set on device d (d < 64; others every launch)
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "attention shared-memory opt-in");
-  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
-  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return;
-  check_cuda(cudaFuncSetAttribute(fused_attention_kernel<QT, D, kTiles>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  int(AttnSmem<D, kTiles>::kBytes)),
-             "attention shared-memory opt-in");
-  done.fetch_or(bit, std::memory_order_release);
-}
-
 }  // namespace
 
 int attention_ctas_per_sm(int D, int G) {
   int ctas = 1;
   dispatch(DType::F16, D, G, [&](auto qt, auto d) {
-    auto kernel = fused_attention_kernel<decltype(qt), d.value, 1>;
-    allow_attention_smem<decltype(qt), d.value, 1>();
+    constexpr auto kernel = fused_attention_kernel<decltype(qt), d.value, 1>;
+    opt_in_dynamic_smem<kernel>(AttnSmem<d.value>::kBytes, "attention shared-memory opt-in");
     check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, 32 * kAttnWarps, AttnSmem<d.value>::kBytes),
                "attention occupancy");
   });
@@ -84,7 +67,8 @@ void launch_attention(DType q_type, int D, int G, const AttendParams& params, cu
     const dim3 grid(p.splits, p.kv_heads * p.row_tiles, p.batch);
     auto launch = [&](auto tiles) {
       constexpr int kTiles = decltype(tiles)::value;
-      allow_attention_smem<QT, kD, kTiles>();
+      opt_in_dynamic_smem<fused_attention_kernel<QT, kD, kTiles>>(AttnSmem<kD, kTiles>::kBytes,
+                                                                  "attention shared-memory opt-in");
       fused_attention_kernel<QT, kD, kTiles><<<grid, 32 * kAttnWarps, AttnSmem<kD, kTiles>::kBytes, s>>>(p);
     };
     if constexpr (kD <= 128) {

@@ -357,28 +357,27 @@ void Cache::attend(int layer, const std::vector<int>& seq_ids, const std::vector
 
 void Cache::Impl::attend(int layer, const std::vector<int>& seq_ids, const int* n_queries_or_null, const void* q,
                          void* out, DType q_type, cudaStream_t stream) {
-  Impl& m = *this;
-  m.check_layer(layer);
-  m.poll_failures("attend");
-  m.refresh_tokens();
+  check_layer(layer);
+  poll_failures("attend");
+  refresh_tokens();
   if (seq_ids.empty()) return;
   auto n_of = [&](size_t i) { return n_queries_or_null ? n_queries_or_null[i] : 1; };
   long long rows = 0;
   for (size_t i = 0; i < seq_ids.size(); ++i) rows += std::max(n_of(i), 1);  // n < 1 is refused below
-  if (rows > detail::attend_batch_limit(m.cfg))
-    throw Error("attend: " + str(rows) + " query tokens exceed " + str(detail::attend_batch_limit(m.cfg)) +
+  if (rows > detail::attend_batch_limit(cfg))
+    throw Error("attend: " + str(rows) + " query tokens exceed " + str(detail::attend_batch_limit(cfg)) +
                 " (Config::max_attend_batch)");
   Impl::check_attend_io(q, out, q_type);
   detail::AttendParams p{};
-  m.fill_attend(layer, q, out, p);
+  fill_attend(layer, q, out, p);
   p.multi_query = 1;
   int max_units = 0, tiles = 0, max_rows = 0;
-  for (size_t i = 0; i < seq_ids.size(); ++i) max_rows = std::max(max_rows, n_of(i) * m.G);
-  const int tile_rows = detail::attention_tile_rows(m.D, max_rows);  // as launch_attention picks
+  for (size_t i = 0; i < seq_ids.size(); ++i) max_rows = std::max(max_rows, n_of(i) * G);
+  const int tile_rows = detail::attention_tile_rows(D, max_rows);  // as launch_attention picks
   for (size_t i = 0; i < seq_ids.size(); ++i) {
-    m.check_seq(seq_ids[i]);
+    check_seq(seq_ids[i]);
     const int n = n_of(i);
-    const int64_t L = m.host_tokens(seq_ids[i], layer);
+    const int64_t L = host_tokens(seq_ids[i], layer);
     // One query may attend to a sequence without tokens (output 0); n > 1 are the sequence's last n tokens.
     if (n < 1 || (n > 1 && n > L))
       throw Error("attend: sequence " + str(seq_ids[i]) + " has " + str(n) + " queries but " + str(L) +
@@ -388,19 +387,19 @@ void Cache::Impl::attend(int layer, const std::vector<int>& seq_ids, const int* 
     p.q_count[i] = n;
     // The units its queries see (the window bounds them).
     const int hi_first = int(L - n + 1);
-    const int units = int((L + m.T - 1) / m.T);
+    const int units = int((L + T - 1) / T);
     max_units = std::max(max_units,
-                         detail::unit_range(p.window > 0 ? hi_first - p.window : 0, int(L), p.sinks, m.T, units).count);
-    tiles += (n * m.G + tile_rows - 1) / tile_rows;
+                         detail::unit_range(p.window > 0 ? hi_first - p.window : 0, int(L), p.sinks, T, units).count);
+    tiles += (n * G + tile_rows - 1) / tile_rows;
   }
   // Lengths come from the device; the mirror bounds them (failures only make them shorter).
-  const auto plan = detail::plan_splits(max_units, tiles, m.H, m.sms, m.ctas_per_sm);
+  const auto plan = detail::plan_splits(max_units, tiles, H, sms, ctas_per_sm);
   // The workspace holds part_splits splits for every query row of a call.
-  const int per = std::max(plan.units_per_split, (max_units + m.part_splits - 1) / m.part_splits);
+  const int per = std::max(plan.units_per_split, (max_units + part_splits - 1) / part_splits);
   p.units_per_split = per;
   p.splits = std::max(1, (max_units + per - 1) / per);
   p.batch = int(seq_ids.size());
-  detail::launch_attention(q_type, m.D, m.G, p, stream);
+  detail::launch_attention(q_type, D, G, p, stream);
 }
 
 std::vector<uint8_t> Cache::read_block(int layer, int seq, int kv_head, int64_t block, Kind kind,

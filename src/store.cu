@@ -6,6 +6,7 @@
 #include "kernels/store.cuh"
 #include "kvcomp/error.hpp"
 #include "launch.hpp"
+#include "smem_opt_in.hpp"
 
 namespace kvcomp {
 namespace detail {
@@ -16,14 +17,12 @@ void check_cuda(cudaError_t e, const char* what) {
 
 namespace {
 
-/// One CTA per block; dynamic shared memory past 48 KiB (T = 128 or D = 256)
-/// needs the kernel's opt-in, set on the current device before each such launch.
-template <typename Smem, typename Kernel>
-size_t store_smem(Kernel kernel, int T, int D) {
+/// One CTA per block, all of its shared memory dynamic: past 48 KiB (T = 128
+/// or D = 256) it needs the kernel's opt-in (set once per kernel, device and size).
+template <typename Smem, auto Kernel>
+size_t store_smem(int T, int D) {
   const size_t bytes = StoreSmem<Smem>::bytes(T, D);
-  if (bytes > 48 * 1024)
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
-               "store kernel shared memory opt-in");
+  opt_in_dynamic_smem<Kernel>(bytes, "store kernel shared memory opt-in");
   return bytes;
 }
 
@@ -50,8 +49,8 @@ void launch_histogram(DType t, const StoreJob* jobs, int n_jobs, int T, int D, u
                       cudaStream_t s, const int32_t* ready) {
   if (n_jobs == 0) return;
   by_type(t, [&](auto e) {
-    auto* kernel = histogram_kernel<decltype(e)>;
-    const size_t smem = store_smem<HistogramSmem>(kernel, T, D);
+    constexpr auto kernel = histogram_kernel<decltype(e)>;
+    const size_t smem = store_smem<HistogramSmem, kernel>(T, D);
     kernel<<<2 * n_jobs, kStoreThreads, smem, s>>>(jobs, T, D, hist, ready);
   });
   check_cuda(cudaGetLastError(), "histogram kernel launch");
@@ -63,8 +62,8 @@ void launch_measure(DType t, int warps, const StoreJob* jobs, int n_jobs, int T,
   by_warps(warps, [&](auto w) {
     constexpr int W = decltype(w)::value;
     by_type(t, [&](auto e) {
-      auto* kernel = measure_kernel<decltype(e), W>;
-      const size_t smem = store_smem<MeasureSmem<W>>(kernel, T, D);
+      constexpr auto kernel = measure_kernel<decltype(e), W>;
+      const size_t smem = store_smem<MeasureSmem<W>, kernel>(T, D);
       kernel<<<2 * n_jobs, 32 * W, smem, s>>>(jobs, T, D, books, sizes16, seg_bits);
     });
   });
@@ -78,8 +77,8 @@ void launch_encode(DType t, int warps, const StoreJob* jobs, int n_jobs, int T, 
   by_warps(warps, [&](auto w) {
     constexpr int W = decltype(w)::value;
     by_type(t, [&](auto e) {
-      auto* kernel = encode_kernel<decltype(e), W>;
-      const size_t smem = store_smem<EncodeSmem<W>>(kernel, T, D);
+      constexpr auto kernel = encode_kernel<decltype(e), W>;
+      const size_t smem = store_smem<EncodeSmem<W>, kernel>(T, D);
       kernel<<<2 * n_jobs, 32 * W, smem, s>>>(jobs, T, D, books, sizes16, seg_bits, pair_at16, entry_ok, pool,
                                               table);
     });
