@@ -1,11 +1,14 @@
 // The Cache on the GPU: decode-phase appends match a prefill; a mixed batch
 // driven through prefill + 3T decode steps attends within the error bound's
 // reach of exact attention; pools empty after removal; a full pool fails
-// cleanly and recovers.
+// cleanly and recovers; long appends place their blocks as the greedy page
+// fill does, pair by pair.
 #include <string>
 
 #include "gpu_util.cuh"
+#include "kernels/pool_state.cuh"
 #include "kvcomp/cache.hpp"
+#include "src/cache_internals.hpp"
 #include "src/pool_pages.hpp"
 #include "attention_ref.hpp"
 #include "test_data.hpp"
@@ -252,6 +255,100 @@ TEST(CacheGpu, LayersOutOfOrderAreRejectedAndLeaveTheCacheAsItWas) {
   cache.append(1, {s}, {6}, dk.ptr, dv.ptr, 0);  // catching up is fine
   CUDA_LAUNCH_OK();
   EXPECT_EQ(cache.tokens(s, 1), 70);
+}
+
+// The place kernel's pass for long entries (more than kWalkAlone jobs among
+// the first 32 entries: a warp each, pages found by ballots over prefix sums)
+// and for the others (a thread each) against place_pair, the greedy fill,
+// pair after pair: each pair's offset in its page, and a new page exactly
+// where the greedy fill opens one. Two appends per sequence (the second
+// continues the open page), sizes that vary (four distributions) and sizes
+// that repeat (constant data: the fill is periodic), page sizes from the
+// smallest allowed to the automatic one.
+TEST(CacheGpu, LongAppendsPlaceBlocksAsTheGreedyPageFill) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  for (const size_t page_bytes : {size_t(24) << 10, size_t(40) << 10, size_t(0)}) {
+    SCOPED_TRACE("pool_page_bytes " + std::to_string(page_bytes));
+    Config cfg;
+    cfg.layers = 1;
+    cfg.kv_heads = 8;
+    cfg.q_heads = 8;
+    cfg.head_dim = 64;
+    cfg.block_tokens = 32;
+    cfg.max_seqs = 40;
+    cfg.max_tokens_per_seq = 4096;
+    cfg.pool_bytes = size_t(96) << 20;
+    cfg.pool_page_bytes = page_bytes;
+    const int H = cfg.kv_heads, D = cfg.head_dim, T = cfg.block_tokens;
+    Cache cache(cfg);
+    // Sequences 0..2: long (warp-walked); 3..32: one block per head (thread-walked); 33: long, but past
+    // the first 32 entries (thread-walked).
+    const int n_seqs = 34;
+    std::vector<int> seqs;
+    for (int i = 0; i < n_seqs; ++i) seqs.push_back(cache.add_sequence());
+    auto long_seq = [](int i) { return i < 3 || i == 33; };
+    for (int round = 0; round < 2; ++round) {
+      std::vector<int> counts;
+      std::vector<float> kf, vf;
+      for (int i = 0; i < n_seqs; ++i) {
+        const int n = long_seq(i) ? (round == 0 ? 1000 + 37 * i : 900 + 11 * i) : T;
+        counts.push_back(n);
+        std::vector<float> k, v;
+        if (i == 1) {  // constant rows: every block the same size
+          k.assign(size_t(n) * H * D, 0.5f);
+          v.assign(size_t(n) * H * D, -0.25f);
+        } else {
+          const Dist d = kAllDists[(i + round) % 4];
+          k = make_data(d, n, H * D, seed + 100 * round + 2 * i);
+          v = make_data(d, n, H * D, seed + 100 * round + 2 * i + 1);
+        }
+        kf.insert(kf.end(), k.begin(), k.end());
+        vf.insert(vf.end(), v.begin(), v.end());
+      }
+      const auto kb = to_dtype_bytes(DType::F16, round_to(DType::F16, kf));
+      const auto vb = to_dtype_bytes(DType::F16, round_to(DType::F16, vf));
+      DevBuf<uint8_t> dk(kb.size()), dv(vb.size());
+      dk.upload(kb);
+      dv.upload(vb);
+      cache.append(0, seqs, counts, dk.ptr, dv.ptr, 0);
+      CUDA_LAUNCH_OK();
+    }
+    cache.check(0);
+    const uint32_t P = uint32_t(cache.stats().pool_page_bytes / format::kBlockAlign);
+    const size_t entries = detail::CacheInternals::table_entries(cache);
+    const size_t max_blocks = entries / (size_t(cfg.max_seqs) * H);
+    std::vector<format::BlockRef> table(entries);
+    CUDA_OK(cudaMemcpy(table.data(), detail::CacheInternals::table(cache, 0), entries * sizeof(format::BlockRef),
+                       cudaMemcpyDeviceToHost));
+    std::vector<bool> page_used(cache.stats().pool_capacity / (size_t(P) * format::kBlockAlign) + 1, false);
+    for (int i = 0; i < n_seqs; ++i) {
+      SCOPED_TRACE("sequence " + std::to_string(i));
+      const int64_t blocks = cache.tokens(seqs[i], 0) / T;
+      detail::PageCursor want{-1, 0};
+      int64_t page = -1, opened = 0;
+      for (int64_t b = 0; b < blocks; ++b)
+        for (int h = 0; h < H; ++h) {
+          const format::BlockRef r = table[(size_t(seqs[i]) * max_blocks + size_t(b)) * H + h];
+          ASSERT_GT(r.k_size16, 0) << "block " << b << " head " << h;
+          uint32_t at16 = 0;
+          const bool fresh = detail::place_pair(want, uint32_t(r.k_size16) + r.v_size16, P, at16);
+          want.page = 0;
+          ASSERT_EQ(r.offset16 % P, at16) << "block " << b << " head " << h;
+          if (fresh) {
+            page = r.offset16 / P;
+            ASSERT_LT(size_t(page), page_used.size());
+            ASSERT_FALSE(page_used[size_t(page)]) << "a page opened twice, block " << b << " head " << h;
+            page_used[size_t(page)] = true;
+            ++opened;
+          } else {
+            ASSERT_EQ(int64_t(r.offset16 / P), page) << "block " << b << " head " << h;
+          }
+        }
+      if (long_seq(i)) EXPECT_GT(opened, 2) << "a long sequence should fill several pages";
+    }
+  }
 }
 
 TEST(CacheGpu, AllocationFailureAtConstructionIsClearAndLeaksNothing) {
