@@ -24,6 +24,7 @@
 #include <cub/block/block_scan.cuh>
 #include <cub/warp/warp_reduce.cuh>
 #include <cub/warp/warp_scan.cuh>
+#include <cuda/functional>
 
 #include <cstdint>
 
@@ -36,10 +37,9 @@ namespace detail {
 
 constexpr int kPlaceThreads = 256;
 constexpr int kPlaceWarps = kPlaceThreads / 32;
-constexpr uint32_t kWalkAlone = 64;  // an entry of more jobs, among the first 32, is walked by a warp
-constexpr int kPlaceStage = 128;     // jobs a warp stages in shared memory at a time
-constexpr int kPlaceItems = 8;       // jobs a thread takes in the CTA-wide pass of step 3
-static_assert(kPlaceStage % 32 == 0 && (kPlaceStage & (kPlaceStage - 1)) == 0, "lane rows, 8-job steps, a mask");
+constexpr uint32_t kWalkAlone = 64;  // an entry of more jobs, among the first 32, is a long one (the CTA walks it)
+constexpr int kPlaceItems = 8;       // jobs a thread takes in the CTA-wide passes
+constexpr int kPlaceChunk = kPlaceThreads * kPlaceItems;  // jobs of a long entry walked at a time
 
 /// A page popped from the free stack becomes `slot`'s (no user bits are set
 /// on a free page: release_kernel frees a page when its last user goes).
@@ -63,11 +63,14 @@ __global__ void __launch_bounds__(kPlaceThreads, 1) place_kernel(const AppendEnt
     typename BlockScan::TempStorage block;
     typename WarpScan::TempStorage warp;
   } scan;
-  __shared__ __align__(16) uint2 stage[kPlaceWarps][kPlaceStage];       // a job's {units, pair_limit}
-  __shared__ __align__(16) uint32_t offsets[kPlaceWarps][kPlaceStage];  // its offset in its page
-  __shared__ uint32_t by_warp;                                          // bit e: entry e is walked by a warp
+  __shared__ uint32_t long_mask;                       // bit e: entry e is a long one (below)
+  __shared__ int32_t chunk_s[kPlaceChunk + 1];         // a long entry's units before each job of a chunk
+  __shared__ int32_t chunk_next[kPlaceChunk];          // next(k): the job opening the page after one opened at k
+  __shared__ uint32_t chunk_open[kPlaceChunk / 32];    // bit k: job k opens a page
+  __shared__ int32_t chunk_openers[kPlaceChunk];       // the jobs that open pages, in order
+  __shared__ int32_t walk_base, walk_need, chunk_n_openers;  // the current page's start; pages opened
   __shared__ int32_t w_need[32];
-  // Step 3's warp-walked entries that took their pages, in order.
+  // Step 3's long entries that took their pages, in order.
   __shared__ uint32_t w_begin[32], w_end[32];
   __shared__ int32_t w_opened[32], w_top[32], w_page0[32], w_slot[32], w_n;
   const uint32_t P = pool.page_units16;
@@ -77,15 +80,14 @@ __global__ void __launch_bounds__(kPlaceThreads, 1) place_kernel(const AppendEnt
     const uint2 s = sizes[j];
     return s.x + s.y;
   };
-  if (threadIdx.x == 0) by_warp = 0;
+  if (threadIdx.x == 0) long_mask = 0;
   __syncthreads();
 
-  // 1. Check each entry and walk its jobs once, counting the new pages. The
-  // greedy fill is one chain per entry (walk_step: add, compare, select, ~14
-  // cycles a pair on an H100), so the sizes are read ahead of it. A short
-  // entry (decode: one job per kv head) is walked by its thread from global
-  // memory, 16 sizes a round trip. A long one (prefill: thousands of jobs) by
-  // a warp (below).
+  // 1. Check each entry and walk its jobs once, counting the new pages. A
+  // short entry (decode: one job per kv head) is walked by its thread from
+  // global memory, 16 sizes a round trip (walk_step: add, compare, select, ~14
+  // cycles a pair on an H100). A long one (prefill: thousands of jobs) by the
+  // CTA (below).
   for (int e = threadIdx.x; e < n_entries; e += blockDim.x) {
     const AppendEntry a = entries[e];
     int32_t reason = kFailNone, need = 0;
@@ -97,7 +99,7 @@ __global__ void __launch_bounds__(kPlaceThreads, 1) place_kernel(const AppendEnt
       else if (have + a.n_tokens > seqs.max_tokens)
         reason = kFailMaxTokens;
       if (reason == kFailNone && e < 32 && a.job_end - a.job_begin > kWalkAlone) {
-        atomicOr(&by_warp, 1u << e);
+        atomicOr(&long_mask, 1u << e);
       } else if (reason == kFailNone) {
         PageCursor c{pool.open_page[a.slot], pool.open_fill16[a.slot]};
         need = walk_pairs<16>(units16, a.job_begin, a.job_end, c, P, pair_at16);
@@ -108,76 +110,100 @@ __global__ void __launch_bounds__(kPlaceThreads, 1) place_kernel(const AppendEnt
     page_base[2 * e] = need;
   }
   __syncthreads();
-  // Long entries, a warp each. Per kPlaceStage jobs: the lanes stage {units,
-  // limit} in shared memory (the limits need a ballot for the first pair) and
-  // load the next chunk's sizes; lane 0 runs the chain out of shared memory,
-  // ~20 cycles a job all told on an H100 (4096 jobs: ~80k cycles, ~42 us; the
-  // old kernel walked twice with a dependent global load a job, ~780 us); the
-  // lanes store the offsets and count the pairs at 0, which open pages.
-  const uint32_t warp_walked = by_warp;
-  for (uint32_t left = warp_walked, i = 0; left; left &= left - 1, ++i) {
-    if (int(i % kPlaceWarps) != warp) continue;
+  // Long entries (prefill: thousands of jobs), one after another, the CTA
+  // together, kPlaceChunk jobs at a time. With s(k) the units of the entry's
+  // jobs before job k and `base` the s at which the current page starts, job j
+  // opens a page iff s(j + 1) - base > P (an idle job never does: s(j + 1) =
+  // s(j)). So the job after an opener k that opens the next page, next(k), is
+  // the first j with s(j + 1) > s(k) + P: a binary search over the chunk's
+  // prefix sums, for every k at once. One thread then follows the openers,
+  // one shared-memory load a page (~120 pages for 4096 jobs, instead of a
+  // dependent step per job: a warp walking job after job took ~20 cycles a
+  // job, 68 us at 4096). A max-scan gives every job its page's opener.
+  const uint32_t long_entries = long_mask;
+  for (uint32_t left = long_entries; left; left &= left - 1) {
     const int e = __ffs(left) - 1;
     const AppendEntry a = entries[e];
     const PageCursor c0{pool.open_page[a.slot], pool.open_fill16[a.slot]};
-    bool open = c0.page >= 0;
-    uint32_t fill = open ? c0.fill16 : 0;  // lane 0's chain
-    int32_t need = 0;
-    uint2 ahead[kPlaceStage / 32];  // sizes of job j0 + 32 k + lane
-    auto fetch = [&](uint32_t j0) {
+    if (threadIdx.x == 0) {
+      // Relative to the entry's first job: the open page starts its fill before it; with no page
+      // open, base + P = 0 makes the first job holding units open one.
+      walk_base = c0.page >= 0 ? -int32_t(c0.fill16) : -int32_t(P);
+      walk_need = 0;
+    }
+    int32_t carry = 0;  // units of the chunks before
+    for (uint32_t j0 = a.job_begin; j0 < a.job_end; j0 += kPlaceChunk) {
+      __syncthreads();  // walk_base is set; the chunk arrays and scan storage are free
+      const int32_t base_in = walk_base;
+      const int n = int(min(uint32_t(kPlaceChunk), a.job_end - j0));
+      const int k0 = int(threadIdx.x) * kPlaceItems;  // this thread's jobs: k0 .. k0 + kPlaceItems - 1 of the chunk
+      int32_t u[kPlaceItems], s[kPlaceItems];
 #pragma unroll
-      for (int k = 0; k < kPlaceStage / 32; ++k) ahead[k] = sizes[min(j0 + k * 32 + lane, a.job_end - 1)];
-    };
-    fetch(a.job_begin);
-    for (uint32_t j0 = a.job_begin; j0 < a.job_end; j0 += kPlaceStage) {
-      uint32_t u[kPlaceStage / 32];
+      for (int i = 0; i < kPlaceItems; ++i) u[i] = k0 + i < n ? int32_t(units16(j0 + k0 + i)) : 0;
+      int32_t total;
+      BlockScan(scan.block).ExclusiveSum(u, s, total);
 #pragma unroll
-      for (int k = 0; k < kPlaceStage / 32; ++k) {
-        u[k] = j0 + k * 32 + lane < a.job_end ? ahead[k].x + ahead[k].y : 0;
-        const uint32_t placed = __ballot_sync(~0u, u[k] != 0);
-        const bool open_before = open || (placed & ((1u << lane) - 1));
-        stage[warp][k * 32 + lane] = {u[k], pair_limit(u[k], open_before, P)};
-        open = open || placed;
-      }
-      __syncwarp();
-      fetch(j0 + kPlaceStage);  // in flight during the walk (not used before it ends)
-      if (lane == 0) {
-        // 8 jobs a step: read the next 8, store the last 8's offsets, then
-        // the chain. The reads cannot move past the stores (the compiler
-        // would otherwise sink them to their use and wait on each).
-        uint2 p[2][8];
-        uint32_t at[8] = {};  // the first step stores these to [kPlaceStage - 8, kPlaceStage), rewritten last
-        auto step = [&](int now, int k) {
-#pragma unroll
-          for (int i = 0; i < 8; ++i) p[now ^ 1][i] = stage[warp][min(k + 8, kPlaceStage - 8) + i];
-#pragma unroll
-          for (int i = 0; i < 8; ++i) offsets[warp][(k - 8 + i) & (kPlaceStage - 1)] = at[i];
-#pragma unroll
-          for (int i = 0; i < 8; ++i) walk_step(fill, p[now][i].x, p[now][i].y, at[i]);
-        };
-#pragma unroll
-        for (int i = 0; i < 8; ++i) p[0][i] = stage[warp][i];
+      for (int i = 0; i < kPlaceItems; ++i) chunk_s[k0 + i] = carry + s[i];
+      if (threadIdx.x == 0) chunk_s[kPlaceChunk] = carry + total;
+      for (int w = threadIdx.x; w < kPlaceChunk / 32; w += blockDim.x) chunk_open[w] = 0;
+      __syncthreads();
+      // next(k) is the last index j >= k + 1 with chunk_s[j] <= s(k) + P (chunk_s[k + 1] is, as a pair's
+      // units fit a page; kPlaceChunk: none in the chunk): a fixed-step search, the thread's eight
+      // interleaved (independent loads, no data-dependent loop).
+      auto search = [&](int32_t (&pos)[kPlaceItems], const int32_t (&target)[kPlaceItems]) {
 #pragma unroll 1
-        for (int k = 0; k < kPlaceStage; k += 16) {
-          step(0, k);
-          step(1, k + 8);
+        for (int step = kPlaceChunk; step > 0; step >>= 1)
+#pragma unroll
+          for (int i = 0; i < kPlaceItems; ++i) {
+            const int at = pos[i] + step;
+            if (at <= kPlaceChunk && chunk_s[min(at, kPlaceChunk)] <= target[i]) pos[i] = at;
+          }
+      };
+      {
+        int32_t pos[kPlaceItems], target[kPlaceItems];
+#pragma unroll
+        for (int i = 0; i < kPlaceItems; ++i) {
+          pos[i] = k0 + i + 1;
+          target[i] = u[i] != 0 ? carry + s[i] + int32_t(P) : INT32_MIN;  // an idle job opens no page
         }
+        search(pos, target);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) offsets[warp][kPlaceStage - 8 + i] = at[i];
+        for (int i = 0; i < kPlaceItems; ++i)
+          if (u[i] != 0) chunk_next[k0 + i] = pos[i];
       }
-      __syncwarp();
+      __syncthreads();
+      if (threadIdx.x == 0) {  // the openers, in order: one load a page on the chain
+        int32_t pos[kPlaceItems] = {}, target[kPlaceItems];
 #pragma unroll
-      for (int k = 0; k < kPlaceStage / 32; ++k) {
-        const uint32_t at16 = offsets[warp][k * 32 + lane];
-        need += __popc(__ballot_sync(~0u, u[k] != 0 && at16 == 0));
-        if (u[k]) pair_at16[j0 + k * 32 + lane] = at16;
+        for (int i = 0; i < kPlaceItems; ++i) target[i] = base_in + int32_t(P);  // the first opener after base_in
+        search(pos, target);
+        int m = 0;
+        for (int k = pos[0]; k < n; k = chunk_next[k]) chunk_openers[m++] = k;
+        walk_base = m > 0 ? chunk_s[chunk_openers[m - 1]] : base_in;
+        walk_need += m;
+        chunk_n_openers = m;
       }
+      __syncthreads();
+      for (int i = threadIdx.x; i < chunk_n_openers; i += blockDim.x)
+        atomicOr(&chunk_open[chunk_openers[i] / 32], 1u << (chunk_openers[i] % 32));
+      __syncthreads();
+      int32_t opener[kPlaceItems], last[kPlaceItems];  // the chunk's last opener at or before each job, -1: none
+#pragma unroll
+      for (int i = 0; i < kPlaceItems; ++i) opener[i] = chunk_open[(k0 + i) / 32] >> ((k0 + i) % 32) & 1 ? k0 + i : -1;
+      BlockScan(scan.block).InclusiveScan(opener, last, cuda::maximum<int32_t>{});
+#pragma unroll
+      for (int i = 0; i < kPlaceItems; ++i)
+        if (u[i] != 0)
+          pair_at16[j0 + k0 + i] = uint32_t(chunk_s[k0 + i] - (last[i] >= 0 ? chunk_s[last[i]] : base_in));
+      carry += total;
     }
-    if (lane == 0) {
-      page_base[2 * e] = need;
-      page_base[2 * e + 1] = int32_t(open ? fill : c0.fill16);
-      w_need[e] = need;
+    if (threadIdx.x == 0) {
+      const bool open = c0.page >= 0 || carry > 0;  // units > 0: a job was placed
+      page_base[2 * e] = walk_need;
+      page_base[2 * e + 1] = int32_t(open ? uint32_t(carry - walk_base) : c0.fill16);
+      w_need[e] = walk_need;
     }
+    __syncthreads();  // walk_base and the chunk arrays are reused
   }
   __syncthreads();
 
@@ -218,11 +244,11 @@ __global__ void __launch_bounds__(kPlaceThreads, 1) place_kernel(const AppendEnt
   // release_kernel closes the page with the sequence), so the k-th pair at 0
   // of an entry is on its k-th new page, free_pages[page_base - k], the pairs
   // after it too, and those before any on the page open before the append.
-  // Warp-walked entries: the CTA together, an inclusive scan of those flags
+  // Long entries: the CTA together, an inclusive scan of those flags
   // over all their jobs (kPlaceThreads * kPlaceItems a step, ~2-3k cycles).
-  if (warp_walked) {
+  if (long_entries) {
     if (warp == 0) {
-      const bool ok = (warp_walked >> lane & 1) && entry_ok[lane] == 1;
+      const bool ok = (long_entries >> lane & 1) && entry_ok[lane] == 1;
       const uint32_t oks = __ballot_sync(~0u, ok);
       const int r = __popc(oks & ((1u << lane) - 1));
       const int32_t need = ok ? w_need[lane] : 0;
@@ -289,7 +315,7 @@ __global__ void __launch_bounds__(kPlaceThreads, 1) place_kernel(const AppendEnt
       __threadfence_system();
       continue;
     }
-    if (e < 32 && (warp_walked >> e & 1)) continue;
+    if (e < 32 && (long_entries >> e & 1)) continue;
     const int32_t top = page_base[2 * e];
     int32_t page = pool.open_page[a.slot], opened = 0;
     for (uint32_t j = a.job_begin; j < a.job_end; j += 16) {
