@@ -317,10 +317,10 @@ TEST(Format, PutPairWritesWhatPairBitsCounts) {
         ASSERT_EQ(total, pair_bits(enc, k, a, b)) << k << ": " << a << " " << b;
         const int s = pair_symbol(a, b, k);
         if (s != kPairEscape && (enc[s] >> 16) != 0) {
-          // The codeword, then k low bits of a and k of b (LSB first: a's lowest).
-          std::vector<std::pair<uint32_t, int>> want = {{enc[s] & 0xFFFFu, int(enc[s] >> 16)}};
-          const uint32_t mask = (1u << k) - 1;
-          if (k > 0) want.push_back({(uint32_t(a) & mask) | (uint32_t(b) & mask) << k, 2 * k});
+          // The codeword, then k low bits of a and k of b (LSB first: a's lowest), in one put.
+          const uint32_t mask = (1u << k) - 1, len = enc[s] >> 16;
+          const uint32_t low = (uint32_t(a) & mask) | (uint32_t(b) & mask) << k;
+          const std::vector<std::pair<uint32_t, int>> want = {{(enc[s] & 0xFFFFu) | low << len, int(len) + 2 * k}};
           ASSERT_EQ(puts, want) << k << ": " << a << " " << b;
           continue;
         }

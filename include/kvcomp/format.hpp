@@ -367,25 +367,35 @@ KVCOMP_HD int lut_second(uint32_t e) { return int(half_to_float(uint16_t((e & kL
 template <typename Put>
 KVCOMP_HD void put_pair(const uint32_t* enc, int k, int a, int b, float va, float vb, Put&& put) {
   int s = pair_symbol(a, b, k);
-  if ((enc[s] >> 16) == 0) s = kPairEscape;
-  put(enc[s] & 0xFFFFu, int(enc[s] >> 16));
+  uint32_t e = enc[s];
+  if ((e >> 16) == 0) {  // no codeword: the pair goes out escaped
+    s = kPairEscape;
+    e = enc[kPairEscape];
+  }
   if (s != kPairEscape) {
-    if (k > 0) {
-      const uint32_t mask = (1u << k) - 1;
-      put((uint32_t(a) & mask) | ((uint32_t(b) & mask) << k), 2 * k);
-    }
+    // The codeword, then the 2k low bits (a's, then b's), in one put: at most
+    // kMaxCodeLen + 2 kMaxLowBits = 17 bits.
+    const uint32_t len = e >> 16, mask = (1u << k) - 1;
+    const uint32_t low = (uint32_t(a) & mask) | ((uint32_t(b) & mask) << k);
+    put((e & 0xFFFFu) | (low << len), int(len) + 2 * k);
     return;
   }
+  put(e & 0xFFFFu, int(e >> 16));
   put(uint32_t(a), kFieldBits);
   if (a == kEscape) put(float_bits(va), kRawBits);
   put(uint32_t(b), kFieldBits);
   if (b == kEscape) put(float_bits(vb), kRawBits);
 }
+static_assert(kMaxCodeLen + 2 * kMaxLowBits <= 32, "a pair symbol and its low bits are one put");
 /// Bits put_pair writes.
 KVCOMP_HD uint32_t pair_bits(const uint32_t* enc, int k, int a, int b) {
   int s = pair_symbol(a, b, k);
-  if ((enc[s] >> 16) == 0) s = kPairEscape;
-  uint32_t bits = enc[s] >> 16;
+  uint32_t e = enc[s];
+  if ((e >> 16) == 0) {
+    s = kPairEscape;
+    e = enc[kPairEscape];
+  }
+  uint32_t bits = e >> 16;
   if (s == kPairEscape) bits += 2 * kFieldBits + (a == kEscape ? kRawBits : 0) + (b == kEscape ? kRawBits : 0);
   else bits += 2 * uint32_t(k);
   return bits;
