@@ -93,6 +93,58 @@ KVCOMP_HD uint32_t table_slot(int layer, int slot, int64_t block, int head, int 
   return uint32_t(((size_t(layer) * max_seqs + slot) * max_blocks + size_t(block)) * H + head);
 }
 
+/// Where an eager append's input rows and the layer's tails are (plan_store
+/// on the host and append_jobs_kernel on the device both make jobs from it).
+struct AppendGeometry {
+  const uint8_t* k;        // input: token t's head h at k + (t token_stride + h head_stride) elem_bytes
+  const uint8_t* v;
+  int64_t token_stride;    // elements
+  int64_t head_stride;
+  size_t elem_bytes;
+  TailLayout tails;
+  int32_t layer;
+  int32_t max_blocks;
+};
+
+/// The job of block b (0: the first block this append closes) and kv head h
+/// of a sequence in `slot` whose layer held `stored` tokens and whose new
+/// tokens start at input token tok0: block 0 takes the tail's stored % T
+/// rows first, then input rows.
+KVCOMP_HD StoreJob append_job(const AppendGeometry& g, int slot, int64_t stored, int64_t tok0, int b, int h,
+                              uint32_t entry, ErrorBound eb_k, ErrorBound eb_v) {
+  const int T = g.tails.block_tokens, H = g.tails.kv_heads;
+  const int c = int(stored % T);
+  const int64_t first = tok0 + (b == 0 ? 0 : int64_t(b) * T - c);  // its first input row
+  const size_t in = size_t(first * g.token_stride + int64_t(h) * g.head_stride) * g.elem_bytes;
+  StoreJob j{};
+  j.k_in = g.k + in;
+  j.v_in = g.v + in;
+  j.k_tail = g.tails.row_ptr(g.layer, slot, h, Kind::Key);
+  j.v_tail = g.tails.row_ptr(g.layer, slot, h, Kind::Value);
+  j.in_token_stride = g.token_stride;
+  j.eb_k = eb_k;
+  j.eb_v = eb_v;
+  j.tail_tokens = b == 0 ? c : 0;
+  j.codebook = uint32_t((g.layer * H + h) * 2);
+  j.table_index = table_slot(g.layer, slot, stored / T + b, h, g.tails.max_seqs, g.max_blocks, H);
+  j.entry = entry;
+  return j;
+}
+
+/// What append_jobs_kernel (kernels/append_jobs.cuh) is told: the jobs of
+/// an eager append, made on the device from its entries (a prefill closes
+/// thousands of blocks: the host would spend ~20 ns a job making them and
+/// upload 72 bytes a job).
+struct AppendJobsParams {
+  AppendGeometry g;
+  const ErrorBound* bounds;     // this layer: [H][K|V]
+  const AppendEntry* entries;   // [n_entries], jobs in order
+  const int64_t* tok0;          // [n_entries]: each entry's first input token
+  int32_t n_entries;
+  uint32_t n_jobs;
+  StoreJob* jobs;               // [n_jobs]
+};
+
 /// What decode_jobs_kernel (kernels/decode_jobs.cuh) is told: one plan-based decode append.
 struct DecodeJobsParams {
   const int32_t* slots;       // [batch]

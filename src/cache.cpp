@@ -284,6 +284,10 @@ int64_t Cache::tokens(int seq, int layer) const {
   return m.host_tokens(seq, layer);
 }
 
+namespace {
+constexpr size_t kHostJobsMax = 256;  // appends of more jobs make them on the device (append_jobs_kernel)
+}  // namespace
+
 void Cache::append(int layer, const std::vector<int>& seq_ids, const std::vector<int>& n_tokens, const void* k,
                    const void* v, cudaStream_t stream, int64_t token_stride, int64_t head_stride) {
   Impl& m = *impl_;
@@ -325,19 +329,29 @@ void Cache::append(int layer, const std::vector<int>& seq_ids, const std::vector
   }
   for (size_t i = 0; i < seq_ids.size(); ++i)
     req.seqs.push_back({seq_ids[i], m.host_tokens(seq_ids[i], layer), n_tokens[i]});
-  const detail::StorePlan plan = detail::plan_store(req);
-  s.reserve(std::max<size_t>(plan.jobs.size(), 1), std::max<size_t>(plan.copies.size(), 1), plan.entries.size(),
+  // The jobs (72 bytes each) are made on the host for a few blocks (a decode step), on the device for
+  // many (a prefill: ~20 ns a job on the host, plus the upload, against one small kernel launch).
+  const bool jobs_on_device = detail::count_jobs(req) > kHostJobsMax;
+  detail::plan_store(req, s.plan, !jobs_on_device);
+  const detail::StorePlan& plan = s.plan;
+  s.reserve(std::max<size_t>(plan.n_jobs, 1), std::max<size_t>(plan.copies.size(), 1), plan.entries.size(),
             "append scratch");
   auto upload = [&](void* dst, const void* src, size_t bytes) {
     if (bytes)
       check_cuda(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream), "append job upload");
   };
-  upload(s.jobs.ptr, plan.jobs.data(), plan.jobs.size() * sizeof(plan.jobs[0]));
+  upload(s.jobs.ptr, plan.jobs.data(), plan.jobs.size() * sizeof(plan.jobs[0]));  // none if made on the device
   upload(s.copies.ptr, plan.copies.data(), plan.copies.size() * sizeof(plan.copies[0]));
   upload(s.entries.ptr, plan.entries.data(), plan.entries.size() * sizeof(plan.entries[0]));
-  // Pageable uploads are staged by the runtime before returning: the host vectors may go.
-  const bool build = !plan.jobs.empty() && !m.books_built[layer];
-  m.run_store(layer, s, int(plan.jobs.size()), int(plan.entries.size()), int(plan.copies.size()), build, true, stream);
+  // Pageable uploads are staged by the runtime before returning: the host vectors may be reused.
+  if (jobs_on_device) {
+    upload(s.entry_tok0.ptr, plan.tok0.data(), plan.tok0.size() * sizeof(plan.tok0[0]));
+    detail::launch_append_jobs({req.geometry(), m.bounds.ptr + size_t(layer) * H * 2, s.entries.ptr,
+                                s.entry_tok0.ptr, int32_t(plan.entries.size()), uint32_t(plan.n_jobs), s.jobs.ptr},
+                               stream);
+  }
+  const bool build = plan.n_jobs > 0 && !m.books_built[layer];
+  m.run_store(layer, s, int(plan.n_jobs), int(plan.entries.size()), int(plan.copies.size()), build, true, stream);
   if (build) m.books_built[layer] = true;  // closed blocks make the build kernels build
   // The mirror assumes success; a failure is reported (poll_failures) and refreshes it.
   for (size_t i = 0; i < seq_ids.size(); ++i) m.h_tokens[m.at(layer, seq_ids[i])] += n_tokens[i];

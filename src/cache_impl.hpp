@@ -14,6 +14,7 @@
 #include "kernels/attention_params.cuh"
 #include "kvcomp/cache.hpp"
 #include "pool_pages.hpp"
+#include "store_plan.hpp"
 
 namespace kvcomp {
 
@@ -21,9 +22,11 @@ namespace kvcomp {
 /// place kernel writes. Eager appends grow one set on demand; each plan owns
 /// one of fixed size (its pointers are captured in graphs).
 struct AppendScratch {
+  detail::StorePlan plan;  // host: the jobs of the last append, kept for their capacity
   detail::DeviceBuffer<detail::StoreJob> jobs;
   detail::DeviceBuffer<detail::TailCopy> copies;
   detail::DeviceBuffer<detail::AppendEntry> entries;
+  detail::DeviceBuffer<int64_t> entry_tok0;  // eager appends: each entry's first input token
   detail::DeviceBuffer<uint32_t> sizes16, pair_at16;
   detail::DeviceBuffer<uint16_t> seg_bits;  // measure -> encode (kernels/store.cuh)
   detail::DeviceBuffer<int32_t> entry_ok, page_base;
@@ -32,6 +35,7 @@ struct AppendScratch {
     jobs.reserve(jobs_n, what);
     copies.reserve(copies_n, what);
     entries.reserve(entries_n, what);
+    entry_tok0.reserve(entries_n, what);
     sizes16.reserve(2 * jobs_n, what);
     seg_bits.reserve(2 * jobs_n * detail::kMaxStoreSegments, what);
     pair_at16.reserve(jobs_n, what);

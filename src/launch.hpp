@@ -32,6 +32,8 @@ void launch_encode(DType t, int warps, const StoreJob* jobs, int n_jobs, int T, 
 void launch_tail_copy(DType t, const TailCopy* copies, int n, int D, const int32_t* entry_ok, cudaStream_t s);
 /// Plan-based decode: jobs, copies and entries of one append (kernels/decode_jobs.cuh).
 void launch_decode_jobs(const DecodeJobsParams& p, cudaStream_t s);
+/// Eager append: its jobs from its entries (kernels/append_jobs.cuh).
+void launch_append_jobs(const AppendJobsParams& p, cudaStream_t s);
 
 /// Config::transform = Hadamard (kernels/hadamard.cuh): dst[t][h] = src row
 /// (t, h) R rounded to nearest in `type`, for `tokens` tokens of `heads`

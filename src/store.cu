@@ -1,6 +1,7 @@
 #include <string>
 #include <type_traits>
 
+#include "kernels/append_jobs.cuh"
 #include "kernels/decode_jobs.cuh"
 #include "kernels/pool_pages.cuh"
 #include "kernels/store.cuh"
@@ -127,6 +128,12 @@ void launch_decode_jobs(const DecodeJobsParams& p, cudaStream_t s) {
   if (n == 0) return;
   decode_jobs_kernel<<<(n + 127) / 128, 128, 0, s>>>(p);
   check_cuda(cudaGetLastError(), "decode jobs kernel launch");
+}
+
+void launch_append_jobs(const AppendJobsParams& p, cudaStream_t s) {
+  if (p.n_jobs == 0) return;
+  append_jobs_kernel<<<(p.n_jobs + 255) / 256, 256, 0, s>>>(p);
+  check_cuda(cudaGetLastError(), "append jobs kernel launch");
 }
 
 }  // namespace detail

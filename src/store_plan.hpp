@@ -27,7 +27,7 @@ struct SeqAppend {
 /// An append to one layer. The input holds the sequences' new tokens one
 /// sequence after the other: row (token t, kv head h) of K starts at
 /// k + (t * token_stride + h * head_stride) * elem_bytes, likewise V.
-struct AppendRequest {
+struct AppendRequest {  // (the input and tails: as AppendGeometry, which geometry() makes)
   int layer;
   int block_tokens;  // T
   int kv_heads;      // H
@@ -42,15 +42,32 @@ struct AppendRequest {
   std::vector<ErrorBound> k_bounds;  // per kv head, this layer
   std::vector<ErrorBound> v_bounds;
   std::vector<SeqAppend> seqs;
+  AppendGeometry geometry() const {
+    return {static_cast<const uint8_t*>(k), static_cast<const uint8_t*>(v), token_stride, head_stride, elem_bytes,
+            tails, layer, max_blocks};
+  }
 };
 
 struct StorePlan {
-  std::vector<StoreJob> jobs;      // sequence by sequence, block by block, head by head
+  std::vector<StoreJob> jobs;      // sequence by sequence, block by block, head by head (if written)
+  size_t n_jobs = 0;               // jobs of the append, written or not
+  std::vector<int64_t> tok0;       // per entry: its first input token
   std::vector<TailCopy> copies;    // one per (sequence, head) that keeps rows in its tail
   std::vector<AppendEntry> entries;  // one per input sequence, in order
 };
 
-StorePlan plan_store(const AppendRequest& r);
+/// Fills `plan` (its vectors are cleared first and keep their capacity: an
+/// engine's appends reuse one plan). write_jobs = false leaves plan.jobs
+/// empty (Cache::append makes them on the device: append_jobs_kernel, the
+/// same append_job formula); everything else is filled either way.
+void plan_store(const AppendRequest& r, StorePlan& plan, bool write_jobs = true);
+/// Jobs (blocks closed x kv heads) of an append.
+size_t count_jobs(const AppendRequest& r);
+inline StorePlan plan_store(const AppendRequest& r) {
+  StorePlan plan;
+  plan_store(r, plan);
+  return plan;
+}
 
 }  // namespace detail
 }  // namespace kvcomp

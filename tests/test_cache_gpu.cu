@@ -2,14 +2,18 @@
 // driven through prefill + 3T decode steps attends within the error bound's
 // reach of exact attention; pools empty after removal; a full pool fails
 // cleanly and recovers; long appends place their blocks as the greedy page
-// fill does, pair by pair.
+// fill does, pair by pair; the jobs an eager append makes on the device are
+// the host plan's.
+#include <random>
 #include <string>
 
 #include "gpu_util.cuh"
 #include "kernels/pool_state.cuh"
 #include "kvcomp/cache.hpp"
 #include "src/cache_internals.hpp"
+#include "src/launch.hpp"
 #include "src/pool_pages.hpp"
+#include "src/store_plan.hpp"
 #include "attention_ref.hpp"
 #include "test_data.hpp"
 
@@ -347,6 +351,75 @@ TEST(CacheGpu, LongAppendsPlaceBlocksAsTheGreedyPageFill) {
           }
         }
       if (long_seq(i)) EXPECT_GT(opened, 2) << "a long sequence should fill several pages";
+    }
+  }
+}
+
+// append_jobs_kernel (what Cache::append runs) against plan_store's jobs
+// (the host plan, unit-tested on the CPU), field by field, for random
+// appends: several sequences (some appending nothing, some closing no block,
+// some many), tails partly filled, strides and bounds of every kind.
+TEST(CacheGpu, AppendJobsMadeOnTheDeviceAreTheHostPlans) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  auto pick = [&](int lo, int hi) { return lo + int(rng() % uint64_t(hi - lo + 1)); };
+  for (int round = 0; round < 40; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    const int T = 32 << pick(0, 2), H = pick(1, 8), D = 64, S = 16;
+    detail::AppendRequest r{};
+    r.layer = pick(0, 3);
+    r.block_tokens = T;
+    r.kv_heads = H;
+    r.max_seqs = S;
+    r.max_blocks = 4096 / 32;
+    r.k = reinterpret_cast<const void*>(uintptr_t(0x100000000ull) + 16 * pick(0, 1000));  // never dereferenced
+    r.v = reinterpret_cast<const void*>(uintptr_t(0x300000000ull) + 16 * pick(0, 1000));
+    r.elem_bytes = size_t(2) << pick(0, 1);
+    r.head_stride = pick(0, 1) ? D : 3 * D;
+    r.token_stride = pick(0, 1) ? H * r.head_stride : H * r.head_stride + 8 * pick(1, 4);
+    r.tails = {reinterpret_cast<uint8_t*>(uintptr_t(0x500000000ull)), S, H, T, D, r.elem_bytes};
+    std::vector<ErrorBound> bounds;  // [H][K|V], as the Cache holds them on the device
+    for (int h = 0; h < H; ++h) {
+      r.k_bounds.push_back({pick(0, 1) ? BoundMode::Relative : BoundMode::Absolute, 0.001f * pick(1, 100)});
+      r.v_bounds.push_back({pick(0, 1) ? BoundMode::Relative : BoundMode::Absolute, 0.001f * pick(1, 100)});
+      bounds.push_back(r.k_bounds.back());
+      bounds.push_back(r.v_bounds.back());
+    }
+    const int n_seqs = pick(1, S);
+    for (int i = 0; i < n_seqs; ++i) {
+      const int kind = pick(0, 3);  // nothing, a few tokens, a block or so, many
+      const int n = kind == 0 ? 0 : kind == 1 ? pick(1, T - 1) : kind == 2 ? pick(T - 2, 2 * T) : pick(2 * T, 40 * T);
+      r.seqs.push_back({i, int64_t(pick(0, 20 * T)), n});
+    }
+    const detail::StorePlan want = detail::plan_store(r);
+    detail::StorePlan plan;
+    detail::plan_store(r, plan, false);
+    ASSERT_TRUE(plan.jobs.empty());
+    ASSERT_EQ(plan.n_jobs, want.jobs.size());
+    if (plan.n_jobs == 0) continue;
+    DevBuf<detail::AppendEntry> d_entries(plan.entries.size());
+    DevBuf<int64_t> d_tok0(plan.tok0.size());
+    DevBuf<ErrorBound> d_bounds(bounds.size());
+    DevBuf<detail::StoreJob> d_jobs(plan.n_jobs);
+    d_entries.upload(plan.entries);
+    d_tok0.upload(plan.tok0);
+    d_bounds.upload(bounds);
+    CUDA_OK(cudaMemset(d_jobs.ptr, 0xFF, plan.n_jobs * sizeof(detail::StoreJob)));
+    detail::launch_append_jobs({r.geometry(), d_bounds.ptr, d_entries.ptr, d_tok0.ptr, int32_t(plan.entries.size()),
+                                uint32_t(plan.n_jobs), d_jobs.ptr},
+                               0);
+    CUDA_LAUNCH_OK();
+    const std::vector<detail::StoreJob> got = d_jobs.download();
+    for (size_t i = 0; i < got.size(); ++i) {
+      const detail::StoreJob &g = got[i], &w = want.jobs[i];
+      ASSERT_TRUE(g.k_in == w.k_in && g.v_in == w.v_in && g.k_tail == w.k_tail && g.v_tail == w.v_tail &&
+                  g.in_token_stride == w.in_token_stride && g.eb_k.mode == w.eb_k.mode &&
+                  g.eb_k.value == w.eb_k.value && g.eb_v.mode == w.eb_v.mode && g.eb_v.value == w.eb_v.value &&
+                  g.tail_tokens == w.tail_tokens && g.codebook == w.codebook && g.table_index == w.table_index &&
+                  g.entry == w.entry)
+          << "job " << i << " of " << got.size();
     }
   }
 }
