@@ -262,8 +262,8 @@ TEST(CacheGpu, LayersOutOfOrderAreRejectedAndLeaveTheCacheAsItWas) {
 }
 
 // The place kernel's pass for long entries (more than kWalkAlone jobs among
-// the first 32 entries: a warp each, pages found by ballots over prefix sums)
-// and for the others (a thread each) against place_pair, the greedy fill,
+// the first 32 entries: the CTA walks them over prefix sums) and for the
+// others (a thread each) against place_pair, the greedy fill,
 // pair after pair: each pair's offset in its page, and a new page exactly
 // where the greedy fill opens one. Two appends per sequence (the second
 // continues the open page), sizes that vary (four distributions) and sizes
@@ -287,7 +287,7 @@ TEST(CacheGpu, LongAppendsPlaceBlocksAsTheGreedyPageFill) {
     cfg.pool_page_bytes = page_bytes;
     const int H = cfg.kv_heads, D = cfg.head_dim, T = cfg.block_tokens;
     Cache cache(cfg);
-    // Sequences 0..2: long (warp-walked); 3..32: one block per head (thread-walked); 33: long, but past
+    // Sequences 0..2: long (walked by the CTA); 3..32: one block per head (thread-walked); 33: long, but past
     // the first 32 entries (thread-walked).
     const int n_seqs = 34;
     std::vector<int> seqs;
