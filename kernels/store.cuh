@@ -59,7 +59,7 @@ __device__ __forceinline__ float load_exact(float x) { return x; }
 /// Row strides avoid bank conflicts in the walk: K reads float2 (c, c + 1) of
 /// rows 8 n8 + row (stride D + 8: a half warp hits 16 distinct bank pairs), V
 /// reads single floats of tokens 2 quad + {0, 1, 8, 9} at channel row
-/// (stride D + 4: 32 distinct banks). D is a multiple of 32.
+/// (stride D + 4: 32 distinct banks). D is a multiple of 16.
 struct StagedRows {
   const float* v;
   int stride;

@@ -21,6 +21,9 @@ void check_cuda(cudaError_t e, const char* what);
 /// device, whatever its static shared memory (the fused kernel's tables: so
 /// even a small `bytes` is granted). Per device, the largest size granted so
 /// far is remembered; a launch within it costs one cudaGetDevice. Thread-safe.
+/// The record is process-wide: a cudaDeviceReset() (which drops the
+/// attributes) after kernels ran on that device is not seen, so launches over
+/// 48 KiB would fail with a CUDA error (kvcomp::Error) until the process restarts.
 template <auto Kernel>
 void opt_in_dynamic_smem(size_t bytes, const char* what) {
   constexpr int kDevices = 64;  // devices beyond set the attribute at every launch
