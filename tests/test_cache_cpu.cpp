@@ -16,6 +16,7 @@
 #include "kernels/attention_params.cuh"
 #include "src/pool_pages.hpp"
 #include "src/store_plan.hpp"
+#include "test_data.hpp"
 
 using namespace kvcomp;
 
@@ -273,6 +274,62 @@ TEST(StorePlan, TailRowsAppendAfterTheHeldOnesWhenNoBlockCloses) {
   EXPECT_EQ(offset(plan.copies[1].k_in, k.data()), ptrdiff_t(kD * kEsz));
   EXPECT_EQ(offset(plan.copies[1].v_dst, tails.data()), ptrdiff_t(tail_row_offset(0, Kind::Value, 1, 1, 6)));
   EXPECT_EQ(plan.copies[1].rows, 10);
+}
+
+// What Cache::append does for a prefill (jobs made on the device) must plan
+// everything else as the full plan does: plan_store without jobs gives the
+// same entries, tail copies, first input tokens and job count (count_jobs
+// agrees), and a plan reused across appends (its vectors keep their
+// capacity) equals a fresh one.
+TEST(StorePlan, WithoutJobsAndReusedPlansAgreeWithAFreshFullPlan) {
+  const uint64_t seed = kvcomp_test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  auto pick = [&](int lo, int hi) { return lo + int(rng() % uint64_t(hi - lo + 1)); };
+  std::vector<uint8_t> k(16), v(16), tails(16);  // addresses only: plans never read them
+  detail::StorePlan reused;
+  for (int round = 0; round < 200; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    detail::AppendRequest r{pick(0, kLayers - 1), kT, kH, kMaxSeqs, kMaxBlocks, k.data(), v.data(),
+                            int64_t(kH) * kD + pick(0, 3) * 8, kD, kEsz,
+                            detail::TailLayout{tails.data(), kMaxSeqs, kH, kT, kD, kEsz},
+                            {{BoundMode::Relative, 0.01f}, {BoundMode::Absolute, 0.02f}},
+                            {{BoundMode::Relative, 0.03f}, {BoundMode::Absolute, 0.04f}}, {}};
+    for (int i = 0, n = pick(0, kMaxSeqs); i < n; ++i)
+      r.seqs.push_back({i, int64_t(pick(0, 3 * kT)), pick(0, 3) == 0 ? 0 : pick(1, 5 * kT)});
+    const detail::StorePlan full = detail::plan_store(r);
+    detail::StorePlan no_jobs;
+    detail::plan_store(r, no_jobs, false);
+    detail::plan_store(r, reused, pick(0, 1) == 1);
+    EXPECT_TRUE(no_jobs.jobs.empty());
+    EXPECT_EQ(full.n_jobs, full.jobs.size());
+    EXPECT_EQ(no_jobs.n_jobs, full.jobs.size());
+    EXPECT_EQ(detail::count_jobs(r), full.jobs.size());
+    for (const detail::StorePlan* p : {&no_jobs, &reused}) {
+      ASSERT_EQ(p->entries.size(), full.entries.size());
+      for (size_t i = 0; i < full.entries.size(); ++i) {
+        const detail::AppendEntry &a = p->entries[i], &b = full.entries[i];
+        EXPECT_TRUE(a.slot == b.slot && a.n_tokens == b.n_tokens && a.expected == b.expected &&
+                    a.job_begin == b.job_begin && a.job_end == b.job_end)
+            << "entry " << i;
+      }
+      EXPECT_EQ(p->tok0, full.tok0);
+      ASSERT_EQ(p->copies.size(), full.copies.size());
+      for (size_t i = 0; i < full.copies.size(); ++i) {
+        const detail::TailCopy &a = p->copies[i], &b = full.copies[i];
+        EXPECT_TRUE(a.k_in == b.k_in && a.v_in == b.v_in && a.k_dst == b.k_dst && a.v_dst == b.v_dst &&
+                    a.in_token_stride == b.in_token_stride && a.rows == b.rows && a.entry == b.entry)
+            << "copy " << i;
+      }
+    }
+    if (!reused.jobs.empty()) {
+      ASSERT_EQ(reused.jobs.size(), full.jobs.size());
+      for (size_t i = 0; i < full.jobs.size(); ++i)
+        EXPECT_TRUE(reused.jobs[i].k_in == full.jobs[i].k_in && reused.jobs[i].table_index == full.jobs[i].table_index &&
+                    reused.jobs[i].entry == full.jobs[i].entry && reused.jobs[i].tail_tokens == full.jobs[i].tail_tokens)
+            << "job " << i;
+    }
+  }
 }
 
 TEST(PoolPages, PairsFillTheOpenPageThenOpenANewOne) {
