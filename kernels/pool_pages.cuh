@@ -36,7 +36,6 @@ namespace kvcomp {
 namespace detail {
 
 constexpr int kPlaceThreads = 256;
-constexpr int kPlaceWarps = kPlaceThreads / 32;
 constexpr uint32_t kWalkAlone = 64;  // an entry of more jobs, among the first 32, is a long one (the CTA walks it)
 constexpr int kPlaceItems = 8;       // jobs a thread takes in the CTA-wide passes
 constexpr int kPlaceChunk = kPlaceThreads * kPlaceItems;  // jobs of a long entry walked at a time
