@@ -1,6 +1,6 @@
 // Eager appends: the block jobs worked out on the device from the append's
-// entries (one per sequence: slot, tokens held, tokens appended, its jobs'
-// range) and each entry's first input token, with the formula the host's
+// entries (one per sequence: slot, tokens and blocks held, tokens appended,
+// its jobs' range) and each entry's first input token, with the formula the host's
 // plan_store uses (append_job, store_job.cuh). Only the entries and tail
 // copies cross from the host.
 #pragma once
@@ -23,7 +23,8 @@ __global__ void append_jobs_kernel(const AppendJobsParams p) {
   const AppendEntry a = p.entries[e];
   const int H = p.g.tails.kv_heads;
   const int q = int(i - a.job_begin), b = q / H, h = q % H;
-  p.jobs[i] = append_job(p.g, a.slot, a.expected, p.tok0[e], b, h, uint32_t(e), p.bounds[2 * h], p.bounds[2 * h + 1]);
+  p.jobs[i] = append_job(p.g, a.slot, a.expected, a.closed, p.tok0[e], b, h, uint32_t(e), p.bounds[2 * h],
+                         p.bounds[2 * h + 1]);
 }
 
 }  // namespace detail

@@ -135,8 +135,8 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
     const int hi = seq.tokens - queries.y + j + 1;
     return int4{(queries.x + j) * q_heads + head * p.group + f % p.group, p.window > 0 ? hi - p.window : 0, hi, 0};
   };
-  const int nblocks = seq.tokens / T, tail = seq.tokens % T;
-  const UnitRange range = unit_range(row_of(0).y, row_of(group - 1).z, p.sinks, T, nblocks + (tail > 0));
+  const int nblocks = seq.blocks, tail = seq.tokens - seq.blocks * T;
+  const UnitRange range = unit_range(row_of(0).y, row_of(group - 1).z, p.sinks, T, nblocks);
   const int per = max(p.units_per_split, (range.count + p.splits - 1) / p.splits);
   const int v_begin = split * per;  // virtual units (range.unit maps them to blocks)
   const int v_end = min(range.count, v_begin + per);
@@ -502,7 +502,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
   if (tail_warp == warp) {
     SoftmaxAcc<D, kR> st;
     st.init();
-    const size_t base = (size_t(seq.slot) * p.kv_heads + head) * size_t(T) * D;
+    const size_t base = (size_t(seq.slot) * p.kv_heads + head) * size_t(p.tail_rows) * D;
     int row_lo[kR], row_hi[kR];
 #pragma unroll
     for (int g = 0; g < kR; ++g) {
@@ -519,8 +519,9 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
           const int t = t0 + i;
           return t < row_hi[g] && (t >= row_lo[g] || t < p.sinks);
         };
-        attend_rows<D, kR>(st, q_s, kt + size_t(first) * D, vt + size_t(first) * D, min(32, tail - first),
-                                 visible);
+        // Token t is in ring row t % tail_rows; 32 rows from a multiple of 32 never wrap (T, rows: multiples of 32).
+        const size_t at = size_t(t0 % p.tail_rows) * D;
+        attend_rows<D, kR>(st, q_s, kt + at, vt + at, min(32, tail - first), visible);
       }
     };
     if (p.tail_dtype == kTailF16) attend_tail(__half{});

@@ -29,6 +29,7 @@ constexpr uint32_t max_overread(int tokens, int head_dim) {
 struct AttendSeq {
   int32_t slot;    // sequence slot in the cache's tables (-1: idle, no tokens)
   int32_t tokens;  // tokens stored (compressed blocks * T + tail)
+  int32_t blocks;  // compressed blocks (the tail holds tokens - blocks * T: up to T - 1, or T + max_rollback - 1)
 };
 
 struct AttendParams {
@@ -36,8 +37,10 @@ struct AttendParams {
   uint64_t pool_units16;          // pool bytes / 16: block refs pointing past it are skipped
   const format::BlockRef* table;  // this layer: [slot][max_blocks][kv_heads]
   const CodebookTables* books;    // this layer: [kv_heads][K, V]
-  const void* k_tail;             // this layer's K tails: [slot][kv_heads][T][D], of tail_dtype
+  const void* k_tail;             // this layer's K tails: [slot][kv_heads][tail_rows][D], of tail_dtype,
+                                  // token t in row t % tail_rows (TailLayout)
   const void* v_tail;             // this layer's V tails, same layout
+  int32_t tail_rows;
   const void* q;                  // [batch][q_heads][D]
   void* out;                      // [batch][q_heads][D]
   float* part;                    // [batch][q_heads][splits][D + 2]
@@ -60,6 +63,7 @@ struct AttendParams {
                                   // rotated in the kernel and the output rotated back in the merge
   int32_t batch;
   const int32_t* lengths;         // this layer's token counts (device), by slot
+  const int32_t* closed;          // this layer's block counts (device), by slot
   const int32_t* slots;           // device [batch] (plan-based), or null: slots[b] = seq_slot[b]
   int32_t seq_slot[kMaxBatch];
   // Queries: 0 (plan-based): entry b has one query, row b of q/out. 1: entry b has q_count[b] query tokens,
@@ -84,11 +88,14 @@ struct UnitRange {
   int count;
   __host__ __device__ int unit(int v) const { return v < sink_units ? v : first + (v - sink_units); }
 };
-/// lo_min, hi_max: the loosest bounds of the rows of a tile; units: of the sequence (nblocks + tail unit).
-__host__ __device__ inline UnitRange unit_range(int lo_min, int hi_max, int sinks, int T, int units) {
-  const int end = hi_max <= 0 ? 0 : (hi_max + T - 1) / T < units ? (hi_max + T - 1) / T : units;
-  int first = lo_min > 0 ? lo_min / T : 0;
-  int sink_units = sinks > 0 ? (sinks + T - 1) / T : 0;
+/// lo_min, hi_max: the loosest bounds of the rows of a tile; blocks: the
+/// sequence's compressed blocks (token t is in unit min(t / T, blocks): the
+/// tail, unit `blocks`, may hold more than T tokens).
+__host__ __device__ inline UnitRange unit_range(int lo_min, int hi_max, int sinks, int T, int blocks) {
+  auto unit_of = [&](int t) { return t / T < blocks ? t / T : blocks; };
+  const int end = hi_max <= 0 ? 0 : unit_of(hi_max - 1) + 1;
+  int first = lo_min > 0 ? unit_of(lo_min) : 0;
+  int sink_units = sinks > 0 ? unit_of(sinks - 1) + 1 : 0;
   if (sink_units >= first) sink_units = first = 0;  // the sinks touch the window: one range
   if (first > end) first = end;
   if (sink_units > end) sink_units = end;
@@ -99,7 +106,7 @@ __host__ __device__ inline UnitRange unit_range(int lo_min, int hi_max, int sink
 /// replayed CUDA graph sees the current lengths).
 __host__ __device__ inline AttendSeq attend_seq(const AttendParams& p, int b) {
   const int32_t slot = p.slots ? p.slots[b] : p.seq_slot[b];
-  return {slot, slot >= 0 ? p.lengths[slot] : 0};
+  return {slot, slot >= 0 ? p.lengths[slot] : 0, slot >= 0 ? p.closed[slot] : 0};
 }
 
 struct SplitPlan {

@@ -13,7 +13,7 @@
 //
 // place_kernel handles one append to one layer, entry by entry (a sequence),
 // all or nothing per entry: it checks the entry (the layer holds `expected`
-// tokens, it stays within max_tokens_per_seq and behind layer - 1), counts the
+// tokens and `closed` blocks, it stays within max_tokens_per_seq and behind layer - 1), counts the
 // new pages its pairs need, takes them in entry order while the stack holds
 // enough, then gives every pair its offset and advances the token count. A
 // failed entry stores nothing (its jobs and tail copies skip themselves on
@@ -93,7 +93,8 @@ __global__ void __launch_bounds__(kPlaceThreads, 1) place_kernel(const AppendEnt
     if (a.n_tokens > 0) {
       const int32_t* tok = seqs.tokens + a.slot;
       const int32_t have = tok[size_t(layer) * seqs.max_seqs];
-      if (have != a.expected || (layer > 0 && have + a.n_tokens > tok[size_t(layer - 1) * seqs.max_seqs]))
+      if (have != a.expected || seqs.closed[size_t(layer) * seqs.max_seqs + a.slot] != a.closed ||
+          (layer > 0 && have + a.n_tokens > tok[size_t(layer - 1) * seqs.max_seqs]))
         reason = kFailStale;
       else if (have + a.n_tokens > seqs.max_tokens)
         reason = kFailMaxTokens;
@@ -266,6 +267,7 @@ __global__ void __launch_bounds__(kPlaceThreads, 1) place_kernel(const AppendEnt
         pool.open_page[a.slot] = need > 0 ? pool.free_pages[top - need] : page0;
         pool.open_fill16[a.slot] = uint32_t(page_base[2 * lane + 1]);
         seqs.tokens[at] += a.n_tokens;
+        seqs.closed[at] += a.new_blocks;
       }
       if (lane == 0) w_n = __popc(oks);
     }
@@ -339,6 +341,7 @@ __global__ void __launch_bounds__(kPlaceThreads, 1) place_kernel(const AppendEnt
     pool.open_page[a.slot] = page;
     pool.open_fill16[a.slot] = uint32_t(page_base[2 * e + 1]);
     seqs.tokens[at] += a.n_tokens;
+    seqs.closed[at] += a.new_blocks;
   }
 }
 
@@ -396,6 +399,7 @@ __global__ void __launch_bounds__(kReleaseThreads) release_kernel(int slot, Pool
   for (int l = threadIdx.x; l < seqs.layers; l += blockDim.x) {
     const size_t at = size_t(l) * seqs.max_seqs + slot;
     seqs.tokens[at] = 0;
+    seqs.closed[at] = 0;
     seqs.fail[at] = 0;
   }
 }
@@ -416,8 +420,15 @@ __global__ void __launch_bounds__(kReleaseThreads) fork_kernel(int parent, int c
   }
   for (int l = threadIdx.x; l < seqs.layers; l += blockDim.x) {
     seqs.tokens[size_t(l) * seqs.max_seqs + child] = seqs.tokens[size_t(l) * seqs.max_seqs + parent];
+    seqs.closed[size_t(l) * seqs.max_seqs + child] = seqs.closed[size_t(l) * seqs.max_seqs + parent];
     seqs.fail[size_t(l) * seqs.max_seqs + child] = 0;
   }
+}
+
+/// Cache::rollback: every layer of `slot` gives back its last n tokens
+/// (the host checked that they are all in the tails: blocks are untouched).
+__global__ void rollback_kernel(int slot, int n, SeqState seqs) {
+  for (int l = threadIdx.x; l < seqs.layers; l += blockDim.x) seqs.tokens[size_t(l) * seqs.max_seqs + slot] -= n;
 }
 
 /// One CTA, after an append to the last layer: for each entry's sequence
@@ -441,7 +452,8 @@ __global__ void __launch_bounds__(kReleaseThreads) trim_kernel(const AppendEntry
     __syncthreads();
     // Mark the pages of the live blocks: the sinks and the window's, every layer (all of a full-attention one).
     for (int l = 0; l < seqs.layers; ++l) {
-      const int32_t tokens = seqs.tokens[size_t(l) * seqs.max_seqs + slot], n = tokens / T;
+      const int32_t tokens = seqs.tokens[size_t(l) * seqs.max_seqs + slot];
+      const int32_t n = seqs.closed[size_t(l) * seqs.max_seqs + slot];
       const int32_t first = first_live_block(tokens, w.windows[l], w.max_queries, T);
       const int32_t sinks = first > 0 ? min(sink_blocks(w.sinks, T), n) : 0;
       const format::BlockRef* row = w.table + (size_t(l) * seqs.max_seqs + slot) * w.max_blocks * w.kv_heads;

@@ -28,6 +28,7 @@ struct PoolState {
 };
 struct SeqState {
   int32_t* tokens;        // [layer][max_seqs]
+  int32_t* closed;        // [layer][max_seqs]: blocks in the pool (tokens - closed T are in the tail)
   int32_t* fail;          // [layer][max_seqs]: FailReason of the last failed append
   int32_t* fail_flag;     // host-mapped: set when any fail is recorded
   int32_t max_seqs;
@@ -37,10 +38,11 @@ struct SeqState {
 
 /// Sliding windows (Config::window): what trim_kernel needs to find the
 /// blocks no query can see any more. An attend call takes at most
-/// max_queries query tokens of a sequence, its last ones, so in a layer of L
-/// tokens every future query sits at L - max_queries or later and, with
-/// window W, sees only tokens >= L - max_queries - W + 1 (and the sinks):
-/// the blocks that end at or before that are dead.
+/// max_attend_batch query tokens of a sequence, its last ones, and
+/// rollback() takes back at most max_rollback tokens, so in a layer of L
+/// tokens every future query sits at L - max_queries or later (max_queries
+/// = their sum) and, with window W, sees only tokens >= L - max_queries - W
+/// + 1 (and the sinks): the blocks that end at or before that are dead.
 struct WindowTrim {
   const format::BlockRef* table;  // every layer: [layer][slot][max_blocks][kv_heads]
   const int32_t* windows;         // [layers]: W, 0 = full attention
@@ -49,7 +51,7 @@ struct WindowTrim {
   int32_t kv_heads;
   int32_t block_tokens;
   int32_t sinks;
-  int32_t max_queries;  // Config::max_attend_batch (resolved)
+  int32_t max_queries;  // Config::max_attend_batch (resolved) + Config::max_rollback
 };
 
 /// The first block of a layer of `tokens` tokens that a query can still see

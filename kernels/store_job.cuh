@@ -38,8 +38,8 @@ inline int store_warps(int n_jobs, int sms) { return n_jobs <= sms ? kStoreWarps
 struct StoreJob {
   const void* k_in;          // input K row of the first new token, this head
   const void* v_in;          // input V row of the first new token, this head
-  const void* k_tail;        // tail K rows [T][D], contiguous, the input's type
-  const void* v_tail;        // tail V rows [T][D], contiguous, the input's type
+  const void* k_tail;        // the block's first tail K row (rows [T][D] contiguous), the input's type
+  const void* v_tail;        // the block's first tail V row
   int64_t in_token_stride;   // elements between consecutive input tokens
   ErrorBound eb_k;
   ErrorBound eb_v;
@@ -68,12 +68,18 @@ struct AppendEntry {
   int32_t slot;        // sequence slot; ignored when n_tokens == 0
   int32_t n_tokens;    // tokens appended (0: nothing to do)
   int32_t expected;    // tokens the layer holds before the append, as planned
+  int32_t closed;      // blocks it holds before the append (closed: compressed in the pool)
+  int32_t new_blocks;  // blocks the append closes (its jobs, kv_heads per block, unless idle)
   uint32_t job_begin;  // its StoreJobs: [job_begin, job_end)
   uint32_t job_end;
 };
 
-/// Where tail rows live: one buffer [layer][K|V][slot][kv head][T][D] of the
-/// input's type (elem_bytes per element).
+/// Where tail rows live: one buffer [layer][K|V][slot][kv head][rows][D] of
+/// the input's type (elem_bytes per element). The tail of (slot, head) is a
+/// ring: token t sits in row t % rows. rows = T, or 2 T when the cache keeps
+/// tokens back for rollback (Config::max_rollback > 0: a tail then holds up
+/// to T + max_rollback - 1 tokens). Either way a block's T rows are
+/// contiguous (they start at row 0 or T).
 struct TailLayout {
   uint8_t* base;
   int max_seqs;
@@ -81,12 +87,22 @@ struct TailLayout {
   int block_tokens;
   int head_dim;
   size_t elem_bytes;
+  int rows;
+  KVCOMP_HD int ring_row(int64_t token) const { return int(token % rows); }
   /// Tail row `row` of (layer, slot, head, kind).
   KVCOMP_HD uint8_t* row_ptr(int layer, int slot, int head, Kind kind, int row = 0) const {
-    return base + (((((size_t(layer) * 2 + int(kind)) * max_seqs + slot) * kv_heads + head) * block_tokens + row) *
+    return base + (((((size_t(layer) * 2 + int(kind)) * max_seqs + slot) * kv_heads + head) * rows + row) *
                    head_dim) * elem_bytes;
   }
 };
+
+/// Blocks a layer of a sequence closes when it holds `held` tokens in its
+/// tail (tokens past its closed blocks): a block closes once max_rollback
+/// newer tokens follow it, so the newest max_rollback tokens always stay in
+/// the tail (rollback() takes them back without touching a closed block).
+KVCOMP_HD int32_t blocks_to_close(int64_t held, int block_tokens, int max_rollback) {
+  return held >= block_tokens + max_rollback ? int32_t((held - max_rollback) / block_tokens) : 0;
+}
 
 /// The BlockRef slot of (layer, slot, block, head) in the block tables [layer][slot][max_blocks][H].
 KVCOMP_HD uint32_t table_slot(int layer, int slot, int64_t block, int head, int max_seqs, int max_blocks, int H) {
@@ -107,26 +123,29 @@ struct AppendGeometry {
 };
 
 /// The job of block b (0: the first block this append closes) and kv head h
-/// of a sequence in `slot` whose layer held `stored` tokens and whose new
-/// tokens start at input token tok0: block 0 takes the tail's stored % T
-/// rows first, then input rows.
-KVCOMP_HD StoreJob append_job(const AppendGeometry& g, int slot, int64_t stored, int64_t tok0, int b, int h,
-                              uint32_t entry, ErrorBound eb_k, ErrorBound eb_v) {
+/// of a sequence in `slot` whose layer held `stored` tokens, `closed` of
+/// them in blocks, and whose new tokens start at input token tok0: the
+/// block's rows are the tail's (held = stored - closed T of them, block b
+/// takes rows b T .. of those) and then input rows.
+KVCOMP_HD StoreJob append_job(const AppendGeometry& g, int slot, int64_t stored, int32_t closed, int64_t tok0, int b,
+                              int h, uint32_t entry, ErrorBound eb_k, ErrorBound eb_v) {
   const int T = g.tails.block_tokens, H = g.tails.kv_heads;
-  const int c = int(stored % T);
-  const int64_t first = tok0 + (b == 0 ? 0 : int64_t(b) * T - c);  // its first input row
+  const int64_t held = stored - int64_t(closed) * T, before = int64_t(b) * T;  // tail rows; rows of blocks before b
+  const int from_tail = held <= before ? 0 : held - before >= T ? T : int(held - before);
+  const int64_t first = tok0 + (before + from_tail - held);  // its first input row (unused if from_tail = T)
   const size_t in = size_t(first * g.token_stride + int64_t(h) * g.head_stride) * g.elem_bytes;
+  const int row0 = g.tails.ring_row(int64_t(closed + b) * T);
   StoreJob j{};
   j.k_in = g.k + in;
   j.v_in = g.v + in;
-  j.k_tail = g.tails.row_ptr(g.layer, slot, h, Kind::Key);
-  j.v_tail = g.tails.row_ptr(g.layer, slot, h, Kind::Value);
+  j.k_tail = g.tails.row_ptr(g.layer, slot, h, Kind::Key, row0);
+  j.v_tail = g.tails.row_ptr(g.layer, slot, h, Kind::Value, row0);
   j.in_token_stride = g.token_stride;
   j.eb_k = eb_k;
   j.eb_v = eb_v;
-  j.tail_tokens = b == 0 ? c : 0;
+  j.tail_tokens = from_tail;
   j.codebook = uint32_t((g.layer * H + h) * 2);
-  j.table_index = table_slot(g.layer, slot, stored / T + b, h, g.tails.max_seqs, g.max_blocks, H);
+  j.table_index = table_slot(g.layer, slot, closed + b, h, g.tails.max_seqs, g.max_blocks, H);
   j.entry = entry;
   return j;
 }
@@ -149,6 +168,7 @@ struct AppendJobsParams {
 struct DecodeJobsParams {
   const int32_t* slots;       // [batch]
   const int32_t* tokens;      // [layer][max_seqs]
+  const int32_t* closed;      // [layer][max_seqs]: blocks
   const ErrorBound* bounds;   // this layer: [H][K|V]
   const uint8_t* k;           // input rows, elem_bytes each element
   const uint8_t* v;
@@ -159,6 +179,7 @@ struct DecodeJobsParams {
   int32_t layers;
   int32_t batch;
   int32_t max_blocks;
+  int32_t max_rollback;
   StoreJob* jobs;             // [batch][H]
   TailCopy* copies;           // [batch][H]
   AppendEntry* entries;       // [batch]

@@ -29,7 +29,8 @@ std::string str(long long v) { return std::to_string(v); }
 }  // namespace
 
 Cache::Impl::Impl(const Config& c)
-    : cfg(c), T(c.block_tokens), D(c.head_dim), H(c.kv_heads), G(c.q_heads / c.kv_heads),
+    : cfg(c), T(c.block_tokens), D(c.head_dim), H(c.kv_heads), G(c.q_heads / c.kv_heads), R(c.max_rollback),
+      tail_rows(c.max_rollback > 0 ? 2 * c.block_tokens : c.block_tokens),
       max_blocks((c.max_tokens_per_seq + c.block_tokens - 1) / c.block_tokens) {
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
@@ -39,7 +40,7 @@ Cache::Impl::Impl(const Config& c)
   // The fused kernel's decoders may read a little past a block: the pool is followed by that much.
   pool.allocate(pool_bytes + detail::kDecodeOverread, "the compressed pool");
   table.allocate(size_t(c.layers) * c.max_seqs * max_blocks * H, "block tables");
-  tails.allocate(size_t(c.layers) * c.max_seqs * H * 2 * T * D * dtype_size(c.dtype), "tail buffers");
+  tails.allocate(size_t(c.layers) * c.max_seqs * H * 2 * tail_rows * D * dtype_size(c.dtype), "tail buffers");
   books.allocate(size_t(c.layers) * H * 2, "codebook tables");
   ctas_per_sm = detail::attention_ctas_per_sm(D, G);
   part_splits = detail::plan_splits(max_blocks + 1, 1, H, sms, ctas_per_sm).splits;
@@ -65,6 +66,7 @@ Cache::Impl::Impl(const Config& c)
   open_page.allocate(c.max_seqs, "sequence pages");
   open_fill16.allocate(c.max_seqs, "sequence pages");
   tokens.allocate(slots, "token counts");
+  closed.allocate(slots, "block counts");
   fail.allocate(slots, "failure records");
   const size_t per_layer_hist = size_t(H) * 2 * format::kLowBitChoices * format::kNumSymbols;
   hist.allocate(size_t(c.layers) * per_layer_hist, "histogram scratch");
@@ -94,6 +96,7 @@ Cache::Impl::Impl(const Config& c)
   auto zero = [](void* p, size_t bytes) { check_cuda(cudaMemset(p, 0, bytes), "cache initialization"); };
   zero(open_fill16.ptr, open_fill16.count * sizeof(uint32_t));
   zero(tokens.ptr, tokens.count * sizeof(int32_t));
+  zero(closed.ptr, closed.count * sizeof(int32_t));
   zero(users.ptr, users.count * sizeof(uint32_t));
   zero(layer_units16.ptr, layer_units16.count * sizeof(uint32_t));
   zero(fail.ptr, fail.count * sizeof(int32_t));
@@ -103,11 +106,13 @@ Cache::Impl::Impl(const Config& c)
 
   live.assign(c.max_seqs, false);
   h_tokens.assign(slots, 0);
+  h_closed.assign(slots, 0);
+  h_high.assign(slots, 0);
   books_built.assign(c.layers, false);
 }
 
 detail::SeqState Cache::Impl::seq_state() const {
-  return {tokens.ptr, fail.ptr, fail_flag_device, cfg.max_seqs, cfg.max_tokens_per_seq, cfg.layers};
+  return {tokens.ptr, closed.ptr, fail.ptr, fail_flag_device, cfg.max_seqs, cfg.max_tokens_per_seq, cfg.layers};
 }
 
 ErrorBound Cache::Impl::bound(int layer, int head, Kind kind) const {
@@ -143,6 +148,8 @@ void Cache::Impl::refresh_tokens() {
   check_cuda(cudaDeviceSynchronize(), "token count sync");
   check_cuda(cudaMemcpy(h_tokens.data(), tokens.ptr, h_tokens.size() * sizeof(int32_t), cudaMemcpyDeviceToHost),
              "token count copy");
+  check_cuda(cudaMemcpy(h_closed.data(), closed.ptr, h_closed.size() * sizeof(int32_t), cudaMemcpyDeviceToHost),
+             "block count copy");
   tokens_stale = false;
 }
 
@@ -162,7 +169,9 @@ void Cache::Impl::fill_attend(int layer, const void* q, void* out, detail::Atten
   p.scale_log2 = float(1.4426950408889634 / std::sqrt(double(D)));
   p.tail_dtype = int32_t(cfg.dtype);
   p.transform = int32_t(cfg.transform);
+  p.tail_rows = tail_rows;
   p.lengths = tokens.ptr + size_t(layer) * cfg.max_seqs;
+  p.closed = closed.ptr + size_t(layer) * cfg.max_seqs;
   p.window = layer_window(layer);
   p.sinks = p.window > 0 ? cfg.sink_tokens : 0;
 }
@@ -183,9 +192,10 @@ void Cache::Impl::rotate_input(AppendScratch& s, int64_t rows, const void*& k, c
   head_stride = D;
 }
 
+int32_t Cache::Impl::trim_queries() const { return detail::attend_batch_limit(cfg) + R; }
+
 bool Cache::Impl::behind_window(int seq, int layer, int64_t block) const {
-  const int32_t first =
-      detail::first_live_block(host_tokens(seq, layer), layer_window(layer), detail::attend_batch_limit(cfg), T);
+  const int32_t first = detail::first_live_block(host_tokens(seq, layer), layer_window(layer), trim_queries(), T);
   return block < first && block >= detail::sink_blocks(cfg.sink_tokens, T);
 }
 
@@ -211,8 +221,8 @@ void Cache::Impl::run_store(int layer, AppendScratch& s, int n_jobs, int n_entri
                           s.pair_at16.ptr, s.entry_ok.ptr, pool.ptr, table.ptr, stream);
   detail::launch_tail_copy(cfg.dtype, s.copies.ptr, n_copies, D, s.entry_ok.ptr, stream);
   if (windowed && layer == cfg.layers - 1) {
-    const detail::WindowTrim w{table.ptr,         windows.ptr, alive_pages.ptr, max_blocks, H, T, cfg.sink_tokens,
-                               detail::attend_batch_limit(cfg)};
+    const detail::WindowTrim w{table.ptr, windows.ptr, alive_pages.ptr, max_blocks, H, T, cfg.sink_tokens,
+                               trim_queries()};
     detail::launch_trim(s.entries.ptr, n_entries, trim_every_call, w, pool_state(), seq_state(), stream);
   }
 }
@@ -255,14 +265,18 @@ int Cache::fork(int seq, cudaStream_t stream) {
                                m.cfg.layers, cudaMemcpyDeviceToDevice, stream),
              "fork: block table copy");
   const detail::TailLayout tl = m.tail_layout();
-  const size_t tail_row = size_t(m.H) * m.T * m.D * dtype_size(m.cfg.dtype);
+  const size_t tail_row = size_t(m.H) * m.tail_rows * m.D * dtype_size(m.cfg.dtype);
   check_cuda(cudaMemcpy2DAsync(tl.row_ptr(0, child, 0, Kind::Key), m.cfg.max_seqs * tail_row,
                                tl.row_ptr(0, seq, 0, Kind::Key), m.cfg.max_seqs * tail_row, tail_row,
                                size_t(m.cfg.layers) * 2, cudaMemcpyDeviceToDevice, stream),
              "fork: tail copy");
   detail::launch_fork(seq, child, m.pool_state(), m.seq_state(), stream);
   m.live[child] = true;
-  for (int l = 0; l < m.cfg.layers; ++l) m.h_tokens[m.at(l, child)] = m.h_tokens[m.at(l, seq)];
+  for (int l = 0; l < m.cfg.layers; ++l) {
+    m.h_tokens[m.at(l, child)] = m.h_tokens[m.at(l, seq)];
+    m.h_closed[m.at(l, child)] = m.h_closed[m.at(l, seq)];
+    m.h_high[m.at(l, child)] = m.h_high[m.at(l, seq)];
+  }
   return child;
 }
 
@@ -271,7 +285,38 @@ void Cache::remove_sequence(int id, cudaStream_t stream) {
   m.check_seq(id);
   detail::launch_release(id, m.pool_state(), m.seq_state(), stream);
   m.live[id] = false;
-  for (int l = 0; l < m.cfg.layers; ++l) m.h_tokens[m.at(l, id)] = 0;
+  for (int l = 0; l < m.cfg.layers; ++l) m.h_tokens[m.at(l, id)] = m.h_closed[m.at(l, id)] = m.h_high[m.at(l, id)] = 0;
+}
+
+void Cache::rollback(int seq, int n_tokens, cudaStream_t stream) {
+  Impl& m = *impl_;
+  m.check_seq(seq);
+  if (n_tokens < 0) throw Error("rollback: negative token count " + str(n_tokens));
+  // The host's counts must be the device's: appends queued on `stream` could still fail.
+  check_cuda(cudaStreamSynchronize(stream), "rollback sync");
+  m.poll_failures("rollback");
+  m.tokens_stale = true;
+  m.refresh_tokens();
+  if (n_tokens == 0) return;
+  for (int l = 0; l < m.cfg.layers; ++l) {
+    // Blocks closed R tokens behind the most tokens held, and window trims kept R tokens of room
+    // (Impl::trim_queries): no count may go below high - R.
+    const int32_t L = m.host_tokens(seq, l), high = std::max(m.h_high[m.at(l, seq)], L);
+    const int32_t room = std::min(L, m.R - (high - L));
+    if (n_tokens > room)
+      throw Error("rollback: sequence " + str(seq) + " can take back at most " + str(std::max(room, 0)) +
+                  " tokens in layer " + str(l) + " (it holds " + str(L) + "; Config::max_rollback = " + str(m.R) +
+                  " counts from the most it held, " + str(high) + ")");
+    if (n_tokens > m.host_tail(seq, l))  // implied by the room (blocks close R tokens behind), checked anyway
+      throw Error("rollback: the last " + str(n_tokens) + " tokens of sequence " + str(seq) + " in layer " + str(l) +
+                  " are not all in its tail");
+  }
+  detail::launch_rollback(seq, n_tokens, m.seq_state(), stream);
+  for (int l = 0; l < m.cfg.layers; ++l) {
+    int32_t& high = m.h_high[m.at(l, seq)];
+    high = std::max(high, m.h_tokens[m.at(l, seq)]);
+    m.h_tokens[m.at(l, seq)] -= n_tokens;
+  }
 }
 
 int64_t Cache::tokens(int seq, int layer) const {
@@ -321,14 +366,14 @@ void Cache::append(int layer, const std::vector<int>& seq_ids, const std::vector
   if (m.cfg.transform == Transform::Hadamard) m.rotate_input(s, total, k, v, token_stride, head_stride, stream);
 
   // Jobs (blocks to close), tail copies and entries, sequence by sequence.
-  detail::AppendRequest req{layer, T, H, m.cfg.max_seqs, m.max_blocks, k, v, token_stride, head_stride,
+  detail::AppendRequest req{layer, T, H, m.cfg.max_seqs, m.max_blocks, m.R, k, v, token_stride, head_stride,
                             dtype_size(m.cfg.dtype), m.tail_layout(), {}, {}, {}};
   for (int h = 0; h < H; ++h) {
     req.k_bounds.push_back(m.bound(layer, h, Kind::Key));
     req.v_bounds.push_back(m.bound(layer, h, Kind::Value));
   }
   for (size_t i = 0; i < seq_ids.size(); ++i)
-    req.seqs.push_back({seq_ids[i], m.host_tokens(seq_ids[i], layer), n_tokens[i]});
+    req.seqs.push_back({seq_ids[i], m.host_tokens(seq_ids[i], layer), m.host_closed(seq_ids[i], layer), n_tokens[i]});
   // The jobs (72 bytes each) are made on the host for a few blocks (a decode step), on the device for
   // many (a prefill: ~20 ns a job on the host, plus the upload, against one small kernel launch).
   const bool jobs_on_device = detail::count_jobs(req) > kHostJobsMax;
@@ -354,7 +399,10 @@ void Cache::append(int layer, const std::vector<int>& seq_ids, const std::vector
   m.run_store(layer, s, int(plan.n_jobs), int(plan.entries.size()), int(plan.copies.size()), build, true, stream);
   if (build) m.books_built[layer] = true;  // closed blocks make the build kernels build
   // The mirror assumes success; a failure is reported (poll_failures) and refreshes it.
-  for (size_t i = 0; i < seq_ids.size(); ++i) m.h_tokens[m.at(layer, seq_ids[i])] += n_tokens[i];
+  for (size_t i = 0; i < seq_ids.size(); ++i) {
+    m.h_tokens[m.at(layer, seq_ids[i])] += n_tokens[i];
+    m.h_closed[m.at(layer, seq_ids[i])] += plan.entries[i].new_blocks;
+  }
 }
 
 void Cache::attend(int layer, const std::vector<int>& seq_ids, const void* q, void* out, DType q_type,
@@ -401,9 +449,9 @@ void Cache::Impl::attend(int layer, const std::vector<int>& seq_ids, const int* 
     p.q_count[i] = n;
     // The units its queries see (the window bounds them).
     const int hi_first = int(L - n + 1);
-    const int units = int((L + T - 1) / T);
+    const int blocks = host_closed(seq_ids[i], layer);
     max_units = std::max(max_units,
-                         detail::unit_range(p.window > 0 ? hi_first - p.window : 0, int(L), p.sinks, T, units).count);
+                         detail::unit_range(p.window > 0 ? hi_first - p.window : 0, int(L), p.sinks, T, blocks).count);
     tiles += (n * G + tile_rows - 1) / tile_rows;
   }
   // Lengths come from the device; the mirror bounds them (failures only make them shorter).
@@ -424,7 +472,7 @@ std::vector<uint8_t> Cache::read_block(int layer, int seq, int kv_head, int64_t 
   m.poll_failures("read_block");
   m.refresh_tokens();
   if (kv_head < 0 || kv_head >= m.H) throw Error("read_block: kv head " + str(kv_head) + " out of range");
-  if (block < 0 || block >= m.host_tokens(seq, layer) / m.T)
+  if (block < 0 || block >= m.host_closed(seq, layer))
     throw Error("read_block: block " + str(block) + " not stored");
   if (m.behind_window(seq, layer, block))
     throw Error("read_block: block " + str(block) + " of layer " + str(layer) +
@@ -474,7 +522,7 @@ Stats Cache::stats() const {
     for (int s = 0; s < m.cfg.max_seqs; ++s) {
       if (!m.live[s]) continue;
       ls.tokens += size_t(m.host_tokens(s, l));
-      ls.tail_tokens += size_t(m.host_tokens(s, l) % m.T);
+      ls.tail_tokens += size_t(m.host_tail(s, l));
     }
     ls.compressed_bytes = size_t(units[l]) * format::kBlockAlign;
     st.compressed_bytes += ls.compressed_bytes;

@@ -47,6 +47,8 @@ struct AppendScratch {
 struct Cache::Impl {
   Config cfg;
   int T, D, H, G;
+  int R;          // Config::max_rollback: blocks close when R newer tokens follow them
+  int tail_rows;  // of each (slot, head) tail ring: T, or 2 T when R > 0 (TailLayout)
   int max_blocks;
   int sms = 132;
   int ctas_per_sm = 2;
@@ -54,7 +56,7 @@ struct Cache::Impl {
   detail::DeviceBuffer<uint8_t> pool;             // pages + decoder overread room
   detail::PageGeometry pages{};
   detail::DeviceBuffer<format::BlockRef> table;   // [layer][slot][max_blocks][H]
-  detail::DeviceBuffer<uint8_t> tails;            // [layer][K|V][slot][H][T][D] of the input type
+  detail::DeviceBuffer<uint8_t> tails;            // [layer][K|V][slot][H][tail_rows][D] of the input type
   detail::DeviceBuffer<CodebookTables> books;     // [layer][H][K|V]
   detail::DeviceBuffer<ErrorBound> bounds;        // [layer][H][K|V]
   detail::DeviceBuffer<float> part;               // attention workspace
@@ -66,6 +68,7 @@ struct Cache::Impl {
   detail::DeviceBuffer<uint32_t> layer_units16;   // [page][layer]
   detail::DeviceBuffer<uint32_t> open_fill16;
   detail::DeviceBuffer<int32_t> tokens;           // [layer][slot]
+  detail::DeviceBuffer<int32_t> closed;           // [layer][slot]: blocks in the pool (the rest: the tail)
   detail::DeviceBuffer<unsigned long long> layer_units;  // [layer]: stats scratch
   // Sliding windows (Config::window): freeing the pages behind them.
   bool windowed = false;                          // some layer has a window
@@ -80,6 +83,9 @@ struct Cache::Impl {
   // Host side.
   std::vector<bool> live;                   // [slot]
   std::vector<int32_t> h_tokens;            // mirror of `tokens`
+  std::vector<int32_t> h_closed;            // mirror of `closed`
+  std::vector<int32_t> h_high;              // [layer][slot]: the most tokens held since the last rollback
+                                            // (rollback keeps tokens >= high - R; refreshed at each rollback)
   bool tokens_stale = false;                // plan-based appends ran since the last refresh
   std::vector<bool> books_built;            // known built (eager appends that closed blocks)
   AppendScratch eager;
@@ -100,7 +106,9 @@ struct Cache::Impl {
             pages.page_units16, pages.pages, user_words()};
   }
   detail::SeqState seq_state() const;
-  detail::TailLayout tail_layout() const { return {tails.ptr, cfg.max_seqs, H, T, D, dtype_size(cfg.dtype)}; }
+  detail::TailLayout tail_layout() const {
+    return {tails.ptr, cfg.max_seqs, H, T, D, dtype_size(cfg.dtype), tail_rows};
+  }
   size_t at(int layer, int slot) const { return size_t(layer) * cfg.max_seqs + slot; }
   int32_t user_words() const { return (cfg.max_seqs + 31) / 32; }
   ErrorBound bound(int layer, int head, Kind kind) const;
@@ -114,9 +122,12 @@ struct Cache::Impl {
   Plan& plan(const DecodePlan& p, const char* call);
   /// Throws the recorded device failures, if the flag is up (see cache.hpp).
   void poll_failures(const char* call);
-  /// Makes h_tokens current (synchronizes the device) if plan-based appends ran.
+  /// Makes h_tokens and h_closed current (synchronizes the device) if plan-based appends ran.
   void refresh_tokens();
   int32_t host_tokens(int slot, int layer) const { return h_tokens[at(layer, slot)]; }
+  int32_t host_closed(int slot, int layer) const { return h_closed[at(layer, slot)]; }
+  /// Tokens of (slot, layer) in its tail (not in closed blocks).
+  int32_t host_tail(int slot, int layer) const { return host_tokens(slot, layer) - host_closed(slot, layer) * T; }
 
   /// Everything of AttendParams but the batch, its slots and the split.
   void fill_attend(int layer, const void* q, void* out, detail::AttendParams& p) const;
@@ -129,6 +140,8 @@ struct Cache::Impl {
   /// plan-based: every T tokens).
   void run_store(int layer, AppendScratch& s, int n_jobs, int n_entries, int n_copies, bool build_books,
                  bool trim_every_call, cudaStream_t stream);
+  /// Query positions a window trim must keep visible: an attend call's queries, and rollback (R).
+  int32_t trim_queries() const;
   int32_t layer_window(int layer) const { return cfg.layer_windows.empty() ? cfg.window : cfg.layer_windows[layer]; }
   /// Block `block` of (seq, layer) can no longer be seen by any query (behind the window), so its
   /// page may have been freed.

@@ -77,6 +77,7 @@ void Cache::append(const DecodePlan& plan, int layer, const void* k, const void*
   detail::DecodeJobsParams d{};
   d.slots = p.slots.ptr;
   d.tokens = m.tokens.ptr;
+  d.closed = m.closed.ptr;
   d.bounds = m.bounds.ptr + size_t(layer) * H * 2;
   d.k = static_cast<const uint8_t*>(k);
   d.v = static_cast<const uint8_t*>(v);
@@ -87,6 +88,7 @@ void Cache::append(const DecodePlan& plan, int layer, const void* k, const void*
   d.layers = m.cfg.layers;
   d.batch = p.batch;
   d.max_blocks = m.max_blocks;
+  d.max_rollback = m.R;
   d.jobs = s.jobs.ptr;
   d.copies = s.copies.ptr;
   d.entries = s.entries.ptr;

@@ -68,6 +68,9 @@ void validate(const Config& c) {
                 str(std::max(worst, c.pool_page_bytes)) + " bytes (a page holds a worst-case K+V block pair)");
   if (c.max_seqs <= 0) throw Error("config: max_seqs must be positive");
   if (c.max_tokens_per_seq <= 0) throw Error("config: max_tokens_per_seq must be positive");
+  if (c.max_rollback < 0 || c.max_rollback > c.block_tokens)
+    throw Error("config: max_rollback must be 0..block_tokens (" + str(c.block_tokens) + "), got " +
+                str(c.max_rollback));
   if (c.max_attend_batch < 0 || c.max_attend_batch > kMaxBatch)
     throw Error("config: max_attend_batch must be 0 (= max_seqs) or 1.." + str(kMaxBatch) + ", got " +
                 str(c.max_attend_batch));

@@ -118,6 +118,11 @@ void launch_fork(int parent, int child, const PoolState& pool, const SeqState& s
   check_cuda(cudaGetLastError(), "fork kernel launch");
 }
 
+void launch_rollback(int slot, int n, const SeqState& seqs, cudaStream_t s) {
+  rollback_kernel<<<1, 128, 0, s>>>(slot, n, seqs);
+  check_cuda(cudaGetLastError(), "rollback kernel launch");
+}
+
 void launch_layer_units(const PoolState& pool, int layers, unsigned long long* out, cudaStream_t s) {
   layer_units_kernel<<<layers, 256, 0, s>>>(pool, layers, out);
   check_cuda(cudaGetLastError(), "layer units kernel launch");

@@ -1,11 +1,19 @@
 #include "store_plan.hpp"
 
+#include <algorithm>
+
 namespace kvcomp {
 namespace detail {
 
+namespace {
+int32_t new_blocks(const AppendRequest& r, const SeqAppend& q) {
+  return blocks_to_close(q.stored - int64_t(q.closed) * r.block_tokens + q.n_tokens, r.block_tokens, r.max_rollback);
+}
+}  // namespace
+
 size_t count_jobs(const AppendRequest& r) {
   size_t n = 0;
-  for (const SeqAppend& q : r.seqs) n += size_t((q.stored % r.block_tokens + q.n_tokens) / r.block_tokens) * r.kv_heads;
+  for (const SeqAppend& q : r.seqs) n += size_t(new_blocks(r, q)) * r.kv_heads;
   return n;
 }
 
@@ -26,33 +34,35 @@ void plan_store(const AppendRequest& r, StorePlan& plan, bool write_jobs) {
   plan.entries.clear();
   plan.tok0.clear();
   if (write_jobs) jobs.reserve(count_jobs(r));  // no reallocation while the jobs are written
-  copies.reserve(r.seqs.size() * H);
+  copies.reserve(r.seqs.size() * H * 2);
   plan.entries.reserve(r.seqs.size());
   plan.tok0.reserve(r.seqs.size());
   plan.n_jobs = 0;
   int64_t tok0 = 0;
   for (size_t i = 0; i < r.seqs.size(); ++i) {
-    const int slot = r.seqs[i].slot, n = r.seqs[i].n_tokens;
-    const int64_t stored = r.seqs[i].stored;
-    const int c = int(stored % T);
-    const int full = int((c + n) / T);
-    const int rest = int((c + n) % T);
+    const SeqAppend& q = r.seqs[i];
+    const int slot = q.slot, n = q.n_tokens;
+    const int64_t stored = q.stored;
+    const int full = new_blocks(r, q);
     const size_t first = plan.n_jobs;
     if (write_jobs)
       for (int b = 0; b < full; ++b)
         for (int h = 0; h < H; ++h)
-          jobs.push_back(append_job(g, slot, stored, tok0, b, h, uint32_t(i), r.k_bounds[h], r.v_bounds[h]));
+          jobs.push_back(append_job(g, slot, stored, q.closed, tok0, b, h, uint32_t(i), r.k_bounds[h], r.v_bounds[h]));
     plan.n_jobs += size_t(full) * H;
-    plan.entries.push_back({slot, n, int32_t(stored), uint32_t(first), uint32_t(plan.n_jobs)});
+    plan.entries.push_back({slot, n, int32_t(stored), q.closed, full, uint32_t(first), uint32_t(plan.n_jobs)});
     plan.tok0.push_back(tok0);
-    const int rows = full > 0 ? rest : n;
-    const int dst_row = full > 0 ? 0 : c;
-    const int64_t src_tok = tok0 + (n - rows);
-    if (rows > 0)
+    // The new tokens past the blocks closed stay in the tail ring: one copy, or two where they wrap.
+    const int64_t kept_from = std::max(stored, int64_t(q.closed + full) * T), end = stored + n;
+    for (int64_t t = kept_from; t < end;) {
+      const int row = r.tails.ring_row(t);
+      const int rows = int(std::min<int64_t>(end - t, r.tails.rows - row));
+      const int64_t src_tok = tok0 + (t - stored);
       for (int h = 0; h < H; ++h)
-        copies.push_back({at(k, src_tok, h), at(v, src_tok, h), r.tails.row_ptr(layer, slot, h, Kind::Key, dst_row),
-                          r.tails.row_ptr(layer, slot, h, Kind::Value, dst_row), token_stride, rows,
-                          uint32_t(i)});
+        copies.push_back({at(k, src_tok, h), at(v, src_tok, h), r.tails.row_ptr(layer, slot, h, Kind::Key, row),
+                          r.tails.row_ptr(layer, slot, h, Kind::Value, row), token_stride, rows, uint32_t(i)});
+      t += rows;
+    }
     tok0 += n;
   }
 }

@@ -21,6 +21,7 @@ namespace detail {
 struct SeqAppend {
   int slot;        // sequence id
   int64_t stored;  // tokens the layer holds for it before the append
+  int32_t closed;  // blocks it holds (closed) before the append: stored - closed T tokens are in its tail
   int n_tokens;    // tokens appended
 };
 
@@ -33,6 +34,7 @@ struct AppendRequest {  // (the input and tails: as AppendGeometry, which geomet
   int kv_heads;      // H
   int max_seqs;      // block table: [layer][slot][max_blocks][H]
   int max_blocks;
+  int max_rollback;  // Config::max_rollback: blocks close when that many newer tokens follow (blocks_to_close)
   const void* k;
   const void* v;
   int64_t token_stride;  // elements
@@ -52,7 +54,8 @@ struct StorePlan {
   std::vector<StoreJob> jobs;      // sequence by sequence, block by block, head by head (if written)
   size_t n_jobs = 0;               // jobs of the append, written or not
   std::vector<int64_t> tok0;       // per entry: its first input token
-  std::vector<TailCopy> copies;    // one per (sequence, head) that keeps rows in its tail
+  std::vector<TailCopy> copies;    // per (sequence, head) that keeps rows in its tail: one, or two
+                                   // where the rows wrap around the tail ring
   std::vector<AppendEntry> entries;  // one per input sequence, in order
 };
 

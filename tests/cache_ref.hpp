@@ -17,15 +17,16 @@ namespace kvcomp_test {
 /// appended, [tokens][H][D]). Blocks that end at or before `first_token`,
 /// other than the sinks' (blocks holding tokens < sinks), are left 0: no
 /// query sees them, and behind a sliding window their pages may be reused.
+/// blocks: the closed blocks (-1: tokens / T, as without Config::max_rollback).
 inline void decoded_kv(const kvcomp::Cache& cache, int layer, int seq, int head, const std::vector<float>& k_in,
                        const std::vector<float>& v_in, int tokens, std::vector<double>& k, std::vector<double>& v,
-                       int first_token = 0, int sinks = 0) {
+                       int first_token = 0, int sinks = 0, int blocks = -1) {
   using kvcomp::Kind;
   const auto& cfg = cache.config();
   const int T = cfg.block_tokens, D = cfg.head_dim, H = cfg.kv_heads;
   k.assign(size_t(tokens) * D, 0);
   v.assign(size_t(tokens) * D, 0);
-  const int blocks = tokens / T;
+  if (blocks < 0) blocks = tokens / T;
   std::vector<float> out(size_t(T) * D);
   for (int b = 0; b < blocks; ++b) {
     if ((b + 1) * T <= first_token && b * T >= sinks) continue;

@@ -98,29 +98,39 @@ TEST(CacheConfig, BadConfigurationsAreRejectedWithClearMessages) {
   c = Config{};
   c.sink_tokens = -4;
   expect_error(c, "sink_tokens must be 0 or positive, got -4");
+  c = Config{};
+  c.max_rollback = 65;
+  expect_error(c, "max_rollback must be 0..block_tokens (64), got 65");
+  c.max_rollback = -1;
+  expect_error(c, "max_rollback must be 0..block_tokens (64), got -1");
 }
 
 // The units a tile of query rows needs (kernels/attention_params.cuh): every
-// unit holding a token some row sees, each once, in order; no other.
+// unit holding a token some row sees, each once, in order; no other. The tail
+// (the last unit) holds up to T + max_rollback - 1 tokens.
 TEST(AttentionUnits, UnitRangeListsExactlyTheUnitsTheRowsSee) {
   std::mt19937 rng(1234);
   for (int trial = 0; trial < 20000; ++trial) {
     const int T = 32 << (trial % 3);
     const int L = 1 + int(rng() % 2000);
-    const int units = (L + T - 1) / T;
+    const int rollback = trial % 5 < 2 ? 0 : 1 + int(rng() % T);  // Config::max_rollback
+    const int blocks = detail::blocks_to_close(L, T, rollback);
+    const int units = blocks + (L > blocks * T);
     const int hi_max = 1 + int(rng() % L);
     const int window = trial % 4 == 0 ? 0 : 1 + int(rng() % 600);
     const int lo_min = window ? hi_max - int(rng() % 17) - window : 0;  // the first row's (a few queries before)
     const int sinks = window && trial % 2 ? int(rng() % 300) : 0;
-    const detail::UnitRange r = detail::unit_range(lo_min, hi_max, sinks, T, units);
+    const detail::UnitRange r = detail::unit_range(lo_min, hi_max, sinks, T, blocks);
     std::vector<int> got, want;
     for (int v = 0; v < r.count; ++v) got.push_back(r.unit(v));
     for (int u = 0; u < units; ++u) {
       bool seen = false;
-      for (int t = u * T; t < std::min(L, u * T + T) && !seen; ++t) seen = t < hi_max && (t >= lo_min || t < sinks);
+      const int end = u < blocks ? u * T + T : L;
+      for (int t = u * T; t < end && !seen; ++t) seen = t < hi_max && (t >= lo_min || t < sinks);
       if (seen) want.push_back(u);
     }
-    ASSERT_EQ(got, want) << "T " << T << " L " << L << " lo " << lo_min << " hi " << hi_max << " sinks " << sinks;
+    ASSERT_EQ(got, want) << "T " << T << " L " << L << " blocks " << blocks << " lo " << lo_min << " hi " << hi_max
+                         << " sinks " << sinks;
   }
 }
 
@@ -185,12 +195,12 @@ TEST(StorePlan, JobsAndTailCopiesOfAnAppendOfThreeSequences) {
   const int total = 1 + 130 + 64;
   std::vector<uint8_t> k(size_t(total) * token_stride * kEsz), v(k.size());
   std::vector<uint8_t> tails(size_t(kLayers) * 2 * kMaxSeqs * kH * kT * kD * kEsz);
-  detail::AppendRequest r{layer, kT, kH, kMaxSeqs, kMaxBlocks, k.data(), v.data(), token_stride, head_stride, kEsz,
-                          detail::TailLayout{tails.data(), kMaxSeqs, kH, kT, kD, kEsz},
+  detail::AppendRequest r{layer, kT, kH, kMaxSeqs, kMaxBlocks, 0, k.data(), v.data(), token_stride, head_stride,
+                          kEsz, detail::TailLayout{tails.data(), kMaxSeqs, kH, kT, kD, kEsz, kT},
                           {{BoundMode::Relative, 0.01f}, {BoundMode::Absolute, 0.02f}},
                           {{BoundMode::Relative, 0.03f}, {BoundMode::Absolute, 0.04f}},
-                          // slot, stored tokens, new tokens
-                          {{2, 0, 1}, {0, 63, 130}, {3, 64, 64}}};
+                          // slot, stored tokens, closed blocks, new tokens
+                          {{2, 0, 0, 1}, {0, 63, 0, 130}, {3, 64, 1, 64}}};
   const detail::StorePlan plan = detail::plan_store(r);
 
   // Slot 2 (0 + 1): no block closes. Slot 0 (63 + 130 = 193): blocks 0, 1, 2
@@ -225,13 +235,16 @@ TEST(StorePlan, JobsAndTailCopiesOfAnAppendOfThreeSequences) {
       EXPECT_EQ(j.table_index, table_index(layer, e.slot, e.block, h));
       EXPECT_EQ(j.entry, e.entry);
     }
-  // One entry per sequence: slot, new tokens, tokens held before, its jobs.
+  // One entry per sequence: slot, new tokens, tokens and blocks held before, blocks it closes, its jobs.
   ASSERT_EQ(plan.entries.size(), 3u);
-  const detail::AppendEntry want_entries[] = {{2, 1, 0, 0, 0}, {0, 130, 63, 0, 3 * kH}, {3, 64, 64, 3 * kH, 4 * kH}};
+  const detail::AppendEntry want_entries[] = {
+      {2, 1, 0, 0, 0, 0, 0}, {0, 130, 63, 0, 3, 0, 3 * kH}, {3, 64, 64, 1, 1, 3 * kH, 4 * kH}};
   for (size_t i = 0; i < 3; ++i) {
     EXPECT_EQ(plan.entries[i].slot, want_entries[i].slot);
     EXPECT_EQ(plan.entries[i].n_tokens, want_entries[i].n_tokens);
     EXPECT_EQ(plan.entries[i].expected, want_entries[i].expected);
+    EXPECT_EQ(plan.entries[i].closed, want_entries[i].closed);
+    EXPECT_EQ(plan.entries[i].new_blocks, want_entries[i].new_blocks);
     EXPECT_EQ(plan.entries[i].job_begin, want_entries[i].job_begin);
     EXPECT_EQ(plan.entries[i].job_end, want_entries[i].job_end);
   }
@@ -265,9 +278,9 @@ TEST(StorePlan, JobsAndTailCopiesOfAnAppendOfThreeSequences) {
 TEST(StorePlan, TailRowsAppendAfterTheHeldOnesWhenNoBlockCloses) {
   std::vector<uint8_t> k(size_t(10) * kH * kD * kEsz), v(k.size());
   std::vector<uint8_t> tails(size_t(kLayers) * 2 * kMaxSeqs * kH * kT * kD * kEsz);
-  detail::AppendRequest r{0, kT, kH, kMaxSeqs, kMaxBlocks, k.data(), v.data(), kH * kD, kD, kEsz,
-                          detail::TailLayout{tails.data(), kMaxSeqs, kH, kT, kD, kEsz},
-                          {{}, {}}, {{}, {}}, {{1, 70, 10}}};  // 6 tail rows held, 10 more: 16, no block closes
+  detail::AppendRequest r{0, kT, kH, kMaxSeqs, kMaxBlocks, 0, k.data(), v.data(), kH * kD, kD, kEsz,
+                          detail::TailLayout{tails.data(), kMaxSeqs, kH, kT, kD, kEsz, kT},
+                          {{}, {}}, {{}, {}}, {{1, 70, 1, 10}}};  // 6 tail rows held, 10 more: 16, no block closes
   const detail::StorePlan plan = detail::plan_store(r);
   EXPECT_TRUE(plan.jobs.empty());
   ASSERT_EQ(plan.copies.size(), size_t(kH));
@@ -290,13 +303,17 @@ TEST(StorePlan, WithoutJobsAndReusedPlansAgreeWithAFreshFullPlan) {
   detail::StorePlan reused;
   for (int round = 0; round < 200; ++round) {
     SCOPED_TRACE("round " + std::to_string(round));
-    detail::AppendRequest r{pick(0, kLayers - 1), kT, kH, kMaxSeqs, kMaxBlocks, k.data(), v.data(),
+    const int rollback = pick(0, 1) ? 0 : pick(1, kT);
+    const int rows = rollback ? 2 * kT : kT;
+    detail::AppendRequest r{pick(0, kLayers - 1), kT, kH, kMaxSeqs, kMaxBlocks, rollback, k.data(), v.data(),
                             int64_t(kH) * kD + pick(0, 3) * 8, kD, kEsz,
-                            detail::TailLayout{tails.data(), kMaxSeqs, kH, kT, kD, kEsz},
+                            detail::TailLayout{tails.data(), kMaxSeqs, kH, kT, kD, kEsz, rows},
                             {{BoundMode::Relative, 0.01f}, {BoundMode::Absolute, 0.02f}},
                             {{BoundMode::Relative, 0.03f}, {BoundMode::Absolute, 0.04f}}, {}};
-    for (int i = 0, n = pick(0, kMaxSeqs); i < n; ++i)
-      r.seqs.push_back({i, int64_t(pick(0, 3 * kT)), pick(0, 3) == 0 ? 0 : pick(1, 5 * kT)});
+    for (int i = 0, n = pick(0, kMaxSeqs); i < n; ++i) {
+      const int closed = pick(0, 3), held = pick(0, kT + rollback - 1);  // a tail as the cache leaves it
+      r.seqs.push_back({i, int64_t(closed) * kT + held, closed, pick(0, 3) == 0 ? 0 : pick(1, 5 * kT)});
+    }
     const detail::StorePlan full = detail::plan_store(r);
     detail::StorePlan no_jobs;
     detail::plan_store(r, no_jobs, false);
@@ -310,7 +327,8 @@ TEST(StorePlan, WithoutJobsAndReusedPlansAgreeWithAFreshFullPlan) {
       for (size_t i = 0; i < full.entries.size(); ++i) {
         const detail::AppendEntry &a = p->entries[i], &b = full.entries[i];
         EXPECT_TRUE(a.slot == b.slot && a.n_tokens == b.n_tokens && a.expected == b.expected &&
-                    a.job_begin == b.job_begin && a.job_end == b.job_end)
+                    a.closed == b.closed && a.new_blocks == b.new_blocks && a.job_begin == b.job_begin &&
+                    a.job_end == b.job_end)
             << "entry " << i;
       }
       EXPECT_EQ(p->tok0, full.tok0);
@@ -328,6 +346,119 @@ TEST(StorePlan, WithoutJobsAndReusedPlansAgreeWithAFreshFullPlan) {
         EXPECT_TRUE(reused.jobs[i].k_in == full.jobs[i].k_in && reused.jobs[i].table_index == full.jobs[i].table_index &&
                     reused.jobs[i].entry == full.jobs[i].entry && reused.jobs[i].tail_tokens == full.jobs[i].tail_tokens)
             << "job " << i;
+    }
+  }
+}
+
+// Appends and rollbacks carried out on plain memory as the store kernels do
+// (a job's rows: its tail rows, then input rows; then the tail copies), token
+// ids in place of values: every closed block holds its T tokens in order, the
+// tail ring holds every token past the closed blocks in row t % rows, blocks
+// close only max_rollback tokens behind the newest, and a rollback (as
+// Cache::rollback allows it) never reaches into a closed block.
+TEST(StorePlan, AppendsAndRollbacksKeepEveryTokenInItsBlockOrTailRow) {
+  const uint64_t seed = kvcomp_test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  auto pick = [&](int lo, int hi) { return lo + int(rng() % uint64_t(hi - lo + 1)); };
+  constexpr int T = 32, H = 2, D = 8, S = 3, kBlocks = 200;
+  constexpr int64_t kStride = H * D + 8;  // input token stride, elements
+  for (int rollback : {0, 1, 7, T}) {
+    SCOPED_TRACE("max_rollback " + std::to_string(rollback));
+    const int rows = rollback ? 2 * T : T;
+    std::vector<uint8_t> tails(size_t(2) * S * H * rows * D * kEsz);
+    std::vector<int64_t> ring(size_t(2) * S * H * rows, -1);  // token id in each tail row
+    std::vector<std::vector<int64_t>> blocks(size_t(S) * kBlocks * H);  // token ids of each closed block
+    std::vector<std::vector<int64_t>> content(S);                       // each sequence's token ids
+    std::vector<int32_t> closed(S, 0), high(S, 0);
+    int64_t next_id = 0;
+    const detail::TailLayout tl{tails.data(), S, H, T, D, kEsz, rows};
+    auto ring_index = [&](const void* row_ptr) {
+      const ptrdiff_t off = offset(row_ptr, tails.data());
+      EXPECT_EQ(off % ptrdiff_t(D * kEsz), 0);
+      return size_t(off / ptrdiff_t(D * kEsz));
+    };
+    for (int step = 0; step < 300; ++step) {
+      SCOPED_TRACE("step " + std::to_string(step));
+      if (rollback && pick(0, 2) == 0) {  // take back what Cache::rollback allows, or less
+        const int s = pick(0, S - 1);
+        const int32_t L = int32_t(content[s].size());
+        high[s] = std::max(high[s], L);
+        const int room = std::min(L, rollback - (high[s] - L));
+        if (room <= 0) continue;
+        const int n = pick(1, room);
+        ASSERT_GE(L - n, closed[s] * T) << "a rollback the cache allows reaches into a closed block";
+        content[s].resize(size_t(L - n));
+        continue;
+      }
+      // An append: a few sequences, each a few tokens (sometimes several blocks' worth).
+      std::vector<detail::SeqAppend> seqs;
+      int total = 0;
+      for (int s = 0; s < S; ++s)
+        if (pick(0, 1)) {
+          const int n = pick(0, 3) == 0 ? pick(T, 3 * T) : pick(0, 5);
+          if (int(content[s].size()) + n + 2 * T > kBlocks * T) continue;
+          seqs.push_back({s, int64_t(content[s].size()), closed[s], n});
+          total += n;
+        }
+      std::vector<uint8_t> k(size_t(std::max(total, 1)) * kStride * kEsz), v(k.size());
+      std::vector<int64_t> in_id(size_t(std::max(total, 1)));
+      for (int i = 0; i < total; ++i) in_id[i] = next_id++;
+      detail::AppendRequest r{0, T, H, S, kBlocks, rollback, k.data(), v.data(), kStride, D, kEsz, tl,
+                              {{}, {}}, {{}, {}}, seqs};
+      const detail::StorePlan plan = detail::plan_store(r);
+      auto input_token = [&](const void* row_ptr, int h) {
+        const ptrdiff_t off = offset(row_ptr, k.data()) - ptrdiff_t(h) * D * kEsz;
+        EXPECT_EQ(off % ptrdiff_t(kStride * kEsz), 0);
+        return int64_t(off / ptrdiff_t(kStride * kEsz));
+      };
+      // The jobs read the ring as it is before the append (the copies run after them).
+      for (const detail::StoreJob& j : plan.jobs) {
+        const detail::AppendEntry& e = plan.entries[j.entry];
+        const int h = int(j.table_index % H);
+        const int64_t block = int64_t(j.table_index / H) % kBlocks;
+        ASSERT_EQ(int64_t(j.table_index / H / kBlocks), e.slot);
+        std::vector<int64_t>& ids = blocks[(size_t(e.slot) * kBlocks + block) * H + h];
+        ids.clear();
+        for (int row = 0; row < T; ++row) {
+          if (row < j.tail_tokens) {
+            ids.push_back(ring[ring_index(j.k_tail) + row]);
+            EXPECT_EQ(offset(j.v_tail, j.k_tail), ptrdiff_t(S) * H * rows * D * kEsz);  // V: the next kind
+          } else {
+            ids.push_back(in_id[input_token(j.k_in, h) + (row - j.tail_tokens)]);
+          }
+        }
+        EXPECT_EQ(offset(j.v_in, v.data()), offset(j.k_in, k.data()));
+      }
+      for (const detail::TailCopy& c : plan.copies) {
+        const size_t head_row0 = ring_index(c.k_dst);
+        const int h = int(head_row0 / rows % H);
+        for (int i = 0; i < c.rows; ++i) ring[head_row0 + i] = in_id[input_token(c.k_in, h) + i];
+        EXPECT_LE(int(head_row0 % rows) + c.rows, rows) << "a copy runs past its ring";
+      }
+      // What the sequences hold now, and where every token must be.
+      int64_t t0 = 0;
+      for (size_t i = 0; i < seqs.size(); ++i) {
+        const int s = seqs[i].slot, n = seqs[i].n_tokens;
+        for (int t = 0; t < n; ++t) content[s].push_back(in_id[t0 + t]);
+        t0 += n;
+        closed[s] += plan.entries[i].new_blocks;
+      }
+      for (int s = 0; s < S; ++s) {
+        const int64_t L = int64_t(content[s].size()), held = L - int64_t(closed[s]) * T;
+        ASSERT_GE(held, 0);
+        ASSERT_LT(held, T + rollback) << "a block that could close stayed open";
+        for (int h = 0; h < H; ++h) {
+          for (int32_t b = 0; b < closed[s]; ++b)
+            for (int row = 0; row < T; ++row)
+              ASSERT_EQ(blocks[(size_t(s) * kBlocks + b) * H + h][row], content[s][size_t(b) * T + row])
+                  << "seq " << s << " head " << h << " block " << b << " row " << row;
+          const size_t ring0 = ring_index(tl.row_ptr(0, s, h, Kind::Key));
+          for (int64_t t = int64_t(closed[s]) * T; t < L; ++t)
+            ASSERT_EQ(ring[ring0 + size_t(tl.ring_row(t))], content[s][size_t(t)])
+                << "seq " << s << " head " << h << " tail token " << t;
+        }
+      }
     }
   }
 }

@@ -358,7 +358,8 @@ TEST(CacheGpu, LongAppendsPlaceBlocksAsTheGreedyPageFill) {
 // append_jobs_kernel (what Cache::append runs) against plan_store's jobs
 // (the host plan, unit-tested on the CPU), field by field, for random
 // appends: several sequences (some appending nothing, some closing no block,
-// some many), tails partly filled, strides and bounds of every kind.
+// some many), tails partly filled (longer than a block with rollback room),
+// strides and bounds of every kind.
 TEST(CacheGpu, AppendJobsMadeOnTheDeviceAreTheHostPlans) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
@@ -379,7 +380,9 @@ TEST(CacheGpu, AppendJobsMadeOnTheDeviceAreTheHostPlans) {
     r.elem_bytes = size_t(2) << pick(0, 1);
     r.head_stride = pick(0, 1) ? D : 3 * D;
     r.token_stride = pick(0, 1) ? H * r.head_stride : H * r.head_stride + 8 * pick(1, 4);
-    r.tails = {reinterpret_cast<uint8_t*>(uintptr_t(0x500000000ull)), S, H, T, D, r.elem_bytes};
+    r.max_rollback = pick(0, 1) ? 0 : pick(1, T);
+    r.tails = {reinterpret_cast<uint8_t*>(uintptr_t(0x500000000ull)), S, H, T, D, r.elem_bytes,
+               r.max_rollback ? 2 * T : T};
     std::vector<ErrorBound> bounds;  // [H][K|V], as the Cache holds them on the device
     for (int h = 0; h < H; ++h) {
       r.k_bounds.push_back({pick(0, 1) ? BoundMode::Relative : BoundMode::Absolute, 0.001f * pick(1, 100)});
@@ -391,7 +394,8 @@ TEST(CacheGpu, AppendJobsMadeOnTheDeviceAreTheHostPlans) {
     for (int i = 0; i < n_seqs; ++i) {
       const int kind = pick(0, 3);  // nothing, a few tokens, a block or so, many
       const int n = kind == 0 ? 0 : kind == 1 ? pick(1, T - 1) : kind == 2 ? pick(T - 2, 2 * T) : pick(2 * T, 40 * T);
-      r.seqs.push_back({i, int64_t(pick(0, 20 * T)), n});
+      const int closed = pick(0, 20), held = pick(0, T + r.max_rollback - 1);  // a tail as the cache leaves it
+      r.seqs.push_back({i, int64_t(closed) * T + held, closed, n});
     }
     const detail::StorePlan want = detail::plan_store(r);
     detail::StorePlan plan;

@@ -130,6 +130,12 @@ struct Config {
   /// multi-token attend); 0 = min(max_seqs, 256); at most 256.
   int max_attend_batch = 0;
   int max_tokens_per_seq = 32768;
+  /// rollback() can take back up to this many tokens (0..block_tokens;
+  /// speculative decoding: the most draft tokens verified in one step). A
+  /// block is compressed only once max_rollback newer tokens follow it, so
+  /// tails hold up to block_tokens + max_rollback - 1 tokens (the tail
+  /// buffers double when it is > 0).
+  int max_rollback = 0;
   /// Hadamard: each appended K and V vector x (one token of one kv head, D =
   /// head_dim values, D a power of two) is stored as y = x R, computed in fp32
   /// and rounded to nearest in dtype, R = H_D / sqrt(D) (symmetric,
@@ -207,6 +213,17 @@ class Cache {
   /// (no host sync unless plan-based appends ran since the last sync, as for
   /// eager calls); throws when max_seqs are live.
   int fork(int seq, cudaStream_t stream = 0);
+  /// Takes back the last n tokens of `seq` in every layer (speculative
+  /// decoding: the draft tokens the target model rejected; HF's cache
+  /// crop()), as if they had never been appended. Possible while no layer
+  /// goes below the most tokens it has held minus Config::max_rollback:
+  /// e.g. append k <= max_rollback draft tokens, attend, roll back the
+  /// rejected ones. Those tokens are always still in the tail (blocks close
+  /// only max_rollback tokens behind the newest), so no compressed block
+  /// changes: the cache then holds exactly what it would hold had only the
+  /// kept tokens been appended. Synchronizes `stream` (the counts it checks
+  /// must be the device's); throws, changing nothing, when n is too large.
+  void rollback(int seq, int n_tokens, cudaStream_t stream = 0);
   /// Tokens stored for `seq` in `layer` (synchronizes the device).
   int64_t tokens(int seq, int layer) const;
 

@@ -1,0 +1,326 @@
+// Cache::rollback on the GPU (speculative decoding): draft tokens appended,
+// attended as multi-token queries and partly taken back leave a cache whose
+// closed blocks equal, bit for bit, those of a cache given only the accepted
+// tokens; attention over tails longer than a block (Config::max_rollback)
+// matches float64, with and without a sliding window; plan-based steps with
+// rollback room store what eager appends store; a fork copies the tail ring;
+// rollbacks past the room are clear errors that change nothing.
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "attention_ref.hpp"
+#include "cache_ref.hpp"
+#include "gpu_util.cuh"
+#include "kvcomp/cache.hpp"
+#include "test_data.hpp"
+
+using namespace kvcomp;
+using namespace kvcomp_test;
+
+namespace {
+
+Config rollback_config(int max_rollback) {
+  Config c;
+  c.layers = 2;
+  c.kv_heads = 2;
+  c.q_heads = 6;  // G = 3
+  c.head_dim = 128;
+  c.block_tokens = 32;
+  c.max_rollback = max_rollback;
+  c.layer_windows = {0, 40};  // layer 1: a sliding window (with sinks) over tails longer than a block
+  c.sink_tokens = 4;
+  c.max_seqs = 4;
+  c.max_attend_batch = 16;
+  c.max_tokens_per_seq = 4096;
+  c.pool_bytes = size_t(32) << 20;
+  return c;
+}
+
+/// A pool of fp16 tokens on the host (values exactly representable): K with
+/// outlier channels, V Gaussian, [n][H][D].
+struct TokenPool {
+  int H, D;
+  std::vector<float> k, v;
+  TokenPool(int n, int H_, int D_, uint64_t seed)
+      : H(H_), D(D_), k(round_to(DType::F16, make_data(Dist::OutlierChannels, n, H_ * D_, seed))),
+        v(round_to(DType::F16, make_data(Dist::Gaussian, n, H_ * D_, seed + 1))) {}
+  /// Rows `ids` one after the other, [ids][H][D].
+  std::vector<float> rows(const std::vector<float>& x, const std::vector<int>& ids) const {
+    std::vector<float> out;
+    const size_t row = size_t(H) * D;
+    for (int id : ids) out.insert(out.end(), x.begin() + id * row, x.begin() + (id + 1) * row);
+    return out;
+  }
+};
+
+/// Appends tokens `ids` of the pool to `seq` in every layer.
+void append_ids(Cache& c, int seq, const TokenPool& p, const std::vector<int>& ids) {
+  if (ids.empty()) return;
+  DevBuf<uint8_t> k(ids.size() * p.H * p.D * 2), v(k.n);
+  k.upload(to_dtype_bytes(DType::F16, p.rows(p.k, ids)));
+  v.upload(to_dtype_bytes(DType::F16, p.rows(p.v, ids)));
+  for (int l = 0; l < c.config().layers; ++l) c.append(l, {seq}, {int(ids.size())}, k.ptr, v.ptr, 0);
+  CUDA_OK(cudaDeviceSynchronize());
+}
+
+/// Closed blocks of the one live sequence of `c` in `layer` (stats: tokens minus tail tokens).
+int closed_blocks(const Cache& c, int layer) {
+  const LayerStats s = c.stats().per_layer[layer];
+  return int((s.tokens - s.tail_tokens) / c.config().block_tokens);
+}
+
+/// The last n tokens of `seq` (its content: pool ids) as queries, every
+/// layer, against float64 attention over the rows each sees of the stored
+/// K/V (blocks through the reference decoder, the tail exact).
+void check_attention(Cache& cache, int seq, const TokenPool& p, const std::vector<int>& content, int n, int blocks0,
+                     int blocks1, uint64_t seed) {
+  const auto& cfg = cache.config();
+  const int H = cfg.kv_heads, D = cfg.head_dim, G = cfg.q_heads / H, L = int(content.size());
+  const auto q = round_to(DType::F16, make_data(Dist::Gaussian, n * cfg.q_heads, D, seed));
+  const auto qb = to_dtype_bytes(DType::F16, q);
+  DevBuf<uint8_t> dq(qb.size()), dout(qb.size());
+  dq.upload(qb);
+  const std::vector<float> k_in = p.rows(p.k, content), v_in = p.rows(p.v, content);
+  for (int layer = 0; layer < cfg.layers; ++layer) {
+    SCOPED_TRACE("layer " + std::to_string(layer));
+    ASSERT_EQ(cache.tokens(seq, layer), L);
+    const int window = cfg.layer_windows[layer], sinks = window > 0 ? cfg.sink_tokens : 0;
+    CUDA_OK(cudaMemset(dout.ptr, 0xFF, qb.size()));
+    cache.attend(layer, {seq}, {n}, dq.ptr, dout.ptr, DType::F16, 0);
+    CUDA_LAUNCH_OK();
+    const auto ob = dout.download();
+    for (int h = 0; h < H; ++h) {
+      std::vector<double> k, v;
+      decoded_kv(cache, layer, seq, h, k_in, v_in, L, k, v, window > 0 ? L - n - window + 1 : 0, sinks,
+                 layer == 0 ? blocks0 : blocks1);
+      if (::testing::Test::HasFatalFailure()) return;
+      for (int j = 0; j < n; ++j) {
+        const int pos = L - n + j;
+        const auto kv = visible_rows(k, pos, window, sinks, D);
+        const auto vv = visible_rows(v, pos, window, sinks, D);
+        for (int g = 0; g < G; ++g) {
+          const size_t row = size_t(j) * cfg.q_heads + h * G + g;
+          const auto ref = attention64(&q[row * D], kv.data(), vv.data(), int(kv.size() / D), D);
+          double num = 0, den = 0;
+          for (int c = 0; c < D; ++c) {
+            const float got = load_as_float(DType::F16, ob.data(), row * D + c);
+            ASSERT_TRUE(std::isfinite(got)) << "query " << j << " head " << h * G + g;
+            num += (got - ref[c]) * (got - ref[c]);
+            den += ref[c] * ref[c];
+          }
+          ASSERT_LE(std::sqrt(num / std::max(den, 1e-30)), 1e-3) << "query " << j << " of " << n << ", L " << L;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TEST(RollbackGpu, SpeculativeStepsMatchACacheGivenOnlyTheAcceptedTokens) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  auto pick = [&](int lo, int hi) { return lo + int(rng() % uint64_t(hi - lo + 1)); };
+  const int R = 8;
+  const Config cfg = rollback_config(R);
+  const int T = cfg.block_tokens;
+  TokenPool pool(1200, cfg.kv_heads, cfg.head_dim, seed);
+  int next = 0;
+  auto fresh = [&](int n) {
+    std::vector<int> ids(n);
+    for (int& id : ids) id = next++;
+    return ids;
+  };
+  // `spec`: each step appends k <= R drafts, attends them (k queries), takes back the rejected ones.
+  // `plain`: the same prompt, then only the accepted tokens.
+  Cache spec(cfg), plain(cfg);
+  const int s = spec.add_sequence(), r = plain.add_sequence();
+  std::vector<int> content = fresh(70);  // closes one block (70 - 8 >= 32): both build codebooks from it
+  append_ids(spec, s, pool, content);
+  append_ids(plain, r, pool, content);
+  int max_tail = 0;
+  for (int step = 0; step < 60; ++step) {
+    SCOPED_TRACE("step " + std::to_string(step));
+    const int k = pick(1, R), accepted = pick(0, k);
+    const std::vector<int> drafts = fresh(k);
+    append_ids(spec, s, pool, drafts);
+    std::vector<int> with_drafts = content;
+    with_drafts.insert(with_drafts.end(), drafts.begin(), drafts.end());
+    const int b0 = closed_blocks(spec, 0), b1 = closed_blocks(spec, 1);
+    max_tail = std::max(max_tail, int(with_drafts.size()) - b0 * T);
+    if (step % 4 == 0 || step < 3) check_attention(spec, s, pool, with_drafts, k, b0, b1, seed + step);
+    if (HasFatalFailure()) return;
+    spec.rollback(s, k - accepted);
+    content.insert(content.end(), drafts.begin(), drafts.begin() + accepted);
+    append_ids(plain, r, pool, std::vector<int>(drafts.begin(), drafts.begin() + accepted));
+    ASSERT_EQ(closed_blocks(spec, 0), b0) << "a rollback never reopens a block";
+  }
+  EXPECT_GT(max_tail, T) << "tails longer than a block were attended";
+  // Both hold the accepted tokens; every block both have closed is the same, bit for bit.
+  for (int l = 0; l < cfg.layers; ++l) {
+    ASSERT_EQ(spec.tokens(s, l), int64_t(content.size()));
+    ASSERT_EQ(plain.tokens(r, l), int64_t(content.size()));
+    const int a = closed_blocks(spec, l), b = closed_blocks(plain, l);
+    EXPECT_GE(a, b);  // spec may close a block a few tokens earlier (at the drafts' peak)
+    EXPECT_LE(a, b + 1);
+    for (int blk = 0; blk < std::min(a, b); ++blk)
+      for (int h = 0; h < cfg.kv_heads; ++h)
+        for (Kind kind : {Kind::Key, Kind::Value}) {
+          if (cfg.layer_windows[l] > 0 && (blk + 1) * T + cfg.max_attend_batch + R + cfg.layer_windows[l] - 1 <=
+                                              int(content.size()) && blk * T >= cfg.sink_tokens)
+            continue;  // behind the window: read_block refuses it
+          ASSERT_EQ(spec.read_block(l, s, h, blk, kind, 0), plain.read_block(l, r, h, blk, kind, 0))
+              << "layer " << l << " block " << blk << " head " << h;
+        }
+  }
+  check_attention(spec, s, pool, content, 4, closed_blocks(spec, 0), closed_blocks(spec, 1), seed + 1000);
+  check_attention(plain, r, pool, content, 4, closed_blocks(plain, 0), closed_blocks(plain, 1), seed + 1000);
+  if (HasFatalFailure()) return;
+
+  // A fork copies the tail ring: the child attends as its parent does, bit for bit, and rolls back on its own.
+  const int child = spec.fork(s);
+  const auto qb = to_dtype_bytes(DType::F16, round_to(DType::F16, make_data(Dist::Gaussian, cfg.q_heads,
+                                                                            cfg.head_dim, seed + 5)));
+  DevBuf<uint8_t> dq(qb.size()), o1(qb.size()), o2(qb.size());
+  dq.upload(qb);
+  for (int l = 0; l < cfg.layers; ++l) {
+    spec.attend(l, {s}, dq.ptr, o1.ptr, DType::F16, 0);
+    spec.attend(l, {child}, dq.ptr, o2.ptr, DType::F16, 0);
+    CUDA_LAUNCH_OK();
+    ASSERT_EQ(o1.download(), o2.download()) << "layer " << l;
+  }
+  // The parent goes; the child appends drafts, attends them, takes them back, attends again.
+  spec.remove_sequence(s);
+  const std::vector<int> more = fresh(R);
+  append_ids(spec, child, pool, more);
+  std::vector<int> with_more = content;
+  with_more.insert(with_more.end(), more.begin(), more.end());
+  check_attention(spec, child, pool, with_more, R, closed_blocks(spec, 0), closed_blocks(spec, 1), seed + 2000);
+  spec.rollback(child, R);
+  check_attention(spec, child, pool, content, 2, closed_blocks(spec, 0), closed_blocks(spec, 1), seed + 3000);
+  if (HasFatalFailure()) return;
+  spec.remove_sequence(child);
+  EXPECT_EQ(spec.stats().pool_bytes_in_use, 0u);
+  CUDA_LAUNCH_OK();
+}
+
+// Plan-based decode (the device makes the jobs: kernels/decode_jobs.cuh) with
+// rollback room closes the same blocks at the same tokens as eager appends of
+// one token, and attends the same (bit for bit, through plans of the same
+// splits); rollbacks between steps included.
+TEST(RollbackGpu, PlanStepsWithRollbackRoomStoreWhatEagerAppendsStore) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  for (int R : {1, 5, 32}) {
+    SCOPED_TRACE("max_rollback " + std::to_string(R));
+    Config cfg = rollback_config(R);
+    cfg.layer_windows = {};
+    const int H = cfg.kv_heads, D = cfg.head_dim, T = cfg.block_tokens, B = 2;
+    TokenPool pool(600, H, D, seed + R);
+    Cache planned(cfg), eager(cfg);
+    std::vector<int> ps, es;
+    for (int b = 0; b < B; ++b) {
+      ps.push_back(planned.add_sequence());
+      es.push_back(eager.add_sequence());
+    }
+    const DecodePlan plan = planned.make_plan(B);
+    planned.set_plan(plan, ps, 0);
+    const DecodePlan eplan = eager.make_plan(B);  // attends only: the same splits as `plan`
+    eager.set_plan(eplan, es, 0);
+    DevBuf<uint8_t> k(size_t(B) * H * D * 2), v(k.n), q(size_t(B) * cfg.q_heads * D * 2), o1(q.n), o2(q.n);
+    int next = 0;
+    for (int step = 0; step < 3 * T + 11; ++step) {
+      SCOPED_TRACE("step " + std::to_string(step));
+      const std::vector<int> ids{next, next + 1};
+      next += 2;
+      k.upload(to_dtype_bytes(DType::F16, pool.rows(pool.k, ids)));
+      v.upload(to_dtype_bytes(DType::F16, pool.rows(pool.v, ids)));
+      q.upload(to_dtype_bytes(DType::F16, round_to(DType::F16, make_data(Dist::Gaussian, B * cfg.q_heads, D,
+                                                                         seed + step))));
+      const size_t row = size_t(H) * D * 2;
+      for (int l = 0; l < cfg.layers; ++l) {
+        planned.append(plan, l, k.ptr, v.ptr, 0);
+        for (int b = 0; b < B; ++b) eager.append(l, {es[b]}, {1}, k.ptr + b * row, v.ptr + b * row, 0);
+        planned.attend(plan, l, q.ptr, o1.ptr, DType::F16, 0);
+        eager.attend(eplan, l, q.ptr, o2.ptr, DType::F16, 0);
+        CUDA_LAUNCH_OK();
+        ASSERT_EQ(o1.download(), o2.download()) << "layer " << l;
+      }
+      planned.check(0);
+      if (step % 7 == 6) {  // take back one or two tokens of sequence 0 (within the room: one a step is appended)
+        const int n = std::min(R, 1 + int(rng() % 2));
+        planned.rollback(ps[0], n);
+        eager.rollback(es[0], n);
+      }
+    }
+    for (int b = 0; b < B; ++b)
+      for (int l = 0; l < cfg.layers; ++l) {
+        ASSERT_EQ(planned.tokens(ps[b], l), eager.tokens(es[b], l));
+        for (int64_t blk = 0; blk < (planned.tokens(ps[b], l) - R) / T; ++blk)
+          for (int h = 0; h < H; ++h)
+            for (Kind kind : {Kind::Key, Kind::Value})
+              ASSERT_EQ(planned.read_block(l, ps[b], h, blk, kind, 0), eager.read_block(l, es[b], h, blk, kind, 0))
+                  << "sequence " << b << " layer " << l << " block " << blk;
+      }
+    CUDA_LAUNCH_OK();
+  }
+}
+
+TEST(RollbackGpu, RollbackPastItsRoomIsAClearErrorAndChangesNothing) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  auto expect_error = [](auto&& call, const std::string& needle) {
+    try {
+      call();
+      ADD_FAILURE() << "no error; wanted one containing: " << needle;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  {
+    Config cfg = rollback_config(0);
+    Cache c(cfg);
+    TokenPool pool(16, cfg.kv_heads, cfg.head_dim, seed);
+    const int s = c.add_sequence();
+    append_ids(c, s, pool, {0, 1, 2});
+    expect_error([&] { c.rollback(s, 1); }, "can take back at most 0 tokens");
+    EXPECT_EQ(c.tokens(s, 0), 3);
+    c.rollback(s, 0);  // nothing to do
+  }
+  const int R = 4;
+  Config cfg = rollback_config(R);
+  Cache c(cfg);
+  TokenPool pool(64, cfg.kv_heads, cfg.head_dim, seed);
+  const int s = c.add_sequence();
+  std::vector<int> ids(10);
+  for (int i = 0; i < 10; ++i) ids[i] = i;
+  append_ids(c, s, pool, ids);
+  expect_error([&] { c.rollback(s, 5); }, "can take back at most 4 tokens");
+  expect_error([&] { c.rollback(s, -1); }, "negative token count");
+  expect_error([&] { c.rollback(s + 1, 1); }, "unknown or removed sequence id");
+  c.rollback(s, 3);
+  c.rollback(s, 1);  // 10 held at most: down to 6 is the room
+  expect_error([&] { c.rollback(s, 1); }, "can take back at most 0 tokens");
+  for (int l = 0; l < cfg.layers; ++l) EXPECT_EQ(c.tokens(s, l), 6);
+  append_ids(c, s, pool, {20, 21});
+  expect_error([&] { c.rollback(s, 3); }, "can take back at most 2 tokens");
+  c.rollback(s, 2);
+  for (int l = 0; l < cfg.layers; ++l) EXPECT_EQ(c.tokens(s, l), 6);
+  // The cache still works: 6 tokens, then a long append that closes blocks, then attention vs float64.
+  std::vector<int> content(ids.begin(), ids.begin() + 6), tail(50);
+  for (int i = 0; i < 50; ++i) tail[i] = 10 + i;
+  tail[10] = 20;  // (any fresh rows will do; two repeat earlier ids)
+  tail[11] = 21;
+  append_ids(c, s, pool, tail);
+  content.insert(content.end(), tail.begin(), tail.end());
+  check_attention(c, s, pool, content, 3, closed_blocks(c, 0), closed_blocks(c, 1), seed + 3);
+  CUDA_LAUNCH_OK();
+}
