@@ -8,7 +8,14 @@
 // (examples/llama/model.cuh); only the KvCache differs.
 //
 //   llama_generate [--model DIR] [--prompt TEXT | --prompt-ids "1 2 3"] [--tokens N] [--eb X]
-//                  [--ppl-text FILE] [--ppl-tokens N] [--no-ppl] [--tokenize TEXT]
+//                  [--speculate K] [--ppl-text FILE] [--ppl-tokens N] [--no-ppl] [--tokenize TEXT]
+//
+// --speculate K adds speculative greedy decoding through each cache (prompt
+// lookup: up to K draft tokens copied from the text after an earlier
+// occurrence of its last tokens, verified in one forward as multi-token
+// queries, the rejected ones taken back with rollback; kvcomp keeps the
+// newest K tokens uncompressed: Config::max_rollback) and compares its tokens
+// with plain greedy decoding through the same cache.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -50,6 +57,8 @@ constexpr const char* kUsage =
     "  --prompt-ids IDS    prompt as token ids, e.g. \"1 2 3\" (instead of --prompt)\n"
     "  --tokens N          tokens to generate greedily (default 64)\n"
     "  --eb X              kvcomp relative error bound for K and V (default 0.05)\n"
+    "  --speculate K       also decode speculatively: prompt-lookup drafts of up to K tokens (1..63), verified\n"
+    "                      in one forward, the rejected ones rolled back (default 0: off)\n"
     "  --ppl-text FILE     text for teacher-forced perplexity (default: examples/data/eval_excerpt.txt)\n"
     "  --ppl-tokens N      tokens of it to score (default 1024, at most the model's context)\n"
     "  --no-ppl            skip the perplexity runs\n"
@@ -61,6 +70,7 @@ struct Options {
   std::string prompt_ids;  // non-empty: use these ids
   int tokens = 64;
   float eb = 0.05f;
+  int speculate = 0;
   std::string ppl_text = KVCOMP_LLAMA_DEFAULT_TEXT;
   int ppl_tokens = 1024;
   bool ppl = true;
@@ -97,6 +107,9 @@ Options parse_args(int argc, char** argv) {
       char* end = nullptr;
       o.eb = std::strtof(v.c_str(), &end);
       if (v.empty() || *end != '\0' || !(o.eb > 0) || !std::isfinite(o.eb)) throw UsageError("--eb needs a positive number");
+    } else if (a == "--speculate") {
+      o.speculate = parse_int(value(), a, 0);
+      if (o.speculate > 63) throw UsageError("--speculate takes at most 63 draft tokens");
     } else if (a == "--ppl-text") o.ppl_text = value();
     else if (a == "--ppl-tokens") o.ppl_tokens = parse_int(value(), a, 2);
     else if (a == "--no-ppl") o.ppl = false;
@@ -169,11 +182,11 @@ struct Run {
   llama::KvcompKv* kvcomp = nullptr;  // the same cache when it is kvcomp's (for stats)
 };
 
-Run make_cache(CacheKind kind, const llama::ModelConfig& c, int max_tokens, float eb, int sms) {
+Run make_cache(CacheKind kind, const llama::ModelConfig& c, int max_tokens, float eb, int sms, int max_rollback = 0) {
   const llama::KvShape shape{c.layers, c.kv_heads, c.q_heads, c.head_dim, max_tokens};
   Run r;
   if (kind == CacheKind::Kvcomp) {
-    auto kv = std::make_unique<llama::KvcompKv>(shape, eb);
+    auto kv = std::make_unique<llama::KvcompKv>(shape, eb, max_rollback);
     r.kvcomp = kv.get();
     r.cache = std::move(kv);
   } else {
@@ -219,6 +232,78 @@ Generation generate(llama::Model& model, CacheKind kind, const std::vector<int>&
   g.kv_bytes = run.cache->bytes();
   g.kv_tokens = run.cache->tokens();
   g.ratio = run.kvcomp ? run.kvcomp->stats().ratio_vs_fp16 : 1.0;
+  return g;
+}
+
+struct Speculation {
+  std::vector<int> tokens;
+  int forwards = 0;         // verification forwards after the prefill
+  int drafted = 0;          // draft tokens proposed
+  int accepted = 0;         // of them, accepted
+  double decode_seconds = 0;
+};
+
+/// Prompt lookup: up to k tokens that followed the latest earlier occurrence
+/// of the last `ngram` tokens of `text` (3, then 2, then 1), or none.
+std::vector<int> lookup_drafts(const std::vector<int>& text, int k) {
+  const int n = int(text.size());
+  for (int ngram = 3; ngram >= 1; --ngram) {
+    if (n <= ngram) continue;
+    for (int start = n - ngram - 1; start >= 0; --start) {
+      bool match = true;
+      for (int i = 0; i < ngram && match; ++i) match = text[size_t(start + i)] == text[size_t(n - ngram + i)];
+      if (!match) continue;
+      const int from = start + ngram, to = std::min(n, from + k);
+      return std::vector<int>(text.begin() + from, text.begin() + to);
+    }
+  }
+  return {};
+}
+
+/// Speculative greedy decoding: each forward verifies the last token and up to
+/// k drafts (Phase::Verify); the drafts up to the first one greedy decoding
+/// would not pick are kept, plus the token the model picks after them; the
+/// rejected drafts are rolled back. Exact for greedy decoding: the same
+/// tokens as generate() up to the arithmetic of batched rows.
+Speculation speculate(llama::Model& model, CacheKind kind, const std::vector<int>& prompt, int new_tokens, int k,
+                      float eb, int sms, cudaStream_t s) {
+  const llama::ModelConfig& c = model.config();
+  const int prompt_len = int(prompt.size());
+  Run run = make_cache(kind, c, prompt_len + new_tokens + k + 1, eb, sms, k);
+  DeviceBuffer<int> ids_d(size_t(std::max(prompt_len, k + 1))), pred_d(size_t(k + 1));
+  ids_d.upload(prompt);
+  model.forward(ids_d.get(), prompt_len, 0, llama::Model::Phase::Prefill, *run.cache, s);
+  llama::kernels::argmax<<<1, llama::kernels::kThreads, 0, s>>>(model.logits(), c.vocab, pred_d.get());
+  check(cudaStreamSynchronize(s), "prefill");
+  std::vector<int> text = prompt;
+  text.push_back(pred_d.download()[0]);
+  Speculation g;
+  const auto t0 = std::chrono::steady_clock::now();
+  while (int(text.size()) - prompt_len < new_tokens) {
+    // The cache holds every token but the last; verify the last and the drafts.
+    const int room = new_tokens - (int(text.size()) - prompt_len) - 1;  // drafts past the end are wasted
+    std::vector<int> rows = lookup_drafts(text, std::min(k, room));
+    const int drafts = int(rows.size());
+    rows.insert(rows.begin(), text.back());
+    check(cudaMemcpyAsync(ids_d.get(), rows.data(), rows.size() * sizeof(int), cudaMemcpyHostToDevice, s), "ids");
+    model.forward(ids_d.get(), int(rows.size()), int(text.size()) - 1, llama::Model::Phase::Verify, *run.cache, s);
+    for (int j = 0; j <= drafts; ++j)
+      llama::kernels::argmax<<<1, llama::kernels::kThreads, 0, s>>>(model.logits(j), c.vocab, pred_d.get() + j);
+    std::vector<int> pred(size_t(drafts + 1));
+    check(cudaMemcpyAsync(pred.data(), pred_d.get(), pred.size() * sizeof(int), cudaMemcpyDeviceToHost, s), "preds");
+    check(cudaStreamSynchronize(s), "verify");
+    int ok = 0;
+    while (ok < drafts && rows[size_t(ok + 1)] == pred[size_t(ok)]) ++ok;
+    if (ok < drafts) run.cache->rollback(drafts - ok, s);
+    text.insert(text.end(), rows.begin() + 1, rows.begin() + 1 + ok);
+    text.push_back(pred[size_t(ok)]);
+    ++g.forwards;
+    g.drafted += drafts;
+    g.accepted += ok;
+  }
+  check(cudaStreamSynchronize(s), "speculative decode");
+  g.decode_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  g.tokens.assign(text.begin() + prompt_len, text.begin() + prompt_len + new_tokens);
   return g;
 }
 
@@ -286,9 +371,10 @@ int run_main(int argc, char** argv) {
   const std::vector<int> prompt =
       opt.prompt_ids.empty() ? need_tokenizer("--prompt").encode(opt.prompt) : parse_ids(opt.prompt_ids, cfg.vocab);
   if (prompt.empty()) throw std::runtime_error("the prompt has no tokens");
-  if (int(prompt.size()) + opt.tokens > cfg.context)
+  if (int(prompt.size()) + opt.tokens + opt.speculate > cfg.context)
     throw std::runtime_error("prompt (" + std::to_string(prompt.size()) + " tokens) + --tokens " +
-                             std::to_string(opt.tokens) + " exceed the model's context of " + std::to_string(cfg.context));
+                             std::to_string(opt.tokens) + " + --speculate " + std::to_string(opt.speculate) +
+                             " exceed the model's context of " + std::to_string(cfg.context));
   std::vector<int> ppl_ids;
   if (opt.ppl) {
     ppl_ids = need_tokenizer("perplexity (or use --no-ppl)").encode(read_file(opt.ppl_text));
@@ -315,7 +401,7 @@ int run_main(int argc, char** argv) {
   const Stream owned_stream;  // outlives the model, whose cuBLAS handle uses it
   const cudaStream_t stream = owned_stream.s;
 
-  llama::Model model(cfg, ckpt, int(prompt.size()));
+  llama::Model model(cfg, ckpt, std::max(int(prompt.size()), opt.speculate + 1));
   std::printf("model: %s (%d layers, %d q / %d kv heads, head_dim %d, vocab %d)\n", basename(opt.model_dir).c_str(),
               cfg.layers, cfg.q_heads, cfg.kv_heads, cfg.head_dim, cfg.vocab);
   std::printf("prompt (%zu tokens): %s\n", prompt.size(), text_of(prompt).c_str());
@@ -338,6 +424,19 @@ int run_main(int argc, char** argv) {
                 fp.decode_steps / fp.decode_seconds);
   std::printf("KV bytes after generation (%lld tokens): kvcomp %zu B (%.1f B/token)  fp16 %zu B  ratio %.2f x\n",
               (long long)kv.kv_tokens, kv.kv_bytes, double(kv.kv_bytes) / double(kv.kv_tokens), fp.kv_bytes, kv.ratio);
+
+  if (opt.speculate > 0) {
+    for (CacheKind k : {CacheKind::Kvcomp, CacheKind::Fp16}) {
+      const Speculation sp = speculate(model, k, prompt, opt.tokens, opt.speculate, opt.eb, sms, stream);
+      const Generation& plain = k == CacheKind::Kvcomp ? kv : fp;
+      int match = 0;
+      while (match < opt.tokens && sp.tokens[size_t(match)] == plain.tokens[size_t(match)]) ++match;
+      std::printf("speculative (%s, prompt lookup, up to %d drafts): %d forwards for %d tokens, %d of %d drafts "
+                  "accepted, %.1f tokens/s; tokens identical to plain greedy: first %d of %d\n",
+                  k == CacheKind::Kvcomp ? "kvcomp" : "fp16", opt.speculate, sp.forwards, opt.tokens - 1, sp.accepted,
+                  sp.drafted, (opt.tokens - 1) / sp.decode_seconds, match, opt.tokens);
+    }
+  }
 
   if (opt.ppl) {
     const Perplexity pf = perplexity(model, CacheKind::Fp16, ppl_ids, opt.eb, sms, stream);

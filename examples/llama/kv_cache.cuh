@@ -38,6 +38,11 @@ class KvCache {
   /// out = attention of one query over every token of `layer`; q, out:
   /// device [q_heads][head_dim] fp16.
   virtual void attend(int layer, const __half* q, __half* out, cudaStream_t s) = 0;
+  /// n queries, the layer's last n tokens (appended first): query j attends
+  /// causally to tokens 0 .. tokens - n + j. q, out: [n][q_heads][head_dim].
+  virtual void attend_many(int layer, int n, const __half* q, __half* out, cudaStream_t s) = 0;
+  /// Takes back the last n tokens of every layer (rejected draft tokens).
+  virtual void rollback(int n, cudaStream_t s) = 0;
   /// Tokens stored (per layer, after the last layer's append).
   virtual int64_t tokens() const = 0;
   /// Bytes that hold the K/V.
@@ -46,7 +51,8 @@ class KvCache {
 
 class KvcompKv : public KvCache {
  public:
-  KvcompKv(const KvShape& shape, float error_bound) {
+  /// max_rollback: the most draft tokens rollback() takes back (Config::max_rollback).
+  KvcompKv(const KvShape& shape, float error_bound, int max_rollback = 0) {
     kvcomp::Config c;
     c.layers = shape.layers;
     c.kv_heads = shape.kv_heads;
@@ -56,6 +62,8 @@ class KvcompKv : public KvCache {
     c.k_bound = {kvcomp::BoundMode::Relative, error_bound};
     c.v_bound = {kvcomp::BoundMode::Relative, error_bound};
     c.max_seqs = 1;
+    c.max_attend_batch = 64;  // query rows a call: verification of up to 63 draft tokens
+    c.max_rollback = max_rollback;
     c.max_tokens_per_seq = shape.max_tokens;
     // Compressed blocks are smaller than fp16 in practice; room for 1.25x fp16
     // keeps even incompressible data (escapes) from filling the pool.
@@ -69,6 +77,10 @@ class KvcompKv : public KvCache {
   void attend(int layer, const __half* q, __half* out, cudaStream_t s) override {
     cache_->attend(layer, {seq_}, q, out, kvcomp::DType::F16, s);
   }
+  void attend_many(int layer, int n, const __half* q, __half* out, cudaStream_t s) override {
+    cache_->attend(layer, {seq_}, {n}, q, out, kvcomp::DType::F16, s);
+  }
+  void rollback(int n, cudaStream_t s) override { cache_->rollback(seq_, n, s); }
   int64_t tokens() const override {
     const int last = cache_->config().layers - 1;
     return cache_->tokens(seq_, last);
@@ -115,6 +127,18 @@ class Fp16Kv : public KvCache {
   }
   void attend(int layer, const __half* q, __half* out, cudaStream_t s) override {
     kvcomp::baseline::flash_decode_fp16(attention(layer, int(tokens_[size_t(layer)])), q, out, workspace_.get(), sms_, s);
+  }
+  void attend_many(int layer, int n, const __half* q, __half* out, cudaStream_t s) override {
+    const size_t row = size_t(shape_.q_heads) * shape_.head_dim;  // query j over the tokens up to its own
+    for (int j = 0; j < n; ++j)
+      kvcomp::baseline::flash_decode_fp16(attention(layer, int(tokens_[size_t(layer)]) - n + j + 1), q + j * row,
+                                          out + j * row, workspace_.get(), sms_, s);
+  }
+  void rollback(int n, cudaStream_t) override {
+    for (int64_t& t : tokens_) {
+      if (n > t) throw std::runtime_error("fp16 cache: rollback of more tokens than it holds");
+      t -= n;
+    }
   }
   int64_t tokens() const override { return tokens_.back(); }
   size_t bytes() const override { return shape_.fp16_bytes(tokens()); }

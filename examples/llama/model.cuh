@@ -9,6 +9,10 @@
 //            one append per layer. The cache must be empty.
 //   Decode:  one token: its K/V are appended, then its query attends to the
 //            cache, so every prediction reads the cache as decode does.
+//   Verify:  n tokens after the cache's (speculative decoding: the last token
+//            and n - 1 drafts): all appended, then attended as n queries
+//            (each causal over the cache and the rows before it); logits for
+//            every row (logits(j)).
 #pragma once
 
 #include <cublas_v2.h>
@@ -33,7 +37,7 @@ namespace llama {
 
 class Model {
  public:
-  enum class Phase { Prefill, Decode };
+  enum class Phase { Prefill, Decode, Verify };
 
   /// Loads every weight to the device; `max_rows` is the longest prefill.
   Model(const ModelConfig& cfg, Checkpoint& ckpt, int max_rows) : cfg_(cfg), max_rows_(std::max(max_rows, 1)) {
@@ -88,7 +92,7 @@ class Model {
     att_ = DeviceBuffer<__half>(size_t(R * Q));
     gate_ = DeviceBuffer<__half>(size_t(R * I));
     up_ = DeviceBuffer<__half>(size_t(R * I));
-    logits_ = DeviceBuffer<float>(size_t(V));
+    logits_ = DeviceBuffer<float>(size_t(R * V));
     check(cublasCreate(&blas_), "cublasCreate");
   }
   ~Model() { cublasDestroy(blas_); }
@@ -98,7 +102,8 @@ class Model {
   const ModelConfig& config() const { return cfg_; }
 
   /// Runs n tokens (device ids) at positions pos0.. through every layer and
-  /// leaves the logits of the last one in logits() (fp32 [vocab]).
+  /// leaves the logits of the last one in logits() (fp32 [vocab]), or with
+  /// Phase::Verify those of every row j in logits(j).
   void forward(const int* tokens, int n, int pos0, Phase phase, KvCache& cache, cudaStream_t s) {
     if (n < 1 || n > max_rows_) throw std::runtime_error("forward: " + std::to_string(n) + " rows, at most " + std::to_string(max_rows_));
     if (phase == Phase::Decode && n != 1) throw std::runtime_error("forward: decode takes one token at a time");
@@ -123,9 +128,12 @@ class Model {
       if (phase == Phase::Prefill) {
         prefill_attention(n, s);
         cache.append(l, n, k_.get(), v_.get(), s);
-      } else {
+      } else if (phase == Phase::Decode) {
         cache.append(l, 1, k_.get(), v_.get(), s);
         cache.attend(l, q_.get(), att_.get(), s);
+      } else {
+        cache.append(l, n, k_.get(), v_.get(), s);
+        cache.attend_many(l, n, q_.get(), att_.get(), s);
       }
       gemm(w.wo, H, Q, att_.get(), x_.get(), n, Out::AddF32);  // x += o_proj(att)
       if (w.bo.get()) kernels::add_bias_f32<<<blocks(int64_t(n) * H), T, 0, s>>>(x_.get(), w.bo.get(), H, int64_t(n) * H);
@@ -136,13 +144,14 @@ class Model {
       kernels::silu_mul<<<blocks(int64_t(n) * I), T, 0, s>>>(gate_.get(), up_.get(), gate_.get(), int64_t(n) * I);
       gemm(w.down, H, I, gate_.get(), x_.get(), n, Out::AddF32);  // x += down_proj(h)
     }
-    // Logits of the last row only: final norm, then the output layer.
-    kernels::rmsnorm<<<1, T, 0, s>>>(x_.get() + int64_t(n - 1) * H, final_norm_.get(), H, cfg_.rms_eps, xn_.get());
-    gemm(lm_head_.get() ? lm_head_ : embed_, cfg_.vocab, H, xn_.get(), logits_.get(), 1, Out::F32);
+    // Logits of the last row (Verify: of every row): final norm, then the output layer.
+    const int rows = phase == Phase::Verify ? n : 1;
+    kernels::rmsnorm<<<rows, T, 0, s>>>(x_.get() + int64_t(n - rows) * H, final_norm_.get(), H, cfg_.rms_eps, xn_.get());
+    gemm(lm_head_.get() ? lm_head_ : embed_, cfg_.vocab, H, xn_.get(), logits_.get(), rows, Out::F32);
     check(cudaGetLastError(), "forward");
   }
 
-  const float* logits() const { return logits_.get(); }
+  const float* logits(int row = 0) const { return logits_.get() + int64_t(row) * cfg_.vocab; }
 
  private:
   struct Layer {
@@ -152,7 +161,7 @@ class Model {
   int max_rows_;
   DeviceBuffer<__half> embed_, final_norm_, lm_head_;
   std::vector<Layer> layers_;
-  DeviceBuffer<float> x_, logits_;                       // residual stream [rows][hidden]; logits [vocab]
+  DeviceBuffer<float> x_, logits_;                       // residual stream [rows][hidden]; logits [rows][vocab]
   DeviceBuffer<__half> xn_, q_, k_, v_, att_, gate_, up_;  // activations [rows][width]
   cublasHandle_t blas_ = nullptr;
 

@@ -220,9 +220,10 @@ class Cache {
   /// e.g. append k <= max_rollback draft tokens, attend, roll back the
   /// rejected ones. Those tokens are always still in the tail (blocks close
   /// only max_rollback tokens behind the newest), so no compressed block
-  /// changes: the cache then holds exactly what it would hold had only the
-  /// kept tokens been appended. Synchronizes `stream` (the counts it checks
-  /// must be the device's); throws, changing nothing, when n is too large.
+  /// changes: every closed block holds what it would hold had only the kept
+  /// tokens been appended (a block may have closed a few tokens earlier, at
+  /// the drafts' peak). Synchronizes `stream` (the counts it checks must be
+  /// the device's); throws, changing nothing, when n is too large.
   void rollback(int seq, int n_tokens, cudaStream_t stream = 0);
   /// Tokens stored for `seq` in `layer` (synchronizes the device).
   int64_t tokens(int seq, int layer) const;

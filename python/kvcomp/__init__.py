@@ -49,6 +49,7 @@ class Cache(_C.Cache):
     """A compressed KV cache on the current CUDA device (kvcomp::Cache).
 
     Cache(config); add_sequence() -> int; fork(seq, stream=None) -> int; remove_sequence(seq, stream=None);
+    rollback(seq, n_tokens, stream=None);
     tokens(seq, layer); append(layer, seq_ids, n_tokens, k, v, stream=None);
     attend(layer, seq_ids, q, out, n_queries=None, stream=None);
     make_plan(batch) -> DecodePlan; set_plan(plan, seq_ids, stream=None);
@@ -56,7 +57,7 @@ class Cache(_C.Cache):
     check(stream=None); stats() -> Stats; read_block(layer, seq, kv_head, block, kind, stream=None) -> bytes;
     codebook(layer, kv_head, kind) -> Codebook; config (a copy).
 
-    Synchronizing: tokens(), stats(), read_block(), codebook(), check(). Failures only the device sees (a
+    Synchronizing: tokens(), stats(), read_block(), codebook(), check(), rollback(). Failures only the device sees (a
     full pool, max_tokens_per_seq) raise from check(), or from the next eager append/attend, add_sequence,
     set_plan, tokens, stats or read_block.
     """
@@ -70,6 +71,13 @@ class Cache(_C.Cache):
         """A new sequence that starts as a copy of `seq`: it shares seq's closed blocks (stats count them once)
         and copies its open tail; then each appends its own tokens. Either may be removed first."""
         return super().fork(seq, resolve_stream(stream))
+
+    def rollback(self, seq, n_tokens, stream=None):
+        """Takes back the last n_tokens of `seq` in every layer (speculative decoding: rejected draft tokens), as
+        if never appended. Allowed while no layer goes below the most tokens it has held minus
+        config.max_rollback (e.g. append k <= max_rollback drafts, attend, roll back the rejected ones);
+        otherwise raises kvcomp.Error and changes nothing. Synchronizes `stream`."""
+        super().rollback(seq, n_tokens, resolve_stream(stream))
 
     def append(self, layer, seq_ids, n_tokens, k, v, stream=None):
         """Appends n_tokens[i] tokens to seq_ids[i]; k, v: [sum(n_tokens), kv_heads, head_dim] of

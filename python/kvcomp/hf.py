@@ -14,10 +14,13 @@ and the registered attention function stores them and attends:
   - a prompt into an empty cache with prefill="fp16" (what engines do): the
     prompt attends to itself exactly (PyTorch SDPA, causal), then all of its
     K/V are appended in one call;
-  - anything else (prefill="cache", or several new tokens after a prefix):
-    token by token, append then attend, so every query reads the cache exactly
-    as a decode step would (teacher-forced decoding; what the perplexity
-    harness uses).
+  - several new tokens after a prefix with prefill="fp16" (speculative
+    verification, a continued prompt; KvcompCache): appended together, then
+    attended as multi-token queries (each causal over the cache and the new
+    tokens before it; blocks decoded once for all of a row's queries);
+  - anything else (prefill="cache"; the other caches): token by token, append
+    then attend, so every query reads the cache exactly as a decode step
+    would (teacher-forced decoding; what the perplexity harness uses).
 The same layer protocol serves `KiviCache` (KIVI-style fixed-width
 quantization, emulated exactly in PyTorch) and `Fp16Cache` (an uncompressed
 cache through the same token-by-token path), so one harness runs all three.
@@ -31,8 +34,14 @@ batch_repeat_interleave): KvcompCache makes each new row a fork of the row it
 copies (kvcomp.Cache.fork: closed blocks are shared, not copied; the open tail
 is copied), so reordering moves no compressed bytes. The kvcomp cache is made
 for twice the first batch of sequences, room for the forks of a reorder.
-Limits (each raises a clear error): no cropping (assisted decoding), and
-reordering is KvcompCache's only (KiviCache and Fp16Cache are harness caches).
+Assisted and prompt-lookup decoding (generate(assistant_model=...) or
+prompt_lookup_num_tokens=...): KvcompCache.crop takes the rejected draft
+tokens back (kvcomp.Cache.rollback); make the cache with max_rollback at
+least the most draft tokens a step verifies, e.g. KvcompCache(model, cfg,
+max_rollback=16).
+Limits (each raises a clear error): cropping and reordering are KvcompCache's
+only (KiviCache and Fp16Cache are harness caches); crop takes back at most
+max_rollback tokens.
 """
 from __future__ import annotations
 
@@ -281,7 +290,7 @@ class _CacheBase(Cache):
 _DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 _CONFIG_FIELDS = ("layers", "kv_heads", "q_heads", "head_dim", "dtype", "block_tokens", "k_bound", "v_bound",
                   "overrides", "pool_bytes", "pool_page_bytes", "max_seqs", "max_attend_batch", "max_tokens_per_seq",
-                  "transform")
+                  "transform", "max_rollback")
 
 
 class _KvcompLayer(_Layer):
@@ -328,14 +337,47 @@ class _KvcompLayer(_Layer):
         # whatever layout the model produced them in (the binding requires equal strides).
         self.owner.cache.append(self.index, self.owner.seqs, self.owner.ones, k.contiguous(), v.contiguous())
 
-    def _attend_token(self, q, scaling):
-        q = q.contiguous()
+    @staticmethod
+    def _q_for_kernel(q, scaling):
+        """q in float16/bfloat16, pre-scaled so that the kernel's 1/sqrt(D) gives `scaling`."""
         qt = q if q.dtype in (torch.float16, torch.bfloat16) else q.to(torch.float16)
-        if abs(scaling * math.sqrt(qt.shape[-1]) - 1.0) > 1e-6:  # the kernel scales by 1/sqrt(D)
+        if abs(scaling * math.sqrt(qt.shape[-1]) - 1.0) > 1e-6:
             qt = qt * (scaling * math.sqrt(qt.shape[-1]))
+        return qt.contiguous()
+
+    def _attend_token(self, q, scaling):
+        qt = self._q_for_kernel(q, scaling)
         out = torch.empty_like(qt)
         self.owner.cache.attend(self.index, self.owner.seqs, qt, out)
         return out.to(q.dtype)
+
+    def attend(self, q, k, v, attention_mask, scaling):
+        n = q.shape[2]
+        if n > 1 and self.length > 0 and self.owner.prefill == "fp16" and _valid_tokens(attention_mask, n) is None:
+            self.pending = False
+            return self._attend_chunk(q, k, v, scaling)
+        return super().attend(q, k, v, attention_mask, scaling)
+
+    def _attend_chunk(self, q, k, v, scaling):
+        """Several new tokens after a prefix (speculative verification, a prompt continued): append them, then
+        attend them as multi-token queries (each causal over the cache and the new tokens before it); a block is
+        decoded once for all of a row's queries. In chunks of at most max_attend_batch query rows a call."""
+        B, Hq, n, D = q.shape
+        H = k.shape[1]
+        per = max(1, self.owner.attend_rows // B)
+        out = torch.empty_like(q)
+        for t0 in range(0, n, per):
+            c = min(per, n - t0)
+            kt = k[:, :, t0:t0 + c].transpose(1, 2).reshape(B * c, H, D).contiguous()
+            vt = v[:, :, t0:t0 + c].transpose(1, 2).reshape(B * c, H, D).contiguous()
+            self.owner.cache.append(self.index, self.owner.seqs, [c] * B, kt, vt)
+            self.length += c
+            self.owner._note_bytes(self)
+            qt = self._q_for_kernel(q[:, :, t0:t0 + c].transpose(1, 2).reshape(B * c, Hq, D), scaling)
+            o = torch.empty_like(qt)
+            self.owner.cache.attend(self.index, self.owner.seqs, qt, o, n_queries=[c] * B)
+            out[:, :, t0:t0 + c] = o.reshape(B, c, Hq, D).transpose(1, 2).to(q.dtype)
+        return out
 
     def bytes(self):
         o = self.owner
@@ -343,7 +385,7 @@ class _KvcompLayer(_Layer):
             return 0
         st = o.cache.stats().per_layer[self.index]
         T = o.config.block_tokens
-        blocks = (self.length // T) * o.batch * o.kv_heads
+        blocks = (st.tokens - st.tail_tokens) // T * o.kv_heads  # closed blocks of every sequence, K/V pairs
         tail_bytes = st.tail_tokens * o.kv_heads * o.head_dim * 2 * (o.tail_value_bytes or o.element_bytes)
         books = 2 * o.kv_heads * 256 if blocks else 0  # code lengths of the K and V codebooks
         return st.compressed_bytes + tail_bytes + blocks * 8 + books  # 8 B block-table entry per K/V pair
@@ -359,7 +401,7 @@ class KvcompCache(_CacheBase):
     layer_class = _KvcompLayer
     tail_value_bytes = None  # the open tail is held in the K/V input's type; set 4 to count it as fp32 (format v2)
 
-    def __init__(self, model, config=None, prefill="fp16", max_tokens=None, transform=None):
+    def __init__(self, model, config=None, prefill="fp16", max_tokens=None, transform=None, max_rollback=None):
         super().__init__(model, prefill)
         # A copy: the shape fields, max_seqs and the transform are set here, not in the caller's Config.
         self.config = kvcomp.Config(**{f: getattr(config, f) for f in _CONFIG_FIELDS}) if config is not None \
@@ -367,10 +409,13 @@ class KvcompCache(_CacheBase):
         self.max_tokens = max_tokens
         self.cache = None
         self.seqs = []
+        self.rolled_back = 0  # tokens crop() took back
         if transform not in (None, "hadamard"):
             raise ValueError("transform must be None or 'hadamard'")
         if transform == "hadamard":  # the library stores K/V rotated (Config.transform)
             self.config.transform = kvcomp.Transform.Hadamard
+        if max_rollback is not None:  # crop() (assisted / prompt-lookup decoding) takes back up to this many tokens
+            self.config.max_rollback = max_rollback
 
     def _allocate(self, key_states):
         c = self.config
@@ -382,6 +427,9 @@ class KvcompCache(_CacheBase):
         c.max_seqs = 2 * self.batch  # a sequence per batch row, and room for a reorder's forks
         if self.max_tokens:
             c.max_tokens_per_seq = self.max_tokens
+        if c.max_attend_batch == 0:  # room for multi-token queries: 16 a row (more go in chunks)
+            c.max_attend_batch = min(256, 16 * self.batch)
+        self.attend_rows = c.max_attend_batch
         self.cache = kvcomp.Cache(c)
         self.seqs = [self.cache.add_sequence() for _ in range(self.batch)]
         self.ones = [1] * self.batch
@@ -424,6 +472,21 @@ class KvcompCache(_CacheBase):
 
     def batch_repeat_interleave(self, repeats):
         self._reseat([i for i in range(self.batch or 0) for _ in range(repeats)], "batch_repeat_interleave")
+
+    def crop(self, tokens_to_remove):
+        """Takes back rejected draft tokens, as transformers' assisted and prompt-lookup decoding ask:
+        crop(-n) removes the last n tokens (crop(0): nothing), crop(m > 0) keeps the first m (the older form).
+        kvcomp.Cache.rollback on every row, once for all layers: at most config.max_rollback tokens
+        (KvcompCache(max_rollback=...)) below the most the cache held; more raises kvcomp.Error."""
+        length = self.get_seq_length()
+        n = max(0, length - tokens_to_remove) if tokens_to_remove > 0 else min(length, -tokens_to_remove)
+        if self.cache is None or n == 0:
+            return
+        for s in self.seqs:
+            self.cache.rollback(s, n)
+        for layer in self.layers:
+            layer.length = length - n
+        self.rolled_back += n
 
 
 # ----------------------------------------------------------------------------- fp16

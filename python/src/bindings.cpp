@@ -556,7 +556,7 @@ std::string config_repr(const Config& c) {
     << ", transform=" << (c.transform == kvcomp::Transform::Hadamard ? "Transform.Hadamard" : "Transform.None_")
     << ", window=" << c.window << ", layer_windows=[";
   for (size_t i = 0; i < c.layer_windows.size(); ++i) s << (i ? ", " : "") << c.layer_windows[i];
-  s << "], sink_tokens=" << c.sink_tokens << ")";
+  s << "], sink_tokens=" << c.sink_tokens << ", max_rollback=" << c.max_rollback << ")";
   return s.str();
 }
 
@@ -631,6 +631,7 @@ void bind_types(py::module_& m) {
       .def_readwrite("window", &Config::window)
       .def_readwrite("layer_windows", &Config::layer_windows)
       .def_readwrite("sink_tokens", &Config::sink_tokens)
+      .def_readwrite("max_rollback", &Config::max_rollback)
       .def("__repr__", &config_repr);
 
   py::class_<LayerStats>(m, "LayerStats")
@@ -760,6 +761,10 @@ void bind_cache(py::module_& m) {
              return locked(self, [&](Cache& c) { return c.fork(seq, as_stream(stream)); });
            },
            py::arg("seq"), py::arg("stream") = 0)
+      .def("rollback", [](PyCache& self, int seq, int n_tokens, uintptr_t stream) {
+             locked(self, [&](Cache& c) { c.rollback(seq, n_tokens, as_stream(stream)); });
+           },
+           py::arg("seq"), py::arg("n_tokens"), py::arg("stream") = 0)
       .def("make_plan", [](PyCache& self, int batch) {
              const DecodePlan p = locked(self, [&](Cache& c) { return c.make_plan(batch); });
              return PyPlan{p, self.serial};

@@ -106,7 +106,8 @@ class ImportAndVersion(unittest.TestCase):
             self.assertTrue(hasattr(kvcomp, name), name)
             self.assertIn(name, kvcomp.__all__)
         for method in ["add_sequence", "remove_sequence", "tokens", "append", "attend", "stats", "read_block",
-                       "codebook", "config", "make_plan", "set_plan", "append_plan", "attend_plan", "check", "fork"]:
+                       "codebook", "config", "make_plan", "set_plan", "append_plan", "attend_plan", "check", "fork",
+                       "rollback"]:
             self.assertTrue(hasattr(kvcomp.Cache, method), method)
         for field in ["compressed_bytes", "tail_bytes", "metadata_bytes", "pool_bytes_in_use", "pool_page_bytes",
                       "pool_capacity", "tokens", "ratio_vs_fp16", "per_layer"]:
@@ -120,6 +121,7 @@ class ImportAndVersion(unittest.TestCase):
         # Every call that runs on a stream takes stream=None (the caller's current stream), last.
         for method, params in [("remove_sequence", ["seq"]), ("append", ["layer", "seq_ids", "n_tokens", "k", "v"]),
                                ("attend", ["layer", "seq_ids", "q", "out", "n_queries"]), ("fork", ["seq"]),
+                               ("rollback", ["seq", "n_tokens"]),
                                ("set_plan", ["plan", "seq_ids"]),
                                ("append_plan", ["plan", "layer", "k", "v"]),
                                ("attend_plan", ["plan", "layer", "q", "out"]), ("check", []),
@@ -162,7 +164,7 @@ class ConfigFields(unittest.TestCase):
                       k_bound=kvcomp.ErrorBound(kvcomp.BoundMode.Absolute, 0.5),
                       v_bound=kvcomp.ErrorBound(kvcomp.BoundMode.Relative, 0.0625), pool_bytes=(1 << 33) + 16,
                       max_seqs=7, max_attend_batch=5, max_tokens_per_seq=123456, transform=kvcomp.Transform.Hadamard,
-                      window=4096, layer_windows=[4096, 0, 1024], sink_tokens=4)
+                      window=4096, layer_windows=[4096, 0, 1024], sink_tokens=4, max_rollback=16)
         by_kwargs = kvcomp.Config(overrides=[o], **values)
         by_setattr = kvcomp.Config()
         for name, value in values.items():
@@ -176,7 +178,7 @@ class ConfigFields(unittest.TestCase):
         r = repr(by_kwargs)
         for text in ["layers=3", "head_dim=64", "dtype=DType.BF16", "BoundMode.Absolute", "pool_bytes=8589934608",
                      "BoundOverride(layer=1, kv_head=2", "max_tokens_per_seq=123456", "transform=Transform.Hadamard",
-                     "window=4096, layer_windows=[4096, 0, 1024], sink_tokens=4"]:
+                     "window=4096, layer_windows=[4096, 0, 1024], sink_tokens=4, max_rollback=16"]:
             self.assertIn(text, r)
 
     def test_unknown_field_and_wrong_type(self):
@@ -196,6 +198,8 @@ class ConfigFields(unittest.TestCase):
             kvcomp.Cache(kvcomp.Config(overrides=[kvcomp.BoundOverride(layer=4)]))
         with self.assertRaisesRegex(kvcomp.Error, "layer_windows has 1 entries for 2 layers"):
             kvcomp.Cache(kvcomp.Config(layers=2, layer_windows=[4096]))
+        with self.assertRaisesRegex(kvcomp.Error, r"max_rollback must be 0..block_tokens \(32\), got 33"):
+            kvcomp.Cache(kvcomp.Config(block_tokens=32, max_rollback=33))
 
     @unittest.skipIf(HAVE_GPU, "a CUDA device is present")
     def test_cache_without_gpu_names_the_cuda_failure(self):

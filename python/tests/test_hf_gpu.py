@@ -153,6 +153,33 @@ class HfGpu(unittest.TestCase):
         self.assertEqual(out.tolist(), ref.tolist(), self.tok.decode(out[0]))
         self.assertEqual(cache.batch, 3)  # one kvcomp sequence per beam
 
+    def test_prompt_lookup_decoding_takes_rejected_drafts_back(self):
+        """Prompt-lookup decoding (speculative: drafts from n-grams of the prompt, verified as multi-token
+        queries, the rejected ones cropped through kvcomp.Cache.rollback): at a tight bound, greedy tokens equal
+        plain greedy decoding through transformers' cache; without rollback room, crop is a clear error."""
+        import kvcomp
+
+        text = PROMPT + " sat by the fire. " + PROMPT + " sat by the window. " + PROMPT
+        ids = self.tok(text, return_tensors="pt")["input_ids"].cuda()
+        mask = torch.ones_like(ids)
+        cfg = kvcomp.Config()
+        cfg.k_bound = kvcomp.ErrorBound(kvcomp.BoundMode.Relative, 0.001)
+        cfg.v_bound = kvcomp.ErrorBound(kvcomp.BoundMode.Relative, 0.001)
+        with torch.no_grad():
+            ref = self.ref_model.generate(ids, attention_mask=mask, max_new_tokens=48, do_sample=False,
+                                          pad_token_id=0)
+            cache = self.hf.KvcompCache(self.model, cfg, max_rollback=16)
+            out = self.model.generate(ids, attention_mask=mask, past_key_values=cache, prompt_lookup_num_tokens=6,
+                                      max_new_tokens=48, do_sample=False, pad_token_id=0)
+        self.assertEqual(out.tolist(), ref.tolist(), self.tok.decode(out[0]))
+        self.assertGreater(cache.rolled_back, 0, "no draft was rejected: the test did not exercise crop")
+        for layer in range(cache.n_layers):
+            self.assertEqual(cache.cache.tokens(cache.seqs[0], layer), cache.get_seq_length())
+        no_room = self.hf.KvcompCache(self.model, cfg)
+        with torch.no_grad(), self.assertRaisesRegex(kvcomp.Error, "can take back at most 0 tokens"):
+            self.model.generate(ids, attention_mask=mask, past_key_values=no_room, prompt_lookup_num_tokens=6,
+                                max_new_tokens=48, do_sample=False, pad_token_id=0)
+
     def test_cache_path_matches_model_forward(self):
         """Teacher-forced: the token-by-token fp16 path equals the model's own causal forward."""
         with open(os.path.join(ROOT, "examples", "data", "eval_excerpt.txt")) as f:
