@@ -392,9 +392,9 @@ __device__ void drop_pages(int slot, const PoolState& pool, int layers, Keep kee
 /// cleared. Clears the slot's state.
 __global__ void __launch_bounds__(kReleaseThreads) release_kernel(int slot, PoolState pool, SeqState seqs) {
   drop_pages(slot, pool, seqs.layers, [](int) { return false; });
-  if (threadIdx.x == 0) {
-    pool.open_page[slot] = -1;
-    pool.open_fill16[slot] = 0;
+  for (int c = threadIdx.x; c < pool.page_classes; c += blockDim.x) {
+    pool.open_page[c * pool.max_seqs + slot] = -1;
+    pool.open_fill16[c * pool.max_seqs + slot] = 0;
   }
   for (int l = threadIdx.x; l < seqs.layers; l += blockDim.x) {
     const size_t at = size_t(l) * seqs.max_seqs + slot;
@@ -414,9 +414,9 @@ __global__ void __launch_bounds__(kReleaseThreads) fork_kernel(int parent, int c
     uint32_t* users = pool.users + size_t(page) * pool.user_words;
     if (users[parent / 32] >> (parent % 32) & 1) users[child / 32] |= 1u << (child % 32);
   }
-  if (threadIdx.x == 0) {
-    pool.open_page[child] = -1;
-    pool.open_fill16[child] = 0;
+  for (int c = threadIdx.x; c < pool.page_classes; c += blockDim.x) {
+    pool.open_page[c * pool.max_seqs + child] = -1;
+    pool.open_fill16[c * pool.max_seqs + child] = 0;
   }
   for (int l = threadIdx.x; l < seqs.layers; l += blockDim.x) {
     seqs.tokens[size_t(l) * seqs.max_seqs + child] = seqs.tokens[size_t(l) * seqs.max_seqs + parent];
@@ -434,7 +434,7 @@ __global__ void rollback_kernel(int slot, int n, SeqState seqs) {
 /// One CTA, after an append to the last layer: for each entry's sequence
 /// (in order, so the free stack's order is deterministic), the pages it uses
 /// that hold none of its live blocks (WindowTrim: in no layer visible to a
-/// future query, sinks live) and are not its open page: it stops using them,
+/// future query, sinks live) and are not one of its open pages: it stops using them,
 /// and a page no one uses is freed. every_call = false (plan-based decode, a
 /// token a step): a sequence is looked at when its last layer's token count
 /// is a multiple of T, as blocks die at most once every T tokens a layer.
@@ -465,9 +465,11 @@ __global__ void __launch_bounds__(kReleaseThreads) trim_kernel(const AppendEntry
       }
     }
     __syncthreads();
-    const int32_t open = pool.open_page[slot];
-    drop_pages(slot, pool, seqs.layers,
-               [&](int page) { return page == open || (w.alive[page / 32] >> (page % 32) & 1); });
+    const int32_t open0 = pool.open_page[slot];
+    const int32_t open1 = pool.page_classes > 1 ? pool.open_page[pool.max_seqs + slot] : -1;
+    drop_pages(slot, pool, seqs.layers, [&](int page) {
+      return page == open0 || page == open1 || (w.alive[page / 32] >> (page % 32) & 1);
+    });
   }
 }
 

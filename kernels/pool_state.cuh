@@ -20,11 +20,17 @@ struct PoolState {
   uint32_t* users;          // [n_pages][user_words]: bit s set while slot s uses the page (it placed
                             // blocks there, or shares them through fork); a free page has none
   uint32_t* layer_units16;  // [n_pages][layers]: units of the blocks placed in the page, by layer
-  int32_t* open_page;       // [max_seqs]: page being filled, or -1
-  uint32_t* open_fill16;    // [max_seqs]: units of the open page in use (> 0 while one is open)
+  // A sequence fills a page per page class: with sliding windows in some layers and full attention in
+  // others, windowed layers (class 1) place their blocks in pages of their own, so the pages behind
+  // the window hold no full-attention block and can be freed. place_kernel is handed one class's
+  // cursors (page_classes = 1); release, fork and trim see them all.
+  int32_t* open_page;       // [page_classes][max_seqs]: page being filled, or -1
+  uint32_t* open_fill16;    // [page_classes][max_seqs]: units of the open page in use (> 0 while one is open)
   uint32_t page_units16;    // page size, 16-byte units
   int32_t n_pages;
   int32_t user_words;       // ceil(max_seqs / 32)
+  int32_t page_classes;     // 1, or 2 (windowed and full-attention layers mixed)
+  int32_t max_seqs;         // the stride of open_page / open_fill16 between classes
 };
 struct SeqState {
   int32_t* tokens;        // [layer][max_seqs]

@@ -53,18 +53,21 @@ Cache::Impl::Impl(const Config& c)
   layer_units16.allocate(size_t(pages.pages) * c.layers, "pool page sizes");
   layer_units.allocate(c.layers, "stats scratch");
   std::vector<int32_t> w(c.layers);
+  bool full = false;
   for (int l = 0; l < c.layers; ++l) {
     w[l] = layer_window(l);
     windowed = windowed || w[l] > 0;
+    full = full || w[l] == 0;
   }
+  page_classes = windowed && full ? 2 : 1;
   if (windowed) {
     windows.allocate(c.layers, "layer windows");
     alive_pages.allocate((size_t(pages.pages) + 31) / 32, "window scratch");
     check_cuda(cudaMemcpy(windows.ptr, w.data(), w.size() * sizeof(int32_t), cudaMemcpyHostToDevice),
                "cache initialization");
   }
-  open_page.allocate(c.max_seqs, "sequence pages");
-  open_fill16.allocate(c.max_seqs, "sequence pages");
+  open_page.allocate(size_t(page_classes) * c.max_seqs, "sequence pages");
+  open_fill16.allocate(size_t(page_classes) * c.max_seqs, "sequence pages");
   tokens.allocate(slots, "token counts");
   closed.allocate(slots, "block counts");
   fail.allocate(slots, "failure records");
@@ -78,7 +81,7 @@ Cache::Impl::Impl(const Config& c)
              "failure flag address");
 
   // Every page free (page 0 on top), used by no one, nothing stored.
-  std::vector<int32_t> stack(pages.pages), none(std::max<size_t>(pages.pages, c.max_seqs), -1);
+  std::vector<int32_t> stack(pages.pages), none(open_page.count, -1);
   for (int32_t i = 0; i < pages.pages; ++i) stack[i] = pages.pages - 1 - i;
   std::vector<ErrorBound> b(bounds.count);
   for (int l = 0; l < c.layers; ++l)
@@ -91,7 +94,7 @@ Cache::Impl::Impl(const Config& c)
   };
   up(free_pages.ptr, stack.data(), stack.size() * sizeof(int32_t));
   up(free_count.ptr, &pages.pages, sizeof(int32_t));
-  up(open_page.ptr, none.data(), size_t(c.max_seqs) * sizeof(int32_t));
+  up(open_page.ptr, none.data(), none.size() * sizeof(int32_t));
   up(bounds.ptr, b.data(), b.size() * sizeof(ErrorBound));
   auto zero = [](void* p, size_t bytes) { check_cuda(cudaMemset(p, 0, bytes), "cache initialization"); };
   zero(open_fill16.ptr, open_fill16.count * sizeof(uint32_t));
@@ -215,7 +218,7 @@ void Cache::Impl::run_store(int layer, AppendScratch& s, int n_jobs, int n_entri
                            stream);
   }
   detail::launch_place(s.entries.ptr, n_entries, layer, s.sizes16.ptr, s.pair_at16.ptr, s.entry_ok.ptr,
-                       s.page_base.ptr, pool_state(), seq_state(), stream);
+                       s.page_base.ptr, place_state(layer), seq_state(), stream);
   if (n_jobs > 0)
     detail::launch_encode(cfg.dtype, warps, s.jobs.ptr, n_jobs, T, D, books.ptr, s.sizes16.ptr, s.seg_bits.ptr,
                           s.pair_at16.ptr, s.entry_ok.ptr, pool.ptr, table.ptr, stream);

@@ -72,6 +72,7 @@ struct Cache::Impl {
   detail::DeviceBuffer<unsigned long long> layer_units;  // [layer]: stats scratch
   // Sliding windows (Config::window): freeing the pages behind them.
   bool windowed = false;                          // some layer has a window
+  int page_classes = 1;                           // 2: windowed and full layers mixed (PoolState)
   detail::DeviceBuffer<int32_t> windows;          // [layer]: W, 0 = full attention
   detail::DeviceBuffer<uint32_t> alive_pages;     // trim scratch: [ceil(pages / 32)] bits
   detail::DeviceBuffer<int32_t> fail;             // [layer][slot]
@@ -102,9 +103,21 @@ struct Cache::Impl {
   explicit Impl(const Config& c);
 
   detail::PoolState pool_state() const {
-    return {free_pages.ptr, free_count.ptr, users.ptr, layer_units16.ptr, open_page.ptr, open_fill16.ptr,
-            pages.page_units16, pages.pages, user_words()};
+    return {free_pages.ptr,  free_count.ptr,      users.ptr,    layer_units16.ptr, open_page.ptr,
+            open_fill16.ptr, pages.page_units16, pages.pages, user_words(),      page_classes,
+            cfg.max_seqs};
   }
+  /// What place_kernel fills `layer`'s blocks with: the pool and the page cursors of the layer's class.
+  detail::PoolState place_state(int layer) const {
+    detail::PoolState p = pool_state();
+    const int c = page_class(layer);
+    p.open_page += size_t(c) * cfg.max_seqs;
+    p.open_fill16 += size_t(c) * cfg.max_seqs;
+    p.page_classes = 1;
+    return p;
+  }
+  /// 1 for windowed layers when windowed and full-attention layers are mixed (their own pages), else 0.
+  int page_class(int layer) const { return page_classes > 1 && layer_window(layer) > 0 ? 1 : 0; }
   detail::SeqState seq_state() const;
   detail::TailLayout tail_layout() const {
     return {tails.ptr, cfg.max_seqs, H, T, D, dtype_size(cfg.dtype), tail_rows};

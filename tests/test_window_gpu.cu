@@ -1,7 +1,8 @@
 // Sliding windows on the GPU: a long decode keeps only the pool pages that
 // hold blocks a query can still see (eager appends and plan-based steps),
 // attention over what is left matches float64 over the window and the sinks,
-// a full-attention layer keeps its pages, and the pool ends empty.
+// a full-attention layer keeps its pages while a windowed one beside it (own
+// pages) frees its own, and the pool ends empty.
 #include <algorithm>
 #include <string>
 #include <vector>
@@ -116,8 +117,23 @@ TEST(WindowGpu, PagesBehindTheWindowAreFreedThroughEagerAndPlanAppends) {
       EXPECT_LE(after_eager, windowed_bound);
       windowed_after_eager = after_eager;
     } else {
-      // Layer 1 keeps every block (and layer 0's pages interleave with them).
+      // Layer 1 keeps every block; layer 0 (windowed) fills pages of its own, which are freed behind
+      // its window: about half of what two full-attention layers hold, plus a windowed layer's live pages.
       EXPECT_GT(after_eager, 2 * windowed_after_eager);
+      Config full_cfg = cfg;
+      full_cfg.layer_windows = {0, 0};
+      Cache full(full_cfg);
+      const int f = full.add_sequence();
+      for (int at = 0; at < eager; at += 37) {
+        const int n = std::min(37, eager - at);
+        for (int l = 0; l < cfg.layers; ++l) full.append(l, {f}, {n}, dk.ptr + at * row, dv.ptr + at * row, 0);
+      }
+      const size_t both_full = full.stats().pool_bytes_in_use;
+      EXPECT_LE(after_eager, both_full / 2 + windowed_after_eager + 2 * page)
+          << "two full layers " << both_full << ", two windowed " << windowed_after_eager;
+      const Stats st = cache.stats();
+      EXPECT_LT(st.per_layer[0].compressed_bytes, st.per_layer[1].compressed_bytes / 2)
+          << "the windowed layer's dead blocks were not freed";
     }
     check_attention(cache, 0, s, kf, vf, 3, seed + 2);
     if (HasFatalFailure()) return;
@@ -131,6 +147,9 @@ TEST(WindowGpu, PagesBehindTheWindowAreFreedThroughEagerAndPlanAppends) {
     EXPECT_EQ(cache.tokens(s, 1), total);
     if (!global_layer) {
       EXPECT_LE(cache.stats().pool_bytes_in_use, windowed_bound + size_t(cfg.layers) * H * page) << "plan";
+    } else {
+      const Stats st = cache.stats();
+      EXPECT_LT(st.per_layer[0].compressed_bytes, st.per_layer[1].compressed_bytes / 2) << "plan";
     }
     for (int l = 0; l < cfg.layers; ++l) {
       check_attention(cache, l, s, kf, vf, 4, seed + 3 + l);

@@ -113,9 +113,11 @@ struct Config {
   /// max_attend_batch tokens) are dropped: after an append to the last
   /// layer, a sequence lets go of the pool pages that hold none of its
   /// live blocks, and a page no sequence uses is freed (plan-based decode:
-  /// every block_tokens tokens). Freeing is per page, and a page holds
-  /// blocks of every layer, so pages with blocks of full-attention layers
-  /// stay. read_block() refuses blocks behind the window.
+  /// every block_tokens tokens). Freeing is per page: when windowed and
+  /// full-attention layers are mixed (layer_windows), the windowed layers
+  /// fill pages of their own, so their dead blocks are freed while the full
+  /// layers keep theirs (a sequence then fills two pages at a time).
+  /// read_block() refuses blocks behind the window.
   int window = 0;
   std::vector<int> layer_windows;
   int sink_tokens = 0;
