@@ -1,15 +1,16 @@
 // Plan-based decode: the jobs of one decode append, worked out on the device
 // from the token counts in device memory, so a captured CUDA graph appends
-// the right token on every replay.
+// the right tokens on every replay.
 //
-// Slot b (a sequence, or -1 idle) appends input row b to `layer` only while
-// the layer holds as many tokens as the last layer and (layer > 0) fewer than
-// layer - 1: a step replayed after a partial failure stores only what is
-// missing. A token that closes a block makes H block jobs (the T - 1 tail
-// rows then the token; with max_rollback > 0, T tail rows, and the token is
-// copied to the tail too); otherwise H one-row tail copies. Everything not used
-// is idle (tail_tokens = -1, rows = 0), so the launches that follow have
-// fixed sizes: batch * H jobs and copies, batch entries.
+// Slot b (a sequence, or -1 idle) appends its n = tokens_per_slot input rows
+// (b n .. b n + n - 1) to `layer` only while the layer holds as many tokens
+// as the last layer and (layer > 0) at least n fewer than layer - 1: a step
+// replayed after a partial failure stores only what is missing. n <= T, so
+// at most one block closes (append_job's block: tail rows, then input rows);
+// the rows past it are copied to the tail ring in at most two runs (it
+// wraps; one run when n = 1). Everything not used is idle (tail_tokens = -1,
+// rows = 0), so the launches that follow have fixed sizes: batch * H jobs,
+// batch * H * copy_runs copies, batch entries.
 #pragma once
 
 #include <cstdint>
@@ -21,56 +22,52 @@ namespace kvcomp {
 namespace detail {
 
 __global__ void decode_jobs_kernel(const DecodeJobsParams p) {
-  const int H = p.tails.kv_heads, T = p.tails.block_tokens, S = p.tails.max_seqs;
+  const TailLayout& tl = p.g.tails;
+  const int H = tl.kv_heads, T = tl.block_tokens, S = tl.max_seqs, layer = p.g.layer;
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= p.batch * H) return;
   const int b = i / H, h = i % H;
   const int slot = p.slots[b];
   int32_t have = 0, n = 0, closed = 0;
   if (slot >= 0) {
-    have = p.tokens[size_t(p.layer) * S + slot];
-    closed = p.closed[size_t(p.layer) * S + slot];
+    have = p.tokens[size_t(layer) * S + slot];
+    closed = p.closed[size_t(layer) * S + slot];
     const int32_t last = p.tokens[size_t(p.layers - 1) * S + slot];
-    n = have == last && (p.layer == 0 || p.tokens[size_t(p.layer - 1) * S + slot] > have) ? 1 : 0;
+    const bool due = have == last && (layer == 0 || p.tokens[size_t(layer - 1) * S + slot] >= have + p.tokens_per_slot);
+    n = due ? p.tokens_per_slot : 0;
   }
-  // The token closes a block when the tail then holds T + max_rollback tokens: without rollback the
-  // block is the T - 1 tail rows and the token; with it, T tail rows (the token stays in the tail).
   const int32_t held = have - closed * T;
-  const bool closes = n > 0 && blocks_to_close(held + 1, T, p.max_rollback) > 0;
-  const int from_tail = held < T ? held : T;
-  if (h == 0) p.entries[b] = {slot, n, have, closed, closes ? 1 : 0, uint32_t(b * H), uint32_t(b * H + H)};
-  const size_t esz = p.tails.elem_bytes;
-  const size_t in = size_t(int64_t(b) * p.token_stride + int64_t(h) * p.head_stride) * esz;
+  const int32_t new_blocks = n > 0 ? blocks_to_close(held + n, T, p.max_rollback) : 0;  // 0 or 1 (n <= T)
+  const int64_t tok0 = int64_t(b) * p.tokens_per_slot;
+  if (h == 0) p.entries[b] = {slot, n, have, closed, new_blocks, uint32_t(b * H), uint32_t(b * H + H)};
   StoreJob j{};
   j.tail_tokens = -1;
   j.entry = uint32_t(b);
-  if (closes) {
-    const int row0 = p.tails.ring_row(int64_t(closed) * T);
-    j.k_in = p.k + in;
-    j.v_in = p.v + in;
-    j.k_tail = p.tails.row_ptr(p.layer, slot, h, Kind::Key, row0);
-    j.v_tail = p.tails.row_ptr(p.layer, slot, h, Kind::Value, row0);
-    j.in_token_stride = p.token_stride;
-    j.eb_k = p.bounds[2 * h];
-    j.eb_v = p.bounds[2 * h + 1];
-    j.tail_tokens = from_tail;
-    j.codebook = uint32_t((p.layer * H + h) * 2);
+  if (new_blocks > 0) {
+    j = append_job(p.g, slot, have, closed, tok0, 0, h, uint32_t(b), p.bounds[2 * h], p.bounds[2 * h + 1]);
     // A block past max_blocks is never encoded: place_kernel fails the entry (max_tokens_per_seq).
-    const int64_t block = min(int64_t(closed), int64_t(p.max_blocks - 1));
-    j.table_index = table_slot(p.layer, slot, block, h, S, p.max_blocks, H);
+    j.table_index = table_slot(layer, slot, min(int64_t(closed), int64_t(p.g.max_blocks - 1)), h, S, p.g.max_blocks, H);
   }
   p.jobs[i] = j;
-  TailCopy c{};
-  c.entry = uint32_t(b);
-  c.rows = n > 0 && !(closes && from_tail < T) ? 1 : 0;  // unless the token is the block's last row
-  c.in_token_stride = p.token_stride;
-  if (c.rows) {
-    c.k_in = p.k + in;
-    c.v_in = p.v + in;
-    c.k_dst = p.tails.row_ptr(p.layer, slot, h, Kind::Key, p.tails.ring_row(have));
-    c.v_dst = p.tails.row_ptr(p.layer, slot, h, Kind::Value, p.tails.ring_row(have));
+  // The new tokens past the closed block stay in the tail ring: rows t % rows, in up to two runs.
+  const int64_t kept_from = max(int64_t(have), int64_t(closed + new_blocks) * T), end = int64_t(have) + n;
+  int64_t t = kept_from;
+  for (int run = 0; run < p.copy_runs; ++run) {
+    TailCopy c{};
+    c.entry = uint32_t(b);
+    c.in_token_stride = p.g.token_stride;
+    if (t < end) {
+      const int row = tl.ring_row(t);
+      c.rows = int32_t(min(end - t, int64_t(tl.rows - row)));
+      const size_t in = size_t((tok0 + (t - have)) * p.g.token_stride + int64_t(h) * p.g.head_stride) * p.g.elem_bytes;
+      c.k_in = p.g.k + in;
+      c.v_in = p.g.v + in;
+      c.k_dst = tl.row_ptr(layer, slot, h, Kind::Key, row);
+      c.v_dst = tl.row_ptr(layer, slot, h, Kind::Value, row);
+      t += c.rows;
+    }
+    p.copies[i * p.copy_runs + run] = c;
   }
-  p.copies[i] = c;
 }
 
 }  // namespace detail

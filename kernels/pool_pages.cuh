@@ -434,10 +434,11 @@ __global__ void rollback_kernel(int slot, int n, SeqState seqs) {
 /// One CTA, after an append to the last layer: for each entry's sequence
 /// (in order, so the free stack's order is deterministic), the pages it uses
 /// that hold none of its live blocks (WindowTrim: in no layer visible to a
-/// future query, sinks live) and are not one of its open pages: it stops using them,
-/// and a page no one uses is freed. every_call = false (plan-based decode, a
-/// token a step): a sequence is looked at when its last layer's token count
-/// is a multiple of T, as blocks die at most once every T tokens a layer.
+/// future query, sinks live) and are not one of its open pages: it stops
+/// using them, and a page no one uses is freed. every_call = false
+/// (plan-based decode, a few tokens a step): a sequence is looked at when
+/// its last layer's token count passed a multiple of T in this append, as
+/// blocks die at most once every T tokens a layer.
 __global__ void __launch_bounds__(kReleaseThreads) trim_kernel(const AppendEntry* entries, int n_entries,
                                                                bool every_call, WindowTrim w, PoolState pool,
                                                                SeqState seqs) {
@@ -447,7 +448,7 @@ __global__ void __launch_bounds__(kReleaseThreads) trim_kernel(const AppendEntry
     if (a.n_tokens <= 0) continue;
     const int slot = a.slot;
     const int32_t last = seqs.tokens[size_t(seqs.layers - 1) * seqs.max_seqs + slot];
-    if (!every_call && last % T != 0) continue;
+    if (!every_call && last % T >= a.n_tokens) continue;  // no multiple of T passed in this append
     for (int i = threadIdx.x; i < words; i += blockDim.x) w.alive[i] = 0;
     __syncthreads();
     // Mark the pages of the live blocks: the sinks and the window's, every layer (all of a full-attention one).

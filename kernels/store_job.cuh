@@ -132,7 +132,7 @@ KVCOMP_HD StoreJob append_job(const AppendGeometry& g, int slot, int64_t stored,
   const int T = g.tails.block_tokens, H = g.tails.kv_heads;
   const int64_t held = stored - int64_t(closed) * T, before = int64_t(b) * T;  // tail rows; rows of blocks before b
   const int from_tail = held <= before ? 0 : held - before >= T ? T : int(held - before);
-  const int64_t first = tok0 + (before + from_tail - held);  // its first input row (unused if from_tail = T)
+  const int64_t first = from_tail == T ? tok0 : tok0 + (before + from_tail - held);  // first input row (if any)
   const size_t in = size_t(first * g.token_stride + int64_t(h) * g.head_stride) * g.elem_bytes;
   const int row0 = g.tails.ring_row(int64_t(closed + b) * T);
   StoreJob j{};
@@ -164,24 +164,21 @@ struct AppendJobsParams {
   StoreJob* jobs;               // [n_jobs]
 };
 
-/// What decode_jobs_kernel (kernels/decode_jobs.cuh) is told: one plan-based decode append.
+/// What decode_jobs_kernel (kernels/decode_jobs.cuh) is told: one plan-based decode append of
+/// `tokens` tokens per slot (1..T: at most one block closes).
 struct DecodeJobsParams {
   const int32_t* slots;       // [batch]
   const int32_t* tokens;      // [layer][max_seqs]
   const int32_t* closed;      // [layer][max_seqs]: blocks
   const ErrorBound* bounds;   // this layer: [H][K|V]
-  const uint8_t* k;           // input rows, elem_bytes each element
-  const uint8_t* v;
-  int64_t token_stride;       // elements
-  int64_t head_stride;
-  TailLayout tails;
-  int32_t layer;
+  AppendGeometry g;           // input rows: slot b's token j is row b * tokens + j
   int32_t layers;
   int32_t batch;
-  int32_t max_blocks;
+  int32_t tokens_per_slot;
+  int32_t copy_runs;          // 1 when tokens_per_slot = 1, else 2
   int32_t max_rollback;
   StoreJob* jobs;             // [batch][H]
-  TailCopy* copies;           // [batch][H]
+  TailCopy* copies;           // [batch][H][copy_runs]: the rows kept in the tail ring (a ring: up to two runs)
   AppendEntry* entries;       // [batch]
 };
 

@@ -93,7 +93,9 @@ struct Cache::Impl {
 
   struct Plan {
     int batch = 0;
+    int tokens = 1;  // per slot and step
     int splits = 1;
+    int copy_runs() const { return tokens > 1 ? 2 : 1; }  // tail copies per (slot, head): the ring may wrap
     detail::DeviceBuffer<int32_t> slots;
     std::vector<int> seq_ids;
     AppendScratch scratch;

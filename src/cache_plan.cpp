@@ -18,31 +18,39 @@ std::string str(long long v) { return std::to_string(v); }
 }  // namespace
 
 Cache::Impl::Plan& Cache::Impl::plan(const DecodePlan& p, const char* call) {
-  if (p.id < 0 || p.id >= int(plans.size()) || plans[p.id]->batch != p.batch)
-    throw Error(std::string(call) + ": not a plan of this cache (id " + str(p.id) + ", batch " + str(p.batch) + ")");
+  if (p.id < 0 || p.id >= int(plans.size()) || plans[p.id]->batch != p.batch || plans[p.id]->tokens != p.tokens)
+    throw Error(std::string(call) + ": not a plan of this cache (id " + str(p.id) + ", batch " + str(p.batch) +
+                ", tokens " + str(p.tokens) + ")");
   return *plans[p.id];
 }
 
-DecodePlan Cache::make_plan(int batch) {
+DecodePlan Cache::make_plan(int batch, int tokens_per_slot) {
   Impl& m = *impl_;
   const int limit = detail::attend_batch_limit(m.cfg);
-  if (batch < 1 || batch > limit)
-    throw Error("make_plan: batch " + str(batch) + " out of range [1, " + str(limit) + "] (Config::max_attend_batch)");
+  if (tokens_per_slot < 1 || tokens_per_slot > m.T)
+    throw Error("make_plan: tokens_per_slot " + str(tokens_per_slot) + " out of range [1, " + str(m.T) +
+                "] (block_tokens)");
+  if (batch < 1 || int64_t(batch) * tokens_per_slot > limit)
+    throw Error("make_plan: batch " + str(batch) + " x tokens_per_slot " + str(tokens_per_slot) +
+                " query rows out of range [1, " + str(limit) + "] (Config::max_attend_batch)");
   auto p = std::make_unique<Impl::Plan>();
   p->batch = batch;
+  p->tokens = tokens_per_slot;
   // Splits for the longest sequences; shorter ones leave splits empty.
-  const auto split = detail::plan_splits(m.max_blocks + 1, batch, m.H, m.sms, m.ctas_per_sm);
+  const int tile_rows = detail::attention_tile_rows(m.D, tokens_per_slot * m.G);
+  const int tiles = batch * ((tokens_per_slot * m.G + tile_rows - 1) / tile_rows);
+  const auto split = detail::plan_splits(m.max_blocks + 1, tiles, m.H, m.sms, m.ctas_per_sm);
   p->splits = std::min(split.splits, m.part_splits);
   p->slots.allocate(batch, "plan slots");
   const size_t jobs = size_t(batch) * m.H;
-  p->scratch.reserve(jobs, jobs, batch, "plan buffers");
+  p->scratch.reserve(jobs, jobs * p->copy_runs(), batch, "plan buffers");
   if (m.cfg.transform == Transform::Hadamard)
-    p->scratch.rotated.allocate(2 * jobs * m.D * dtype_size(m.cfg.dtype), "plan buffers");
+    p->scratch.rotated.allocate(2 * jobs * tokens_per_slot * m.D * dtype_size(m.cfg.dtype), "plan buffers");
   std::vector<int32_t> idle(batch, -1);
   check_cuda(cudaMemcpy(p->slots.ptr, idle.data(), batch * sizeof(int32_t), cudaMemcpyHostToDevice), "plan slots");
   p->seq_ids.assign(batch, -1);
   m.plans.push_back(std::move(p));
-  return {int(m.plans.size()) - 1, batch};
+  return {int(m.plans.size()) - 1, batch, tokens_per_slot};
 }
 
 void Cache::set_plan(const DecodePlan& plan, const std::vector<int>& seq_ids, cudaStream_t stream) {
@@ -73,21 +81,19 @@ void Cache::append(const DecodePlan& plan, int layer, const void* k, const void*
   m.resolve_strides(token_stride, head_stride);
   if (!k || !v) throw Error("append: k and v must be device pointers, got null");
   AppendScratch& s = p.scratch;
-  if (m.cfg.transform == Transform::Hadamard) m.rotate_input(s, p.batch, k, v, token_stride, head_stride, stream);
+  if (m.cfg.transform == Transform::Hadamard)
+    m.rotate_input(s, int64_t(p.batch) * p.tokens, k, v, token_stride, head_stride, stream);
   detail::DecodeJobsParams d{};
   d.slots = p.slots.ptr;
   d.tokens = m.tokens.ptr;
   d.closed = m.closed.ptr;
   d.bounds = m.bounds.ptr + size_t(layer) * H * 2;
-  d.k = static_cast<const uint8_t*>(k);
-  d.v = static_cast<const uint8_t*>(v);
-  d.token_stride = token_stride;
-  d.head_stride = head_stride;
-  d.tails = m.tail_layout();
-  d.layer = layer;
+  d.g = {static_cast<const uint8_t*>(k), static_cast<const uint8_t*>(v), token_stride, head_stride,
+         dtype_size(m.cfg.dtype), m.tail_layout(), layer, m.max_blocks};
   d.layers = m.cfg.layers;
   d.batch = p.batch;
-  d.max_blocks = m.max_blocks;
+  d.tokens_per_slot = p.tokens;
+  d.copy_runs = p.copy_runs();
   d.max_rollback = m.R;
   d.jobs = s.jobs.ptr;
   d.copies = s.copies.ptr;
@@ -95,7 +101,7 @@ void Cache::append(const DecodePlan& plan, int layer, const void* k, const void*
   detail::launch_decode_jobs(d, stream);
   const int n = p.batch * H;
   // The build kernels skip themselves once the layer's books exist.
-  m.run_store(layer, s, n, p.batch, n, true, false, stream);
+  m.run_store(layer, s, n, p.batch, n * p.copy_runs(), true, false, stream);
   m.tokens_stale = true;
 }
 
@@ -110,6 +116,13 @@ void Cache::attend(const DecodePlan& plan, int layer, const void* q, void* out, 
   a.units_per_split = detail::kAttnWarps;  // at least a unit per warp; the kernel spreads longer sequences
   a.slots = p.slots.ptr;
   m.fill_attend(layer, q, out, a);
+  if (p.tokens > 1) {  // slot b's queries: rows b tokens .., its last `tokens` tokens
+    a.multi_query = 1;
+    for (int b = 0; b < p.batch; ++b) {
+      a.q_first[b] = b * p.tokens;
+      a.q_count[b] = p.tokens;
+    }
+  }
   detail::launch_attention(q_type, m.D, m.G, a, stream);
 }
 

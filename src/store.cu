@@ -129,7 +129,7 @@ void launch_layer_units(const PoolState& pool, int layers, unsigned long long* o
 }
 
 void launch_decode_jobs(const DecodeJobsParams& p, cudaStream_t s) {
-  const int n = p.batch * p.tails.kv_heads;
+  const int n = p.batch * p.g.tails.kv_heads;
   if (n == 0) return;
   decode_jobs_kernel<<<(n + 127) / 128, 128, 0, s>>>(p);
   check_cuda(cudaGetLastError(), "decode jobs kernel launch");

@@ -324,3 +324,91 @@ TEST(RollbackGpu, RollbackPastItsRoomIsAClearErrorAndChangesNothing) {
   check_attention(c, s, pool, content, 3, closed_blocks(c, 0), closed_blocks(c, 1), seed + 3);
   CUDA_LAUNCH_OK();
 }
+
+// Speculative verification in a CUDA graph: a plan of n tokens per slot
+// (append n, attend n causal queries) captured once and replayed, with
+// rollbacks of the rejected drafts between replays, stores what eager
+// appends of the same tokens store and attends the same, bit for bit
+// (through a plan of the same splits); a windowed layer is trimmed as the
+// counts pass multiples of T.
+TEST(RollbackGpu, VerifyStepsOfSeveralTokensThroughAGraphMatchEagerAppends) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int R = 4, n = 4, B = 2;
+  Config cfg = rollback_config(R);
+  const int H = cfg.kv_heads, D = cfg.head_dim, HQ = cfg.q_heads, T = cfg.block_tokens, L = cfg.layers;
+  TokenPool pool(2000, H, D, seed);
+  Cache planned(cfg), eager(cfg);
+  std::vector<int> ps, es;
+  int next = 0;
+  for (int b = 0; b < B; ++b) {
+    ps.push_back(planned.add_sequence());
+    es.push_back(eager.add_sequence());
+    std::vector<int> prompt(37 + 20 * b);
+    for (int& id : prompt) id = next++;
+    append_ids(planned, ps[b], pool, prompt);
+    append_ids(eager, es[b], pool, prompt);
+  }
+  const DecodePlan plan = planned.make_plan(B, n), eplan = eager.make_plan(B, n);
+  EXPECT_EQ(plan.tokens, n);
+  planned.set_plan(plan, ps, 0);
+  eager.set_plan(eplan, es, 0);  // attends only: the same splits as `plan`
+  const size_t q_elems = size_t(B) * n * HQ * D;
+  DevBuf<uint8_t> k(size_t(B) * n * H * D * 2), v(k.n), q(q_elems * 2), o1(L * q_elems * 2), o2(o1.n);
+  cudaStream_t st = nullptr;
+  CUDA_OK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  CUDA_OK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+  for (int l = 0; l < L; ++l) {
+    planned.append(plan, l, k.ptr, v.ptr, st);
+    planned.attend(plan, l, q.ptr, o1.ptr + l * q_elems * 2, DType::F16, st);
+  }
+  CUDA_OK(cudaStreamEndCapture(st, &graph));
+  CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+  for (int step = 0; step < 60; ++step) {
+    SCOPED_TRACE("step " + std::to_string(step));
+    std::vector<int> ids(size_t(B) * n);
+    for (int& id : ids) id = next++ % 2000;
+    k.upload(to_dtype_bytes(DType::F16, pool.rows(pool.k, ids)));
+    v.upload(to_dtype_bytes(DType::F16, pool.rows(pool.v, ids)));
+    q.upload(to_dtype_bytes(DType::F16, round_to(DType::F16, make_data(Dist::Gaussian, B * n * HQ, D, seed + step))));
+    CUDA_OK(cudaGraphLaunch(exec, st));
+    planned.check(st);
+    for (int l = 0; l < L; ++l) {
+      eager.append(l, es, {n, n}, k.ptr, v.ptr, st);
+      eager.attend(eplan, l, q.ptr, o2.ptr + l * q_elems * 2, DType::F16, st);
+    }
+    CUDA_OK(cudaStreamSynchronize(st));
+    CUDA_LAUNCH_OK();
+    ASSERT_EQ(o1.download(), o2.download());
+    for (int b = 0; b < B; ++b) {  // the target model rejects some drafts
+      const int rejected = int(rng() % (n + 1));
+      planned.rollback(ps[b], rejected, st);
+      eager.rollback(es[b], rejected, st);
+    }
+  }
+  for (int b = 0; b < B; ++b)
+    for (int l = 0; l < L; ++l) {
+      const int64_t tokens = eager.tokens(es[b], l);
+      ASSERT_EQ(planned.tokens(ps[b], l), tokens);
+      for (int64_t blk = 0; blk < (tokens - R) / T; ++blk)
+        for (int h = 0; h < H; ++h)
+          for (Kind kind : {Kind::Key, Kind::Value}) {
+            const int W = cfg.layer_windows[l];
+            if (W > 0 && (blk + 1) * T + cfg.max_attend_batch + R + W - 1 <= tokens && blk * T >= cfg.sink_tokens)
+              continue;  // behind the window
+            ASSERT_EQ(planned.read_block(l, ps[b], h, blk, kind, 0), eager.read_block(l, es[b], h, blk, kind, 0))
+                << "sequence " << b << " layer " << l << " block " << blk;
+          }
+    }
+  EXPECT_GE(planned.stats().pool_bytes_in_use, eager.stats().pool_bytes_in_use);  // plan appends trim lazily
+  EXPECT_THROW(planned.make_plan(1, T + 1), Error);
+  EXPECT_THROW(planned.make_plan(cfg.max_attend_batch, 2), Error);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(st);
+  CUDA_LAUNCH_OK();
+}

@@ -82,6 +82,7 @@ enum class Transform : uint8_t { None = 0, Hadamard = 1 };
 struct DecodePlan {
   int id = -1;
   int batch = 0;
+  int tokens = 1;  // tokens each slot appends and queries a step (speculative verification: 1 + drafts)
 };
 
 /// Error bounds for one (layer, kv head); kv_head = -1 means every head.
@@ -260,22 +261,28 @@ class Cache {
   void attend(int layer, const std::vector<int>& seq_ids, const std::vector<int>& n_queries, const void* q,
               void* out, DType q_type, cudaStream_t stream);
 
-  /// A plan for decode batches of `batch` sequences (1..max_attend_batch):
-  /// allocates its device buffers once. Many plans may coexist (e.g. one per
-  /// captured batch size).
-  DecodePlan make_plan(int batch);
+  /// A plan for decode batches of `batch` sequences: allocates its device
+  /// buffers once. Many plans may coexist (e.g. one per captured batch
+  /// size). tokens_per_slot (1..block_tokens; batch x tokens_per_slot <=
+  /// max_attend_batch): each step appends that many tokens per slot and
+  /// attends that many queries per slot, its last tokens, causally (a
+  /// speculative verification step in a CUDA graph; rollback() between
+  /// replays takes the rejected drafts back).
+  DecodePlan make_plan(int batch, int tokens_per_slot = 1);
   /// Puts sequences in the plan's slots (seq_ids.size() == plan.batch; -1
   /// leaves a slot idle: nothing is appended, its attention output is zero).
   /// Not capturable; call it again whenever the batch changes. The ids must
   /// be live and distinct.
   void set_plan(const DecodePlan& plan, const std::vector<int>& seq_ids, cudaStream_t stream);
-  /// Decode append of one token per plan slot to `layer`: row i of k and v
-  /// (same layout and strides as the eager append, batch rows) is slot i's
-  /// token. Stores it only where the step has not yet done so (see
-  /// "CUDA graphs" above); checks max_tokens_per_seq on the device.
+  /// Decode append of plan.tokens tokens per plan slot to `layer`: rows
+  /// i tokens .. (i + 1) tokens - 1 of k and v (same layout and strides as
+  /// the eager append, batch x tokens rows) are slot i's. Stores them only
+  /// where the step has not yet done so (see "CUDA graphs" above); checks
+  /// max_tokens_per_seq on the device.
   void append(const DecodePlan& plan, int layer, const void* k, const void* v, cudaStream_t stream,
               int64_t token_stride = -1, int64_t head_stride = -1);
-  /// Attention for the plan's slots: q and out are [plan.batch, q_heads, head_dim].
+  /// Attention for the plan's slots: q and out are [plan.batch x plan.tokens, q_heads, head_dim], slot i's
+  /// queries (its last plan.tokens tokens, causal) one after the other.
   void attend(const DecodePlan& plan, int layer, const void* q, void* out, DType q_type, cudaStream_t stream);
   /// Synchronizes `stream`, then throws kvcomp::Error if device work failed
   /// (pool full, max_tokens_per_seq reached) naming the sequences and

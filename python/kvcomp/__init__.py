@@ -52,7 +52,7 @@ class Cache(_C.Cache):
     rollback(seq, n_tokens, stream=None);
     tokens(seq, layer); append(layer, seq_ids, n_tokens, k, v, stream=None);
     attend(layer, seq_ids, q, out, n_queries=None, stream=None);
-    make_plan(batch) -> DecodePlan; set_plan(plan, seq_ids, stream=None);
+    make_plan(batch, tokens=1) -> DecodePlan; set_plan(plan, seq_ids, stream=None);
     append_plan(plan, layer, k, v, stream=None); attend_plan(plan, layer, q, out, stream=None);
     check(stream=None); stats() -> Stats; read_block(layer, seq, kv_head, block, kind, stream=None) -> bytes;
     codebook(layer, kv_head, kind) -> Codebook; config (a copy).
@@ -101,14 +101,15 @@ class Cache(_C.Cache):
         super().set_plan(plan, list(seq_ids), resolve_stream(stream))
 
     def append_plan(self, plan, layer, k, v, stream=None):
-        """Appends one token to each slot's sequence in `layer`; k, v: [plan.batch, kv_heads, head_dim] of
-        config.dtype, unit stride along head_dim (row and head strides are free), row i for slot i.
-        Capturable in a CUDA graph; stores only what the step has not stored yet."""
+        """Appends plan.tokens tokens to each slot's sequence in `layer`; k, v: [plan.batch * plan.tokens,
+        kv_heads, head_dim] of config.dtype, unit stride along head_dim (row and head strides are free), slot i's
+        rows one after the other. Capturable in a CUDA graph; stores only what the step has not stored yet."""
         super().append_plan(plan, layer, k, v, resolve_stream(stream, k))
 
     def attend_plan(self, plan, layer, q, out, stream=None):
         """out[i] = attention of q[i] over slot i's sequence in `layer` (zero for an idle slot); q, out:
-        contiguous [plan.batch, q_heads, head_dim], float16 or bfloat16 (out's dtype = q's). Capturable."""
+        contiguous [plan.batch * plan.tokens, q_heads, head_dim], float16 or bfloat16 (out's dtype = q's);
+        with plan.tokens = n, slot i's n queries are its last n tokens, causal. Capturable."""
         super().attend_plan(plan, layer, q, out, resolve_stream(stream, q))
 
     def check(self, stream=None):

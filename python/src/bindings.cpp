@@ -489,7 +489,8 @@ struct PyPlan {
 };
 
 std::string plan_repr(const PyPlan& p) {
-  return "DecodePlan(id=" + std::to_string(p.plan.id) + ", batch=" + std::to_string(p.plan.batch) + ")";
+  return "DecodePlan(id=" + std::to_string(p.plan.id) + ", batch=" + std::to_string(p.plan.batch) +
+         ", tokens=" + std::to_string(p.plan.tokens) + ")";
 }
 
 /// The C++ plan of `p`, once it is known to be `self`'s.
@@ -670,6 +671,7 @@ void bind_types(py::module_& m) {
       .def(py::init<>())
       .def_property_readonly("id", [](const PyPlan& p) { return p.plan.id; })
       .def_property_readonly("batch", [](const PyPlan& p) { return p.plan.batch; })
+      .def_property_readonly("tokens", [](const PyPlan& p) { return p.plan.tokens; })
       .def("__repr__", &plan_repr);
 
   py::class_<Codebook>(m, "Codebook", "A Huffman codebook with its low-bit count k (opaque; for kvcomp.ref).")
@@ -765,11 +767,11 @@ void bind_cache(py::module_& m) {
              locked(self, [&](Cache& c) { c.rollback(seq, n_tokens, as_stream(stream)); });
            },
            py::arg("seq"), py::arg("n_tokens"), py::arg("stream") = 0)
-      .def("make_plan", [](PyCache& self, int batch) {
-             const DecodePlan p = locked(self, [&](Cache& c) { return c.make_plan(batch); });
+      .def("make_plan", [](PyCache& self, int batch, int tokens) {
+             const DecodePlan p = locked(self, [&](Cache& c) { return c.make_plan(batch, tokens); });
              return PyPlan{p, self.serial};
            },
-           py::arg("batch"))
+           py::arg("batch"), py::arg("tokens") = 1)
       .def("set_plan", [](PyCache& self, const PyPlan& plan, const std::vector<int>& seq_ids, uintptr_t stream) {
              const DecodePlan p = plan_of(self, plan, "set_plan");
              locked(self, [&](Cache& c) { c.set_plan(p, seq_ids, as_stream(stream)); });
@@ -778,8 +780,8 @@ void bind_cache(py::module_& m) {
       .def("append_plan", [](PyCache& self, const PyPlan& plan, int layer, py::handle k_obj, py::handle v_obj,
                              uintptr_t stream) {
              const DecodePlan p = plan_of(self, plan, "append_plan");
-             const KvArrays in = parse_kv(self.cache.config(), k_obj, v_obj, p.batch, "append_plan",
-                                          "[plan.batch, kv_heads, head_dim]", stream);
+             const KvArrays in = parse_kv(self.cache.config(), k_obj, v_obj, int64_t(p.batch) * p.tokens, "append_plan",
+                                          "[plan.batch * plan.tokens, kv_heads, head_dim]", stream);
              locked(self, [&](Cache& c) {
                wait_for_producers({&in.k, &in.v}, as_stream(stream));
                c.append(p, layer, reinterpret_cast<const void*>(in.k.ptr), reinterpret_cast<const void*>(in.v.ptr),
@@ -790,8 +792,8 @@ void bind_cache(py::module_& m) {
       .def("attend_plan", [](PyCache& self, const PyPlan& plan, int layer, py::handle q_obj, py::handle out_obj,
                              uintptr_t stream) {
              const DecodePlan p = plan_of(self, plan, "attend_plan");
-             const QOutArrays a = parse_q_out(self.cache.config(), q_obj, out_obj, p.batch, "attend_plan",
-                                              "[plan.batch, q_heads, head_dim]", stream);
+             const QOutArrays a = parse_q_out(self.cache.config(), q_obj, out_obj, int64_t(p.batch) * p.tokens,
+                                              "attend_plan", "[plan.batch * plan.tokens, q_heads, head_dim]", stream);
              locked(self, [&](Cache& c) {
                wait_for_producers({&a.q, &a.out}, as_stream(stream));
                c.attend(p, layer, reinterpret_cast<const void*>(a.q.ptr), reinterpret_cast<void*>(a.out.ptr),

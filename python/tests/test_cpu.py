@@ -137,7 +137,7 @@ class DecodePlanType(unittest.TestCase):
         # DecodePlan() is the C++ default (id -1, batch 0): a placeholder no cache accepts.
         p = kvcomp.DecodePlan()
         self.assertEqual((p.id, p.batch), (-1, 0))
-        self.assertEqual(repr(p), "DecodePlan(id=-1, batch=0)")
+        self.assertEqual(repr(p), "DecodePlan(id=-1, batch=0, tokens=1)")
 
     def test_fields_are_read_only(self):
         p = kvcomp.DecodePlan()

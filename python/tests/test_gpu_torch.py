@@ -357,7 +357,7 @@ class PlanDecodeTorch(TorchBase):
         seqs = self.prefill(cache, kp, vp)
         plan = cache.make_plan(len(self.SLOTS))
         self.assertEqual(plan.batch, len(self.SLOTS))
-        self.assertEqual(repr(plan), f"DecodePlan(id={plan.id}, batch={plan.batch})")
+        self.assertEqual(repr(plan), f"DecodePlan(id={plan.id}, batch={plan.batch}, tokens=1)")
         cache.set_plan(plan, self.plan_slots(seqs))
         outs = torch.full(qd.shape, float("nan"), dtype=qd.dtype, device=self.dev)
         for step in range(self.STEPS):
@@ -565,6 +565,70 @@ class PlanDecodeTorch(TorchBase):
         torch.cuda.synchronize()
         self.assertTrue(bool(torch.isfinite(out_in[:, 0]).all()))
         self.assertTrue(bool((out_in[:, 1] == 0).all()), "an idle slot's output must be zero")
+
+
+class SpeculativeTorch(TorchBase):
+    """A verification step of several tokens per slot (make_plan(batch, tokens=n)) captured in a torch CUDA graph,
+    rollback() of the rejected drafts between replays: the same tokens and outputs as eager appends and
+    multi-token attends of the same rows (the same values: outputs within float rounding of other splits)."""
+    L, H, HQ, D, T, N, R = 2, 2, 8, 128, 32, 3, 3
+
+    def make_cache(self):
+        cfg = kvcomp.Config(layers=self.L, kv_heads=self.H, q_heads=self.HQ, head_dim=self.D, block_tokens=self.T,
+                            pool_bytes=32 << 20, max_seqs=4, max_attend_batch=8, max_tokens_per_seq=2048,
+                            max_rollback=self.R)
+        return kvcomp.Cache(cfg)
+
+    def test_verify_steps_in_a_graph_with_rollbacks(self):
+        L, H, HQ, D, N, B = self.L, self.H, self.HQ, self.D, self.N, 2
+        graphed, eager = self.make_cache(), self.make_cache()
+        gs = [graphed.add_sequence() for _ in range(B)]
+        es = [eager.add_sequence() for _ in range(B)]
+        prompt = [45, 20]
+        for layer in range(L):
+            k = torch.randn(sum(prompt), H, D, device=self.dev).half()
+            v = torch.randn(sum(prompt), H, D, device=self.dev).half()
+            graphed.append(layer, gs, prompt, k, v)
+            eager.append(layer, es, prompt, k, v)
+        plan = graphed.make_plan(B, tokens=N)
+        self.assertEqual((plan.batch, plan.tokens), (B, N))
+        graphed.set_plan(plan, gs)
+        k_in = torch.zeros(L, B * N, H, D, dtype=torch.float16, device=self.dev)
+        v_in = torch.zeros_like(k_in)
+        q_in = torch.zeros(L, B * N, HQ, D, dtype=torch.float16, device=self.dev)
+        out_in = torch.zeros_like(q_in)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for layer in range(L):
+                graphed.append_plan(plan, layer, k_in[layer], v_in[layer])
+                graphed.attend_plan(plan, layer, q_in[layer], out_in[layer])
+        lengths = list(prompt)
+        gen = torch.Generator().manual_seed(SEED)
+        for step in range(40):
+            for t in (k_in, v_in, q_in):
+                t.copy_(torch.randn(t.shape, device=self.dev))
+            graph.replay()
+            graphed.check()
+            out = torch.empty_like(out_in)
+            for layer in range(L):
+                eager.append(layer, es, [N] * B, k_in[layer], v_in[layer])
+                eager.attend(layer, es, q_in[layer], out[layer], n_queries=[N] * B)
+            torch.cuda.synchronize()
+            err = (out_in.float() - out.float()).abs().max().item()
+            self.assertLess(err, 2e-3 * max(1.0, out.float().abs().max().item()), f"step {step}")
+            for b in range(B):
+                rejected = int(torch.randint(0, N + 1, (1,), generator=gen))
+                graphed.rollback(gs[b], rejected)
+                eager.rollback(es[b], rejected)
+                lengths[b] += N - rejected
+            self.assertEqual([[graphed.tokens(s, layer) for layer in range(L)] for s in gs],
+                             [[n] * L for n in lengths])
+        self.assertEqual([eager.tokens(s, 0) for s in es], lengths)
+        with self.assertRaisesRegex(kvcomp.Error, r"tokens_per_slot 33 out of range \[1, 32\]"):
+            graphed.make_plan(1, tokens=33)
+        with self.assertRaisesRegex(kvcomp.Error, r"query rows out of range \[1, 8\]"):
+            graphed.make_plan(3, tokens=3)
 
 
 class BaselinesTorch(TorchBase):
