@@ -401,7 +401,7 @@ int run_main(int argc, char** argv) {
   const Stream owned_stream;  // outlives the model, whose cuBLAS handle uses it
   const cudaStream_t stream = owned_stream.s;
 
-  llama::Model model(cfg, ckpt, std::max(int(prompt.size()), opt.speculate + 1));
+  llama::Model model(cfg, ckpt, std::max(int(prompt.size()), opt.speculate + 1), opt.speculate + 1);
   std::printf("model: %s (%d layers, %d q / %d kv heads, head_dim %d, vocab %d)\n", basename(opt.model_dir).c_str(),
               cfg.layers, cfg.q_heads, cfg.kv_heads, cfg.head_dim, cfg.vocab);
   std::printf("prompt (%zu tokens): %s\n", prompt.size(), text_of(prompt).c_str());

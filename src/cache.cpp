@@ -26,6 +26,16 @@ using format::BlockRef;
 
 namespace {
 std::string str(long long v) { return std::to_string(v); }
+
+/// PoolState::page_classes: 2 when windowed and full-attention layers are mixed (each class fills its own pages).
+int page_classes_of(const Config& c) {
+  bool windowed = false, full = false;
+  for (int l = 0; l < c.layers; ++l) {
+    const int w = c.layer_windows.empty() ? c.window : c.layer_windows[size_t(l)];
+    (w > 0 ? windowed : full) = true;
+  }
+  return windowed && full ? 2 : 1;
+}
 }  // namespace
 
 Cache::Impl::Impl(const Config& c)
@@ -35,7 +45,9 @@ Cache::Impl::Impl(const Config& c)
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "device attribute");
-  pages = detail::plan_pages(c.pool_bytes, c.max_seqs, T, D, c.pool_page_bytes);
+  page_classes = page_classes_of(c);
+  // Automatic pages: room for two open pages per sequence and page class.
+  pages = detail::plan_pages(c.pool_bytes, c.max_seqs * page_classes, T, D, c.pool_page_bytes);
   const size_t pool_bytes = size_t(pages.pages) * pages.page_units16 * format::kBlockAlign;
   // The fused kernel's decoders may read a little past a block: the pool is followed by that much.
   pool.allocate(pool_bytes + detail::kDecodeOverread, "the compressed pool");
@@ -53,13 +65,10 @@ Cache::Impl::Impl(const Config& c)
   layer_units16.allocate(size_t(pages.pages) * c.layers, "pool page sizes");
   layer_units.allocate(c.layers, "stats scratch");
   std::vector<int32_t> w(c.layers);
-  bool full = false;
   for (int l = 0; l < c.layers; ++l) {
     w[l] = layer_window(l);
     windowed = windowed || w[l] > 0;
-    full = full || w[l] == 0;
   }
-  page_classes = windowed && full ? 2 : 1;
   if (windowed) {
     windows.allocate(c.layers, "layer windows");
     alive_pages.allocate((size_t(pages.pages) + 31) / 32, "window scratch");
@@ -301,6 +310,11 @@ void Cache::rollback(int seq, int n_tokens, cudaStream_t stream) {
   m.tokens_stale = true;
   m.refresh_tokens();
   if (n_tokens == 0) return;
+  for (int l = 1; l < m.cfg.layers; ++l)  // the same n leaves every layer's tokens its own otherwise
+    if (m.host_tokens(seq, l) != m.host_tokens(seq, 0))
+      throw Error("rollback: sequence " + str(seq) + " holds " + str(m.host_tokens(seq, 0)) + " tokens in layer 0 but " +
+                  str(m.host_tokens(seq, l)) + " in layer " + str(l) +
+                  ": finish the step first (append the missing layers, or replay a step that failed part way)");
   for (int l = 0; l < m.cfg.layers; ++l) {
     // Blocks closed R tokens behind the most tokens held, and window trims kept R tokens of room
     // (Impl::trim_queries): no count may go below high - R.

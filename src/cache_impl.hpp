@@ -152,7 +152,7 @@ struct Cache::Impl {
   /// The store kernels for `n_jobs` jobs, `n_entries` entries and `n_copies`
   /// copies already in `s` (device), on `stream`.
   /// After the last layer's append, with windows: frees the pages behind them (every call, or
-  /// plan-based: every T tokens).
+  /// plan-based: when a count passes a multiple of T).
   void run_store(int layer, AppendScratch& s, int n_jobs, int n_entries, int n_copies, bool build_books,
                  bool trim_every_call, cudaStream_t stream);
   /// Query positions a window trim must keep visible: an attend call's queries, and rollback (R).

@@ -314,6 +314,16 @@ TEST(RollbackGpu, RollbackPastItsRoomIsAClearErrorAndChangesNothing) {
   expect_error([&] { c.rollback(s, 3); }, "can take back at most 2 tokens");
   c.rollback(s, 2);
   for (int l = 0; l < cfg.layers; ++l) EXPECT_EQ(c.tokens(s, l), 6);
+  {  // mid-step (layer 0 appended, layer 1 not yet): the layers' counts differ, so no rollback
+    DevBuf<uint8_t> k(size_t(cfg.kv_heads) * cfg.head_dim * 2), v(k.n);
+    k.upload(to_dtype_bytes(DType::F16, pool.rows(pool.k, {30})));
+    v.upload(to_dtype_bytes(DType::F16, pool.rows(pool.v, {30})));
+    c.append(0, {s}, {1}, k.ptr, v.ptr, 0);
+    expect_error([&] { c.rollback(s, 1); }, "holds 7 tokens in layer 0 but 6 in layer 1: finish the step first");
+    c.append(1, {s}, {1}, k.ptr, v.ptr, 0);
+    c.rollback(s, 1);  // the step finished: 7 in both, back to 6
+  }
+  for (int l = 0; l < cfg.layers; ++l) EXPECT_EQ(c.tokens(s, l), 6);
   // The cache still works: 6 tokens, then a long append that closes blocks, then attention vs float64.
   std::vector<int> content(ids.begin(), ids.begin() + 6), tail(50);
   for (int i = 0; i < 50; ++i) tail[i] = 10 + i;

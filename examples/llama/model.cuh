@@ -39,8 +39,10 @@ class Model {
  public:
   enum class Phase { Prefill, Decode, Verify };
 
-  /// Loads every weight to the device; `max_rows` is the longest prefill.
-  Model(const ModelConfig& cfg, Checkpoint& ckpt, int max_rows) : cfg_(cfg), max_rows_(std::max(max_rows, 1)) {
+  /// Loads every weight to the device; `max_rows` is the longest prefill (or verification),
+  /// `logit_rows` the most rows a Verify forward returns logits for.
+  Model(const ModelConfig& cfg, Checkpoint& ckpt, int max_rows, int logit_rows = 1)
+      : cfg_(cfg), max_rows_(std::max(max_rows, 1)), logit_rows_(std::max(logit_rows, 1)) {
     const int64_t H = cfg.hidden, Q = int64_t(cfg.q_heads) * cfg.head_dim, KV = int64_t(cfg.kv_heads) * cfg.head_dim,
                   I = cfg.intermediate, V = cfg.vocab;
     std::set<std::string> used;
@@ -92,7 +94,7 @@ class Model {
     att_ = DeviceBuffer<__half>(size_t(R * Q));
     gate_ = DeviceBuffer<__half>(size_t(R * I));
     up_ = DeviceBuffer<__half>(size_t(R * I));
-    logits_ = DeviceBuffer<float>(size_t(R * V));
+    logits_ = DeviceBuffer<float>(size_t(logit_rows_) * V);
     check(cublasCreate(&blas_), "cublasCreate");
   }
   ~Model() { cublasDestroy(blas_); }
@@ -107,6 +109,9 @@ class Model {
   void forward(const int* tokens, int n, int pos0, Phase phase, KvCache& cache, cudaStream_t s) {
     if (n < 1 || n > max_rows_) throw std::runtime_error("forward: " + std::to_string(n) + " rows, at most " + std::to_string(max_rows_));
     if (phase == Phase::Decode && n != 1) throw std::runtime_error("forward: decode takes one token at a time");
+    if (phase == Phase::Verify && n > logit_rows_)
+      throw std::runtime_error("forward: verification of " + std::to_string(n) + " rows, logits for at most " +
+                               std::to_string(logit_rows_));
     if (phase == Phase::Prefill && (pos0 != 0 || cache.tokens() != 0))
       throw std::runtime_error("forward: prefill needs an empty cache");
     check(cublasSetStream(blas_, s), "cublasSetStream");
@@ -159,6 +164,7 @@ class Model {
   };
   ModelConfig cfg_;
   int max_rows_;
+  int logit_rows_;
   DeviceBuffer<__half> embed_, final_norm_, lm_head_;
   std::vector<Layer> layers_;
   DeviceBuffer<float> x_, logits_;                       // residual stream [rows][hidden]; logits [rows][vocab]

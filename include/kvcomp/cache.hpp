@@ -12,7 +12,7 @@
 //   kvcomp::DecodePlan plan = cache.make_plan(8);      // a batch of 8 slots
 //   cache.set_plan(plan, {s0, s1, ..., -1}, stream);    // -1: an idle slot
 //   // captured: for every layer
-//   cache.append(plan, layer, k, v, stream);           // one token per sequence
+//   cache.append(plan, layer, k, v, stream);           // plan.tokens tokens per sequence (1 by default)
 //   cache.attend(plan, layer, q, out, q_type, stream);
 //   cache.check(stream);                               // after replays: throws on a failed step
 //
@@ -21,15 +21,15 @@
 // throws leaves the cache as it was. Failures only the device can see (a full
 // pool, a sequence at max_tokens_per_seq) are recorded on the device and
 // turned into kvcomp::Error by check(), or by the next eager append/attend,
-// add_sequence, set_plan, tokens, stats or read_block once the failing work
-// has run: see "Pool full" below.
+// add_sequence, fork, rollback, set_plan, tokens, stats or read_block once
+// the failing work has run: see "Pool full" below.
 //
 // Streams and synchronization: every call takes (or defaults to) a
 // cudaStream_t and runs in order on it. append() and attend() never
 // synchronize (codebooks are built and blocks placed in the pool on the
 // device). Synchronizing: tokens(), stats(), read_block(), codebook(),
-// check(), and the first eager append/attend after plan-based appends (they
-// refresh the host's copy of the token counts). All calls must be made with
+// check(), rollback(), and the first eager append/attend after plan-based
+// appends (they refresh the host's copy of the token counts). All calls must be made with
 // the same current CUDA device. The cache's scratch buffers (eager append
 // jobs, the Hadamard scratch, attention workspace) are shared by its calls:
 // calls on different streams must be ordered by the caller (e.g. with
@@ -37,11 +37,12 @@
 //
 // CUDA graphs: append(plan, ...), attend(plan, ...) may be captured; their
 // kernels take every pointer from the plan and every length from device
-// memory, so a replay appends the next token. The eager calls may not be
-// captured. A plan-based decode step is idempotent per (sequence, layer):
-// layer l stores a token for a sequence only while layer l holds as many
-// tokens as the last layer and (l > 0) fewer than layer l - 1, so replaying a
-// step that failed part way stores exactly what is missing for that sequence.
+// memory, so a replay appends the next plan.tokens tokens. The eager calls
+// may not be captured. A plan-based decode step is idempotent per (sequence,
+// layer): layer l stores a sequence's plan.tokens tokens only while layer l
+// holds as many tokens as the last layer and (l > 0) at least plan.tokens
+// fewer than layer l - 1, so replaying a step that failed part way stores
+// exactly what is missing for that sequence.
 //
 // Pool full: the pool is cut into pages; each sequence fills its own pages
 // with its blocks (a page holds at least one worst-case K+V block pair). When
@@ -111,10 +112,11 @@ struct Config {
   /// layer, 0 = full attention), e.g. Gemma's mix of local and global layers.
   /// attend() skips the blocks no query sees. Blocks no future query can
   /// see (every query of an attend call is among the sequence's last
-  /// max_attend_batch tokens) are dropped: after an append to the last
-  /// layer, a sequence lets go of the pool pages that hold none of its
-  /// live blocks, and a page no sequence uses is freed (plan-based decode:
-  /// every block_tokens tokens). Freeing is per page: when windowed and
+  /// max_attend_batch tokens, and rollback() takes back at most
+  /// max_rollback) are dropped: after an append to the last layer, a
+  /// sequence lets go of the pool pages that hold none of its live blocks,
+  /// and a page no sequence uses is freed (plan-based decode: when its
+  /// count passes a multiple of block_tokens). Freeing is per page: when windowed and
   /// full-attention layers are mixed (layer_windows), the windowed layers
   /// fill pages of their own, so their dead blocks are freed while the full
   /// layers keep theirs (a sequence then fills two pages at a time).
@@ -126,7 +128,8 @@ struct Config {
   /// The pool is handed to sequences in pages of this many bytes (a multiple
   /// of 16, at least one worst-case K+V block pair: about 92 KiB at T = 64,
   /// D = 128). 0: 256 KiB, or less down to that minimum so that the pool
-  /// holds two pages per sequence (max_seqs) where it can.
+  /// holds two pages per sequence (max_seqs; per sequence and page class
+  /// with mixed windowed and full layers, see `window`) where it can.
   size_t pool_page_bytes = 0;
   int max_seqs = 64;              // live sequences at once
   /// Query tokens per attend call (summed over its sequences, see the
@@ -225,8 +228,10 @@ class Cache {
   /// only max_rollback tokens behind the newest), so no compressed block
   /// changes: every closed block holds what it would hold had only the kept
   /// tokens been appended (a block may have closed a few tokens earlier, at
-  /// the drafts' peak). Synchronizes `stream` (the counts it checks must be
-  /// the device's); throws, changing nothing, when n is too large.
+  /// the drafts' peak). Every layer must hold the same count (a step that
+  /// failed part way is redone first: see "Pool full"). Synchronizes
+  /// `stream` (the counts it checks must be the device's); throws, changing
+  /// nothing, when n is too large.
   void rollback(int seq, int n_tokens, cudaStream_t stream = 0);
   /// Tokens stored for `seq` in `layer` (synchronizes the device).
   int64_t tokens(int seq, int layer) const;

@@ -20,6 +20,12 @@ Decode through CUDA graphs (plan once, capture, replay every token):
         g.replay()
     cache.check()                          # raises kvcomp.Error if a step failed (pool full, ...)
 
+Speculative decoding: Config(max_rollback=k) keeps the newest k tokens
+uncompressed; a step appends and attends 1 + drafts tokens (eager: append n,
+attend(..., n_queries=[n]); in a graph: make_plan(batch, tokens=n), rows
+[batch * n, ...]), then cache.rollback(seq, rejected) takes the rejected
+drafts back (between replays; it synchronizes the stream).
+
 A replay stores each (sequence, layer)'s token only where the step has not yet
 done so: after check() raised (e.g. "pool is full"), free pages
 (remove_sequence) and replay the same step. set_plan again whenever the

@@ -37,8 +37,9 @@ for twice the first batch of sequences, room for the forks of a reorder.
 Assisted and prompt-lookup decoding (generate(assistant_model=...) or
 prompt_lookup_num_tokens=...): KvcompCache.crop takes the rejected draft
 tokens back (kvcomp.Cache.rollback); make the cache with max_rollback at
-least the most draft tokens a step verifies, e.g. KvcompCache(model, cfg,
-max_rollback=16).
+least the most draft tokens a step verifies (assistant_model:
+num_assistant_tokens, 20 by default; prompt lookup: prompt_lookup_num_tokens)
+and at most block_tokens, e.g. KvcompCache(model, cfg, max_rollback=24).
 Limits (each raises a clear error): cropping and reordering are KvcompCache's
 only (KiviCache and Fp16Cache are harness caches); crop takes back at most
 max_rollback tokens.
@@ -482,6 +483,11 @@ class KvcompCache(_CacheBase):
         n = max(0, length - tokens_to_remove) if tokens_to_remove > 0 else min(length, -tokens_to_remove)
         if self.cache is None or n == 0:
             return
+        if n > self.config.max_rollback:  # checked here so that no row is cut when it fails
+            raise ValueError(f"kvcomp.hf: crop takes back {n} tokens but this cache was made with max_rollback="
+                             f"{self.config.max_rollback}; make it with KvcompCache(..., max_rollback=k), k at least "
+                             "the draft tokens a step verifies (assistant_model: num_assistant_tokens, 20 by "
+                             "default; prompt lookup: prompt_lookup_num_tokens) and at most block_tokens")
         for s in self.seqs:
             self.cache.rollback(s, n)
         for layer in self.layers:

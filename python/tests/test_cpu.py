@@ -141,10 +141,10 @@ class DecodePlanType(unittest.TestCase):
 
     def test_fields_are_read_only(self):
         p = kvcomp.DecodePlan()
-        for field in ("id", "batch"):
+        for field in ("id", "batch", "tokens"):
             with self.subTest(field=field), self.assertRaises(AttributeError):
                 setattr(p, field, 3)
-        self.assertEqual((p.id, p.batch), (-1, 0))
+        self.assertEqual((p.id, p.batch, p.tokens), (-1, 0, 1))
 
 
 class ConfigFields(unittest.TestCase):

@@ -461,21 +461,21 @@ class PlanDecodeTorch(TorchBase):
         k = torch.randn(B, H, D, device=self.dev).half()
         q = torch.randn(B, HQ, D, device=self.dev).half()
         out = torch.empty_like(q)
-        with self.assertRaisesRegex(kvcomp.Error, r"set_plan: DecodePlan\(id=\d+, batch=2\) was made by another Cache"):
+        with self.assertRaisesRegex(kvcomp.Error, r"set_plan: DecodePlan\(id=\d+, batch=2, tokens=1\) was made by another Cache"):
             cache.set_plan(foreign, [s, -1])
-        with self.assertRaisesRegex(kvcomp.Error, r"append_plan: DecodePlan\(id=-1, batch=0\) was not made by a"):
+        with self.assertRaisesRegex(kvcomp.Error, r"append_plan: DecodePlan\(id=-1, batch=0, tokens=1\) was not made by a"):
             cache.append_plan(kvcomp.DecodePlan(), 0, k, k)
         cache.set_plan(plan, [s, -1])
         cases = [
             (lambda: cache.append_plan(plan, 0, k[:1], k[:1]),
-             r"append_plan: k must be \[plan.batch, kv_heads, head_dim\] = \[2, 2, 128\], got \[1, 2, 128\]"),
+             r"append_plan: k must be \[plan.batch \* plan.tokens, kv_heads, head_dim\] = \[2, 2, 128\], got \[1, 2, 128\]"),
             (lambda: cache.append_plan(plan, 0, k, k.float()), "append_plan: v must be float16, got float32"),
             (lambda: cache.append_plan(plan, 0, k, torch.randn(B, H, 2 * D, device=self.dev).half()[..., :D]),
              "append_plan: k and v must have the same strides"),
             (lambda: cache.append_plan(plan, 0, k.cpu(), k), r"k is not a CUDA array \(DLPack device: CPU\)"),
             (lambda: cache.attend_plan(plan, 0, q.float(), out), "attend_plan: q must be float16 or bfloat16"),
             (lambda: cache.attend_plan(plan, 0, q[:1], out[:1]),
-             r"attend_plan: q must be \[plan.batch, q_heads, head_dim\] = \[2, 8, 128\], got \[1, 8, 128\]"),
+             r"attend_plan: q must be \[plan.batch \* plan.tokens, q_heads, head_dim\] = \[2, 8, 128\], got \[1, 8, 128\]"),
             (lambda: cache.attend_plan(plan, 0, q, CaiView(out, readonly=True)), "attend_plan: out is read-only"),
             (lambda: cache.attend_plan(foreign, 0, q, out), "attend_plan: .* was made by another Cache"),
         ]
