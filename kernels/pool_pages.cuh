@@ -268,6 +268,7 @@ __global__ void __launch_bounds__(kPlaceThreads, 1) place_kernel(const AppendEnt
         pool.open_fill16[a.slot] = uint32_t(page_base[2 * lane + 1]);
         seqs.tokens[at] += a.n_tokens;
         seqs.closed[at] += a.new_blocks;
+        seqs.high[at] = max(seqs.high[at], seqs.tokens[at]);
       }
       if (lane == 0) w_n = __popc(oks);
     }
@@ -342,6 +343,7 @@ __global__ void __launch_bounds__(kPlaceThreads, 1) place_kernel(const AppendEnt
     pool.open_fill16[a.slot] = uint32_t(page_base[2 * e + 1]);
     seqs.tokens[at] += a.n_tokens;
     seqs.closed[at] += a.new_blocks;
+    seqs.high[at] = max(seqs.high[at], seqs.tokens[at]);
   }
 }
 
@@ -400,6 +402,7 @@ __global__ void __launch_bounds__(kReleaseThreads) release_kernel(int slot, Pool
     const size_t at = size_t(l) * seqs.max_seqs + slot;
     seqs.tokens[at] = 0;
     seqs.closed[at] = 0;
+    seqs.high[at] = 0;
     seqs.fail[at] = 0;
   }
 }
@@ -421,14 +424,45 @@ __global__ void __launch_bounds__(kReleaseThreads) fork_kernel(int parent, int c
   for (int l = threadIdx.x; l < seqs.layers; l += blockDim.x) {
     seqs.tokens[size_t(l) * seqs.max_seqs + child] = seqs.tokens[size_t(l) * seqs.max_seqs + parent];
     seqs.closed[size_t(l) * seqs.max_seqs + child] = seqs.closed[size_t(l) * seqs.max_seqs + parent];
+    seqs.high[size_t(l) * seqs.max_seqs + child] = seqs.high[size_t(l) * seqs.max_seqs + parent];
     seqs.fail[size_t(l) * seqs.max_seqs + child] = 0;
   }
 }
 
-/// Cache::rollback: every layer of `slot` gives back its last n tokens
-/// (the host checked that they are all in the tails: blocks are untouched).
-__global__ void rollback_kernel(int slot, int n, SeqState seqs) {
-  for (int l = threadIdx.x; l < seqs.layers; l += blockDim.x) seqs.tokens[size_t(l) * seqs.max_seqs + slot] -= n;
+/// Cache::rollback: every layer of a sequence gives back its last n tokens,
+/// a thread a sequence: slots[b] and counts[b] (plan-based, device), or
+/// `slot` and `n` (slots null). Taken back only if every layer holds the
+/// same count L and L - n >= high - max_rollback (so the n tokens are tail
+/// tokens, and window trims left them visible); otherwise nothing changes
+/// and the failure is recorded for check() (kFailRollback, layer 0).
+__global__ void rollback_kernel(const int32_t* slots, const int32_t* counts, int batch, int slot, int n,
+                                int max_rollback, int block_tokens, SeqState seqs) {
+  const int b = blockIdx.x * blockDim.x + threadIdx.x;
+  if (b >= batch) return;
+  if (slots) {
+    slot = slots[b];
+    n = counts[b];
+  }
+  if (slot < 0 || n == 0) return;
+  const size_t S = seqs.max_seqs;
+  const int32_t L = seqs.tokens[slot];
+  bool ok = n > 0;
+  for (int l = 0; l < seqs.layers && ok; ++l) {
+    const size_t at = size_t(l) * S + slot;
+    const int32_t have = seqs.tokens[at], high = max(seqs.high[at], have);
+    ok = have == L && have - n >= high - max_rollback && have - n >= seqs.closed[at] * block_tokens;
+  }
+  if (!ok) {
+    seqs.fail[slot] = kFailRollback;
+    *reinterpret_cast<volatile int32_t*>(seqs.fail_flag) = 1;
+    __threadfence_system();
+    return;
+  }
+  for (int l = 0; l < seqs.layers; ++l) {
+    const size_t at = size_t(l) * S + slot;
+    seqs.high[at] = max(seqs.high[at], seqs.tokens[at]);
+    seqs.tokens[at] -= n;
+  }
 }
 
 /// One CTA, after an append to the last layer: for each entry's sequence

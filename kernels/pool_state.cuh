@@ -10,7 +10,7 @@ namespace kvcomp {
 namespace detail {
 
 /// Why an entry was not stored (SeqState::fail).
-enum FailReason : int32_t { kFailNone = 0, kFailPoolFull = 1, kFailMaxTokens = 2, kFailStale = 3 };
+enum FailReason : int32_t { kFailNone = 0, kFailPoolFull = 1, kFailMaxTokens = 2, kFailStale = 3, kFailRollback = 4 };
 
 /// The device state of the pool and the sequences (all device memory, except
 /// fail_flag: host-mapped pinned memory).
@@ -35,6 +35,7 @@ struct PoolState {
 struct SeqState {
   int32_t* tokens;        // [layer][max_seqs]
   int32_t* closed;        // [layer][max_seqs]: blocks in the pool (tokens - closed T are in the tail)
+  int32_t* high;          // [layer][max_seqs]: the most tokens held (rollback keeps tokens >= high - max_rollback)
   int32_t* fail;          // [layer][max_seqs]: FailReason of the last failed append
   int32_t* fail_flag;     // host-mapped: set when any fail is recorded
   int32_t max_seqs;

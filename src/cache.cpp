@@ -79,6 +79,7 @@ Cache::Impl::Impl(const Config& c)
   open_fill16.allocate(size_t(page_classes) * c.max_seqs, "sequence pages");
   tokens.allocate(slots, "token counts");
   closed.allocate(slots, "block counts");
+  high.allocate(slots, "token counts");
   fail.allocate(slots, "failure records");
   const size_t per_layer_hist = size_t(H) * 2 * format::kLowBitChoices * format::kNumSymbols;
   hist.allocate(size_t(c.layers) * per_layer_hist, "histogram scratch");
@@ -109,6 +110,7 @@ Cache::Impl::Impl(const Config& c)
   zero(open_fill16.ptr, open_fill16.count * sizeof(uint32_t));
   zero(tokens.ptr, tokens.count * sizeof(int32_t));
   zero(closed.ptr, closed.count * sizeof(int32_t));
+  zero(high.ptr, high.count * sizeof(int32_t));
   zero(users.ptr, users.count * sizeof(uint32_t));
   zero(layer_units16.ptr, layer_units16.count * sizeof(uint32_t));
   zero(fail.ptr, fail.count * sizeof(int32_t));
@@ -124,7 +126,8 @@ Cache::Impl::Impl(const Config& c)
 }
 
 detail::SeqState Cache::Impl::seq_state() const {
-  return {tokens.ptr, closed.ptr, fail.ptr, fail_flag_device, cfg.max_seqs, cfg.max_tokens_per_seq, cfg.layers};
+  return {tokens.ptr, closed.ptr, high.ptr, fail.ptr, fail_flag_device, cfg.max_seqs, cfg.max_tokens_per_seq,
+          cfg.layers};
 }
 
 ErrorBound Cache::Impl::bound(int layer, int head, Kind kind) const {
@@ -162,6 +165,8 @@ void Cache::Impl::refresh_tokens() {
              "token count copy");
   check_cuda(cudaMemcpy(h_closed.data(), closed.ptr, h_closed.size() * sizeof(int32_t), cudaMemcpyDeviceToHost),
              "block count copy");
+  check_cuda(cudaMemcpy(h_high.data(), high.ptr, h_high.size() * sizeof(int32_t), cudaMemcpyDeviceToHost),
+             "token count copy");
   tokens_stale = false;
 }
 
@@ -328,7 +333,7 @@ void Cache::rollback(int seq, int n_tokens, cudaStream_t stream) {
       throw Error("rollback: the last " + str(n_tokens) + " tokens of sequence " + str(seq) + " in layer " + str(l) +
                   " are not all in its tail");
   }
-  detail::launch_rollback(seq, n_tokens, m.seq_state(), stream);
+  detail::launch_rollback(nullptr, nullptr, 1, seq, n_tokens, m.R, m.T, m.seq_state(), stream);
   for (int l = 0; l < m.cfg.layers; ++l) {
     int32_t& high = m.h_high[m.at(l, seq)];
     high = std::max(high, m.h_tokens[m.at(l, seq)]);

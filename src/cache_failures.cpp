@@ -1,5 +1,5 @@
 // Failures only the device sees (kernels/pool_pages.cuh: a full pool, a
-// sequence at max_tokens_per_seq) are recorded per (layer, slot) with a
+// sequence at max_tokens_per_seq, a plan-based rollback refused) are recorded per (layer, slot) with a
 // host-mapped flag; poll_failures turns them into one kvcomp::Error naming
 // each sequence and its layers, clears them, and refreshes the token mirror.
 #include <string>
@@ -23,9 +23,11 @@ void Cache::Impl::poll_failures(const char* call) {
   *flag = 0;
   tokens_stale = true;
   refresh_tokens();
-  const char* names[] = {"", "the pool is full", "max_tokens_per_seq reached", "stale token count"};
+  const char* names[] = {"", "the pool is full", "max_tokens_per_seq reached", "stale token count",
+                         "rollback refused"};
   std::string msg;
-  for (int reason = detail::kFailPoolFull; reason <= detail::kFailStale; ++reason) {
+  bool appends = false, rollbacks = false;
+  for (int reason = detail::kFailPoolFull; reason <= detail::kFailRollback; ++reason) {
     std::string seqs;
     for (int s = 0; s < cfg.max_seqs; ++s) {
       int first = -1, last = -1, n = 0;
@@ -41,12 +43,19 @@ void Cache::Impl::poll_failures(const char* call) {
                       : std::to_string(n) + " layers in " + std::to_string(first) + ".." + std::to_string(last)) +
               ")";
     }
-    if (!seqs.empty()) msg += std::string(msg.empty() ? "" : "; ") + names[reason] + ": " + seqs;
+    if (seqs.empty()) continue;
+    msg += std::string(msg.empty() ? "" : "; ") + names[reason] + ": " + seqs;
+    (reason == detail::kFailRollback ? rollbacks : appends) = true;
   }
   if (msg.empty()) return;  // records of removed sequences only
-  throw Error(std::string(call) + ": earlier device work failed, " + msg +
-              "; those appends stored nothing (tokens() tells what each layer holds): remove sequences or raise "
-              "config.pool_bytes, then redo the step for those sequences");
+  std::string what = std::string(call) + ": earlier device work failed, " + msg;
+  if (appends)
+    what += "; those appends stored nothing (tokens() tells what each layer holds): remove sequences or raise "
+            "config.pool_bytes, then redo the step for those sequences";
+  if (rollbacks)
+    what += "; a refused rollback took nothing back (at most Config::max_rollback tokens below the most a "
+            "sequence held, with every layer at the same count)";
+  throw Error(what);
 }
 
 void Cache::check(cudaStream_t stream) {

@@ -69,6 +69,7 @@ struct Cache::Impl {
   detail::DeviceBuffer<uint32_t> open_fill16;
   detail::DeviceBuffer<int32_t> tokens;           // [layer][slot]
   detail::DeviceBuffer<int32_t> closed;           // [layer][slot]: blocks in the pool (the rest: the tail)
+  detail::DeviceBuffer<int32_t> high;             // [layer][slot]: the most tokens held (SeqState::high)
   detail::DeviceBuffer<unsigned long long> layer_units;  // [layer]: stats scratch
   // Sliding windows (Config::window): freeing the pages behind them.
   bool windowed = false;                          // some layer has a window
@@ -85,8 +86,8 @@ struct Cache::Impl {
   std::vector<bool> live;                   // [slot]
   std::vector<int32_t> h_tokens;            // mirror of `tokens`
   std::vector<int32_t> h_closed;            // mirror of `closed`
-  std::vector<int32_t> h_high;              // [layer][slot]: the most tokens held since the last rollback
-                                            // (rollback keeps tokens >= high - R; refreshed at each rollback)
+  std::vector<int32_t> h_high;              // mirror of `high` as of the last refresh or rollback (appends
+                                            // since only raised it to the count: rollback takes the max)
   bool tokens_stale = false;                // plan-based appends ran since the last refresh
   std::vector<bool> books_built;            // known built (eager appends that closed blocks)
   AppendScratch eager;
@@ -137,7 +138,7 @@ struct Cache::Impl {
   Plan& plan(const DecodePlan& p, const char* call);
   /// Throws the recorded device failures, if the flag is up (see cache.hpp).
   void poll_failures(const char* call);
-  /// Makes h_tokens and h_closed current (synchronizes the device) if plan-based appends ran.
+  /// Makes h_tokens, h_closed and h_high current (synchronizes the device) if plan-based calls ran.
   void refresh_tokens();
   int32_t host_tokens(int slot, int layer) const { return h_tokens[at(layer, slot)]; }
   int32_t host_closed(int slot, int layer) const { return h_closed[at(layer, slot)]; }

@@ -126,4 +126,12 @@ void Cache::attend(const DecodePlan& plan, int layer, const void* q, void* out, 
   detail::launch_attention(q_type, m.D, m.G, a, stream);
 }
 
+void Cache::rollback(const DecodePlan& plan, const int32_t* n_rejected, cudaStream_t stream) {
+  Impl& m = *impl_;
+  Impl::Plan& p = m.plan(plan, "rollback");
+  if (!n_rejected) throw Error("rollback: n_rejected must be a device pointer to plan.batch int32 counts, got null");
+  detail::launch_rollback(p.slots.ptr, n_rejected, p.batch, -1, 0, m.R, m.T, m.seq_state(), stream);
+  m.tokens_stale = true;
+}
+
 }  // namespace kvcomp

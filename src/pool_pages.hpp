@@ -34,8 +34,10 @@ void launch_release(int slot, const PoolState& pool, const SeqState& seqs, cudaS
 void launch_trim(const AppendEntry* entries, int n_entries, bool every_call, const WindowTrim& w,
                  const PoolState& pool, const SeqState& seqs, cudaStream_t s);
 void launch_fork(int parent, int child, const PoolState& pool, const SeqState& seqs, cudaStream_t s);
-/// rollback_kernel: every layer of `slot` holds n tokens fewer (all of them tail tokens: checked by the caller).
-void launch_rollback(int slot, int n, const SeqState& seqs, cudaStream_t s);
+/// rollback_kernel: every layer of a sequence holds n tokens fewer, where allowed (else a kFailRollback record):
+/// slots/counts (device, [batch]) for a plan, or slots = counts = null and one (slot, n).
+void launch_rollback(const int32_t* slots, const int32_t* counts, int batch, int slot, int n, int max_rollback,
+                     int block_tokens, const SeqState& seqs, cudaStream_t s);
 /// out[layer] (device, `layers` entries): units of the blocks in pages in use, by layer.
 void launch_layer_units(const PoolState& pool, int layers, unsigned long long* out, cudaStream_t s);
 

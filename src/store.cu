@@ -118,8 +118,9 @@ void launch_fork(int parent, int child, const PoolState& pool, const SeqState& s
   check_cuda(cudaGetLastError(), "fork kernel launch");
 }
 
-void launch_rollback(int slot, int n, const SeqState& seqs, cudaStream_t s) {
-  rollback_kernel<<<1, 128, 0, s>>>(slot, n, seqs);
+void launch_rollback(const int32_t* slots, const int32_t* counts, int batch, int slot, int n, int max_rollback,
+                     int block_tokens, const SeqState& seqs, cudaStream_t s) {
+  rollback_kernel<<<(batch + 127) / 128, 128, 0, s>>>(slots, counts, batch, slot, n, max_rollback, block_tokens, seqs);
   check_cuda(cudaGetLastError(), "rollback kernel launch");
 }
 

@@ -336,8 +336,8 @@ TEST(RollbackGpu, RollbackPastItsRoomIsAClearErrorAndChangesNothing) {
 }
 
 // Speculative verification in a CUDA graph: a plan of n tokens per slot
-// (append n, attend n causal queries) captured once and replayed, with
-// rollbacks of the rejected drafts between replays, stores what eager
+// (append n, attend n causal queries, roll back the rejected drafts by counts
+// in device memory) captured once and replayed, stores what eager
 // appends of the same tokens store and attends the same, bit for bit
 // (through a plan of the same splits); a windowed layer is trimmed as the
 // counts pass multiples of T.
@@ -367,6 +367,7 @@ TEST(RollbackGpu, VerifyStepsOfSeveralTokensThroughAGraphMatchEagerAppends) {
   eager.set_plan(eplan, es, 0);  // attends only: the same splits as `plan`
   const size_t q_elems = size_t(B) * n * HQ * D;
   DevBuf<uint8_t> k(size_t(B) * n * H * D * 2), v(k.n), q(q_elems * 2), o1(L * q_elems * 2), o2(o1.n);
+  DevBuf<int32_t> rejected_d(B);  // the captured rollback reads each step's counts from here
   cudaStream_t st = nullptr;
   CUDA_OK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
   cudaGraph_t graph = nullptr;
@@ -376,6 +377,7 @@ TEST(RollbackGpu, VerifyStepsOfSeveralTokensThroughAGraphMatchEagerAppends) {
     planned.append(plan, l, k.ptr, v.ptr, st);
     planned.attend(plan, l, q.ptr, o1.ptr + l * q_elems * 2, DType::F16, st);
   }
+  planned.rollback(plan, rejected_d.ptr, st);  // after the verification: the rejected drafts go
   CUDA_OK(cudaStreamEndCapture(st, &graph));
   CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
   for (int step = 0; step < 60; ++step) {
@@ -385,6 +387,9 @@ TEST(RollbackGpu, VerifyStepsOfSeveralTokensThroughAGraphMatchEagerAppends) {
     k.upload(to_dtype_bytes(DType::F16, pool.rows(pool.k, ids)));
     v.upload(to_dtype_bytes(DType::F16, pool.rows(pool.v, ids)));
     q.upload(to_dtype_bytes(DType::F16, round_to(DType::F16, make_data(Dist::Gaussian, B * n * HQ, D, seed + step))));
+    std::vector<int32_t> rejected(B);  // the target model rejects some drafts
+    for (int32_t& r : rejected) r = int32_t(rng() % (n + 1));
+    rejected_d.upload(rejected);
     CUDA_OK(cudaGraphLaunch(exec, st));
     planned.check(st);
     for (int l = 0; l < L; ++l) {
@@ -394,11 +399,7 @@ TEST(RollbackGpu, VerifyStepsOfSeveralTokensThroughAGraphMatchEagerAppends) {
     CUDA_OK(cudaStreamSynchronize(st));
     CUDA_LAUNCH_OK();
     ASSERT_EQ(o1.download(), o2.download());
-    for (int b = 0; b < B; ++b) {  // the target model rejects some drafts
-      const int rejected = int(rng() % (n + 1));
-      planned.rollback(ps[b], rejected, st);
-      eager.rollback(es[b], rejected, st);
-    }
+    for (int b = 0; b < B; ++b) eager.rollback(es[b], rejected[b], st);
   }
   for (int b = 0; b < B; ++b)
     for (int l = 0; l < L; ++l) {
@@ -415,6 +416,19 @@ TEST(RollbackGpu, VerifyStepsOfSeveralTokensThroughAGraphMatchEagerAppends) {
           }
     }
   EXPECT_GE(planned.stats().pool_bytes_in_use, eager.stats().pool_bytes_in_use);  // plan appends trim lazily
+  // A count past the room is refused on the device: check() names the sequence, nothing is taken back.
+  const int64_t before = planned.tokens(ps[0], 0);
+  rejected_d.upload({R + 1, 0});
+  planned.rollback(plan, rejected_d.ptr, st);
+  try {
+    planned.check(st);
+    ADD_FAILURE() << "a rollback of max_rollback + 1 tokens was not refused";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("rollback refused: sequence " + std::to_string(ps[0])), std::string::npos)
+        << e.what();
+  }
+  for (int l = 0; l < L; ++l) EXPECT_EQ(planned.tokens(ps[0], l), before);
+  EXPECT_THROW(planned.rollback(plan, nullptr, st), Error);
   EXPECT_THROW(planned.make_plan(1, T + 1), Error);
   EXPECT_THROW(planned.make_plan(cfg.max_attend_batch, 2), Error);
   cudaGraphExecDestroy(exec);

@@ -289,6 +289,12 @@ class Cache {
   /// Attention for the plan's slots: q and out are [plan.batch x plan.tokens, q_heads, head_dim], slot i's
   /// queries (its last plan.tokens tokens, causal) one after the other.
   void attend(const DecodePlan& plan, int layer, const void* q, void* out, DType q_type, cudaStream_t stream);
+  /// Rollback for the plan's slots, capturable: slot i's sequence gives back
+  /// n_rejected[i] tokens in every layer (device int32 [plan.batch], e.g.
+  /// written by the engine's draft verification; 0 or an idle slot:
+  /// nothing). Allowed as for rollback(); a refused one leaves that sequence
+  /// as it was and check() reports it.
+  void rollback(const DecodePlan& plan, const int32_t* n_rejected, cudaStream_t stream);
   /// Synchronizes `stream`, then throws kvcomp::Error if device work failed
   /// (pool full, max_tokens_per_seq reached) naming the sequences and
   /// layers; the records are cleared by the throw.

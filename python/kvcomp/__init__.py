@@ -24,7 +24,8 @@ Speculative decoding: Config(max_rollback=k) keeps the newest k tokens
 uncompressed; a step appends and attends 1 + drafts tokens (eager: append n,
 attend(..., n_queries=[n]); in a graph: make_plan(batch, tokens=n), rows
 [batch * n, ...]), then cache.rollback(seq, rejected) takes the rejected
-drafts back (between replays; it synchronizes the stream).
+drafts back (it synchronizes the stream), or, inside the graph,
+cache.rollback_plan(plan, n_rejected) with the counts in a CUDA int32 array.
 
 A replay stores each (sequence, layer)'s token only where the step has not yet
 done so: after check() raised (e.g. "pool is full"), free pages
@@ -60,6 +61,7 @@ class Cache(_C.Cache):
     attend(layer, seq_ids, q, out, n_queries=None, stream=None);
     make_plan(batch, tokens=1) -> DecodePlan; set_plan(plan, seq_ids, stream=None);
     append_plan(plan, layer, k, v, stream=None); attend_plan(plan, layer, q, out, stream=None);
+    rollback_plan(plan, n_rejected, stream=None);
     check(stream=None); stats() -> Stats; read_block(layer, seq, kv_head, block, kind, stream=None) -> bytes;
     codebook(layer, kv_head, kind) -> Codebook; config (a copy).
 
@@ -111,6 +113,12 @@ class Cache(_C.Cache):
         kv_heads, head_dim] of config.dtype, unit stride along head_dim (row and head strides are free), slot i's
         rows one after the other. Capturable in a CUDA graph; stores only what the step has not stored yet."""
         super().append_plan(plan, layer, k, v, resolve_stream(stream, k))
+
+    def rollback_plan(self, plan, n_rejected, stream=None):
+        """Slot i's sequence gives back n_rejected[i] tokens in every layer (a CUDA int32 array [plan.batch], e.g.
+        written by the verification of the drafts; 0 or an idle slot: nothing). Capturable in a CUDA graph; a
+        rollback past the room (as rollback() allows) changes nothing for that sequence and raises from check()."""
+        super().rollback_plan(plan, n_rejected, resolve_stream(stream, n_rejected))
 
     def attend_plan(self, plan, layer, q, out, stream=None):
         """out[i] = attention of q[i] over slot i's sequence in `layer` (zero for an idle slot); q, out:

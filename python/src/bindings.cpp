@@ -68,7 +68,7 @@ std::string shape_str(const std::vector<int64_t>& v) {
 // DLPack, legacy (unversioned) ABI, as the DLPack spec (dlpack.h) defines it.
 namespace dl {
 constexpr int32_t kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3, kDLCUDAManaged = 13;
-constexpr uint8_t kDLFloat = 2, kDLBfloat = 4;
+constexpr uint8_t kDLInt = 0, kDLFloat = 2, kDLBfloat = 4;
 struct DLDevice {
   int32_t device_type;
   int32_t device_id;
@@ -110,6 +110,7 @@ struct ArrayView {
   uintptr_t ptr = 0;
   std::vector<int64_t> shape, strides;
   DType dtype = DType::F16;
+  bool int32 = false;  // int32 elements: only where a call takes them (parse_array's int32_ok; dtype unused)
   bool readonly = false;
   bool has_producer_stream = false;  // CAI v3 "stream": work on it must finish before we read
   uintptr_t producer_stream = 0;
@@ -169,6 +170,7 @@ ArrayView parse_cai(const py::dict& cai, const std::string& name) {
   // '<' little-endian; '=' native, which is little-endian on every CUDA host.
   if (t == "<f2" || t == "=f2") { a.dtype = DType::F16; itemsize = 2; }
   else if (t == "<f4" || t == "=f4") { a.dtype = DType::F32; itemsize = 4; }
+  else if (t == "<i4" || t == "=i4") { a.int32 = true; itemsize = 4; }
   else if (is_void2(t))
     fail(name + ": typestr '" + t + "' (2-byte void, how bfloat16 is spelled) is ambiguous; pass bfloat16 arrays "
          "through DLPack (__dlpack__)");
@@ -243,6 +245,7 @@ ArrayView parse_dlpack(py::handle obj, const std::string& name, const py::object
   if (t.dtype.code == dl::kDLFloat && t.dtype.bits == 16) a.dtype = DType::F16;
   else if (t.dtype.code == dl::kDLBfloat && t.dtype.bits == 16) a.dtype = DType::BF16;
   else if (t.dtype.code == dl::kDLFloat && t.dtype.bits == 32) a.dtype = DType::F32;
+  else if (t.dtype.code == dl::kDLInt && t.dtype.bits == 32) a.int32 = true;
   else
     fail(name + ": unsupported DLPack dtype (code " + std::to_string(t.dtype.code) + ", " +
          std::to_string(t.dtype.bits) + " bits); kvcomp takes float16, bfloat16 or float32");
@@ -273,12 +276,19 @@ ArrayView parse_array_impl(py::handle obj, const std::string& name, const py::ob
 }
 
 /// Any object exposing __cuda_array_interface__ (preferred) or __dlpack__.
-ArrayView parse_array(py::handle obj, const std::string& name, const py::object& dlpack_stream) {
+/// int32_ok: the call takes int32 arrays (and only those); otherwise int32 is refused like any
+/// dtype kvcomp does not take.
+ArrayView parse_array(py::handle obj, const std::string& name, const py::object& dlpack_stream,
+                      bool int32_ok = false) {
+  ArrayView a;
   try {
-    return parse_array_impl(obj, name, dlpack_stream);
+    a = parse_array_impl(obj, name, dlpack_stream);
   } catch (const py::cast_error& e) {  // a field of the wrong type in the producer's metadata
     fail(name + ": malformed array metadata (" + e.what() + ")");
   }
+  if (a.int32 && !int32_ok) fail(name + ": unsupported dtype int32; kvcomp takes float16, bfloat16 or float32");
+  if (int32_ok && !a.int32) fail(name + " must be int32, got " + kvcomp::dtype_name(a.dtype));
+  return a;
 }
 
 // ---------------------------------------------------------------------------
@@ -767,6 +777,18 @@ void bind_cache(py::module_& m) {
              locked(self, [&](Cache& c) { c.rollback(seq, n_tokens, as_stream(stream)); });
            },
            py::arg("seq"), py::arg("n_tokens"), py::arg("stream") = 0)
+      .def("rollback_plan", [](PyCache& self, const PyPlan& plan, py::handle n_obj, uintptr_t stream) {
+             const DecodePlan p = plan_of(self, plan, "rollback_plan");
+             const ArrayView n = parse_array(n_obj, "n_rejected", dlpack_stream_arg(stream), true);
+             check_shape(n, {p.batch}, "rollback_plan", "[plan.batch]");
+             check_contiguous(n, "rollback_plan");
+             check_device_memory(n);
+             locked(self, [&](Cache& c) {
+               wait_for_producers({&n}, as_stream(stream));
+               c.rollback(p, reinterpret_cast<const int32_t*>(n.ptr), as_stream(stream));
+             });
+           },
+           py::arg("plan"), py::arg("n_rejected"), py::arg("stream") = 0)
       .def("make_plan", [](PyCache& self, int batch, int tokens) {
              const DecodePlan p = locked(self, [&](Cache& c) { return c.make_plan(batch, tokens); });
              return PyPlan{p, self.serial};

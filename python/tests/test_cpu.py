@@ -107,7 +107,7 @@ class ImportAndVersion(unittest.TestCase):
             self.assertIn(name, kvcomp.__all__)
         for method in ["add_sequence", "remove_sequence", "tokens", "append", "attend", "stats", "read_block",
                        "codebook", "config", "make_plan", "set_plan", "append_plan", "attend_plan", "check", "fork",
-                       "rollback"]:
+                       "rollback", "rollback_plan"]:
             self.assertTrue(hasattr(kvcomp.Cache, method), method)
         for field in ["compressed_bytes", "tail_bytes", "metadata_bytes", "pool_bytes_in_use", "pool_page_bytes",
                       "pool_capacity", "tokens", "ratio_vs_fp16", "per_layer"]:
@@ -121,7 +121,7 @@ class ImportAndVersion(unittest.TestCase):
         # Every call that runs on a stream takes stream=None (the caller's current stream), last.
         for method, params in [("remove_sequence", ["seq"]), ("append", ["layer", "seq_ids", "n_tokens", "k", "v"]),
                                ("attend", ["layer", "seq_ids", "q", "out", "n_queries"]), ("fork", ["seq"]),
-                               ("rollback", ["seq", "n_tokens"]),
+                               ("rollback", ["seq", "n_tokens"]), ("rollback_plan", ["plan", "n_rejected"]),
                                ("set_plan", ["plan", "seq_ids"]),
                                ("append_plan", ["plan", "layer", "k", "v"]),
                                ("attend_plan", ["plan", "layer", "q", "out"]), ("check", []),

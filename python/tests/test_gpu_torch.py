@@ -568,8 +568,8 @@ class PlanDecodeTorch(TorchBase):
 
 
 class SpeculativeTorch(TorchBase):
-    """A verification step of several tokens per slot (make_plan(batch, tokens=n)) captured in a torch CUDA graph,
-    rollback() of the rejected drafts between replays: the same tokens and outputs as eager appends and
+    """A verification step of several tokens per slot (make_plan(batch, tokens=n)) captured in a torch CUDA graph
+    with rollback_plan of the rejected drafts (counts in a CUDA int32 tensor): the same tokens and outputs as eager appends and
     multi-token attends of the same rows (the same values: outputs within float rounding of other splits)."""
     L, H, HQ, D, T, N, R = 2, 2, 8, 128, 32, 3, 3
 
@@ -597,17 +597,21 @@ class SpeculativeTorch(TorchBase):
         v_in = torch.zeros_like(k_in)
         q_in = torch.zeros(L, B * N, HQ, D, dtype=torch.float16, device=self.dev)
         out_in = torch.zeros_like(q_in)
+        rejected_in = torch.zeros(B, dtype=torch.int32, device=self.dev)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for layer in range(L):
                 graphed.append_plan(plan, layer, k_in[layer], v_in[layer])
                 graphed.attend_plan(plan, layer, q_in[layer], out_in[layer])
+            graphed.rollback_plan(plan, rejected_in)  # the rejected drafts go, inside the graph
         lengths = list(prompt)
         gen = torch.Generator().manual_seed(SEED)
         for step in range(40):
             for t in (k_in, v_in, q_in):
                 t.copy_(torch.randn(t.shape, device=self.dev))
+            rejected = torch.randint(0, N + 1, (B,), generator=gen, dtype=torch.int32)
+            rejected_in.copy_(rejected)
             graph.replay()
             graphed.check()
             out = torch.empty_like(out_in)
@@ -618,13 +622,19 @@ class SpeculativeTorch(TorchBase):
             err = (out_in.float() - out.float()).abs().max().item()
             self.assertLess(err, 2e-3 * max(1.0, out.float().abs().max().item()), f"step {step}")
             for b in range(B):
-                rejected = int(torch.randint(0, N + 1, (1,), generator=gen))
-                graphed.rollback(gs[b], rejected)
-                eager.rollback(es[b], rejected)
-                lengths[b] += N - rejected
+                eager.rollback(es[b], int(rejected[b]))
+                lengths[b] += N - int(rejected[b])
             self.assertEqual([[graphed.tokens(s, layer) for layer in range(L)] for s in gs],
                              [[n] * L for n in lengths])
         self.assertEqual([eager.tokens(s, 0) for s in es], lengths)
+        with self.assertRaisesRegex(kvcomp.Error, "n_rejected must be int32"):
+            graphed.rollback_plan(plan, rejected_in.float())
+        with self.assertRaisesRegex(kvcomp.Error, r"n_rejected must be \[plan.batch\] = \[2\]"):
+            graphed.rollback_plan(plan, rejected_in[:1])
+        graphed.rollback_plan(plan, torch.tensor([self.R + 1, 0], dtype=torch.int32, device=self.dev))
+        with self.assertRaisesRegex(kvcomp.Error, f"rollback refused: sequence {gs[0]}"):
+            graphed.check()
+        self.assertEqual(graphed.tokens(gs[0], 0), lengths[0])
         with self.assertRaisesRegex(kvcomp.Error, r"tokens_per_slot 33 out of range \[1, 32\]"):
             graphed.make_plan(1, tokens=33)
         with self.assertRaisesRegex(kvcomp.Error, r"query rows out of range \[1, 8\]"):
