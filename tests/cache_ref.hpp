@@ -1,12 +1,16 @@
 // What the fused kernel attends to, on the CPU: a (sequence, head)'s K/V as
-// stored (closed blocks through the reference decoder, the tail exact), and
-// the rows a query sees. Shared by the GPU tests of attention, windows, fork.
+// stored (closed blocks through the reference decoder, the tail exact), the
+// rows a query sees, and the check of multi-token attention against float64
+// over them. Shared by the GPU tests of attention, windows, fork, rollback.
 #pragma once
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
+#include "attention_ref.hpp"
 #include "kvcomp/cache.hpp"
 #include "kvcomp/reference.hpp"
 
@@ -53,6 +57,42 @@ inline std::vector<double> visible_rows(const std::vector<double>& x, int pos, i
   for (int t = 0; t <= pos; ++t)
     if (window == 0 || t > pos - window || t < sinks) out.insert(out.end(), &x[size_t(t) * D], &x[size_t(t + 1) * D]);
   return out;
+}
+
+/// `out` (fp16 bytes, [n][q_heads][D]: what Cache::attend wrote for n
+/// queries q ([n][q_heads][D]), the last n of `tokens` tokens of (layer,
+/// seq)) against float64 attention over the rows each query sees of the
+/// stored K/V (decoded_kv; k_in, v_in: every token appended), within 1e-3
+/// relative L2 per query row. blocks: as decoded_kv.
+inline void expect_attention_matches_float64(const kvcomp::Cache& cache, int layer, int seq, const std::vector<float>& q,
+                                             const std::vector<uint8_t>& out, const std::vector<float>& k_in,
+                                             const std::vector<float>& v_in, int tokens, int n, int window, int sinks,
+                                             int blocks = -1) {
+  const auto& cfg = cache.config();
+  const int H = cfg.kv_heads, D = cfg.head_dim, G = cfg.q_heads / H, L = tokens;
+  for (int h = 0; h < H; ++h) {
+    std::vector<double> k, v;
+    decoded_kv(cache, layer, seq, h, k_in, v_in, L, k, v, window > 0 ? L - n - window + 1 : 0, sinks, blocks);
+    if (::testing::Test::HasFatalFailure()) return;
+    for (int j = 0; j < n; ++j) {
+      const int pos = L - n + j;
+      const auto kv = visible_rows(k, pos, window, sinks, D);
+      const auto vv = visible_rows(v, pos, window, sinks, D);
+      for (int g = 0; g < G; ++g) {
+        const size_t row = size_t(j) * cfg.q_heads + h * G + g;
+        const auto ref = attention64(&q[row * D], kv.data(), vv.data(), int(kv.size() / D), D);
+        double num = 0, den = 0;
+        for (int c = 0; c < D; ++c) {
+          const float got = kvcomp::load_as_float(kvcomp::DType::F16, out.data(), row * D + c);
+          ASSERT_TRUE(std::isfinite(got)) << "layer " << layer << " query " << j << " head " << h * G + g;
+          num += (got - ref[c]) * (got - ref[c]);
+          den += ref[c] * ref[c];
+        }
+        ASSERT_LE(std::sqrt(num / std::max(den, 1e-30)), 1e-3)
+            << "layer " << layer << " query " << j << " of " << n << ", " << L << " tokens";
+      }
+    }
+  }
 }
 
 }  // namespace kvcomp_test
