@@ -49,25 +49,11 @@ __global__ void decode_jobs_kernel(const DecodeJobsParams p) {
     j.table_index = table_slot(layer, slot, min(int64_t(closed), int64_t(p.g.max_blocks - 1)), h, S, p.g.max_blocks, H);
   }
   p.jobs[i] = j;
-  // The new tokens past the closed block stay in the tail ring: rows t % rows, in up to two runs.
-  const int64_t kept_from = max(int64_t(have), int64_t(closed + new_blocks) * T), end = int64_t(have) + n;
-  int64_t t = kept_from;
-  for (int run = 0; run < p.copy_runs; ++run) {
-    TailCopy c{};
-    c.entry = uint32_t(b);
-    c.in_token_stride = p.g.token_stride;
-    if (t < end) {
-      const int row = tl.ring_row(t);
-      c.rows = int32_t(min(end - t, int64_t(tl.rows - row)));
-      const size_t in = size_t((tok0 + (t - have)) * p.g.token_stride + int64_t(h) * p.g.head_stride) * p.g.elem_bytes;
-      c.k_in = p.g.k + in;
-      c.v_in = p.g.v + in;
-      c.k_dst = tl.row_ptr(layer, slot, h, Kind::Key, row);
-      c.v_dst = tl.row_ptr(layer, slot, h, Kind::Value, row);
-      t += c.rows;
-    }
-    p.copies[i * p.copy_runs + run] = c;
-  }
+  // The new tokens past the closed block stay in the tail ring.
+  TailCopy runs[2];
+  tail_copy_runs(p.g, slot, h, uint32_t(b), have, tok0, max(int64_t(have), int64_t(closed + new_blocks) * T),
+                 int64_t(have) + n, runs);
+  for (int run = 0; run < p.copy_runs; ++run) p.copies[i * p.copy_runs + run] = runs[run];
 }
 
 }  // namespace detail

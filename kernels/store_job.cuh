@@ -120,7 +120,36 @@ struct AppendGeometry {
   TailLayout tails;
   int32_t layer;
   int32_t max_blocks;
+  /// Byte offset of input token t's head h from k (and from v).
+  KVCOMP_HD size_t input_offset(int64_t t, int h) const {
+    return size_t(t * token_stride + int64_t(h) * head_stride) * elem_bytes;
+  }
 };
+
+/// The tail copies of kv head h of a sequence in `slot` whose layer held
+/// `stored` tokens and whose new tokens start at input token tok0: tokens
+/// [from, end) go to ring rows t % rows, in at most two runs (the ring
+/// wraps). Writes out[0], out[1] (rows 0: nothing to copy).
+KVCOMP_HD void tail_copy_runs(const AppendGeometry& g, int slot, int h, uint32_t entry, int64_t stored, int64_t tok0,
+                              int64_t from, int64_t end, TailCopy out[2]) {
+  int64_t t = from;
+  for (int run = 0; run < 2; ++run) {
+    TailCopy c{};
+    c.entry = entry;
+    c.in_token_stride = g.token_stride;
+    if (t < end) {
+      const int row = g.tails.ring_row(t);
+      c.rows = int32_t(end - t < int64_t(g.tails.rows - row) ? end - t : int64_t(g.tails.rows - row));
+      const size_t in = g.input_offset(tok0 + (t - stored), h);
+      c.k_in = g.k + in;
+      c.v_in = g.v + in;
+      c.k_dst = g.tails.row_ptr(g.layer, slot, h, Kind::Key, row);
+      c.v_dst = g.tails.row_ptr(g.layer, slot, h, Kind::Value, row);
+      t += c.rows;
+    }
+    out[run] = c;
+  }
+}
 
 /// The job of block b (0: the first block this append closes) and kv head h
 /// of a sequence in `slot` whose layer held `stored` tokens, `closed` of
@@ -133,7 +162,7 @@ KVCOMP_HD StoreJob append_job(const AppendGeometry& g, int slot, int64_t stored,
   const int64_t held = stored - int64_t(closed) * T, before = int64_t(b) * T;  // tail rows; rows of blocks before b
   const int from_tail = held <= before ? 0 : held - before >= T ? T : int(held - before);
   const int64_t first = from_tail == T ? tok0 : tok0 + (before + from_tail - held);  // first input row (if any)
-  const size_t in = size_t(first * g.token_stride + int64_t(h) * g.head_stride) * g.elem_bytes;
+  const size_t in = g.input_offset(first, h);
   const int row0 = g.tails.ring_row(int64_t(closed + b) * T);
   StoreJob j{};
   j.k_in = g.k + in;

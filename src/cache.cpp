@@ -322,16 +322,13 @@ void Cache::rollback(int seq, int n_tokens, cudaStream_t stream) {
                   ": finish the step first (append the missing layers, or replay a step that failed part way)");
   for (int l = 0; l < m.cfg.layers; ++l) {
     // Blocks closed R tokens behind the most tokens held, and window trims kept R tokens of room
-    // (Impl::trim_queries): no count may go below high - R.
+    // (Impl::trim_queries): no count may go below high - R (so the n tokens are tail tokens).
     const int32_t L = m.host_tokens(seq, l), high = std::max(m.h_high[m.at(l, seq)], L);
     const int32_t room = std::min(L, m.R - (high - L));
     if (n_tokens > room)
       throw Error("rollback: sequence " + str(seq) + " can take back at most " + str(std::max(room, 0)) +
                   " tokens in layer " + str(l) + " (it holds " + str(L) + "; Config::max_rollback = " + str(m.R) +
                   " counts from the most it held, " + str(high) + ")");
-    if (n_tokens > m.host_tail(seq, l))  // implied by the room (blocks close R tokens behind), checked anyway
-      throw Error("rollback: the last " + str(n_tokens) + " tokens of sequence " + str(seq) + " in layer " + str(l) +
-                  " are not all in its tail");
   }
   detail::launch_rollback(nullptr, nullptr, 1, seq, n_tokens, m.R, m.T, m.seq_state(), stream);
   for (int l = 0; l < m.cfg.layers; ++l) {

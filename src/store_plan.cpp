@@ -18,14 +18,7 @@ size_t count_jobs(const AppendRequest& r) {
 }
 
 void plan_store(const AppendRequest& r, StorePlan& plan, bool write_jobs) {
-  const int T = r.block_tokens, H = r.kv_heads, layer = r.layer;
-  const int64_t token_stride = r.token_stride, head_stride = r.head_stride;
-  const size_t esz = r.elem_bytes;
-  const void* k = r.k;
-  const void* v = r.v;
-  auto at = [&](const void* base, int64_t token, int head) {
-    return static_cast<const void*>(static_cast<const char*>(base) + (token * token_stride + head * head_stride) * esz);
-  };
+  const int T = r.block_tokens, H = r.kv_heads;
   const AppendGeometry g = r.geometry();
   std::vector<StoreJob>& jobs = plan.jobs;
   std::vector<TailCopy>& copies = plan.copies;
@@ -52,17 +45,14 @@ void plan_store(const AppendRequest& r, StorePlan& plan, bool write_jobs) {
     plan.n_jobs += size_t(full) * H;
     plan.entries.push_back({slot, n, int32_t(stored), q.closed, full, uint32_t(first), uint32_t(plan.n_jobs)});
     plan.tok0.push_back(tok0);
-    // The new tokens past the blocks closed stay in the tail ring: one copy, or two where they wrap.
-    const int64_t kept_from = std::max(stored, int64_t(q.closed + full) * T), end = stored + n;
-    for (int64_t t = kept_from; t < end;) {
-      const int row = r.tails.ring_row(t);
-      const int rows = int(std::min<int64_t>(end - t, r.tails.rows - row));
-      const int64_t src_tok = tok0 + (t - stored);
-      for (int h = 0; h < H; ++h)
-        copies.push_back({at(k, src_tok, h), at(v, src_tok, h), r.tails.row_ptr(layer, slot, h, Kind::Key, row),
-                          r.tails.row_ptr(layer, slot, h, Kind::Value, row), token_stride, rows, uint32_t(i)});
-      t += rows;
-    }
+    // The new tokens past the blocks closed stay in the tail ring: one copy a head, or two where they wrap.
+    const int64_t kept_from = std::max(stored, int64_t(q.closed + full) * T);
+    for (int run = 0; run < 2; ++run)  // the first runs of every head, then the wrapped rests
+      for (int h = 0; h < H; ++h) {
+        TailCopy runs[2];
+        tail_copy_runs(g, slot, h, uint32_t(i), stored, tok0, kept_from, stored + n, runs);
+        if (runs[run].rows > 0) copies.push_back(runs[run]);
+      }
     tok0 += n;
   }
 }
