@@ -161,29 +161,49 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
   __syncthreads();
   const int k_low = int(p.books[2 * head].low_bits), v_low = int(p.books[2 * head + 1].low_bits);  // k
 
+  // The decode tables and q: every load of a thread issued before the first
+  // store (at short contexts, where a CTA decodes a block or two, one round
+  // trip to L2 per loop iteration was a fifth of the kernel: 1k x 1, ncu).
+  constexpr int kThreads = 32 * kAttnWarps;
   if (nblocks > 0 && v_begin < v_end) {
     const uint4* src_k = reinterpret_cast<const uint4*>(p.books[2 * head].lut);
     const uint4* src_v = reinterpret_cast<const uint4*>(p.books[2 * head + 1].lut);
     constexpr int kLutVec = format::kLutSize * sizeof(uint32_t) / sizeof(uint4);
-    for (int i = threadIdx.x; i < kLutVec; i += blockDim.x) {
-      reinterpret_cast<uint4*>(luts)[i] = src_k[i];
-      reinterpret_cast<uint4*>(luts + format::kLutSize)[i] = src_v[i];
+    static_assert(kLutVec % kThreads == 0, "the tables split evenly over the threads");
+    constexpr int kPer = kLutVec / kThreads;
+    uint4 k4[kPer], v4[kPer];
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      k4[j] = src_k[threadIdx.x + j * kThreads];
+      v4[j] = src_v[threadIdx.x + j * kThreads];
+    }
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      reinterpret_cast<uint4*>(luts)[threadIdx.x + j * kThreads] = k4[j];
+      reinterpret_cast<uint4*>(luts + format::kLutSize)[threadIdx.x + j * kThreads] = v4[j];
     }
   }
   const QT* q = static_cast<const QT*>(p.q);
   const int q_real = group * D;
   auto load_q_row = [&](int i) { return i < q_real ? load_q(q + size_t(row_out[i / D]) * D + i % D) : 0.f; };
+  static_assert(kR * D % kThreads == 0, "q splits evenly over the threads");
+  constexpr int kQPer = kR * D / kThreads;
+  float qv[kQPer];
+#pragma unroll
+  for (int j = 0; j < kQPer; ++j) qv[j] = load_q_row(threadIdx.x + j * kThreads);
   constexpr bool kPow2 = (D & (D - 1)) == 0;  // the Hadamard transform needs it (Config checks)
   if (kPow2 && p.transform == kTransformHadamard) {
     // K/V are stored rotated (x R): q.k = (q R).(k R), so rotate q (fp32, one warp per row), then scale.
-    for (int i = threadIdx.x; i < kR * D; i += blockDim.x) q_s[i] = load_q_row(i);
+#pragma unroll
+    for (int j = 0; j < kQPer; ++j) q_s[threadIdx.x + j * kThreads] = qv[j];
     __syncthreads();
     if constexpr (kPow2)
       for (int g = warp; g < group; g += kAttnWarps) hadamard_row_shared<D>(q_s + g * D);
     __syncthreads();
-    for (int i = threadIdx.x; i < kR * D; i += blockDim.x) q_s[i] *= p.scale_log2;
+    for (int i = threadIdx.x; i < kR * D; i += kThreads) q_s[i] *= p.scale_log2;
   } else {
-    for (int i = threadIdx.x; i < kR * D; i += blockDim.x) q_s[i] = load_q_row(i) * p.scale_log2;
+#pragma unroll
+    for (int j = 0; j < kQPer; ++j) q_s[threadIdx.x + j * kThreads] = qv[j] * p.scale_log2;
   }
   uint8_t* my_area = smem + Smem::kQ + warp * Smem::kWarp;
   // [tile][k16][lane]: this lane's A fragment of K (q x step for row 8 tile + `row`, channels
@@ -303,11 +323,12 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
         qmin[t] += __shfl_xor_sync(0xFFFFFFFFu, qmin[t], 2);
       }
     };
+    // The lane tables are read before build_qa waits for the params: their loads overlap.
+    const uint32_t k_bits = reinterpret_cast<const uint16_t*>(kb + format::lane_bits_offset(Kind::Key, T, D))[lane];
+    const uint32_t v_bits = reinterpret_cast<const uint16_t*>(vb + format::lane_bits_offset(Kind::Value, T, D))[lane];
     build_qa();
-    kd.init(reinterpret_cast<const uint32_t*>(kb + k_pay), (r.k_size16 * 16u - k_pay) / 4,
-            lane_stream_start(reinterpret_cast<const uint16_t*>(kb + format::lane_bits_offset(Kind::Key, T, D)), lane));
-    vd.init(reinterpret_cast<const uint32_t*>(vb + v_pay), (r.v_size16 * 16u - v_pay) / 4,
-            lane_stream_start(reinterpret_cast<const uint16_t*>(vb + format::lane_bits_offset(Kind::Value, T, D)), lane));
+    kd.init(reinterpret_cast<const uint32_t*>(kb + k_pay), (r.k_size16 * 16u - k_pay) / 4, lane_stream_start(k_bits, lane));
+    vd.init(reinterpret_cast<const uint32_t*>(vb + v_pay), (r.v_size16 * 16u - v_pay) / 4, lane_stream_start(v_bits, lane));
     __syncwarp();  // qa
 
     for (int chunk = 0; chunk < T / kChunk; ++chunk) {

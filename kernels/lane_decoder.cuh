@@ -266,9 +266,9 @@ struct PairDecoder {
   }
 };
 
-/// This lane's stream start (bits) from the block's lane table: a warp scan.
-__device__ __forceinline__ uint32_t lane_stream_start(const uint16_t* lane_bits, int lane) {
-  const uint32_t bits = lane_bits[lane];
+/// This lane's stream start (bits) from its entry of the block's lane table
+/// (`bits`, the lane's stream length): a warp scan.
+__device__ __forceinline__ uint32_t lane_stream_start(uint32_t bits, int lane) {
   uint32_t incl = bits;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
