@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""Design study for the open tail (an EMULATION, not the library): hold the tokens of the open block as
+quantization codes instead of fp16, with the codes they will keep when the block closes (no second rounding).
+
+  today  the library's scheme: K per channel over each closed T-token block (bound relative to that block's
+         channel range), V per token; the open block's K and V held exactly (fp16 tail).
+  prevk  V quantized per token on arrival (the same codes the closed block gets today); K of block b >= 1
+         quantized on arrival per channel with the parameters of block b - 1's range (step = 2 eb x its
+         channel range, min = its channel min - `margin` steps), values outside 0..254 escaped (exact);
+         block 0's K as today (held exactly until it closes).
+  vtail  V as prevk, K as today;  ktail  K as prevk, V as today (which of the two costs the quality).
+  R=r    (today only) blocks close when the tail holds T + r tokens, as Config::max_rollback = r makes the
+         library do: an exact recent window of r to r + T - 1 tokens.
+
+Quality: teacher-forced perplexity through kvcomp.hf's token path with the emulated cache (PyTorch). Bytes:
+estimated like bench/quantizer_study.py: closed blocks at the empirical entropy of their (layer, K|V) code
+histogram + 0.05 bit, escapes at 32 raw bits + an 8-bit field, 4 bytes of params per group (K: per channel and
+block, V: per token), 64-byte lane table + 8-byte header per block, 8-byte block-table entry per pair; the open
+block at 16 bits a value (today) or at a fixed width chosen per (K|V) from the code histogram, codes above it
+escaped at 32 bits (prevk), V's params included. Averaged over every moment of a decode of W tokens (sum of
+bytes held / sum of tokens held), as bench/perplexity.py counts the library.
+
+    PYTHONPATH=build-py/python python3 bench/tail_study.py --windows 64 --variants "mode=today,eb=0.1 mode=prevk,eb=0.1"
+"""
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import perplexity as harness  # noqa: E402
+from quantizer_study import hadamard  # noqa: E402
+
+MAX_CODE = 254
+
+
+def half_down(x):
+    """Finite x rounded toward -inf to fp16 (as float32): round to nearest, then one fp16 step down if above."""
+    h = x.half()
+    bits = h.view(torch.int16).to(torch.int32)
+    below = torch.where(h > 0, bits - 1, torch.where(h < 0, bits + 1, torch.full_like(bits, -32767)))  # -0 -> -tiny
+    h = torch.where(h.float() > x, below.to(torch.int16).view(torch.float16), h)
+    return h.float()
+
+
+def half_toward_zero(x):
+    """Non-negative x rounded toward zero to fp16 (as float32)."""
+    h = x.half()
+    bits = h.view(torch.int16)
+    h = torch.where(h.float() > x, (bits - 1).view(torch.float16), h)
+    return h.float()
+
+
+def quantize(x, eb_abs, step, mn):
+    """kvcomp's quantizer: (reconstruction, codes with -1 = escaped). Every argument broadcasts to x."""
+    inv = torch.where(step > 0, 1.0 / torch.where(step > 0, step, torch.ones_like(step)), torch.zeros_like(step))
+    r = torch.round((x - mn) * inv)
+    ok = (r >= 0) & (r <= MAX_CODE) & torch.isfinite(x)
+    q = torch.where(ok, r, torch.zeros_like(r))
+    rec = q * step + mn
+    ok &= (rec - x).abs() <= eb_abs
+    return torch.where(ok, rec, x), torch.where(ok, q, torch.full_like(q, -1)).to(torch.int64)
+
+
+def group_params(lo, hi, eb):
+    eb_abs = eb * (hi - lo)
+    return eb_abs, half_toward_zero(2 * eb_abs), half_down(lo)
+
+
+def v_on_arrival(mode):
+    return mode in ("prevk", "vtail")
+
+
+def k_on_arrival(mode):
+    return mode in ("prevk", "ktail")
+
+
+def make_cache(hf, model, mode, eb_of, margin, rot, T, R):
+    v_now, k_now = v_on_arrival(mode), k_on_arrival(mode)
+    assert R == 0 or mode == "today", "R: today's scheme only"
+
+    class Layer(hf._Layer):
+        def __init__(self, owner, index):
+            super().__init__(owner, index)
+            self.eb = eb_of(index)
+            self.k = self.v = self.k_exact = None
+            self.hist = [torch.zeros(MAX_CODE + 1, dtype=torch.int64, device="cuda") for _ in range(2)]
+            self.escapes = [0, 0]
+            self.prev = None  # (lo, hi) of the last closed K block, per channel [B, H, 1, D]
+
+        def _prep(self, x):
+            R = self.owner.R
+            return x.float() @ R if R is not None else x.float()
+
+        def _count(self, which, codes):
+            self.hist[which] += torch.bincount(codes[codes >= 0].flatten(), minlength=MAX_CODE + 1)
+            self.escapes[which] += int((codes < 0).sum())
+
+        def _store_token(self, k, v):  # k, v [B, H, D]
+            i = self.length
+            x, y = self._prep(k), self._prep(v)
+            if self.k is None:
+                B, H, D = x.shape
+                W = self.owner.window
+                self.k = torch.zeros(B, H, W, D, device=x.device)
+                self.v = torch.zeros_like(self.k)
+                self.k_exact = torch.zeros(B, H, W, D, device=x.device)
+            # V: per token. Today the open block holds it exactly; its codes are counted when the block closes.
+            lo, hi = y.amin(-1, keepdim=True), y.amax(-1, keepdim=True)
+            rec_v, code_v = quantize(y, *group_params(lo, hi, self.eb))
+            self.v[:, :, i] = rec_v if v_now else y
+            self._count(1, code_v)
+            closing = i >= R and (i - R) % T == T - 1  # block (i - R) // T closes after token i
+            first = i - R - T + 1  # its first token
+            if not v_now and closing:
+                self.v[:, :, first:first + T] = self._requant_v(first)
+            # K: per channel over the block.
+            b = i // T
+            self.k_exact[:, :, i] = x
+            if k_now and b >= 1:
+                lo, hi = self.prev
+                eb_abs, step, mn = group_params(lo, hi, self.eb)
+                rec, code = quantize(x, eb_abs[:, :, 0], step[:, :, 0], (mn - margin * step)[:, :, 0])
+                self.k[:, :, i] = rec
+                self._count(0, code)
+            else:
+                self.k[:, :, i] = x
+            if closing:
+                blk = self.k_exact[:, :, first:first + T]
+                lo, hi = blk.amin(2, keepdim=True), blk.amax(2, keepdim=True)
+                if not k_now or first == 0:
+                    rec, code = quantize(blk, *group_params(lo, hi, self.eb))
+                    self.k[:, :, first:first + T] = rec
+                    self._count(0, code)
+                self.prev = (lo, hi)
+
+        def _requant_v(self, first):
+            y = self.v[:, :, first:first + T]
+            lo, hi = y.amin(-1, keepdim=True), y.amax(-1, keepdim=True)
+            return quantize(y, *group_params(lo, hi, self.eb))[0]
+
+        def _attend_token(self, q, scaling):
+            n = self.length
+            o = torch.nn.functional.scaled_dot_product_attention(self._prep(q).unsqueeze(2), self.k[:, :, :n],
+                                                                 self.v[:, :, :n], scale=scaling, enable_gqa=True)[:, :, 0]
+            R = self.owner.R
+            return (o @ R.T if R is not None else o).to(q.dtype)
+
+        def bytes(self):
+            return 0  # estimated at the end from the histograms
+
+    class Cache(hf._CacheBase):
+        layer_class = Layer
+
+        def _allocate(self, key_states):
+            self.R = hadamard(self.head_dim, key_states.device) if rot else None
+
+    c = Cache(model, prefill="cache")
+    c.window = model.config.max_position_embeddings
+    return c
+
+
+def entropy_bits(hist):
+    p = hist.double() / max(1, int(hist.sum()))
+    p = p[p > 0]
+    return float(-(p * p.log2()).sum())
+
+
+def tail_width_bits(hist, escapes):
+    """Fixed width w for open-block codes: codes >= 2^w escape at 32 bits; returns bits per value."""
+    total = int(hist.sum()) + escapes
+    best = 16.0
+    for w in range(1, 9):
+        above = int(hist[1 << w:].sum()) + escapes if (1 << w) <= MAX_CODE else escapes
+        best = min(best, w + 32.0 * above / total)
+    return best
+
+
+def estimate_bytes_per_token(cache, mode, W, T, R):
+    D, H = cache.head_dim, cache.kv_heads
+    sum_bits, sum_tokens = 0.0, 0
+    for layer in cache.layers:
+        closed_bits, tail_bits = [], []
+        for which in (0, 1):
+            h, esc = layer.hist[which], layer.escapes[which]
+            n = int(h.sum()) + esc
+            ent = entropy_bits(h) * (n - esc) / n
+            closed_bits.append((ent + 0.05 + esc / n * 40.0) * D * H)  # per token
+            on_arrival = k_on_arrival(mode) if which == 0 else v_on_arrival(mode)
+            tail_bits.append(tail_width_bits(h, esc) * D * H if on_arrival else 16.0 * D * H)
+        k_params = 32.0 * D * H / T  # per token: 4 bytes per channel per block
+        v_params = 32.0 * H          # per token
+        block_fixed = 2 * H * (64 + 8) * 8 + H * 8 * 8
+        for t in range(1, W + 1):
+            blocks = max(0, t - R) // T
+            closed = blocks * T
+            open_ = t - closed
+            bits = closed * (closed_bits[0] + closed_bits[1] + k_params + v_params) + blocks * block_fixed
+            # Block 0's K is held exactly until it closes; V's params come with its codes.
+            k_bits = 16.0 * D * H if t < T else tail_bits[0]
+            bits += open_ * (k_bits + tail_bits[1] + (v_params if v_on_arrival(mode) else 0.0))
+            sum_bits += bits
+            sum_tokens += t if layer is cache.layers[0] else 0
+    return sum_bits / sum_tokens / 8
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=os.path.join(ROOT, "models", "tiny-llama-hd64"))
+    ap.add_argument("--text", default=None, help="validation text (default: as bench/perplexity.py)")
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--variants", default="mode=today,eb=0.1 mode=prevk,eb=0.1")
+    args = ap.parse_args()
+    import kvcomp.hf as hf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float16).cuda().eval()
+    hf.enable(model)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    W = model.config.max_position_embeddings
+    text = args.text or next((c for c in (os.path.join(ROOT, "data", "valid.txt"),
+                                          os.path.join(ROOT, "..", "shared", "data", "text", "valid.txt"))
+                              if os.path.exists(c)), None)
+    if text is None:
+        raise SystemExit("no validation text: pass --text")
+    x, _ = harness.windows_of(tok, text, args.windows, W)
+    x = x.cuda()
+    base = math.exp(harness.nll_of(model, x, None))
+    L, _, H, D = hf._model_shape(model)
+    fp16 = L * H * D * 4
+    print(f"fp16 ppl {base:.4f}; EMULATED tail study, {args.windows} windows x {W}")
+    print("| variant | perplexity | change | est. bytes/token | est. ratio |\n|---|---:|---:|---:|---:|")
+    for spec in args.variants.split():
+        o = dict(kv.split("=") for kv in spec.split(","))
+        eb = float(o.get("eb", 0.1))
+        l0 = float(o.get("l0", eb))
+        T, R = int(o.get("T", 64)), int(o.get("R", 0))
+        cache = make_cache(hf, model, o.get("mode", "today"), lambda i: l0 if i == 0 else eb,
+                           float(o.get("margin", 1)), o.get("rot", "0") == "1", T, R)
+        ppl = math.exp(harness.nll_of(model, x, cache))
+        bpt = estimate_bytes_per_token(cache, o.get("mode", "today"), W, T, R)
+        print(f"| emu {spec} | {ppl:.4f} | {100 * (ppl / base - 1):+.3f}% | {bpt:.1f} | {fp16 / bpt:.2f}x |",
+              flush=True)
+        del cache
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
