@@ -80,22 +80,46 @@ def k_on_arrival(mode):
     return mode in ("prevk", "ktail")
 
 
-def make_cache(hf, model, mode, eb_of, margin, rot, T, R):
+def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_of=None):
+    """basis_of(layer) -> (K's, V's) [H, D, D] orthonormal per kv head (instead of `rot`; q rotates with K,
+    the output back with V), abs_eb_of(layer) -> [2, H]:
+    absolute bounds per (K|V, head) instead of eb x each group's range (bench/transform_study.py)."""
     v_now, k_now = v_on_arrival(mode), k_on_arrival(mode)
     assert R == 0 or mode == "today", "R: today's scheme only"
+    assert abs_eb_of is None or (mode == "today" and R == 0), "absolute bounds: today's scheme only"
 
     class Layer(hf._Layer):
         def __init__(self, owner, index):
             super().__init__(owner, index)
             self.eb = eb_of(index)
+            self.basis = basis_of(index) if basis_of else None
+            self.abs_eb = abs_eb_of(index) if abs_eb_of else None
             self.k = self.v = self.k_exact = None
             self.hist = [torch.zeros(MAX_CODE + 1, dtype=torch.int64, device="cuda") for _ in range(2)]
             self.escapes = [0, 0]
             self.prev = None  # (lo, hi) of the last closed K block, per channel [B, H, 1, D]
 
-        def _prep(self, x):
+        def _basis_for(self, which, heads):  # q heads share their kv head's basis
+            M = self.basis[which]
+            return M if heads == M.shape[0] else M.repeat_interleave(heads // M.shape[0], 0)
+
+        def _prep(self, x, which=0):  # x [B, heads, D]; which: K's basis (k and q) or V's
+            if self.basis is not None:
+                return torch.einsum("bhd,hde->bhe", x.float(), self._basis_for(which, x.shape[1]))
             R = self.owner.R
             return x.float() @ R if R is not None else x.float()
+
+        def _unprep(self, o):
+            if self.basis is not None:
+                return torch.einsum("bhe,hde->bhd", o, self._basis_for(1, o.shape[1]))
+            R = self.owner.R
+            return o @ R.T if R is not None else o
+
+        def _params(self, lo, hi, which):
+            if self.abs_eb is None:
+                return group_params(lo, hi, self.eb)
+            e = self.abs_eb[which].view([1, -1] + [1] * (lo.dim() - 2)).expand_as(lo)
+            return e, half_toward_zero(2 * e), half_down(lo)
 
         def _count(self, which, codes):
             self.hist[which] += torch.bincount(codes[codes >= 0].flatten(), minlength=MAX_CODE + 1)
@@ -103,7 +127,7 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R):
 
         def _store_token(self, k, v):  # k, v [B, H, D]
             i = self.length
-            x, y = self._prep(k), self._prep(v)
+            x, y = self._prep(k), self._prep(v, 1)
             if self.k is None:
                 B, H, D = x.shape
                 W = self.owner.window
@@ -112,7 +136,7 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R):
                 self.k_exact = torch.zeros(B, H, W, D, device=x.device)
             # V: per token. Today the open block holds it exactly; its codes are counted when the block closes.
             lo, hi = y.amin(-1, keepdim=True), y.amax(-1, keepdim=True)
-            rec_v, code_v = quantize(y, *group_params(lo, hi, self.eb))
+            rec_v, code_v = quantize(y, *self._params(lo, hi, 1))
             self.v[:, :, i] = rec_v if v_now else y
             self._count(1, code_v)
             closing = i >= R and (i - R) % T == T - 1  # block (i - R) // T closes after token i
@@ -134,7 +158,7 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R):
                 blk = self.k_exact[:, :, first:first + T]
                 lo, hi = blk.amin(2, keepdim=True), blk.amax(2, keepdim=True)
                 if not k_now or first == 0:
-                    rec, code = quantize(blk, *group_params(lo, hi, self.eb))
+                    rec, code = quantize(blk, *self._params(lo, hi, 0))
                     self.k[:, :, first:first + T] = rec
                     self._count(0, code)
                 self.prev = (lo, hi)
@@ -142,14 +166,13 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R):
         def _requant_v(self, first):
             y = self.v[:, :, first:first + T]
             lo, hi = y.amin(-1, keepdim=True), y.amax(-1, keepdim=True)
-            return quantize(y, *group_params(lo, hi, self.eb))[0]
+            return quantize(y, *self._params(lo, hi, 1))[0]
 
         def _attend_token(self, q, scaling):
             n = self.length
             o = torch.nn.functional.scaled_dot_product_attention(self._prep(q).unsqueeze(2), self.k[:, :, :n],
                                                                  self.v[:, :, :n], scale=scaling, enable_gqa=True)[:, :, 0]
-            R = self.owner.R
-            return (o @ R.T if R is not None else o).to(q.dtype)
+            return self._unprep(o).to(q.dtype)
 
         def bytes(self):
             return 0  # estimated at the end from the histograms
