@@ -11,7 +11,6 @@ open blocks at ceil(log2(levels)) bits per value + params. Averaged over the dec
 
     PYTHONPATH=build/python python3 bench/quantizer_study.py --windows 64 --variants "eb=0.1 eb=0.15,group=32 ..."
 """
-import argparse
 import math
 import os
 import sys
@@ -23,15 +22,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "build", "python"))
 
-import perplexity as harness  # noqa: E402
-
-
-def hadamard(n, device=None):
-    """The orthonormal n x n Hadamard matrix (n a power of two), fp32."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / math.sqrt(n)).to(device=device, dtype=torch.float32)
+import study_common as study  # noqa: E402
 
 
 def per_token_quantize(x, eb, group):
@@ -90,13 +81,7 @@ def make_emulated_cache(hf, model, eb, group, rot, T):
         def bytes(self):
             return 0  # estimated at the end from the histograms
 
-    class Cache(hf._CacheBase):
-        layer_class = Layer
-
-        def _allocate(self, key_states):
-            self.R = hadamard(self.head_dim, key_states.device) if rot else None
-
-    return Cache(model, prefill="cache")
+    return study.emulated_cache(hf, model, Layer, rot)
 
 
 def estimate_bytes_per_token(cache, W, group, T):
@@ -123,38 +108,17 @@ def estimate_bytes_per_token(cache, W, group, T):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=os.path.join(ROOT, "models", "tiny-llama-hd64"))
-    ap.add_argument("--text", default=os.path.join(ROOT, "data", "valid.txt"))
-    ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--variants", default="eb=0.05 eb=0.1 eb=0.15 eb=0.1,group=32 eb=0.15,group=32")
-    args = ap.parse_args()
-    import kvcomp.hf as hf
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    args, hf, model, _, x = study.parse_and_load("eb=0.05 eb=0.1 eb=0.15 eb=0.1,group=32 eb=0.15,group=32")
+    W = x.shape[1]
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float16).cuda().eval()
-    hf.enable(model)
-    tok = AutoTokenizer.from_pretrained(args.model)
-    W = model.config.max_position_embeddings
-    x, _ = harness.windows_of(tok, args.text, args.windows, W)
-    x = x.cuda()
-    base = math.exp(harness.nll_of(model, x, None))
-    L, _, H, D = hf._model_shape(model)
-    fp16 = L * H * D * 4
-    print(f"fp16 ppl {base:.4f}; EMULATED per-token quantization on arrival, {args.windows} windows x {W}")
-    print("| variant | perplexity | change | est. bytes/token | est. ratio |\n|---|---:|---:|---:|---:|")
-    for spec in args.variants.split():
-        o = dict(kv.split("=") for kv in spec.split(","))
-        eb, group, rot, T = float(o.get("eb", 0.1)), int(o.get("group", 64)), o.get("rot", "1") == "1", \
-            int(o.get("T", 64))
-        cache = make_emulated_cache(hf, model, eb, group, rot, T)
-        ppl = math.exp(harness.nll_of(model, x, cache))
-        bpt = estimate_bytes_per_token(cache, W, group, T)
-        print(f"| emu {spec} | {ppl:.4f} | {100 * (ppl / base - 1):+.3f}% | {bpt:.1f} | {fp16 / bpt:.2f}x |",
-              flush=True)
-        del cache
-        torch.cuda.empty_cache()
+    def make(o):
+        return make_emulated_cache(hf, model, float(o.get("eb", 0.1)), int(o.get("group", 64)),
+                                   o.get("rot", "1") == "1", int(o.get("T", 64)))
 
+    def estimate(cache, o):
+        return estimate_bytes_per_token(cache, W, int(o.get("group", 64)), int(o.get("T", 64)))
+
+    study.run_variants(hf, model, x, args.variants, make, estimate, "per-token quantization on arrival")
 
 if __name__ == "__main__":
     main()

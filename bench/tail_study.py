@@ -22,19 +22,15 @@ bytes held / sum of tokens held), as bench/perplexity.py counts the library.
 
     PYTHONPATH=build-py/python python3 bench/tail_study.py --windows 64 --variants "mode=today,eb=0.1 mode=prevk,eb=0.1"
 """
-import argparse
-import math
 import os
 import sys
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-import perplexity as harness  # noqa: E402
-from quantizer_study import hadamard  # noqa: E402
+import study_common as study  # noqa: E402
 
 MAX_CODE = 254
 
@@ -177,13 +173,7 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
         def bytes(self):
             return 0  # estimated at the end from the histograms
 
-    class Cache(hf._CacheBase):
-        layer_class = Layer
-
-        def _allocate(self, key_states):
-            self.R = hadamard(self.head_dim, key_states.device) if rot else None
-
-    c = Cache(model, prefill="cache")
+    c = study.emulated_cache(hf, model, Layer, rot)
     c.window = model.config.max_position_embeddings
     return c
 
@@ -233,45 +223,19 @@ def estimate_bytes_per_token(cache, mode, W, T, R):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=os.path.join(ROOT, "models", "tiny-llama-hd64"))
-    ap.add_argument("--text", default=None, help="validation text (default: as bench/perplexity.py)")
-    ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--variants", default="mode=today,eb=0.1 mode=prevk,eb=0.1")
-    args = ap.parse_args()
-    import kvcomp.hf as hf
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    args, hf, model, _, x = study.parse_and_load("mode=today,eb=0.1 mode=prevk,eb=0.1")
+    W = x.shape[1]
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float16).cuda().eval()
-    hf.enable(model)
-    tok = AutoTokenizer.from_pretrained(args.model)
-    W = model.config.max_position_embeddings
-    text = args.text or next((c for c in (os.path.join(ROOT, "data", "valid.txt"),
-                                          os.path.join(ROOT, "..", "shared", "data", "text", "valid.txt"))
-                              if os.path.exists(c)), None)
-    if text is None:
-        raise SystemExit("no validation text: pass --text")
-    x, _ = harness.windows_of(tok, text, args.windows, W)
-    x = x.cuda()
-    base = math.exp(harness.nll_of(model, x, None))
-    L, _, H, D = hf._model_shape(model)
-    fp16 = L * H * D * 4
-    print(f"fp16 ppl {base:.4f}; EMULATED tail study, {args.windows} windows x {W}")
-    print("| variant | perplexity | change | est. bytes/token | est. ratio |\n|---|---:|---:|---:|---:|")
-    for spec in args.variants.split():
-        o = dict(kv.split("=") for kv in spec.split(","))
+    def make(o):
         eb = float(o.get("eb", 0.1))
         l0 = float(o.get("l0", eb))
-        T, R = int(o.get("T", 64)), int(o.get("R", 0))
-        cache = make_cache(hf, model, o.get("mode", "today"), lambda i: l0 if i == 0 else eb,
-                           float(o.get("margin", 1)), o.get("rot", "0") == "1", T, R)
-        ppl = math.exp(harness.nll_of(model, x, cache))
-        bpt = estimate_bytes_per_token(cache, o.get("mode", "today"), W, T, R)
-        print(f"| emu {spec} | {ppl:.4f} | {100 * (ppl / base - 1):+.3f}% | {bpt:.1f} | {fp16 / bpt:.2f}x |",
-              flush=True)
-        del cache
-        torch.cuda.empty_cache()
+        return make_cache(hf, model, o.get("mode", "today"), lambda i: l0 if i == 0 else eb,
+                          float(o.get("margin", 1)), o.get("rot", "0") == "1", int(o.get("T", 64)), int(o.get("R", 0)))
 
+    def estimate(cache, o):
+        return estimate_bytes_per_token(cache, o.get("mode", "today"), W, int(o.get("T", 64)), int(o.get("R", 0)))
+
+    study.run_variants(hf, model, x, args.variants, make, estimate, "tail study")
 
 if __name__ == "__main__":
     main()

@@ -12,24 +12,17 @@ blocks, V per token, fp16 open tail); bytes estimated as there.
     PYTHONPATH=build-py/python python3 bench/transform_study.py --windows 16 \
         --variants "rot=none,bound=rel,eb=0.1 rot=pca,bound=abs,eb=0.3"
 """
-import argparse
-import math
 import os
 import sys
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import perplexity as harness  # noqa: E402
+import study_common as study  # noqa: E402
 import tail_study  # noqa: E402
-from quantizer_study import hadamard  # noqa: E402
-
-
-def first_existing(*paths):
-    return next((p for p in paths if p and os.path.exists(p)), None)
 
 
 @torch.no_grad()
@@ -52,54 +45,34 @@ def fit(model, x, H, D):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=os.path.join(ROOT, "models", "tiny-llama-hd64"))
-    ap.add_argument("--text", default=None, help="validation text (default: as bench/perplexity.py)")
-    ap.add_argument("--train", default=None, help="training text for the fit (never valid.txt)")
-    ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--train-windows", type=int, default=8)
-    ap.add_argument("--variants", default="rot=none,bound=rel,eb=0.1 rot=pca,bound=rel,eb=0.1 rot=pca,bound=abs,eb=0.3")
-    args = ap.parse_args()
-    import kvcomp.hf as hf
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    def add_args(ap):
+        ap.add_argument("--train", default=None, help="training text for the fit (never valid.txt)")
+        ap.add_argument("--train-windows", type=int, default=8)
 
-    text = args.text or first_existing(os.path.join(ROOT, "data", "valid.txt"),
-                                       os.path.join(ROOT, "..", "shared", "data", "text", "valid.txt"))
-    train = args.train or first_existing(os.path.join(ROOT, "data", "train_00.txt"),
-                                         os.path.join(ROOT, "..", "shared", "data", "text", "train_00.txt"))
-    if text is None or train is None:
-        raise SystemExit("pass --text and --train")
+    args, hf, model, tok, x = study.parse_and_load(
+        "rot=none,bound=rel,eb=0.1 rot=pca,bound=rel,eb=0.1 rot=pca,bound=abs,eb=0.3", 16, add_args)
+    train = study.text_path(args.train, "train_00.txt")
     assert os.path.basename(train) != "valid.txt", "never fit on the validation text"
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float16).cuda().eval()
-    hf.enable(model)
-    tok = AutoTokenizer.from_pretrained(args.model)
-    W = model.config.max_position_embeddings
+    W = x.shape[1]
     L, _, H, D = hf._model_shape(model)
     fits = fit(model, harness.windows_of(tok, train, args.train_windows, W)[0].cuda(), H, D)
-    x = harness.windows_of(tok, text, args.windows, W)[0].cuda()
-    base = math.exp(harness.nll_of(model, x, None))
-    fp16 = L * H * D * 4
-    print(f"fp16 ppl {base:.4f}; EMULATED transform study, {args.windows} windows x {W}, "
-          f"fit on {args.train_windows} windows of {os.path.basename(train)}")
+    print(f"fit on {args.train_windows} windows of {os.path.basename(train)}")
     for i, (bases, rms) in enumerate(fits):
         print(f"  layer {i}: RMS K {rms[0].tolist()} V {rms[1].tolist()}")
-    print("| variant | perplexity | change | est. bytes/token | est. ratio |\n|---|---:|---:|---:|---:|")
-    for spec in args.variants.split():
-        o = dict(kv.split("=") for kv in spec.split(","))
+
+    def make(o):
         eb = float(o.get("eb", 0.1))
         rot, bound = o.get("rot", "none"), o.get("bound", "rel")
         # K's basis rotates q and K (scores unchanged), V's rotates V and the output back.
         basis_of = (lambda i: fits[i][0]) if rot == "pca" else None  # noqa: E731
         abs_of = (lambda i: eb * fits[i][1]) if bound == "abs" else None  # noqa: E731
-        cache = tail_study.make_cache(hf, model, "today", lambda i: eb, 1.0, rot == "hadamard", 64, 0,
-                                      basis_of=basis_of, abs_eb_of=abs_of)
-        ppl = math.exp(harness.nll_of(model, x, cache))
-        bpt = tail_study.estimate_bytes_per_token(cache, "today", W, 64, 0)
-        print(f"| emu {spec} | {ppl:.4f} | {100 * (ppl / base - 1):+.3f}% | {bpt:.1f} | {fp16 / bpt:.2f}x |",
-              flush=True)
-        del cache
-        torch.cuda.empty_cache()
+        return tail_study.make_cache(hf, model, "today", lambda i: eb, 1.0, rot == "hadamard", 64, 0,
+                                     basis_of=basis_of, abs_eb_of=abs_of)
 
+    def estimate(cache, o):
+        return tail_study.estimate_bytes_per_token(cache, "today", W, 64, 0)
+
+    study.run_variants(hf, model, x, args.variants, make, estimate, "transform study")
 
 if __name__ == "__main__":
     main()
