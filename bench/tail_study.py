@@ -76,9 +76,10 @@ def k_on_arrival(mode):
     return mode in ("prevk", "ktail")
 
 
-def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_of=None):
+def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_of=None, codebooks=0):
     """basis_of(layer) -> (K's, V's) [H, D, D] orthonormal per kv head (instead of `rot`; q rotates with K,
-    the output back with V), abs_eb_of(layer) -> [2, H]:
+    the output back with V), codebooks: 0 = bytes from one code histogram per (layer, K|V), n = from n per
+    (layer, kv head, K|V), each for D / n consecutive channels (components), abs_eb_of(layer) -> [2, H]:
     absolute bounds per (K|V, head) instead of eb x each group's range (bench/transform_study.py)."""
     v_now, k_now = v_on_arrival(mode), k_on_arrival(mode)
     assert R == 0 or mode == "today", "R: today's scheme only"
@@ -92,6 +93,8 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
             self.abs_eb = abs_eb_of(index) if abs_eb_of else None
             self.k = self.v = self.k_exact = None
             self.hist = [torch.zeros(MAX_CODE + 1, dtype=torch.int64, device="cuda") for _ in range(2)]
+            self.codebooks = codebooks
+            self.ghist = [None, None]  # [H, codebooks, MAX_CODE + 1] when codebooks
             self.escapes = [0, 0]
             self.prev = None  # (lo, hi) of the last closed K block, per channel [B, H, 1, D]
 
@@ -119,6 +122,14 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
 
         def _count(self, which, codes):
             self.hist[which] += torch.bincount(codes[codes >= 0].flatten(), minlength=MAX_CODE + 1)
+            if self.codebooks:  # codes [B, H, ..., D]: (head, channel group, code) per value
+                H, D, n = codes.shape[1], codes.shape[-1], self.codebooks
+                lead = [1] * (codes.dim() - 3)
+                head = torch.arange(H, device=codes.device).view(1, H, *lead, 1)
+                group = (torch.arange(D, device=codes.device) // (D // n)).view(1, 1, *lead, D)
+                idx = ((head * n + group) * (MAX_CODE + 1) + codes)[codes >= 0]
+                counts = torch.bincount(idx, minlength=H * n * (MAX_CODE + 1)).view(H, n, MAX_CODE + 1)
+                self.ghist[which] = counts if self.ghist[which] is None else self.ghist[which] + counts
             self.escapes[which] += int((codes < 0).sum())
 
         def _store_token(self, k, v):  # k, v [B, H, D]
@@ -202,13 +213,18 @@ def estimate_bytes_per_token(cache, mode, W, T, R):
         for which in (0, 1):
             h, esc = layer.hist[which], layer.escapes[which]
             n = int(h.sum()) + esc
-            ent = entropy_bits(h) * (n - esc) / n
+            if layer.codebooks:  # the value-weighted entropy of the codebooks' histograms
+                g = layer.ghist[which].flatten(0, 1)
+                ent = sum(entropy_bits(gi) * int(gi.sum()) for gi in g) / n
+            else:
+                ent = entropy_bits(h) * (n - esc) / n
             closed_bits.append((ent + 0.05 + esc / n * 40.0) * D * H)  # per token
             on_arrival = k_on_arrival(mode) if which == 0 else v_on_arrival(mode)
             tail_bits.append(tail_width_bits(h, esc) * D * H if on_arrival else 16.0 * D * H)
         k_params = 32.0 * D * H / T  # per token: 4 bytes per channel per block
         v_params = 32.0 * H          # per token
         block_fixed = 2 * H * (64 + 8) * 8 + H * 8 * 8
+        books = 2 * H * layer.codebooks * 256 * 8  # 256-byte codebooks, held all along
         for t in range(1, W + 1):
             blocks = max(0, t - R) // T
             closed = blocks * T
@@ -217,7 +233,7 @@ def estimate_bytes_per_token(cache, mode, W, T, R):
             # Block 0's K is held exactly until it closes; V's params come with its codes.
             k_bits = 16.0 * D * H if t < T else tail_bits[0]
             bits += open_ * (k_bits + tail_bits[1] + (v_params if v_on_arrival(mode) else 0.0))
-            sum_bits += bits
+            sum_bits += bits + books
             sum_tokens += t if layer is cache.layers[0] else 0
     return sum_bits / sum_tokens / 8
 

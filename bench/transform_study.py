@@ -8,6 +8,8 @@ blocks, V per token, fp16 open tail); bytes estimated as there.
   rot=none|hadamard|pca   basis (pca: eigenvectors of the uncentred second moments of K, V on --train text)
   bound=rel|abs           rel: eb x group range (the library); abs: eb x the RMS of that (layer, head, K|V)
                           on the training text, for every group
+  cb=n                    bytes from n code histograms per (layer, kv head, K|V), one per D / n consecutive
+                          components (a codebook each, 256 bytes counted), instead of one per (layer, K|V)
 
     PYTHONPATH=build-py/python python3 bench/transform_study.py --windows 16 \
         --variants "rot=none,bound=rel,eb=0.1 rot=pca,bound=abs,eb=0.3"
@@ -67,7 +69,7 @@ def main():
         basis_of = (lambda i: fits[i][0]) if rot == "pca" else None  # noqa: E731
         abs_of = (lambda i: eb * fits[i][1]) if bound == "abs" else None  # noqa: E731
         return tail_study.make_cache(hf, model, "today", lambda i: eb, 1.0, rot == "hadamard", 64, 0,
-                                     basis_of=basis_of, abs_eb_of=abs_of)
+                                     basis_of=basis_of, abs_eb_of=abs_of, codebooks=int(o.get("cb", 0)))
 
     def estimate(cache, o):
         return tail_study.estimate_bytes_per_token(cache, "today", W, 64, 0)
