@@ -75,8 +75,8 @@ int closed_blocks(const Cache& c, int layer) {
 /// The last n tokens of `seq` (its content: pool ids) as queries, every
 /// layer, against float64 attention over the rows each sees of the stored
 /// K/V (blocks through the reference decoder, the tail exact).
-void check_attention(Cache& cache, int seq, const TokenPool& p, const std::vector<int>& content, int n, int blocks0,
-                     int blocks1, uint64_t seed) {
+void check_attention(Cache& cache, int seq, const TokenPool& p, const std::vector<int>& content, int n,
+                     uint64_t seed) {
   const auto& cfg = cache.config();
   const int D = cfg.head_dim, L = int(content.size());
   const auto q = round_to(DType::F16, make_data(Dist::Gaussian, n * cfg.q_heads, D, seed));
@@ -92,7 +92,7 @@ void check_attention(Cache& cache, int seq, const TokenPool& p, const std::vecto
     cache.attend(layer, {seq}, {n}, dq.ptr, dout.ptr, DType::F16, 0);
     CUDA_LAUNCH_OK();
     expect_attention_matches_float64(cache, layer, seq, q, dout.download(), k_in, v_in, L, n, window, sinks,
-                                     layer == 0 ? blocks0 : blocks1);
+                                     closed_blocks(cache, layer));
     if (::testing::Test::HasFatalFailure()) return;
   }
 }
@@ -130,9 +130,9 @@ TEST(RollbackGpu, SpeculativeStepsMatchACacheGivenOnlyTheAcceptedTokens) {
     append_ids(spec, s, pool, drafts);
     std::vector<int> with_drafts = content;
     with_drafts.insert(with_drafts.end(), drafts.begin(), drafts.end());
-    const int b0 = closed_blocks(spec, 0), b1 = closed_blocks(spec, 1);
+    const int b0 = closed_blocks(spec, 0);
     max_tail = std::max(max_tail, int(with_drafts.size()) - b0 * T);
-    if (step % 4 == 0 || step < 3) check_attention(spec, s, pool, with_drafts, k, b0, b1, seed + step);
+    if (step % 4 == 0 || step < 3) check_attention(spec, s, pool, with_drafts, k, seed + step);
     if (HasFatalFailure()) return;
     spec.rollback(s, k - accepted);
     content.insert(content.end(), drafts.begin(), drafts.begin() + accepted);
@@ -157,8 +157,8 @@ TEST(RollbackGpu, SpeculativeStepsMatchACacheGivenOnlyTheAcceptedTokens) {
               << "layer " << l << " block " << blk << " head " << h;
         }
   }
-  check_attention(spec, s, pool, content, 4, closed_blocks(spec, 0), closed_blocks(spec, 1), seed + 1000);
-  check_attention(plain, r, pool, content, 4, closed_blocks(plain, 0), closed_blocks(plain, 1), seed + 1000);
+  check_attention(spec, s, pool, content, 4, seed + 1000);
+  check_attention(plain, r, pool, content, 4, seed + 1000);
   if (HasFatalFailure()) return;
 
   // A fork copies the tail ring: the child attends as its parent does, bit for bit, and rolls back on its own.
@@ -179,9 +179,9 @@ TEST(RollbackGpu, SpeculativeStepsMatchACacheGivenOnlyTheAcceptedTokens) {
   append_ids(spec, child, pool, more);
   std::vector<int> with_more = content;
   with_more.insert(with_more.end(), more.begin(), more.end());
-  check_attention(spec, child, pool, with_more, R, closed_blocks(spec, 0), closed_blocks(spec, 1), seed + 2000);
+  check_attention(spec, child, pool, with_more, R, seed + 2000);
   spec.rollback(child, R);
-  check_attention(spec, child, pool, content, 2, closed_blocks(spec, 0), closed_blocks(spec, 1), seed + 3000);
+  check_attention(spec, child, pool, content, 2, seed + 3000);
   if (HasFatalFailure()) return;
   spec.remove_sequence(child);
   EXPECT_EQ(spec.stats().pool_bytes_in_use, 0u);
@@ -310,7 +310,7 @@ TEST(RollbackGpu, RollbackPastItsRoomIsAClearErrorAndChangesNothing) {
   tail[11] = 21;
   append_ids(c, s, pool, tail);
   content.insert(content.end(), tail.begin(), tail.end());
-  check_attention(c, s, pool, content, 3, closed_blocks(c, 0), closed_blocks(c, 1), seed + 3);
+  check_attention(c, s, pool, content, 3, seed + 3);
   CUDA_LAUNCH_OK();
 }
 
