@@ -11,6 +11,12 @@ quantization codes instead of fp16, with the codes they will keep when the block
   vtail  V as prevk, K as today;  ktail  K as prevk, V as today (which of the two costs the quality).
   R=r    (today only) blocks close when the tail holds T + r tokens, as Config::max_rollback = r makes the
          library do: an exact recent window of r to r + T - 1 tokens.
+  pk=n   (today only) compact group params, 16 bits instead of 32: the step rounded toward zero to 5 exponent
+         bits (fp16's range) and 11 - n mantissa bits, the min on the step's grid (min = j x step, j = floor(gmin /
+         step), stored in n signed bits); a group whose j does not fit keeps today's params and costs 32 bits
+         more (an overflow entry). Rounding the step down keeps every value within the bound.
+  ps=m   (today only) the min kept as today (fp16), the step rounded toward zero to 5 exponent bits and m
+         mantissa bits: 21 + m bits a group.
 
 Quality: teacher-forced perplexity through kvcomp.hf's token path with the emulated cache (PyTorch). Bytes:
 estimated like bench/quantizer_study.py: closed blocks at the empirical entropy of their (layer, K|V) code
@@ -68,6 +74,23 @@ def group_params(lo, hi, eb):
     return eb_abs, half_toward_zero(2 * eb_abs), half_down(lo)
 
 
+def step_down(step, mant_bits):
+    """Non-negative step rounded toward zero to `mant_bits` explicit mantissa bits (fp32 in, fp32 out)."""
+    m, e = torch.frexp(step)  # step = m 2^e, m in [0.5, 1)
+    scale = float(2 ** (mant_bits + 1))
+    return torch.ldexp(torch.floor(m * scale) / scale, e)
+
+
+def compact_params(lo, hi, eb, k_bits):
+    """pk=n: (eb_abs, step, min, overflow mask) with the min on the step's grid, j in n signed bits."""
+    eb_abs, step, mn = group_params(lo, hi, eb)
+    step_c = step_down(step, 11 - k_bits)
+    safe = torch.where(step_c > 0, step_c, torch.ones_like(step_c))
+    j = torch.floor(lo / safe)
+    fits = (step_c > 0) & (j >= -(2 ** (k_bits - 1))) & (j < 2 ** (k_bits - 1))
+    return eb_abs, torch.where(fits, step_c, step), torch.where(fits, j * step_c, mn), ~fits
+
+
 def v_on_arrival(mode):
     return mode in ("prevk", "vtail")
 
@@ -76,7 +99,8 @@ def k_on_arrival(mode):
     return mode in ("prevk", "ktail")
 
 
-def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_of=None, codebooks=0):
+def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_of=None, codebooks=0, k_bits=0,
+               step_bits=0):
     """basis_of(layer) -> (K's, V's) [H, D, D] orthonormal per kv head (instead of `rot`; q rotates with K,
     the output back with V), codebooks: 0 = bytes from one code histogram per (layer, K|V), n = from n per
     (layer, kv head, K|V), each for D / n consecutive channels (components), abs_eb_of(layer) -> [2, H]:
@@ -84,6 +108,7 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
     v_now, k_now = v_on_arrival(mode), k_on_arrival(mode)
     assert R == 0 or mode == "today", "R: today's scheme only"
     assert abs_eb_of is None or (mode == "today" and R == 0), "absolute bounds: today's scheme only"
+    assert (k_bits == 0 and step_bits == 0) or (mode == "today" and abs_eb_of is None), "compact params: today only"
 
     class Layer(hf._Layer):
         def __init__(self, owner, index):
@@ -96,6 +121,8 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
             self.codebooks = codebooks
             self.ghist = [None, None]  # [H, codebooks, MAX_CODE + 1] when codebooks
             self.escapes = [0, 0]
+            self.groups = [0, 0]     # groups counted (pk: params of K per channel and block, V per token)
+            self.overflow = [0, 0]   # of them, groups whose min did not fit the grid (pk)
             self.prev = None  # (lo, hi) of the last closed K block, per channel [B, H, 1, D]
 
         def _basis_for(self, which, heads):  # q heads share their kv head's basis
@@ -114,7 +141,16 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
             R = self.owner.R
             return o @ R.T if R is not None else o
 
-        def _params(self, lo, hi, which):
+        def _params(self, lo, hi, which, count=True):
+            if self.abs_eb is None and k_bits:
+                eb_abs, step, mn, over = compact_params(lo, hi, self.eb, k_bits)
+                if count:
+                    self.groups[which] += over.numel()
+                    self.overflow[which] += int(over.sum())
+                return eb_abs, step, mn
+            if self.abs_eb is None and step_bits:
+                eb_abs, step, mn = group_params(lo, hi, self.eb)
+                return eb_abs, step_down(step, step_bits), mn
             if self.abs_eb is None:
                 return group_params(lo, hi, self.eb)
             e = self.abs_eb[which].view([1, -1] + [1] * (lo.dim() - 2)).expand_as(lo)
@@ -173,7 +209,7 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
         def _requant_v(self, first):
             y = self.v[:, :, first:first + T]
             lo, hi = y.amin(-1, keepdim=True), y.amax(-1, keepdim=True)
-            return quantize(y, *self._params(lo, hi, 1))[0]
+            return quantize(y, *self._params(lo, hi, 1, count=False))[0]
 
         def _attend_token(self, q, scaling):
             n = self.length
@@ -186,6 +222,7 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
 
     c = study.emulated_cache(hf, model, Layer, rot)
     c.window = model.config.max_position_embeddings
+    c.k_bits, c.step_bits = k_bits, step_bits
     return c
 
 
@@ -221,8 +258,12 @@ def estimate_bytes_per_token(cache, mode, W, T, R):
             closed_bits.append((ent + 0.05 + esc / n * 40.0) * D * H)  # per token
             on_arrival = k_on_arrival(mode) if which == 0 else v_on_arrival(mode)
             tail_bits.append(tail_width_bits(h, esc) * D * H if on_arrival else 16.0 * D * H)
-        k_params = 32.0 * D * H / T  # per token: 4 bytes per channel per block
-        v_params = 32.0 * H          # per token
+        # Per token: 4 bytes per group (K: per channel and block, V: per token); pk: 2, plus 4 per overflow.
+        pk, ps = getattr(cache, "k_bits", 0), getattr(cache, "step_bits", 0)
+        group_bits = [21.0 + ps] * 2 if ps else [32.0, 32.0] if not pk else \
+            [16.0 + 32.0 * layer.overflow[w] / max(1, layer.groups[w]) for w in (0, 1)]
+        k_params = group_bits[0] * D * H / T
+        v_params = group_bits[1] * H
         block_fixed = 2 * H * (64 + 8) * 8 + H * 8 * 8
         books = 2 * H * layer.codebooks * 256 * 8  # 256-byte codebooks, held all along
         for t in range(1, W + 1):
@@ -246,7 +287,8 @@ def main():
         eb = float(o.get("eb", 0.1))
         l0 = float(o.get("l0", eb))
         return make_cache(hf, model, o.get("mode", "today"), lambda i: l0 if i == 0 else eb,
-                          float(o.get("margin", 1)), o.get("rot", "0") == "1", int(o.get("T", 64)), int(o.get("R", 0)))
+                          float(o.get("margin", 1)), o.get("rot", "0") == "1", int(o.get("T", 64)), int(o.get("R", 0)),
+                          k_bits=int(o.get("pk", 0)), step_bits=int(o.get("ps", 0)))
 
     def estimate(cache, o):
         return estimate_bytes_per_token(cache, o.get("mode", "today"), W, int(o.get("T", 64)), int(o.get("R", 0)))
