@@ -18,6 +18,11 @@ window. They are averaged over every moment of decoding (sum of bytes held /
 sum of tokens held, over all tokens and layers), so a tail or window is
 counted as it is carried, not only at a lucky block boundary.
 
+Each change of perplexity (against the first variant, fp16) comes with its
+standard error over the windows: the per-window NLL differences, paired (every
+variant reads the same windows). Two variants whose changes differ by less than
+about two standard errors are not told apart by this many windows.
+
     PYTHONPATH=build/python python3 bench/perplexity.py --json ppl.json --plot bench/perplexity.png
 """
 import argparse
@@ -130,12 +135,22 @@ def windows_of(tokenizer, path, n, w):
 
 
 @torch.no_grad()
-def nll_of(model, x, cache):
-    """Mean negative log-likelihood of x[:, 1:] given the prefixes, in float64."""
+def nll_of(model, x, cache, per_window=False):
+    """Mean negative log-likelihood of x[:, 1:] given the prefixes, in float64 (per_window: one per row of x)."""
     out = model(x, past_key_values=cache, use_cache=cache is not None)
     logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
-    nll = -logp.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return nll.double().mean().item()
+    nll = -logp.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1).double()
+    return nll.mean(-1).cpu() if per_window else nll.mean().item()
+
+
+def paired_change(nll, base_nll):
+    """(perplexity change in %, its standard error in %) of per-window NLLs against the base's, windows
+    paired: the windows are the independent samples (each variant sees the same ones)."""
+    d = nll - base_nll
+    n = d.numel()
+    se = float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("nan")
+    mean = float(d.mean())
+    return 100.0 * math.expm1(mean), 100.0 * math.exp(mean) * se
 
 
 def main():
@@ -184,36 +199,39 @@ def main():
         scales = calibrate(model, tok, args.calib_text)
 
     rows = []
-    base = None
+    base = base_nll = None
     for spec in args.variants.split():
         t0 = time.time()
         if spec == "fp16":
-            nll = nll_of(model, x, None)
+            nll = nll_of(model, x, None, per_window=True)
             bpt = float(fp16_per_token)
         else:
             # The pool holds every window at fp16 size: enough at any bound.
             cache = make_cache(spec, model, kvcomp, hf, scales, pool_bytes=x.numel() * fp16_per_token + (64 << 20),
                                max_tokens=max(w, 64))
             cache.track_bytes = True
-            nll = nll_of(model, x, cache)
+            nll = nll_of(model, x, cache, per_window=True)
             bpt = cache.mean_bytes_per_token()
             del cache
             torch.cuda.empty_cache()
-        ppl = math.exp(nll)
+        ppl = math.exp(float(nll.mean()))
         if base is None:
-            base = ppl
-        row = {"variant": spec, "ppl": ppl, "delta_pct": 100.0 * (ppl / base - 1.0), "bytes_per_token": bpt,
-               "ratio": fp16_per_token / bpt, "seconds": time.time() - t0}
+            base, base_nll = ppl, nll
+        # The standard error of the change: per-window differences, paired (0 for the base itself).
+        _, se = paired_change(nll, base_nll)
+        row = {"variant": spec, "ppl": ppl, "delta_pct": 100.0 * (ppl / base - 1.0), "delta_se_pct": se,
+               "bytes_per_token": bpt, "ratio": fp16_per_token / bpt, "seconds": time.time() - t0}
         rows.append(row)
-        print(f"  {spec:28s} ppl {ppl:8.4f} ({row['delta_pct']:+.3f}%)  {bpt:8.1f} B/token  "
+        print(f"  {spec:28s} ppl {ppl:8.4f} ({row['delta_pct']:+.3f}% +- {se:.3f})  {bpt:8.1f} B/token  "
               f"{row['ratio']:5.2f}x  [{row['seconds']:.1f} s]", flush=True)
 
     print()
-    print(f"| variant | perplexity | change vs fp16 | KV bytes/token (all layers) | ratio vs fp16 |")
-    print(f"|---|---:|---:|---:|---:|")
+    print(f"| variant | perplexity | change vs fp16 | std. error of the change | KV bytes/token (all layers) | "
+          f"ratio vs fp16 |")
+    print(f"|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['variant']} | {r['ppl']:.4f} | {r['delta_pct']:+.3f}% | {r['bytes_per_token']:.1f} | "
-              f"{r['ratio']:.2f}x |")
+        print(f"| {r['variant']} | {r['ppl']:.4f} | {r['delta_pct']:+.3f}% | {r['delta_se_pct']:.3f}% | "
+              f"{r['bytes_per_token']:.1f} | {r['ratio']:.2f}x |")
     print()
     for limit in (0.5, 1.0):
         best = {}

@@ -68,17 +68,20 @@ def parse_and_load(default_variants, windows=64, add_args=None):
 def run_variants(hf, model, x, variants, make, estimate, title):
     """Prints the fp16 perplexity of windows x, then a row per variant spec ("k=v,k=v"): make(options) -> cache,
     estimate(cache, options) -> bytes per token (all layers)."""
-    base = math.exp(harness.nll_of(model, x, None))
+    base_nll = harness.nll_of(model, x, None, per_window=True)
+    base = math.exp(float(base_nll.mean()))
     L, _, H, D = hf._model_shape(model)
     fp16 = L * H * D * 4
     print(f"fp16 ppl {base:.4f}; EMULATED {title}, {x.shape[0]} windows x {x.shape[1]}")
-    print("| variant | perplexity | change | est. bytes/token | est. ratio |\n|---|---:|---:|---:|---:|")
+    print("| variant | perplexity | change | std. error | est. bytes/token | est. ratio |\n|---|---:|---:|---:|---:|---:|")
     for spec in variants.split():
         o = dict(kv.split("=") for kv in spec.split(","))
         cache = make(o)
-        ppl = math.exp(harness.nll_of(model, x, cache))
+        nll = harness.nll_of(model, x, cache, per_window=True)
+        ppl = math.exp(float(nll.mean()))
+        _, se = harness.paired_change(nll, base_nll)
         bpt = estimate(cache, o)
-        print(f"| emu {spec} | {ppl:.4f} | {100 * (ppl / base - 1):+.3f}% | {bpt:.1f} | {fp16 / bpt:.2f}x |",
-              flush=True)
+        print(f"| emu {spec} | {ppl:.4f} | {100 * (ppl / base - 1):+.3f}% | {se:.3f}% | {bpt:.1f} | "
+              f"{fp16 / bpt:.2f}x |", flush=True)
         del cache
         torch.cuda.empty_cache()
