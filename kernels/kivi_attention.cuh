@@ -130,8 +130,13 @@ struct KiviLayout {
 /// Subnormal codes (default): a code pair masked into the low mantissa bits is
 /// the operand (value code 2^(bits cl - 24)); tensor cores take subnormal fp16
 /// inputs. kKiviSubnormalCodes = false: add 1024 (0x6400) and subtract it
-/// (one HSUB2 more per operand register, value code 2^(bits cl)).
+/// (one HSUB2 more per operand register, value code 2^(bits cl)); build with
+/// -DKVCOMP_KIVI_NO_SUBNORMAL_CODES for that.
+#ifdef KVCOMP_KIVI_NO_SUBNORMAL_CODES
+constexpr bool kKiviSubnormalCodes = false;
+#else
 constexpr bool kKiviSubnormalCodes = true;
+#endif
 constexpr float kKiviCodeUnit = kKiviSubnormalCodes ? 1.f / 16777216.f : 1.f;  // 2^-24
 /// q x scale and p x scale stay below this (fp16 max 65504; the rounding of
 /// hi and the lo rests keep far from it).

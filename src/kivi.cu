@@ -69,8 +69,10 @@ int kivi_ctas_per_sm() {
 detail::SplitPlan kivi_plan(const KiviShape& s, int sms) {
   const int units = s.chunks() + (s.tail() + 31) / 32;
   if (units <= 0) return {1, 1};
-  int per_sm = 0;
-  dispatch(s, [&](auto d, auto bits) { per_sm = kivi_ctas_per_sm<d.value, bits.value>(); });
+  // The smaller of the 2- and 4-bit kernels' occupancy: a workspace sized for one bit width serves
+  // the other (bench_attention shares one between its KIVI-4 and KIVI-2 caches).
+  const int per_sm = s.head_dim == 64 ? std::min(kivi_ctas_per_sm<64, 2>(), kivi_ctas_per_sm<64, 4>())
+                                      : std::min(kivi_ctas_per_sm<128, 2>(), kivi_ctas_per_sm<128, 4>());
   const long long slots = 1LL * (sms > 0 ? sms : 1) * per_sm, seqs = 1LL * s.batch * s.kv_heads;
   const int max_splits = std::min(256, (units + detail::kAttnWarps - 1) / detail::kAttnWarps);
   constexpr double kCtaCost = 1.5;  // units of one warp: q, the pipeline's first record, the partial
