@@ -374,7 +374,8 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kKiviMinCtas)
       uint32_t w[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        w[h] = r < group ? *reinterpret_cast<const uint32_t*>(qrow + 16 * k16 + 8 * h + 2 * qd) : 0u;
+        const __half* at = qrow + 16 * k16 + 8 * h + 2 * qd;  // two loads: q need only be 2-byte aligned
+        w[h] = r < group ? uint32_t(__half_as_ushort(at[0])) | (uint32_t(__half_as_ushort(at[1])) << 16) : 0u;
         const float2 f = __half22float2(u2h(w[h]));
         qmax = fmaxf(qmax, fmaxf(fabsf(f.x), fabsf(f.y)));
       }

@@ -45,10 +45,14 @@ T* device_alloc(size_t n, const char* what) {
   return static_cast<T*>(p);
 }
 
-/// CTAs of the attention kernel resident on one SM (occupancy, once per kernel).
+/// CTAs of the attention kernel resident on one SM (occupancy, once per kernel; sets its carveout).
 template <int D, int BITS>
 int kivi_ctas_per_sm() {
   static const int n = [] {
+    // Shared memory over L1 (the records bypass L1): 4 CTAs need 4 x ~40 KB of it.
+    cudaFuncSetAttribute(detail::kivi_attention_kernel<D, BITS>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                         int(cudaSharedmemCarveoutMaxShared));
+    cudaGetLastError();
     int blocks = 0;
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, detail::kivi_attention_kernel<D, BITS>,
                                                       32 * detail::kAttnWarps,

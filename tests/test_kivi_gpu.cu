@@ -171,12 +171,12 @@ void run_kivi_case(int bits, int D, int G, int tokens, uint64_t seed, Range rang
 TEST(KiviGpu, QuantizerMatchesReferenceAndAttentionMatchesFloat64) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
-  // Tokens: all fp16 (1, 33, 64: one or two tail units), one chunk and a tail of 33, a partial
-  // tail of 36, many chunks with a full and a partial tail unit.
+  // Tokens: none, all fp16 (1, 33, 64: one or two tail units), one chunk and a tail of 33, a
+  // partial tail of 36, many chunks with a full and a partial tail unit.
   for (int bits : {2, 4})
     for (int D : {64, 128})
       for (int G : {1, 3, 4, 7, 8})
-        for (int tokens : {1, 33, 64, 65, 100, 1000}) {
+        for (int tokens : {0, 1, 33, 64, 65, 100, 1000}) {
           run_kivi_case(bits, D, G, tokens, seed + tokens);
           if (HasFatalFailure()) return;
         }
