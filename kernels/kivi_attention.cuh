@@ -44,13 +44,15 @@
 // scale_max[2]: the largest K and V scale (fp16 range guards, below).
 //
 // ---------------------------------------------------------------------------
-// Attention. grid (splits, kv_heads, batch), 4 warps a CTA; units (32 tokens)
-// of a sequence are the fp16 tail's (first) and then the chunks; a CTA takes
-// a range of units, its warps every 4th. A warp streams its chunk records
-// through shared memory (cp.async, kStages deep, one record in flight while it
-// computes the previous) and computes on tensor cores (mma.m16n8k16, fp16
-// operands, fp32 accumulation), mma rows = the G <= 8 query heads of the kv
-// head (padded rows have q = 0):
+// Attention. grid (splits, kv_heads, batch), 4 warps a CTA, 4 CTAs an SM
+// (<= 128 registers, no spills; ~38-42 KB of shared memory a CTA at D = 128);
+// units (32 tokens) of a sequence are the fp16 tail's (first) and then the
+// chunks; a CTA takes a range of units, its warps every 4th. A warp streams
+// its chunk records through its own shared-memory ring (cp.async, KiviSmem::
+// kStages deep: 2 or 3 records, kStages - 1 in flight while it computes one)
+// and computes on tensor cores (mma.m16n8k16, fp16 operands, fp32
+// accumulation), mma rows = the G <= 8 query heads of the kv head (padded
+// rows have q = 0):
 //   K: S^T[h][t] = sum_c (q_hc scale_c) code_tc + sum_c q_hc zero_c.
 //      A = q x scale, fp16 hi in mma rows 0..7 and its rounding rest (lo) in
 //      rows 8..15: q and scale are fp16, so hi = q * scale (HMUL2, rounded)
