@@ -10,10 +10,8 @@ namespace kvcomp {
 namespace detail {
 
 struct KiviParams {
-  uint32_t* k_codes;
-  uint32_t* v_codes;
-  __half2* k_prm;
-  __half2* v_prm;
+  uint32_t* records;   // [batch][kv_heads][chunks][KiviLayout::kWords]: codes and params of a chunk
+  float* scale_max;    // [2]: the largest K and V scale in the cache (fp16 range guards), 0 without chunks
   __half* k_tail;
   __half* v_tail;
   int32_t kv_heads;

@@ -1,7 +1,9 @@
 #include "kivi.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/kivi_attention.cuh"
@@ -18,23 +20,18 @@ void check_shape(const KiviShape& s) {
   if (s.batch <= 0 || s.kv_heads <= 0 || s.tokens < 0 || s.window < 0 || s.q_heads % s.kv_heads != 0)
     throw Error("KIVI baseline: bad shape");
   const int G = s.q_heads / s.kv_heads;
-  if (G != 1 && G != 4 && G != 8) throw Error("KIVI baseline: q_heads / kv_heads must be 1, 4 or 8");
+  if (G < 1 || G > 8) throw Error("KIVI baseline: q_heads / kv_heads must be 1..8");
 }
 
+/// f(D, BITS) as integral constants (G is a kernel argument: one kernel pads the rows to 8).
 template <typename F>
 void dispatch(const KiviShape& s, F&& f) {
-  auto with_bits = [&](auto d, auto g) {
-    if (s.bits == 2) return f(d, g, std::integral_constant<int, 2>{});
-    return f(d, g, std::integral_constant<int, 4>{});
+  auto with_bits = [&](auto d) {
+    if (s.bits == 2) return f(d, std::integral_constant<int, 2>{});
+    return f(d, std::integral_constant<int, 4>{});
   };
-  auto with_g = [&](auto d) {
-    const int G = s.q_heads / s.kv_heads;
-    if (G == 1) return with_bits(d, std::integral_constant<int, 1>{});
-    if (G == 4) return with_bits(d, std::integral_constant<int, 4>{});
-    return with_bits(d, std::integral_constant<int, 8>{});
-  };
-  if (s.head_dim == 64) return with_g(std::integral_constant<int, 64>{});
-  return with_g(std::integral_constant<int, 128>{});
+  if (s.head_dim == 64) return with_bits(std::integral_constant<int, 64>{});
+  return with_bits(std::integral_constant<int, 128>{});
 }
 
 template <typename T>
@@ -48,8 +45,51 @@ T* device_alloc(size_t n, const char* what) {
   return static_cast<T*>(p);
 }
 
+/// CTAs of the attention kernel resident on one SM (occupancy, once per kernel; sets its carveout).
+template <int D, int BITS>
+int kivi_ctas_per_sm() {
+  static const int n = [] {
+    // Shared memory over L1 (the records bypass L1): 4 CTAs need 4 x ~40 KB of it.
+    cudaFuncSetAttribute(detail::kivi_attention_kernel<D, BITS>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                         int(cudaSharedmemCarveoutMaxShared));
+    cudaGetLastError();
+    int blocks = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, detail::kivi_attention_kernel<D, BITS>,
+                                                      32 * detail::kAttnWarps,
+                                                      detail::KiviSmem<D, BITS>::kBytes) != cudaSuccess) {
+      cudaGetLastError();
+      blocks = 0;
+    }
+    return blocks > 0 ? blocks : detail::kKiviMinCtas;
+  }();
+  return n;
+}
+
+/// Splits of each sequence's units (the tail's, then the chunks): the number
+/// of splits that minimizes waves x (units per warp + a fixed cost per CTA),
+/// so that the grid fills the resident CTA slots (one wave when batch x
+/// kv_heads leaves room) instead of leaving a short last wave. Each CTA takes
+/// at least one unit per warp.
 detail::SplitPlan kivi_plan(const KiviShape& s, int sms) {
-  return detail::plan_splits(s.chunks() + (s.tail() + 31) / 32, s.batch, s.kv_heads, sms, 4);
+  const int units = s.chunks() + (s.tail() + 31) / 32;
+  if (units <= 0) return {1, 1};
+  // The smaller of the 2- and 4-bit kernels' occupancy: a workspace sized for one bit width serves
+  // the other (bench_attention shares one between its KIVI-4 and KIVI-2 caches).
+  const int per_sm = s.head_dim == 64 ? std::min(kivi_ctas_per_sm<64, 2>(), kivi_ctas_per_sm<64, 4>())
+                                      : std::min(kivi_ctas_per_sm<128, 2>(), kivi_ctas_per_sm<128, 4>());
+  const long long slots = 1LL * (sms > 0 ? sms : 1) * per_sm, seqs = 1LL * s.batch * s.kv_heads;
+  const int max_splits = std::min(256, (units + detail::kAttnWarps - 1) / detail::kAttnWarps);
+  constexpr double kCtaCost = 1.5;  // units of one warp: q, the pipeline's first record, the partial
+  int best = 1;
+  double best_cost = 0;
+  for (int splits = 1; splits <= max_splits; ++splits) {
+    const int per = (units + splits - 1) / splits;
+    const long long waves = (seqs * ((units + per - 1) / per) + slots - 1) / slots;
+    const double cost = double(waves) * ((per + detail::kAttnWarps - 1) / detail::kAttnWarps + kCtaCost);
+    if (splits == 1 || cost < best_cost) { best = splits; best_cost = cost; }
+  }
+  const int per = (units + best - 1) / best;
+  return {per, (units + per - 1) / per};
 }
 
 }  // namespace
@@ -60,21 +100,20 @@ size_t KiviShape::bytes() const {
   return seqs * 2 * (codes + params + size_t(tail()) * head_dim * 2);
 }
 
-size_t KiviCache::code_words() const {
-  return size_t(shape_.batch) * shape_.kv_heads * shape_.chunks() * shape_.head_dim * shape_.bits;
+size_t KiviCache::record_words() const {
+  return size_t(2) * shape_.head_dim * (shape_.bits + 1);  // KiviLayout::kWords
 }
-size_t KiviCache::param_count() const {
-  return size_t(shape_.batch) * shape_.kv_heads * shape_.chunks() * shape_.head_dim;
-}
+size_t KiviCache::records() const { return size_t(shape_.batch) * shape_.kv_heads * shape_.chunks(); }
 
 KiviCache::KiviCache(const KiviShape& shape) : shape_(shape) {
   check_shape(shape);
+  dispatch(shape, [&](auto d, auto bits) {
+    static_assert(detail::KiviLayout<d.value, bits.value>::kWords == 2 * d.value * (bits.value + 1), "record_words");
+  });
   const size_t tail = size_t(shape.batch) * shape.kv_heads * shape.tail_cap() * shape.head_dim;
   try {
-    p_.k_codes = device_alloc<uint32_t>(code_words(), "K codes");
-    p_.v_codes = device_alloc<uint32_t>(code_words(), "V codes");
-    p_.k_prm = device_alloc<__half2>(param_count(), "K params");
-    p_.v_prm = device_alloc<__half2>(param_count(), "V params");
+    p_.records = device_alloc<uint32_t>(records() * record_words(), "K/V records");
+    p_.scale_max = device_alloc<float>(2, "scale maxima");
     p_.k_tail = device_alloc<__half>(tail, "K tail");
     p_.v_tail = device_alloc<__half>(tail, "V tail");
   } catch (...) {
@@ -90,15 +129,15 @@ KiviCache::KiviCache(const KiviShape& shape) : shape_(shape) {
 KiviCache::~KiviCache() { release(); }
 
 void KiviCache::release() {
-  cudaFree(p_.k_codes); cudaFree(p_.v_codes); cudaFree(p_.k_prm); cudaFree(p_.v_prm);
-  cudaFree(p_.k_tail); cudaFree(p_.v_tail);
+  cudaFree(p_.records); cudaFree(p_.scale_max); cudaFree(p_.k_tail); cudaFree(p_.v_tail);
   p_ = {};
 }
 
 void KiviCache::build(const __half* k, const __half* v, cudaStream_t s) {
   const KiviShape& sh = shape_;
+  detail::check_cuda(cudaMemsetAsync(p_.scale_max, 0, 2 * sizeof(float), s), "KIVI scale maxima reset");
   if (sh.chunks() > 0) {
-    dispatch(sh, [&](auto d, auto, auto bits) {
+    dispatch(sh, [&](auto d, auto bits) {
       detail::kivi_quantize_kernel<d.value, bits.value>
           <<<dim3(sh.chunks(), sh.kv_heads, sh.batch), 32, 0, s>>>(k, v, sh.tokens, p_);
     });
@@ -125,12 +164,12 @@ void KiviCache::attend(const __half* q, __half* out, float* workspace, int sms, 
   const KiviShape& sh = shape_;
   const auto plan = kivi_plan(sh, sms);
   const float scale_log2 = float(1.4426950408889634 / std::sqrt(double(sh.head_dim)));
-  dispatch(sh, [&](auto d, auto g, auto bits) {
-    constexpr int D = d.value, G = g.value;
-    auto kernel = detail::kivi_attention_kernel<D, G, bits.value>;
-    constexpr size_t smem = detail::KiviSmem<D, G>::kBytes;
-    kernel<<<dim3(plan.splits, sh.kv_heads, sh.batch), 32 * detail::kAttnWarps, smem, s>>>(
-        p_, q, workspace, plan.units_per_split, plan.splits, scale_log2);
+  const int G = sh.q_heads / sh.kv_heads;
+  dispatch(sh, [&](auto d, auto bits) {
+    constexpr int D = d.value, BITS = bits.value;
+    constexpr size_t smem = detail::KiviSmem<D, BITS>::kBytes;
+    detail::kivi_attention_kernel<D, BITS><<<dim3(plan.splits, sh.kv_heads, sh.batch), 32 * detail::kAttnWarps, smem, s>>>(
+        p_, q, workspace, G, plan.units_per_split, plan.splits, scale_log2);
     detail::check_cuda(cudaGetLastError(), "KIVI attention launch");
     detail::merge_kernel<__half, D><<<sh.batch * sh.q_heads, D, 0, s>>>(workspace, plan.splits, out);
     detail::check_cuda(cudaGetLastError(), "KIVI merge launch");

@@ -43,8 +43,8 @@ class KiviCache {
 
   const KiviShape& shape() const { return shape_; }
   const detail::KiviParams& params() const { return p_; }
-  size_t code_words() const;   // per K (and per V) array
-  size_t param_count() const;  // half2 entries per K (and per V) array
+  size_t record_words() const;  // uint32 words of one chunk's record (codes and params of K and V)
+  size_t records() const;       // chunk records: batch x kv_heads x chunks
 
  private:
   void release();

@@ -1,9 +1,14 @@
 // The KIVI-style baseline on the GPU: its quantizer against the CPU reference
-// (bit for bit, read back through the documented layout) and its fused
-// attention against a float64 attention over the reference's K/V.
+// (bit for bit, read back through the layout documented in
+// kernels/kivi_attention.cuh, decoded here independently of the kernels) and
+// its fused tensor-core attention against a float64 attention over the
+// reference's K/V, for every output element.
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "gpu_util.cuh"
+#include "kvcomp/error.hpp"
 #include "src/kivi.hpp"
 #include "attention_ref.hpp"
 #include "test_data.hpp"
@@ -14,37 +19,63 @@ using kvcomp::baseline::KiviShape;
 
 namespace {
 
-/// K/V of every sequence as the device cache holds them (layout in kivi_attention.cuh).
-void read_back(const KiviCache& c, std::vector<float>& k, std::vector<float>& v) {
+float half_bits_to_float(uint32_t bits16) {
+  __half h = __ushort_as_half(uint16_t(bits16));
+  return __half2float(h);
+}
+
+/// K/V of every sequence as the device cache holds them, decoded from the
+/// documented record layout; scale_max: the device's [K, V] scale maxima,
+/// scales: the largest K and V scale decoded.
+void read_back(const KiviCache& c, std::vector<float>& k, std::vector<float>& v, float (&scale_max)[2],
+               float (&scales)[2]) {
   const KiviShape& s = c.shape();
   const auto& p = c.params();
-  const int D = s.head_dim, N = s.tokens, W = D * s.bits / 32, per_word = 32 / s.bits, per_lane = D / 32;
-  const uint32_t mask = (1u << s.bits) - 1;
-  std::vector<uint32_t> kc(c.code_words()), vc(c.code_words());
-  std::vector<__half2> kp(c.param_count()), vp(c.param_count());
+  const int D = s.head_dim, N = s.tokens, bits = s.bits, S = 8 / bits, LW = D * bits / 32, MG = D * bits / 128;
+  const uint32_t mask = (1u << bits) - 1;
+  // Record: K codes, V codes (32 LW words each), K params (D), V scales (D / 2), V zeros (D / 2).
+  const size_t k_codes = 0, v_codes = 32 * LW, k_prm = 64 * LW, v_scales = k_prm + D, v_zeros = v_scales + D / 2;
+  const size_t rec_words = v_zeros + D / 2;
+  ASSERT_EQ(c.record_words(), rec_words);
+  ASSERT_EQ(c.records(), size_t(s.batch) * s.kv_heads * s.chunks());
+  std::vector<uint32_t> recs(c.records() * rec_words);
   const size_t tail_n = size_t(s.batch) * s.kv_heads * s.tail_cap() * D;
   std::vector<__half> kt(tail_n), vt(tail_n);
-  ASSERT_EQ(cudaMemcpy(kc.data(), p.k_codes, kc.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(vc.data(), p.v_codes, vc.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(kp.data(), p.k_prm, kp.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(vp.data(), p.v_prm, vp.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(kt.data(), p.k_tail, tail_n * 2, cudaMemcpyDeviceToHost), cudaSuccess);
-  ASSERT_EQ(cudaMemcpy(vt.data(), p.v_tail, tail_n * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+  if (!recs.empty())
+    CUDA_OK(cudaMemcpy(recs.data(), p.records, recs.size() * 4, cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaMemcpy(scale_max, p.scale_max, 2 * sizeof(float), cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaMemcpy(kt.data(), p.k_tail, tail_n * 2, cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaMemcpy(vt.data(), p.v_tail, tail_n * 2, cudaMemcpyDeviceToHost));
   k.assign(size_t(s.batch) * s.kv_heads * N * D, 0.f);
   v.assign(k.size(), 0.f);
+  scales[0] = scales[1] = 0.f;
+  // Word j of lane L of a code array; the fp16 half e of a params word.
+  auto code_word = [](const uint32_t* arr, int lane, int j) { return arr[((j / 4) * 32 + lane) * 4 + j % 4]; };
+  auto half_of = [](uint32_t w, int e) { return half_bits_to_float(e ? w >> 16 : w & 0xFFFFu); };
   for (size_t seq = 0; seq < size_t(s.batch) * s.kv_heads; ++seq) {
     for (int ch = 0; ch < s.chunks(); ++ch) {
-      const size_t chunk = seq * s.chunks() + ch;
-      for (int lane = 0; lane < 32; ++lane)
-        for (int i = 0; i < D; ++i) {
-          const uint32_t kcode = (kc[(chunk * W + i / per_word) * 32 + lane] >> (i % per_word * s.bits)) & mask;
-          const uint32_t vcode = (vc[(chunk * W + i / per_word) * 32 + lane] >> (i % per_word * s.bits)) & mask;
-          const int t = ch * 32 + lane;  // K: lane = token, i = channel
-          const float2 ksz = __half22float2(kp[chunk * D + i]);
-          k[(seq * N + t) * D + i] = std::fma(float(kcode), ksz.x, ksz.y);
-          const int vt_ = ch * 32 + i / per_lane, vch = lane + 32 * (i % per_lane);  // V: i = t * D/32 + j
-          const float2 vsz = __half22float2(vp[(chunk * 32 + i / per_lane) * per_lane + i % per_lane]);
-          v[(seq * N + vt_) * D + vch] = std::fma(float(vcode), vsz.x, vsz.y);
+      const uint32_t* rec = recs.data() + (seq * s.chunks() + ch) * rec_words;
+      for (int t = 0; t < 32; ++t)
+        for (int c = 0; c < D; ++c) {
+          {  // K: token t, channel c
+            const int r = t % 8, n8 = t / 8, k16 = c / 16, h = (c % 16) / 8, q = (c % 8) / 2, e = c % 2;
+            const int j = k16 * (bits / 2) + n8 / S, cl = n8 % S, bit = 16 * e + 8 * h + bits * cl;
+            const uint32_t code = (code_word(rec + k_codes, 4 * r + q, j) >> bit) & mask;
+            const uint32_t* prm = rec + k_prm + (k16 * 4 + q) * 4;
+            const float scale = half_of(prm[h], e), zero = half_of(prm[2 + h], e);
+            scales[0] = std::max(scales[0], scale);
+            k[(seq * N + ch * 32 + t) * D + c] = std::fma(float(code), scale, zero);
+          }
+          {  // V: token t, channel c
+            const int m16 = c / 16, r = c % 8, sb = (c % 16) / 8, kk = t / 16, wp = (t % 16) / 8, q = (t % 8) / 2,
+                      e = t % 2, g = c / 32, hh = wp;
+            const int j = 2 * (kk * MG + m16 / S) + wp, cl = m16 % S, bit = 16 * e + 8 * sb + bits * cl;
+            const uint32_t code = (code_word(rec + v_codes, 4 * r + q, j) >> bit) & mask;
+            const float scale = half_of(rec[v_scales + (kk * 4 + q) * (D / 16) + 2 * g + hh], e);
+            const float zero = half_of(rec[v_zeros + (g * 4 + q) * 4 + 2 * kk + hh], e);
+            scales[1] = std::max(scales[1], scale);
+            v[(seq * N + ch * 32 + t) * D + c] = std::fma(float(code), scale, zero);
+          }
         }
     }
     for (int t = s.chunks() * 32; t < N; ++t)
@@ -56,14 +87,27 @@ void read_back(const KiviCache& c, std::vector<float>& k, std::vector<float>& v)
   }
 }
 
-void run_kivi_case(int bits, int D, int G, int tokens, uint64_t seed) {
+enum class Range { Normal, Wide };
+
+/// Range::Wide: K channel 0 x 8000 and q channel 1 = 16 (|q| max x K scale max over the fp16
+/// guard: q x scale is built in fp32 and pre-divided), V channel 5 x 3000 (the p shift drops to 0).
+void run_kivi_case(int bits, int D, int G, int tokens, uint64_t seed, Range range = Range::Normal) {
+  SCOPED_TRACE(testing::Message() << "bits " << bits << " D " << D << " G " << G << " tokens " << tokens << " seed "
+                                  << seed << (range == Range::Wide ? " wide" : ""));
   KiviShape s;
   s.batch = 3; s.kv_heads = 2; s.q_heads = 2 * G; s.head_dim = D; s.tokens = tokens; s.bits = bits;
   const int seqs = s.batch * s.kv_heads;
-  auto k = make_data(Dist::OutlierChannels, seqs * tokens, D, seed);
+  auto k = make_data(range == Range::Wide ? Dist::Gaussian : Dist::OutlierChannels, seqs * tokens, D, seed);
   auto v = make_data(Dist::HeavyTailed, seqs * tokens, D, seed + 1);
+  auto q = make_data(Dist::Gaussian, s.batch * s.q_heads, D, seed + 2);
+  if (range == Range::Wide) {
+    for (size_t i = 0; i < k.size(); i += D) k[i] = std::clamp(k[i] * 8000.f, -60000.f, 60000.f);
+    for (size_t i = 5; i < v.size(); i += D) v[i] = std::clamp(v[i] * 3000.f, -60000.f, 60000.f);
+    for (size_t i = 0; i < q.size(); i += D) { q[i] *= 0.0005f; q[i + 1] = 16.f; }
+  }
   round_to_half(k);
   round_to_half(v);
+  q = round_to(kvcomp::DType::F16, q);
   std::vector<float> k_ref(k.size()), v_ref(v.size());
   kvcomp::baseline::kivi_reference(s, k.data(), v.data(), k_ref.data(), v_ref.data());
 
@@ -74,36 +118,52 @@ void run_kivi_case(int bits, int D, int G, int tokens, uint64_t seed) {
   cache.build(reinterpret_cast<const __half*>(dk.ptr), reinterpret_cast<const __half*>(dv.ptr), 0);
   CUDA_LAUNCH_OK();
   std::vector<float> k_dev, v_dev;
-  read_back(cache, k_dev, v_dev);
+  float scale_max[2], scales[2];
+  read_back(cache, k_dev, v_dev, scale_max, scales);
   if (::testing::Test::HasFatalFailure()) return;
   for (size_t i = 0; i < k.size(); ++i) {
-    ASSERT_EQ(k_dev[i], k_ref[i]) << "K element " << i << " bits " << bits << " seed " << seed;
-    ASSERT_EQ(v_dev[i], v_ref[i]) << "V element " << i << " bits " << bits << " seed " << seed;
+    ASSERT_EQ(k_dev[i], k_ref[i]) << "K element " << i;
+    ASSERT_EQ(v_dev[i], v_ref[i]) << "V element " << i;
   }
+  ASSERT_EQ(scale_max[0], scales[0]) << "the K scale maximum";
+  ASSERT_EQ(scale_max[1], scales[1]) << "the V scale maximum";
+  if (range == Range::Wide && s.chunks() > 0) ASSERT_GT(16.f * scale_max[0], 16384.f) << "the case takes the fp32 path";
 
-  const auto q = round_to(kvcomp::DType::F16, make_data(Dist::Gaussian, s.batch * s.q_heads, D, seed + 2));
   DevBuf<uint8_t> dq(q.size() * 2), dout(q.size() * 2);
   dq.upload(to_dtype_bytes(kvcomp::DType::F16, q));
-  CUDA_OK(cudaMemset(dout.ptr, 0xFF, q.size() * 2));  // NaN poison
-  DevBuf<float> ws(cache.workspace_floats(132));
-  cache.attend(reinterpret_cast<const __half*>(dq.ptr), reinterpret_cast<__half*>(dout.ptr), ws.ptr, 132, 0);
-  CUDA_LAUNCH_OK();
-  const auto ob = dout.download();
+  std::vector<std::vector<double>> refs(size_t(s.batch) * s.q_heads);
   for (int b = 0; b < s.batch; ++b)
     for (int hq = 0; hq < s.q_heads; ++hq) {
       const size_t seq = size_t(b) * s.kv_heads + hq / G;
-      const auto ref = attention64(&q[(size_t(b) * s.q_heads + hq) * D], &k_ref[seq * tokens * D],
-                                   &v_ref[seq * tokens * D], tokens, D);
-      double num = 0, den = 0;
-      for (int c = 0; c < D; ++c) {
-        const float got = kvcomp::load_as_float(kvcomp::DType::F16, ob.data(), (size_t(b) * s.q_heads + hq) * D + c);
-        ASSERT_TRUE(std::isfinite(got)) << "unwritten output: seq " << b << " head " << hq << " c " << c;
-        num += (got - ref[c]) * (got - ref[c]);
-        den += ref[c] * ref[c];
-      }
-      ASSERT_LE(std::sqrt(num / std::max(den, 1e-30)), 1e-3)
-          << "bits " << bits << " D " << D << " G " << G << " tokens " << tokens << " seq " << b << " seed " << seed;
+      refs[size_t(b) * s.q_heads + hq] = attention64(&q[(size_t(b) * s.q_heads + hq) * D], &k_ref[seq * tokens * D],
+                                                     &v_ref[seq * tokens * D], tokens, D);
     }
+  // 132 SMs: many splits of a few units; 1 SM: few splits of many units (each warp many chunks).
+  for (int sms : {132, 1}) {
+    SCOPED_TRACE(testing::Message() << "sms " << sms);
+    CUDA_OK(cudaMemset(dout.ptr, 0xFF, q.size() * 2));  // NaN poison
+    DevBuf<float> ws(cache.workspace_floats(sms));
+    ASSERT_NE(ws.ptr, nullptr);
+    cache.attend(reinterpret_cast<const __half*>(dq.ptr), reinterpret_cast<__half*>(dout.ptr), ws.ptr, sms, 0);
+    CUDA_LAUNCH_OK();
+    const auto ob = dout.download();
+    for (int b = 0; b < s.batch; ++b)
+      for (int hq = 0; hq < s.q_heads; ++hq) {
+        const auto& ref = refs[size_t(b) * s.q_heads + hq];
+        double num = 0, den = 0;
+        for (int c = 0; c < D; ++c) den += ref[c] * ref[c];
+        const double rms = std::sqrt(den / D);
+        for (int c = 0; c < D; ++c) {
+          const float got = kvcomp::load_as_float(kvcomp::DType::F16, ob.data(), (size_t(b) * s.q_heads + hq) * D + c);
+          ASSERT_TRUE(std::isfinite(got)) << "unwritten output: seq " << b << " head " << hq << " c " << c;
+          // fp16 output rounding (half an ulp: 2^-11 relative) plus the kernel's error.
+          ASSERT_LE(std::fabs(got - ref[c]), std::ldexp(std::fabs(ref[c]), -11) + 1e-3 * rms + 1e-6)
+              << "seq " << b << " head " << hq << " channel " << c << " ref " << ref[c];
+          num += (got - ref[c]) * (got - ref[c]);
+        }
+        ASSERT_LE(std::sqrt(num / std::max(den, 1e-30)), 1e-3) << "seq " << b << " head " << hq;
+      }
+  }
 }
 
 }  // namespace
@@ -111,16 +171,52 @@ void run_kivi_case(int bits, int D, int G, int tokens, uint64_t seed) {
 TEST(KiviGpu, QuantizerMatchesReferenceAndAttentionMatchesFloat64) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
+  // Tokens: none, all fp16 (1, 33, 64: one or two tail units), one chunk and a tail of 33, a
+  // partial tail of 36, many chunks with a full and a partial tail unit.
   for (int bits : {2, 4})
     for (int D : {64, 128})
-      for (int G : {1, 4, 8})
-        for (int tokens : {1, 33, 64, 65, 1000}) {
+      for (int G : {1, 3, 4, 7, 8})
+        for (int tokens : {0, 1, 33, 64, 65, 100, 1000}) {
           run_kivi_case(bits, D, G, tokens, seed + tokens);
           if (HasFatalFailure()) return;
         }
 }
 
+TEST(KiviGpu, EveryGroupSize) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  for (int G = 1; G <= 8; ++G) {
+    run_kivi_case(G % 2 ? 2 : 4, G % 3 ? 128 : 64, G, 777, seed + G);
+    if (HasFatalFailure()) return;
+  }
+}
+
 TEST(KiviGpu, LongContextSplitsAndMerges) {
   KVCOMP_REQUIRE_GPU();
-  run_kivi_case(4, 128, 4, 20000, fresh_seed());
+  const uint64_t seed = fresh_seed();
+  run_kivi_case(4, 128, 4, 20000, seed);
+  if (HasFatalFailure()) return;
+  run_kivi_case(2, 128, 8, 20000, seed + 1);
+  if (HasFatalFailure()) return;
+  run_kivi_case(2, 64, 3, 9000, seed + 2);
+}
+
+TEST(KiviGpu, Fp16RangeGuards) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  for (int bits : {2, 4})
+    for (int tokens : {70, 1000}) {
+      run_kivi_case(bits, 128, 4, tokens, seed + bits + tokens, Range::Wide);
+      if (HasFatalFailure()) return;
+    }
+  run_kivi_case(2, 64, 7, 3000, seed + 5, Range::Wide);
+}
+
+TEST(KiviGpu, RejectsUnsupportedShapes) {
+  KVCOMP_REQUIRE_GPU();
+  KiviShape s;
+  s.batch = 1; s.kv_heads = 2; s.q_heads = 18; s.head_dim = 128; s.tokens = 100; s.bits = 4;  // G = 9
+  EXPECT_THROW(KiviCache{s}, kvcomp::Error);
+  s.q_heads = 16; s.head_dim = 96;
+  EXPECT_THROW(KiviCache{s}, kvcomp::Error);
 }
