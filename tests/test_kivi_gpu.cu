@@ -150,14 +150,19 @@ void run_kivi_case(int bits, int D, int G, int tokens, uint64_t seed, Range rang
     for (int b = 0; b < s.batch; ++b)
       for (int hq = 0; hq < s.q_heads; ++hq) {
         const auto& ref = refs[size_t(b) * s.q_heads + hq];
+        const size_t seq = size_t(b) * s.kv_heads + hq / G;
         double num = 0, den = 0;
         for (int c = 0; c < D; ++c) den += ref[c] * ref[c];
         const double rms = std::sqrt(den / D);
         for (int c = 0; c < D; ++c) {
           const float got = kvcomp::load_as_float(kvcomp::DType::F16, ob.data(), (size_t(b) * s.q_heads + hq) * D + c);
           ASSERT_TRUE(std::isfinite(got)) << "unwritten output: seq " << b << " head " << hq << " c " << c;
-          // fp16 output rounding (half an ulp: 2^-11 relative) plus the kernel's error.
-          ASSERT_LE(std::fabs(got - ref[c]), std::ldexp(std::fabs(ref[c]), -11) + 1e-3 * rms + 1e-6)
+          // fp16 output rounding (half an ulp: 2^-11 relative) plus the kernel's error, which has a part
+          // relative to the channel's largest |V|: the kernel sums p x code x scale and p x zero apart (fp32
+          // on tensor cores), two terms of about that size whose difference can be far smaller.
+          double vmax = 0;
+          for (int t = 0; t < tokens; ++t) vmax = std::max(vmax, double(std::fabs(v_ref[(seq * tokens + t) * D + c])));
+          ASSERT_LE(std::fabs(got - ref[c]), std::ldexp(std::fabs(ref[c]), -11) + 1e-3 * rms + std::ldexp(vmax, -17) + 1e-6)
               << "seq " << b << " head " << hq << " channel " << c << " ref " << ref[c];
           num += (got - ref[c]) * (got - ref[c]);
         }
