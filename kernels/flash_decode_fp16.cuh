@@ -3,10 +3,10 @@
 // it, so that kvcomp is compared against the best. Layout: K, V
 // [batch][kv_heads][N][D] by default (strides in FlashParams).
 //
-// It is memory-bound (G = 4: 2 flops per byte), so the design is about the
+// It is memory-bound (G flops per byte of K/V), so the design is about the
 // stream: every byte is read once, by 16-byte cp.async (coalesced: a warp's
 // instruction covers 512 contiguous bytes) into a ring of shared-memory stages
-// that each warp owns (no CTA barrier in the loop), about 20 KB in flight per
+// that each warp owns (no CTA barrier in the loop), 16-24 KB in flight per
 // warp, 8 warps per SM. The math runs on tensor cores (mma.m16n8k16, fp16
 // operands, fp32 accumulation) so that it hides behind the loads:
 //   tile = 16 tokens of K and V (one stage; rows swizzled by 16-byte piece,
@@ -19,7 +19,7 @@
 //   O[h][c] += P V: A = P scaled by 2^14 (so small p stay normal) as fp16 hi
 //     in rows 0..7 and its rounding rest in rows 8..15 (fp32-like precision
 //     for free: G <= 8 leaves those rows), built from the score fragments in
-//     registers; B = V by ldmatrix.trans. O of head h = rows h + rows h + 8.
+//     registers; B = V by ldmatrix.trans. O of head h = row h + row h + 8.
 // Each CTA (4 warps, a range of tiles of one sequence and KV head; warp w
 // takes tiles w, w + 4, ...) merges its warps in shared memory and writes its
 // partial; merge_kernel combines the splits (or, with one split, the CTA
