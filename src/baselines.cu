@@ -1,18 +1,34 @@
 #include "baselines.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
 #include "kernels/flash_decode_fp16.cuh"
 #include "kvcomp/error.hpp"
 #include "launch.hpp"
+#include "smem_opt_in.hpp"
 
 namespace kvcomp {
 namespace baseline {
 namespace {
 
+/// Split of the flash kernel, in kFlashTile-token tiles, at least one per warp of a CTA. The kernel is
+/// memory-bound and a CTA keeps ~96 KB in flight, far more than its share of the bandwidth needs, so
+/// equal CTAs that are all resident at once stream at equal rates and finish together (no wave tail):
+/// when the (sequence, KV head) pairs fit the resident CTA slots (kFlashCtasPerSm per SM), each is cut
+/// into as many equal splits as one wave holds. With more pairs than slots, there are waves anyway:
+/// CTAs of at most kFlashMaxTiles tiles (2 MB at D = 128) bound what runs alone at the end.
 detail::SplitPlan flash_plan(const Fp16Attention& a, int sms) {
-  return detail::plan_splits((a.tokens + 31) / 32, a.batch, a.kv_heads, sms, /*ctas_per_sm=*/4);
+  constexpr long long kFlashMaxTiles = 256;
+  const long long tiles = (std::max(a.tokens, 0) + detail::kFlashTile - 1) / detail::kFlashTile;
+  const long long heads = std::max(1LL * a.batch * a.kv_heads, 1LL);
+  const long long slots = 1LL * std::max(sms, 1) * detail::kFlashCtasPerSm;
+  long long splits = heads <= slots ? slots / heads : (tiles + kFlashMaxTiles - 1) / kFlashMaxTiles;
+  splits = std::max(splits, 1LL);
+  const long long per = std::max<long long>(detail::kFlashWarps, (tiles + splits - 1) / splits);
+  splits = std::max((tiles + per - 1) / per, 1LL);
+  return {int(per), int(splits)};
 }
 
 void check_cublas(cublasStatus_t st, const char* what) {
@@ -40,8 +56,12 @@ void flash_decode_fp16(const Fp16Attention& a, const __half* q, __half* out, flo
   const int G = a.q_heads / a.kv_heads;
   const dim3 grid(plan.splits, a.kv_heads, a.batch);
   auto go = [&](auto d, auto g) {
-    detail::flash_decode_fp16_kernel<d.value, g.value><<<grid, 32 * detail::kAttnWarps, 0, s>>>(p);
+    constexpr auto kernel = detail::flash_decode_fp16_kernel<d.value, g.value>;
+    constexpr int kBytes = detail::FlashSmem<d.value>::kBytes;
+    detail::opt_in_dynamic_smem<kernel>(kBytes, "flash decode shared-memory opt-in");
+    kernel<<<grid, 32 * detail::kFlashWarps, kBytes, s>>>(p);
     detail::check_cuda(cudaGetLastError(), "flash decode launch");
+    if (plan.splits == 1) return;  // the kernel wrote the output
     detail::merge_kernel<__half, d.value><<<a.batch * a.q_heads, d.value, 0, s>>>(workspace, plan.splits, out);
     detail::check_cuda(cudaGetLastError(), "flash merge launch");
   };

@@ -261,8 +261,9 @@ TEST(BaselinesGpu, FlashDecodeAndCublasMatchFloat64Attention) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
-  struct Shape { int G, D, N; };  // every head_dim and group size the flash kernel has, partial chunks
-  for (const Shape sh : {Shape{4, 128, 777}, Shape{1, 64, 300}, Shape{8, 64, 1000}, Shape{8, 128, 65}, Shape{1, 128, 31}}) {
+  struct Shape { int G, D, N; };  // every head_dim and group size the flash kernel has; partial 16-token tiles
+  for (const Shape sh : {Shape{4, 128, 777}, Shape{1, 64, 300}, Shape{8, 64, 1000}, Shape{8, 128, 65}, Shape{1, 128, 31},
+                         Shape{4, 128, 1}, Shape{4, 64, 33}, Shape{8, 128, 1000}, Shape{4, 128, 4099}}) {
     SCOPED_TRACE("G " + std::to_string(sh.G) + " D " + std::to_string(sh.D) + " N " + std::to_string(sh.N));
     const int B = 2, H = 2, G = sh.G, D = sh.D, N = sh.N;
     const auto k = round_to(DType::F16, make_data(Dist::OutlierChannels, B * H * N, D, seed));
@@ -312,4 +313,102 @@ TEST(BaselinesGpu, FlashDecodeAndCublasMatchFloat64Attention) {
     }
     cublasDestroy(handle);
   }
+}
+
+namespace {
+
+constexpr int kSeqDefault = -1, kSeqShared = -2;  // check_flash's seq_extra besides >= 0
+
+/// flash_decode_fp16 against float64 attention for B sequences of N tokens, planned for `sms`
+/// multiprocessors (sms = 1: one split, the kernel writes the output; 132: many, merge_kernel). Layout:
+/// spare < 0: the default head stride N D, else (N + spare) D (spare rows hold values a stray read
+/// would show); seq_extra: kSeqDefault (H head strides), kSeqShared (seq_stride 0: every query reads
+/// sequence 0) or that many elements beyond H head strides.
+void check_flash(int B, int H, int G, int D, int N, int sms, int spare, int seq_extra, uint64_t seed) {
+  SCOPED_TRACE("B " + std::to_string(B) + " H " + std::to_string(H) + " G " + std::to_string(G) + " D " +
+               std::to_string(D) + " N " + std::to_string(N) + " sms " + std::to_string(sms) + " spare " +
+               std::to_string(spare) + " seq_extra " + std::to_string(seq_extra));
+  const int cap = N + std::max(spare, 0);
+  const int64_t head_stride = int64_t(cap) * D;
+  const int64_t seq_stride = seq_extra == kSeqShared ? 0 : head_stride * H + std::max(seq_extra, 0);
+  const size_t elems = seq_extra == kSeqShared ? size_t(head_stride) * H : size_t(seq_stride) * B;
+  const int rows = int((elems + D - 1) / D);
+  auto k = round_to(DType::F16, make_data(Dist::OutlierChannels, rows, D, seed));
+  auto v = round_to(DType::F16, make_data(Dist::Gaussian, rows, D, seed + 1));
+  const int kv_seqs = seq_extra == kSeqShared ? 1 : B;
+  for (int s = 0; s < kv_seqs; ++s)
+    for (int h = 0; h < H; ++h)
+      for (int t = N; t < cap; ++t)
+        for (int c = 0; c < D; ++c) {
+          const size_t i = size_t(s * seq_stride + h * head_stride) + size_t(t) * D + c;
+          k[i] = 30000.f;
+          v[i] = -30000.f;
+        }
+  const auto q = round_to(DType::F16, make_data(Dist::Gaussian, B * H * G, D, seed + 2));
+  DevBuf<uint8_t> dk(k.size() * 2), dv(v.size() * 2), dq(q.size() * 2), dout(q.size() * 2);
+  dk.upload(to_dtype_bytes(DType::F16, k));
+  dv.upload(to_dtype_bytes(DType::F16, v));
+  dq.upload(to_dtype_bytes(DType::F16, q));
+  const baseline::Fp16Attention a{reinterpret_cast<const __half*>(dk.ptr), reinterpret_cast<const __half*>(dv.ptr),
+                                  B, H, H * G, D, N, seq_extra == kSeqDefault ? -1 : seq_stride,
+                                  spare < 0 ? -1 : head_stride};
+  DevBuf<float> ws(std::max<size_t>(baseline::flash_workspace_floats(a, sms), 1));
+  CUDA_OK(cudaMemset(dout.ptr, 0xFF, dout.n));  // NaN poison
+  baseline::flash_decode_fp16(a, reinterpret_cast<const __half*>(dq.ptr), reinterpret_cast<__half*>(dout.ptr), ws.ptr,
+                              sms, 0);
+  CUDA_LAUNCH_OK();
+  const auto ob = dout.download();
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h) {
+      const size_t at = size_t(b) * seq_stride + size_t(h) * head_stride;
+      for (int g = 0; g < G; ++g) {
+        const size_t row = (size_t(b) * H * G + h * G + g) * D;
+        const auto ref = attention64(&q[row], &k[at], &v[at], N, D);
+        double num = 0, den = 0;
+        for (int c = 0; c < D; ++c) {
+          const float got = load_as_float(DType::F16, ob.data(), row + c);
+          ASSERT_TRUE(std::isfinite(got)) << "seq " << b << " q head " << h * G + g << " c " << c;
+          num += (got - ref[c]) * (got - ref[c]);
+          den += ref[c] * ref[c];
+        }
+        ASSERT_LE(std::sqrt(num / den), 1e-3) << "seq " << b << " q head " << h * G + g;
+      }
+    }
+}
+
+}  // namespace
+
+TEST(BaselinesGpu, FlashDecodeTokenCountsSplitsAndStrides) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  // Token counts around the 16-token tiles and the warps' interleaving (4 tiles a round); sms 1 plans one
+  // split up to 4096 tokens (the kernel writes the output; each warp's ring wraps many times at 1000),
+  // 2 at 4099; sms 132 plans many.
+  for (int N : {1, 15, 16, 17, 31, 33, 64, 65, 1000, 4099})
+    for (int sms : {1, 132}) {
+      check_flash(2, 2, 4, 128, N, sms, -1, kSeqDefault, seed + N);
+      if (HasFatalFailure()) return;
+    }
+  check_flash(3, 2, 8, 64, 1000, 7, -1, kSeqDefault, seed + 1);
+  if (HasFatalFailure()) return;
+  check_flash(1, 1, 1, 128, 4099, 132, -1, kSeqDefault, seed + 2);  // 264 splits wanted, 65 made (4 tiles each)
+  if (HasFatalFailure()) return;
+  // Spare capacity per head and between sequences; every query reading one sequence (seq_stride 0).
+  check_flash(2, 3, 4, 128, 1000, 132, 24, 320, seed + 3);
+  if (HasFatalFailure()) return;
+  check_flash(2, 2, 8, 64, 77, 1, 8, 0, seed + 4);
+  if (HasFatalFailure()) return;
+  check_flash(3, 2, 4, 128, 333, 132, 0, kSeqShared, seed + 5);
+  if (HasFatalFailure()) return;
+  check_flash(2, 2, 1, 64, 40, 132, 16, kSeqShared, seed + 6);
+}
+
+TEST(BaselinesGpu, FlashDecodeLongContextSplits) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  check_flash(1, 2, 4, 128, 70000, 132, -1, kSeqDefault, seed);  // 4375 full tiles, 34 a split: 129 splits a head
+  if (HasFatalFailure()) return;
+  check_flash(1, 2, 8, 128, 70001, 132, -1, kSeqDefault, seed + 1);  // and one token more
 }
