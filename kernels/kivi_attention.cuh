@@ -64,13 +64,15 @@
 //      If |q| max x scale max could overflow fp16, A is built in fp32 and
 //      pre-divided by a power of two instead (q of the CTA, scale of the cache).
 //   Online softmax of the chunk per head (a quad of lanes holds one head's 32
-//   scores), p taken as p 2^kp (kp <= 14 from the V scale max: p 2^kp x scale
-//   < 16384) so that small p keep their bits in fp16; the shift is folded
-//   into the running max (the merge sees a consistent (max, sum, acc)).
+//   scores), p split into fp16 hi + lo at p 2^14 and used as p 2^kp (kp <= 14
+//   from the V scale max: p 2^kp x scale < 16384; formed in fp32 when kp < 8,
+//   where an fp16 rounding rest of p 2^kp would be subnormal); the shift is
+//   folded into the running max (the merge sees a consistent (max, sum, acc)).
 //   V: O^T[c][h] += codes (A: 16 channels x 16 tokens, subnormal fp16) x
 //      (p_ht scale_t,g) (B, fp16 hi + lo, two mmas; p split hi + lo once per
 //      chunk, p x scale via HMUL2/HFMA2 per 32-channel group g); code units
-//      2^(bits cl - 24) are per 16-channel tile, undone at the end. The zero
+//      2^(bits cl - 24) are per 16-channel tile, undone at the end; each tile's
+//      mmas of a chunk go to a fresh accumulator added to O in fp32. The zero
 //      term sum_t p_ht zero_{t,g}: one mma per 16 tokens with A = the zeros
 //      (row = group g), B = p (hi, lo).
 //   The fp16 tail goes through the same mmas with A = q, B = K rows (K) and
@@ -392,12 +394,21 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kKiviMinCtas)
   const bool wide = ke > 0.f;
   const float kwide = exp2f(ke), kwide_inv = exp2f(-ke);
   const float pshift = vsmax > 0.f ? fminf(fmaxf(floorf(log2f(kKiviAmax / vsmax)), 0.f), 14.f) : 14.f;
+  // p is split into fp16 hi + lo at 2^14 (so lo stays a normal fp16 for every p that matters);
+  // B = p 2^pshift x scale is formed from it: by HMUL2 of p 2^pshift (exact: a power of two) when
+  // pshift >= 8, else (V scales over ~64: p 2^pshift's rounding rest would be subnormal, and its lost
+  // bits weigh scale x) in fp32 from hi + lo. tshift = 2^(pshift - 14) converts 2^14 units.
+  const float tshift = exp2f(pshift - 14.f);
+  const bool vwide = pshift < 8.f;
+  const __half2 tshift2 = __float2half2_rn(tshift);  // exact: 2^-14 .. 1
   // Scores: (hi + lo accumulators) x kmul[n8] + zero term; the code unit of n8 tile: 2^(BITS (n8 % S)).
   float kmul[4];
 #pragma unroll
   for (int n8 = 0; n8 < 4; ++n8) kmul[n8] = scale_log2 * kwide / (kKiviCodeUnit * float(1 << (BITS * (n8 % S))));
 
   // Softmax state of head r (m quad-uniform, l this lane's share, relative to 2^(m - pshift)).
+  // o in scaled units: sum p 2^pshift x value, times the code unit; in plain units (the tail's):
+  // sum p 2^14 x value. zacc: sum p 2^14 zero.
   // O^T accumulates on tensor cores: o[m16] = channels 16 m16 + r (+ 8) x heads 2 qd, 2 qd + 1,
   // in code units 2^(BITS (m16 % S)) kKiviCodeUnit while o_scaled (chunks), else plain (the tail).
   // zacc: the V zero term, rows = 32-channel groups (lanes 4 g + qd hold group g, heads 2 qd, + 1).
@@ -410,7 +421,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kKiviMinCtas)
   auto rescale_o = [&](bool to_scaled) {
 #pragma unroll
     for (int i = 0; i < kM16; ++i) {
-      const float f = to_scaled ? o_unit(i) : 1.f / o_unit(i);
+      const float f = to_scaled ? o_unit(i) * tshift : 1.f / (o_unit(i) * tshift);
 #pragma unroll
       for (int j = 0; j < 4; ++j) o[i][j] *= f;
     }
@@ -428,7 +439,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kKiviMinCtas)
     const float m_ref = m_new == -INFINITY ? 0.f : m_new;  // no NaN from -inf - -inf
     const float corr = exp2f(m - m_ref);
     m = m_new;
-    const float m_sub = m_ref - pshift;
+    const float m_sub = m_ref - 14.f;  // p 2^14
     float psum = 0.f;
 #pragma unroll
     for (int n8 = 0; n8 < 4; ++n8) {
@@ -439,7 +450,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kKiviMinCtas)
       ph[n8] = h2u(h);
       pl[n8] = h2u(__floats2half2_rn(p0 - back.x, p1 - back.y));
     }
-    l = fmaf(l, corr, psum);
+    l = fmaf(l, corr, psum * tshift);
     if (__any_sync(0xFFFFFFFFu, corr != 1.f)) {
       // o holds heads 2 qd and 2 qd + 1, whose quads are lanes 8 qd and 8 qd + 4.
       const float ca = __shfl_sync(0xFFFFFFFFu, corr, 8 * qd), cb = __shfl_sync(0xFFFFFFFFu, corr, 8 * qd + 4);
@@ -494,39 +505,83 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kKiviMinCtas)
     // V zero term: A = zeros of group r (rows 0..kGroups-1), tokens 16 k + 2 qd (+1), + 8.
     uint4 vz = make_uint4(0u, 0u, 0u, 0u);
     if (r < kGroups) vz = *reinterpret_cast<const uint4*>(rec + L::kVZeros + (r * 4 + qd) * 4);
-    mma(zacc, vz.x, 0u, vz.y, 0u, ph[0], ph[1]);
-    mma(zacc, vz.x, 0u, vz.y, 0u, pl[0], pl[1]);
-    mma(zacc, vz.z, 0u, vz.w, 0u, ph[2], ph[3]);
-    mma(zacc, vz.z, 0u, vz.w, 0u, pl[2], pl[3]);
-    // V: per 16 tokens k and 32-channel group g, B = p x scale_{t,g} (hi, lo); per 16-channel
-    // tile m16 of the group, A = its codes.
+    float zt[4] = {0.f, 0.f, 0.f, 0.f};  // a fresh accumulator, as o's tiles below
+    mma(zt, vz.x, 0u, vz.y, 0u, ph[0], ph[1]);
+    mma(zt, vz.x, 0u, vz.y, 0u, pl[0], pl[1]);
+    mma(zt, vz.z, 0u, vz.w, 0u, ph[2], ph[3]);
+    mma(zt, vz.z, 0u, vz.w, 0u, pl[2], pl[3]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) zacc[j] += zt[j];
+    // V: per 32-channel group g and 16 tokens k, B = p 2^pshift x scale_{t,g} (hi, lo); per
+    // 16-channel tile m16 of the group, A = its codes. Each tile's 4 mmas of the chunk go to a fresh
+    // accumulator, added to o by one FADD each: a long chain of tensor-core accumulations into o
+    // itself lost ~1e-3 of the output at 20k tokens a warp (the code and zero terms cancel).
     uint4 vw[kLW / 4];
 #pragma unroll
     for (int x = 0; x < kLW / 4; ++x) vw[x] = *reinterpret_cast<const uint4*>(rec + L::kVCodes + (x * 32 + lane) * 4);
+    uint4 sv[2][D / 64];  // [k] word 2 g + hh: scales of tokens 16 k + 8 hh + 2 qd (+1), group g
 #pragma unroll
-    for (int k = 0; k < 2; ++k) {
-      uint4 sv[D / 64];  // word 2 g + hh: scales of tokens 16 k + 8 hh + 2 qd (+1), group g
+    for (int k = 0; k < 2; ++k)
 #pragma unroll
       for (int x = 0; x < D / 64; ++x)
-        sv[x] = *reinterpret_cast<const uint4*>(rec + L::kVScales + (k * 4 + qd) * (D / 16) + 4 * x);
-      const __half2 p0 = u2h(ph[2 * k]), p1 = u2h(ph[2 * k + 1]), r0 = u2h(pl[2 * k]), r1 = u2h(pl[2 * k + 1]);
+        sv[k][x] = *reinterpret_cast<const uint4*>(rec + L::kVScales + (k * 4 + qd) * (D / 16) + 4 * x);
+    // p 2^pshift as hi + lo (HMUL2 by a power of two: exact) or, vwide, as fp32.
+    auto v_tiles = [&](auto vwide_tag) {
+      constexpr bool kVWide = decltype(vwide_tag)::value;
+      uint32_t pp[4], pr[4];
+      float2 pf[4];
 #pragma unroll
-      for (int g = 0; g < kGroups; ++g) {
-        const __half2 s0 = u2h(get(sv[g / 2], (2 * g) % 4)), s1 = u2h(get(sv[g / 2], (2 * g + 1) % 4));
-        const __half2 bh0 = __hmul2_rn(p0, s0), bh1 = __hmul2_rn(p1, s1);
-        const __half2 bl0 = __hfma2(r0, s0, __hfma2(p0, s0, __hneg2(bh0)));
-        const __half2 bl1 = __hfma2(r1, s1, __hfma2(p1, s1, __hneg2(bh1)));
-#pragma unroll
-        for (int mm = 0; mm < 2; ++mm) {
-          const int m16 = 2 * g + mm, cl = m16 % S, j0 = 2 * (k * kMG + m16 / S);
-          const uint32_t w0 = get(vw[j0 / 4], j0 % 4), w1 = get(vw[(j0 + 1) / 4], (j0 + 1) % 4);
-          const uint32_t a0 = code_pair<BITS>(w0, cl), a1 = code_pair<BITS>(w0 >> 8, cl);
-          const uint32_t a2 = code_pair<BITS>(w1, cl), a3 = code_pair<BITS>(w1 >> 8, cl);
-          mma(o[m16], a0, a1, a2, a3, h2u(bh0), h2u(bh1));
-          mma(o[m16], a0, a1, a2, a3, h2u(bl0), h2u(bl1));
+      for (int i = 0; i < 4; ++i) {
+        if constexpr (!kVWide) {
+          pp[i] = h2u(__hmul2(u2h(ph[i]), tshift2));
+          pr[i] = h2u(__hmul2(u2h(pl[i]), tshift2));
+        } else {
+          const float2 a = __half22float2(u2h(ph[i])), c = __half22float2(u2h(pl[i]));
+          pf[i] = make_float2((a.x + c.x) * tshift, (a.y + c.y) * tshift);
         }
       }
-    }
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) {
+        uint32_t bh[2][2], bl[2][2];  // [k][token half]: p 2^pshift x scale, hi and lo
+#pragma unroll
+        for (int k = 0; k < 2; ++k)
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const __half2 sc2 = u2h(get(sv[k][g / 2], (2 * g + hh) % 4));
+            if constexpr (!kVWide) {
+              const __half2 p2 = u2h(pp[2 * k + hh]), r2 = u2h(pr[2 * k + hh]);
+              const __half2 h = __hmul2_rn(p2, sc2);
+              bh[k][hh] = h2u(h);
+              bl[k][hh] = h2u(__hfma2(r2, sc2, __hfma2(p2, sc2, __hneg2(h))));
+            } else {
+              const float2 sf = __half22float2(sc2), x = pf[2 * k + hh];
+              const float x0 = x.x * sf.x, x1 = x.y * sf.y;
+              const __half2 h = __floats2half2_rn(x0, x1);
+              const float2 hf = __half22float2(h);
+              bh[k][hh] = h2u(h);
+              bl[k][hh] = h2u(__floats2half2_rn(x0 - hf.x, x1 - hf.y));
+            }
+          }
+#pragma unroll
+        for (int mm = 0; mm < 2; ++mm) {
+          const int m16 = 2 * g + mm, cl = m16 % S;
+          float t[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int k = 0; k < 2; ++k) {
+            const int j0 = 2 * (k * kMG + m16 / S);
+            const uint32_t w0 = get(vw[j0 / 4], j0 % 4), w1 = get(vw[(j0 + 1) / 4], (j0 + 1) % 4);
+            const uint32_t a0 = code_pair<BITS>(w0, cl), a1 = code_pair<BITS>(w0 >> 8, cl);
+            const uint32_t a2 = code_pair<BITS>(w1, cl), a3 = code_pair<BITS>(w1 >> 8, cl);
+            mma(t, a0, a1, a2, a3, bh[k][0], bh[k][1]);
+            mma(t, a0, a1, a2, a3, bl[k][0], bl[k][1]);
+          }
+#pragma unroll
+          for (int j = 0; j < 4; ++j) o[m16][j] += t[j];
+        }
+      }
+    };
+    if (vwide) v_tiles(std::true_type{});
+    else v_tiles(std::false_type{});
   };
 
   // A unit of the fp16 tail (tokens 32 u ..), straight from global memory, in halves (of the
@@ -624,11 +679,12 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kKiviMinCtas)
   float* rows = reinterpret_cast<float*>(area);
 #pragma unroll
   for (int g = 0; g < kGroups; ++g) {
-    const float za = __shfl_sync(0xFFFFFFFFu, zacc[0], 4 * g + qd), zb = __shfl_sync(0xFFFFFFFFu, zacc[1], 4 * g + qd);
+    const float za = __shfl_sync(0xFFFFFFFFu, zacc[0], 4 * g + qd) * tshift;
+    const float zb = __shfl_sync(0xFFFFFFFFu, zacc[1], 4 * g + qd) * tshift;
 #pragma unroll
     for (int mm = 0; mm < 2; ++mm) {
       const int m16 = 2 * g + mm;
-      const float f = o_scaled ? 1.f / o_unit(m16) : 1.f;
+      const float f = o_scaled ? 1.f / o_unit(m16) : tshift;
 #pragma unroll
       for (int j = 0; j < 4; ++j)
         rows[(2 * qd + (j & 1)) * (D + 2) + 16 * m16 + r + 8 * (j >> 1)] = o[m16][j] * f + ((j & 1) ? zb : za);

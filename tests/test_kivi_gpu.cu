@@ -138,6 +138,7 @@ void run_kivi_case(int bits, int D, int G, int tokens, uint64_t seed, Range rang
       refs[size_t(b) * s.q_heads + hq] = attention64(&q[(size_t(b) * s.q_heads + hq) * D], &k_ref[seq * tokens * D],
                                                      &v_ref[seq * tokens * D], tokens, D);
     }
+  const int cancel_exp = range == Range::Wide ? -12 : -15;  // the cancellation part of the tolerance, below
   // 132 SMs: many splits of a few units; 1 SM: few splits of many units (each warp many chunks).
   for (int sms : {132, 1}) {
     SCOPED_TRACE(testing::Message() << "sms " << sms);
@@ -151,7 +152,7 @@ void run_kivi_case(int bits, int D, int G, int tokens, uint64_t seed, Range rang
       for (int hq = 0; hq < s.q_heads; ++hq) {
         const auto& ref = refs[size_t(b) * s.q_heads + hq];
         const size_t seq = size_t(b) * s.kv_heads + hq / G;
-        double num = 0, den = 0;
+        double num = 0, den = 0, vmax2 = 0;
         for (int c = 0; c < D; ++c) den += ref[c] * ref[c];
         const double rms = std::sqrt(den / D);
         for (int c = 0; c < D; ++c) {
@@ -160,13 +161,19 @@ void run_kivi_case(int bits, int D, int G, int tokens, uint64_t seed, Range rang
           // fp16 output rounding (half an ulp: 2^-11 relative) plus the kernel's error, which has a part
           // relative to the channel's largest |V|: the kernel sums p x code x scale and p x zero apart (fp32
           // on tensor cores), two terms of about that size whose difference can be far smaller.
+          // (Measured: up to ~2^-17 of it at 1000 tokens; allowed: 2^-15. Range::Wide, where a 32-channel
+          // group holds values of ~3000 that cancel to ~0.02 and scores of ~1e3 carry fp32 rounding into
+          // that sum: 2^-12.)
           double vmax = 0;
           for (int t = 0; t < tokens; ++t) vmax = std::max(vmax, double(std::fabs(v_ref[(seq * tokens + t) * D + c])));
-          ASSERT_LE(std::fabs(got - ref[c]), std::ldexp(std::fabs(ref[c]), -11) + 1e-3 * rms + std::ldexp(vmax, -17) + 1e-6)
+          vmax2 += vmax * vmax;
+          ASSERT_LE(std::fabs(got - ref[c]), std::ldexp(std::fabs(ref[c]), -11) + 1e-3 * rms + std::ldexp(vmax, cancel_exp) + 1e-6)
               << "seq " << b << " head " << hq << " channel " << c << " ref " << ref[c];
           num += (got - ref[c]) * (got - ref[c]);
         }
-        ASSERT_LE(std::sqrt(num / std::max(den, 1e-30)), 1e-3) << "seq " << b << " head " << hq;
+        // Relative RMS error 1e-3, plus the same cancellation part (2^-17 of the channels' RMS largest |V|).
+        ASSERT_LE(std::sqrt(num / D), 1e-3 * rms + std::ldexp(std::sqrt(vmax2 / D), cancel_exp - 2) + 1e-6)
+            << "seq " << b << " head " << hq;
       }
   }
 }
