@@ -570,21 +570,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
     auto warp_row = [&](int w) {
       return reinterpret_cast<const float*>(smem + Smem::kQ + w * Smem::kWarp) + g * (D + 2);
     };
-    float M = -INFINITY;
-    for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, warp_row(w)[D]);
-    float A = 0.f, L = 0.f;
-    if (M != -INFINITY) {
-      for (int w = 0; w < kAttnWarps; ++w) {
-        const float* rw = warp_row(w);
-        if (rw[D] == -INFINITY) continue;
-        const float f = exp2f(rw[D] - M);
-        A += rw[d] * f;
-        L += rw[D + 1] * f;
-      }
-    }
-    float* out = p.part + (size_t(row_out[g]) * p.splits + split) * (D + 2);
-    out[d] = A;
-    if (d == 0) { out[D] = M; out[D + 1] = L; }
+    write_partial(p.part + (size_t(row_out[g]) * p.splits + split) * (D + 2), D, d, merge_warps<kAttnWarps>(warp_row, D, d));
   }
 }
 

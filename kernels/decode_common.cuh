@@ -68,44 +68,34 @@ struct SoftmaxAcc {
   }
 };
 
-/// Merges the warps of a CTA (merge: kAttnWarps * G * (D + 2) floats of
-/// shared memory) and writes this split's partial (acc, max, sum) for the G
-/// query heads at part[g][split] (rows of D + 2 floats). acc[g][j] holds
-/// channel lane + 32 j, or with kPairs channel 64 (j / 2) + 2 lane + j % 2
-/// (a lane that reads V as half2 pairs).
-/// Only the first g_real heads are written (a kernel padded to G heads for a
-/// group of g_real, e.g. 3 of 4: the padded rows have no output).
-template <int D, int G, bool kPairs = false>
-__device__ void write_split_partial(const SoftmaxAcc<D, G>& st, float* merge, float* part, int splits, int split,
-                                    int g_real = G) {
-  static_assert(D % 32 == 0, "the baselines' head sizes");
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+/// One output element d merged over a CTA's warps: row(w) points to warp w's
+/// partial row [acc[0..D), max, sum] (max in log2 units, -inf when the warp
+/// saw no token); each warp weighs exp2(its max - the max).
+struct MergedElement {
+  float acc, max, sum;
+};
+template <int kWarps, typename Row>
+__device__ __forceinline__ MergedElement merge_warps(Row&& row, int D, int d) {
+  MergedElement e{0.f, -INFINITY, 0.f};
 #pragma unroll
-  for (int g = 0; g < G; ++g) {
-    float* row = merge + (size_t(warp) * G + g) * (D + 2);
+  for (int w = 0; w < kWarps; ++w) e.max = fmaxf(e.max, row(w)[D]);
+  if (e.max == -INFINITY) return e;
 #pragma unroll
-    for (int j = 0; j < D / 32; ++j) row[kPairs ? 64 * (j / 2) + 2 * lane + j % 2 : lane + 32 * j] = st.acc[g][j];
-    const float lsum = warp_sum(st.l[g]);
-    if (lane == 0) { row[D] = st.m[g]; row[D + 1] = lsum; }
+  for (int w = 0; w < kWarps; ++w) {
+    const float* r = row(w);
+    if (r[D] == -INFINITY) continue;
+    const float f = exp2f(r[D] - e.max);
+    e.acc += r[d] * f;
+    e.sum += r[D + 1] * f;
   }
-  __syncthreads();
-  for (int i = threadIdx.x; i < g_real * D; i += blockDim.x) {
-    const int g = i / D, d = i % D;
-    float M = -INFINITY;
-    for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, merge[(size_t(w) * G + g) * (D + 2) + D]);
-    float A = 0.f, L = 0.f;
-    if (M != -INFINITY) {
-      for (int w = 0; w < kAttnWarps; ++w) {
-        const float* row = merge + (size_t(w) * G + g) * (D + 2);
-        if (row[D] == -INFINITY) continue;
-        const float f = exp2f(row[D] - M);
-        A += row[d] * f;
-        L += row[D + 1] * f;
-      }
-    }
-    float* out = part + (size_t(g) * splits + split) * (D + 2);
-    out[d] = A;
-    if (d == 0) { out[D] = M; out[D + 1] = L; }
+  return e;
+}
+/// Element d of a split's partial row (acc[D], max, sum): the max and sum go with d = 0.
+__device__ __forceinline__ void write_partial(float* out, int D, int d, const MergedElement& e) {
+  out[d] = e.acc;
+  if (d == 0) {
+    out[D] = e.max;
+    out[D + 1] = e.sum;
   }
 }
 

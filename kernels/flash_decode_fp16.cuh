@@ -302,30 +302,9 @@ __global__ void __launch_bounds__(32 * kFlashWarps, kFlashCtasPerSm)
     auto warp_row = [&](int w) {
       return reinterpret_cast<const float*>(flash_smem + size_t(w) * Smem::kWarpBytes) + g * (D + 2);
     };
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kFlashWarps; ++w) M = fmaxf(M, warp_row(w)[D]);
-    float A = 0.f, L = 0.f;
-    if (M != -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < kFlashWarps; ++w) {
-        const float* rw = warp_row(w);
-        if (rw[D] == -INFINITY) continue;  // a warp without tiles
-        const float f = exp2f(rw[D] - M);
-        A += rw[d] * f;
-        L += rw[D + 1] * f;
-      }
-    }
-    if (p.splits == 1) {
-      store_out(p.out + (q_row0 + g) * D + d, L > 0.f ? A / L : 0.f);  // as merge_kernel would
-    } else {
-      float* out = p.part + ((q_row0 + g) * p.splits + split) * (D + 2);
-      out[d] = A;
-      if (d == 0) {
-        out[D] = M;
-        out[D + 1] = L;
-      }
-    }
+    const MergedElement e = merge_warps<kFlashWarps>(warp_row, D, d);  // warps without tiles weigh 0
+    if (p.splits == 1) store_out(p.out + (q_row0 + g) * D + d, e.sum > 0.f ? e.acc / e.sum : 0.f);  // as merge_kernel would
+    else write_partial(p.part + ((q_row0 + g) * p.splits + split) * (D + 2), D, d, e);
   }
 }
 

@@ -700,26 +700,8 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kKiviMinCtas)
   for (int i = threadIdx.x; i < group * D; i += blockDim.x) {
     const int g = i / D, d = i % D;
     auto warp_row = [&](int w) { return reinterpret_cast<const float*>(smem + w * Smem::kWarp) + g * (D + 2); };
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, warp_row(w)[D]);
-    float A = 0.f, Lsum = 0.f;
-    if (M != -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < kAttnWarps; ++w) {
-        const float* rw = warp_row(w);
-        if (rw[D] == -INFINITY) continue;
-        const float f = exp2f(rw[D] - M);
-        A += rw[d] * f;
-        Lsum += rw[D + 1] * f;
-      }
-    }
-    float* out = part + ((size_t(b) * q_heads + size_t(head) * group + g) * splits + split) * (D + 2);
-    out[d] = A;
-    if (d == 0) {
-      out[D] = M;
-      out[D + 1] = Lsum;
-    }
+    write_partial(part + ((size_t(b) * q_heads + size_t(head) * group + g) * splits + split) * (D + 2), D, d,
+                  merge_warps<kAttnWarps>(warp_row, D, d));
   }
 }
 
