@@ -40,17 +40,10 @@
 #include "decode_common.cuh"
 #include "hadamard.cuh"
 #include "lane_decoder.cuh"
+#include "mma_ops.cuh"
 
 namespace kvcomp {
 namespace detail {
-
-/// d += A B on tensor cores (mma.m16n8k16, fp16 operands, fp32 accumulation),
-/// fragments as in the PTX ISA: a = {a0a1, a2a3, a4a5, a6a7}, b = {b0b1, b2b3}.
-__device__ __forceinline__ void mma_16816(float (&d)[4], uint4 a, uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
-}
 
 /// Starts pulling a block pair into L2 (one 128-byte line per lane and step),
 /// so the decoders' scattered word loads hit L2 instead of waiting on DRAM.
@@ -61,10 +54,6 @@ __device__ __forceinline__ void prefetch_l2(const uint8_t* p, uint32_t bytes, in
 
 __device__ __forceinline__ float half_lo(uint32_t w) { return __half2float(__ushort_as_half(uint16_t(w))); }
 __device__ __forceinline__ float half_hi(uint32_t w) { return __half2float(__ushort_as_half(uint16_t(w >> 16))); }
-__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
-  const __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
 
 /// Shared memory of the fused kernel: the two decode tables are a static
 /// array; the dynamic part holds q and, per warp, K's A operands, escape

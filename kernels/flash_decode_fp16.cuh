@@ -31,6 +31,7 @@
 #include <cstdint>
 
 #include "decode_common.cuh"
+#include "mma_ops.cuh"
 
 namespace kvcomp {
 namespace detail {
@@ -70,19 +71,6 @@ struct FlashSmem {
   static_assert(8 * (D + 2) * 4 <= kWarpBytes, "a warp's partial [G][D + 2] fits its ring");
 };
 
-/// 16-byte asynchronous copy global -> shared, through L2 only (every byte is
-/// read once); src_bytes 0 writes 16 zero bytes and reads nothing.
-__device__ __forceinline__ void cp_async16_zfill(unsigned smem_dst, const void* gmem_src, unsigned src_bytes) {
-  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(smem_dst), "l"(gmem_src),
-               "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-/// Waits until at most N of this thread's committed groups are pending.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 /// Four 8x8 fp16 matrices from shared memory; lane l gives the address of row
 /// l % 8 of matrix l / 8 (16 bytes). Matrix i lands in r[i]: lane l holds its
 /// row l / 4, columns 2 (l % 4) and + 1 (low half first); .trans: column
@@ -98,21 +86,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned addr, uint32_t (&r)[4
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
 }
-/// d += A B (mma.m16n8k16, fp16 operands, fp32 accumulation). PTX fragments,
-/// lane l, r = l / 4, c = l % 4: a = {a0a1, a2a3, a4a5, a6a7} = A[r][2c..],
-/// A[r + 8][2c..], A[r][2c + 8..], A[r + 8][2c + 8..]; b0b1 = B[2c..][r],
-/// b2b3 = B[2c + 8..][r]; d = D[r][2c], D[r][2c + 1], D[r + 8][2c], D[r + 8][2c + 1].
-__device__ __forceinline__ void flash_mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                          uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ uint32_t flash_pack(float lo, float hi) {
-  const __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-
 /// grid (splits, kv_heads, batch), 32 kFlashWarps threads, FlashSmem<D>::kBytes of dynamic shared memory.
 template <int D, int G>
 __global__ void __launch_bounds__(32 * kFlashWarps, kFlashCtasPerSm)
@@ -220,8 +193,8 @@ __global__ void __launch_bounds__(32 * kFlashWarps, kFlashCtasPerSm)
       for (int n = 0; n < 2; ++n) {
         uint32_t kb[4];
         ldmatrix_x4(kt + n * 8 * Smem::kRowBytes + k_addr(cg), kb);
-        flash_mma(sc[n], qa[2 * cg][0], 0u, qa[2 * cg][1], 0u, kb[0], kb[1]);
-        flash_mma(sc[n], qa[2 * cg + 1][0], 0u, qa[2 * cg + 1][1], 0u, kb[2], kb[3]);
+        mma_16816(sc[n], qa[2 * cg][0], 0u, qa[2 * cg][1], 0u, kb[0], kb[1]);
+        mma_16816(sc[n], qa[2 * cg + 1][0], 0u, qa[2 * cg + 1][1], 0u, kb[2], kb[3]);
       }
 
     // Online softmax of head `row` over the tile's 16 tokens (the quad holds them all).
@@ -258,17 +231,17 @@ __global__ void __launch_bounds__(32 * kFlashWarps, kFlashCtasPerSm)
       const float p0 = exp2f(s[n][0] - m), p1 = exp2f(s[n][1] - m);  // masked: exp2(-inf) = 0
       l += p0 + p1;
       const float x0 = p0 * kFlashPScale, x1 = p1 * kFlashPScale;
-      const uint32_t hi = flash_pack(x0, x1);
+      const uint32_t hi = pack_half2(x0, x1);
       const float2 hf = __half22float2(*reinterpret_cast<const __half2*>(&hi));
       pa[2 * n] = hi;
-      pa[2 * n + 1] = flash_pack(x0 - hf.x, x1 - hf.y);
+      pa[2 * n + 1] = pack_half2(x0 - hf.x, x1 - hf.y);
     }
 #pragma unroll
     for (int u = 0; u < kK16; ++u) {
       uint32_t vb[4];
       ldmatrix_x4_trans(vt + v_addr(u), vb);
-      flash_mma(o[2 * u], pa[0], pa[1], pa[2], pa[3], vb[0], vb[1]);
-      flash_mma(o[2 * u + 1], pa[0], pa[1], pa[2], pa[3], vb[2], vb[3]);
+      mma_16816(o[2 * u], pa[0], pa[1], pa[2], pa[3], vb[0], vb[1]);
+      mma_16816(o[2 * u + 1], pa[0], pa[1], pa[2], pa[3], vb[2], vb[3]);
     }
 
     __syncwarp();  // every lane has read stage st before it is refilled

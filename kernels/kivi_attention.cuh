@@ -88,6 +88,7 @@
 
 #include "decode_common.cuh"
 #include "kivi_params.cuh"
+#include "mma_ops.cuh"
 
 namespace kvcomp {
 namespace detail {
@@ -131,17 +132,10 @@ struct KiviLayout {
   static_assert(kLaneWords % 4 == 0 && kWords % 128 == 0, "16-byte vectors per lane");
 };
 
-/// Subnormal codes (default): a code pair masked into the low mantissa bits is
+/// Codes as subnormal fp16: a code pair masked into the low mantissa bits is
 /// the operand (value code 2^(bits cl - 24)); tensor cores take subnormal fp16
-/// inputs. kKiviSubnormalCodes = false: add 1024 (0x6400) and subtract it
-/// (one HSUB2 more per operand register, value code 2^(bits cl)); build with
-/// -DKVCOMP_KIVI_NO_SUBNORMAL_CODES for that.
-#ifdef KVCOMP_KIVI_NO_SUBNORMAL_CODES
-constexpr bool kKiviSubnormalCodes = false;
-#else
-constexpr bool kKiviSubnormalCodes = true;
-#endif
-constexpr float kKiviCodeUnit = kKiviSubnormalCodes ? 1.f / 16777216.f : 1.f;  // 2^-24
+/// inputs (KiviGpu tests it on every code).
+constexpr float kKiviCodeUnit = 1.f / 16777216.f;  // 2^-24
 /// q x scale and p x scale stay below this (fp16 max 65504; the rounding of
 /// hi and the lo rests keep far from it).
 constexpr float kKiviAmax = 16384.f;
@@ -244,20 +238,6 @@ __global__ void __launch_bounds__(32) kivi_quantize_kernel(const __half* k, cons
 
 namespace kivi {
 
-/// d += A B (mma.m16n8k16, fp16 operands, fp32 accumulation). Fragments as in
-/// the PTX ISA (lane = 4 r + q): A regs a0 = (row r, cols 2q, 2q+1), a1 = (row
-/// r + 8, same cols), a2 = (row r, cols 2q + 8, + 9), a3 = (row r + 8, cols
-/// + 8); B regs b0 = (rows 2q, 2q + 1, col r), b1 = (rows 2q + 8, + 9, col r);
-/// C/D d0, d1 = (row r, cols 2q, 2q + 1), d2, d3 = (row r + 8, same cols).
-/// Low half of a register = the lower column (A) or row (B).
-__device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                    uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 __device__ __forceinline__ uint32_t h2u(__half2 h) { return *reinterpret_cast<const uint32_t*>(&h); }
 __device__ __forceinline__ __half2 u2h(uint32_t u) { return *reinterpret_cast<const __half2*>(&u); }
 __device__ __forceinline__ uint32_t get(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
@@ -265,13 +245,7 @@ __device__ __forceinline__ uint32_t get(const uint4& v, int i) { return i == 0 ?
 /// Two codes (bits 16 e + bits cl, e = 0, 1, of w) as an fp16 pair operand of value code x 2^(BITS cl) x kKiviCodeUnit.
 template <int BITS>
 __device__ __forceinline__ uint32_t code_pair(uint32_t w, int cl) {
-  const uint32_t m = (((1u << BITS) - 1) * 0x00010001u) << (BITS * cl);
-  if constexpr (kKiviSubnormalCodes) {
-    return w & m;
-  } else {
-    const uint32_t x = (w & m) | 0x64006400u;  // 1024 + code 2^(BITS cl), exact
-    return h2u(__hsub2(u2h(x), u2h(0x64006400u)));
-  }
+  return w & ((((1u << BITS) - 1) * 0x00010001u) << (BITS * cl));
 }
 
 /// The A operand registers (hi, lo) of q x scale for a pair of channels: exact
@@ -298,15 +272,6 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
   uint32_t y;
   asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
   return y;
-}
-
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 }  // namespace kivi
@@ -338,7 +303,6 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kKiviMinCtas)
                           int units_per_split, int splits, float scale_log2) {
   using L = KiviLayout<D, BITS>;
   using Smem = KiviSmem<D, BITS>;
-  using kivi::mma;
   using kivi::code_pair;
   using kivi::get;
   using kivi::h2u;
@@ -485,12 +449,12 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kKiviMinCtas)
       uint32_t a0, a1, a2, a3;
       kivi::q_times_scale<kWide>(qa.x, kp.x, kwide_inv, a0, a1);
       kivi::q_times_scale<kWide>(qa.y, kp.y, kwide_inv, a2, a3);
-      mma(zk, qa.x, 0u, qa.y, 0u, kp.z, kp.w);  // sum_c q_rc zero_c in every column
+      mma_16816(zk, qa.x, 0u, qa.y, 0u, kp.z, kp.w);  // sum_c q_rc zero_c in every column
 #pragma unroll
       for (int n8 = 0; n8 < 4; ++n8) {
         const int j = k16 * (BITS / 2) + n8 / S, cl = n8 % S;
         const uint32_t w = get(kw[j / 4], j % 4);
-        mma(sc[n8], a0, a1, a2, a3, code_pair<BITS>(w, cl), code_pair<BITS>(w >> 8, cl));
+        mma_16816(sc[n8], a0, a1, a2, a3, code_pair<BITS>(w, cl), code_pair<BITS>(w >> 8, cl));
       }
     }
     const float qz = zk[0] * scale_log2;
@@ -506,10 +470,10 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kKiviMinCtas)
     uint4 vz = make_uint4(0u, 0u, 0u, 0u);
     if (r < kGroups) vz = *reinterpret_cast<const uint4*>(rec + L::kVZeros + (r * 4 + qd) * 4);
     float zt[4] = {0.f, 0.f, 0.f, 0.f};  // a fresh accumulator, as o's tiles below
-    mma(zt, vz.x, 0u, vz.y, 0u, ph[0], ph[1]);
-    mma(zt, vz.x, 0u, vz.y, 0u, pl[0], pl[1]);
-    mma(zt, vz.z, 0u, vz.w, 0u, ph[2], ph[3]);
-    mma(zt, vz.z, 0u, vz.w, 0u, pl[2], pl[3]);
+    mma_16816(zt, vz.x, 0u, vz.y, 0u, ph[0], ph[1]);
+    mma_16816(zt, vz.x, 0u, vz.y, 0u, pl[0], pl[1]);
+    mma_16816(zt, vz.z, 0u, vz.w, 0u, ph[2], ph[3]);
+    mma_16816(zt, vz.z, 0u, vz.w, 0u, pl[2], pl[3]);
 #pragma unroll
     for (int j = 0; j < 4; ++j) zacc[j] += zt[j];
     // V: per 32-channel group g and 16 tokens k, B = p 2^pshift x scale_{t,g} (hi, lo); per
@@ -572,8 +536,8 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kKiviMinCtas)
             const uint32_t w0 = get(vw[j0 / 4], j0 % 4), w1 = get(vw[(j0 + 1) / 4], (j0 + 1) % 4);
             const uint32_t a0 = code_pair<BITS>(w0, cl), a1 = code_pair<BITS>(w0 >> 8, cl);
             const uint32_t a2 = code_pair<BITS>(w1, cl), a3 = code_pair<BITS>(w1 >> 8, cl);
-            mma(t, a0, a1, a2, a3, bh[k][0], bh[k][1]);
-            mma(t, a0, a1, a2, a3, bl[k][0], bl[k][1]);
+            mma_16816(t, a0, a1, a2, a3, bh[k][0], bh[k][1]);
+            mma_16816(t, a0, a1, a2, a3, bl[k][0], bl[k][1]);
           }
 #pragma unroll
           for (int j = 0; j < 4; ++j) o[m16][j] += t[j];
@@ -612,7 +576,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kKiviMinCtas)
       for (int i = 0; i < kK16 / 2; ++i) {
         const uint2 qa = q_sm[(half * kK16 / 2 + i) * 32 + lane];
 #pragma unroll
-        for (int n8 = 0; n8 < 4; ++n8) mma(sc[n8], qa.x, 0u, qa.y, 0u, kb[i][n8][0], kb[i][n8][1]);
+        for (int n8 = 0; n8 < 4; ++n8) mma_16816(sc[n8], qa.x, 0u, qa.y, 0u, kb[i][n8][0], kb[i][n8][1]);
       }
     }
     float s[4][2];
@@ -635,8 +599,8 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kKiviMinCtas)
       for (int m16 = 0; m16 < kM16; ++m16) {
         const uint32_t a0 = kivi::transpose8x8(va[m16][0]), a1 = kivi::transpose8x8(va[m16][1]);
         const uint32_t a2 = kivi::transpose8x8(va[m16][2]), a3 = kivi::transpose8x8(va[m16][3]);
-        mma(o[m16], a0, a1, a2, a3, b0, b1);
-        mma(o[m16], a0, a1, a2, a3, l0, l1);
+        mma_16816(o[m16], a0, a1, a2, a3, b0, b1);
+        mma_16816(o[m16], a0, a1, a2, a3, l0, l1);
       }
     }
   };
@@ -650,9 +614,9 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kKiviMinCtas)
       const uint4* src = reinterpret_cast<const uint4*>(recs + size_t(u - ntail) * L::kWords);
       const uint32_t dst = uint32_t(__cvta_generic_to_shared(stage(i)));
 #pragma unroll
-      for (int x = 0; x < L::kWords / 128; ++x) kivi::cp_async16(dst + 16 * (lane + 32 * x), src + lane + 32 * x);
+      for (int x = 0; x < L::kWords / 128; ++x) cp_async16(dst + 16 * (lane + 32 * x), src + lane + 32 * x);
     }
-    kivi::cp_async_commit();  // one group per unit, empty or not: wait_group counts them
+    cp_async_commit();  // one group per unit, empty or not: wait_group counts them
   };
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) issue(i);
@@ -662,14 +626,14 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kKiviMinCtas)
     if (u < ntail) {
       tail_unit(u);
     } else {
-      kivi::cp_async_wait<kStages - 1>();  // unit i's group is complete (this lane's copies)
+      cp_async_wait<kStages - 1>();  // unit i's group is complete (this lane's copies)
       __syncwarp();                         // and every lane's
       if (wide) chunk(stage(i), std::true_type{});
       else chunk(stage(i), std::false_type{});
     }
     __syncwarp();
   }
-  kivi::cp_async_wait<0>();
+  cp_async_wait<0>();
   __syncwarp();
 
   // The warp's partial for heads 0..7 into its area: [8][D + 2] (acc, max, sum), acc in plain units

@@ -45,24 +45,19 @@ T* device_alloc(size_t n, const char* what) {
   return static_cast<T*>(p);
 }
 
-/// CTAs of the attention kernel resident on one SM (occupancy, once per kernel; sets its carveout).
+/// CTAs of the attention kernel resident on one SM of the current device; sets the kernel's carveout
+/// to shared memory over L1 (the records bypass L1: 4 CTAs need 4 x ~40 KB of it).
 template <int D, int BITS>
 int kivi_ctas_per_sm() {
-  static const int n = [] {
-    // Shared memory over L1 (the records bypass L1): 4 CTAs need 4 x ~40 KB of it.
-    cudaFuncSetAttribute(detail::kivi_attention_kernel<D, BITS>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                         int(cudaSharedmemCarveoutMaxShared));
-    cudaGetLastError();
-    int blocks = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, detail::kivi_attention_kernel<D, BITS>,
-                                                      32 * detail::kAttnWarps,
-                                                      detail::KiviSmem<D, BITS>::kBytes) != cudaSuccess) {
-      cudaGetLastError();
-      blocks = 0;
-    }
-    return blocks > 0 ? blocks : detail::kKiviMinCtas;
-  }();
-  return n;
+  constexpr auto kernel = detail::kivi_attention_kernel<D, BITS>;
+  detail::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                          int(cudaSharedmemCarveoutMaxShared)),
+                     "KIVI attention carveout");
+  int blocks = 0;
+  detail::check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, 32 * detail::kAttnWarps,
+                                                                   detail::KiviSmem<D, BITS>::kBytes),
+                     "KIVI attention occupancy");
+  return blocks > 0 ? blocks : 1;
 }
 
 /// Splits of each sequence's units (the tail's, then the chunks): the number
@@ -70,13 +65,9 @@ int kivi_ctas_per_sm() {
 /// so that the grid fills the resident CTA slots (one wave when batch x
 /// kv_heads leaves room) instead of leaving a short last wave. Each CTA takes
 /// at least one unit per warp.
-detail::SplitPlan kivi_plan(const KiviShape& s, int sms) {
+detail::SplitPlan kivi_plan(const KiviShape& s, int sms, int per_sm) {
   const int units = s.chunks() + (s.tail() + 31) / 32;
   if (units <= 0) return {1, 1};
-  // The smaller of the 2- and 4-bit kernels' occupancy: a workspace sized for one bit width serves
-  // the other (bench_attention shares one between its KIVI-4 and KIVI-2 caches).
-  const int per_sm = s.head_dim == 64 ? std::min(kivi_ctas_per_sm<64, 2>(), kivi_ctas_per_sm<64, 4>())
-                                      : std::min(kivi_ctas_per_sm<128, 2>(), kivi_ctas_per_sm<128, 4>());
   const long long slots = 1LL * (sms > 0 ? sms : 1) * per_sm, seqs = 1LL * s.batch * s.kv_heads;
   const int max_splits = std::min(256, (units + detail::kAttnWarps - 1) / detail::kAttnWarps);
   constexpr double kCtaCost = 1.5;  // units of one warp: q, the pipeline's first record, the partial
@@ -116,6 +107,10 @@ KiviCache::KiviCache(const KiviShape& shape) : shape_(shape) {
     p_.scale_max = device_alloc<float>(2, "scale maxima");
     p_.k_tail = device_alloc<__half>(tail, "K tail");
     p_.v_tail = device_alloc<__half>(tail, "V tail");
+    // The smaller of the 2- and 4-bit kernels' occupancy: a workspace sized for one bit width serves
+    // the other (bench_attention shares one between its KIVI-4 and KIVI-2 caches).
+    ctas_per_sm_ = shape.head_dim == 64 ? std::min(kivi_ctas_per_sm<64, 2>(), kivi_ctas_per_sm<64, 4>())
+                                        : std::min(kivi_ctas_per_sm<128, 2>(), kivi_ctas_per_sm<128, 4>());
   } catch (...) {
     release();
     throw;
@@ -157,12 +152,12 @@ void KiviCache::build(const __half* k, const __half* v, cudaStream_t s) {
 }
 
 size_t KiviCache::workspace_floats(int sms) const {
-  return size_t(shape_.batch) * shape_.q_heads * kivi_plan(shape_, sms).splits * (shape_.head_dim + 2);
+  return size_t(shape_.batch) * shape_.q_heads * kivi_plan(shape_, sms, ctas_per_sm_).splits * (shape_.head_dim + 2);
 }
 
 void KiviCache::attend(const __half* q, __half* out, float* workspace, int sms, cudaStream_t s) const {
   const KiviShape& sh = shape_;
-  const auto plan = kivi_plan(sh, sms);
+  const auto plan = kivi_plan(sh, sms, ctas_per_sm_);
   const float scale_log2 = float(1.4426950408889634 / std::sqrt(double(sh.head_dim)));
   const int G = sh.q_heads / sh.kv_heads;
   dispatch(sh, [&](auto d, auto bits) {

@@ -50,6 +50,7 @@ class KiviCache {
   void release();
   KiviShape shape_;
   detail::KiviParams p_{};
+  int ctas_per_sm_ = 1;  // resident attention CTAs an SM (the smaller of the 2- and 4-bit kernels')
 };
 
 /// CPU reference: K and V as the KIVI cache reconstructs them (fp32,
