@@ -102,9 +102,12 @@ def k_on_arrival(mode):
 def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_of=None, codebooks=0, k_bits=0,
                step_bits=0):
     """basis_of(layer) -> (K's, V's) [H, D, D] orthonormal per kv head (instead of `rot`; q rotates with K,
-    the output back with V), codebooks: 0 = bytes from one code histogram per (layer, K|V), n = from n per
+    the output back with V), or (A_k, A_q, A_v, A_out) [H, D, D] (k' = k A_k, q' = q A_q with A_q A_k^T = I;
+    v' = v A_v, the output o' A_out with A_v A_out = I), codebooks: 0 = bytes from one code histogram per
+    (layer, K|V), n = from n per
     (layer, kv head, K|V), each for D / n consecutive channels (components), abs_eb_of(layer) -> [2, H]:
-    absolute bounds per (K|V, head) instead of eb x each group's range (bench/transform_study.py)."""
+    absolute bounds per (K|V, head) instead of eb x each group's range (an entry None: that one relative;
+    bench/transform_study.py)."""
     v_now, k_now = v_on_arrival(mode), k_on_arrival(mode)
     assert R == 0 or mode == "today", "R: today's scheme only"
     assert abs_eb_of is None or (mode == "today" and R == 0), "absolute bounds: today's scheme only"
@@ -115,6 +118,8 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
             super().__init__(owner, index)
             self.eb = eb_of(index)
             self.basis = basis_of(index) if basis_of else None
+            if self.basis is not None and len(self.basis) == 2:  # orthonormal: q with K, the output back with V^T
+                self.basis = (self.basis[0], self.basis[0], self.basis[1], self.basis[1].transpose(1, 2))
             self.abs_eb = abs_eb_of(index) if abs_eb_of else None
             self.k = self.v = self.k_exact = None
             self.hist = [torch.zeros(MAX_CODE + 1, dtype=torch.int64, device="cuda") for _ in range(2)]
@@ -129,30 +134,34 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
             M = self.basis[which]
             return M if heads == M.shape[0] else M.repeat_interleave(heads // M.shape[0], 0)
 
-        def _prep(self, x, which=0):  # x [B, heads, D]; which: K's basis (k and q) or V's
+        def _prep(self, x, which=0):  # x [B, heads, D]; which: the basis index, 0 k, 1 q, 2 v (R: all alike)
             if self.basis is not None:
                 return torch.einsum("bhd,hde->bhe", x.float(), self._basis_for(which, x.shape[1]))
             R = self.owner.R
             return x.float() @ R if R is not None else x.float()
 
+        def _rel(self, which):
+            return self.abs_eb is None or self.abs_eb[which] is None
+
         def _unprep(self, o):
             if self.basis is not None:
-                return torch.einsum("bhe,hde->bhd", o, self._basis_for(1, o.shape[1]))
+                return torch.einsum("bhd,hde->bhe", o, self._basis_for(3, o.shape[1]))
             R = self.owner.R
             return o @ R.T if R is not None else o
 
         def _params(self, lo, hi, which, count=True):
-            if self.abs_eb is None and k_bits:
-                eb_abs, step, mn, over = compact_params(lo, hi, self.eb, k_bits)
+            eb = self.eb[which] if isinstance(self.eb, tuple) else self.eb  # (K's, V's) or one for both
+            if self._rel(which) and k_bits:
+                eb_abs, step, mn, over = compact_params(lo, hi, eb, k_bits)
                 if count:
                     self.groups[which] += over.numel()
                     self.overflow[which] += int(over.sum())
                 return eb_abs, step, mn
-            if self.abs_eb is None and step_bits:
-                eb_abs, step, mn = group_params(lo, hi, self.eb)
+            if self._rel(which) and step_bits:
+                eb_abs, step, mn = group_params(lo, hi, eb)
                 return eb_abs, step_down(step, step_bits), mn
-            if self.abs_eb is None:
-                return group_params(lo, hi, self.eb)
+            if self._rel(which):
+                return group_params(lo, hi, eb)
             e = self.abs_eb[which].view([1, -1] + [1] * (lo.dim() - 2)).expand_as(lo)
             return e, half_toward_zero(2 * e), half_down(lo)
 
@@ -170,7 +179,7 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
 
         def _store_token(self, k, v):  # k, v [B, H, D]
             i = self.length
-            x, y = self._prep(k), self._prep(v, 1)
+            x, y = self._prep(k), self._prep(v, 2)
             if self.k is None:
                 B, H, D = x.shape
                 W = self.owner.window
@@ -213,7 +222,7 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
 
         def _attend_token(self, q, scaling):
             n = self.length
-            o = torch.nn.functional.scaled_dot_product_attention(self._prep(q).unsqueeze(2), self.k[:, :, :n],
+            o = torch.nn.functional.scaled_dot_product_attention(self._prep(q, 1).unsqueeze(2), self.k[:, :, :n],
                                                                  self.v[:, :, :n], scale=scaling, enable_gqa=True)[:, :, 0]
             return self._unprep(o).to(q.dtype)
 
@@ -232,6 +241,25 @@ def entropy_bits(hist):
     return float(-(p * p.log2()).sum())
 
 
+def pair_huffman_bits(hist):
+    """Bits per value of a Huffman code over PAIRS of codes (the library codes pairs), the pair distribution taken
+    as the product of the single-code histogram: at least 0.5 bit a value, whatever the entropy."""
+    import heapq
+    p = hist.double() / max(1, int(hist.sum()))
+    p = p[p > 0]
+    pairs = (p[:, None] * p[None, :]).flatten().tolist()
+    if len(pairs) == 1:
+        return 0.5
+    heap = list(pairs)
+    heapq.heapify(heap)
+    total = 0.0  # expected length = sum of the merged weights
+    while len(heap) > 1:
+        a, b = heapq.heappop(heap), heapq.heappop(heap)
+        total += a + b
+        heapq.heappush(heap, a + b)
+    return total / 2
+
+
 def tail_width_bits(hist, escapes):
     """Fixed width w for open-block codes: codes >= 2^w escape at 32 bits; returns bits per value."""
     total = int(hist.sum()) + escapes
@@ -242,7 +270,7 @@ def tail_width_bits(hist, escapes):
     return best
 
 
-def estimate_bytes_per_token(cache, mode, W, T, R):
+def estimate_bytes_per_token(cache, mode, W, T, R, pairs=False):
     D, H = cache.head_dim, cache.kv_heads
     sum_bits, sum_tokens = 0.0, 0
     for layer in cache.layers:
@@ -254,7 +282,7 @@ def estimate_bytes_per_token(cache, mode, W, T, R):
                 g = layer.ghist[which].flatten(0, 1)
                 ent = sum(entropy_bits(gi) * int(gi.sum()) for gi in g) / n
             else:
-                ent = entropy_bits(h) * (n - esc) / n
+                ent = (pair_huffman_bits(h) if pairs else entropy_bits(h)) * (n - esc) / n
             closed_bits.append((ent + 0.05 + esc / n * 40.0) * D * H)  # per token
             on_arrival = k_on_arrival(mode) if which == 0 else v_on_arrival(mode)
             tail_bits.append(tail_width_bits(h, esc) * D * H if on_arrival else 16.0 * D * H)
