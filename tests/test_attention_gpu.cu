@@ -173,7 +173,7 @@ TEST(AttentionGpu, GqaGroupsHeadDimsAndBf16) {
   if (HasFatalFailure()) return;
   run_attention_case(2, 3, 96, DType::BF16, {129, 513}, seed + 13, true);
   if (HasFatalFailure()) return;
-  // head_dim 256 (Gemma): 16 channel tiles, 2 CTAs per SM; 32- and 128-token blocks.
+  // head_dim 256 (Gemma): 16 channel tiles, 3 CTAs per SM; 32- and 128-token blocks.
   run_attention_case(2, 8, 256, DType::F16, {1, 64, 130, 700}, seed + 17, false);
   if (HasFatalFailure()) return;
   run_attention_case(2, 7, 256, DType::BF16, {33, 500}, seed + 19, true, 32);
