@@ -25,8 +25,8 @@
 // escaped raw values add their exact fp32 contribution through shared-memory
 // corrections (lane_decoder.cuh). Decoded K/V live only in registers. Partial
 // (max, sum, acc) per CTA go to a workspace; merge_kernel combines the
-// splits (flash-decoding). Kernels of 2 CTAs (8 warps) per SM pull each warp's
-// next block into L2 while it decodes the current one.
+// splits (flash-decoding). Kernels of 2 CTAs (8 warps) per SM (two row tiles)
+// pull each warp's next block into L2 while it decodes the current one.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -82,7 +82,8 @@ struct AttnSmem {
 /// with 168 registers did: 590 vs 652 us at 32k x 8) and ~46 KB of shared
 /// memory a CTA. D = 256 (Gemma) doubles the output accumulators and shared
 /// memory (~65 KB): 3 CTAs, 168 registers (440 B of spills; 1.41 vs 1.77 ms
-/// at 32k x 8 with 2 CTAs and 255 registers). Two row tiles (16 rows: G > 8,
+/// at 32k x 8 with 2 CTAs and 255 registers; at 3 CTAs only the blocks'
+/// headers are prefetched into L2, see kPrefetch). Two row tiles (16 rows: G > 8,
 /// or several query tokens) double the scores and accumulators: 2 CTAs, D <=
 /// 128 (3 CTAs at 168 registers spill 0.9 KB: 0.84 vs 0.70 ms at G = 16).
 template <int D, int kTiles = 1>
