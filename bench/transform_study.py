@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Design study for the quantizer (an EMULATION, not the library): decorrelate K and V with a PCA basis per
-(layer, kv head) fitted on training text, and/or bound every group by one absolute error per (layer, kv head,
+(layer, kv head) fitted on training text, or with bases weighted by what the model reads of them (qw, wo; RESULTS:
+both lose to Hadamard), and/or bound every group by one absolute error per (layer, kv head,
 K|V) instead of eb x the group's range (reverse water-filling: components whose spread is below the bound cost
 almost nothing). The library's scheme otherwise (bench/tail_study.py, mode=today: K per channel over 64-token
 blocks, V per token, fp16 open tail); bytes estimated as there.
