@@ -25,7 +25,7 @@
 // K and V (the equal-error search also tries V/K bound ratios 1/4..4), one
 // codebook per layer/head/kind built from the data with
 // Codebook::from_histograms (which also picks its low-bit count k), as the
-// Cache does on prefill; bytes = blocks + 8-byte block table entries + the fp32
+// Cache does on prefill; bytes = blocks + 8-byte block table entries + the fp16
 // tail), KIVI 4-bit and 2-bit (group 32, 32-token fp16 window; bytes = codes +
 // fp16 scale/zero + fp16 window).
 #include <algorithm>
@@ -66,7 +66,8 @@ Compressor kvcomp_variant(float eb_k, float eb_v) {
     const int blocks = N / T;
     ko = k;
     vo = v;
-    size_t bytes = size_t(blocks) * sizeof(kvcomp::format::BlockRef) + size_t(N - blocks * T) * D * 2 * sizeof(float);
+    // The open tail is held in the input's type (fp16 here), as the Cache holds it.
+    size_t bytes = size_t(blocks) * sizeof(kvcomp::format::BlockRef) + size_t(N - blocks * T) * D * 2 * sizeof(uint16_t);
     for (kvcomp::Kind kind : {kvcomp::Kind::Key, kvcomp::Kind::Value}) {
       const kvcomp::ErrorBound bound{kvcomp::BoundMode::Relative, kind == kvcomp::Kind::Key ? eb_k : eb_v};
       const auto& x = kind == kvcomp::Kind::Key ? k : v;
