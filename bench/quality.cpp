@@ -26,8 +26,10 @@
 // codebook per layer/head/kind built from the data with
 // Codebook::from_histograms (which also picks its low-bit count k), as the
 // Cache does on prefill; bytes = blocks + 8-byte block table entries + the fp16
-// tail), KIVI 4-bit and 2-bit (group 32, 32-token fp16 window; bytes = codes +
-// fp16 scale/zero + fp16 window).
+// tail), the same with Config::transform = Hadamard (rows rotated and rounded
+// to fp16 as the Cache stores them, errors measured after rotating back; D a
+// power of two), KIVI 4-bit and 2-bit (group 32, 32-token fp16 window; bytes =
+// codes + fp16 scale/zero + fp16 window).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -45,6 +47,7 @@
 
 #include "kvcomp/codebook.hpp"
 #include "kvcomp/reference.hpp"
+#include "kvcomp/transform.hpp"
 #include "kv_dump.hpp"
 #include "src/kivi.hpp"
 
@@ -83,6 +86,23 @@ Compressor kvcomp_variant(float eb_k, float eb_v) {
             kvcomp::ref::DecodeStatus::Ok)
           throw std::runtime_error("kvcomp block failed to decode");
       }
+    }
+    return bytes;
+  };
+}
+
+/// kvcomp with Config::transform = Hadamard: rows rotated (x R, rounded to fp16 as the Cache stores them) before
+/// `inner` quantizes them, the reconstruction rotated back (R is its own inverse) so that errors are measured in
+/// the input domain, as attend() returns them.
+Compressor hadamard_variant(Compressor inner) {
+  return [inner](const std::vector<float>& k, const std::vector<float>& v, int N, int D, std::vector<float>& ko,
+                 std::vector<float>& vo) {
+    const auto k_rot = kvcomp::hadamard_rows_as_stored(kvcomp::DType::F16, k.data(), size_t(N), D);
+    const auto v_rot = kvcomp::hadamard_rows_as_stored(kvcomp::DType::F16, v.data(), size_t(N), D);
+    const size_t bytes = inner(k_rot, v_rot, N, D, ko, vo);
+    for (int t = 0; t < N; ++t) {
+      kvcomp::hadamard_row(&ko[size_t(t) * D], D);
+      kvcomp::hadamard_row(&vo[size_t(t) * D], D);
     }
     return bytes;
   };
@@ -188,13 +208,14 @@ Result evaluate(KvData& d, const std::string& name, const Compressor& comp) {
 /// kvcomp's best ratio at a mean output error of at most `target`: for each
 /// V/K bound ratio in {1/4, 1/2, 1, 2, 4}, bisection on log eb_k (the error
 /// grows with the bound). Returns the bounds in eb_k, eb_v.
-Result kvcomp_at_error(KvData& d, double target, double& eb_k, double& eb_v) {
+Result kvcomp_at_error(KvData& d, double target, double& eb_k, double& eb_v, bool hadamard) {
   Result best;
   for (double v_over_k : {0.25, 0.5, 1.0, 2.0, 4.0}) {
     double lo = 1e-4, hi = 0.5;
     for (int it = 0; it < 8; ++it) {
       const double mid = std::sqrt(lo * hi);
-      Result r = evaluate(d, "kvcomp", kvcomp_variant(float(mid), float(std::min(0.5, mid * v_over_k))));
+      const Compressor c = kvcomp_variant(float(mid), float(std::min(0.5, mid * v_over_k)));
+      Result r = evaluate(d, "kvcomp", hadamard ? hadamard_variant(c) : c);
       if (r.err_mean <= target) {
         lo = mid;
         if (r.ratio > best.ratio) { best = r; eb_k = mid; eb_v = std::min(0.5, mid * v_over_k); }
@@ -244,6 +265,14 @@ int main(int argc, char** argv) {
       std::snprintf(name, sizeof(name), "kvcomp eb %.3g", eb);
       rows.push_back(evaluate(d, name, kvcomp_variant(eb, eb)));
     }
+    // Config::transform = Hadamard needs a power-of-two head_dim.
+    const bool hadamard = kvcomp::is_power_of_two(d.head_dim);
+    if (hadamard)
+      for (float eb : {0.05f, 0.1f}) {
+        char name[40];
+        std::snprintf(name, sizeof(name), "kvcomp eb %.3g hadamard", eb);
+        rows.push_back(evaluate(d, name, hadamard_variant(kvcomp_variant(eb, eb))));
+      }
     rows.push_back(evaluate(d, "KIVI 4-bit", kivi_variant(4)));
     rows.push_back(evaluate(d, "KIVI 2-bit", kivi_variant(2)));
     std::printf("| variant | KV bytes/token (all layers, heads) | ratio vs fp16 | rel. err mean | rel. err max | KL mean | KL max |\n");
@@ -251,7 +280,7 @@ int main(int argc, char** argv) {
     std::printf("| fp16 | %.1f | 1.00x | 0 | 0 | 0 | 0 |\n", double(d.layers) * d.kv_heads * d.head_dim * 4);
     for (const auto& r : rows) print_row(r);
     std::printf("\nAt equal attention-output error (mean relative error):\n\n");
-    std::printf("| baseline | its error | its ratio | kvcomp eb K / V at that error | kvcomp ratio | kvcomp / baseline |\n|---|---:|---:|---:|---:|---:|\n");
+    std::printf("| baseline | its error | its ratio | kvcomp | kvcomp eb K / V at that error | kvcomp ratio | kvcomp / baseline |\n|---|---:|---:|---|---:|---:|---:|\n");
     std::string json = "{\"rows\": [";
     for (size_t i = 0; i < rows.size(); ++i) {
       char buf[512];
@@ -261,17 +290,22 @@ int main(int argc, char** argv) {
       json += buf;
     }
     json += "], \"equal_error\": [";
-    for (int b = 0; b < 2; ++b) {
-      const Result& base = rows[rows.size() - 2 + b];
-      double eb_k = 0, eb_v = 0;
-      const Result k = kvcomp_at_error(d, base.err_mean, eb_k, eb_v);
-      std::printf("| %s | %.4f | %.2fx | %.4f / %.4f | %.2fx | **%.2fx** |\n", base.name.c_str(), base.err_mean,
-                  base.ratio, eb_k, eb_v, k.ratio, k.ratio / base.ratio);
-      char buf[256];
-      std::snprintf(buf, sizeof(buf), "%s{\"baseline\": \"%s\", \"err\": %.6g, \"ratio\": %.4f, \"kvcomp_eb_k\": %.6g, \"kvcomp_eb_v\": %.6g, \"kvcomp_ratio\": %.4f}",
-                    b ? ", " : "", base.name.c_str(), base.err_mean, base.ratio, eb_k, eb_v, k.ratio);
-      json += buf;
-    }
+    bool first = true;
+    for (int b = 0; b < 2; ++b)
+      for (bool rotate : {false, true}) {
+        if (rotate && !hadamard) continue;
+        const Result& base = rows[rows.size() - 2 + b];
+        double eb_k = 0, eb_v = 0;
+        const Result k = kvcomp_at_error(d, base.err_mean, eb_k, eb_v, rotate);
+        const char* how = rotate ? "hadamard" : "plain";
+        std::printf("| %s | %.4f | %.2fx | %s | %.4f / %.4f | %.2fx | **%.2fx** |\n", base.name.c_str(), base.err_mean,
+                    base.ratio, how, eb_k, eb_v, k.ratio, k.ratio / base.ratio);
+        char buf[300];
+        std::snprintf(buf, sizeof(buf), "%s{\"baseline\": \"%s\", \"err\": %.6g, \"ratio\": %.4f, \"transform\": \"%s\", \"kvcomp_eb_k\": %.6g, \"kvcomp_eb_v\": %.6g, \"kvcomp_ratio\": %.4f}",
+                      first ? "" : ", ", base.name.c_str(), base.err_mean, base.ratio, how, eb_k, eb_v, k.ratio);
+        json += buf;
+        first = false;
+      }
     json += "]}\n";
     if (!json_out.empty()) std::ofstream(json_out) << json;
   } catch (const std::exception& e) {
