@@ -200,7 +200,8 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
             self.k_exact[:, :, i] = x
             if k_now and b >= 1:
                 lo, hi = self.prev
-                eb_abs, step, mn = group_params(lo, hi, self.eb)
+                eb_k = self.eb[0] if isinstance(self.eb, tuple) else self.eb
+                eb_abs, step, mn = group_params(lo, hi, eb_k)
                 rec, code = quantize(x, eb_abs[:, :, 0], step[:, :, 0], (mn - margin * step)[:, :, 0])
                 self.k[:, :, i] = rec
                 self._count(0, code)
@@ -243,7 +244,8 @@ def entropy_bits(hist):
 
 def pair_huffman_bits(hist):
     """Bits per value of a Huffman code over PAIRS of codes (the library codes pairs), the pair distribution taken
-    as the product of the single-code histogram: at least 0.5 bit a value, whatever the entropy."""
+    as the product of the single-code histogram: at least 0.5 bit a value, whatever the entropy. Not the library's
+    exact code: no 11-bit length cap, no PAIR_ESC for codes >= 15 << k (a lower bound where codes run high)."""
     import heapq
     p = hist.double() / max(1, int(hist.sum()))
     p = p[p > 0]

@@ -19,8 +19,10 @@ blocks, V per token, fp16 open tail); bytes estimated as there.
                           the transformed components of that (layer, head); layer: of the layer's heads; model:
                           of all layers (one absolute bound in the transform's units)
   ek=, ev=                K's and V's eb (default eb);  reg=r  W + r mean(diag W) I before the Cholesky (1e-3)
-  --pairs                 bytes from a Huffman code over pairs of codes (the library's coding; at least 0.5 bit
-                          a value) instead of the entropy
+  --pairs                 bytes from a Huffman code over pairs of codes instead of the entropy (at least 0.5 bit
+                          a value, as the library's pair code; but no 11-bit length cap and no PAIR_ESC for codes
+                          >= 15 << k, so a lower bound where codes run high, e.g. absolute bounds on wide
+                          components; +0.05 bit a value on top as for the entropy; ignored with cb=n)
   cb=n                    bytes from n code histograms per (layer, kv head, K|V), one per D / n consecutive
                           components (a codebook each, 256 bytes counted), instead of one per (layer, K|V)
 
@@ -94,11 +96,16 @@ def transforms(f, rk, rv, reg):
     """(A_k, A_q, A_v, A_out) [H, D, D] float64 for one layer's fit."""
     H, D = f["k"].shape[0], f["k"].shape[-1]
     eye = torch.eye(D, dtype=torch.float64, device="cuda").expand(H, D, D)
-    had = study.hadamard(D, "cuda").double().expand(H, D, D)
+
+    def had():
+        if D & (D - 1):
+            raise SystemExit(f"hadamard: head_dim {D} is not a power of two")
+        return study.hadamard(D, "cuda").double().expand(H, D, D)
+
     if rk == "none":
         Ak = Aq = eye
     elif rk == "hadamard":
-        Ak = Aq = had
+        Ak = Aq = had()
     elif rk == "pca":
         Ak = Aq = eig_desc(f["k"])
     elif rk == "qw":  # q-weighted: logit error q e^T white
@@ -108,7 +115,7 @@ def transforms(f, rk, rv, reg):
     if rv == "none":
         Av = Ao = eye
     elif rv == "hadamard":
-        Av = Ao = had
+        Av = Ao = had()
     elif rv == "pca":
         Av = eig_desc(f["v"])
         Ao = Av.mT
