@@ -39,6 +39,7 @@ struct Setup {
   cublasHandle_t handle = nullptr;
   std::unique_ptr<kvcomp::Cache> cache;
   std::unique_ptr<kvcomp::Cache> cache_hadamard;  // Config::transform = Hadamard (built on first use)
+  std::unique_ptr<kvcomp::Cache> cache_t32;       // Config::block_tokens = 32 (built on first use)
   std::unique_ptr<kvcomp::baseline::KiviCache> kivi[2];  // 4-bit, 2-bit (built on first use)
   float* kivi_ws = nullptr;
   std::vector<int> ids;
@@ -65,7 +66,7 @@ struct Setup {
 
 std::unique_ptr<Setup> g_setup;
 std::unique_ptr<kvcomp::Cache> make_cache(const Setup& s, kvcomp::Transform transform = kvcomp::Transform::None,
-                                          int window = 0);
+                                          int window = 0, int block_tokens = 64);
 
 Setup& setup(int N, int B, int G, int D, float eb) {
   if (g_setup && g_setup->N == N && g_setup->B == B && g_setup->G == G && g_setup->D == D && g_setup->eb == eb)
@@ -90,10 +91,11 @@ Setup& setup(int N, int B, int G, int D, float eb) {
   return *g_setup;
 }
 
-std::unique_ptr<kvcomp::Cache> make_cache(const Setup& s, kvcomp::Transform transform, int window) {
+std::unique_ptr<kvcomp::Cache> make_cache(const Setup& s, kvcomp::Transform transform, int window, int block_tokens) {
   kvcomp::Config cfg;
   cfg.transform = transform;
   cfg.window = window;
+  cfg.block_tokens = block_tokens;
   cfg.max_attend_batch = std::min(256, 16 * s.B);  // multi-token queries: up to 16 a sequence
   cfg.layers = 1; cfg.kv_heads = kH; cfg.q_heads = s.Hq(); cfg.head_dim = s.D;
   cfg.k_bound = cfg.v_bound = {kvcomp::BoundMode::Relative, s.eb};
@@ -130,7 +132,7 @@ void time_calls(benchmark::State& st, Run&& run) {
   cudaEventDestroy(a); cudaEventDestroy(b);
 }
 
-enum Variant { kFlash = 1, kCublas = 2, kKvcomp = 3, kKivi4 = 4, kKivi2 = 5, kKvcompHadamard = 7 };  // numbers name the benchmarks
+enum Variant { kFlash = 1, kCublas = 2, kKvcomp = 3, kKivi4 = 4, kKivi2 = 5, kKvcompHadamard = 7, kKvcompT32 = 8 };  // numbers name the benchmarks
 
 void BM_attention(benchmark::State& st) {
   const int N = int(st.range(0)), B = int(st.range(1));
@@ -139,10 +141,12 @@ void BM_attention(benchmark::State& st) {
   Setup& s = setup(N, B, G, D, 0.05f);
   kvcomp::baseline::KiviCache* kivi = (var == kKivi4 || var == kKivi2) ? &s.kivi_cache(var == kKivi4 ? 4 : 2) : nullptr;
   if (var == kKvcompHadamard && !s.cache_hadamard) s.cache_hadamard = make_cache(s, kvcomp::Transform::Hadamard);
+  if (var == kKvcompT32 && !s.cache_t32) s.cache_t32 = make_cache(s, kvcomp::Transform::None, 0, 32);
   auto run = [&] {
     switch (var) {
       case kKvcomp: s.cache->attend(0, s.ids, s.q, s.out, kvcomp::DType::F16, 0); break;
       case kKvcompHadamard: s.cache_hadamard->attend(0, s.ids, s.q, s.out, kvcomp::DType::F16, 0); break;
+      case kKvcompT32: s.cache_t32->attend(0, s.ids, s.q, s.out, kvcomp::DType::F16, 0); break;
       case kFlash: kvcomp::baseline::flash_decode_fp16(s.fp16(), s.q, s.out, s.flash_ws, g_sms, 0); break;
       case kCublas: kvcomp::baseline::cublas_attention(s.handle, s.fp16(), s.q, s.out, s.cublas_ws, 0); break;
       case kKivi4:
@@ -152,12 +156,14 @@ void BM_attention(benchmark::State& st) {
   time_calls(st, run);
   const double bytes = var == kKvcomp ? double(s.compressed)
                        : var == kKvcompHadamard ? double(s.cache_hadamard->stats().compressed_bytes)
+                       : var == kKvcompT32 ? double(s.cache_t32->stats().compressed_bytes)
                        : kivi ? double(kivi->shape().bytes()) : double(s.fp16_bytes());
   st.counters["bytes_read"] = bytes;
   st.counters["floor_us"] = bytes / g_copy_bw * 1e6;
   st.counters["eff_TBps"] = benchmark::Counter(double(s.fp16_bytes()) / 1e12, benchmark::Counter::kIsIterationInvariantRate);
   st.counters["ratio"] = double(s.fp16_bytes()) / bytes;
   st.SetLabel(var == kKvcomp ? "kvcomp eb0.05" : var == kKvcompHadamard ? "kvcomp eb0.05 hadamard"
+              : var == kKvcompT32 ? "kvcomp eb0.05 T32"
               : var == kFlash ? "flash-fp16" : var == kCublas ? "cublas-fp16" : var == kKivi4 ? "kivi-4bit" : "kivi-2bit");
 }
 
@@ -215,6 +221,11 @@ void sweep_args(benchmark::internal::Benchmark* b) {
   // Config::transform = Hadamard (q rotated in the kernel, output in the merge).
   for (int n : {1024, 32768}) b->Args({n, 8, kKvcompHadamard, 4, 128});
   b->Args({131072, 1, kKvcompHadamard, 4, 128});
+  // Config::block_tokens = 32: half a block's serial decode (what bounds short contexts), more headers.
+  for (int n : {1024, 4096})
+    for (int batch : {1, 8}) b->Args({n, batch, kKvcompT32, 4, 128});
+  b->Args({32768, 8, kKvcompT32, 4, 128});
+  b->Args({131072, 1, kKvcompT32, 4, 128});
 }
 
 }  // namespace

@@ -15,6 +15,9 @@ quantization codes instead of fp16, with the codes they will keep when the block
          bits (fp16's range) and 11 - n mantissa bits, the min on the step's grid (min = j x step, j = floor(gmin /
          step), stored in n signed bits); a group whose j does not fit keeps today's params and costs 32 bits
          more (an overflow entry). Rounding the step down keeps every value within the bound.
+  kd=n   (today) closed K blocks coded as differences along tokens of the same codes (quality unchanged): 1 every
+         channel, 2 per (block, channel) where the differences spread less, two codebooks and a flag bit.
+  sink=s (today) the first s tokens of a sequence held exactly (fp16), outside block 0's ranges and codes.
   ps=m   (today only) the min kept as today (fp16), the step rounded toward zero to 5 exponent bits and m
          mantissa bits: 21 + m bits a group.
 
@@ -100,7 +103,7 @@ def k_on_arrival(mode):
 
 
 def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_of=None, codebooks=0, k_bits=0,
-               step_bits=0):
+               step_bits=0, k_delta=0, sinks=0):
     """basis_of(layer) -> (K's, V's) [H, D, D] orthonormal per kv head (instead of `rot`; q rotates with K,
     the output back with V), or (A_k, A_q, A_v, A_out) [H, D, D] (k' = k A_k, q' = q A_q with A_q A_k^T = I;
     v' = v A_v, the output o' A_out with A_v A_out = I), codebooks: 0 = bytes from one code histogram per
@@ -112,6 +115,7 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
     assert R == 0 or mode == "today", "R: today's scheme only"
     assert abs_eb_of is None or (mode == "today" and R == 0), "absolute bounds: today's scheme only"
     assert (k_bits == 0 and step_bits == 0) or (mode == "today" and abs_eb_of is None), "compact params: today only"
+    assert sinks == 0 or (mode == "today" and R == 0 and sinks < T), "sinks: today's scheme, fewer than T"
 
     class Layer(hf._Layer):
         def __init__(self, owner, index):
@@ -129,6 +133,12 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
             self.groups = [0, 0]     # groups counted (pk: params of K per channel and block, V per token)
             self.overflow = [0, 0]   # of them, groups whose min did not fit the grid (pk)
             self.prev = None  # (lo, hi) of the last closed K block, per channel [B, H, 1, D]
+            # kd: closed K blocks' codes along tokens. dhist: code differences q_t - q_{t-1} (+ MAX_CODE);
+            # first: the first token's codes; chosen: kd=2's per-(block, channel) choice, [plain hist, delta hist].
+            self.dhist = torch.zeros(2 * MAX_CODE + 1, dtype=torch.int64, device="cuda")
+            self.first = torch.zeros(MAX_CODE + 1, dtype=torch.int64, device="cuda")
+            self.chosen = [torch.zeros(2 * MAX_CODE + 1, dtype=torch.int64, device="cuda") for _ in range(2)]
+            self.k_groups = [0, 0]  # kd=2: channel blocks coded plain, as differences
 
         def _basis_for(self, which, heads):  # q heads share their kv head's basis
             M = self.basis[which]
@@ -177,6 +187,28 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
                 self.ghist[which] = counts if self.ghist[which] is None else self.ghist[which] + counts
             self.escapes[which] += int((codes < 0).sum())
 
+        def _count_delta(self, code):  # code [B, H, T, D] of one closed K block (-1: escaped)
+            ok = (code[:, :, 1:] >= 0) & (code[:, :, :-1] >= 0)
+            d = code[:, :, 1:] - code[:, :, :-1]
+            self.dhist += torch.bincount((d[ok] + MAX_CODE).flatten(), minlength=2 * MAX_CODE + 1)
+            f = code[:, :, 0]
+            self.first += torch.bincount(f[f >= 0].flatten(), minlength=MAX_CODE + 1)
+            # kd=2: per channel, differences where their spread is smaller than the codes' own (a proxy of cost:
+            # sum |d - median| vs sum |q - median|); each choice has its histogram (two codebooks).
+            med_q = code.float().median(2, keepdim=True).values
+            cost_q = (code.float() - med_q).abs().sum(2)
+            med_d = d.float().median(2, keepdim=True).values
+            cost_d = (d.float() - med_d).abs().sum(2) + (f.float() - med_q[:, :, 0]).abs()
+            use_d = cost_d < cost_q  # [B, H, D]
+            self.k_groups[0] += int((~use_d).sum())
+            self.k_groups[1] += int(use_d.sum())
+            okq = (code >= 0) & ~use_d.unsqueeze(2)
+            self.chosen[0] += torch.bincount((code[okq] + MAX_CODE).flatten(), minlength=2 * MAX_CODE + 1)
+            okd = ok & use_d.unsqueeze(2)
+            self.chosen[1] += torch.bincount((d[okd] + MAX_CODE).flatten(), minlength=2 * MAX_CODE + 1)
+            f_d = (f >= 0) & use_d
+            self.chosen[1] += torch.bincount((f[f_d] + MAX_CODE).flatten(), minlength=2 * MAX_CODE + 1)
+
         def _store_token(self, k, v):  # k, v [B, H, D]
             i = self.length
             x, y = self._prep(k), self._prep(v, 2)
@@ -190,11 +222,15 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
             lo, hi = y.amin(-1, keepdim=True), y.amax(-1, keepdim=True)
             rec_v, code_v = quantize(y, *self._params(lo, hi, 1))
             self.v[:, :, i] = rec_v if v_now else y
-            self._count(1, code_v)
+            if i >= sinks:
+                self._count(1, code_v)
             closing = i >= R and (i - R) % T == T - 1  # block (i - R) // T closes after token i
             first = i - R - T + 1  # its first token
             if not v_now and closing:
+                exact = self.v[:, :, first:first + sinks].clone() if first == 0 else None
                 self.v[:, :, first:first + T] = self._requant_v(first)
+                if exact is not None:  # the sink tokens stay exact
+                    self.v[:, :, :sinks] = exact
             # K: per channel over the block.
             b = i // T
             self.k_exact[:, :, i] = x
@@ -209,11 +245,16 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
                 self.k[:, :, i] = x
             if closing:
                 blk = self.k_exact[:, :, first:first + T]
-                lo, hi = blk.amin(2, keepdim=True), blk.amax(2, keepdim=True)
+                s0 = sinks if first == 0 else 0  # exact sink tokens: outside the block's ranges and codes
+                lo, hi = blk[:, :, s0:].amin(2, keepdim=True), blk[:, :, s0:].amax(2, keepdim=True)
                 if not k_now or first == 0:
                     rec, code = quantize(blk, *self._params(lo, hi, 0))
+                    rec[:, :, :s0] = blk[:, :, :s0]
+                    code = code[:, :, s0:]
                     self.k[:, :, first:first + T] = rec
                     self._count(0, code)
+                    if k_delta:
+                        self._count_delta(code)
                 self.prev = (lo, hi)
 
         def _requant_v(self, first):
@@ -232,7 +273,7 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
 
     c = study.emulated_cache(hf, model, Layer, rot)
     c.window = model.config.max_position_embeddings
-    c.k_bits, c.step_bits = k_bits, step_bits
+    c.k_bits, c.step_bits, c.k_delta, c.sinks = k_bits, step_bits, k_delta, sinks
     return c
 
 
@@ -285,6 +326,18 @@ def estimate_bytes_per_token(cache, mode, W, T, R, pairs=False):
                 ent = sum(entropy_bits(gi) * int(gi.sum()) for gi in g) / n
             else:
                 ent = (pair_huffman_bits(h) if pairs else entropy_bits(h)) * (n - esc) / n
+            kd = getattr(cache, "k_delta", 0)
+            if which == 0 and kd:
+                plain = ent
+                if kd == 1:  # every code as the difference from the token before (the first token's as is)
+                    nd, nf = int(layer.dhist.sum()), int(layer.first.sum())
+                    ent = (entropy_bits(layer.dhist) * nd + entropy_bits(layer.first) * nf) / n
+                else:  # per (block, channel) choice, two codebooks, a flag bit per channel and block
+                    ent = sum(entropy_bits(c) * int(c.sum()) for c in layer.chosen) / n + 1.0 / T
+                share = layer.k_groups[1] / max(1, sum(layer.k_groups))
+                chosen = f" (differences in {share:.0%} of channel blocks)" if kd == 2 else ""
+                print(f"  layer {cache.layers.index(layer)} K: codes {plain:.3f} bit, differences "
+                      f"{entropy_bits(layer.dhist):.3f} bit, kd={kd}: {ent:.3f} bit{chosen}", flush=True)
             closed_bits.append((ent + 0.05 + esc / n * 40.0) * D * H)  # per token
             on_arrival = k_on_arrival(mode) if which == 0 else v_on_arrival(mode)
             tail_bits.append(tail_width_bits(h, esc) * D * H if on_arrival else 16.0 * D * H)
@@ -304,6 +357,8 @@ def estimate_bytes_per_token(cache, mode, W, T, R, pairs=False):
             # Block 0's K is held exactly until it closes; V's params come with its codes.
             k_bits = 16.0 * D * H if t < T else tail_bits[0]
             bits += open_ * (k_bits + tail_bits[1] + (v_params if v_on_arrival(mode) else 0.0))
+            # Sink tokens held exactly (fp16 K and V) besides their block (which is counted as if whole).
+            bits += min(t, getattr(cache, "sinks", 0)) * 32.0 * D * H
             sum_bits += bits + books
             sum_tokens += t if layer is cache.layers[0] else 0
     return sum_bits / sum_tokens / 8
@@ -318,7 +373,8 @@ def main():
         l0 = float(o.get("l0", eb))
         return make_cache(hf, model, o.get("mode", "today"), lambda i: l0 if i == 0 else eb,
                           float(o.get("margin", 1)), o.get("rot", "0") == "1", int(o.get("T", 64)), int(o.get("R", 0)),
-                          k_bits=int(o.get("pk", 0)), step_bits=int(o.get("ps", 0)))
+                          k_bits=int(o.get("pk", 0)), step_bits=int(o.get("ps", 0)), k_delta=int(o.get("kd", 0)),
+                          sinks=int(o.get("sink", 0)))
 
     def estimate(cache, o):
         return estimate_bytes_per_token(cache, o.get("mode", "today"), W, int(o.get("T", 64)), int(o.get("R", 0)))
