@@ -110,6 +110,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
   const uint32_t lut_v = lut_k + format::kLutSize * sizeof(uint32_t);
   float* q_s = reinterpret_cast<float*>(smem);  // [R][D], scaled to log2 units; rows >= group are 0
 
+  allow_dependent_launch();  // the merge's CTAs may be placed as ours finish (they wait for the whole grid)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = lane / 4, quad = lane % 4;  // mma fragment coordinates: this lane's head is `row`
   const int split = blockIdx.x, head = blockIdx.y % p.kv_heads, tile = blockIdx.y / p.kv_heads, b = blockIdx.z;

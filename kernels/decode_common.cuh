@@ -178,12 +178,30 @@ __device__ __forceinline__ void load_vec(const float* p, float (&x)[N]) {
   }
 }
 
+/// A split kernel lets the merge launched after it (src/merge_launch.hpp: a
+/// programmatic dependent launch) start its CTAs now; they wait for its end.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+/// Waits until the kernel before this one on the stream (when this one was a
+/// programmatic dependent launch) has finished and its writes are visible; a
+/// no-op otherwise.
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 /// Combines the splits: out = sum_s A_s 2^(m_s - M) / sum_s L_s 2^(m_s - M).
 /// grid: batch * q_heads CTAs of D threads. A sequence with no tokens gives 0.
 /// rotate_back (Config::transform = Hadamard): V was stored as v R, so the
 /// merged row is o R; it is multiplied by R once more (R R = I) before output.
 template <typename QT, int D>
 __global__ void merge_kernel(const float* part, int splits, QT* out, bool rotate_back = false) {
+  wait_for_prior_grid();  // the split kernel's partials
   const size_t bh = blockIdx.x;
   const float* base = part + bh * splits * (D + 2);
   float M = -INFINITY;

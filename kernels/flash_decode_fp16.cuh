@@ -97,6 +97,7 @@ __global__ void __launch_bounds__(32 * kFlashWarps, kFlashCtasPerSm)
   constexpr int kK16 = D / 16;    // k16 steps of q.K^T; pairs of 8-channel n-tiles of P.V
   constexpr int kPieces = D / 8;  // 16-byte pieces of a row
   extern __shared__ __align__(128) unsigned char flash_smem[];
+  allow_dependent_launch();  // the merge (if any) is a dependent launch, as kvcomp's
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = lane / 4, quad = lane % 4;  // mma fragment row (a query head) and column pair
   const int split = blockIdx.x, head = blockIdx.y, b = blockIdx.z;

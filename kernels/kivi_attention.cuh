@@ -310,6 +310,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, kKiviMinCtas)
   constexpr int kK16 = L::kK16, kM16 = L::kM16, kGroups = L::kGroups, S = L::kSlots, kMG = L::kMG;
   constexpr int kStages = Smem::kStages, kLW = L::kLaneWords;
   extern __shared__ __align__(16) uint8_t smem[];
+  allow_dependent_launch();  // the merge is a dependent launch, as kvcomp's
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int r = lane / 4, qd = lane % 4;  // mma fragment coordinates: this lane's head (K) is r
   const int split = blockIdx.x, head = blockIdx.y, b = blockIdx.z;

@@ -5,6 +5,7 @@
 #include "kvcomp/cache.hpp"
 #include "kvcomp/error.hpp"
 #include "launch.hpp"
+#include "merge_launch.hpp"
 #include "smem_opt_in.hpp"
 
 namespace kvcomp {
@@ -78,9 +79,8 @@ void launch_attention(DType q_type, int D, int G, const AttendParams& params, cu
       launch(std::integral_constant<int, 1>{});
     }
     check_cuda(cudaGetLastError(), "fused attention launch");
-    merge_kernel<QT, kD><<<rows * p.kv_heads * G, kD, 0, s>>>(p.part, p.splits, static_cast<QT*>(p.out),
-                                                              p.transform == kTransformHadamard);
-    check_cuda(cudaGetLastError(), "split merge launch");
+    launch_merge<QT, kD>(p.part, p.splits, static_cast<QT*>(p.out), p.transform == kTransformHadamard,
+                         rows * p.kv_heads * G, s, "split merge launch");
   });
 }
 

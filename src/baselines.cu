@@ -7,6 +7,7 @@
 #include "kernels/flash_decode_fp16.cuh"
 #include "kvcomp/error.hpp"
 #include "launch.hpp"
+#include "merge_launch.hpp"
 #include "smem_opt_in.hpp"
 
 namespace kvcomp {
@@ -62,8 +63,8 @@ void flash_decode_fp16(const Fp16Attention& a, const __half* q, __half* out, flo
     kernel<<<grid, 32 * detail::kFlashWarps, kBytes, s>>>(p);
     detail::check_cuda(cudaGetLastError(), "flash decode launch");
     if (plan.splits == 1) return;  // the kernel wrote the output
-    detail::merge_kernel<__half, d.value><<<a.batch * a.q_heads, d.value, 0, s>>>(workspace, plan.splits, out);
-    detail::check_cuda(cudaGetLastError(), "flash merge launch");
+    detail::launch_merge<__half, d.value>(workspace, plan.splits, out, false, a.batch * a.q_heads, s,
+                                          "flash merge launch");
   };
   using I64 = std::integral_constant<int, 64>;
   using I128 = std::integral_constant<int, 128>;

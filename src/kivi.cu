@@ -9,6 +9,7 @@
 #include "kernels/kivi_attention.cuh"
 #include "kvcomp/error.hpp"
 #include "launch.hpp"
+#include "merge_launch.hpp"
 
 namespace kvcomp {
 namespace baseline {
@@ -166,8 +167,7 @@ void KiviCache::attend(const __half* q, __half* out, float* workspace, int sms, 
     detail::kivi_attention_kernel<D, BITS><<<dim3(plan.splits, sh.kv_heads, sh.batch), 32 * detail::kAttnWarps, smem, s>>>(
         p_, q, workspace, G, plan.units_per_split, plan.splits, scale_log2);
     detail::check_cuda(cudaGetLastError(), "KIVI attention launch");
-    detail::merge_kernel<__half, D><<<sh.batch * sh.q_heads, D, 0, s>>>(workspace, plan.splits, out);
-    detail::check_cuda(cudaGetLastError(), "KIVI merge launch");
+    detail::launch_merge<__half, D>(workspace, plan.splits, out, false, sh.batch * sh.q_heads, s, "KIVI merge launch");
   });
 }
 

@@ -29,24 +29,6 @@
 
 namespace kvcomp_test {
 
-template <typename T>
-struct DevBuf {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit DevBuf(size_t count) : n(count) {
-    if (cudaMalloc(&ptr, count * sizeof(T) + 16) != cudaSuccess) ptr = nullptr;
-  }
-  ~DevBuf() { if (ptr) cudaFree(ptr); }
-  DevBuf(const DevBuf&) = delete;
-  DevBuf& operator=(const DevBuf&) = delete;
-  void upload(const std::vector<T>& h) { cudaMemcpy(ptr, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice); }
-  std::vector<T> download() const {
-    std::vector<T> h(n);
-    cudaMemcpy(h.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost);
-    return h;
-  }
-};
-
 /// Raw element bits of `x` in dtype t (values already representable).
 inline std::vector<uint8_t> to_dtype_bytes(kvcomp::DType t, const std::vector<float>& x) {
   std::vector<uint8_t> out(x.size() * kvcomp::dtype_size(t));
@@ -63,6 +45,29 @@ inline std::vector<uint8_t> to_dtype_bytes(kvcomp::DType t, const std::vector<fl
   }
   return out;
 }
+
+template <typename T>
+struct DevBuf {
+  T* ptr = nullptr;
+  size_t n = 0;
+  explicit DevBuf(size_t count) : n(count) {
+    if (cudaMalloc(&ptr, count * sizeof(T) + 16) != cudaSuccess) ptr = nullptr;
+  }
+  /// x in dtype t, uploaded (bytes: T = uint8_t).
+  DevBuf(kvcomp::DType t, const std::vector<float>& x) : DevBuf(x.size() * kvcomp::dtype_size(t)) {
+    static_assert(sizeof(T) == 1, "a typed upload fills a byte buffer");
+    if (ptr) upload(to_dtype_bytes(t, x));
+  }
+  ~DevBuf() { if (ptr) cudaFree(ptr); }
+  DevBuf(const DevBuf&) = delete;
+  DevBuf& operator=(const DevBuf&) = delete;
+  void upload(const std::vector<T>& h) { cudaMemcpy(ptr, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice); }
+  std::vector<T> download() const {
+    std::vector<T> h(n);
+    cudaMemcpy(h.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost);
+    return h;
+  }
+};
 
 /// x rounded to what dtype t holds.
 inline std::vector<float> round_to(kvcomp::DType t, const std::vector<float>& x) {

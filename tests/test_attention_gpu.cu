@@ -269,10 +269,7 @@ TEST(BaselinesGpu, FlashDecodeAndCublasMatchFloat64Attention) {
     const auto k = round_to(DType::F16, make_data(Dist::OutlierChannels, B * H * N, D, seed));
     const auto v = round_to(DType::F16, make_data(Dist::Gaussian, B * H * N, D, seed + 1));
     const auto q = round_to(DType::F16, make_data(Dist::Gaussian, B * H * G, D, seed + 2));
-    DevBuf<uint8_t> dk(k.size() * 2), dv(v.size() * 2), dq(q.size() * 2), dout(q.size() * 2);
-    dk.upload(to_dtype_bytes(DType::F16, k));
-    dv.upload(to_dtype_bytes(DType::F16, v));
-    dq.upload(to_dtype_bytes(DType::F16, q));
+    DevBuf<uint8_t> dk(DType::F16, k), dv(DType::F16, v), dq(DType::F16, q), dout(q.size() * 2);
     const baseline::Fp16Attention a{reinterpret_cast<const __half*>(dk.ptr), reinterpret_cast<const __half*>(dv.ptr),
                                     B, H, H * G, D, N};
     DevBuf<float> ws(baseline::flash_workspace_floats(a, 132));
@@ -345,10 +342,7 @@ void check_flash(int B, int H, int G, int D, int N, int sms, int spare, int seq_
           v[i] = -30000.f;
         }
   const auto q = round_to(DType::F16, make_data(Dist::Gaussian, B * H * G, D, seed + 2));
-  DevBuf<uint8_t> dk(k.size() * 2), dv(v.size() * 2), dq(q.size() * 2), dout(q.size() * 2);
-  dk.upload(to_dtype_bytes(DType::F16, k));
-  dv.upload(to_dtype_bytes(DType::F16, v));
-  dq.upload(to_dtype_bytes(DType::F16, q));
+  DevBuf<uint8_t> dk(DType::F16, k), dv(DType::F16, v), dq(DType::F16, q), dout(q.size() * 2);
   const baseline::Fp16Attention a{reinterpret_cast<const __half*>(dk.ptr), reinterpret_cast<const __half*>(dv.ptr),
                                   B, H, H * G, D, N, seq_extra == kSeqDefault ? -1 : seq_stride,
                                   spare < 0 ? -1 : head_stride};

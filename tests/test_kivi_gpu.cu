@@ -114,9 +114,7 @@ void run_kivi_case(int bits, int D, int G, int tokens, uint64_t seed, Range rang
   std::vector<float> k_ref(k.size()), v_ref(v.size());
   kvcomp::baseline::kivi_reference(s, k.data(), v.data(), k_ref.data(), v_ref.data());
 
-  DevBuf<uint8_t> dk(k.size() * 2), dv(v.size() * 2);
-  dk.upload(to_dtype_bytes(kvcomp::DType::F16, k));
-  dv.upload(to_dtype_bytes(kvcomp::DType::F16, v));
+  DevBuf<uint8_t> dk(kvcomp::DType::F16, k), dv(kvcomp::DType::F16, v);
   KiviCache cache(s);
   cache.build(reinterpret_cast<const __half*>(dk.ptr), reinterpret_cast<const __half*>(dv.ptr), 0);
   CUDA_LAUNCH_OK();
@@ -132,8 +130,7 @@ void run_kivi_case(int bits, int D, int G, int tokens, uint64_t seed, Range rang
   ASSERT_EQ(scale_max[1], scales[1]) << "the V scale maximum";
   if (wide_k && s.chunks() > 0) ASSERT_GT(16.f * scale_max[0], 16384.f) << "the case takes the fp32 path";
 
-  DevBuf<uint8_t> dq(q.size() * 2), dout(q.size() * 2);
-  dq.upload(to_dtype_bytes(kvcomp::DType::F16, q));
+  DevBuf<uint8_t> dq(kvcomp::DType::F16, q), dout(q.size() * 2);
   std::vector<std::vector<double>> refs(size_t(s.batch) * s.q_heads);
   for (int b = 0; b < s.batch; ++b)
     for (int hq = 0; hq < s.q_heads; ++hq) {
