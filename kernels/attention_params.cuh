@@ -13,6 +13,9 @@ constexpr int kAttnWarps = 4;
 constexpr int kMaxBatch = 256;
 constexpr int kMaxTokensPerBlock = 128;
 constexpr int kMmaRows = 8;  // (query, head) rows of a KV head one CTA of the fused kernel holds
+/// Most query heads per KV head (multi-query models reach 71): rows beyond a
+/// CTA's 8 or 16 take more row tiles, each decoding the blocks again.
+constexpr int kMaxGroup = 128;
 
 /// Bytes a decoder may read past the end of its block (lookahead, and corrupt
 /// lane tables clamped to the block end): the pool is followed by at least

@@ -17,7 +17,8 @@ namespace {
 
 template <typename F>
 void dispatch(DType q_type, int D, int G, F&& f) {
-  if (G < 1 || G > 2 * kMmaRows) throw Error("query heads per kv head must be 1..16, got " + std::to_string(G));
+  if (G < 1 || G > kMaxGroup)
+    throw Error("query heads per kv head must be 1.." + std::to_string(kMaxGroup) + ", got " + std::to_string(G));
   auto with_d = [&](auto qt) {
     if (D == 64) return f(qt, std::integral_constant<int, 64>{});
     if (D == 80) return f(qt, std::integral_constant<int, 80>{});

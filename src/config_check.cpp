@@ -30,8 +30,10 @@ void validate(const Config& c) {
     throw Error("config: q_heads (" + str(c.q_heads) + ") must be a positive multiple of kv_heads (" +
                 str(c.kv_heads) + ")");
   const int g = c.q_heads / c.kv_heads;
-  if (g < 1 || g > 16)  // the kernel's row tiles hold 8 or 16 (query, head) rows, padded
-    throw Error("config: q_heads / kv_heads must be 1..16, got " + str(g));
+  // The kernel's row tiles hold 8 or 16 (query, head) rows, padded; more rows take more tiles (multi-query
+  // models: Falcon-7B 71, StarCoder 48 query heads on one KV head).
+  if (g < 1 || g > kMaxGroup)
+    throw Error("config: q_heads / kv_heads must be 1.." + str(kMaxGroup) + ", got " + str(g));
   if (c.transform != Transform::None && c.transform != Transform::Hadamard)
     throw Error("config: transform must be Transform::None or Transform::Hadamard, got " + str(int(c.transform)));
   if (c.transform == Transform::Hadamard && !is_power_of_two(c.head_dim))

@@ -42,7 +42,7 @@ void launch_append_jobs(const AppendJobsParams& p, cudaStream_t s);
 void launch_hadamard_rows(DType type, int D, const void* src, int64_t token_stride, int64_t head_stride, int64_t tokens,
                           int heads, void* dst, cudaStream_t s);
 
-// Fused attention (q/out in F16 or BF16; D in {64, 80, 96, 128, 256}; G in 1..16; rows padded to tiles of 8 or 16).
+// Fused attention (q/out in F16 or BF16; D in {64, 80, 96, 128, 256}; G in 1..kMaxGroup; rows padded to tiles of 8 or 16).
 /// CTAs of the fused kernel that fit on one multiprocessor (for split planning).
 int attention_ctas_per_sm(int D, int G);
 /// Rows of (query, query head) pairs of a KV head one CTA holds: 16 (two mma row tiles sharing each

@@ -181,6 +181,24 @@ TEST(AttentionGpu, GqaGroupsHeadDimsAndBf16) {
   run_attention_case(1, 2, 256, DType::F16, {127, 1300}, seed + 23, false, 128);
 }
 
+TEST(AttentionGpu, MultiQueryModelsWithManyQueryHeadsPerKvHead) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  // More than 16 query heads on a KV head take several row tiles (each decodes the blocks again): Falcon-7B
+  // (71 on 1, head_dim 64; the last tile holds 7 rows), StarCoder (48 on 1, head_dim 128), the largest ratio
+  // (128), head_dim 256 (tiles of 8 rows: 20 -> 3 tiles), and 3 query tokens of 48 heads (144 rows, 9 tiles).
+  run_attention_case(1, 71, 64, DType::F16, {130, 700}, seed, false);
+  if (HasFatalFailure()) return;
+  run_attention_case(1, 48, 128, DType::BF16, {1, 129, 513}, seed + 1, true);
+  if (HasFatalFailure()) return;
+  run_attention_case(1, 128, 64, DType::F16, {65, 300}, seed + 2, true);
+  if (HasFatalFailure()) return;
+  run_attention_case(2, 20, 256, DType::F16, {33, 300}, seed + 3, false, 32);
+  if (HasFatalFailure()) return;
+  run_attention_case(1, 48, 128, DType::F16, {200, 64, 700}, seed + 4, true, 64, {3, 1, 2});
+}
+
 TEST(AttentionGpu, MultiTokenQueriesAreCausalInMixedBatches) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();

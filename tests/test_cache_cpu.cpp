@@ -48,9 +48,9 @@ TEST(CacheConfig, BadConfigurationsAreRejectedWithClearMessages) {
   c.kv_heads = 8;
   expect_error(c, "multiple of kv_heads");
   c = Config{};
-  c.q_heads = 51;
+  c.q_heads = 3 * 129;
   c.kv_heads = 3;
-  expect_error(c, "must be 1..16, got 17");
+  expect_error(c, "must be 1..128, got 129");
   c = Config{};
   c.k_bound.value = -1.f;
   expect_error(c, "K error bound must be positive");

@@ -97,8 +97,9 @@ struct BoundOverride {
 struct Config {
   int layers = 1;
   int kv_heads = 8;
-  int q_heads = 32;               // q_heads / kv_heads in 1..16 (the query heads of a KV head share one
-                                  // decode of its blocks; at head_dim 256, 9..16 decode them twice)
+  int q_heads = 32;               // q_heads / kv_heads in 1..128 (up to 16 query heads of a KV head, 8 at
+                                  // head_dim 256, share one decode of its blocks; more decode them again
+                                  // per 16 or 8: multi-query models, Falcon-7B 71, StarCoder 48)
   int head_dim = 128;             // 64, 80, 96, 128 or 256 (Hadamard: 64, 128 or 256)
   DType dtype = DType::F16;       // of the K/V the engine appends
   int block_tokens = 64;          // T: 32, 64 or 128

@@ -192,8 +192,8 @@ class ConfigFields(unittest.TestCase):
         with self.assertRaises(kvcomp.Error) as e:
             kvcomp.Cache(kvcomp.Config(head_dim=72))
         self.assertEqual(str(e.exception), "kvcomp: config: head_dim must be 64, 80, 96, 128 or 256, got 72")
-        with self.assertRaisesRegex(kvcomp.Error, r"^kvcomp: config: q_heads / kv_heads must be 1..16, got 17$"):
-            kvcomp.Cache(kvcomp.Config(kv_heads=2, q_heads=34))
+        with self.assertRaisesRegex(kvcomp.Error, r"^kvcomp: config: q_heads / kv_heads must be 1..128, got 129$"):
+            kvcomp.Cache(kvcomp.Config(kv_heads=2, q_heads=258))
         with self.assertRaisesRegex(kvcomp.Error, "override names layer 4"):
             kvcomp.Cache(kvcomp.Config(overrides=[kvcomp.BoundOverride(layer=4)]))
         with self.assertRaisesRegex(kvcomp.Error, "layer_windows has 1 entries for 2 layers"):
