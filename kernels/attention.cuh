@@ -33,6 +33,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kvcomp/codebook.hpp"
 #include "kvcomp/format.hpp"
@@ -328,27 +329,48 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
       // K: scores of the chunk's 32 tokens (4 n-tiles of 8); per row tile t and
       // n-tile, d0 d1 = hi part, d2 d3 = lo part of row 8 t + `row`, tokens
       // 8 n8 + 2 quad + {0, 1}. Each decoded B fragment feeds every row tile.
+      // The chunk's K is decoded without a slow-path test per group: the
+      // groups' table flags are OR-ed and voted on once; if any lane met a
+      // slow entry (PAIR_ESC, a long codeword: none at the usual bounds), the
+      // chunk is decoded again from its start with the test at every group.
       float sc[kTiles][4][4];
-#pragma unroll
-      for (int t = 0; t < kTiles; ++t)
-#pragma unroll
-        for (int n = 0; n < 4; ++n) sc[t][n][0] = sc[t][n][1] = sc[t][n][2] = sc[t][n][3] = 0.f;
       bool k_slow = false;  // warp-uniform: a group took the slow path (its raw values went to kcorr)
+      auto k_pass = [&](auto checked_tag) {
+        constexpr bool kChecked = decltype(checked_tag)::value;
+#pragma unroll
+        for (int t = 0; t < kTiles; ++t)
+#pragma unroll
+          for (int n = 0; n < 4; ++n) sc[t][n][0] = sc[t][n][1] = sc[t][n][2] = sc[t][n][3] = 0.f;
+        uint32_t flags = 0;
 #pragma unroll 1
-      for (int k16 = 0; k16 < kK16; ++k16) {
-        uint4 a[kTiles];
+        for (int k16 = 0; k16 < kK16; ++k16) {
+          uint4 a[kTiles];
 #pragma unroll
-        for (int t = 0; t < kTiles; ++t) a[t] = qa[(t * kK16 + k16) * 32 + lane];
+          for (int t = 0; t < kTiles; ++t) a[t] = qa[(t * kK16 + k16) * 32 + lane];
 #pragma unroll
-        for (int n8 = 0; n8 < 4; ++n8) {
-          uint32_t b0, b1;
-          kd.group(lut_k, k_low, b0, b1, [&] { k_slow = true; }, [&] {
-            // Token 8 n8 + row of the chunk; channels 16 k16 + 2 quad (+ 1, + 8).
-            return EscapeSink{kcorr + 8 * n8 + row, 0, kChunk, q_s, D, kparams, 16 * k16 + 2 * quad, 8, group};
-          });
+          for (int n8 = 0; n8 < 4; ++n8) {
+            uint32_t b0, b1;
+            if constexpr (kChecked) {
+              kd.group(lut_k, k_low, b0, b1, [&] { k_slow = true; }, [&] {
+                // Token 8 n8 + row of the chunk; channels 16 k16 + 2 quad (+ 1, + 8).
+                return EscapeSink{kcorr + 8 * n8 + row, 0, kChunk, q_s, D, kparams, 16 * k16 + 2 * quad, 8, group};
+              });
+            } else {
+              kd.group_unchecked(lut_k, b0, b1, flags);
+            }
 #pragma unroll
-          for (int t = 0; t < kTiles; ++t) mma_16816(sc[t][n8], a[t], b0, b1);
-          if (n8 % 2 == 1) kd.merge();
+            for (int t = 0; t < kTiles; ++t) mma_16816(sc[t][n8], a[t], b0, b1);
+            if (n8 % 2 == 1) kd.merge();
+          }
+        }
+        return flags;
+      };
+      {
+        const uint32_t* k_words = reinterpret_cast<const uint32_t*>(kb + k_pay);
+        const uint32_t k_restart = kd.restart_bit(k_words);
+        if (__any_sync(0xFFFFFFFFu, k_pass(std::false_type{}) & format::kLutEscapeBit)) {
+          kd.restart(k_words, k_restart);
+          k_pass(std::true_type{});
         }
       }
       float s[kTiles][4][2];
@@ -443,34 +465,60 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
           v_slow = true;
         }
       };
+      // As K's, the chunk's V is decoded without a per-group slow-path test;
+      // but its products went into o, so if a lane met a slow entry the
+      // unchecked pass is replayed with p negated (the same codes: o gets
+      // back its value before the chunk, up to fp32 rounding) and the chunk
+      // is decoded again with the test at every group. Rare (never at the
+      // usual bounds); `sign` flips p's fp16 signs.
+      auto v_pass = [&](auto checked_tag, uint32_t sign) {
+        constexpr bool kChecked = decltype(checked_tag)::value;
+        uint32_t flags = 0;
 #pragma unroll 1
-      for (int k16 = 0; k16 < 2; ++k16) {
-        uint32_t b0[kTiles], b1[kTiles], l0[kTiles], l1[kTiles];
-#pragma unroll
-        for (int t = 0; t < kTiles; ++t) {
-          b0[t] = k16 ? pb[t][1][0] : pb[t][0][0];
-          b1[t] = k16 ? pb[t][1][1] : pb[t][0][1];
-          l0[t] = k16 ? pl[t][1][0] : pl[t][0][0];
-          l1[t] = k16 ? pl[t][1][1] : pl[t][0][1];
-        }
-#pragma unroll
-        for (int m16 = 0; m16 < kM16; ++m16) {
-          uint4 a;
-          // Channels 16 m16 + row (+ 8), tokens 16 k16 + 2 quad (+ 1), then tokens + 8.
-          vd.group(lut_v, v_low, a.x, a.y, on_v_slow, [&] {
-            return EscapeSink{vcorr + 16 * m16 + row, 8, D, pchunk, kChunk, vparams + chunk * kChunk,
-                              16 * k16 + 2 * quad, 0, group};
-          });
-          vd.group(lut_v, v_low, a.z, a.w, on_v_slow, [&] {
-            return EscapeSink{vcorr + 16 * m16 + row, 8, D, pchunk, kChunk, vparams + chunk * kChunk,
-                              16 * k16 + 2 * quad + 8, 0, group};
-          });
+        for (int k16 = 0; k16 < 2; ++k16) {
+          uint32_t b0[kTiles], b1[kTiles], l0[kTiles], l1[kTiles];
 #pragma unroll
           for (int t = 0; t < kTiles; ++t) {
-            mma_16816(o[t][m16], a, b0[t], b1[t]);
-            mma_16816(o[t][m16], a, l0[t], l1[t]);
+            b0[t] = (k16 ? pb[t][1][0] : pb[t][0][0]) ^ sign;
+            b1[t] = (k16 ? pb[t][1][1] : pb[t][0][1]) ^ sign;
+            l0[t] = (k16 ? pl[t][1][0] : pl[t][0][0]) ^ sign;
+            l1[t] = (k16 ? pl[t][1][1] : pl[t][0][1]) ^ sign;
           }
-          vd.merge();
+#pragma unroll
+          for (int m16 = 0; m16 < kM16; ++m16) {
+            uint4 a;
+            // Channels 16 m16 + row (+ 8), tokens 16 k16 + 2 quad (+ 1), then tokens + 8.
+            if constexpr (kChecked) {
+              vd.group(lut_v, v_low, a.x, a.y, on_v_slow, [&] {
+                return EscapeSink{vcorr + 16 * m16 + row, 8, D, pchunk, kChunk, vparams + chunk * kChunk,
+                                  16 * k16 + 2 * quad, 0, group};
+              });
+              vd.group(lut_v, v_low, a.z, a.w, on_v_slow, [&] {
+                return EscapeSink{vcorr + 16 * m16 + row, 8, D, pchunk, kChunk, vparams + chunk * kChunk,
+                                  16 * k16 + 2 * quad + 8, 0, group};
+              });
+            } else {
+              vd.group_unchecked(lut_v, a.x, a.y, flags);
+              vd.group_unchecked(lut_v, a.z, a.w, flags);
+            }
+#pragma unroll
+            for (int t = 0; t < kTiles; ++t) {
+              mma_16816(o[t][m16], a, b0[t], b1[t]);
+              mma_16816(o[t][m16], a, l0[t], l1[t]);
+            }
+            vd.merge();
+          }
+        }
+        return flags;
+      };
+      {
+        const uint32_t* v_words = reinterpret_cast<const uint32_t*>(vb + v_pay);
+        const uint32_t v_restart = vd.restart_bit(v_words);
+        if (__any_sync(0xFFFFFFFFu, v_pass(std::false_type{}, 0u) & format::kLutEscapeBit)) {
+          vd.restart(v_words, v_restart);
+          v_pass(std::false_type{}, 0x80008000u);
+          vd.restart(v_words, v_restart);
+          v_pass(std::true_type{}, 0u);
         }
       }
       if (v_slow) {

@@ -213,6 +213,34 @@ struct PairDecoder {
     advance(p2);
   }
 
+  /// The next group without the slow-path test: a slow entry (PAIR_ESC or a
+  /// long codeword) gives wrong codes and a wrong length (at most 11 bits a
+  /// lookup, as every entry: the reads stay where a right decode would read),
+  /// so the caller ORs `flags` over a run of groups, tests
+  /// flags & kLutEscapeBit once for the warp, and decodes the run again with
+  /// group() from restart_bit() if any lane met one (never at the usual
+  /// bounds: PAIR_ESC needs codes over 14 << k, long codewords a rare pair).
+  __device__ __forceinline__ void group_unchecked(uint32_t lut, uint32_t& h0, uint32_t& h1, uint32_t& flags) {
+    constexpr uint32_t kIndex = (format::kLutSize - 1) << 2;
+    const uint32_t e0 = lds(lut + (__funnelshift_r(w0, w1, pos) & kIndex));
+    const uint32_t p1 = pos + (e0 & format::kLutLengthMask);
+    const uint32_t x1 = uint32_t(((uint64_t(w1) << 32) | w0) >> p1);
+    const uint32_t e1 = lds(lut + (x1 & kIndex));
+    const uint32_t p2 = p1 + (e1 & format::kLutLengthMask);
+    h0 = e0 & format::kLutValueMask;
+    h1 = e1 & format::kLutValueMask;
+    flags |= e0 | e1;
+    advance(p2);
+  }
+
+  /// The stream bit (from `words`, the block payload init() was given) where the next group starts.
+  __device__ __forceinline__ uint32_t restart_bit(const uint32_t* words) const {
+    return uint32_t(next - 6 + shifts - words) * 32u + pos + 2u;
+  }
+
+  /// Back to stream bit b of `words` (a restart_bit() of this block).
+  __device__ __forceinline__ void restart(const uint32_t* words, uint32_t b) { take(load_window(words, b)); }
+
   /// Tops the queue up by the words the window took since the last merge
   /// (0, 1 or 2: q1, then q0 and q1, come from l0 and l1) and loads the
   /// pending words after it. Call after every second group().
