@@ -21,9 +21,11 @@
 //      channels x 16 tokens), B = p x step (hi and lo, two mmas), built from
 //      the score accumulators in registers (their layout is the B layout);
 //      sum_t p_ht min_t is one scalar per head, added at the end.
-// Slow groups (PAIR_ESC, long codewords; rare) are decoded out of line;
-// escaped raw values add their exact fp32 contribution through shared-memory
-// corrections (lane_decoder.cuh). Decoded K/V live only in registers. Partial
+// A chunk is decoded without a per-group slow-path test (one warp vote on
+// the OR of the table flags); a chunk with slow groups (PAIR_ESC, long
+// codewords; rare) is decoded again with the test, its slow groups out of
+// line; escaped raw values add their exact fp32 contribution through
+// shared-memory corrections (lane_decoder.cuh). Decoded K/V live only in registers. Partial
 // (max, sum, acc) per CTA go to a workspace; merge_kernel combines the
 // splits (flash-decoding). Kernels of 2 CTAs (8 warps) per SM (two row tiles)
 // pull each warp's next block into L2 while it decodes the current one.
