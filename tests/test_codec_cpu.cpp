@@ -137,13 +137,21 @@ TEST(Codebook, SkewedFlatSingleAndEmptyHistograms) {
     EXPECT_TRUE(flat.length(s) == 7 || flat.length(s) == 8) << s;
   }
   for (int s = kPairEscape + 1; s < kNumSymbols; ++s) EXPECT_EQ(flat.length(s), 0) << s;
-  // Single symbol: it and PAIR_ESC get codewords.
+  // Single symbol, the pair (0, 0): it and PAIR_ESC get codewords.
   std::fill(std::begin(counts), std::end(counts), 0);
-  counts[7] = 12345;
+  counts[0] = 12345;
   Codebook one = Codebook::from_histogram(counts);
   check_code_properties(one);
-  EXPECT_EQ(one.length(7), 1);
+  EXPECT_EQ(one.length(0), 1);
   EXPECT_EQ(one.length(kPairEscape), 1);
+  // The pair (0, 7) alone: every pair of hi parts up to 7 gets a codeword too (weight 1), no other pair does.
+  std::fill(std::begin(counts), std::end(counts), 0);
+  counts[7] = 12345;
+  Codebook seven = Codebook::from_histogram(counts);
+  check_code_properties(seven);
+  EXPECT_EQ(seven.length(7), 1);
+  for (int s = 0; s < kPairEscape; ++s)
+    EXPECT_EQ(seven.length(s) != 0, s / kPairBase <= 7 && s % kPairBase <= 7) << s;
   // Empty: only PAIR_ESC.
   std::fill(std::begin(counts), std::end(counts), 0);
   Codebook empty = Codebook::from_histogram(counts);
@@ -154,10 +162,10 @@ TEST(Codebook, SkewedFlatSingleAndEmptyHistograms) {
   std::fill(std::begin(counts), std::end(counts), 0);
   counts[kEscape] = 1000000;
   counts[kPairEscape + 1] = 1000000;
-  counts[3] = 10;
+  counts[0] = 10;
   Codebook above = Codebook::from_histogram(counts);
   check_code_properties(above);
-  EXPECT_EQ(above.length(3), 1);
+  EXPECT_EQ(above.length(0), 1);
   EXPECT_EQ(above.length(kPairEscape), 1);
   EXPECT_EQ(above.length(kEscape), 0);
   EXPECT_EQ(above.length(kPairEscape + 1), 0);
@@ -209,7 +217,12 @@ TEST(Codebook, RandomHistogramsAndLengthsRoundTrip) {
     const Codebook cb = Codebook::from_histogram(counts, k);
     check_code_properties(cb);
     ASSERT_EQ(cb.low_bits(), k);
-    for (int s = 0; s < kPairEscape; ++s) ASSERT_EQ(cb.length(s) != 0, counts[s] != 0) << s;
+    // Present pair symbols and those within the largest present hi part have codewords (huffman_build.cuh).
+    int hi_max = -1;
+    for (int s = 0; s < kPairEscape; ++s)
+      if (counts[s]) hi_max = std::max({hi_max, s / kPairBase, s % kPairBase});
+    for (int s = 0; s < kPairEscape; ++s)
+      ASSERT_EQ(cb.length(s) != 0, counts[s] != 0 || (s / kPairBase <= hi_max && s % kPairBase <= hi_max)) << s;
     const Codebook again = Codebook::from_lengths(cb.lengths().data(), k);
     ASSERT_EQ(0, std::memcmp(&cb.tables(), &again.tables(), sizeof(CodebookTables)));
     // The lengths do not depend on k; the decode table does (unless no pair symbol has a codeword).
@@ -370,26 +383,29 @@ TEST(Codebook, BadLengthsAreRejected) {
 TEST(Codebook, MeanBitsCountsPairEscapeFields) {
   uint64_t train[kNumSymbols] = {};
   train[0] = 8;   // -> length 1
-  train[16] = 4;  // (1, 1) -> length 2
+  train[16] = 4;  // (1, 1) -> length 3
   train[kPairEscape] = 4;  // -> length 2
+  // (0, 1) and (1, 0), within the hi parts seen, get weight 1 -> length 4; (1, 2) = 17 is beyond: none.
   const Codebook cb = Codebook::from_histogram(train);
   ASSERT_EQ(cb.length(0), 1);
-  ASSERT_EQ(cb.length(16), 2);
+  ASSERT_EQ(cb.length(16), 3);
   ASSERT_EQ(cb.length(kPairEscape), 2);
+  ASSERT_EQ(cb.length(1), 4);
+  ASSERT_EQ(cb.length(15), 4);
   ASSERT_EQ(cb.length(17), 0);
   uint64_t counts[kNumSymbols] = {};
   counts[0] = 10;            // 1 bit each
-  counts[16] = 20;           // 2 bits
+  counts[16] = 20;           // 3 bits
   counts[kPairEscape] = 30;  // 2 + 16 bits (raw words not counted)
   counts[17] = 40;           // no codeword: written as PAIR_ESC, 2 + 16 bits
-  const double want = (10.0 * 1 + 20.0 * 2 + 30.0 * 18 + 40.0 * 18) / 100.0;
+  const double want = (10.0 * 1 + 20.0 * 3 + 30.0 * 18 + 40.0 * 18) / 100.0;
   EXPECT_DOUBLE_EQ(cb.mean_bits(counts), want);
   uint64_t none[kNumSymbols] = {};
   EXPECT_EQ(cb.mean_bits(none), 0.0);
   // Under k = 2 a coded pair symbol also carries 4 low bits; PAIR_ESC does not.
   const Codebook k2 = Codebook::from_histogram(train, 2);
   ASSERT_EQ(k2.lengths(), cb.lengths());
-  const double want2 = (10.0 * 5 + 20.0 * 6 + 30.0 * 18 + 40.0 * 18) / 100.0;
+  const double want2 = (10.0 * 5 + 20.0 * 7 + 30.0 * 18 + 40.0 * 18) / 100.0;
   EXPECT_DOUBLE_EQ(k2.mean_bits(counts), want2);
 }
 
@@ -471,6 +487,11 @@ std::array<uint8_t, kNumSymbols> codebook_lengths(const uint64_t* counts_in) {
   std::vector<uint64_t> counts(counts_in, counts_in + kNumSymbols);
   for (int s = kPairEscape + 1; s < kNumSymbols; ++s) counts[s] = 0;
   counts[kPairEscape] = std::max<uint64_t>(counts[kPairEscape], 1);
+  int hi_max = -1;  // pairs within the largest hi part present get weight 1
+  for (int s = 0; s < kPairEscape; ++s)
+    if (counts_in[s]) hi_max = std::max({hi_max, s / kPairBase, s % kPairBase});
+  for (int s = 0; s < kPairEscape; ++s)
+    if (!counts[s] && s / kPairBase <= hi_max && s % kPairBase <= hi_max) counts[s] = 1;
   return lengths(counts.data(), kMaxCodeLen);
 }
 
@@ -801,8 +822,10 @@ TEST(ReferenceCodec, EveryKindOfPairRoundTrips) {
         uint64_t* row = &train[size_t(k) * kNumSymbols];
         const uint64_t* my_row = &mine[size_t(k) * kNumSymbols];
         const int top = int(std::max_element(my_row, my_row + kPairEscape) - my_row);
-        row[top] = 0;
-        const Codebook cb = Codebook::from_histogram(row, k);
+        // (Built with a codeword for it, as every pair within the range seen; taken away from the stored lengths.)
+        auto lens = Codebook::from_histogram(row, k).lengths();
+        lens[top] = 0;
+        const Codebook cb = Codebook::from_lengths(lens.data(), k);
         ASSERT_EQ(cb.length(top), 0);
         ASSERT_EQ(cb.low_bits(), k);
 

@@ -42,9 +42,13 @@ class Codebook {
   static Codebook from_histograms(const uint64_t* counts);
   /// Builds from a histogram of stream symbols under k low bits
   /// (counts[kNumSymbols]). PAIR_ESC always gets a codeword, so any input
-  /// stays representable; pair symbols with zero count get none (the encoder
-  /// writes them as PAIR_ESC); counts of symbols above PAIR_ESC, which no
-  /// stream holds, are ignored. Throws kvcomp::Error if k is out of range.
+  /// stays representable; a pair symbol with zero count gets one only if
+  /// both its hi parts are within the largest hi part of the present pair
+  /// symbols (weight 1: data later in the sequence shows pairs the histogram
+  /// did not, and a PAIR_ESC costs 16 bits more and the fused kernel's slow
+  /// path), others get none (the encoder writes them as PAIR_ESC); counts of
+  /// symbols above PAIR_ESC, which no stream holds, are ignored. Throws
+  /// kvcomp::Error if k is out of range.
   static Codebook from_histogram(const uint64_t* counts, int low_bits = 0);
   /// Rebuilds from stored code lengths and k; throws kvcomp::Error if they
   /// do not form a valid prefix code within kMaxCodeLen, give a codeword to a
