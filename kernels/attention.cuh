@@ -339,8 +339,10 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
       // 8 n8 + 2 quad + {0, 1}. Each decoded B fragment feeds every row tile.
       // The chunk's K is decoded without a slow-path test per group: the
       // groups' table flags are OR-ed and voted on once; if any lane met a
-      // slow entry (PAIR_ESC, a long codeword: none at the usual bounds), the
-      // chunk is decoded again from its start with the test at every group.
+      // slow entry (PAIR_ESC, a long codeword), the chunk is decoded again
+      // from its start with the test at every group. With k = 0 and the
+      // library's codebooks slow pairs are escaped values only (the tiny
+      // Llama: none in 1.57 M pairs, bench/slow_path_count.py).
       float sc[kTiles][4][4];
       bool k_slow = false;  // warp-uniform: a group took the slow path (its raw values went to kcorr)
       auto k_pass = [&](auto checked_tag) {
@@ -479,8 +481,8 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
       // but its products went into o, so if a lane met a slow entry the
       // unchecked pass is replayed with p negated (the same codes: o gets
       // back its value before the chunk, up to fp32 rounding) and the chunk
-      // is decoded again with the test at every group. Rare (never at the
-      // usual bounds); `sign` flips p's fp16 signs.
+      // is decoded again with the test at every group (rare: see K's);
+      // `sign` flips p's fp16 signs.
       auto v_pass = [&](auto checked_tag, uint32_t sign) {
         constexpr bool kChecked = decltype(checked_tag)::value;
         uint32_t flags = 0;

@@ -222,8 +222,9 @@ struct PairDecoder {
   /// lookup, as every entry: the reads stay where a right decode would read),
   /// so the caller ORs `flags` over a run of groups, tests
   /// flags & kLutEscapeBit once for the warp, and decodes the run again with
-  /// group() from restart_bit() if any lane met one (never at the usual
-  /// bounds: PAIR_ESC needs codes over 14 << k, long codewords a rare pair).
+  /// group() from restart_bit() if any lane met one (rare where k = 0: the
+  /// library's codebooks give every pair in the range seen a codeword, so
+  /// PAIR_ESC is left to escaped values and codes over 14 << k).
   __device__ __forceinline__ void group_unchecked(uint32_t lut, uint32_t& h0, uint32_t& h1, uint32_t& flags) {
     constexpr uint32_t kIndex = (format::kLutSize - 1) << 2;
     const uint32_t e0 = lds(lut + (__funnelshift_r(w0, w1, pos) & kIndex));
