@@ -341,7 +341,8 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
       // groups' table flags are OR-ed and voted on once; if any lane met a
       // slow entry (PAIR_ESC, a long codeword), the chunk is decoded again
       // from its start with the test at every group. With k = 0 and the
-      // library's codebooks slow pairs are escaped values only (the tiny
+      // library's codebooks slow pairs are PAIR_ESC only for escaped values,
+      // codes over 14 and pairs beyond the range the codebook saw (the tiny
       // Llama: none in 1.57 M pairs, bench/slow_path_count.py).
       float sc[kTiles][4][4];
       bool k_slow = false;  // warp-uniform: a group took the slow path (its raw values went to kcorr)

@@ -218,8 +218,10 @@ struct PairDecoder {
   }
 
   /// The next group without the slow-path test: a slow entry (PAIR_ESC or a
-  /// long codeword) gives wrong codes and a wrong length (at most 11 bits a
-  /// lookup, as every entry: the reads stay where a right decode would read),
+  /// long codeword) gives wrong codes and a wrong length, and the groups
+  /// after it are read from wrong positions; but every entry takes at most
+  /// 11 bits a lookup, fewer than the 91 bits a pair that kDecodeOverread is
+  /// sized for (max_overread), so the reads stay inside the pool's slack,
   /// so the caller ORs `flags` over a run of groups, tests
   /// flags & kLutEscapeBit once for the warp, and decodes the run again with
   /// group() from restart_bit() if any lane met one (rare where k = 0: the
