@@ -1,6 +1,7 @@
 // Fused attention vs a CPU float64 attention over the reference-decoded K/V,
 // and vs uncompressed attention within the bound that the error bound implies.
 #include <cmath>
+#include <functional>
 #include <cstring>
 #include <string>
 
@@ -25,7 +26,7 @@ struct SeqData {
 void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int>& lengths, uint64_t seed,
                         bool one_append_call, int block_tokens = 64, const std::vector<int>& queries = {},
                         int window = 0, int sinks = 0, const ErrorBound* bounds = nullptr,
-                        Dist v_dist = Dist::Gaussian) {
+                        Dist v_dist = Dist::Gaussian, const std::function<void(const Cache&)>& inspect = {}) {
   Config cfg;
   if (bounds) {
     cfg.k_bound = bounds[0];
@@ -54,7 +55,10 @@ void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int
   for (int b = 0; b < B; ++b) {
     ids.push_back(cache.add_sequence());
     data[b].k = round_to(DType::F16, make_data(Dist::OutlierChannels, lengths[b], H * D, seed + 2 * b));
-    data[b].v = round_to(DType::F16, make_data(v_dist, lengths[b], H * D, seed + 2 * b + 1));
+    // SkewedRows: one large value in every (token, head) row.
+    data[b].v = round_to(DType::F16, v_dist == Dist::SkewedRows
+                                         ? make_data(v_dist, lengths[b] * H, D, seed + 2 * b + 1)
+                                         : make_data(v_dist, lengths[b], H * D, seed + 2 * b + 1));
   }
   if (one_append_call) {  // all sequences in one prefill call
     std::vector<float> k_all, v_all;
@@ -76,6 +80,8 @@ void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int
     }
   }
   for (int b = 0; b < B; ++b) ASSERT_EQ(cache.tokens(ids[b], 0), lengths[b]);
+  if (inspect) inspect(cache);
+  if (::testing::Test::HasFatalFailure()) return;
 
   const int Hq = H * G;
   std::vector<int> n_q = queries.empty() ? std::vector<int>(B, 1) : queries, q_first(B, 0);
@@ -197,6 +203,27 @@ TEST(AttentionGpu, MultiQueryModelsWithManyQueryHeadsPerKvHead) {
   run_attention_case(2, 20, 256, DType::F16, {33, 300}, seed + 3, false, 32);
   if (HasFatalFailure()) return;
   run_attention_case(1, 48, 128, DType::F16, {200, 64, 700}, seed + 4, true, 64, {3, 1, 2});
+}
+
+TEST(AttentionGpu, SlowValueChunksAreReplayedAndDecodedAgain) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  // V rows near their minimum with one large value each (code ~25 at eb 0.02): the V codebooks pick k = 0
+  // and about 1.6% of V's pairs are PAIR_ESC, so every 32-token chunk is slow. A warp's first V chunk then
+  // goes through the unchecked pass, its replay with p negated and the checked pass (kernels/attention.cuh);
+  // later chunks run checked. The output must still match float64 attention.
+  const ErrorBound bounds[2] = {{BoundMode::Relative, 0.05f}, {BoundMode::Relative, 0.02f}};
+  auto v_at_k0 = [](const Cache& c) {
+    for (int h = 0; h < c.config().kv_heads; ++h)
+      ASSERT_EQ(c.codebook(0, h, Kind::Value).low_bits(), 0) << "kv head " << h << ": V runs checked from the "
+                                                                 "start, the case would not take the replay path";
+  };
+  run_attention_case(2, 4, 128, DType::F16, {700, 130, 64}, seed, true, 64, {}, 0, 0, bounds, Dist::SkewedRows,
+                     v_at_k0);
+  if (HasFatalFailure()) return;
+  run_attention_case(1, 7, 64, DType::BF16, {1000, 33}, seed + 1, false, 32, {}, 0, 0, bounds, Dist::SkewedRows,
+                     v_at_k0);
 }
 
 TEST(AttentionGpu, MultiTokenQueriesAreCausalInMixedBatches) {

@@ -17,13 +17,17 @@ inline uint64_t fresh_seed() {
   return (uint64_t(rd()) << 32) ^ rd();
 }
 
-enum class Dist { Uniform, Gaussian, HeavyTailed, OutlierChannels };
+/// SkewedRows (not in kAllDists): each row near its minimum (0.1 g^2) with one
+/// large value (5 + |g|): rows whose range one value sets, so most codes are
+/// small and one a row is large (a PAIR_ESC at k = 0).
+enum class Dist { Uniform, Gaussian, HeavyTailed, OutlierChannels, SkewedRows };
 inline const char* dist_name(Dist d) {
   switch (d) {
     case Dist::Uniform: return "uniform";
     case Dist::Gaussian: return "gaussian";
     case Dist::HeavyTailed: return "heavy-tailed";
     case Dist::OutlierChannels: return "outlier-channels";
+    case Dist::SkewedRows: return "skewed-rows";
   }
   return "?";
 }
@@ -49,9 +53,12 @@ inline std::vector<float> make_data(Dist d, int rows, int cols, uint64_t seed) {
         case Dist::Gaussian: v = normal(rng); break;
         case Dist::HeavyTailed: v = student(rng); break;
         case Dist::OutlierChannels: v = normal(rng) * scale[c] + offset[c]; break;
+        case Dist::SkewedRows: { const float g = normal(rng); v = 0.1f * g * g; break; }
       }
       x[size_t(r) * cols + c] = v;
     }
+  if (d == Dist::SkewedRows)
+    for (int r = 0; r < rows; ++r) x[size_t(r) * cols + rng() % cols] = 5.f + std::fabs(normal(rng));
   return x;
 }
 
