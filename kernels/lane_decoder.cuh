@@ -217,16 +217,16 @@ struct PairDecoder {
     advance(p2);
   }
 
-  /// The next group without the slow-path test: a slow entry (PAIR_ESC or a
+  /// The next group without the slow-path test. A slow entry (PAIR_ESC or a
   /// long codeword) gives wrong codes and a wrong length, and the groups
   /// after it are read from wrong positions; but every entry takes at most
   /// 11 bits a lookup, fewer than the 91 bits a pair that kDecodeOverread is
-  /// sized for (max_overread), so the reads stay inside the pool's slack,
-  /// so the caller ORs `flags` over a run of groups, tests
-  /// flags & kLutEscapeBit once for the warp, and decodes the run again with
-  /// group() from restart_bit() if any lane met one (rare where k = 0: the
-  /// library's codebooks give every pair in the range seen a codeword, so
-  /// PAIR_ESC is left to escaped values and codes over 14 << k).
+  /// sized for (max_overread), so the reads stay inside the pool's slack.
+  /// The caller ORs `flags` over a run of groups, tests flags &
+  /// kLutEscapeBit once for the warp, and decodes the run again with group()
+  /// from restart_bit() if any lane met one (rare where k = 0: the library's
+  /// codebooks give every pair in the range seen a codeword, so PAIR_ESC is
+  /// left to escaped values and codes over 14 << k).
   __device__ __forceinline__ void group_unchecked(uint32_t lut, uint32_t& h0, uint32_t& h1, uint32_t& flags) {
     constexpr uint32_t kIndex = (format::kLutSize - 1) << 2;
     const uint32_t e0 = lds(lut + (__funnelshift_r(w0, w1, pos) & kIndex));
