@@ -61,27 +61,13 @@ int kivi_ctas_per_sm() {
   return blocks > 0 ? blocks : 1;
 }
 
-/// Splits of each sequence's units (the tail's, then the chunks): the number
-/// of splits that minimizes waves x (units per warp + a fixed cost per CTA),
-/// so that the grid fills the resident CTA slots (one wave when batch x
-/// kv_heads leaves room) instead of leaving a short last wave. Each CTA takes
-/// at least one unit per warp.
+/// Splits of each sequence's units (the tail's, then the chunks): the fused
+/// kernel's plan (detail::plan_splits: waves x (units per warp + a CTA's fixed
+/// cost), so that the grid fills the resident CTA slots instead of leaving a
+/// short last wave; at least one unit per warp).
 detail::SplitPlan kivi_plan(const KiviShape& s, int sms, int per_sm) {
   const int units = s.chunks() + (s.tail() + 31) / 32;
-  if (units <= 0) return {1, 1};
-  const long long slots = 1LL * (sms > 0 ? sms : 1) * per_sm, seqs = 1LL * s.batch * s.kv_heads;
-  const int max_splits = std::min(256, (units + detail::kAttnWarps - 1) / detail::kAttnWarps);
-  constexpr double kCtaCost = 1.5;  // units of one warp: q, the pipeline's first record, the partial
-  int best = 1;
-  double best_cost = 0;
-  for (int splits = 1; splits <= max_splits; ++splits) {
-    const int per = (units + splits - 1) / splits;
-    const long long waves = (seqs * ((units + per - 1) / per) + slots - 1) / slots;
-    const double cost = double(waves) * ((per + detail::kAttnWarps - 1) / detail::kAttnWarps + kCtaCost);
-    if (splits == 1 || cost < best_cost) { best = splits; best_cost = cost; }
-  }
-  const int per = (units + best - 1) / best;
-  return {per, (units + per - 1) / per};
+  return detail::plan_splits(units, s.batch, s.kv_heads, sms, per_sm);
 }
 
 }  // namespace
