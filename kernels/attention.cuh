@@ -329,8 +329,9 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
     const uint32_t k_bits = reinterpret_cast<const uint16_t*>(kb + format::lane_bits_offset(Kind::Key, T, D))[lane];
     const uint32_t v_bits = reinterpret_cast<const uint16_t*>(vb + format::lane_bits_offset(Kind::Value, T, D))[lane];
     build_qa();
-    kd.init(reinterpret_cast<const uint32_t*>(kb + k_pay), (r.k_size16 * 16u - k_pay) / 4, lane_stream_start(k_bits, lane));
-    vd.init(reinterpret_cast<const uint32_t*>(vb + v_pay), (r.v_size16 * 16u - v_pay) / 4, lane_stream_start(v_bits, lane));
+    PairDecoder::init_pair(kd, reinterpret_cast<const uint32_t*>(kb + k_pay), (r.k_size16 * 16u - k_pay) / 4,
+                           lane_stream_start(k_bits, lane), vd, reinterpret_cast<const uint32_t*>(vb + v_pay),
+                           (r.v_size16 * 16u - v_pay) / 4, lane_stream_start(v_bits, lane));
     __syncwarp();  // qa
 
     for (int chunk = 0; chunk < T / kChunk; ++chunk) {

@@ -128,11 +128,26 @@ __device__ __noinline__ SlowGroup decode_group_slow(const uint32_t* lut, const u
   return out;
 }
 
-/// The window at bit b of base[] (block start; out of line for the same reason).
+/// The window at bit b of base[] (a restart; out of line for the same reason).
 __device__ __noinline__ SlowGroup load_window(const uint32_t* base, uint32_t b) {
   SlowGroup out;
   out.h0 = out.h1 = 0;
   fill_window(out, base, b);
+  return out;
+}
+
+/// Two decoders' windows (a block's K and V streams) at once: their twelve
+/// loads are in flight together, one memory latency for both (two calls of
+/// load_window() wait one after the other).
+struct WindowPair {
+  SlowGroup k, v;
+};
+__device__ __noinline__ WindowPair load_windows(const uint32_t* k_base, uint32_t k_bit, const uint32_t* v_base,
+                                                uint32_t v_bit) {
+  WindowPair out;
+  out.k.h0 = out.k.h1 = out.v.h0 = out.v.h1 = 0;
+  fill_window(out.k, k_base, k_bit);
+  fill_window(out.v, v_base, v_bit);
   return out;
 }
 
@@ -178,10 +193,18 @@ struct PairDecoder {
   uint32_t pos;          // 0..31
   uint32_t shifts;       // window shifts since merge(): 0..2
 
-  /// words: the block payload (global memory), n of them.
-  __device__ __forceinline__ void init(const uint32_t* words, uint32_t n, uint32_t start_bit) {
-    const uint32_t first = min(start_bit >> 5, n);  // a corrupt lane table cannot send us far
-    take(load_window(words, first == (start_bit >> 5) ? start_bit : 32 * first));
+  /// Two decoders at their streams' starts (bit k_start of k_words, which
+  /// holds k_n words: the block payload in global memory; the same for v),
+  /// their windows loaded together (load_windows()).
+  __device__ __forceinline__ static void init_pair(PairDecoder& kd, const uint32_t* k_words, uint32_t k_n,
+                                                   uint32_t k_start, PairDecoder& vd, const uint32_t* v_words,
+                                                   uint32_t v_n, uint32_t v_start) {
+    // A corrupt lane table cannot send a decoder far past its payload.
+    const uint32_t k_first = min(k_start >> 5, k_n), v_first = min(v_start >> 5, v_n);
+    const WindowPair w = load_windows(k_words, k_first == (k_start >> 5) ? k_start : 32 * k_first, v_words,
+                                      v_first == (v_start >> 5) ? v_start : 32 * v_first);
+    kd.take(w.k);
+    vd.take(w.v);
   }
 
   /// The next group: two pairs as fp16x2 bit patterns (h0, h1: two registers
@@ -240,7 +263,7 @@ struct PairDecoder {
     advance(p2);
   }
 
-  /// The stream bit (from `words`, the block payload init() was given) where the next group starts.
+  /// The stream bit (from `words`, the block payload init_pair() was given) where the next group starts.
   __device__ __forceinline__ uint32_t restart_bit(const uint32_t* words) const {
     return uint32_t(next - 6 + shifts - words) * 32u + pos + 2u;
   }
