@@ -65,7 +65,7 @@ __device__ __forceinline__ float half_hi(uint32_t w) { return __half2float(__ush
 /// built again: escapes are rare) and, at the end, the warp's partial result
 /// (spilling into the K corrections' area), so that 4 CTAs fit an SM at
 /// D = 128 (~46 KB each).
-template <int D, int kTiles = 1>
+template <int D, int kTiles = 1, int kWarps = 4>
 struct AttnSmem {
   static constexpr int kR = kMmaRows * kTiles;
   static constexpr size_t kLuts = 2 * format::kLutSize * sizeof(uint32_t);  // static
@@ -76,10 +76,11 @@ struct AttnSmem {
   static_assert(size_t(kR) * D * sizeof(float) <= kQa, "V corrections [R][D] fit the A operands' area");
   static_assert(size_t(kR) * (D + 2) * sizeof(float) <= kQa + kChunk, "the partial [R][D + 2] fits");
   /// Dynamic shared memory (over 48 KiB at D = 128: launches opt in).
-  static constexpr size_t kBytes = kQ + kAttnWarps * kWarp;
+  static constexpr size_t kBytes = kQ + kWarps * kWarp;
 };
 
-/// 4 CTAs (16 warps) per SM at D <= 128: 128 registers a thread (a few
+/// 16 warps per SM at D <= 128 (4 CTAs of 4 warps, 2 of 8 or one of 16,
+/// see kFusedWarps): 128 registers a thread (a few
 /// values of the block loop spill, once per block or chunk, never in the
 /// decode loop; 16 warps hide more of the stream reads' latency than 3 CTAs
 /// with 168 registers did: 590 vs 652 us at 32k x 8) and ~46 KB of shared
@@ -90,17 +91,21 @@ struct AttnSmem {
 /// or several query tokens) double the scores and accumulators: 2 CTAs, D <=
 /// 128 (3 CTAs at 168 registers spill 0.9 KB: 0.84 vs 0.70 ms at G = 16).
 template <int D, int kTiles = 1>
-constexpr int attn_min_ctas() { return D > 128 ? 3 : kTiles > 1 ? 2 : 4; }
+constexpr int attn_warps_per_sm() { return D > 128 ? 12 : kTiles > 1 ? 8 : 16; }
+template <int D, int kTiles = 1, int kWarps = 4>
+constexpr int attn_min_ctas() { return attn_warps_per_sm<D, kTiles>() / kWarps; }
 
 constexpr int32_t kTailF16 = 0, kTailBF16 = 1;  // AttendParams::tail_dtype, as DType
 constexpr int32_t kTransformHadamard = 1;        // AttendParams::transform, as Transform
 
 /// kTiles: mma row tiles of 8 (query, head) rows a CTA holds; each decoded
-/// block feeds kTiles x the mmas (2: 16 rows share one decode).
-template <typename QT, int D, int kTiles>
-__global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
+/// block feeds kTiles x the mmas (2: 16 rows share one decode). kWarps: warps
+/// a CTA (4, 8 or 16 at one tile and D <= 128; attention_params.cuh, kFusedWarps).
+template <typename QT, int D, int kTiles, int kWarps>
+__global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>())
     fused_attention_kernel(const __grid_constant__ AttendParams p) {
-  using Smem = AttnSmem<D, kTiles>;
+  using Smem = AttnSmem<D, kTiles, kWarps>;
+  static_assert(attn_min_ctas<D, kTiles, kWarps>() >= 1, "no more warps a CTA than an SM runs");
   constexpr int kK16 = D / 16, kM16 = D / 16, kChunk = format::kChunkTokens, kR = Smem::kR;
   static_assert(kTiles == 1 || (kTiles == 2 && D <= 128), "registers: 16 rows only up to D = 128");
   static_assert(max_overread(kMaxTokensPerBlock, D) <= kDecodeOverread, "decoders may read past the pool");
@@ -152,7 +157,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
   const int v_blocks_end = min(v_end, has_tail ? v_tail : range.count);  // virtual units below it are blocks
   if (threadIdx.x == 0) {
     loop_range = range;
-    tail_warp = has_tail && v_tail >= v_begin && v_tail < v_end ? (v_tail - v_begin) % kAttnWarps : -1;
+    tail_warp = has_tail && v_tail >= v_begin && v_tail < v_end ? (v_tail - v_begin) % kWarps : -1;
   }
   __syncthreads();
   const int k_low = int(p.books[2 * head].low_bits), v_low = int(p.books[2 * head + 1].low_bits);  // k
@@ -160,7 +165,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
   // The decode tables and q: every load of a thread issued before the first
   // store (at short contexts, where a CTA decodes a block or two, one round
   // trip to L2 per loop iteration was a fifth of the kernel: 1k x 1, ncu).
-  constexpr int kThreads = 32 * kAttnWarps;
+  constexpr int kThreads = 32 * kWarps;
   if (nblocks > 0 && v_begin < v_end) {
     const uint4* src_k = reinterpret_cast<const uint4*>(p.books[2 * head].lut);
     const uint4* src_v = reinterpret_cast<const uint4*>(p.books[2 * head + 1].lut);
@@ -182,8 +187,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
   const QT* q = static_cast<const QT*>(p.q);
   const int q_real = group * D;
   auto load_q_row = [&](int i) { return i < q_real ? load_q(q + size_t(row_out[i / D]) * D + i % D) : 0.f; };
-  static_assert(kR * D % kThreads == 0, "q splits evenly over the threads");
-  constexpr int kQPer = kR * D / kThreads;
+  constexpr int kQPer = (kR * D + kThreads - 1) / kThreads;  // load_q_row pads past kR x D with zeros
   float qv[kQPer];
 #pragma unroll
   for (int j = 0; j < kQPer; ++j) qv[j] = load_q_row(threadIdx.x + j * kThreads);
@@ -191,15 +195,18 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
   if (kPow2 && p.transform == kTransformHadamard) {
     // K/V are stored rotated (x R): q.k = (q R).(k R), so rotate q (fp32, one warp per row), then scale.
 #pragma unroll
-    for (int j = 0; j < kQPer; ++j) q_s[threadIdx.x + j * kThreads] = qv[j];
+    for (int j = 0; j < kQPer; ++j)
+      if (kR * D % kThreads == 0 || threadIdx.x + j * kThreads < kR * D) q_s[threadIdx.x + j * kThreads] = qv[j];
     __syncthreads();
     if constexpr (kPow2)
-      for (int g = warp; g < group; g += kAttnWarps) hadamard_row_shared<D>(q_s + g * D);
+      for (int g = warp; g < group; g += kWarps) hadamard_row_shared<D>(q_s + g * D);
     __syncthreads();
     for (int i = threadIdx.x; i < kR * D; i += kThreads) q_s[i] *= p.scale_log2;
   } else {
 #pragma unroll
-    for (int j = 0; j < kQPer; ++j) q_s[threadIdx.x + j * kThreads] = qv[j] * p.scale_log2;
+    for (int j = 0; j < kQPer; ++j)
+      if (kR * D % kThreads == 0 || threadIdx.x + j * kThreads < kR * D)
+        q_s[threadIdx.x + j * kThreads] = qv[j] * p.scale_log2;
   }
   uint8_t* my_area = smem + Smem::kQ + warp * Smem::kWarp;
   // [tile][k16][lane]: this lane's A fragment of K (q x step for row 8 tile + `row`, channels
@@ -243,7 +250,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
   // Each warp reads its next block's table entry while it decodes this one. With 8 warps per SM it
   // also pulls that block into L2 (G 16: 892 vs 1040 us); with 16 warps that cost 4-5% (596-609 vs
   // 568-575 us at G 4): their number hides the latency, and the prefetches only add L2 traffic.
-  constexpr bool kPrefetch = attn_min_ctas<D, kTiles>() <= 2;
+  constexpr bool kPrefetch = attn_warps_per_sm<D, kTiles>() <= 8;
   // Otherwise it pulls only the block's headers (params and lane tables) into L2: a block starts with
   // three dependent reads (params and lane table, the scan, the stream window).
   const uint32_t k_head_lines = (k_pay + 127) / 128, v_head_lines = (v_pay + 127) / 128;
@@ -269,9 +276,9 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
   // met a slow chunk tests every group from then on, so data rich in slow
   // pairs (absolute bounds with large codes, ...) pay one chunk's redo, not one each.
   bool k_unchecked = k_low == 0, v_unchecked = v_low == 0;
-  for (int v = v_begin + warp; v < v_blocks_end; v += kAttnWarps) {
+  for (int v = v_begin + warp; v < v_blocks_end; v += kWarps) {
     const format::BlockRef r = next_ref;
-    next_ref = fetch_ref(v + kAttnWarps);
+    next_ref = fetch_ref(v + kWarps);
     // Whether a causal or window mask may cut into this block (the first row
     // sees the fewest tokens, the last row the most): never in plain decode.
     const int b0 = loop_range.unit(v) * T;
@@ -628,7 +635,7 @@ __global__ void __launch_bounds__(32 * kAttnWarps, attn_min_ctas<D, kTiles>())
     auto warp_row = [&](int w) {
       return reinterpret_cast<const float*>(smem + Smem::kQ + w * Smem::kWarp) + g * (D + 2);
     };
-    write_partial(p.part + (size_t(row_out[g]) * p.splits + split) * (D + 2), D, d, merge_warps<kAttnWarps>(warp_row, D, d));
+    write_partial(p.part + (size_t(row_out[g]) * p.splits + split) * (D + 2), D, d, merge_warps<kWarps>(warp_row, D, d));
   }
 }
 

@@ -52,6 +52,7 @@ struct AttendParams {
   int32_t max_blocks;
   int32_t units_per_split;        // at least; a sequence of u units takes max(this, ceil(u / splits)) per split
   int32_t splits;
+  int32_t warps;                  // warps per CTA (kFusedWarps[]: the kernel built for it is launched)
   float scale_log2;               // softmax scale * log2(e)
   int32_t tail_dtype;
   int32_t group;                  // query heads per kv head, 1..16
@@ -115,7 +116,19 @@ __host__ __device__ inline AttendSeq attend_seq(const AttendParams& p, int b) {
 struct SplitPlan {
   int units_per_split;
   int splits;
+  int warps = kAttnWarps;  // per CTA
 };
+
+/// The fused kernel comes in CTAs of 4, 8 and 16 warps (16 warps an SM:
+/// 4, 2 or 1 CTA). Fewer, larger CTAs hold fewer copies of the decode
+/// tables (16 KB a CTA), which leaves the SM more L1 cache for the lanes'
+/// stream words (at 4 CTAs an SM: ~55 KB of L1 for ~118 KB of blocks being
+/// decoded, 64% hits); small CTAs spread a short call over more SMs.
+/// 8 and 16 warps: one row tile at head_dim 64 and 128 (fused_warps_built()).
+constexpr int kFusedWarps[3] = {4, 8, 16};
+constexpr bool fused_warps_built(int D, int tile_rows, int warps) {
+  return warps == 4 || ((D == 64 || D == 128) && tile_rows == kMmaRows && (warps == 8 || warps == 16));
+}
 
 /// Time of a CTA's fixed work (tables, q, the partial, its share of the
 /// merge) in units of one block decoded by each of its warps; measured on the
@@ -130,22 +143,53 @@ constexpr int kCtaCostQuarters = 5;
 /// that are each half as long costs one more fixed cost, and CTAs that
 /// spill just past a wave cost a whole wave (32k x 8: 17 splits, 1088 CTAs
 /// for 528 places, were 2.06 waves). At least one unit per warp.
-inline SplitPlan plan_splits(int max_units, int batch, int kv_heads, int sms, int ctas_per_sm = 2) {
-  if (max_units <= 0) return {1, 1};
+inline SplitPlan plan_splits(int max_units, int batch, int kv_heads, int sms, int ctas_per_sm = 2,
+                             int warps = kAttnWarps) {
+  if (max_units <= 0) return {1, 1, warps};
   const long long places = 1LL * (ctas_per_sm > 0 ? ctas_per_sm : 1) * (sms > 0 ? sms : 1);
   const long long items = 1LL * (batch > 0 ? batch : 1) * (kv_heads > 0 ? kv_heads : 1);
-  SplitPlan best{max_units, 1};
+  SplitPlan best{max_units, 1, warps};
   long long best_cost = -1;
-  const int max_per_warp = (max_units + kAttnWarps - 1) / kAttnWarps;
+  const int max_per_warp = (max_units + warps - 1) / warps;
   for (int per_warp = 1; per_warp <= max_per_warp; ++per_warp) {
     if (best_cost >= 0 && 4LL * per_warp + kCtaCostQuarters >= best_cost) break;  // one wave costs more
-    const int per = per_warp * kAttnWarps;
+    const int per = per_warp * warps;
     const int splits = (max_units + per - 1) / per;
     const long long waves = (splits * items + places - 1) / places;
     const long long cost = waves * (4LL * per_warp + kCtaCostQuarters);
     if (best_cost < 0 || cost < best_cost) {
       best_cost = cost;
-      best = {per, splits};
+      best = {per, splits, warps};
+    }
+  }
+  return best;
+}
+
+/// The fused kernel's plan: the split (plan_splits) for each CTA size built
+/// for this shape (`ctas_per_sm[i]`: CTAs of kFusedWarps[i] warps resident
+/// on an SM, 0 if not built), the cheapest by waves x (blocks a warp x their
+/// cost + a CTA's fixed cost). Larger CTAs decode a block ~4% (8 warps) and
+/// ~6% (16 warps) faster at full load (H100, 32k x 8), but are considered
+/// only where their first wave fills 90% of the chip's CTA places: a call
+/// too small for that (1k x 1: 16 CTAs of 16 warps on 16 SMs, +27%) is
+/// spread over more SMs in smaller CTAs.
+inline SplitPlan plan_attention(int max_units, int batch, int kv_heads, int sms, const int ctas_per_sm[3]) {
+  constexpr int kBlockCost[3] = {100, 96, 94};  // a block's time a warp, per CTA size (%)
+  constexpr int kCtaCost = 125;                 // kCtaCostQuarters, in the same unit
+  SplitPlan best = plan_splits(max_units, batch, kv_heads, sms, ctas_per_sm[0], kFusedWarps[0]);
+  long long best_cost = -1;
+  for (int i = 0; i < 3; ++i) {
+    if (ctas_per_sm[i] <= 0) continue;
+    const SplitPlan s = plan_splits(max_units, batch, kv_heads, sms, ctas_per_sm[i], kFusedWarps[i]);
+    const long long places = 1LL * ctas_per_sm[i] * (sms > 0 ? sms : 1);
+    const long long ctas = 1LL * s.splits * (batch > 0 ? batch : 1) * (kv_heads > 0 ? kv_heads : 1);
+    if (i > 0 && 10 * ctas < 9 * places) continue;  // the first wave would leave SMs idle
+    const long long waves = (ctas + places - 1) / places;
+    const int per_warp = (s.units_per_split + s.warps - 1) / s.warps;
+    const long long cost = waves * (1LL * per_warp * kBlockCost[i] + kCtaCost);
+    if (best_cost < 0 || cost < best_cost) {
+      best_cost = cost;
+      best = s;
     }
   }
   return best;

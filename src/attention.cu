@@ -32,15 +32,30 @@ void dispatch(DType q_type, int D, int G, F&& f) {
   throw Error("attention takes q/out as float16 or bfloat16");
 }
 
+/// Calls f(integral_constant<int, W>) for the CTA size `warps` where the
+/// kernel is built with it for head_dim D and one row tile, else for 4.
+template <int D, typename F>
+void with_warps(int warps, F&& f) {
+  if constexpr (fused_warps_built(D, kMmaRows, 16)) {
+    if (warps == 16) return f(std::integral_constant<int, 16>{});
+    if (warps == 8) return f(std::integral_constant<int, 8>{});
+  }
+  f(std::integral_constant<int, 4>{});
+}
+
 }  // namespace
 
-int attention_ctas_per_sm(int D, int G) {
+int attention_ctas_per_sm(int D, int G, int warps) {
+  if (!fused_warps_built(D, kMmaRows, warps)) return 0;
   int ctas = 1;
   dispatch(DType::F16, D, G, [&](auto qt, auto d) {
-    constexpr auto kernel = fused_attention_kernel<decltype(qt), d.value, 1>;
-    opt_in_dynamic_smem<kernel>(AttnSmem<d.value>::kBytes, "attention shared-memory opt-in");
-    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, 32 * kAttnWarps, AttnSmem<d.value>::kBytes),
-               "attention occupancy");
+    with_warps<d.value>(warps, [&](auto w) {
+      constexpr int kW = decltype(w)::value;
+      constexpr auto kernel = fused_attention_kernel<decltype(qt), d.value, 1, kW>;
+      opt_in_dynamic_smem<kernel>(AttnSmem<d.value, 1, kW>::kBytes, "attention shared-memory opt-in");
+      check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, 32 * kW, AttnSmem<d.value, 1, kW>::kBytes),
+                 "attention occupancy");
+    });
   });
   return ctas > 0 ? ctas : 1;
 }
@@ -67,17 +82,18 @@ void launch_attention(DType q_type, int D, int G, const AttendParams& params, cu
     using QT = decltype(qt);
     constexpr int kD = d.value;
     const dim3 grid(p.splits, p.kv_heads * p.row_tiles, p.batch);
-    auto launch = [&](auto tiles) {
-      constexpr int kTiles = decltype(tiles)::value;
-      opt_in_dynamic_smem<fused_attention_kernel<QT, kD, kTiles>>(AttnSmem<kD, kTiles>::kBytes,
-                                                                  "attention shared-memory opt-in");
-      fused_attention_kernel<QT, kD, kTiles><<<grid, 32 * kAttnWarps, AttnSmem<kD, kTiles>::kBytes, s>>>(p);
+    auto launch = [&](auto tiles, auto warps) {
+      constexpr int kTiles = decltype(tiles)::value, kW = decltype(warps)::value;
+      constexpr auto kernel = fused_attention_kernel<QT, kD, kTiles, kW>;
+      opt_in_dynamic_smem<kernel>(AttnSmem<kD, kTiles, kW>::kBytes, "attention shared-memory opt-in");
+      kernel<<<grid, 32 * kW, AttnSmem<kD, kTiles, kW>::kBytes, s>>>(p);
     };
+    // The plan's CTA size where built for the shape (plan_attention only picks those), else 4 warps.
     if constexpr (kD <= 128) {
-      if (tile_rows > kMmaRows) launch(std::integral_constant<int, 2>{});
-      else launch(std::integral_constant<int, 1>{});
+      if (tile_rows > kMmaRows) launch(std::integral_constant<int, 2>{}, std::integral_constant<int, 4>{});
+      else with_warps<kD>(p.warps, [&](auto w) { launch(std::integral_constant<int, 1>{}, w); });
     } else {
-      launch(std::integral_constant<int, 1>{});
+      launch(std::integral_constant<int, 1>{}, std::integral_constant<int, 4>{});
     }
     check_cuda(cudaGetLastError(), "fused attention launch");
     launch_merge<QT, kD>(p.part, p.splits, static_cast<QT*>(p.out), p.transform == kTransformHadamard,

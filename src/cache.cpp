@@ -54,8 +54,12 @@ Cache::Impl::Impl(const Config& c)
   table.allocate(size_t(c.layers) * c.max_seqs * max_blocks * H, "block tables");
   tails.allocate(size_t(c.layers) * c.max_seqs * H * 2 * tail_rows * D * dtype_size(c.dtype), "tail buffers");
   books.allocate(size_t(c.layers) * H * 2, "codebook tables");
-  ctas_per_sm = detail::attention_ctas_per_sm(D, G);
-  part_splits = detail::plan_splits(max_blocks + 1, 1, H, sms, ctas_per_sm).splits;
+  for (int i = 0; i < 3; ++i) ctas_per_sm[i] = detail::attention_ctas_per_sm(D, G, detail::kFusedWarps[i]);
+  // The most splits any plan takes (one sequence: the smallest CTAs' plan).
+  for (int i = 0; i < 3; ++i)
+    if (ctas_per_sm[i] > 0)
+      part_splits = std::max(part_splits, detail::plan_splits(max_blocks + 1, 1, H, sms, ctas_per_sm[i],
+                                                              detail::kFusedWarps[i]).splits);
   part.allocate(size_t(detail::attend_batch_limit(c)) * c.q_heads * part_splits * (D + 2), "attention workspace");
 
   const size_t slots = size_t(c.layers) * c.max_seqs;
@@ -474,11 +478,12 @@ void Cache::Impl::attend(int layer, const std::vector<int>& seq_ids, const int* 
     tiles += (n * G + tile_rows - 1) / tile_rows;
   }
   // Lengths come from the device; the mirror bounds them (failures only make them shorter).
-  const auto plan = detail::plan_splits(max_units, tiles, H, sms, ctas_per_sm);
+  const auto plan = attend_plan(max_units, tiles, tile_rows);
   // The workspace holds part_splits splits for every query row of a call.
   const int per = std::max(plan.units_per_split, (max_units + part_splits - 1) / part_splits);
   p.units_per_split = per;
   p.splits = std::max(1, (max_units + per - 1) / per);
+  p.warps = plan.warps;
   p.batch = int(seq_ids.size());
   detail::launch_attention(q_type, D, G, p, stream);
 }

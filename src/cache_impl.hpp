@@ -51,7 +51,7 @@ struct Cache::Impl {
   int tail_rows;  // of each (slot, head) tail ring: T, or 2 T when R > 0 (TailLayout)
   int max_blocks;
   int sms = 132;
-  int ctas_per_sm = 2;
+  int ctas_per_sm[3] = {2, 0, 0};  // fused-kernel CTAs an SM, by CTA size (detail::kFusedWarps; 0: not built)
 
   detail::DeviceBuffer<uint8_t> pool;             // pages + decoder overread room
   detail::PageGeometry pages{};
@@ -61,6 +61,14 @@ struct Cache::Impl {
   detail::DeviceBuffer<ErrorBound> bounds;        // [layer][H][K|V]
   detail::DeviceBuffer<float> part;               // attention workspace
   int part_splits = 0;
+
+  /// The fused kernel's split and CTA size for `tiles` (sequence, row tile)
+  /// items of up to `max_units` units, tiles of `tile_rows` rows.
+  detail::SplitPlan attend_plan(int max_units, int tiles, int tile_rows) const {
+    const int one_tile = tile_rows == detail::kMmaRows;
+    const int ctas[3] = {ctas_per_sm[0], one_tile * ctas_per_sm[1], one_tile * ctas_per_sm[2]};
+    return detail::plan_attention(max_units, tiles, H, sms, ctas);
+  }
 
   // Device state (kernels/pool_state.cuh).
   detail::DeviceBuffer<int32_t> free_pages, free_count, open_page;
@@ -96,6 +104,7 @@ struct Cache::Impl {
     int batch = 0;
     int tokens = 1;  // per slot and step
     int splits = 1;
+    int warps = detail::kAttnWarps;  // per CTA of the fused kernel
     int copy_runs() const { return tokens > 1 ? 2 : 1; }  // tail copies per (slot, head): the ring may wrap
     detail::DeviceBuffer<int32_t> slots;
     std::vector<int> seq_ids;

@@ -39,8 +39,9 @@ DecodePlan Cache::make_plan(int batch, int tokens_per_slot) {
   // Splits for the longest sequences; shorter ones leave splits empty.
   const int tile_rows = detail::attention_tile_rows(m.D, tokens_per_slot * m.G);
   const int tiles = batch * ((tokens_per_slot * m.G + tile_rows - 1) / tile_rows);
-  const auto split = detail::plan_splits(m.max_blocks + 1, tiles, m.H, m.sms, m.ctas_per_sm);
+  const auto split = m.attend_plan(m.max_blocks + 1, tiles, tile_rows);
   p->splits = std::min(split.splits, m.part_splits);
+  p->warps = split.warps;
   p->slots.allocate(batch, "plan slots");
   const size_t jobs = size_t(batch) * m.H;
   p->scratch.reserve(jobs, jobs * p->copy_runs(), batch, "plan buffers");
@@ -113,7 +114,8 @@ void Cache::attend(const DecodePlan& plan, int layer, const void* q, void* out, 
   detail::AttendParams a{};
   a.batch = p.batch;
   a.splits = p.splits;
-  a.units_per_split = detail::kAttnWarps;  // at least a unit per warp; the kernel spreads longer sequences
+  a.units_per_split = p.warps;  // at least a unit per warp; the kernel spreads longer sequences
+  a.warps = p.warps;
   a.slots = p.slots.ptr;
   m.fill_attend(layer, q, out, a);
   if (p.tokens > 1) {  // slot b's queries: rows b tokens .., its last `tokens` tokens

@@ -11,6 +11,7 @@
 #include "attention_ref.hpp"
 #include "cache_ref.hpp"
 #include "test_data.hpp"
+#include "src/launch.hpp"
 
 using namespace kvcomp;
 using namespace kvcomp_test;
@@ -297,6 +298,37 @@ TEST(AttentionGpu, LongContextSplitsAcrossTheChip) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   run_attention_case(2, 4, 128, DType::F16, {70000}, seed, false);
+}
+
+// Calls that fill the chip run in CTAs of 8 or 16 warps (plan_attention):
+// a batch of 8 sequences of ~4k tokens over 8 KV heads (16 warps on an
+// H100), one sequence of 32k tokens (8 warps), at head_dim 128 and 64; and
+// the same batch with bf16 q.
+TEST(AttentionGpu, LargeCtasAtFullLoad) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  int dev = 0, sms = 0;
+  CUDA_OK(cudaGetDevice(&dev));
+  CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const std::vector<int> batch8 = {4096, 4000, 3969, 4161, 4033, 4100, 3900, 4097};
+  for (int D : {128, 64}) {
+    SCOPED_TRACE("D " + std::to_string(D));
+    int ctas[3];
+    for (int i = 0; i < 3; ++i) ctas[i] = detail::attention_ctas_per_sm(D, 4, detail::kFusedWarps[i]);
+    const int w8 = detail::plan_attention(4161 / 64 + 1, 8, 8, sms, ctas).warps;
+    const int w1 = detail::plan_attention(32768 / 64 + 1, 1, 8, sms, ctas).warps;
+    SCOPED_TRACE("CTA warps " + std::to_string(w8) + " and " + std::to_string(w1));
+    if (sms == 132) {  // the H100 the plan's constants were measured on
+      EXPECT_EQ(w8, 16);
+      EXPECT_EQ(w1, 8);
+    }
+    run_attention_case(8, 4, D, DType::F16, batch8, seed + D, true);
+    if (HasFatalFailure()) return;
+    run_attention_case(8, 4, D, DType::F16, {32768 + 37}, seed + D + 1, true);
+    if (HasFatalFailure()) return;
+  }
+  run_attention_case(8, 4, 128, DType::BF16, batch8, seed + 2, true);
 }
 
 // The baselines are measured against kvcomp, so they are checked too.
