@@ -80,7 +80,7 @@ struct AttnSmem {
 };
 
 /// 16 warps per SM at D <= 128 (4 CTAs of 4 warps, 2 of 8 or one of 16,
-/// see kFusedWarps): 128 registers a thread (a few
+/// see fused_cta_warps): 128 registers a thread (a few
 /// values of the block loop spill, once per block or chunk, never in the
 /// decode loop; 16 warps hide more of the stream reads' latency than 3 CTAs
 /// with 168 registers did: 590 vs 652 us at 32k x 8) and ~46 KB of shared
@@ -91,7 +91,7 @@ struct AttnSmem {
 /// or several query tokens) double the scores and accumulators: 2 CTAs, D <=
 /// 128 (3 CTAs at 168 registers spill 0.9 KB: 0.84 vs 0.70 ms at G = 16).
 template <int D, int kTiles = 1>
-constexpr int attn_warps_per_sm() { return D > 128 ? 12 : kTiles > 1 ? 8 : 16; }
+constexpr int attn_warps_per_sm() { return fused_warps_per_sm(D, kMmaRows * kTiles); }
 template <int D, int kTiles = 1, int kWarps = 4>
 constexpr int attn_min_ctas() { return attn_warps_per_sm<D, kTiles>() / kWarps; }
 
@@ -100,7 +100,7 @@ constexpr int32_t kTransformHadamard = 1;        // AttendParams::transform, as 
 
 /// kTiles: mma row tiles of 8 (query, head) rows a CTA holds; each decoded
 /// block feeds kTiles x the mmas (2: 16 rows share one decode). kWarps: warps
-/// a CTA (4, 8 or 16 at one tile and D <= 128; attention_params.cuh, kFusedWarps).
+/// a CTA (attention_params.cuh, fused_cta_warps).
 template <typename QT, int D, int kTiles, int kWarps>
 __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>())
     fused_attention_kernel(const __grid_constant__ AttendParams p) {
@@ -170,19 +170,22 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
     const uint4* src_k = reinterpret_cast<const uint4*>(p.books[2 * head].lut);
     const uint4* src_v = reinterpret_cast<const uint4*>(p.books[2 * head + 1].lut);
     constexpr int kLutVec = format::kLutSize * sizeof(uint32_t) / sizeof(uint4);
-    static_assert(kLutVec % kThreads == 0, "the tables split evenly over the threads");
-    constexpr int kPer = kLutVec / kThreads;
+    constexpr int kPer = (kLutVec + kThreads - 1) / kThreads;
+    // Whether vector j of this thread is in the tables (always, where the threads divide them).
+    auto in_lut = [&](int j) { return kLutVec % kThreads == 0 || int(threadIdx.x) + j * kThreads < kLutVec; };
     uint4 k4[kPer], v4[kPer];
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) {
-      k4[j] = src_k[threadIdx.x + j * kThreads];
-      v4[j] = src_v[threadIdx.x + j * kThreads];
-    }
+    for (int j = 0; j < kPer; ++j)
+      if (in_lut(j)) {
+        k4[j] = src_k[threadIdx.x + j * kThreads];
+        v4[j] = src_v[threadIdx.x + j * kThreads];
+      }
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) {
-      reinterpret_cast<uint4*>(luts)[threadIdx.x + j * kThreads] = k4[j];
-      reinterpret_cast<uint4*>(luts + format::kLutSize)[threadIdx.x + j * kThreads] = v4[j];
-    }
+    for (int j = 0; j < kPer; ++j)
+      if (in_lut(j)) {
+        reinterpret_cast<uint4*>(luts)[threadIdx.x + j * kThreads] = k4[j];
+        reinterpret_cast<uint4*>(luts + format::kLutSize)[threadIdx.x + j * kThreads] = v4[j];
+      }
   }
   const QT* q = static_cast<const QT*>(p.q);
   const int q_real = group * D;

@@ -52,7 +52,7 @@ struct AttendParams {
   int32_t max_blocks;
   int32_t units_per_split;        // at least; a sequence of u units takes max(this, ceil(u / splits)) per split
   int32_t splits;
-  int32_t warps;                  // warps per CTA (kFusedWarps[]: the kernel built for it is launched)
+  int32_t warps;                  // warps per CTA: one of fused_cta_warps() (else 4 are launched)
   float scale_log2;               // softmax scale * log2(e)
   int32_t tail_dtype;
   int32_t group;                  // query heads per kv head, 1..16
@@ -119,15 +119,20 @@ struct SplitPlan {
   int warps = kAttnWarps;  // per CTA
 };
 
-/// The fused kernel comes in CTAs of 4, 8 and 16 warps (16 warps an SM:
-/// 4, 2 or 1 CTA). Fewer, larger CTAs hold fewer copies of the decode
-/// tables (16 KB a CTA), which leaves the SM more L1 cache for the lanes'
-/// stream words (at 4 CTAs an SM: ~55 KB of L1 for ~118 KB of blocks being
-/// decoded, 64% hits); small CTAs spread a short call over more SMs.
-/// 8 and 16 warps: one row tile at head_dim 64 and 128 (fused_warps_built()).
-constexpr int kFusedWarps[3] = {4, 8, 16};
-constexpr bool fused_warps_built(int D, int tile_rows, int warps) {
-  return warps == 4 || ((D == 64 || D == 128) && tile_rows == kMmaRows && (warps == 8 || warps == 16));
+/// Warps an SM runs of the fused kernel: 16 at 128 registers a thread; 8 with
+/// two row tiles (255 registers) and 12 at head_dim 256 (168).
+constexpr int fused_warps_per_sm(int D, int tile_rows) { return D > 128 ? 12 : tile_rows > kMmaRows ? 8 : 16; }
+
+/// The fused kernel's CTA sizes: 4 warps, and the SM's warps in two CTAs or
+/// in one (16 warps an SM at one row tile and D <= 128: 4, 8 or 16; D = 256:
+/// 4, 6, 12; two row tiles: 4 and 8). Fewer, larger CTAs hold fewer copies of
+/// the 16 KB decode tables, which leaves the SM more L1 cache for the lanes'
+/// stream words (4 CTAs an SM at D = 128: 200 KB of shared memory, ~55 KB of
+/// L1 for ~118 KB of blocks in decode, 64% hits); small CTAs spread a short
+/// call over more SMs. Size i of a shape (0 where it repeats a smaller one).
+constexpr int fused_cta_warps(int D, int tile_rows, int i) {
+  const int w = i == 0 ? 4 : fused_warps_per_sm(D, tile_rows) / (i == 1 ? 2 : 1);
+  return i > 0 && w <= 4 ? 0 : w;
 }
 
 /// Time of a CTA's fixed work (tables, q, the partial, its share of the
@@ -165,22 +170,23 @@ inline SplitPlan plan_splits(int max_units, int batch, int kv_heads, int sms, in
   return best;
 }
 
-/// The fused kernel's plan: the split (plan_splits) for each CTA size built
-/// for this shape (`ctas_per_sm[i]`: CTAs of kFusedWarps[i] warps resident
-/// on an SM, 0 if not built), the cheapest by waves x (blocks a warp x their
+/// The fused kernel's plan: the split (plan_splits) for each CTA size of the
+/// shape (`warps[i]` warps a CTA, `ctas_per_sm[i]` of them resident on an
+/// SM; 0: no such size), the cheapest by waves x (blocks a warp x their
 /// cost + a CTA's fixed cost). Larger CTAs decode a block ~4% (8 warps) and
 /// ~6% (16 warps) faster at full load (H100, 32k x 8), but are considered
 /// only where their first wave fills 90% of the chip's CTA places: a call
 /// too small for that (1k x 1: 16 CTAs of 16 warps on 16 SMs, +27%) is
 /// spread over more SMs in smaller CTAs.
-inline SplitPlan plan_attention(int max_units, int batch, int kv_heads, int sms, const int ctas_per_sm[3]) {
+inline SplitPlan plan_attention(int max_units, int batch, int kv_heads, int sms, const int warps[3],
+                                const int ctas_per_sm[3]) {
   constexpr int kBlockCost[3] = {100, 96, 94};  // a block's time a warp, per CTA size (%)
   constexpr int kCtaCost = 125;                 // kCtaCostQuarters, in the same unit
-  SplitPlan best = plan_splits(max_units, batch, kv_heads, sms, ctas_per_sm[0], kFusedWarps[0]);
+  SplitPlan best = plan_splits(max_units, batch, kv_heads, sms, ctas_per_sm[0], warps[0]);
   long long best_cost = -1;
   for (int i = 0; i < 3; ++i) {
-    if (ctas_per_sm[i] <= 0) continue;
-    const SplitPlan s = plan_splits(max_units, batch, kv_heads, sms, ctas_per_sm[i], kFusedWarps[i]);
+    if (warps[i] <= 0 || ctas_per_sm[i] <= 0) continue;
+    const SplitPlan s = plan_splits(max_units, batch, kv_heads, sms, ctas_per_sm[i], warps[i]);
     const long long places = 1LL * ctas_per_sm[i] * (sms > 0 ? sms : 1);
     const long long ctas = 1LL * s.splits * (batch > 0 ? batch : 1) * (kv_heads > 0 ? kv_heads : 1);
     if (i > 0 && 10 * ctas < 9 * places) continue;  // the first wave would leave SMs idle

@@ -32,32 +32,41 @@ void dispatch(DType q_type, int D, int G, F&& f) {
   throw Error("attention takes q/out as float16 or bfloat16");
 }
 
-/// Calls f(integral_constant<int, W>) for the CTA size `warps` where the
-/// kernel is built with it for head_dim D and one row tile, else for 4.
-template <int D, typename F>
+/// Calls f(integral_constant<int, W>) for the CTA size `warps` if it is one
+/// of the shape's (fused_cta_warps), else for 4 warps.
+template <int D, int kTiles, typename F>
 void with_warps(int warps, F&& f) {
-  if constexpr (fused_warps_built(D, kMmaRows, 16)) {
-    if (warps == 16) return f(std::integral_constant<int, 16>{});
-    if (warps == 8) return f(std::integral_constant<int, 8>{});
-  }
+  constexpr int kMid = fused_cta_warps(D, kMmaRows * kTiles, 1), kAll = fused_cta_warps(D, kMmaRows * kTiles, 2);
+  if constexpr (kAll > 0)
+    if (warps == kAll) return f(std::integral_constant<int, kAll>{});
+  if constexpr (kMid > 0)
+    if (warps == kMid) return f(std::integral_constant<int, kMid>{});
   f(std::integral_constant<int, 4>{});
 }
 
 }  // namespace
 
-int attention_ctas_per_sm(int D, int G, int warps) {
-  if (!fused_warps_built(D, kMmaRows, warps)) return 0;
-  int ctas = 1;
+int attention_ctas_per_sm(int D, int G, int tile_rows, int warps) {
+  int ctas = 0;
   dispatch(DType::F16, D, G, [&](auto qt, auto d) {
-    with_warps<d.value>(warps, [&](auto w) {
-      constexpr int kW = decltype(w)::value;
-      constexpr auto kernel = fused_attention_kernel<decltype(qt), d.value, 1, kW>;
-      opt_in_dynamic_smem<kernel>(AttnSmem<d.value, 1, kW>::kBytes, "attention shared-memory opt-in");
-      check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, 32 * kW, AttnSmem<d.value, 1, kW>::kBytes),
-                 "attention occupancy");
-    });
+    constexpr int kD = d.value;
+    auto occupancy = [&](auto tiles) {
+      constexpr int kTiles = decltype(tiles)::value;
+      with_warps<kD, kTiles>(warps, [&](auto w) {
+        constexpr int kW = decltype(w)::value;
+        if (kW != warps) return;  // not a size of this shape
+        constexpr auto kernel = fused_attention_kernel<decltype(qt), kD, kTiles, kW>;
+        opt_in_dynamic_smem<kernel>(AttnSmem<kD, kTiles, kW>::kBytes, "attention shared-memory opt-in");
+        check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, 32 * kW, AttnSmem<kD, kTiles, kW>::kBytes),
+                   "attention occupancy");
+      });
+    };
+    if constexpr (kD <= 128) {
+      if (tile_rows > kMmaRows) return occupancy(std::integral_constant<int, 2>{});
+    }
+    occupancy(std::integral_constant<int, 1>{});
   });
-  return ctas > 0 ? ctas : 1;
+  return ctas;
 }
 
 int attention_tile_rows(int D, int rows) { return rows > kMmaRows && D <= 128 ? 2 * kMmaRows : kMmaRows; }
@@ -90,10 +99,11 @@ void launch_attention(DType q_type, int D, int G, const AttendParams& params, cu
     };
     // The plan's CTA size where built for the shape (plan_attention only picks those), else 4 warps.
     if constexpr (kD <= 128) {
-      if (tile_rows > kMmaRows) launch(std::integral_constant<int, 2>{}, std::integral_constant<int, 4>{});
-      else with_warps<kD>(p.warps, [&](auto w) { launch(std::integral_constant<int, 1>{}, w); });
+      if (tile_rows > kMmaRows)
+        with_warps<kD, 2>(p.warps, [&](auto w) { launch(std::integral_constant<int, 2>{}, w); });
+      else with_warps<kD, 1>(p.warps, [&](auto w) { launch(std::integral_constant<int, 1>{}, w); });
     } else {
-      launch(std::integral_constant<int, 1>{}, std::integral_constant<int, 4>{});
+      with_warps<kD, 1>(p.warps, [&](auto w) { launch(std::integral_constant<int, 1>{}, w); });
     }
     check_cuda(cudaGetLastError(), "fused attention launch");
     launch_merge<QT, kD>(p.part, p.splits, static_cast<QT*>(p.out), p.transform == kTransformHadamard,

@@ -54,12 +54,16 @@ Cache::Impl::Impl(const Config& c)
   table.allocate(size_t(c.layers) * c.max_seqs * max_blocks * H, "block tables");
   tails.allocate(size_t(c.layers) * c.max_seqs * H * 2 * tail_rows * D * dtype_size(c.dtype), "tail buffers");
   books.allocate(size_t(c.layers) * H * 2, "codebook tables");
-  for (int i = 0; i < 3; ++i) ctas_per_sm[i] = detail::attention_ctas_per_sm(D, G, detail::kFusedWarps[i]);
-  // The most splits any plan takes (one sequence: the smallest CTAs' plan).
-  for (int i = 0; i < 3; ++i)
-    if (ctas_per_sm[i] > 0)
-      part_splits = std::max(part_splits, detail::plan_splits(max_blocks + 1, 1, H, sms, ctas_per_sm[i],
-                                                              detail::kFusedWarps[i]).splits);
+  for (int t = 0; t < 2; ++t)
+    for (int i = 0; i < 3; ++i) {
+      const int rows = detail::kMmaRows << t;
+      cta_warps[t][i] = detail::fused_cta_warps(D, rows, i);
+      ctas_per_sm[t][i] = cta_warps[t][i] > 0 ? detail::attention_ctas_per_sm(D, G, rows, cta_warps[t][i]) : 0;
+      // The most splits any plan takes (one sequence: the smallest CTAs' plan).
+      if (ctas_per_sm[t][i] > 0)
+        part_splits = std::max(part_splits, detail::plan_splits(max_blocks + 1, 1, H, sms, ctas_per_sm[t][i],
+                                                                cta_warps[t][i]).splits);
+    }
   part.allocate(size_t(detail::attend_batch_limit(c)) * c.q_heads * part_splits * (D + 2), "attention workspace");
 
   const size_t slots = size_t(c.layers) * c.max_seqs;

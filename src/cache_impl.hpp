@@ -51,7 +51,9 @@ struct Cache::Impl {
   int tail_rows;  // of each (slot, head) tail ring: T, or 2 T when R > 0 (TailLayout)
   int max_blocks;
   int sms = 132;
-  int ctas_per_sm[3] = {2, 0, 0};  // fused-kernel CTAs an SM, by CTA size (detail::kFusedWarps; 0: not built)
+  // The fused kernel's CTA sizes (detail::fused_cta_warps) and CTAs an SM of each, for rows of 8 and of 16.
+  int cta_warps[2][3] = {};
+  int ctas_per_sm[2][3] = {};
 
   detail::DeviceBuffer<uint8_t> pool;             // pages + decoder overread room
   detail::PageGeometry pages{};
@@ -65,9 +67,8 @@ struct Cache::Impl {
   /// The fused kernel's split and CTA size for `tiles` (sequence, row tile)
   /// items of up to `max_units` units, tiles of `tile_rows` rows.
   detail::SplitPlan attend_plan(int max_units, int tiles, int tile_rows) const {
-    const int one_tile = tile_rows == detail::kMmaRows;
-    const int ctas[3] = {ctas_per_sm[0], one_tile * ctas_per_sm[1], one_tile * ctas_per_sm[2]};
-    return detail::plan_attention(max_units, tiles, H, sms, ctas);
+    const int t = tile_rows > detail::kMmaRows;
+    return detail::plan_attention(max_units, tiles, H, sms, cta_warps[t], ctas_per_sm[t]);
   }
 
   // Device state (kernels/pool_state.cuh).

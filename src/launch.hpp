@@ -43,9 +43,10 @@ void launch_hadamard_rows(DType type, int D, const void* src, int64_t token_stri
                           int heads, void* dst, cudaStream_t s);
 
 // Fused attention (q/out in F16 or BF16; D in {64, 80, 96, 128, 256}; G in 1..kMaxGroup; rows padded to tiles of 8 or 16).
-/// CTAs of the fused kernel, one row tile and `warps` warps a CTA, that fit on
-/// one multiprocessor (for split planning); 0 where that CTA size is not built.
-int attention_ctas_per_sm(int D, int G, int warps);
+/// CTAs of the fused kernel (rows of `tile_rows`, `warps` warps a CTA) that
+/// fit on one multiprocessor, for split planning; 0 where the shape has no
+/// CTAs of that size (fused_cta_warps).
+int attention_ctas_per_sm(int D, int G, int tile_rows, int warps);
 /// Rows of (query, query head) pairs of a KV head one CTA holds: 16 (two mma row tiles sharing each
 /// decoded block) when a sequence has more than 8 and D <= 128, else 8.
 int attention_tile_rows(int D, int rows);

@@ -300,10 +300,10 @@ TEST(AttentionGpu, LongContextSplitsAcrossTheChip) {
   run_attention_case(2, 4, 128, DType::F16, {70000}, seed, false);
 }
 
-// Calls that fill the chip run in CTAs of 8 or 16 warps (plan_attention):
-// a batch of 8 sequences of ~4k tokens over 8 KV heads (16 warps on an
-// H100), one sequence of 32k tokens (8 warps), at head_dim 128 and 64; and
-// the same batch with bf16 q.
+// Calls that fill the chip run in CTAs larger than 4 warps (plan_attention):
+// a batch of 8 sequences of ~4k tokens over 8 KV heads (on an H100 one CTA
+// an SM: 16 warps, 12 at head_dim 256, 8 with two row tiles at G = 16), one
+// sequence of 32k tokens (two CTAs an SM: 8 warps); bf16 q too.
 TEST(AttentionGpu, LargeCtasAtFullLoad) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
@@ -311,24 +311,31 @@ TEST(AttentionGpu, LargeCtasAtFullLoad) {
   int dev = 0, sms = 0;
   CUDA_OK(cudaGetDevice(&dev));
   CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  const std::vector<int> batch8 = {4096, 4000, 3969, 4161, 4033, 4100, 3900, 4097};
-  for (int D : {128, 64}) {
-    SCOPED_TRACE("D " + std::to_string(D));
-    int ctas[3];
-    for (int i = 0; i < 3; ++i) ctas[i] = detail::attention_ctas_per_sm(D, 4, detail::kFusedWarps[i]);
-    const int w8 = detail::plan_attention(4161 / 64 + 1, 8, 8, sms, ctas).warps;
-    const int w1 = detail::plan_attention(32768 / 64 + 1, 1, 8, sms, ctas).warps;
-    SCOPED_TRACE("CTA warps " + std::to_string(w8) + " and " + std::to_string(w1));
-    if (sms == 132) {  // the H100 the plan's constants were measured on
-      EXPECT_EQ(w8, 16);
-      EXPECT_EQ(w1, 8);
+  const std::vector<int> batch8 = {4096, 4000, 3969, 4161, 4033, 4100, 3900, 4097}, one = {32768 + 37};
+  struct Case {
+    int D, G;
+    const std::vector<int>* lengths;
+    int size;  // the CTA size expected on an H100 (fused_cta_warps index)
+    DType q_type;
+  };
+  const Case cases[] = {{128, 4, &batch8, 2, DType::F16}, {128, 4, &one, 1, DType::F16}, {64, 4, &batch8, 2, DType::F16},
+                        {96, 4, &batch8, 2, DType::F16},  {256, 4, &batch8, 2, DType::F16}, {128, 16, &batch8, 2, DType::F16},
+                        {128, 4, &batch8, 2, DType::BF16}};
+  for (const Case& c : cases) {
+    const int rows = detail::attention_tile_rows(c.D, c.G), longest = (*c.lengths)[3 % c.lengths->size()];
+    int warps[3], ctas[3];
+    for (int i = 0; i < 3; ++i) {
+      warps[i] = detail::fused_cta_warps(c.D, rows, i);
+      ctas[i] = warps[i] > 0 ? detail::attention_ctas_per_sm(c.D, c.G, rows, warps[i]) : 0;
     }
-    run_attention_case(8, 4, D, DType::F16, batch8, seed + D, true);
-    if (HasFatalFailure()) return;
-    run_attention_case(8, 4, D, DType::F16, {32768 + 37}, seed + D + 1, true);
+    const int w = detail::plan_attention(longest / 64 + 1, int(c.lengths->size()) * ((c.G + rows - 1) / rows), 8,
+                                         sms, warps, ctas).warps;
+    SCOPED_TRACE("D " + std::to_string(c.D) + " G " + std::to_string(c.G) + " batch " +
+                 std::to_string(c.lengths->size()) + ": CTAs of " + std::to_string(w) + " warps");
+    if (sms == 132) EXPECT_EQ(w, warps[c.size]);  // the H100 the plan's constants were measured on
+    run_attention_case(8, c.G, c.D, c.q_type, *c.lengths, seed + c.D + c.G, true);
     if (HasFatalFailure()) return;
   }
-  run_attention_case(8, 4, 128, DType::BF16, batch8, seed + 2, true);
 }
 
 // The baselines are measured against kvcomp, so they are checked too.

@@ -173,23 +173,28 @@ TEST(AttentionSplits, PlanCoversTheUnitsAndMinimizesWavesTimesWork) {
 // only where their first wave fills the chip, and each choice is a plan of
 // plan_splits for that size, cheapest by the stated cost.
 TEST(AttentionSplits, CtaSizeLargeAtFullLoadSmallForShortCalls) {
-  const int h100[3] = {4, 2, 1};  // CTAs an SM of 4, 8, 16 warps at D = 128
-  auto plan = [&](int units, int batch) { return detail::plan_attention(units, batch, 8, 132, h100); };
+  const int warps[3] = {4, 8, 16}, h100[3] = {4, 2, 1};  // CTAs an SM of 4, 8, 16 warps at D = 128
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(detail::fused_cta_warps(128, 8, i), warps[i]);
+  EXPECT_EQ(detail::fused_cta_warps(128, 16, 1), 0);  // two row tiles: 4 or 8 warps
+  EXPECT_EQ(detail::fused_cta_warps(128, 16, 2), 8);
+  EXPECT_EQ(detail::fused_cta_warps(256, 8, 2), 12);
+  auto plan = [&](int units, int batch) { return detail::plan_attention(units, batch, 8, 132, warps, h100); };
   EXPECT_EQ(plan(17, 1).warps, 4);      // 1k x 1: 16 CTAs of 16 warps would sit on 16 SMs
   EXPECT_EQ(plan(513, 1).warps, 8);     // 32k x 1: 264 CTAs of 8 warps, 2 blocks a warp, one wave
   EXPECT_EQ(plan(513, 8).warps, 16);    // 32k x 8: 128 CTAs of 16 warps
   EXPECT_EQ(plan(65, 8).warps, 16);     // 4k x 8
   EXPECT_EQ(plan(2049, 1).warps, 8);    // 128k x 1: 120 CTAs of 16 warps cost more than 264 of 8
-  const int only4[3] = {4, 0, 0};      // two row tiles, or head_dim 80/96/256: only 4-warp CTAs are built
-  EXPECT_EQ(detail::plan_attention(513, 8, 8, 132, only4).warps, 4);
+  const int only4[3] = {4, 0, 0};  // a shape with 4-warp CTAs only
+  EXPECT_EQ(detail::plan_attention(513, 8, 8, 132, warps, only4).warps, 4);
+  EXPECT_EQ(detail::plan_attention(513, 8, 8, 132, only4, h100).warps, 4);
   std::mt19937 rng(7);
   for (int trial = 0; trial < 2000; ++trial) {
     const int units = 1 + int(rng() % (trial % 3 == 0 ? 20 : 9000));
     const int batch = 1 + int(rng() % 64), heads = 1 + int(rng() % 16), sms = 1 + int(rng() % 140);
     const int ctas[3] = {1 + int(rng() % 4), int(rng() % 3), int(rng() % 2)};
-    const detail::SplitPlan p = detail::plan_attention(units, batch, heads, sms, ctas);
+    const detail::SplitPlan p = detail::plan_attention(units, batch, heads, sms, warps, ctas);
     int i = 0;
-    while (detail::kFusedWarps[i] != p.warps) ASSERT_LT(++i, 3) << "a CTA size not offered: " << p.warps;
+    while (warps[i] != p.warps) ASSERT_LT(++i, 3) << "a CTA size not offered: " << p.warps;
     ASSERT_GT(ctas[i], 0) << "a CTA size not built";
     const detail::SplitPlan s = detail::plan_splits(units, batch, heads, sms, ctas[i], p.warps);
     EXPECT_EQ(p.splits, s.splits);
