@@ -3,6 +3,8 @@
 // sequences added and removed at random; the pool returns to empty and no
 // device memory leaks.
 #include <algorithm>
+#include <cmath>
+#include <cstdio>
 #include <random>
 #include <string>
 
@@ -95,6 +97,7 @@ TEST(SoakGpu, OneSequenceGrowsPastAMillionTokens) {
     CUDA_OK(cudaMemcpy(v_host.data(), v.ptr, v.n * 2, cudaMemcpyDeviceToHost));
     const int blocks = N / T;
     std::vector<float> blk(size_t(T) * D);
+    double worst = 0;
     for (int h = 0; h < H; ++h) {
       const Codebook kb = cache.codebook(0, h, Kind::Key), vb = cache.codebook(0, h, Kind::Value);
       auto row = [&](const std::vector<__half>& x, int t, int c) { return double(__half2float(x[(size_t(h) * N + t) * D + c])); };
@@ -139,10 +142,17 @@ TEST(SoakGpu, OneSequenceGrowsPastAMillionTokens) {
           num += (got - o[g][c]) * (got - o[g][c]);
           dd += o[g][c] * o[g][c];
         }
-        // fp32 accumulation over a million tokens, fp16 output.
-        ASSERT_LE(std::sqrt(num / std::max(dd, 1e-30)), 2e-3) << "head " << h * G + g;
+        // fp32 accumulation over a million tokens, fp16 output; the output is a small rest of
+        // larger terms that cancel (V's per-token minima and codes, weights spread over a million
+        // tokens): measured 1.2e-3 to 2.35e-3 over four seeds (H100), with or without the CTA
+        // sizes of 3abd308. A block of 64 tokens left out would cost ~1e-2 (estimated: 8 / sqrt of
+        // the ~400k tokens the weights effectively spread over).
+        const double rel = std::sqrt(num / std::max(dd, 1e-30));
+        worst = std::max(worst, rel);
+        ASSERT_LE(rel, 4e-3) << "head " << h * G + g;
       }
     }
+    std::printf("1M soak: attention error %.3g of the output (worst head)\n", worst);
     cache.remove_sequence(s);
     EXPECT_EQ(cache.stats().pool_bytes_in_use, 0u);
   }
