@@ -66,7 +66,7 @@ int attention_ctas_per_sm(int D, int G, int tile_rows, int warps) {
     }
     occupancy(std::integral_constant<int, 1>{});
   });
-  return ctas;
+  return ctas > 0 || warps != 4 ? ctas : 1;  // 4-warp CTAs are every shape's fallback
 }
 
 int attention_tile_rows(int D, int rows) { return rows > kMmaRows && D <= 128 ? 2 * kMmaRows : kMmaRows; }
