@@ -6,7 +6,10 @@
 // head) pairs of that KV head (GQA and multi-token queries share one decode
 // of a block among 8 rows; more rows take more tiles, each decoding again).
 // Rows see the tokens up to their query's position (causal), within the
-// sliding window plus sinks if any; the units no row sees are skipped. Each warp
+// sliding window plus sinks if any; the units no row sees are skipped. A CTA
+// has 4 warps, or the SM's warps in two CTAs or one where the split plan finds
+// that the call fills the chip (fused_cta_warps): fewer copies of the decode
+// tables leave more L1 for the stream words. Each warp
 // streams whole blocks, 32 tokens (a chunk) at a time, on tensor cores
 // (mma.m16n8k16, fp16 operands, fp32 accumulation):
 //   K: S^T[h][t] = sum_c (q_hc step_c) code_tc + sum_c q_hc min_c. A = q x

@@ -9,6 +9,7 @@
 namespace kvcomp {
 namespace detail {
 
+/// Warps a CTA of the KIVI baseline, and of the fused kernel's smallest CTAs (fused_cta_warps).
 constexpr int kAttnWarps = 4;
 constexpr int kMaxBatch = 256;
 constexpr int kMaxTokensPerBlock = 128;
