@@ -181,14 +181,15 @@ inline SplitPlan plan_splits(int max_units, int batch, int kv_heads, int sms, in
 /// spread over more SMs in smaller CTAs.
 inline SplitPlan plan_attention(int max_units, int batch, int kv_heads, int sms, const int warps[3],
                                 const int ctas_per_sm[3]) {
-  constexpr int kBlockCost[3] = {100, 96, 94};  // a block's time a warp, per CTA size (%)
-  constexpr int kCtaCost = 125;                 // kCtaCostQuarters, in the same unit
-  SplitPlan best = plan_splits(max_units, batch, kv_heads, sms, ctas_per_sm[0], warps[0]);
+  constexpr int kBlockCost[3] = {100, 96, 94};      // a block's time a warp, per CTA size (%)
+  constexpr int kCtaCost = 25 * kCtaCostQuarters;  // in the same unit
+  SplitPlan best{};
   long long best_cost = -1;
   for (int i = 0; i < 3; ++i) {
-    if (warps[i] <= 0 || ctas_per_sm[i] <= 0) continue;
+    // 4-warp CTAs are always planned (plan_splits takes an unknown occupancy as 1 an SM).
+    if (i > 0 && (warps[i] <= 0 || ctas_per_sm[i] <= 0)) continue;
     const SplitPlan s = plan_splits(max_units, batch, kv_heads, sms, ctas_per_sm[i], warps[i]);
-    const long long places = 1LL * ctas_per_sm[i] * (sms > 0 ? sms : 1);
+    const long long places = 1LL * (ctas_per_sm[i] > 0 ? ctas_per_sm[i] : 1) * (sms > 0 ? sms : 1);
     const long long ctas = 1LL * s.splits * (batch > 0 ? batch : 1) * (kv_heads > 0 ? kv_heads : 1);
     if (i > 0 && 10 * ctas < 9 * places) continue;  // the first wave would leave SMs idle
     const long long waves = (ctas + places - 1) / places;

@@ -56,13 +56,12 @@ Cache::Impl::Impl(const Config& c)
   books.allocate(size_t(c.layers) * H * 2, "codebook tables");
   for (int t = 0; t < 2; ++t)
     for (int i = 0; i < 3; ++i) {
-      const int rows = detail::kMmaRows << t;
-      cta_warps[t][i] = detail::fused_cta_warps(D, rows, i);
-      ctas_per_sm[t][i] = cta_warps[t][i] > 0 ? detail::attention_ctas_per_sm(D, G, rows, cta_warps[t][i]) : 0;
+      const int rows = detail::kMmaRows << t, warps = detail::fused_cta_warps(D, rows, i);
+      ctas_per_sm[t][i] = warps > 0 ? detail::attention_ctas_per_sm(D, G, rows, warps) : 0;
       // The most splits any plan takes (one sequence: the smallest CTAs' plan).
       if (ctas_per_sm[t][i] > 0)
-        part_splits = std::max(part_splits, detail::plan_splits(max_blocks + 1, 1, H, sms, ctas_per_sm[t][i],
-                                                                cta_warps[t][i]).splits);
+        part_splits =
+            std::max(part_splits, detail::plan_splits(max_blocks + 1, 1, H, sms, ctas_per_sm[t][i], warps).splits);
     }
   part.allocate(size_t(detail::attend_batch_limit(c)) * c.q_heads * part_splits * (D + 2), "attention workspace");
 

@@ -51,8 +51,7 @@ struct Cache::Impl {
   int tail_rows;  // of each (slot, head) tail ring: T, or 2 T when R > 0 (TailLayout)
   int max_blocks;
   int sms = 132;
-  // The fused kernel's CTA sizes (detail::fused_cta_warps) and CTAs an SM of each, for rows of 8 and of 16.
-  int cta_warps[2][3] = {};
+  // CTAs an SM of each of the fused kernel's CTA sizes (detail::fused_cta_warps), for rows of 8 and of 16.
   int ctas_per_sm[2][3] = {};
 
   detail::DeviceBuffer<uint8_t> pool;             // pages + decoder overread room
@@ -68,7 +67,9 @@ struct Cache::Impl {
   /// items of up to `max_units` units, tiles of `tile_rows` rows.
   detail::SplitPlan attend_plan(int max_units, int tiles, int tile_rows) const {
     const int t = tile_rows > detail::kMmaRows;
-    return detail::plan_attention(max_units, tiles, H, sms, cta_warps[t], ctas_per_sm[t]);
+    int warps[3];
+    for (int i = 0; i < 3; ++i) warps[i] = detail::fused_cta_warps(D, tile_rows, i);
+    return detail::plan_attention(max_units, tiles, H, sms, warps, ctas_per_sm[t]);
   }
 
   // Device state (kernels/pool_state.cuh).
