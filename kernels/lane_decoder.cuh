@@ -263,13 +263,17 @@ struct PairDecoder {
     advance(p2);
   }
 
-  /// The stream bit (from `words`, the block payload init_pair() was given) where the next group starts.
-  __device__ __forceinline__ uint32_t restart_bit(const uint32_t* words) const {
-    return uint32_t(next - 6 + shifts - words) * 32u + pos + 2u;
-  }
+  /// Where the next group starts: the word in the window's low half and the
+  /// stream bit in it (+ 2), for restart(). From the decoder's own state, so
+  /// that marking a chunk's start reads nothing the kernel may have spilled.
+  struct Mark {
+    const uint32_t* word;
+    uint32_t bit;  // 2..33
+  };
+  __device__ __forceinline__ Mark mark() const { return {next - 6 + shifts, pos + 2u}; }
 
-  /// Back to stream bit b of `words` (a restart_bit() of this block).
-  __device__ __forceinline__ void restart(const uint32_t* words, uint32_t b) { take(load_window(words, b)); }
+  /// Back to a mark() of this block.
+  __device__ __forceinline__ void restart(Mark m) { take(load_window(m.word, m.bit)); }
 
   /// Tops the queue up by the words the window took since the last merge
   /// (0, 1 or 2: q1, then q0 and q1, come from l0 and l1) and loads the
