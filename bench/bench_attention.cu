@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <utility>
 #include <vector>
 #include <cstdio>
 #include <memory>
@@ -40,6 +41,7 @@ struct Setup {
   std::unique_ptr<kvcomp::Cache> cache;
   std::unique_ptr<kvcomp::Cache> cache_hadamard;  // Config::transform = Hadamard (built on first use)
   std::unique_ptr<kvcomp::Cache> cache_t32;       // Config::block_tokens = 32 (built on first use)
+  std::unique_ptr<kvcomp::Cache> cache_t128;      // Config::block_tokens = 128 (built on first use)
   std::unique_ptr<kvcomp::baseline::KiviCache> kivi[2];  // 4-bit, 2-bit (built on first use)
   float* kivi_ws = nullptr;
   std::vector<int> ids;
@@ -132,7 +134,7 @@ void time_calls(benchmark::State& st, Run&& run) {
   cudaEventDestroy(a); cudaEventDestroy(b);
 }
 
-enum Variant { kFlash = 1, kCublas = 2, kKvcomp = 3, kKivi4 = 4, kKivi2 = 5, kKvcompHadamard = 7, kKvcompT32 = 8 };  // numbers name the benchmarks
+enum Variant { kFlash = 1, kCublas = 2, kKvcomp = 3, kKivi4 = 4, kKivi2 = 5, kKvcompHadamard = 7, kKvcompT32 = 8, kKvcompT128 = 9 };  // numbers name the benchmarks
 
 void BM_attention(benchmark::State& st) {
   const int N = int(st.range(0)), B = int(st.range(1));
@@ -142,11 +144,13 @@ void BM_attention(benchmark::State& st) {
   kvcomp::baseline::KiviCache* kivi = (var == kKivi4 || var == kKivi2) ? &s.kivi_cache(var == kKivi4 ? 4 : 2) : nullptr;
   if (var == kKvcompHadamard && !s.cache_hadamard) s.cache_hadamard = make_cache(s, kvcomp::Transform::Hadamard);
   if (var == kKvcompT32 && !s.cache_t32) s.cache_t32 = make_cache(s, kvcomp::Transform::None, 0, 32);
+  if (var == kKvcompT128 && !s.cache_t128) s.cache_t128 = make_cache(s, kvcomp::Transform::None, 0, 128);
   auto run = [&] {
     switch (var) {
       case kKvcomp: s.cache->attend(0, s.ids, s.q, s.out, kvcomp::DType::F16, 0); break;
       case kKvcompHadamard: s.cache_hadamard->attend(0, s.ids, s.q, s.out, kvcomp::DType::F16, 0); break;
       case kKvcompT32: s.cache_t32->attend(0, s.ids, s.q, s.out, kvcomp::DType::F16, 0); break;
+      case kKvcompT128: s.cache_t128->attend(0, s.ids, s.q, s.out, kvcomp::DType::F16, 0); break;
       case kFlash: kvcomp::baseline::flash_decode_fp16(s.fp16(), s.q, s.out, s.flash_ws, g_sms, 0); break;
       case kCublas: kvcomp::baseline::cublas_attention(s.handle, s.fp16(), s.q, s.out, s.cublas_ws, 0); break;
       case kKivi4:
@@ -157,13 +161,14 @@ void BM_attention(benchmark::State& st) {
   const double bytes = var == kKvcomp ? double(s.compressed)
                        : var == kKvcompHadamard ? double(s.cache_hadamard->stats().compressed_bytes)
                        : var == kKvcompT32 ? double(s.cache_t32->stats().compressed_bytes)
+                       : var == kKvcompT128 ? double(s.cache_t128->stats().compressed_bytes)
                        : kivi ? double(kivi->shape().bytes()) : double(s.fp16_bytes());
   st.counters["bytes_read"] = bytes;
   st.counters["floor_us"] = bytes / g_copy_bw * 1e6;
   st.counters["eff_TBps"] = benchmark::Counter(double(s.fp16_bytes()) / 1e12, benchmark::Counter::kIsIterationInvariantRate);
   st.counters["ratio"] = double(s.fp16_bytes()) / bytes;
   st.SetLabel(var == kKvcomp ? "kvcomp eb0.05" : var == kKvcompHadamard ? "kvcomp eb0.05 hadamard"
-              : var == kKvcompT32 ? "kvcomp eb0.05 T32"
+              : var == kKvcompT32 ? "kvcomp eb0.05 T32" : var == kKvcompT128 ? "kvcomp eb0.05 T128"
               : var == kFlash ? "flash-fp16" : var == kCublas ? "cublas-fp16" : var == kKivi4 ? "kivi-4bit" : "kivi-2bit");
 }
 
@@ -226,6 +231,10 @@ void sweep_args(benchmark::internal::Benchmark* b) {
     for (int batch : {1, 8}) b->Args({n, batch, kKvcompT32, 4, 128});
   b->Args({32768, 8, kKvcompT32, 4, 128});
   b->Args({131072, 1, kKvcompT32, 4, 128});
+  // Config::block_tokens = 128: half the blocks' fixed work (params, lane tables, decoder starts) and K params
+  // a token, but each warp's serial decode twice as long (bench/RESULTS.md: slower at every shape measured).
+  for (const auto& nb : std::vector<std::pair<int, int>>{{4096, 8}, {32768, 8}, {131072, 1}})
+    b->Args({nb.first, nb.second, kKvcompT128, 4, 128});
 }
 
 }  // namespace

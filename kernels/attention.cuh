@@ -286,6 +286,9 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
   // register across the block loop it was spilled, and its reload, issued just
   // before the chunk's test, stalled every chunk (ncu, 32k x 8: 2% of samples).
   __shared__ uint32_t warp_checked[kWarps];
+  // Per warp: the V params of the block it decodes (2 tokens an element).
+  constexpr int kVParamsPerLane = kMaxTokensPerBlock / 64;
+  __shared__ uint2 vparams_s[kWarps][kMaxTokensPerBlock / 2];
   if (lane == 0) warp_checked[warp] = (k_low != 0 ? 1u : 0u) | (v_low != 0 ? 2u : 0u);
   __syncwarp();
   for (int v = v_begin + warp; v < v_blocks_end; v += kWarps) {
@@ -298,7 +301,12 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
     const uint8_t* kb = p.pool + size_t(r.offset16) * 16;
     const uint8_t* vb = kb + r.k_size16 * 16u;
     const uint32_t* kparams = reinterpret_cast<const uint32_t*>(kb + format::params_offset());
-    const uint32_t* vparams = reinterpret_cast<const uint32_t*>(vb + format::params_offset());
+    // The block's V params (a word per token) are copied into this warp's
+    // share of vparams_s; the chunks read them there (read from global memory,
+    // each chunk waited on them and on the reload of the spilled block address:
+    // ncu at 32k x 8, ~1.7% of stall samples).
+    const uint2* vparams_g = reinterpret_cast<const uint2*>(vb + format::params_offset());
+    const uint32_t* vparams = reinterpret_cast<const uint32_t*>(vparams_s[warp]);
 
     // A operands of K (qa), pre-divided by a power of two when they would overflow fp16.
     float qmin[kTiles], kscale[kTiles];
@@ -344,14 +352,21 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
         qmin[t] += __shfl_xor_sync(0xFFFFFFFFu, qmin[t], 2);
       }
     };
-    // The lane tables are read before build_qa waits for the params: their loads overlap.
+    // The lane tables and V params are read before build_qa waits for the K params: their loads overlap.
+    uint2 vp[kVParamsPerLane];
+#pragma unroll
+    for (int j = 0; j < kVParamsPerLane; ++j)
+      if (2 * (lane + 32 * j) < T) vp[j] = vparams_g[lane + 32 * j];
     const uint32_t k_bits = reinterpret_cast<const uint16_t*>(kb + format::lane_bits_offset(Kind::Key, T, D))[lane];
     const uint32_t v_bits = reinterpret_cast<const uint16_t*>(vb + format::lane_bits_offset(Kind::Value, T, D))[lane];
     build_qa();
     PairDecoder::init_pair(kd, reinterpret_cast<const uint32_t*>(kb + k_pay), (r.k_size16 * 16u - k_pay) / 4,
                            lane_stream_start(k_bits, lane), vd, reinterpret_cast<const uint32_t*>(vb + v_pay),
                            (r.v_size16 * 16u - v_pay) / 4, lane_stream_start(v_bits, lane));
-    __syncwarp();  // qa
+#pragma unroll
+    for (int j = 0; j < kVParamsPerLane; ++j)
+      if (2 * (lane + 32 * j) < T) vparams_s[warp][lane + 32 * j] = vp[j];
+    __syncwarp();  // qa, vparams_s
 
     for (int chunk = 0; chunk < T / kChunk; ++chunk) {
       // K: scores of the chunk's 32 tokens (4 n-tiles of 8); per row tile t and
