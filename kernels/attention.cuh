@@ -61,13 +61,14 @@ __device__ __forceinline__ void prefetch_l2(const uint8_t* p, uint32_t bytes, in
 __device__ __forceinline__ float half_lo(uint32_t w) { return __half2float(__ushort_as_half(uint16_t(w))); }
 __device__ __forceinline__ float half_hi(uint32_t w) { return __half2float(__ushort_as_half(uint16_t(w >> 16))); }
 
-/// Shared memory of the fused kernel: the two decode tables are a static
-/// array; the dynamic part holds q and, per warp, K's A operands, escape
+/// Shared memory of the fused kernel: the two decode tables (and, per warp,
+/// its block's V params and slow-path flags) are static arrays; the dynamic
+/// part holds q and, per warp, K's A operands, escape
 /// corrections and p of a chunk. R = 8 kTiles rows. The A operands' area
 /// also holds V's escape corrections of a chunk (then the A operands are
 /// built again: escapes are rare) and, at the end, the warp's partial result
 /// (spilling into the K corrections' area), so that 4 CTAs fit an SM at
-/// D = 128 (~46 KB each).
+/// D = 128 (~48 KB each).
 template <int D, int kTiles = 1, int kWarps = 4>
 struct AttnSmem {
   static constexpr int kR = kMmaRows * kTiles;
@@ -86,8 +87,9 @@ struct AttnSmem {
 /// see fused_cta_warps): 128 registers a thread (a few
 /// values of the block loop spill, once per block or chunk, never in the
 /// decode loop; 16 warps hide more of the stream reads' latency than 3 CTAs
-/// with 168 registers did: 590 vs 652 us at 32k x 8) and ~46 KB of shared
-/// memory a CTA. D = 256 (Gemma) doubles the output accumulators and shared
+/// with 168 registers did: 590 vs 652 us at 32k x 8; one CTA of 12 warps at
+/// 168 registers, or 20 warps at 96, are slower too: bench/RESULTS.md) and
+/// ~48 KB of shared memory a CTA of 4 warps. D = 256 (Gemma) doubles the output accumulators and shared
 /// memory (~65 KB): 3 CTAs, 168 registers (440 B of spills; 1.41 vs 1.77 ms
 /// at 32k x 8 with 2 CTAs and 255 registers; at 3 CTAs only the blocks'
 /// headers are prefetched into L2, see kPrefetch). Two row tiles (16 rows: G > 8,
