@@ -233,8 +233,7 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
   // A corrupt block table must not make us read outside the pool: a pair that
   // does not fit in it, or is too small for its headers, is read as an empty
   // pair at the pool's start (wrong numbers, but in bounds).
-  auto block_ref = [&](int u) {
-    const format::BlockRef r = p.table[(size_t(seq.slot) * p.max_blocks + u) * p.kv_heads + head];
+  auto checked_ref = [&](format::BlockRef r) {
     const bool fits = uint64_t(r.offset16) + r.k_size16 + r.v_size16 <= p.pool_units16 &&
                       r.k_size16 * 16u >= k_pay && r.v_size16 * 16u >= v_pay;
     return fits ? r : format::BlockRef{0, uint16_t((k_pay + 15) / 16), uint16_t((v_pay + 15) / 16)};
@@ -262,9 +261,15 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
   // Otherwise it pulls only the block's headers (params and lane tables) into L2: a block starts with
   // three dependent reads (params and lane table, the scan, the stream window).
   const uint32_t k_head_lines = (k_pay + 127) / 128, v_head_lines = (v_pay + 127) / 128;
-  auto fetch_ref = [&](int v) {
+  // The table entry of virtual unit v (unchecked; none past the warp's units).
+  auto load_ref = [&](int v) {
+    return v < v_blocks_end ? p.table[(size_t(seq.slot) * p.max_blocks + loop_range.unit(v)) * p.kv_heads + head]
+                            : format::BlockRef{};
+  };
+  // The entry of unit v, loaded by load_ref, checked and its block prefetched.
+  auto fetch_ref = [&](int v, format::BlockRef raw) {
     if (v >= v_blocks_end) return format::BlockRef{};
-    const format::BlockRef r = block_ref(loop_range.unit(v));
+    const format::BlockRef r = checked_ref(raw);
     const uint8_t* kb = p.pool + size_t(r.offset16) * 16;
     if (kPrefetch) {
       prefetch_l2(kb, (r.k_size16 + r.v_size16) * 16u, lane);
@@ -275,7 +280,7 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
     }
     return r;
   };
-  format::BlockRef next_ref = fetch_ref(v_begin + warp);
+  format::BlockRef next_ref = fetch_ref(v_begin + warp, load_ref(v_begin + warp));
 
   PairDecoder kd, vd;
   // Whether this warp decodes chunks unchecked first (warp-uniform). Only
@@ -295,7 +300,9 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
   __syncwarp();
   for (int v = v_begin + warp; v < v_blocks_end; v += kWarps) {
     const format::BlockRef r = next_ref;
-    next_ref = fetch_ref(v + kWarps);
+    // The next block's entry is loaded now and used after this block's start, whose own waits hide its
+    // latency (checked and prefetched at once, it stalled every block: ncu at 32k x 8, 1.6% of samples).
+    const format::BlockRef next_raw = load_ref(v + kWarps);
     // Whether a causal or window mask may cut into this block (the first row
     // sees the fewest tokens, the last row the most): never in plain decode.
     const int b0 = loop_range.unit(v) * T;
@@ -306,7 +313,8 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
     // The block's V params (a word per token) are copied into this warp's
     // share of vparams_s; the chunks read them there (read from global memory,
     // each chunk waited on them and on the reload of the spilled block address:
-    // ncu at 32k x 8, ~1.7% of stall samples).
+    // ncu at 32k x 8, ~1.7% of stall samples). By cp.async: a copy through
+    // registers was spilled across build_qa and waited on (~2%).
     const uint2* vparams_g = reinterpret_cast<const uint2*>(vb + format::params_offset());
     const uint32_t* vparams = reinterpret_cast<const uint32_t*>(vparams_s[warp]);
 
@@ -355,19 +363,19 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
       }
     };
     // The lane tables and V params are read before build_qa waits for the K params: their loads overlap.
-    uint2 vp[kVParamsPerLane];
 #pragma unroll
     for (int j = 0; j < kVParamsPerLane; ++j)
-      if (2 * (lane + 32 * j) < T) vp[j] = vparams_g[lane + 32 * j];
+      if (2 * (lane + 32 * j) < T)
+        cp_async8(uint32_t(__cvta_generic_to_shared(&vparams_s[warp][lane + 32 * j])), vparams_g + lane + 32 * j);
+    cp_async_commit();
     const uint32_t k_bits = reinterpret_cast<const uint16_t*>(kb + format::lane_bits_offset(Kind::Key, T, D))[lane];
     const uint32_t v_bits = reinterpret_cast<const uint16_t*>(vb + format::lane_bits_offset(Kind::Value, T, D))[lane];
     build_qa();
     PairDecoder::init_pair(kd, reinterpret_cast<const uint32_t*>(kb + k_pay), (r.k_size16 * 16u - k_pay) / 4,
                            lane_stream_start(k_bits, lane), vd, reinterpret_cast<const uint32_t*>(vb + v_pay),
                            (r.v_size16 * 16u - v_pay) / 4, lane_stream_start(v_bits, lane));
-#pragma unroll
-    for (int j = 0; j < kVParamsPerLane; ++j)
-      if (2 * (lane + 32 * j) < T) vparams_s[warp][lane + 32 * j] = vp[j];
+    next_ref = fetch_ref(v + kWarps, next_raw);
+    cp_async_wait<0>();
     __syncwarp();  // qa, vparams_s
 
     for (int chunk = 0; chunk < T / kChunk; ++chunk) {

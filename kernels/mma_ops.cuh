@@ -42,6 +42,10 @@ __device__ __forceinline__ void cp_async16_zfill(uint32_t smem_dst, const void* 
                "r"(src_bytes)
                : "memory");
 }
+/// 8-byte asynchronous copy global -> shared (shared-window address); 8-byte copies go through L1 (.ca).
+__device__ __forceinline__ void cp_async8(uint32_t smem_dst, const void* gmem_src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_dst), "l"(gmem_src) : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 /// Waits until at most N of this thread's committed groups are pending.
 template <int N>
