@@ -5,6 +5,7 @@
 // headline: kvcomp's ratio at the same output error as KIVI 4-bit and 2-bit.
 //
 //   quality [--layers L] [--tokens N] [--queries Q] [--seed S]   synthetic data
+//           [--block-tokens T]                                   kvcomp's block (32, 64 or 128; default 64)
 //   quality --dump kv.json                                        a KV dump
 //           [--write-dump DIR] [--json results.json]
 //
@@ -21,7 +22,7 @@
 // the JSON): k and v [L][N][H][D], q [L][Q][Hq][D]. --write-dump writes the
 // synthetic data in this format.
 //
-// Variants: fp16 (the reference), kvcomp (block 64 tokens, relative bounds for
+// Variants: fp16 (the reference), kvcomp (blocks of T tokens, relative bounds for
 // K and V (the equal-error search also tries V/K bound ratios 1/4..4), one
 // codebook per layer/head/kind built from the data with
 // Codebook::from_histograms (which also picks its low-bit count k), as the
@@ -61,11 +62,10 @@ namespace {
 using Compressor = std::function<size_t(const std::vector<float>& k, const std::vector<float>& v, int N, int D,
                                         std::vector<float>& k_out, std::vector<float>& v_out)>;
 
-/// kvcomp with relative bounds eb_k for K and eb_v for V.
-Compressor kvcomp_variant(float eb_k, float eb_v) {
-  return [eb_k, eb_v](const std::vector<float>& k, const std::vector<float>& v, int N, int D, std::vector<float>& ko,
-                      std::vector<float>& vo) {
-    constexpr int T = 64;
+/// kvcomp with relative bounds eb_k for K and eb_v for V, blocks of T tokens.
+Compressor kvcomp_variant(float eb_k, float eb_v, int T) {
+  return [eb_k, eb_v, T](const std::vector<float>& k, const std::vector<float>& v, int N, int D,
+                         std::vector<float>& ko, std::vector<float>& vo) {
     const int blocks = N / T;
     ko = k;
     vo = v;
@@ -208,13 +208,13 @@ Result evaluate(KvData& d, const std::string& name, const Compressor& comp) {
 /// kvcomp's best ratio at a mean output error of at most `target`: for each
 /// V/K bound ratio in {1/4, 1/2, 1, 2, 4}, bisection on log eb_k (the error
 /// grows with the bound). Returns the bounds in eb_k, eb_v.
-Result kvcomp_at_error(KvData& d, double target, double& eb_k, double& eb_v, bool hadamard) {
+Result kvcomp_at_error(KvData& d, double target, double& eb_k, double& eb_v, bool hadamard, int block_tokens) {
   Result best;
   for (double v_over_k : {0.25, 0.5, 1.0, 2.0, 4.0}) {
     double lo = 1e-4, hi = 0.5;
     for (int it = 0; it < 8; ++it) {
       const double mid = std::sqrt(lo * hi);
-      const Compressor c = kvcomp_variant(float(mid), float(std::min(0.5, mid * v_over_k)));
+      const Compressor c = kvcomp_variant(float(mid), float(std::min(0.5, mid * v_over_k)), block_tokens);
       Result r = evaluate(d, "kvcomp", hadamard ? hadamard_variant(c) : c);
       if (r.err_mean <= target) {
         lo = mid;
@@ -238,6 +238,7 @@ int main(int argc, char** argv) {
   KvData d;
   std::string dump, write_dir, json_out;
   uint64_t seed = 1;
+  int block_tokens = 64;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -251,19 +252,25 @@ int main(int argc, char** argv) {
     else if (a == "--tokens") d.tokens = std::stoi(next());
     else if (a == "--queries") d.queries = std::stoi(next());
     else if (a == "--seed") seed = std::stoull(next());
+    else if (a == "--block-tokens") block_tokens = std::stoi(next());
     else { std::fprintf(stderr, "unknown argument %s (see the comment at the top of bench/quality.cpp)\n", a.c_str()); return 2; }
+  }
+  if (!kvcomp::format::supported_tokens(block_tokens)) {
+    std::fprintf(stderr, "--block-tokens %d: kvcomp blocks hold 32, 64 or 128 tokens\n", block_tokens);
+    return 2;
   }
   try {
     if (!dump.empty()) load_dump(dump, d); else synthesize(d, seed);
     if (!write_dir.empty()) write_dump(write_dir, d);
-    std::printf("data: %s, %d layers x %d tokens x %d kv heads (%d q heads) x %d dims, %d queries per layer\n\n",
+    std::printf("data: %s, %d layers x %d tokens x %d kv heads (%d q heads) x %d dims, %d queries per layer; kvcomp "
+                "blocks of %d tokens\n\n",
                 dump.empty() ? ("synthetic seed " + std::to_string(seed)).c_str() : dump.c_str(), d.layers, d.tokens,
-                d.kv_heads, d.q_heads, d.head_dim, d.queries);
+                d.kv_heads, d.q_heads, d.head_dim, d.queries, block_tokens);
     std::vector<Result> rows;
     for (float eb : {0.005f, 0.01f, 0.02f, 0.05f, 0.1f}) {
       char name[32];
       std::snprintf(name, sizeof(name), "kvcomp eb %.3g", eb);
-      rows.push_back(evaluate(d, name, kvcomp_variant(eb, eb)));
+      rows.push_back(evaluate(d, name, kvcomp_variant(eb, eb, block_tokens)));
     }
     // Config::transform = Hadamard needs a power-of-two head_dim.
     const bool hadamard = kvcomp::is_power_of_two(d.head_dim);
@@ -271,7 +278,7 @@ int main(int argc, char** argv) {
       for (float eb : {0.05f, 0.1f}) {
         char name[40];
         std::snprintf(name, sizeof(name), "kvcomp eb %.3g hadamard", eb);
-        rows.push_back(evaluate(d, name, hadamard_variant(kvcomp_variant(eb, eb))));
+        rows.push_back(evaluate(d, name, hadamard_variant(kvcomp_variant(eb, eb, block_tokens))));
       }
     rows.push_back(evaluate(d, "KIVI 4-bit", kivi_variant(4)));
     rows.push_back(evaluate(d, "KIVI 2-bit", kivi_variant(2)));
@@ -296,7 +303,7 @@ int main(int argc, char** argv) {
         if (rotate && !hadamard) continue;
         const Result& base = rows[rows.size() - 2 + b];
         double eb_k = 0, eb_v = 0;
-        const Result k = kvcomp_at_error(d, base.err_mean, eb_k, eb_v, rotate);
+        const Result k = kvcomp_at_error(d, base.err_mean, eb_k, eb_v, rotate, block_tokens);
         const char* how = rotate ? "hadamard" : "plain";
         std::printf("| %s | %.4f | %.2fx | %s | %.4f / %.4f | %.2fx | **%.2fx** |\n", base.name.c_str(), base.err_mean,
                     base.ratio, how, eb_k, eb_v, k.ratio, k.ratio / base.ratio);
