@@ -32,16 +32,24 @@ void dispatch(DType q_type, int D, int G, F&& f) {
   throw Error("attention takes q/out as float16 or bfloat16");
 }
 
-/// Calls f(integral_constant<int, W>) for the CTA size `warps` if it is one
-/// of the shape's (fused_cta_warps), else for 4 warps.
-template <int D, int kTiles, typename F>
-void with_warps(int warps, F&& f) {
-  constexpr int kMid = fused_cta_warps(D, kMmaRows * kTiles, 1), kAll = fused_cta_warps(D, kMmaRows * kTiles, 2);
-  if constexpr (kAll > 0)
-    if (warps == kAll) return f(std::integral_constant<int, kAll>{});
-  if constexpr (kMid > 0)
-    if (warps == kMid) return f(std::integral_constant<int, kMid>{});
-  f(std::integral_constant<int, 4>{});
+/// Calls f(integral_constant tiles, integral_constant warps) for the fused
+/// kernel of the shape: two mma row tiles where rows come in tiles of 16
+/// (attention_tile_rows: D <= 128), else one; CTAs of `warps` warps if that
+/// is one of the shape's sizes (fused_cta_warps), else of 4.
+template <int D, typename F>
+void with_kernel(int tile_rows, int warps, F&& f) {
+  auto with_tiles = [&](auto tiles) {
+    constexpr int kRows = kMmaRows * decltype(tiles)::value;
+    constexpr int kMid = fused_cta_warps(D, kRows, 1), kAll = fused_cta_warps(D, kRows, 2);
+    if constexpr (kAll > 0)
+      if (warps == kAll) return f(tiles, std::integral_constant<int, kAll>{});
+    if constexpr (kMid > 0)
+      if (warps == kMid) return f(tiles, std::integral_constant<int, kMid>{});
+    f(tiles, std::integral_constant<int, 4>{});
+  };
+  if constexpr (D <= 128)
+    if (tile_rows > kMmaRows) return with_tiles(std::integral_constant<int, 2>{});
+  with_tiles(std::integral_constant<int, 1>{});
 }
 
 }  // namespace
@@ -50,21 +58,14 @@ int attention_ctas_per_sm(int D, int G, int tile_rows, int warps) {
   int ctas = 0;
   dispatch(DType::F16, D, G, [&](auto qt, auto d) {
     constexpr int kD = d.value;
-    auto occupancy = [&](auto tiles) {
-      constexpr int kTiles = decltype(tiles)::value;
-      with_warps<kD, kTiles>(warps, [&](auto w) {
-        constexpr int kW = decltype(w)::value;
-        if (kW != warps) return;  // not a size of this shape
-        constexpr auto kernel = fused_attention_kernel<decltype(qt), kD, kTiles, kW>;
-        opt_in_dynamic_smem<kernel>(AttnSmem<kD, kTiles, kW>::kBytes, "attention shared-memory opt-in");
-        check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, 32 * kW, AttnSmem<kD, kTiles, kW>::kBytes),
-                   "attention occupancy");
-      });
-    };
-    if constexpr (kD <= 128) {
-      if (tile_rows > kMmaRows) return occupancy(std::integral_constant<int, 2>{});
-    }
-    occupancy(std::integral_constant<int, 1>{});
+    with_kernel<kD>(tile_rows, warps, [&](auto tiles, auto w) {
+      constexpr int kTiles = decltype(tiles)::value, kW = decltype(w)::value;
+      if (kW != warps) return;  // not a size of this shape
+      constexpr auto kernel = fused_attention_kernel<decltype(qt), kD, kTiles, kW>;
+      opt_in_dynamic_smem<kernel>(AttnSmem<kD, kTiles, kW>::kBytes, "attention shared-memory opt-in");
+      check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, 32 * kW, AttnSmem<kD, kTiles, kW>::kBytes),
+                 "attention occupancy");
+    });
   });
   return ctas > 0 || warps != 4 ? ctas : 1;  // 4-warp CTAs are every shape's fallback
 }
@@ -98,13 +99,7 @@ void launch_attention(DType q_type, int D, int G, const AttendParams& params, cu
       kernel<<<grid, 32 * kW, AttnSmem<kD, kTiles, kW>::kBytes, s>>>(p);
     };
     // The plan's CTA size where built for the shape (plan_attention only picks those), else 4 warps.
-    if constexpr (kD <= 128) {
-      if (tile_rows > kMmaRows)
-        with_warps<kD, 2>(p.warps, [&](auto w) { launch(std::integral_constant<int, 2>{}, w); });
-      else with_warps<kD, 1>(p.warps, [&](auto w) { launch(std::integral_constant<int, 1>{}, w); });
-    } else {
-      with_warps<kD, 1>(p.warps, [&](auto w) { launch(std::integral_constant<int, 1>{}, w); });
-    }
+    with_kernel<kD>(tile_rows, p.warps, launch);
     check_cuda(cudaGetLastError(), "fused attention launch");
     launch_merge<QT, kD>(p.part, p.splits, static_cast<QT*>(p.out), p.transform == kTransformHadamard,
                          rows * p.kv_heads * G, s, "split merge launch");
