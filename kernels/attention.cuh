@@ -17,8 +17,9 @@
 //      8..15 (so the fp16 products keep fp32-like precision; the two halves
 //      of the accumulator are summed), B = the codes, which each lane decodes
 //      straight into its B fragment (format.hpp orders the lane streams that
-//      way): one table lookup gives a pair of codes as fp16x2, one AND makes
-//      it an operand;
+//      way): one table lookup gives a pair of codes as fp16x2 (subnormals,
+//      code x 2^-22: the sums are scaled back once), one AND makes it an
+//      operand;
 //   online softmax of the chunk per head (a quad of lanes holds one head);
 //   V: O^T[c][h] += sum_t code_tc (p_ht step_t): A = the decoded codes (16
 //      channels x 16 tokens), B = p x step (hi and lo, two mmas), built from
@@ -121,6 +122,9 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
   uint32_t lut_k;
   asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(lut_k) : "l"(luts));
   const uint32_t lut_v = lut_k + format::kLutSize * sizeof(uint32_t);
+  // The tables' codes are fp16 subnormals, code x kLutCodeUnit: the mmas' sums are scaled back once (K: with
+  // the scores, V: with the partial), and V's exact escape corrections are scaled into the mma units.
+  constexpr float kCodeScale = 1.f / format::kLutCodeUnit;
   float* q_s = reinterpret_cast<float*>(smem);  // [R][D], scaled to log2 units; rows >= group are 0
 
   allow_dependent_launch();  // the merge's CTAs may be placed as ours finish (they wait for the whole grid)
@@ -326,7 +330,7 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
         float x[kK16][4];
         float amax = 0.f;
         qmin[t] = 0.f;
-        kscale[t] = 1.f;
+        kscale[t] = kCodeScale;
 #pragma unroll
         for (int k16 = 0; k16 < kK16; ++k16)
 #pragma unroll
@@ -343,7 +347,7 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
         float inv = 1.f;
         if (amax > 16384.f) {  // uniform
           const float e = ceilf(log2f(amax / 16384.f));
-          kscale[t] = exp2f(e);
+          kscale[t] = exp2f(e) * kCodeScale;
           inv = exp2f(-e);
         }
 #pragma unroll
@@ -596,7 +600,7 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
           for (int i = 0; i < kM16; ++i)
 #pragma unroll
             for (int j = 0; j < 4; ++j)
-              o[t][i][j] += vcorr[(8 * t + 2 * quad + (j & 1)) * D + 16 * i + row + 8 * (j >> 1)];
+              o[t][i][j] += vcorr[(8 * t + 2 * quad + (j & 1)) * D + 16 * i + row + 8 * (j >> 1)] * format::kLutCodeUnit;
         __syncwarp();
         build_qa();  // over vcorr
       }
@@ -618,7 +622,7 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
 #pragma unroll
       for (int j = 0; j < 4; ++j)
         rows[(8 * t + 2 * quad + (j & 1)) * (D + 2) + 16 * i + row + 8 * (j >> 1)] =
-            o[t][i][j] + ((j & 1) ? pmin_b : pmin_a);
+            o[t][i][j] * kCodeScale + ((j & 1) ? pmin_b : pmin_a);
     if (quad == 0) {
       rows[(8 * t + row) * (D + 2) + D] = m[t];
       rows[(8 * t + row) * (D + 2) + D + 1] = l[t];

@@ -3,9 +3,11 @@
 // one lookup per PAIR of values (format.hpp, "Entropy coding").
 //
 // Written for instruction count, which is what bounds the fused kernel:
-//  - a table entry is the pair as fp16x2 (plus length and escape flags in
-//    mantissa bits that are zero for codes < 16): one AND makes it a
-//    tensor-core operand, no integer-to-float conversion;
+//  - a table entry is the pair as fp16x2 subnormals (code x 2^-22, the
+//    caller scales the mma results back) plus the escape flag in bits the
+//    codes leave zero: one AND makes it a tensor-core operand, no
+//    integer-to-float conversion; the bits the pair takes sit in the top
+//    four bits, so one LEA.HI adds them to the stream position;
 //  - bits are read from a 64-bit window of two words (a group, two pairs of
 //    one mma fragment, needs at most 22 bits and starts below bit 34); the
 //    window advances at most one word per group (predicated moves) from a
@@ -93,11 +95,10 @@ __device__ __noinline__ SlowGroup decode_group_slow(const uint32_t* lut, const u
     b += uint32_t(n);
     return n == 32 ? v : v & ((1u << n) - 1);
   };
-  auto half_of = [](uint32_t code) { return uint32_t(__half_as_ushort(__uint2half_rn(code))); };
   SlowGroup out;
   for (int half = 0; half < 2; ++half) {
     const uint32_t e = lut[peek() & (format::kLutSize - 1)];
-    b += e & format::kLutLengthMask;
+    b += uint32_t(format::lut_length(e));
     uint32_t h = e & format::kLutValueMask;
     if (format::lut_is_slow(e)) {
       const int symbol = format::lut_slow_symbol(e);
@@ -105,7 +106,7 @@ __device__ __noinline__ SlowGroup decode_group_slow(const uint32_t* lut, const u
       if (symbol != format::kPairEscape) {  // a long codeword: its low bits follow
         const uint32_t a = (uint32_t(symbol / format::kPairBase) << low_bits) | take(low_bits);
         const uint32_t c = (uint32_t(symbol % format::kPairBase) << low_bits) | take(low_bits);
-        h = half_of(a) | (half_of(c) << 16);
+        h = format::lut_code_half(a) | (format::lut_code_half(c) << 16);
       } else {
         for (int v = 0; v < 2; ++v) {
           const uint32_t code = take(format::kFieldBits);
@@ -117,7 +118,7 @@ __device__ __noinline__ SlowGroup decode_group_slow(const uint32_t* lut, const u
             for (int g = 0; g < sink.group; ++g)
               atomicAdd(acc + g * sink.acc_stride, sink.coef[g * sink.coef_stride + at] * (raw - vmin));
           } else {
-            h |= half_of(code) << (16 * v);
+            h |= format::lut_code_half(code) << (16 * v);
           }
         }
       }
@@ -221,10 +222,10 @@ struct PairDecoder {
                                         Sink&& sink) {
     constexpr uint32_t kIndex = (format::kLutSize - 1) << 2;  // index bits, scaled to bytes
     const uint32_t e0 = lds(lut + (__funnelshift_r(w0, w1, pos) & kIndex));
-    const uint32_t p1 = pos + (e0 & format::kLutLengthMask);  // <= 42
+    const uint32_t p1 = pos + (e0 >> format::kLutLengthShift);  // <= 42
     const uint32_t x1 = uint32_t(((uint64_t(w1) << 32) | w0) >> p1);
     const uint32_t e1 = lds(lut + (x1 & kIndex));
-    const uint32_t p2 = p1 + (e1 & format::kLutLengthMask);  // <= 53
+    const uint32_t p2 = p1 + (e1 >> format::kLutLengthShift);  // <= 53
     h0 = e0 & format::kLutValueMask;
     h1 = e1 & format::kLutValueMask;
     if (__builtin_expect(warp_any_slow(e0, e1), 0)) {
@@ -253,10 +254,10 @@ struct PairDecoder {
   __device__ __forceinline__ void group_unchecked(uint32_t lut, uint32_t& h0, uint32_t& h1, uint32_t& flags) {
     constexpr uint32_t kIndex = (format::kLutSize - 1) << 2;
     const uint32_t e0 = lds(lut + (__funnelshift_r(w0, w1, pos) & kIndex));
-    const uint32_t p1 = pos + (e0 & format::kLutLengthMask);
+    const uint32_t p1 = pos + (e0 >> format::kLutLengthShift);
     const uint32_t x1 = uint32_t(((uint64_t(w1) << 32) | w0) >> p1);
     const uint32_t e1 = lds(lut + (x1 & kIndex));
-    const uint32_t p2 = p1 + (e1 & format::kLutLengthMask);
+    const uint32_t p2 = p1 + (e1 >> format::kLutLengthShift);
     h0 = e0 & format::kLutValueMask;
     h1 = e1 & format::kLutValueMask;
     flags |= e0 | e1;

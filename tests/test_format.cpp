@@ -234,16 +234,16 @@ TEST(Format, PairSymbols) {
   EXPECT_EQ(pair_symbol(kPairBase, 0), kPairEscape);
 }
 
-TEST(Format, SmallIntHalfIsExact) {
-  for (uint32_t n = 0; n < 2048; ++n) {
-    const uint16_t h = small_int_half(n);
-    ASSERT_EQ(half_to_float(h), float(n)) << n;
-    ASSERT_EQ(h, float_to_half_down(float(n))) << n;  // the one fp16 pattern of n
-    // Codes below 128 (all a fast entry holds: (14 << 3) | 7 = 119) leave
-    // the low 4 mantissa bits free for the LUT's length and slow flag.
-    if (n < 128) {
-      ASSERT_EQ(h & 0xFu, 0u) << n;
-    }
+TEST(Format, LutCodeHalvesAreExactSubnormals) {
+  // A fast entry's fp16 half of code n is the subnormal n x kLutCodeUnit
+  // (mantissa n << 2): exact for every code an entry or the slow path forms
+  // (< 256), leaving bits 0..1 and 10..15 of each half free.
+  EXPECT_EQ(kLutCodeUnit, std::ldexp(1.f, -22));
+  for (uint32_t n = 0; n < 256; ++n) {
+    const uint32_t h = lut_code_half(n);
+    ASSERT_LT(h, 0x400u) << n;  // exponent 0: a subnormal (or 0)
+    ASSERT_EQ(h & 0x3u, 0u) << n;
+    ASSERT_EQ(half_to_float(uint16_t(h)), float(n) * kLutCodeUnit) << n;
   }
 }
 
@@ -260,12 +260,12 @@ TEST(Format, LutFastEntriesRoundTrip) {
         ASSERT_EQ(lut_length(e), bits) << a << " " << b;
         ASSERT_EQ(lut_first(e), a) << b << " " << bits;
         ASSERT_EQ(lut_second(e), b) << a << " " << bits;
-        // The masked entry is the pair's two codes as fp16, first value low;
-        // the flags hold nothing but the length.
+        // The masked entry is the pair's two codes as fp16 (x kLutCodeUnit),
+        // first value low; the other bits hold nothing but the length.
         const uint32_t values = e & kLutValueMask;
-        ASSERT_EQ(half_to_float(uint16_t(values & 0xFFFFu)), float(a));
-        ASSERT_EQ(half_to_float(uint16_t(values >> 16)), float(b));
-        ASSERT_EQ(e & ~kLutValueMask, uint32_t(bits));
+        ASSERT_EQ(half_to_float(uint16_t(values & 0xFFFFu)), float(a) * kLutCodeUnit);
+        ASSERT_EQ(half_to_float(uint16_t(values >> 16)), float(b) * kLutCodeUnit);
+        ASSERT_EQ(e & ~kLutValueMask, uint32_t(bits) << kLutLengthShift);
         ASSERT_NE(e, 0u);  // 0 = no codeword
       }
 }
@@ -277,9 +277,9 @@ TEST(Format, LutSlowEntriesRoundTrip) {
       ASSERT_TRUE(lut_is_slow(e)) << s;
       ASSERT_EQ(lut_length(e), len) << s;
       ASSERT_EQ(lut_slow_symbol(e), s) << s << " len " << len;
-      ASSERT_EQ(e, kLutEscapeBit | uint32_t(s) << 4 | uint32_t(len)) << s;
+      ASSERT_EQ(e, kLutEscapeBit | uint32_t(s) << 4 | uint32_t(len) << kLutLengthShift) << s;
     }
-  // Bits 0..3 = L, 4..11 = the symbol, 16 = slow: nothing overlaps.
+  // Bits 28..31 = L, 4..11 = the symbol, 16 = slow: nothing overlaps.
   EXPECT_EQ(lut_slow_symbol(lut_slow_entry(255, 15)), 255);
   EXPECT_EQ(lut_length(lut_slow_entry(255, 15)), 15);
   EXPECT_TRUE(lut_is_slow(lut_slow_entry(255, 15)));

@@ -328,37 +328,36 @@ KVCOMP_HD uint32_t reverse_bits(uint32_t code, int len) {
   return r;
 }
 
-/// fp16 bit pattern of a small non-negative integer (exact; n < 2048).
-KVCOMP_HD uint16_t small_int_half(uint32_t n) {
-  if (n == 0) return 0;
-  int e = 0;
-  while ((n >> (e + 1)) != 0) ++e;
-  return uint16_t(((e + 15) << 10) | ((n << (10 - e)) & 0x3FFu));
-}
-
 /// Decode-table entry (32 bits), laid out so the fused kernel's tensor-core
-/// operand is one AND away. Fast entry (not PAIR_ESC, L + 2k <= 11): the two
-/// codes of the pair as fp16 (low half = first value), whose low 4 mantissa
-/// bits are zero for codes below 128 (k <= 3 keeps them there), with bits
-/// 0..3 = L + 2k, the bits the pair takes. Slow entry (PAIR_ESC, or a
-/// codeword too long to carry its low bits): bit 16 set, bits 0..3 = L,
-/// bits 4..11 = the symbol. No codeword: 0.
-constexpr uint32_t kLutLengthMask = 0xFu;
+/// operand is one AND away and the bits a lookup takes one shift away. Fast
+/// entry (not PAIR_ESC, L + 2k <= 11): the two codes of the pair as fp16 bit
+/// patterns (low half = first value) of code x kLutCodeUnit: subnormals whose
+/// mantissa is code << 2 (bits 2..9 of each half; codes below 256), with
+/// bits 28..31 = L + 2k, the bits the pair takes (one LEA.HI adds them to the
+/// stream position). Slow entry (PAIR_ESC, or a codeword too long to carry its
+/// low bits): bit 16 set, bits 28..31 = L, bits 4..11 = the symbol. No
+/// codeword: 0.
+constexpr int kLutLengthShift = 28;
 constexpr uint32_t kLutEscapeBit = 0x10000u;  // "slow": PAIR_ESC or a long codeword
-constexpr uint32_t kLutValueMask = 0xFFF0FFF0u;
+constexpr uint32_t kLutValueMask = 0x03FC03FCu;
+/// The value of code 1 in a fast entry's fp16 halves (2^-22): tensor-core
+/// products of them are in these units.
+constexpr float kLutCodeUnit = 1.f / 4194304.f;
+/// fp16 bit pattern of code x kLutCodeUnit (code < 256).
+KVCOMP_HD uint32_t lut_code_half(uint32_t code) { return code << 2; }
 KVCOMP_HD uint32_t lut_fast_entry(int a, int b, int bits) {
-  return small_int_half(uint32_t(a)) | (uint32_t(small_int_half(uint32_t(b))) << 16) | uint32_t(bits);
+  return lut_code_half(uint32_t(a)) | (lut_code_half(uint32_t(b)) << 16) | (uint32_t(bits) << kLutLengthShift);
 }
 KVCOMP_HD uint32_t lut_slow_entry(int symbol, int length) {
-  return kLutEscapeBit | uint32_t(length) | (uint32_t(symbol) << 4);
+  return kLutEscapeBit | (uint32_t(length) << kLutLengthShift) | (uint32_t(symbol) << 4);
 }
-KVCOMP_HD int lut_length(uint32_t e) { return int(e & kLutLengthMask); }
+KVCOMP_HD int lut_length(uint32_t e) { return int(e >> kLutLengthShift); }
 KVCOMP_HD bool lut_is_slow(uint32_t e) { return (e & kLutEscapeBit) != 0; }
 /// A slow entry's symbol.
 KVCOMP_HD int lut_slow_symbol(uint32_t e) { return int((e >> 4) & 0xFFu); }
 /// A fast entry's codes.
-KVCOMP_HD int lut_first(uint32_t e) { return int(half_to_float(uint16_t(e & kLutValueMask))); }
-KVCOMP_HD int lut_second(uint32_t e) { return int(half_to_float(uint16_t((e & kLutValueMask) >> 16))); }
+KVCOMP_HD int lut_first(uint32_t e) { return int((e & kLutValueMask & 0xFFFFu) >> 2); }
+KVCOMP_HD int lut_second(uint32_t e) { return int((e & kLutValueMask) >> 18); }
 
 /// Writes one pair (codes a, b of values va, vb) with encoder table `enc`
 /// (bit-reversed codeword | length << 16, length 0 = no codeword) and k low
