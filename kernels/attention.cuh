@@ -246,7 +246,8 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
   // Softmax state of row 8 t + `row` (quad-uniform running max in log2 units;
   // this lane's share of the sum of p and of sum_t p_t min_t). The output O^T
   // accumulates on tensor cores: o[t][m16] = channels 16 m16 + row (+ 8) x
-  // rows 8 t + 2 quad, 8 t + 2 quad + 1 (without the min term).
+  // rows 8 t + 2 quad, 8 t + 2 quad + 1 (without the min term), in the decode
+  // tables' code units (x format::kLutCodeUnit) until the partial is written.
   float m[kTiles], l[kTiles], pmin[kTiles];
   float o[kTiles][kM16][4];
 #pragma unroll
@@ -322,7 +323,8 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
     const uint2* vparams_g = reinterpret_cast<const uint2*>(vb + format::params_offset());
     const uint32_t* vparams = reinterpret_cast<const uint32_t*>(vparams_s[warp]);
 
-    // A operands of K (qa), pre-divided by a power of two when they would overflow fp16.
+    // A operands of K (qa), pre-divided by a power of two when they would overflow fp16; kscale
+    // multiplies that back and the codes' unit (1 / kLutCodeUnit) into the scores.
     float qmin[kTiles], kscale[kTiles];
     auto build_qa = [&] {
 #pragma unroll
