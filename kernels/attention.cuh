@@ -244,16 +244,21 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
   };
 
   // Softmax state of row 8 t + `row` (quad-uniform running max in log2 units;
-  // this lane's share of the sum of p and of sum_t p_t min_t). The output O^T
+  // this lane's share of the sum of p and of sum_t p_t min_t), in shared memory
+  // between chunks: in registers it was live across both decode passes and
+  // spilled, and its reloads, L1 misses, stalled every chunk (SASS). The output O^T
   // accumulates on tensor cores: o[t][m16] = channels 16 m16 + row (+ 8) x
   // rows 8 t + 2 quad, 8 t + 2 quad + 1 (without the min term), in the decode
   // tables' code units (x format::kLutCodeUnit) until the partial is written.
-  float m[kTiles], l[kTiles], pmin[kTiles];
+  __shared__ float soft_s[kWarps][3][kTiles][32];  // (m, l, pmin) [t][lane]
+  volatile float* soft_m = soft_s[warp][0][0] + lane;  // + 32 t
+  volatile float* soft_l = soft_s[warp][1][0] + lane;
+  volatile float* soft_p = soft_s[warp][2][0] + lane;
   float o[kTiles][kM16][4];
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {
-    m[t] = -INFINITY;
-    l[t] = pmin[t] = 0.f;
+    soft_m[32 * t] = -INFINITY;
+    soft_l[32 * t] = soft_p[32 * t] = 0.f;
 #pragma unroll
     for (int i = 0; i < kM16; ++i) o[t][i][0] = o[t][i][1] = o[t][i][2] = o[t][i][3] = 0.f;
   }
@@ -404,18 +409,20 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
 #pragma unroll
           for (int n = 0; n < 4; ++n) sc[t][n][0] = sc[t][n][1] = sc[t][n][2] = sc[t][n][3] = 0.f;
         uint32_t flags = 0;
+        const uint4* qa_k16 = qa + lane;  // this lane's A fragments of channels 16 k16 .. (a pointer: one add a k16)
 #pragma unroll 1
         for (int k16 = 0; k16 < kK16; ++k16) {
           uint4 a[kTiles];
 #pragma unroll
-          for (int t = 0; t < kTiles; ++t) a[t] = qa[(t * kK16 + k16) * 32 + lane];
+          for (int t = 0; t < kTiles; ++t) a[t] = qa_k16[t * kK16 * 32];
+          qa_k16 += 32;
 #pragma unroll
           for (int n8 = 0; n8 < 4; ++n8) {
             uint32_t b0, b1;
             if constexpr (kChecked) {
               kd.group(lut_k, k_low, b0, b1, [&] { k_slow = true; }, [&] {
                 // Token 8 n8 + row of the chunk; channels 16 k16 + 2 quad (+ 1, + 8).
-                return EscapeSink{kcorr + 8 * n8 + row, 0, kChunk, q_s, D, kparams, 16 * k16 + 2 * quad, 8, group};
+                return EscapeSink{kcorr + opaque(8 * n8 + row), 0, kChunk, q_s, D, kparams, 16 * k16 + 2 * quad, 8, group};
               });
             } else {
               kd.group_unchecked(lut_k, b0, b1, flags);
@@ -481,8 +488,12 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
       // B operands of V: p x step of that row, tokens 16 k16 + 2 quad + {0,1} (+ 8), as fp16 hi + lo
       // (two mmas: one fp16 rounding of p x step alone cost 1e-3 of the output).
       uint32_t pb[kTiles][2][2], pl[kTiles][2][2];
+      float m[kTiles], l[kTiles], pmin[kTiles];
 #pragma unroll
       for (int t = 0; t < kTiles; ++t) {
+        m[t] = soft_m[32 * t];
+        l[t] = soft_l[32 * t];
+        pmin[t] = soft_p[32 * t];
         float cmax = -INFINITY;
 #pragma unroll
         for (int n = 0; n < 4; ++n) cmax = fmaxf(cmax, fmaxf(s[t][n][0], s[t][n][1]));
@@ -519,6 +530,9 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
           pl[t][n / 2][n % 2] = pack_half2(x0 - half_lo(hi), x1 - half_hi(hi));
           *reinterpret_cast<float2*>(pchunk + (8 * t + row) * kChunk + tok) = make_float2(p0, p1);
         }
+        soft_m[32 * t] = m[t];
+        soft_l[32 * t] = l[t];
+        soft_p[32 * t] = pmin[t];
       }
       __syncwarp();
 
@@ -558,11 +572,11 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
             // Channels 16 m16 + row (+ 8), tokens 16 k16 + 2 quad (+ 1), then tokens + 8.
             if constexpr (kChecked) {
               vd.group(lut_v, v_low, a.x, a.y, on_v_slow, [&] {
-                return EscapeSink{vcorr + 16 * m16 + row, 8, D, pchunk, kChunk, vparams + chunk * kChunk,
+                return EscapeSink{vcorr + opaque(16 * m16 + row), 8, D, pchunk, kChunk, vparams + chunk * kChunk,
                                   16 * k16 + 2 * quad, 0, group};
               });
               vd.group(lut_v, v_low, a.z, a.w, on_v_slow, [&] {
-                return EscapeSink{vcorr + 16 * m16 + row, 8, D, pchunk, kChunk, vparams + chunk * kChunk,
+                return EscapeSink{vcorr + opaque(16 * m16 + row), 8, D, pchunk, kChunk, vparams + chunk * kChunk,
                                   16 * k16 + 2 * quad + 8, 0, group};
               });
             } else {
@@ -611,8 +625,12 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
   }
 
   // This warp's partial for its R rows into `rows`: the min term on every channel, the sum.
+  float m[kTiles], l[kTiles], pmin[kTiles];
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {
+    m[t] = soft_m[32 * t];
+    l[t] = soft_l[32 * t];
+    pmin[t] = soft_p[32 * t];
     l[t] += __shfl_xor_sync(0xFFFFFFFFu, l[t], 1);
     l[t] += __shfl_xor_sync(0xFFFFFFFFu, l[t], 2);
     pmin[t] += __shfl_xor_sync(0xFFFFFFFFu, pmin[t], 1);
