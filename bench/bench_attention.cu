@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 #include <cstdio>
+#include <map>
 #include <memory>
 
 #include "kvcomp/cache.hpp"
@@ -39,9 +40,7 @@ struct Setup {
   void* cublas_ws = nullptr;
   cublasHandle_t handle = nullptr;
   std::unique_ptr<kvcomp::Cache> cache;
-  std::unique_ptr<kvcomp::Cache> cache_hadamard;  // Config::transform = Hadamard (built on first use)
-  std::unique_ptr<kvcomp::Cache> cache_t32;       // Config::block_tokens = 32 (built on first use)
-  std::unique_ptr<kvcomp::Cache> cache_t128;      // Config::block_tokens = 128 (built on first use)
+  std::map<int, std::unique_ptr<kvcomp::Cache>> config_caches;  // kvcomp's Config variants, by Variant (kvcomp_cache)
   std::unique_ptr<kvcomp::baseline::KiviCache> kivi[2];  // 4-bit, 2-bit (built on first use)
   float* kivi_ws = nullptr;
   std::vector<int> ids;
@@ -136,39 +135,64 @@ void time_calls(benchmark::State& st, Run&& run) {
 
 enum Variant { kFlash = 1, kCublas = 2, kKvcomp = 3, kKivi4 = 4, kKivi2 = 5, kKvcompHadamard = 7, kKvcompT32 = 8, kKvcompT128 = 9 };  // numbers name the benchmarks
 
+/// kvcomp's variants: the Config each reads (the default cache, or one built on first use) and its label.
+struct KvcompVariant {
+  Variant var;
+  kvcomp::Transform transform;
+  int block_tokens;
+  const char* label;
+};
+constexpr KvcompVariant kKvcompVariants[] = {
+    {kKvcomp, kvcomp::Transform::None, 64, "kvcomp eb0.05"},
+    {kKvcompHadamard, kvcomp::Transform::Hadamard, 64, "kvcomp eb0.05 hadamard"},
+    {kKvcompT32, kvcomp::Transform::None, 32, "kvcomp eb0.05 T32"},
+    {kKvcompT128, kvcomp::Transform::None, 128, "kvcomp eb0.05 T128"},
+};
+const KvcompVariant* kvcomp_variant(Variant var) {
+  for (const KvcompVariant& v : kKvcompVariants)
+    if (v.var == var) return &v;
+  return nullptr;
+}
+/// The cache a kvcomp variant reads (null for the baselines).
+kvcomp::Cache* kvcomp_cache(Setup& s, Variant var) {
+  const KvcompVariant* v = kvcomp_variant(var);
+  if (!v) return nullptr;
+  if (var == kKvcomp) return s.cache.get();
+  auto& c = s.config_caches[var];
+  if (!c) c = make_cache(s, v->transform, 0, v->block_tokens);
+  return c.get();
+}
+
 void BM_attention(benchmark::State& st) {
   const int N = int(st.range(0)), B = int(st.range(1));
   const Variant var = Variant(st.range(2));
   const int G = int(st.range(3)), D = int(st.range(4));
   Setup& s = setup(N, B, G, D, 0.05f);
   kvcomp::baseline::KiviCache* kivi = (var == kKivi4 || var == kKivi2) ? &s.kivi_cache(var == kKivi4 ? 4 : 2) : nullptr;
-  if (var == kKvcompHadamard && !s.cache_hadamard) s.cache_hadamard = make_cache(s, kvcomp::Transform::Hadamard);
-  if (var == kKvcompT32 && !s.cache_t32) s.cache_t32 = make_cache(s, kvcomp::Transform::None, 0, 32);
-  if (var == kKvcompT128 && !s.cache_t128) s.cache_t128 = make_cache(s, kvcomp::Transform::None, 0, 128);
+  kvcomp::Cache* kc = kvcomp_cache(s, var);
   auto run = [&] {
+    if (kc) {
+      kc->attend(0, s.ids, s.q, s.out, kvcomp::DType::F16, 0);
+      return;
+    }
     switch (var) {
-      case kKvcomp: s.cache->attend(0, s.ids, s.q, s.out, kvcomp::DType::F16, 0); break;
-      case kKvcompHadamard: s.cache_hadamard->attend(0, s.ids, s.q, s.out, kvcomp::DType::F16, 0); break;
-      case kKvcompT32: s.cache_t32->attend(0, s.ids, s.q, s.out, kvcomp::DType::F16, 0); break;
-      case kKvcompT128: s.cache_t128->attend(0, s.ids, s.q, s.out, kvcomp::DType::F16, 0); break;
       case kFlash: kvcomp::baseline::flash_decode_fp16(s.fp16(), s.q, s.out, s.flash_ws, g_sms, 0); break;
       case kCublas: kvcomp::baseline::cublas_attention(s.handle, s.fp16(), s.q, s.out, s.cublas_ws, 0); break;
       case kKivi4:
       case kKivi2: kivi->attend(s.q, s.out, s.kivi_ws, g_sms, 0); break;
+      default: break;
     }
   };
   time_calls(st, run);
   const double bytes = var == kKvcomp ? double(s.compressed)
-                       : var == kKvcompHadamard ? double(s.cache_hadamard->stats().compressed_bytes)
-                       : var == kKvcompT32 ? double(s.cache_t32->stats().compressed_bytes)
-                       : var == kKvcompT128 ? double(s.cache_t128->stats().compressed_bytes)
-                       : kivi ? double(kivi->shape().bytes()) : double(s.fp16_bytes());
+                       : kc   ? double(kc->stats().compressed_bytes)
+                       : kivi ? double(kivi->shape().bytes())
+                              : double(s.fp16_bytes());
   st.counters["bytes_read"] = bytes;
   st.counters["floor_us"] = bytes / g_copy_bw * 1e6;
   st.counters["eff_TBps"] = benchmark::Counter(double(s.fp16_bytes()) / 1e12, benchmark::Counter::kIsIterationInvariantRate);
   st.counters["ratio"] = double(s.fp16_bytes()) / bytes;
-  st.SetLabel(var == kKvcomp ? "kvcomp eb0.05" : var == kKvcompHadamard ? "kvcomp eb0.05 hadamard"
-              : var == kKvcompT32 ? "kvcomp eb0.05 T32" : var == kKvcompT128 ? "kvcomp eb0.05 T128"
+  st.SetLabel(kc ? kvcomp_variant(var)->label
               : var == kFlash ? "flash-fp16" : var == kCublas ? "cublas-fp16" : var == kKivi4 ? "kivi-4bit" : "kivi-2bit");
 }
 

@@ -175,23 +175,23 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
   // store (at short contexts, where a CTA decodes a block or two, one round
   // trip to L2 per loop iteration was a fifth of the kernel: 1k x 1, ncu).
   constexpr int kThreads = 32 * kWarps;
+  // Whether element j of this thread's strided share of `count` exists (always, where the threads divide them).
+  auto in_share = [&](int j, int count) { return count % kThreads == 0 || int(threadIdx.x) + j * kThreads < count; };
   if (nblocks > 0 && v_begin < v_end) {
     const uint4* src_k = reinterpret_cast<const uint4*>(p.books[2 * head].lut);
     const uint4* src_v = reinterpret_cast<const uint4*>(p.books[2 * head + 1].lut);
     constexpr int kLutVec = format::kLutSize * sizeof(uint32_t) / sizeof(uint4);
     constexpr int kPer = (kLutVec + kThreads - 1) / kThreads;
-    // Whether vector j of this thread is in the tables (always, where the threads divide them).
-    auto in_lut = [&](int j) { return kLutVec % kThreads == 0 || int(threadIdx.x) + j * kThreads < kLutVec; };
     uint4 k4[kPer], v4[kPer];
 #pragma unroll
     for (int j = 0; j < kPer; ++j)
-      if (in_lut(j)) {
+      if (in_share(j, kLutVec)) {
         k4[j] = src_k[threadIdx.x + j * kThreads];
         v4[j] = src_v[threadIdx.x + j * kThreads];
       }
 #pragma unroll
     for (int j = 0; j < kPer; ++j)
-      if (in_lut(j)) {
+      if (in_share(j, kLutVec)) {
         reinterpret_cast<uint4*>(luts)[threadIdx.x + j * kThreads] = k4[j];
         reinterpret_cast<uint4*>(luts + format::kLutSize)[threadIdx.x + j * kThreads] = v4[j];
       }
@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
     // K/V are stored rotated (x R): q.k = (q R).(k R), so rotate q (fp32, one warp per row), then scale.
 #pragma unroll
     for (int j = 0; j < kQPer; ++j)
-      if (kR * D % kThreads == 0 || threadIdx.x + j * kThreads < kR * D) q_s[threadIdx.x + j * kThreads] = qv[j];
+      if (in_share(j, kR * D)) q_s[threadIdx.x + j * kThreads] = qv[j];
     __syncthreads();
     if constexpr (kPow2)
       for (int g = warp; g < group; g += kWarps) hadamard_row_shared<D>(q_s + g * D);
@@ -217,8 +217,7 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
   } else {
 #pragma unroll
     for (int j = 0; j < kQPer; ++j)
-      if (kR * D % kThreads == 0 || threadIdx.x + j * kThreads < kR * D)
-        q_s[threadIdx.x + j * kThreads] = qv[j] * p.scale_log2;
+      if (in_share(j, kR * D)) q_s[threadIdx.x + j * kThreads] = qv[j] * p.scale_log2;
   }
   uint8_t* my_area = smem + Smem::kQ + warp * Smem::kWarp;
   // [tile][k16][lane]: this lane's A fragment of K (q x step for row 8 tile + `row`, channels
@@ -308,6 +307,12 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
   __shared__ uint2 vparams_s[kWarps][kMaxTokensPerBlock / 2];
   if (lane == 0) warp_checked[warp] = (k_low != 0 ? 1u : 0u) | (v_low != 0 ? 2u : 0u);
   __syncwarp();
+  // From now on the warp decodes stream `bit` (1: K, 2: V) with the test at every group.
+  auto set_checked = [&](uint32_t bit) {
+    __syncwarp();  // every lane has read the flags
+    if (lane == 0) warp_checked[warp] |= bit;
+    __syncwarp();
+  };
   for (int v = v_begin + warp; v < v_blocks_end; v += kWarps) {
     const format::BlockRef r = next_ref;
     // The next block's entry is loaded now and used after this block's start, whose own waits hide its
@@ -441,9 +446,7 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
         if (!k_unchecked || __any_sync(0xFFFFFFFFu, k_pass(std::false_type{}) & format::kLutEscapeBit)) {
           if (k_unchecked) {
             kd.restart(k_start);
-            __syncwarp();  // every lane has read the flags
-            if (lane == 0) warp_checked[warp] |= 1u;
-            __syncwarp();
+            set_checked(1u);
           }
           k_pass(std::true_type{});
         }
@@ -601,9 +604,7 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
             vd.restart(v_start);
             v_pass(std::false_type{}, 0x80008000u);
             vd.restart(v_start);
-            __syncwarp();
-            if (lane == 0) warp_checked[warp] |= 2u;
-            __syncwarp();
+            set_checked(2u);
           }
           v_pass(std::true_type{}, 0u);
         }

@@ -209,9 +209,8 @@ struct PairDecoder {
                                                    uint32_t k_start, PairDecoder& vd, const uint32_t* v_words,
                                                    uint32_t v_n, uint32_t v_start) {
     // A corrupt lane table cannot send a decoder far past its payload.
-    const uint32_t k_first = min(k_start >> 5, k_n), v_first = min(v_start >> 5, v_n);
-    const WindowPair w = load_windows(k_words, k_first == (k_start >> 5) ? k_start : 32 * k_first, v_words,
-                                      v_first == (v_start >> 5) ? v_start : 32 * v_first);
+    auto clamped = [](uint32_t start, uint32_t n) { return (start >> 5) <= n ? start : 32 * n; };
+    const WindowPair w = load_windows(k_words, clamped(k_start, k_n), v_words, clamped(v_start, v_n));
     kd.take(w.k);
     vd.take(w.v);
   }
