@@ -345,8 +345,9 @@ constexpr uint32_t kLutValueMask = 0x03FC03FCu;
 constexpr float kLutCodeUnit = 1.f / 4194304.f;
 /// fp16 bit pattern of code x kLutCodeUnit (code < 256).
 KVCOMP_HD uint32_t lut_code_half(uint32_t code) { return code << 2; }
-// The codes that reach it: a fast entry's (hi part below kPairBase, k low bits) and an escaped pair's 8-bit fields.
-static_assert((((kPairBase - 1) << kMaxLowBits) | ((1 << kMaxLowBits) - 1)) < 256 && kEscape <= 256,
+// The codes that reach it: a fast entry's (hi part below kPairBase, k low bits) and an escaped pair's fields
+// that are not kEscape (so at most kMaxCode).
+static_assert((((kPairBase - 1) << kMaxLowBits) | ((1 << kMaxLowBits) - 1)) < 256 && kMaxCode < 256,
               "table codes fit lut_code_half (mantissa code << 2 below the exponent bits)");
 KVCOMP_HD uint32_t lut_fast_entry(int a, int b, int bits) {
   return lut_code_half(uint32_t(a)) | (lut_code_half(uint32_t(b)) << 16) | (uint32_t(bits) << kLutLengthShift);
