@@ -67,7 +67,8 @@ struct Setup {
 
 std::unique_ptr<Setup> g_setup;
 std::unique_ptr<kvcomp::Cache> make_cache(const Setup& s, kvcomp::Transform transform = kvcomp::Transform::None,
-                                          int window = 0, int block_tokens = 64);
+                                          int window = 0, int block_tokens = 64,
+                                          kvcomp::TailFormat tail = kvcomp::TailFormat::Input);
 
 Setup& setup(int N, int B, int G, int D, float eb) {
   if (g_setup && g_setup->N == N && g_setup->B == B && g_setup->G == G && g_setup->D == D && g_setup->eb == eb)
@@ -92,8 +93,10 @@ Setup& setup(int N, int B, int G, int D, float eb) {
   return *g_setup;
 }
 
-std::unique_ptr<kvcomp::Cache> make_cache(const Setup& s, kvcomp::Transform transform, int window, int block_tokens) {
+std::unique_ptr<kvcomp::Cache> make_cache(const Setup& s, kvcomp::Transform transform, int window, int block_tokens,
+                                          kvcomp::TailFormat tail) {
   kvcomp::Config cfg;
+  cfg.tail_format = tail;
   cfg.transform = transform;
   cfg.window = window;
   cfg.block_tokens = block_tokens;
@@ -133,20 +136,24 @@ void time_calls(benchmark::State& st, Run&& run) {
   cudaEventDestroy(a); cudaEventDestroy(b);
 }
 
-enum Variant { kFlash = 1, kCublas = 2, kKvcomp = 3, kKivi4 = 4, kKivi2 = 5, kKvcompHadamard = 7, kKvcompT32 = 8, kKvcompT128 = 9 };  // numbers name the benchmarks
+enum Variant { kFlash = 1, kCublas = 2, kKvcomp = 3, kKivi4 = 4, kKivi2 = 5, kKvcompHadamard = 7, kKvcompT32 = 8, kKvcompT128 = 9,
+               kKvcompCodes8 = 10 };  // numbers name the benchmarks
 
 /// kvcomp's variants: the Config each reads (the default cache, or one built on first use) and its label.
 struct KvcompVariant {
   Variant var;
   kvcomp::Transform transform;
   int block_tokens;
+  kvcomp::TailFormat tail;
   const char* label;
 };
+constexpr auto kInput = kvcomp::TailFormat::Input;
 constexpr KvcompVariant kKvcompVariants[] = {
-    {kKvcomp, kvcomp::Transform::None, 64, "kvcomp eb0.05"},
-    {kKvcompHadamard, kvcomp::Transform::Hadamard, 64, "kvcomp eb0.05 hadamard"},
-    {kKvcompT32, kvcomp::Transform::None, 32, "kvcomp eb0.05 T32"},
-    {kKvcompT128, kvcomp::Transform::None, 128, "kvcomp eb0.05 T128"},
+    {kKvcomp, kvcomp::Transform::None, 64, kInput, "kvcomp eb0.05"},
+    {kKvcompHadamard, kvcomp::Transform::Hadamard, 64, kInput, "kvcomp eb0.05 hadamard"},
+    {kKvcompT32, kvcomp::Transform::None, 32, kInput, "kvcomp eb0.05 T32"},
+    {kKvcompT128, kvcomp::Transform::None, 128, kInput, "kvcomp eb0.05 T128"},
+    {kKvcompCodes8, kvcomp::Transform::None, 64, kvcomp::TailFormat::Codes8, "kvcomp eb0.05 codes8"},
 };
 const KvcompVariant* kvcomp_variant(Variant var) {
   for (const KvcompVariant& v : kKvcompVariants)
@@ -159,7 +166,7 @@ kvcomp::Cache* kvcomp_cache(Setup& s, Variant var) {
   if (!v) return nullptr;
   if (var == kKvcomp) return s.cache.get();
   auto& c = s.config_caches[var];
-  if (!c) c = make_cache(s, v->transform, 0, v->block_tokens);
+  if (!c) c = make_cache(s, v->transform, 0, v->block_tokens, v->tail);
   return c.get();
 }
 
@@ -259,6 +266,9 @@ void sweep_args(benchmark::internal::Benchmark* b) {
   // a token, but each warp's serial decode twice as long (bench/RESULTS.md: slower at every shape measured).
   for (const auto& nb : std::vector<std::pair<int, int>>{{4096, 8}, {32768, 8}, {131072, 1}})
     b->Args({nb.first, nb.second, kKvcompT128, 4, 128});
+  // Config::tail_format = Codes8 against the default (Input) where the open tail is longest (63 tokens).
+  for (const auto& nb : std::vector<std::pair<int, int>>{{1087, 1}, {1087, 8}, {32831, 8}})
+    for (int var : {kKvcomp, kKvcompCodes8}) b->Args({nb.first, nb.second, var, 4, 128});
 }
 
 }  // namespace

@@ -12,8 +12,8 @@ the same token-by-token path over an uncompressed cache (a check of the path).
 
 Bytes per token count everything a cache holds for the tokens: for kvcomp the
 blocks (headers, group params, lane tables, payload), 8-byte block-table
-entries, the open tail as stored (in the K/V input type; `tailbytes=4` counts it
-as format v2's fp32) and the K/V codebooks (256 code lengths each); for KIVI the codes, fp16 scale/zero per group and the fp16
+entries, the open tail as stored (in the K/V input type, or as 8-bit codes with `tail=codes`;
+`tailbytes=4` counts it as format v2's fp32) and the K/V codebooks (256 code lengths each); for KIVI the codes, fp16 scale/zero per group and the fp16
 window. They are averaged over every moment of decoding (sum of bytes held /
 sum of tokens held, over all tokens and layers), so a tail or window is
 counted as it is carried, not only at a lucky block boundary.
@@ -84,6 +84,10 @@ def make_cache(spec, model, kvcomp, hf, scales=None, pool_bytes=256 << 20, max_t
         cfg.v_bound = kvcomp.ErrorBound(mode, float(o.get("v", eb)))
         cfg.block_tokens = int(o.get("T", 64))
         cfg.pool_bytes = pool_bytes
+        if "tail" in o:  # tail=codes: the open tail as 8-bit codes (Config.tail_format = Codes8); tail=input
+            if o["tail"] not in ("codes", "input"):
+                raise SystemExit("tail= codes or input")
+            cfg.tail_format = kvcomp.TailFormat.Codes8 if o["tail"] == "codes" else kvcomp.TailFormat.Input
         if o.get("calib"):  # absolute bounds: eb x the (layer, head)'s RMS on training text
             if scales is None:
                 raise SystemExit("calib=1 needs --calib-text")

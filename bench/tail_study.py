@@ -20,6 +20,10 @@ quantization codes instead of fp16, with the codes they will keep when the block
   sink=s (today) the first s tokens of a sequence held exactly (fp16), outside block 0's ranges and codes.
   ps=m   (today only) the min kept as today (fp16), the step rounded toward zero to 5 exponent bits and m
          mantissa bits: 21 + m bits a group.
+  tq=f   (today only) the open block held in a narrower type than fp16, and closed from those values (the
+         tail is the only copy, so the block's bound adds to the tail's rounding): e4m3 (fp8, no scale:
+         8 bits), e4m3s (fp8 times an fp16 scale per token and kv head, amax -> 448: 8 + 16 / D bits), iN
+         (N-bit codes per token and kv head over its range, fp16 min and step: N + 32 / D bits).
 
 Quality: teacher-forced perplexity through kvcomp.hf's token path with the emulated cache (PyTorch). Bytes:
 estimated like bench/quantizer_study.py: closed blocks at the empirical entropy of their (layer, K|V) code
@@ -94,6 +98,30 @@ def compact_params(lo, hi, eb, k_bits):
     return eb_abs, torch.where(fits, step_c, step), torch.where(fits, j * step_c, mn), ~fits
 
 
+def tail_round(x, tq):
+    """tq=: x [B, H, D] (fp32) as the open block would hold it, per (token, kv head) over D."""
+    if tq == "e4m3":
+        return x.clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    if tq == "e4m3s":
+        amax = x.abs().amax(-1, keepdim=True)
+        s = torch.where(amax > 0, amax / 448, torch.ones_like(amax)).half().float()
+        return (x / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s
+    if tq.startswith("i"):
+        n = int(tq[1:])
+        lo = half_down(x.amin(-1, keepdim=True))
+        step = ((x.amax(-1, keepdim=True) - lo) / (2 ** n - 1)).half().float()
+        safe = torch.where(step > 0, step, torch.ones_like(step))
+        q = torch.round((x - lo) / safe).clamp(0, 2 ** n - 1)
+        return torch.where(step > 0, q * step + lo, x)
+    raise SystemExit(f"tq={tq}: e4m3, e4m3s or iN")
+
+
+def tail_value_bits(tq, D):
+    if not tq:
+        return 16.0
+    return 8.0 if tq == "e4m3" else 8.0 + 16.0 / D if tq == "e4m3s" else int(tq[1:]) + 32.0 / D
+
+
 def v_on_arrival(mode):
     return mode in ("prevk", "vtail")
 
@@ -103,7 +131,7 @@ def k_on_arrival(mode):
 
 
 def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_of=None, codebooks=0, k_bits=0,
-               step_bits=0, k_delta=0, sinks=0):
+               step_bits=0, k_delta=0, sinks=0, tq=""):
     """basis_of(layer) -> (K's, V's) [H, D, D] orthonormal per kv head (instead of `rot`; q rotates with K,
     the output back with V), or (A_k, A_q, A_v, A_out) [H, D, D] (k' = k A_k, q' = q A_q with A_q A_k^T = I;
     v' = v A_v, the output o' A_out with A_v A_out = I), codebooks: 0 = bytes from one code histogram per
@@ -116,6 +144,7 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
     assert abs_eb_of is None or (mode == "today" and R == 0), "absolute bounds: today's scheme only"
     assert (k_bits == 0 and step_bits == 0) or (mode == "today" and abs_eb_of is None), "compact params: today only"
     assert sinks == 0 or (mode == "today" and R == 0 and sinks < T), "sinks: today's scheme, fewer than T"
+    assert not tq or (mode == "today" and sinks == 0), "tq: today's scheme, no sinks"
 
     class Layer(hf._Layer):
         def __init__(self, owner, index):
@@ -212,6 +241,8 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
         def _store_token(self, k, v):  # k, v [B, H, D]
             i = self.length
             x, y = self._prep(k), self._prep(v, 2)
+            if tq:  # the open block's only copy, in the narrower type
+                x, y = tail_round(x, tq), tail_round(y, tq)
             if self.k is None:
                 B, H, D = x.shape
                 W = self.owner.window
@@ -273,7 +304,7 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
 
     c = study.emulated_cache(hf, model, Layer, rot)
     c.window = model.config.max_position_embeddings
-    c.k_bits, c.step_bits, c.k_delta, c.sinks = k_bits, step_bits, k_delta, sinks
+    c.k_bits, c.step_bits, c.k_delta, c.sinks, c.tq = k_bits, step_bits, k_delta, sinks, tq
     return c
 
 
@@ -340,7 +371,8 @@ def estimate_bytes_per_token(cache, mode, W, T, R, pairs=False):
                       f"{entropy_bits(layer.dhist):.3f} bit, kd={kd}: {ent:.3f} bit{chosen}", flush=True)
             closed_bits.append((ent + 0.05 + esc / n * 40.0) * D * H)  # per token
             on_arrival = k_on_arrival(mode) if which == 0 else v_on_arrival(mode)
-            tail_bits.append(tail_width_bits(h, esc) * D * H if on_arrival else 16.0 * D * H)
+            tail_bits.append(tail_width_bits(h, esc) * D * H if on_arrival
+                             else tail_value_bits(getattr(cache, "tq", ""), D) * D * H)
         # Per token: 4 bytes per group (K: per channel and block, V: per token); pk: 2, plus 4 per overflow.
         pk, ps = getattr(cache, "k_bits", 0), getattr(cache, "step_bits", 0)
         group_bits = [21.0 + ps] * 2 if ps else [32.0, 32.0] if not pk else \
@@ -355,7 +387,7 @@ def estimate_bytes_per_token(cache, mode, W, T, R, pairs=False):
             open_ = t - closed
             bits = closed * (closed_bits[0] + closed_bits[1] + k_params + v_params) + blocks * block_fixed
             # Block 0's K is held exactly until it closes; V's params come with its codes.
-            k_bits = 16.0 * D * H if t < T else tail_bits[0]
+            k_bits = tail_bits[0] if t >= T or mode == "today" else 16.0 * D * H
             bits += open_ * (k_bits + tail_bits[1] + (v_params if v_on_arrival(mode) else 0.0))
             # Sink tokens held exactly (fp16 K and V) besides their block (which is counted as if whole).
             bits += min(t, getattr(cache, "sinks", 0)) * 32.0 * D * H
@@ -374,7 +406,7 @@ def main():
         return make_cache(hf, model, o.get("mode", "today"), lambda i: l0 if i == 0 else eb,
                           float(o.get("margin", 1)), o.get("rot", "0") == "1", int(o.get("T", 64)), int(o.get("R", 0)),
                           k_bits=int(o.get("pk", 0)), step_bits=int(o.get("ps", 0)), k_delta=int(o.get("kd", 0)),
-                          sinks=int(o.get("sink", 0)))
+                          sinks=int(o.get("sink", 0)), tq=o.get("tq", ""))
 
     def estimate(cache, o):
         return estimate_bytes_per_token(cache, o.get("mode", "today"), W, int(o.get("T", 64)), int(o.get("R", 0)))

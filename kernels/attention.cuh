@@ -104,6 +104,68 @@ constexpr int attn_min_ctas() { return attn_warps_per_sm<D, kTiles>() / kWarps; 
 constexpr int32_t kTailF16 = 0, kTailBF16 = 1;  // AttendParams::tail_dtype, as DType
 constexpr int32_t kTransformHadamard = 1;        // AttendParams::transform, as Transform
 
+/// Where one (sequence, kv head)'s uncompressed tail is (AttendParams' tail fields).
+struct TailArgs {
+  const void* k_tail;
+  const void* v_tail;
+  int tail_rows, row_bytes, codes, dtype, sinks;
+  int ring;     // slot * kv_heads + head: its ring of tail_rows rows
+  int t_begin;  // the tail's first token (closed blocks x T)
+  int tokens;   // tokens in it
+};
+
+/// Attends one warp to the tail (TailArgs) and folds the result into the
+/// warp's partial `rows` ([kR][D + 2]: acc, max, sum; row_bounds: each row's
+/// visible tokens [lo, hi), plus the sinks). Out of line: the tail's loads in
+/// flight want registers that, inlined, the block loop paid for in spills
+/// (D 128: the kernel's spills 220/224 -> 128/116 B out of line).
+template <int D, int kR>
+__device__ __noinline__ void attend_tail(const TailArgs a, const float* q_s, float* rows, const int2* row_bounds) {
+  const int lane = threadIdx.x % 32;
+  SoftmaxAcc<D, kR> st;
+  st.init();
+  const size_t base = size_t(a.ring) * a.tail_rows * a.row_bytes;  // bytes
+  int row_lo[kR], row_hi[kR];
+#pragma unroll
+  for (int g = 0; g < kR; ++g) {
+    row_lo[g] = row_bounds[g].x;
+    row_hi[g] = row_bounds[g].y;
+  }
+  // The tail is held in the K/V input's type, or as Codes8 rows with params of that type.
+  auto attend_in = [&](auto type_tag) {
+    using E = decltype(type_tag);
+    const uint8_t* kt = static_cast<const uint8_t*>(a.k_tail) + base;
+    const uint8_t* vt = static_cast<const uint8_t*>(a.v_tail) + base;
+    for (int first = 0; first < a.tokens; first += 32) {
+      const int t0 = a.t_begin + first;
+      auto visible = [&](int g, int i) {
+        const int t = t0 + i;
+        return t < row_hi[g] && (t >= row_lo[g] || t < a.sinks);
+      };
+      // Token t is in ring row t % tail_rows; 32 rows from a multiple of 32 never wrap (T, rows: multiples of 32).
+      const size_t at = size_t(t0 % a.tail_rows) * a.row_bytes;
+      attend_rows<D, kR>(st, q_s, TailRows<E, D>{kt + at, a.row_bytes, a.codes != 0},
+                         TailRows<E, D>{vt + at, a.row_bytes, a.codes != 0}, min(32, a.tokens - first), visible);
+    }
+  };
+  if (a.dtype == kTailF16) attend_in(__half{});
+  else if (a.dtype == kTailBF16) attend_in(__nv_bfloat16{});
+  else attend_in(float{});
+#pragma unroll
+  for (int g = 0; g < kR; ++g) {
+    float* rg = rows + g * (D + 2);
+    const float mw = rg[D], lw = rg[D + 1], lt = warp_sum(st.l[g]);
+    const float mx = fmaxf(mw, st.m[g]);
+    const float fw = mw == -INFINITY ? 0.f : exp2f(mw - mx);
+    const float ft = st.m[g] == -INFINITY ? 0.f : exp2f(st.m[g] - mx);
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < SoftmaxAcc<D, kR>::kPerLane; ++j)
+      if (D % 32 == 0 || lane + 32 * j < D) rg[lane + 32 * j] = rg[lane + 32 * j] * fw + st.acc[g][j] * ft;
+    if (lane == 0) { rg[D] = mx; rg[D + 1] = lw * fw + lt * ft; }
+  }
+}
+
 /// kTiles: mma row tiles of 8 (query, head) rows a CTA holds; each decoded
 /// block feeds kTiles x the mmas (2: 16 rows share one decode). kWarps: warps
 /// a CTA (attention_params.cuh, fused_cta_warps).
@@ -177,7 +239,7 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
   constexpr int kThreads = 32 * kWarps;
   // Whether element j of this thread's strided share of `count` exists (always, where the threads divide them).
   auto in_share = [&](int j, int count) { return count % kThreads == 0 || int(threadIdx.x) + j * kThreads < count; };
-  if (nblocks > 0 && v_begin < v_end) {
+  if (v_begin < v_blocks_end) {  // blocks to decode (a CTA of the tail alone needs no tables)
     const uint4* src_k = reinterpret_cast<const uint4*>(p.books[2 * head].lut);
     const uint4* src_v = reinterpret_cast<const uint4*>(p.books[2 * head + 1].lut);
     constexpr int kLutVec = format::kLutSize * sizeof(uint32_t) / sizeof(uint4);
@@ -653,48 +715,10 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
 
   // The uncompressed tail, if this warp owns it: attended on CUDA cores, then
   // folded into the warp's partial.
-  if (tail_warp == warp) {
-    SoftmaxAcc<D, kR> st;
-    st.init();
-    const size_t base = (size_t(seq.slot) * p.kv_heads + head) * size_t(p.tail_rows) * D;
-    int row_lo[kR], row_hi[kR];
-#pragma unroll
-    for (int g = 0; g < kR; ++g) {
-      row_lo[g] = row_bounds[g].x;
-      row_hi[g] = row_bounds[g].y;
-    }
-    auto attend_tail = [&](auto type_tag) {  // the tail is held in the K/V input's type
-      using E = decltype(type_tag);
-      const E* kt = static_cast<const E*>(p.k_tail) + base;
-      const E* vt = static_cast<const E*>(p.v_tail) + base;
-      for (int first = 0; first < tail; first += 32) {
-        const int t0 = nblocks * T + first;
-        auto visible = [&](int g, int i) {
-          const int t = t0 + i;
-          return t < row_hi[g] && (t >= row_lo[g] || t < p.sinks);
-        };
-        // Token t is in ring row t % tail_rows; 32 rows from a multiple of 32 never wrap (T, rows: multiples of 32).
-        const size_t at = size_t(t0 % p.tail_rows) * D;
-        attend_rows<D, kR>(st, q_s, kt + at, vt + at, min(32, tail - first), visible);
-      }
-    };
-    if (p.tail_dtype == kTailF16) attend_tail(__half{});
-    else if (p.tail_dtype == kTailBF16) attend_tail(__nv_bfloat16{});
-    else attend_tail(float{});
-#pragma unroll
-    for (int g = 0; g < kR; ++g) {
-      float* rg = rows + g * (D + 2);
-      const float mw = rg[D], lw = rg[D + 1], lt = warp_sum(st.l[g]);
-      const float mx = fmaxf(mw, st.m[g]);
-      const float fw = mw == -INFINITY ? 0.f : exp2f(mw - mx);
-      const float ft = st.m[g] == -INFINITY ? 0.f : exp2f(st.m[g] - mx);
-      __syncwarp();
-#pragma unroll
-      for (int j = 0; j < SoftmaxAcc<D, kR>::kPerLane; ++j)
-        if (D % 32 == 0 || lane + 32 * j < D) rg[lane + 32 * j] = rg[lane + 32 * j] * fw + st.acc[g][j] * ft;
-      if (lane == 0) { rg[D] = mx; rg[D + 1] = lw * fw + lt * ft; }
-    }
-  }
+  if (tail_warp == warp)
+    attend_tail<D, kR>(TailArgs{p.k_tail, p.v_tail, p.tail_rows, p.tail_row_bytes, p.tail_codes, p.tail_dtype,
+                                p.sinks, seq.slot * p.kv_heads + head, nblocks * T, tail},
+                       q_s, rows, row_bounds);
   __syncthreads();
 
   // Merge the warps' partials: this split's (acc, max, sum) per real row.

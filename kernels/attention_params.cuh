@@ -41,10 +41,12 @@ struct AttendParams {
   uint64_t pool_units16;          // pool bytes / 16: block refs pointing past it are skipped
   const format::BlockRef* table;  // this layer: [slot][max_blocks][kv_heads]
   const CodebookTables* books;    // this layer: [kv_heads][K, V]
-  const void* k_tail;             // this layer's K tails: [slot][kv_heads][tail_rows][D], of tail_dtype,
-                                  // token t in row t % tail_rows (TailLayout)
+  const void* k_tail;             // this layer's K tails: [slot][kv_heads][tail_rows] rows of tail_row_bytes,
+                                  // token t in row t % tail_rows (TailLayout): D of tail_dtype, or Codes8 rows
   const void* v_tail;             // this layer's V tails, same layout
   int32_t tail_rows;
+  int32_t tail_row_bytes;
+  int32_t tail_codes;             // 1: Codes8 rows (kvcomp/tail_codes.hpp), params of tail_dtype
   const void* q;                  // [batch][q_heads][D]
   void* out;                      // [batch][q_heads][D]
   float* part;                    // [batch][q_heads][splits][D + 2]

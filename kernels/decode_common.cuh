@@ -8,9 +8,11 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "attention_params.cuh"
 #include "hadamard.cuh"
+#include "kvcomp/tail_codes.hpp"
 
 namespace kvcomp {
 namespace detail {
@@ -121,43 +123,138 @@ struct AllVisible {
   __device__ bool operator()(int, int) const { return true; }
 };
 
+/// The fused kernel's tail rows, row t at p + t row_bytes: D elements of E, or
+/// with `codes` a Codes8 row (kvcomp/tail_codes.hpp: D codes, then lo and step
+/// as E). One type for both, so that attend_rows is instantiated once; its
+/// loops run one branch-free copy per row kind (the kCodes arguments).
+template <typename E, int D>
+struct TailRows {
+  const uint8_t* p;
+  int row_bytes;
+  bool codes;
+  /// The raw bits of 4 channels: 4 codes, or 4 elements of E.
+  template <bool kCodes>
+  using Raw = std::conditional_t<kCodes, uint32_t, std::conditional_t<sizeof(E) == 2, uint2, uint4>>;
+  /// One row, its params read once.
+  struct Row {
+    const uint8_t* r;
+    float lo, step;
+    template <bool kCodes>
+    __device__ __forceinline__ Raw<kCodes> load(int c) const {  // channels c .. c + 3 (c a multiple of 4)
+      return *reinterpret_cast<const Raw<kCodes>*>(r + c * (kCodes ? 1 : int(sizeof(E))));
+    }
+    template <bool kCodes>
+    __device__ __forceinline__ float4 decode(const Raw<kCodes>& w) const {
+      if constexpr (kCodes) {
+        return make_float4(format::tail_value(w & 0xFFu, lo, step), format::tail_value((w >> 8) & 0xFFu, lo, step),
+                           format::tail_value((w >> 16) & 0xFFu, lo, step), format::tail_value(w >> 24, lo, step));
+      } else {
+        return load4(reinterpret_cast<const E*>(&w));
+      }
+    }
+    template <bool kCodes>
+    __device__ __forceinline__ uint32_t load1(int c) const {  // channel c's raw bits
+      if constexpr (kCodes) return r[c];
+      else if constexpr (sizeof(E) == 2) return reinterpret_cast<const uint16_t*>(r)[c];
+      else return reinterpret_cast<const uint32_t*>(r)[c];
+    }
+    template <bool kCodes>
+    __device__ __forceinline__ float decode1(uint32_t w) const {
+      if constexpr (kCodes) return format::tail_value(w, lo, step);
+      else if constexpr (sizeof(E) == 2) return to_float(*reinterpret_cast<const E*>(&w));
+      else return __uint_as_float(w);
+    }
+  };
+  template <bool kCodes>
+  __device__ __forceinline__ Row open(int t) const {
+    Row w{p + size_t(t) * row_bytes, 0.f, 0.f};
+    if constexpr (kCodes) {
+      const E* prm = reinterpret_cast<const E*>(w.r + D);
+      w.lo = to_float(prm[0]);
+      w.step = to_float(prm[1]);
+    }
+    return w;
+  }
+};
+
 /// Attends one warp to n <= 32 uncompressed tokens (an uncompressed tail or
-/// window): rows k[t * D ..], v[t * D ..]; lane l scores row l against q_s
-/// ([G][D], log2 units), the chunk is folded into the softmax, p.V accumulated.
-/// visible(g, t): whether head g sees row t (causal and window masks).
-template <int D, int G, typename E, typename Visible = AllVisible>
-__device__ void attend_rows(SoftmaxAcc<D, G>& st, const float* q_s, const E* k, const E* v, int n,
+/// window): rows k.open(t), v.open(t) (TailRows); lane l scores row l against
+/// q_s ([G][D], log2 units), the chunk is folded into the softmax, p.V
+/// accumulated. visible(g, t): whether head g sees row t (causal and window
+/// masks). The loads are issued in batches (8 units of 4 channels of a row;
+/// 4 tokens' V) before their values are used: one at a time, each waited out
+/// its latency (a 63-token tail cost ~42 us at 1k x 1, where the blocks took
+/// ~26 us).
+template <int D, int G, typename Rows, typename Visible = AllVisible>
+__device__ void attend_rows(SoftmaxAcc<D, G>& st, const float* q_s, const Rows& k, const Rows& v, int n,
                             Visible visible = {}) {
   const int lane = threadIdx.x % 32;
   float s[G], pr[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) s[g] = 0.f;
-  if (lane < n) {
-    for (int c = 0; c < D; c += 4) {
-      const float4 x = load4(k + size_t(lane) * D + c);
+  auto scores = [&](auto codes_tag) {
+    constexpr bool kCodes = decltype(codes_tag)::value;
+    const auto row = k.template open<kCodes>(lane);
+    constexpr int kBatch = 8;  // units of 4 channels
+#pragma unroll 1
+    for (int c0 = 0; c0 < D; c0 += 4 * kBatch) {
+      typename Rows::template Raw<kCodes> raw[kBatch];
 #pragma unroll
-      for (int g = 0; g < G; ++g) {
-        const float* qg = q_s + g * D + c;
-        s[g] = fmaf(qg[0], x.x, fmaf(qg[1], x.y, fmaf(qg[2], x.z, fmaf(qg[3], x.w, s[g]))));
+      for (int u = 0; u < kBatch; ++u)
+        if (D % (4 * kBatch) == 0 || c0 + 4 * u < D) raw[u] = row.template load<kCodes>(c0 + 4 * u);
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (D % (4 * kBatch) != 0 && c0 + 4 * u >= D) break;
+        const float4 x = row.template decode<kCodes>(raw[u]);
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          const float* qg = q_s + g * D + c0 + 4 * u;
+          s[g] = fmaf(qg[0], x.x, fmaf(qg[1], x.y, fmaf(qg[2], x.z, fmaf(qg[3], x.w, s[g]))));
+        }
       }
     }
+  };
+  if (lane < n) {
+    if (k.codes) scores(std::true_type{});
+    else scores(std::false_type{});
 #pragma unroll
     for (int g = 0; g < G; ++g)
       if (!visible(g, lane)) s[g] = -INFINITY;
   }
   st.update(s, lane < n, pr);
-  for (int t = 0; t < n; ++t) {
-    float pt[G];
+  constexpr int kPer = SoftmaxAcc<D, G>::kPerLane;
+  auto values = [&](auto codes_tag) {
+    constexpr bool kCodes = decltype(codes_tag)::value;
+    constexpr int kTok = 4;  // tokens whose loads are in flight together
+#pragma unroll 1
+    for (int t0 = 0; t0 < n; t0 += kTok) {
+      typename Rows::Row rows[kTok];
+      uint32_t raw[kTok][kPer];
 #pragma unroll
-    for (int g = 0; g < G; ++g) pt[g] = __shfl_sync(0xFFFFFFFFu, pr[g], t);
+      for (int i = 0; i < kTok; ++i) {
+        rows[i] = v.template open<kCodes>(min(t0 + i, n - 1));  // past n: the last row again, unused
 #pragma unroll
-    for (int j = 0; j < SoftmaxAcc<D, G>::kPerLane; ++j) {
-      if (D % 32 != 0 && lane + 32 * j >= D) break;
-      const float x = to_float(v[size_t(t) * D + lane + 32 * j]);
+        for (int j = 0; j < kPer; ++j)
+          if (D % 32 == 0 || lane + 32 * j < D) raw[i][j] = rows[i].template load1<kCodes>(lane + 32 * j);
+      }
 #pragma unroll
-      for (int g = 0; g < G; ++g) st.acc[g][j] = fmaf(pt[g], x, st.acc[g][j]);
+      for (int i = 0; i < kTok; ++i) {
+        if (t0 + i >= n) break;  // warp-uniform; the rows loaded past n (copies of row n - 1) are not used
+        float pt[G];
+#pragma unroll
+        for (int g = 0; g < G; ++g) pt[g] = __shfl_sync(0xFFFFFFFFu, pr[g], t0 + i);
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) {
+          if (D % 32 != 0 && lane + 32 * j >= D) break;
+          const float x = rows[i].template decode1<kCodes>(raw[i][j]);
+#pragma unroll
+          for (int g = 0; g < G; ++g) st.acc[g][j] = fmaf(pt[g], x, st.acc[g][j]);
+        }
+      }
     }
-  }
+  };
+  if (v.codes) values(std::true_type{});
+  else values(std::false_type{});
 }
 
 /// x[0..N) from 16-byte aligned shared memory, in the widest loads.

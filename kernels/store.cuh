@@ -33,6 +33,7 @@
 
 #include "kvcomp/codebook.hpp"
 #include "kvcomp/format.hpp"
+#include "kvcomp/tail_codes.hpp"
 #include "store_job.cuh"
 
 namespace kvcomp {
@@ -114,11 +115,71 @@ __device__ __forceinline__ void convert16(const uint4& raw, float (&x)[V], Elem)
   for (int j = 0; j < V; ++j) x[j] = load_exact(e[j]);
 }
 
+template <typename Elem> constexpr int tail_elem_of();
+template <> constexpr int tail_elem_of<__half>() { return format::kTailElemF16; }
+template <> constexpr int tail_elem_of<__nv_bfloat16>() { return format::kTailElemBF16; }
+template <> constexpr int tail_elem_of<float>() { return format::kTailElemF32; }
+
+/// A token's vector through the Codes8 codec (kvcomp/tail_codes.hpp), by one
+/// warp: lane l holds x[j] = channel l + 32 j (D <= 256); returns its params.
+template <typename Elem>
+__device__ format::TailQuant tail_quant_of_row(const float (&x)[8], int D) {
+  const int lane = threadIdx.x % 32;
+  float lo = format::kEmptyLo, hi = format::kEmptyHi;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    if (lane + 32 * j < D) format::range_add(x[j], lo, hi);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    lo = fminf(lo, __shfl_xor_sync(0xFFFFFFFFu, lo, o));
+    hi = fmaxf(hi, __shfl_xor_sync(0xFFFFFFFFu, hi, o));
+  }
+  return format::make_tail_quant(lo, hi, tail_elem_of<Elem>());
+}
+
+/// stage_block for Codes8 tails (job.tail_codes): a warp a row; tail rows are
+/// decoded from their codes, input rows go through the codes (encoded and
+/// decoded), so a block holds the same values whichever way its tokens came.
+template <typename Elem>
+__device__ void stage_block_codes(const StoreJob& job, Kind kind, int T, int D, float* vals, int stride) {
+  const int lane = threadIdx.x % 32, warps = int(blockDim.x) / 32;
+  const uint8_t* tail = static_cast<const uint8_t*>(kind == Kind::Key ? job.k_tail : job.v_tail);
+  const Elem* in = static_cast<const Elem*>(kind == Kind::Key ? job.k_in : job.v_in);
+  const size_t row_bytes = size_t(D) + 2 * sizeof(Elem);
+  for (int t = int(threadIdx.x) / 32; t < T; t += warps) {
+    float x[8];
+    if (t < job.tail_tokens) {
+      const uint8_t* r = tail + size_t(t) * row_bytes;
+      const Elem* prm = reinterpret_cast<const Elem*>(r + D);
+      const float lo = load_exact(prm[0]), step = load_exact(prm[1]);
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        if (lane + 32 * j < D) x[j] = format::tail_value(r[lane + 32 * j], lo, step);
+    } else {
+      const Elem* r = in + int64_t(t - job.tail_tokens) * job.in_token_stride;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) x[j] = lane + 32 * j < D ? load_exact(r[lane + 32 * j]) : 0.f;
+      const format::TailQuant q = tail_quant_of_row<Elem>(x, D);
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        if (lane + 32 * j < D) x[j] = format::tail_value(format::tail_code(x[j], q), q.lo, q.step);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (lane + 32 * j < D) vals[t * stride + lane + 32 * j] = x[j];
+  }
+  __syncthreads();
+}
+
 /// Stages rows 0..T-1 of job's `kind` block (tail rows, then input rows) as
 /// fp32 with load_exact. Vector loads where a row is 16-byte aligned (the
 /// usual case), element loads otherwise. Ends with __syncthreads.
 template <typename Elem>
 __device__ void stage_block(const StoreJob& job, Kind kind, int T, int D, float* vals, int stride) {
+  if (job.tail_codes) {
+    stage_block_codes<Elem>(job, kind, T, D, vals, stride);
+    return;
+  }
   constexpr int V = 16 / sizeof(Elem);  // elements per 16-byte load
   constexpr int kInFlight = 4;          // loads a thread issues before it waits on the first
   const Elem* tail = static_cast<const Elem*>(kind == Kind::Key ? job.k_tail : job.v_tail);
@@ -544,6 +605,39 @@ __global__ void tail_copy_kernel(const TailCopy* copies, int D, const int32_t* e
     } else {
 #pragma unroll
       for (int j = 0; j < V; ++j) dst[j] = src[j];
+    }
+  }
+}
+
+
+/// tail_copy_kernel for Codes8 tails: each input row (a token of one kv head)
+/// becomes D codes and its params (kvcomp/tail_codes.hpp), a warp a row.
+template <typename Elem>
+__global__ void tail_code_copy_kernel(const TailCopy* copies, int D, const int32_t* entry_ok) {
+  const TailCopy c = copies[blockIdx.x];
+  if (c.rows <= 0 || entry_ok[c.entry] == 0) return;
+  const int lane = threadIdx.x % 32, warps = int(blockDim.x) / 32;
+  const size_t row_bytes = size_t(D) + 2 * sizeof(Elem);
+  for (int i = int(threadIdx.x) / 32; i < 2 * c.rows; i += warps) {
+    const bool key = i < c.rows;
+    const int t = key ? i : i - c.rows;
+    const Elem* src = static_cast<const Elem*>(key ? c.k_in : c.v_in) + int64_t(t) * c.in_token_stride;
+    uint8_t* dst = static_cast<uint8_t*>(key ? c.k_dst : c.v_dst) + size_t(t) * row_bytes;
+    float x[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) x[j] = lane + 32 * j < D ? load_exact(src[lane + 32 * j]) : 0.f;
+    const format::TailQuant q = tail_quant_of_row<Elem>(x, D);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (lane + 32 * j < D) dst[lane + 32 * j] = uint8_t(format::tail_code(x[j], q));
+    if (lane == 0) {
+      if constexpr (sizeof(Elem) == 2) {
+        reinterpret_cast<uint16_t*>(dst + D)[0] = uint16_t(q.lo_bits);
+        reinterpret_cast<uint16_t*>(dst + D)[1] = uint16_t(q.step_bits);
+      } else {
+        reinterpret_cast<uint32_t*>(dst + D)[0] = q.lo_bits;
+        reinterpret_cast<uint32_t*>(dst + D)[1] = q.step_bits;
+      }
     }
   }
 }

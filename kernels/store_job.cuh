@@ -38,12 +38,13 @@ inline int store_warps(int n_jobs, int sms) { return n_jobs <= sms ? kStoreWarps
 struct StoreJob {
   const void* k_in;          // input K row of the first new token, this head
   const void* v_in;          // input V row of the first new token, this head
-  const void* k_tail;        // the block's first tail K row (rows [T][D] contiguous), the input's type
+  const void* k_tail;        // the block's first tail K row (rows contiguous, TailLayout::row_bytes() each)
   const void* v_tail;        // the block's first tail V row
   int64_t in_token_stride;   // elements between consecutive input tokens
   ErrorBound eb_k;
   ErrorBound eb_v;
   int32_t tail_tokens;
+  int32_t tail_codes;        // 1: tail rows are Codes8 rows, and input rows go through the codes too
   uint32_t codebook;         // K codebook index; the V codebook is codebook + 1
   uint32_t table_index;      // BlockRef slot this pair fills
   uint32_t entry;            // the AppendEntry this job belongs to
@@ -58,7 +59,7 @@ struct TailCopy {
   void* v_dst;
   int64_t in_token_stride;
   int32_t rows;              // 0: nothing to copy
-  uint32_t entry;
+  uint32_t entry;            // (tail rows as TailLayout: of the input's type, or Codes8 rows)
 };
 
 /// One (sequence, layer) of an append: the place kernel checks it, places its
@@ -74,8 +75,10 @@ struct AppendEntry {
   uint32_t job_end;
 };
 
-/// Where tail rows live: one buffer [layer][K|V][slot][kv head][rows][D] of
-/// the input's type (elem_bytes per element). The tail of (slot, head) is a
+/// Where tail rows live: one buffer [layer][K|V][slot][kv head][rows] of
+/// row_bytes() each: D elements of the input's type (elem_bytes each), or
+/// with `codes` (Config::tail_format = Codes8) a row of D codes and its params
+/// (kvcomp/tail_codes.hpp). The tail of (slot, head) is a
 /// ring: token t sits in row t % rows. rows = T, or 2 T when the cache keeps
 /// tokens back for rollback (Config::max_rollback > 0: a tail then holds up
 /// to T + max_rollback - 1 tokens). Either way a block's T rows are
@@ -88,11 +91,14 @@ struct TailLayout {
   int head_dim;
   size_t elem_bytes;
   int rows;
+  int32_t codes = 0;  // 1: Codes8 rows
+  KVCOMP_HD size_t row_bytes() const {
+    return codes ? size_t(head_dim) + 2 * elem_bytes : size_t(head_dim) * elem_bytes;
+  }
   KVCOMP_HD int ring_row(int64_t token) const { return int(token % rows); }
   /// Tail row `row` of (layer, slot, head, kind).
   KVCOMP_HD uint8_t* row_ptr(int layer, int slot, int head, Kind kind, int row = 0) const {
-    return base + (((((size_t(layer) * 2 + int(kind)) * max_seqs + slot) * kv_heads + head) * rows + row) *
-                   head_dim) * elem_bytes;
+    return base + ((((size_t(layer) * 2 + int(kind)) * max_seqs + slot) * kv_heads + head) * rows + row) * row_bytes();
   }
 };
 
@@ -173,6 +179,7 @@ KVCOMP_HD StoreJob append_job(const AppendGeometry& g, int slot, int64_t stored,
   j.eb_k = eb_k;
   j.eb_v = eb_v;
   j.tail_tokens = from_tail;
+  j.tail_codes = g.tails.codes;
   j.codebook = uint32_t((g.layer * H + h) * 2);
   j.table_index = table_slot(g.layer, slot, closed + b, h, g.tails.max_seqs, g.max_blocks, H);
   j.entry = entry;

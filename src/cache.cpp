@@ -52,7 +52,7 @@ Cache::Impl::Impl(const Config& c)
   // The fused kernel's decoders may read a little past a block: the pool is followed by that much.
   pool.allocate(pool_bytes + detail::kDecodeOverread, "the compressed pool");
   table.allocate(size_t(c.layers) * c.max_seqs * max_blocks * H, "block tables");
-  tails.allocate(size_t(c.layers) * c.max_seqs * H * 2 * tail_rows * D * dtype_size(c.dtype), "tail buffers");
+  tails.allocate(size_t(c.layers) * c.max_seqs * H * 2 * tail_rows * tail_layout().row_bytes(), "tail buffers");
   books.allocate(size_t(c.layers) * H * 2, "codebook tables");
   for (int t = 0; t < 2; ++t)
     for (int i = 0; i < 3; ++i) {
@@ -192,6 +192,8 @@ void Cache::Impl::fill_attend(int layer, const void* q, void* out, detail::Atten
   p.max_blocks = max_blocks;
   p.scale_log2 = float(1.4426950408889634 / std::sqrt(double(D)));
   p.tail_dtype = int32_t(cfg.dtype);
+  p.tail_codes = cfg.tail_format == TailFormat::Codes8 ? 1 : 0;
+  p.tail_row_bytes = int32_t(tail_layout().row_bytes());
   p.transform = int32_t(cfg.transform);
   p.tail_rows = tail_rows;
   p.lengths = tokens.ptr + size_t(layer) * cfg.max_seqs;
@@ -243,7 +245,8 @@ void Cache::Impl::run_store(int layer, AppendScratch& s, int n_jobs, int n_entri
   if (n_jobs > 0)
     detail::launch_encode(cfg.dtype, warps, s.jobs.ptr, n_jobs, T, D, books.ptr, s.sizes16.ptr, s.seg_bits.ptr,
                           s.pair_at16.ptr, s.entry_ok.ptr, pool.ptr, table.ptr, stream);
-  detail::launch_tail_copy(cfg.dtype, s.copies.ptr, n_copies, D, s.entry_ok.ptr, stream);
+  detail::launch_tail_copy(cfg.dtype, cfg.tail_format == TailFormat::Codes8, s.copies.ptr, n_copies, D,
+                           s.entry_ok.ptr, stream);
   if (windowed && layer == cfg.layers - 1) {
     const detail::WindowTrim w{table.ptr, windows.ptr, alive_pages.ptr, max_blocks, H, T, cfg.sink_tokens,
                                trim_queries()};
@@ -289,7 +292,7 @@ int Cache::fork(int seq, cudaStream_t stream) {
                                m.cfg.layers, cudaMemcpyDeviceToDevice, stream),
              "fork: block table copy");
   const detail::TailLayout tl = m.tail_layout();
-  const size_t tail_row = size_t(m.H) * m.tail_rows * m.D * dtype_size(m.cfg.dtype);
+  const size_t tail_row = size_t(m.H) * m.tail_rows * tl.row_bytes();
   check_cuda(cudaMemcpy2DAsync(tl.row_ptr(0, child, 0, Kind::Key), m.cfg.max_seqs * tail_row,
                                tl.row_ptr(0, seq, 0, Kind::Key), m.cfg.max_seqs * tail_row, tail_row,
                                size_t(m.cfg.layers) * 2, cudaMemcpyDeviceToDevice, stream),
@@ -554,7 +557,7 @@ Stats Cache::stats() const {
     ls.compressed_bytes = size_t(units[l]) * format::kBlockAlign;
     st.compressed_bytes += ls.compressed_bytes;
     st.tokens += ls.tokens;
-    st.tail_bytes += ls.tail_tokens * size_t(m.H) * m.D * 2 * dtype_size(m.cfg.dtype);
+    st.tail_bytes += ls.tail_tokens * size_t(m.H) * 2 * m.tail_layout().row_bytes();
   }
   st.metadata_bytes = m.table.count * sizeof(BlockRef) + m.books.count * sizeof(CodebookTables) + m.tails.count;
   st.pool_page_bytes = page_bytes;

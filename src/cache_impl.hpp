@@ -57,7 +57,7 @@ struct Cache::Impl {
   detail::DeviceBuffer<uint8_t> pool;             // pages + decoder overread room
   detail::PageGeometry pages{};
   detail::DeviceBuffer<format::BlockRef> table;   // [layer][slot][max_blocks][H]
-  detail::DeviceBuffer<uint8_t> tails;            // [layer][K|V][slot][H][tail_rows][D] of the input type
+  detail::DeviceBuffer<uint8_t> tails;            // [layer][K|V][slot][H][tail_rows] rows (TailLayout)
   detail::DeviceBuffer<CodebookTables> books;     // [layer][H][K|V]
   detail::DeviceBuffer<ErrorBound> bounds;        // [layer][H][K|V]
   detail::DeviceBuffer<float> part;               // attention workspace
@@ -134,7 +134,8 @@ struct Cache::Impl {
   int page_class(int layer) const { return page_classes > 1 && layer_window(layer) > 0 ? 1 : 0; }
   detail::SeqState seq_state() const;
   detail::TailLayout tail_layout() const {
-    return {tails.ptr, cfg.max_seqs, H, T, D, dtype_size(cfg.dtype), tail_rows};
+    return {tails.ptr, cfg.max_seqs, H, T, D, dtype_size(cfg.dtype), tail_rows,
+            cfg.tail_format == TailFormat::Codes8 ? 1 : 0};
   }
   size_t at(int layer, int slot) const { return size_t(layer) * cfg.max_seqs + slot; }
   int32_t user_words() const { return (cfg.max_seqs + 31) / 32; }

@@ -27,8 +27,10 @@ struct SeqData {
 void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int>& lengths, uint64_t seed,
                         bool one_append_call, int block_tokens = 64, const std::vector<int>& queries = {},
                         int window = 0, int sinks = 0, const ErrorBound* bounds = nullptr,
-                        Dist v_dist = Dist::Gaussian, const std::function<void(const Cache&)>& inspect = {}) {
+                        Dist v_dist = Dist::Gaussian, const std::function<void(const Cache&)>& inspect = {},
+                        TailFormat tail_format = TailFormat::Input) {
   Config cfg;
+  cfg.tail_format = tail_format;
   if (bounds) {
     cfg.k_bound = bounds[0];
     cfg.v_bound = bounds[1];
@@ -186,6 +188,32 @@ TEST(AttentionGpu, GqaGroupsHeadDimsAndBf16) {
   run_attention_case(2, 7, 256, DType::BF16, {33, 500}, seed + 19, true, 32);
   if (HasFatalFailure()) return;
   run_attention_case(1, 2, 256, DType::F16, {127, 1300}, seed + 23, false, 128);
+}
+
+// Codes8 tails (Config::tail_format): the fused kernel reads the tail's codes; every vector, prefill too, went
+// through them before its block was quantized (cache_ref.hpp's decoded_kv applies the same codes).
+TEST(AttentionGpu, Codes8TailsAroundBlockEdgesGroupsHeadDimsAndQueries) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  const TailFormat c8 = TailFormat::Codes8;
+  run_attention_case(4, 4, 128, DType::F16, {1, 63, 64, 65, 1000, 200}, seed, true, 64, {}, 0, 0, nullptr,
+                     Dist::Gaussian, {}, c8);
+  if (HasFatalFailure()) return;
+  run_attention_case(2, 3, 64, DType::BF16, {5, 130, 700}, seed + 1, false, 32, {}, 0, 0, nullptr, Dist::Gaussian, {},
+                     c8);
+  if (HasFatalFailure()) return;
+  run_attention_case(2, 7, 96, DType::F16, {33, 500}, seed + 2, true, 64, {}, 0, 0, nullptr, Dist::Gaussian, {}, c8);
+  if (HasFatalFailure()) return;
+  run_attention_case(2, 8, 256, DType::F16, {1, 64, 130, 700}, seed + 3, false, 128, {}, 0, 0, nullptr,
+                     Dist::Gaussian, {}, c8);
+  if (HasFatalFailure()) return;
+  // Multi-token queries over the tail, a window with sinks, and V rows with one large value each.
+  run_attention_case(2, 4, 128, DType::F16, {40, 300, 129}, seed + 4, false, 64, {3, 5, 16}, 0, 0, nullptr,
+                     Dist::SkewedRows, {}, c8);
+  if (HasFatalFailure()) return;
+  run_attention_case(2, 2, 128, DType::BF16, {100, 700}, seed + 5, true, 64, {1, 4}, 200, 4, nullptr, Dist::Gaussian,
+                     {}, c8);
 }
 
 TEST(AttentionGpu, MultiQueryModelsWithManyQueryHeadsPerKvHead) {

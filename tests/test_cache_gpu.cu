@@ -48,49 +48,54 @@ struct Tokens {
 
 }  // namespace
 
+// Codes8 tails too: every vector goes through the tail codes, prefill or not, so the blocks agree.
 TEST(CacheGpu, DecodeStepsGiveTheSameBlocksAsOnePrefill) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
-  const Config cfg = small_config();
-  const int H = cfg.kv_heads, D = cfg.head_dim, T = cfg.block_tokens;
-  const int n = 3 * T + 5;
-  Tokens prime(2 * T, H, D, seed), toks(n, H, D, seed + 7);
-  DevBuf<uint8_t> dpk(prime.k.size()), dpv(prime.v.size()), dk(toks.k.size()), dv(toks.v.size());
-  dpk.upload(prime.k); dpv.upload(prime.v); dk.upload(toks.k); dv.upload(toks.v);
-  const size_t row = size_t(H) * D * 2;
+  for (TailFormat tail : {TailFormat::Input, TailFormat::Codes8}) {
+    SCOPED_TRACE(tail == TailFormat::Codes8 ? "Codes8 tails" : "Input tails");
+    Config cfg = small_config();
+    cfg.tail_format = tail;
+    const int H = cfg.kv_heads, D = cfg.head_dim, T = cfg.block_tokens;
+    const int n = 3 * T + 5;
+    Tokens prime(2 * T, H, D, seed), toks(n, H, D, seed + 7);
+    DevBuf<uint8_t> dpk(prime.k.size()), dpv(prime.v.size()), dk(toks.k.size()), dv(toks.v.size());
+    dpk.upload(prime.k); dpv.upload(prime.v); dk.upload(toks.k); dv.upload(toks.v);
+    const size_t row = size_t(H) * D * 2;
 
-  Cache a(cfg), b(cfg);
-  for (Cache* c : {&a, &b}) {  // same codebooks in both: built from the same first prefill
-    const int p = c->add_sequence();
-    for (int l = 0; l < cfg.layers; ++l) c->append(l, {p}, {2 * T}, dpk.ptr, dpv.ptr, 0);
+    Cache a(cfg), b(cfg);
+    for (Cache* c : {&a, &b}) {  // same codebooks in both: built from the same first prefill
+      const int p = c->add_sequence();
+      for (int l = 0; l < cfg.layers; ++l) c->append(l, {p}, {2 * T}, dpk.ptr, dpv.ptr, 0);
+    }
+    const int sa = a.add_sequence(), sb = b.add_sequence();
+    for (int l = 0; l < cfg.layers; ++l) a.append(l, {sa}, {n}, dk.ptr, dv.ptr, 0);
+    for (int t = 0; t < n; ++t)
+      for (int l = 0; l < cfg.layers; ++l) b.append(l, {sb}, {1}, dk.ptr + t * row, dv.ptr + t * row, 0);
+    CUDA_LAUNCH_OK();
+    for (int l = 0; l < cfg.layers; ++l) {
+      ASSERT_EQ(a.tokens(sa, l), n);
+      ASSERT_EQ(b.tokens(sb, l), n);
+      for (int blk = 0; blk < n / T; ++blk)
+        for (int h = 0; h < H; ++h)
+          for (Kind kind : {Kind::Key, Kind::Value})
+            ASSERT_EQ(a.read_block(l, sa, h, blk, kind, 0), b.read_block(l, sb, h, blk, kind, 0))
+                << "layer " << l << " block " << blk << " head " << h;
+    }
+    // Same attention output too (tails included).
+    const auto q = to_dtype_bytes(DType::F16, make_data(Dist::Gaussian, cfg.q_heads, D, seed + 3));
+    DevBuf<uint8_t> dq(q.size()), oa(q.size()), ob(q.size());
+    dq.upload(q);
+    CUDA_OK(cudaMemset(oa.ptr, 0xFF, q.size()));
+    CUDA_OK(cudaMemset(ob.ptr, 0xFF, q.size()));
+    a.attend(1, {sa}, dq.ptr, oa.ptr, DType::F16, 0);
+    b.attend(1, {sb}, dq.ptr, ob.ptr, DType::F16, 0);
+    CUDA_LAUNCH_OK();
+    const auto ra = oa.download(), rb = ob.download();
+    ASSERT_EQ(ra, rb);
+    for (size_t i = 0; i < ra.size() / 2; ++i) ASSERT_TRUE(std::isfinite(load_as_float(DType::F16, ra.data(), i)));
   }
-  const int sa = a.add_sequence(), sb = b.add_sequence();
-  for (int l = 0; l < cfg.layers; ++l) a.append(l, {sa}, {n}, dk.ptr, dv.ptr, 0);
-  for (int t = 0; t < n; ++t)
-    for (int l = 0; l < cfg.layers; ++l) b.append(l, {sb}, {1}, dk.ptr + t * row, dv.ptr + t * row, 0);
-  CUDA_LAUNCH_OK();
-  for (int l = 0; l < cfg.layers; ++l) {
-    ASSERT_EQ(a.tokens(sa, l), n);
-    ASSERT_EQ(b.tokens(sb, l), n);
-    for (int blk = 0; blk < n / T; ++blk)
-      for (int h = 0; h < H; ++h)
-        for (Kind kind : {Kind::Key, Kind::Value})
-          ASSERT_EQ(a.read_block(l, sa, h, blk, kind, 0), b.read_block(l, sb, h, blk, kind, 0))
-              << "layer " << l << " block " << blk << " head " << h;
-  }
-  // Same attention output too (tails included).
-  const auto q = to_dtype_bytes(DType::F16, make_data(Dist::Gaussian, cfg.q_heads, D, seed + 3));
-  DevBuf<uint8_t> dq(q.size()), oa(q.size()), ob(q.size());
-  dq.upload(q);
-  CUDA_OK(cudaMemset(oa.ptr, 0xFF, q.size()));
-  CUDA_OK(cudaMemset(ob.ptr, 0xFF, q.size()));
-  a.attend(1, {sa}, dq.ptr, oa.ptr, DType::F16, 0);
-  b.attend(1, {sb}, dq.ptr, ob.ptr, DType::F16, 0);
-  CUDA_LAUNCH_OK();
-  const auto ra = oa.download(), rb = ob.download();
-  ASSERT_EQ(ra, rb);
-  for (size_t i = 0; i < ra.size() / 2; ++i) ASSERT_TRUE(std::isfinite(load_as_float(DType::F16, ra.data(), i)));
 }
 
 TEST(CacheGpu, MixedBatchDecodeThenRemoveEmptiesThePool) {

@@ -73,11 +73,13 @@ void expect_same_sequence(Cache& ca, int a, Cache& cb, int b, const DevBuf<uint8
 
 }  // namespace
 
-TEST(ForkGpu, BeamsShareThePromptAndMatchPlainSequencesInEitherRemovalOrder) {
-  KVCOMP_REQUIRE_GPU();
+namespace {
+
+void run_beams_share_the_prompt_and_match_plain_sequences_in_either_removal_order(TailFormat tail) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
-  const Config cfg = fork_config();
+  Config cfg = fork_config();
+  cfg.tail_format = tail;
   const int H = cfg.kv_heads, D = cfg.head_dim, T = cfg.block_tokens;
   const int prompt = 4 * T + 37, beams = 4, steps = 2 * T + 9;  // the prompt's tail is copied; beams close blocks
   DeviceTokens p(prompt, H, D, seed);
@@ -105,7 +107,7 @@ TEST(ForkGpu, BeamsShareThePromptAndMatchPlainSequencesInEitherRemovalOrder) {
     EXPECT_EQ(after_fork.pool_bytes_in_use, prompt_only.pool_bytes_in_use);
     EXPECT_EQ(after_fork.tokens, size_t(beams) * prompt * cfg.layers);
     for (int b = 0; b < beams; ++b) expect_same_sequence(forked, f[b], plain, r[b], q, "right after the fork");
-    if (HasFatalFailure()) return;
+    if (::testing::Test::HasFatalFailure()) return;
 
     // Diverge: each beam appends its own tokens, one step at a time, batched as a decode would.
     const size_t row = size_t(H) * D * 2;
@@ -117,7 +119,7 @@ TEST(ForkGpu, BeamsShareThePromptAndMatchPlainSequencesInEitherRemovalOrder) {
         }
     CUDA_LAUNCH_OK();
     for (int b = 0; b < beams; ++b) expect_same_sequence(forked, f[b], plain, r[b], q, "after diverging");
-    if (HasFatalFailure()) return;
+    if (::testing::Test::HasFatalFailure()) return;
     // The prompt's closed blocks are held once instead of once a beam.
     const size_t shared = prompt_only.compressed_bytes;
     EXPECT_EQ(forked.stats().compressed_bytes + (beams - 1) * shared, plain.stats().compressed_bytes);
@@ -128,13 +130,13 @@ TEST(ForkGpu, BeamsShareThePromptAndMatchPlainSequencesInEitherRemovalOrder) {
     plain.remove_sequence(r[gone]);
     for (int b = 0; b < beams; ++b)
       if (b != gone) expect_same_sequence(forked, f[b], plain, r[b], q, "after the first removal");
-    if (HasFatalFailure()) return;
+    if (::testing::Test::HasFatalFailure()) return;
     EXPECT_GT(forked.stats().pool_bytes_in_use, 0u);
     // A new fork of a remaining beam, and a fresh sequence reusing the freed slot, work too.
     const int keep = parent_first ? 1 : 0;
     const int again = forked.fork(f[keep]);
     expect_same_sequence(forked, again, plain, r[keep], q, "a fork of a fork");
-    if (HasFatalFailure()) return;
+    if (::testing::Test::HasFatalFailure()) return;
     forked.remove_sequence(again);
     for (int b = 0; b < beams; ++b)
       if (b != gone) forked.remove_sequence(f[b]);
@@ -148,6 +150,19 @@ TEST(ForkGpu, BeamsShareThePromptAndMatchPlainSequencesInEitherRemovalOrder) {
     EXPECT_EQ(forked.stats().compressed_bytes, prompt_only.compressed_bytes);
     CUDA_LAUNCH_OK();
   }
+}
+
+}  // namespace
+
+TEST(ForkGpu, BeamsShareThePromptAndMatchPlainSequencesInEitherRemovalOrder) {
+  KVCOMP_REQUIRE_GPU();
+  run_beams_share_the_prompt_and_match_plain_sequences_in_either_removal_order(TailFormat::Input);
+}
+
+// Codes8 tails: fork copies the parent's tail rows of codes and params.
+TEST(ForkGpu, BeamsShareThePromptAndMatchPlainSequencesInEitherRemovalOrderWithCodes8Tails) {
+  KVCOMP_REQUIRE_GPU();
+  run_beams_share_the_prompt_and_match_plain_sequences_in_either_removal_order(TailFormat::Codes8);
 }
 
 TEST(ForkGpu, ForkOfAnUnknownSequenceOrWithNoFreeSlotIsAClearError) {

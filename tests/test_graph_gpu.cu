@@ -170,13 +170,16 @@ void layer_diff(const std::vector<uint8_t>& a, const std::vector<uint8_t>& b, co
 
 }  // namespace
 
-TEST(GraphGpu, CaptureOneDecodeStepAndReplay) {
-  KVCOMP_REQUIRE_GPU();
+namespace {
+
+/// Graph replays vs the same plan calls eager vs the eager vector API, 300 steps of 8 sequences.
+void capture_one_decode_step_and_replay(TailFormat tail) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   Config cfg;
   cfg.layers = 4; cfg.kv_heads = 2; cfg.q_heads = 8; cfg.head_dim = 128; cfg.block_tokens = 64;
   cfg.max_seqs = 8; cfg.max_tokens_per_seq = 1024; cfg.pool_bytes = size_t(64) << 20;
+  cfg.tail_format = tail;
   const int L = cfg.layers, H = cfg.kv_heads, D = cfg.head_dim, T = cfg.block_tokens, B = 8, kSteps = 300;
   // Different lengths: empty, tails only, whole blocks, blocks + odd tails.
   const std::vector<int> prefill = {0, 37, T, 2 * T + 5, 3 * T + 63, 5 * T + 1, 7 * T + 30, 8 * T + 11};
@@ -275,6 +278,19 @@ TEST(GraphGpu, CaptureOneDecodeStepAndReplay) {
   EXPECT_EQ(sa.tokens, sc.tokens);
   std::printf("graph replay: %d steps x %d sequences x %d layers; outputs vs the eager vector API: "
               "max |diff| / max |out| = %.3g\n", kSteps, B, L, worst_c);
+}
+
+}  // namespace
+
+TEST(GraphGpu, CaptureOneDecodeStepAndReplay) {
+  KVCOMP_REQUIRE_GPU();
+  capture_one_decode_step_and_replay(TailFormat::Input);
+}
+
+// Codes8 tails: the graph's tail copies encode, its block closes decode the tail's codes.
+TEST(GraphGpu, CaptureOneDecodeStepAndReplayWithCodes8Tails) {
+  KVCOMP_REQUIRE_GPU();
+  capture_one_decode_step_and_replay(TailFormat::Codes8);
 }
 
 TEST(GraphGpu, ReplayThatHitsAFullPoolFailsCleanlyAndRedoes) {

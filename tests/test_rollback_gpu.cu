@@ -99,14 +99,16 @@ void check_attention(Cache& cache, int seq, const TokenPool& p, const std::vecto
 
 }  // namespace
 
-TEST(RollbackGpu, SpeculativeStepsMatchACacheGivenOnlyTheAcceptedTokens) {
-  KVCOMP_REQUIRE_GPU();
+namespace {
+
+void run_speculative_steps_match_a_cache_given_only_the_accepted_tokens(TailFormat tail) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
   auto pick = [&](int lo, int hi) { return lo + int(rng() % uint64_t(hi - lo + 1)); };
   const int R = 8;
-  const Config cfg = rollback_config(R);
+  Config cfg = rollback_config(R);
+  cfg.tail_format = tail;
   const int T = cfg.block_tokens;
   TokenPool pool(1200, cfg.kv_heads, cfg.head_dim, seed);
   int next = 0;
@@ -133,7 +135,7 @@ TEST(RollbackGpu, SpeculativeStepsMatchACacheGivenOnlyTheAcceptedTokens) {
     const int b0 = closed_blocks(spec, 0);
     max_tail = std::max(max_tail, int(with_drafts.size()) - b0 * T);
     if (step % 4 == 0 || step < 3) check_attention(spec, s, pool, with_drafts, k, seed + step);
-    if (HasFatalFailure()) return;
+    if (::testing::Test::HasFatalFailure()) return;
     spec.rollback(s, k - accepted);
     content.insert(content.end(), drafts.begin(), drafts.begin() + accepted);
     append_ids(plain, r, pool, std::vector<int>(drafts.begin(), drafts.begin() + accepted));
@@ -159,7 +161,7 @@ TEST(RollbackGpu, SpeculativeStepsMatchACacheGivenOnlyTheAcceptedTokens) {
   }
   check_attention(spec, s, pool, content, 4, seed + 1000);
   check_attention(plain, r, pool, content, 4, seed + 1000);
-  if (HasFatalFailure()) return;
+  if (::testing::Test::HasFatalFailure()) return;
 
   // A fork copies the tail ring: the child attends as its parent does, bit for bit, and rolls back on its own.
   const int child = spec.fork(s);
@@ -182,10 +184,23 @@ TEST(RollbackGpu, SpeculativeStepsMatchACacheGivenOnlyTheAcceptedTokens) {
   check_attention(spec, child, pool, with_more, R, seed + 2000);
   spec.rollback(child, R);
   check_attention(spec, child, pool, content, 2, seed + 3000);
-  if (HasFatalFailure()) return;
+  if (::testing::Test::HasFatalFailure()) return;
   spec.remove_sequence(child);
   EXPECT_EQ(spec.stats().pool_bytes_in_use, 0u);
   CUDA_LAUNCH_OK();
+}
+
+}  // namespace
+
+TEST(RollbackGpu, SpeculativeStepsMatchACacheGivenOnlyTheAcceptedTokens) {
+  KVCOMP_REQUIRE_GPU();
+  run_speculative_steps_match_a_cache_given_only_the_accepted_tokens(TailFormat::Input);
+}
+
+// Codes8 tails longer than a block (rollback room), windows with sinks.
+TEST(RollbackGpu, SpeculativeStepsMatchACacheGivenOnlyTheAcceptedTokensWithCodes8Tails) {
+  KVCOMP_REQUIRE_GPU();
+  run_speculative_steps_match_a_cache_given_only_the_accepted_tokens(TailFormat::Codes8);
 }
 
 // Plan-based decode (the device makes the jobs: kernels/decode_jobs.cuh) with

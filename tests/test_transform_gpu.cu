@@ -1,7 +1,8 @@
 // Config::transform = Hadamard on the GPU. The stored blocks are the CPU
 // reference encoding of the host-rotated rows, bit for bit (strided prefill of
 // several sequences, decode steps that close blocks from the tail, two layers,
-// every cache type). Attention matches float64 attention over the stored
+// every cache type; and with Codes8 tails, of the rows through the tail codes,
+// rotated or not). Attention matches float64 attention over the stored
 // values rotated back, every token vector is within cache.hpp's per-vector L2
 // bound of its input, and attention stays within what that bound implies of
 // attention over the original K/V.
@@ -14,6 +15,7 @@
 #include "gpu_util.cuh"
 #include "kvcomp/cache.hpp"
 #include "kvcomp/reference.hpp"
+#include "kvcomp/tail_codes.hpp"
 #include "kvcomp/transform.hpp"
 #include "test_data.hpp"
 
@@ -106,14 +108,24 @@ long first_difference(const std::vector<uint8_t>& a, const std::vector<uint8_t>&
 
 }  // namespace
 
-TEST(TransformGpu, HadamardBlocksAreTheReferenceEncodingOfTheRotatedRows) {
+TEST(TransformGpu, BlocksAreTheReferenceEncodingOfTheRowsAsStored) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
-  struct Case { DType dtype; int D, T; };
-  for (const Case cs : {Case{DType::F16, 128, 64}, Case{DType::BF16, 64, 32}, Case{DType::F32, 128, 32},
-                        Case{DType::F16, 256, 64}}) {
-    SCOPED_TRACE(std::string(dtype_name(cs.dtype)) + " D " + std::to_string(cs.D) + " T " + std::to_string(cs.T));
+  // Codes8 tails (kvcomp/tail_codes.hpp): the reference encodes the rows through the tail codes first, as
+  // the cache quantizes every vector (prefill too) from them; with and without the rotation.
+  struct Case { DType dtype; int D, T; TailFormat tail; Transform transform; };
+  for (const Case cs : {Case{DType::F16, 128, 64, TailFormat::Input, Transform::Hadamard},
+                        Case{DType::BF16, 64, 32, TailFormat::Input, Transform::Hadamard},
+                        Case{DType::F32, 128, 32, TailFormat::Input, Transform::Hadamard},
+                        Case{DType::F16, 256, 64, TailFormat::Input, Transform::Hadamard},
+                        Case{DType::F16, 128, 64, TailFormat::Codes8, Transform::Hadamard},
+                        Case{DType::BF16, 64, 32, TailFormat::Codes8, Transform::None},
+                        Case{DType::F16, 96, 64, TailFormat::Codes8, Transform::None},
+                        Case{DType::F32, 256, 32, TailFormat::Codes8, Transform::None}}) {
+    const bool codes = cs.tail == TailFormat::Codes8, rotated = cs.transform == Transform::Hadamard;
+    SCOPED_TRACE(std::string(dtype_name(cs.dtype)) + " D " + std::to_string(cs.D) + " T " + std::to_string(cs.T) +
+                 (codes ? " Codes8" : "") + (rotated ? " Hadamard" : ""));
     Config cfg;
     cfg.layers = 2;
     cfg.kv_heads = 2;
@@ -124,7 +136,8 @@ TEST(TransformGpu, HadamardBlocksAreTheReferenceEncodingOfTheRotatedRows) {
     cfg.max_seqs = 3;
     cfg.max_tokens_per_seq = 512;
     cfg.pool_bytes = size_t(8) << 20;
-    cfg.transform = Transform::Hadamard;
+    cfg.transform = cs.transform;
+    cfg.tail_format = cs.tail;
     // Absolute bounds on one head force escapes too.
     cfg.overrides.push_back({1, 1, {BoundMode::Absolute, 0.001f}, {BoundMode::Absolute, 0.02f}});
     const int H = cfg.kv_heads, D = cfg.head_dim, T = cfg.block_tokens;
@@ -172,7 +185,9 @@ TEST(TransformGpu, HadamardBlocksAreTheReferenceEncodingOfTheRotatedRows) {
         for (int h = 0; h < H; ++h)
           for (Kind kind : {Kind::Key, Kind::Value}) {
             const auto x = head_rows(kind == Kind::Key ? hk[l][i] : hv[l][i], n, H, D, h);
-            const auto y = hadamard_rows_as_stored(cs.dtype, x.data(), size_t(n), D);
+            auto y = rotated ? hadamard_rows_as_stored(cs.dtype, x.data(), size_t(n), D) : x;
+            if (codes)
+              for (int t = 0; t < n; ++t) format::tail_round_row(&y[size_t(t) * D], D, int(cs.dtype), &y[size_t(t) * D]);
             const Codebook cb = cache.codebook(l, h, kind);
             const uint16_t id = uint16_t((l * H + h) * 2 + int(kind));
             for (int b = 0; b < n / T; ++b) {

@@ -77,6 +77,10 @@ struct CacheInternals;  // device buffers, for tests that corrupt them (src/cach
 /// An orthonormal transform of every K and V vector before it is stored (Config::transform).
 enum class Transform : uint8_t { None = 0, Hadamard = 1 };
 
+/// How the open tail (the tokens of a block not yet closed) is held
+/// (Config::tail_format).
+enum class TailFormat : uint8_t { Input = 0, Codes8 = 1 };
+
 /// A batch layout for plan-based decode (make_plan): `batch` sequence slots
 /// whose device buffers stay fixed, so calls with it can be captured in a
 /// CUDA graph. Valid for the Cache that made it.
@@ -174,6 +178,25 @@ struct Config {
   ///   the input-domain K', V' above, up to fp32 rounding.
   /// None: vectors are stored as given, every element within its bound.
   Transform transform = Transform::None;
+  /// Input: the open tail holds each token as given (in dtype), exactly.
+  /// Codes8: it holds each token's vector (one kv head) as 8-bit codes over
+  /// the vector's range plus its min and step in dtype (kvcomp/tail_codes.hpp
+  /// is the definition): D + 4 bytes a vector instead of 2 D (D + 8 instead
+  /// of 4 D for F32), about half the tail's bytes. Every appended vector goes
+  /// through these codes first, prefill too, so each value is within half a
+  /// step, about (max - min) / 504 of its vector, of the input before its
+  /// block quantizes it (blocks: within their bound of those values, so
+  /// within the bound plus that half step of the input; blocks do not depend
+  /// on how tokens were split into appends). With Hadamard the codes hold the
+  /// rotated vector. Non-finite values keep their class (-Inf, +Inf, NaN).
+  /// On the tiny Llama at 1k tokens (bench/RESULTS.md) Codes8 stores 12-13%
+  /// fewer bytes at the same perplexity (eb 0.1: 659.7 vs 748.3 B/token,
+  /// +0.484% vs +0.478%); a long open tail costs a little attention time
+  /// (63 tokens: +7 us at 1k x 1, +4% at 32k x 8). Not the default: its error
+  /// does not shrink with the bound (tight bounds, e.g. 0.001, would get the
+  /// per-vector half step on top), and a channel far from its vector's range
+  /// can see more than its own K bound.
+  TailFormat tail_format = TailFormat::Input;
 };
 
 struct LayerStats {
@@ -184,7 +207,7 @@ struct LayerStats {
 
 struct Stats {
   size_t compressed_bytes = 0;      // all blocks in pages in use (shared blocks once)
-  size_t tail_bytes = 0;            // uncompressed tail tokens in use (held in the input type)
+  size_t tail_bytes = 0;            // open-tail tokens in use, as held (input type, or Codes8 rows)
   size_t metadata_bytes = 0;        // block tables, codebooks, tail buffers reserved
   size_t pool_bytes_in_use = 0;     // pool pages held by sequences (>= compressed_bytes)
   size_t pool_page_bytes = 0;       // the pool is handed out in pages of this size

@@ -75,6 +75,12 @@
 //   reader knows it before reading and never reads past it; a decoder checks
 //   that the header, params, lane table and payload fit in that size.
 //
+// Open tail
+//   Tokens of a block not yet closed wait uncompressed in the Cache's tail
+//   buffers, in the input's type, or as 8-bit codes per token vector with
+//   Config::tail_format = Codes8: kvcomp/tail_codes.hpp defines those rows
+//   (and that a block then quantizes the rows' decoded values).
+//
 // Pool
 //   The K block and V block of one (sequence, layer, kv head, token block) are
 //   stored back to back in one device pool. A block-table entry (BlockRef)

@@ -42,14 +42,14 @@ C++ library's message. The GIL is released during CUDA work.
 """
 from . import _kvcomp as _C
 from ._kvcomp import (BoundMode, BoundOverride, Codebook, Config, DecodePlan, DType, Error, ErrorBound, Kind,
-                      LayerStats, Stats, Transform)
+                      LayerStats, Stats, TailFormat, Transform)
 from ._stream import resolve_stream
 from . import baselines, ref
 
 __version__ = _C.__version__
 
 __all__ = ["BoundMode", "BoundOverride", "Cache", "Codebook", "Config", "DecodePlan", "DType", "Error", "ErrorBound",
-           "Kind", "LayerStats", "Stats", "Transform", "baselines", "ref", "resolve_stream", "__version__"]
+           "Kind", "LayerStats", "Stats", "TailFormat", "Transform", "baselines", "ref", "resolve_stream", "__version__"]
 
 
 class Cache(_C.Cache):

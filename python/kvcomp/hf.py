@@ -291,7 +291,7 @@ class _CacheBase(Cache):
 _DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 _CONFIG_FIELDS = ("layers", "kv_heads", "q_heads", "head_dim", "dtype", "block_tokens", "k_bound", "v_bound",
                   "overrides", "pool_bytes", "pool_page_bytes", "max_seqs", "max_attend_batch", "max_tokens_per_seq",
-                  "transform", "max_rollback")
+                  "transform", "max_rollback", "tail_format")
 
 
 class _KvcompLayer(_Layer):
@@ -387,7 +387,11 @@ class _KvcompLayer(_Layer):
         st = o.cache.stats().per_layer[self.index]
         T = o.config.block_tokens
         blocks = (st.tokens - st.tail_tokens) // T * o.kv_heads  # closed blocks of every sequence, K/V pairs
-        tail_bytes = st.tail_tokens * o.kv_heads * o.head_dim * 2 * (o.tail_value_bytes or o.element_bytes)
+        if o.config.tail_format == kvcomp.TailFormat.Codes8:  # D codes, then min and step in the input type
+            row = o.head_dim + 2 * o.element_bytes
+        else:
+            row = o.head_dim * (o.tail_value_bytes or o.element_bytes)
+        tail_bytes = st.tail_tokens * o.kv_heads * 2 * row
         books = 2 * o.kv_heads * 256 if blocks else 0  # code lengths of the K and V codebooks
         return st.compressed_bytes + tail_bytes + blocks * 8 + books  # 8 B block-table entry per K/V pair
 
@@ -400,7 +404,7 @@ class KvcompCache(_CacheBase):
     """
 
     layer_class = _KvcompLayer
-    tail_value_bytes = None  # the open tail is held in the K/V input's type; set 4 to count it as fp32 (format v2)
+    tail_value_bytes = None  # an Input tail is held in the K/V input's type; set 4 to count it as fp32 (format v2)
 
     def __init__(self, model, config=None, prefill="fp16", max_tokens=None, transform=None, max_rollback=None):
         super().__init__(model, prefill)

@@ -567,7 +567,8 @@ std::string config_repr(const Config& c) {
     << ", transform=" << (c.transform == kvcomp::Transform::Hadamard ? "Transform.Hadamard" : "Transform.None_")
     << ", window=" << c.window << ", layer_windows=[";
   for (size_t i = 0; i < c.layer_windows.size(); ++i) s << (i ? ", " : "") << c.layer_windows[i];
-  s << "], sink_tokens=" << c.sink_tokens << ", max_rollback=" << c.max_rollback << ")";
+  s << "], sink_tokens=" << c.sink_tokens << ", max_rollback=" << c.max_rollback << ", tail_format="
+    << (c.tail_format == kvcomp::TailFormat::Codes8 ? "TailFormat.Codes8" : "TailFormat.Input") << ")";
   return s.str();
 }
 
@@ -598,6 +599,11 @@ void bind_types(py::module_& m) {
                                "Orthogonal transform of K/V before storing (Config.transform); Hadamard: x H / sqrt(D).")
       .value("None_", kvcomp::Transform::None)
       .value("Hadamard", kvcomp::Transform::Hadamard);
+  py::enum_<kvcomp::TailFormat>(m, "TailFormat",
+                                "How the open tail is held (Config.tail_format): Input (as given) or Codes8 "
+                                "(8-bit codes per token vector, kvcomp/tail_codes.hpp).")
+      .value("Input", kvcomp::TailFormat::Input)
+      .value("Codes8", kvcomp::TailFormat::Codes8);
 
   py::class_<ErrorBound>(m, "ErrorBound")
       .def(py::init([](BoundMode mode, float value) { return ErrorBound{mode, value}; }),
@@ -639,6 +645,7 @@ void bind_types(py::module_& m) {
       .def_readwrite("max_tokens_per_seq", &Config::max_tokens_per_seq)
       .def_readwrite("pool_page_bytes", &Config::pool_page_bytes)
       .def_readwrite("transform", &Config::transform)
+      .def_readwrite("tail_format", &Config::tail_format)
       .def_readwrite("window", &Config::window)
       .def_readwrite("layer_windows", &Config::layer_windows)
       .def_readwrite("sink_tokens", &Config::sink_tokens)

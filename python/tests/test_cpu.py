@@ -164,7 +164,8 @@ class ConfigFields(unittest.TestCase):
                       k_bound=kvcomp.ErrorBound(kvcomp.BoundMode.Absolute, 0.5),
                       v_bound=kvcomp.ErrorBound(kvcomp.BoundMode.Relative, 0.0625), pool_bytes=(1 << 33) + 16,
                       max_seqs=7, max_attend_batch=5, max_tokens_per_seq=123456, transform=kvcomp.Transform.Hadamard,
-                      window=4096, layer_windows=[4096, 0, 1024], sink_tokens=4, max_rollback=16)
+                      window=4096, layer_windows=[4096, 0, 1024], sink_tokens=4, max_rollback=16,
+                      tail_format=kvcomp.TailFormat.Codes8)
         by_kwargs = kvcomp.Config(overrides=[o], **values)
         by_setattr = kvcomp.Config()
         for name, value in values.items():
@@ -178,7 +179,8 @@ class ConfigFields(unittest.TestCase):
         r = repr(by_kwargs)
         for text in ["layers=3", "head_dim=64", "dtype=DType.BF16", "BoundMode.Absolute", "pool_bytes=8589934608",
                      "BoundOverride(layer=1, kv_head=2", "max_tokens_per_seq=123456", "transform=Transform.Hadamard",
-                     "window=4096, layer_windows=[4096, 0, 1024], sink_tokens=4, max_rollback=16"]:
+                     "window=4096, layer_windows=[4096, 0, 1024], sink_tokens=4, max_rollback=16",
+                     "tail_format=TailFormat.Codes8"]:
             self.assertIn(text, r)
 
     def test_unknown_field_and_wrong_type(self):

@@ -1,0 +1,127 @@
+// The Codes8 tail codec (kvcomp/tail_codes.hpp) on the CPU: every element of
+// random vectors of every input type, wide and narrow ranges, constant
+// vectors, ranges that overflow fp32 and non-finite values: codes in range,
+// params exact in the input type, each value within half a step of its input
+// (up to the fp32 rounding the header states), non-finite values keep their
+// class; and a bad Config::tail_format is refused.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kvcomp/cache.hpp"
+#include "kvcomp/dtype.hpp"
+#include "kvcomp/error.hpp"
+#include "kvcomp/tail_codes.hpp"
+#include "test_data.hpp"
+
+using namespace kvcomp;
+
+namespace {
+
+/// Checks one vector (values exact in type t) through the codec, element by element.
+void check_vector(DType t, const std::vector<float>& x, const std::string& what) {
+  SCOPED_TRACE(what);
+  const int D = int(x.size()), elem = int(t);
+  std::vector<uint8_t> codes(D);
+  const format::TailQuant q = format::tail_encode_row(x.data(), D, elem, codes.data());
+  std::vector<float> round(D);
+  format::tail_round_row(x.data(), D, elem, round.data());
+  // The params: lo is the smallest finite value, exactly; step is an element of t, at least span / 252.
+  double lo = std::numeric_limits<double>::infinity(), hi = -lo;
+  for (float v : x)
+    if (std::isfinite(v)) { lo = std::min(lo, double(v)); hi = std::max(hi, double(v)); }
+  if (!(lo <= hi)) lo = hi = 0;
+  ASSERT_EQ(double(q.lo), lo);
+  ASSERT_EQ(format::tail_elem_to_float(q.lo_bits, elem), q.lo);
+  ASSERT_EQ(format::tail_elem_to_float(q.step_bits, elem), q.step);
+  ASSERT_EQ(round_to_dtype(t, q.step), q.step) << "step is a value of the input type";
+  ASSERT_GE(double(q.step) * (1 + 0x1p-22), (hi - lo) / 252) << "step covers the range";
+  for (int i = 0; i < D; ++i) {
+    const float v = format::tail_value(codes[i], q.lo, q.step);
+    ASSERT_TRUE(v == round[i] || (std::isnan(v) && std::isnan(round[i]))) << "element " << i;
+    if (std::isnan(x[i])) {
+      ASSERT_EQ(codes[i], format::kTailNaN);
+      ASSERT_TRUE(std::isnan(v));
+    } else if (std::isinf(x[i])) {
+      ASSERT_EQ(codes[i], x[i] > 0 ? format::kTailPosInf : format::kTailNegInf);
+      ASSERT_EQ(v, x[i]);
+    } else {
+      ASSERT_LE(codes[i], format::kTailMaxCode) << "element " << i;
+      // Half a step, plus the fp32 rounding of (x - lo) x inv and of the fma (tail_codes.hpp).
+      const double bound = (0.5 + 0x1p-13) * double(q.step) + 0x1p-23 * std::fabs(double(x[i]));
+      ASSERT_LE(std::fabs(double(v) - double(x[i])), bound)
+          << "element " << i << ": x " << x[i] << " value " << v << " step " << q.step << " lo " << q.lo;
+    }
+  }
+}
+
+std::vector<float> random_vector(DType t, int D, double scale, double offset, std::mt19937_64& rng) {
+  std::normal_distribution<double> n(0.0, 1.0);
+  std::vector<float> x(D);
+  for (float& v : x) v = round_to_dtype(t, float(offset + scale * n(rng)));
+  return x;
+}
+
+}  // namespace
+
+TEST(TailCodesCpu, EveryElementWithinHalfAStepForEveryTypeAndRange) {
+  const uint64_t seed = kvcomp_test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  for (DType t : {DType::F16, DType::BF16, DType::F32})
+    for (int D : {64, 80, 96, 128, 256})
+      for (double scale : {1e-6, 1e-3, 0.1, 1.0, 30.0, 3000.0})
+        for (double offset : {0.0, 5.0, -700.0}) {
+          if (t == DType::F16 && std::fabs(offset) + 6 * scale > 60000) continue;
+          for (int rep = 0; rep < 4; ++rep)
+            check_vector(t, random_vector(t, D, scale, offset * scale, rng),
+                         std::string(dtype_name(t)) + " D " + std::to_string(D) + " scale " + std::to_string(scale) +
+                             " offset " + std::to_string(offset));
+          if (HasFatalFailure()) return;
+        }
+}
+
+TEST(TailCodesCpu, ConstantExtremeAndNonFiniteVectors) {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::nanf("");
+  for (DType t : {DType::F16, DType::BF16, DType::F32}) {
+    const std::string name = dtype_name(t);
+    check_vector(t, std::vector<float>(64, round_to_dtype(t, 3.140625f)), name + " constant");
+    check_vector(t, std::vector<float>(64, 0.f), name + " zeros");
+    std::vector<float> x(128);
+    for (int i = 0; i < 128; ++i) x[i] = round_to_dtype(t, float(i % 7) * 0.25f - 0.5f);
+    x[3] = nan;
+    x[10] = inf;
+    x[11] = -inf;
+    check_vector(t, x, name + " with NaN, +Inf, -Inf");
+    check_vector(t, std::vector<float>(64, nan), name + " all NaN");
+    const float big = t == DType::F16 ? 65504.f : t == DType::BF16 ? round_to_dtype(t, 3.3e38f) : 3.4e38f;
+    std::vector<float> y(64, 0.f);
+    y[0] = big;
+    y[1] = -big;  // fp16: the span 131008 fits fp32; bf16 and fp32: it overflows (hi / 252 - lo / 252)
+    check_vector(t, y, name + " the widest range");
+    std::vector<float> tiny(64);
+    for (int i = 0; i < 64; ++i) tiny[i] = round_to_dtype(t, float(i) * 1e-7f);  // fp16: subnormals
+    check_vector(t, tiny, name + " tiny values");
+    if (HasFatalFailure()) return;
+  }
+}
+
+TEST(TailCodesCpu, RowBytesAndABadTailFormatIsRefused) {
+  EXPECT_EQ(format::tail_code_row_bytes(128, int(DType::F16)), 132u);
+  EXPECT_EQ(format::tail_code_row_bytes(64, int(DType::BF16)), 68u);
+  EXPECT_EQ(format::tail_code_row_bytes(96, int(DType::F32)), 104u);
+  Config c;
+  c.tail_format = TailFormat(7);
+  try {
+    Cache cache(c);
+    FAIL() << "a bad tail_format was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("tail_format must be TailFormat::Input or TailFormat::Codes8, got 7"),
+              std::string::npos)
+        << e.what();
+  }
+}
