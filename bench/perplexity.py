@@ -123,6 +123,8 @@ def make_cache(spec, model, kvcomp, hf, scales=None, pool_bytes=256 << 20, max_t
             cfg.overrides = layer_ovs
         cache = hf.KvcompCache(model, cfg, prefill="cache", max_tokens=int(o.get("max_tokens", max_tokens)),
                                transform=o.get("rot"))
+        if "tailbytes" in o and o.get("tail") == "codes":
+            raise SystemExit("tailbytes= counts an Input tail; not with tail=codes")
         if "tailbytes" in o:  # count the open tail at this many bytes a value (4: format v2's fp32 tail)
             cache.tail_value_bytes = int(o["tailbytes"])
         return cache

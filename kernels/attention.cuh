@@ -112,9 +112,11 @@ struct TailArgs {
   int ring;     // slot * kv_heads + head: its ring of tail_rows rows
   int t_begin;  // the tail's first token (closed blocks x T)
   int tokens;   // tokens in it
+  int first;    // this warp's first chunk (tokens from t_begin, a multiple of 32)
+  int stride;   // tokens between this warp's chunks (32 x the CTA's warps)
 };
 
-/// Attends one warp to the tail (TailArgs) and folds the result into the
+/// Attends one warp to its chunks of the tail (TailArgs) and folds them into the
 /// warp's partial `rows` ([kR][D + 2]: acc, max, sum; row_bounds: each row's
 /// visible tokens [lo, hi), plus the sinks). Out of line: the tail's loads in
 /// flight want registers that, inlined, the block loop paid for in spills
@@ -136,7 +138,7 @@ __device__ __noinline__ void attend_tail(const TailArgs a, const float* q_s, flo
     using E = decltype(type_tag);
     const uint8_t* kt = static_cast<const uint8_t*>(a.k_tail) + base;
     const uint8_t* vt = static_cast<const uint8_t*>(a.v_tail) + base;
-    for (int first = 0; first < a.tokens; first += 32) {
+    for (int first = a.first; first < a.tokens; first += a.stride) {
       const int t0 = a.t_begin + first;
       auto visible = [&](int g, int i) {
         const int t = t0 + i;
@@ -217,7 +219,7 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
   __shared__ int2 row_bounds[kR];  // (lo, hi)
   __shared__ int row_out[kR];      // its row of q/out (and of the split workspace)
   __shared__ UnitRange loop_range;
-  __shared__ int tail_warp;              // the warp that attends the tail, or -1
+  __shared__ int tail_warp;              // the warp that attends the tail's first chunk, or -1
   if (threadIdx.x < kR) {
     const int4 r = row_of(threadIdx.x);
     row_bounds[threadIdx.x] = make_int2(r.y, r.z);
@@ -713,11 +715,14 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
   }
   __syncwarp();
 
-  // The uncompressed tail, if this warp owns it: attended on CUDA cores, then
-  // folded into the warp's partial.
-  if (tail_warp == warp)
+  // The uncompressed tail, if this CTA has it: its 32-token chunks are spread
+  // over the warps from tail_warp on, each attended on CUDA cores and folded
+  // into that warp's partial (a warp takes every kWarps-th chunk: with T = 128
+  // and max_rollback a tail has up to 255 tokens, 8 chunks).
+  if (tail_warp >= 0 && 32 * ((warp - tail_warp + kWarps) % kWarps) < tail)
     attend_tail<D, kR>(TailArgs{p.k_tail, p.v_tail, p.tail_rows, p.tail_row_bytes, p.tail_codes, p.tail_dtype,
-                                p.sinks, seq.slot * p.kv_heads + head, nblocks * T, tail},
+                                p.sinks, seq.slot * p.kv_heads + head, nblocks * T, tail,
+                                32 * ((warp - tail_warp + kWarps) % kWarps), 32 * kWarps},
                        q_s, rows, row_bounds);
   __syncthreads();
 

@@ -227,12 +227,8 @@ struct PairDecoder {
   template <typename Slow, typename Sink>
   __device__ __forceinline__ void group(uint32_t lut, int low_bits, uint32_t& h0, uint32_t& h1, Slow&& slow,
                                         Sink&& sink) {
-    constexpr uint32_t kIndex = (format::kLutSize - 1) << 2;  // index bits, scaled to bytes
-    const uint32_t e0 = lds(lut + (__funnelshift_r(w0, w1, pos) & kIndex));
-    const uint32_t p1 = pos + (e0 >> format::kLutLengthShift);  // <= 42
-    const uint32_t x1 = uint32_t(((uint64_t(w1) << 32) | w0) >> p1);
-    const uint32_t e1 = lds(lut + (x1 & kIndex));
-    const uint32_t p2 = p1 + (e1 >> format::kLutLengthShift);  // <= 53
+    uint32_t e0, e1;
+    const uint32_t p2 = lookup(lut, e0, e1);
     h0 = e0 & format::kLutValueMask;
     h1 = e1 & format::kLutValueMask;
     if (__builtin_expect(warp_any_slow(e0, e1), 0)) {
@@ -259,12 +255,8 @@ struct PairDecoder {
   /// codebooks give every pair in the range seen a codeword, so PAIR_ESC is
   /// left to escaped values and codes over 14 << k).
   __device__ __forceinline__ void group_unchecked(uint32_t lut, uint32_t& h0, uint32_t& h1, uint32_t& flags) {
-    constexpr uint32_t kIndex = (format::kLutSize - 1) << 2;
-    const uint32_t e0 = lds(lut + (__funnelshift_r(w0, w1, pos) & kIndex));
-    const uint32_t p1 = pos + (e0 >> format::kLutLengthShift);
-    const uint32_t x1 = uint32_t(((uint64_t(w1) << 32) | w0) >> p1);
-    const uint32_t e1 = lds(lut + (x1 & kIndex));
-    const uint32_t p2 = p1 + (e1 >> format::kLutLengthShift);
+    uint32_t e0, e1;
+    const uint32_t p2 = lookup(lut, e0, e1);
     h0 = e0 & format::kLutValueMask;
     h1 = e1 & format::kLutValueMask;
     flags |= e0 | e1;
@@ -309,6 +301,17 @@ struct PairDecoder {
   }
 
  private:
+  /// The group's two table entries (the window's next bits, then the bits
+  /// after the first pair's); returns the window position after both.
+  __device__ __forceinline__ uint32_t lookup(uint32_t lut, uint32_t& e0, uint32_t& e1) const {
+    constexpr uint32_t kIndex = (format::kLutSize - 1) << 2;  // index bits, scaled to bytes
+    e0 = lds(lut + (__funnelshift_r(w0, w1, pos) & kIndex));
+    const uint32_t p1 = pos + (e0 >> format::kLutLengthShift);  // <= 42
+    const uint32_t x1 = uint32_t(((uint64_t(w1) << 32) | w0) >> p1);
+    e1 = lds(lut + (x1 & kIndex));
+    return p1 + (e1 >> format::kLutLengthShift);  // <= 53
+  }
+
   __device__ __forceinline__ void take(const SlowGroup& s) {
     w0 = s.w0;
     w1 = s.w1;

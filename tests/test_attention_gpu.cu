@@ -28,9 +28,11 @@ void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int
                         bool one_append_call, int block_tokens = 64, const std::vector<int>& queries = {},
                         int window = 0, int sinks = 0, const ErrorBound* bounds = nullptr,
                         Dist v_dist = Dist::Gaussian, const std::function<void(const Cache&)>& inspect = {},
-                        TailFormat tail_format = TailFormat::Input) {
+                        TailFormat tail_format = TailFormat::Input, int max_rollback = 0,
+                        DType kv_type = DType::F16) {
   Config cfg;
   cfg.tail_format = tail_format;
+  cfg.max_rollback = max_rollback;
   if (bounds) {
     cfg.k_bound = bounds[0];
     cfg.v_bound = bounds[1];
@@ -42,7 +44,7 @@ void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int
   cfg.kv_heads = H;
   cfg.q_heads = H * G;
   cfg.head_dim = D;
-  cfg.dtype = DType::F16;
+  cfg.dtype = kv_type;
   cfg.max_seqs = int(lengths.size());
   int query_rows = 0;
   for (size_t b = 0; b < lengths.size(); ++b) query_rows += queries.empty() ? 1 : queries[b];
@@ -57,16 +59,16 @@ void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int
   std::vector<SeqData> data(B);
   for (int b = 0; b < B; ++b) {
     ids.push_back(cache.add_sequence());
-    data[b].k = round_to(DType::F16, make_data(Dist::OutlierChannels, lengths[b], H * D, seed + 2 * b));
+    data[b].k = round_to(kv_type, make_data(Dist::OutlierChannels, lengths[b], H * D, seed + 2 * b));
     // SkewedRows: one large value in every (token, head) row.
-    data[b].v = round_to(DType::F16, v_dist == Dist::SkewedRows
+    data[b].v = round_to(kv_type, v_dist == Dist::SkewedRows
                                          ? make_data(v_dist, lengths[b] * H, D, seed + 2 * b + 1)
                                          : make_data(v_dist, lengths[b], H * D, seed + 2 * b + 1));
   }
   if (one_append_call) {  // all sequences in one prefill call
     std::vector<float> k_all, v_all;
     for (auto& d : data) { k_all.insert(k_all.end(), d.k.begin(), d.k.end()); v_all.insert(v_all.end(), d.v.begin(), d.v.end()); }
-    const auto kb = to_dtype_bytes(DType::F16, k_all), vb = to_dtype_bytes(DType::F16, v_all);
+    const auto kb = to_dtype_bytes(kv_type, k_all), vb = to_dtype_bytes(kv_type, v_all);
     DevBuf<uint8_t> dk(kb.size() + 2), dv(vb.size() + 2);
     dk.upload(kb);
     dv.upload(vb);
@@ -74,7 +76,7 @@ void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int
     CUDA_LAUNCH_OK();
   } else {
     for (int b = 0; b < B; ++b) {
-      const auto kb = to_dtype_bytes(DType::F16, data[b].k), vb = to_dtype_bytes(DType::F16, data[b].v);
+      const auto kb = to_dtype_bytes(kv_type, data[b].k), vb = to_dtype_bytes(kv_type, data[b].v);
       DevBuf<uint8_t> dk(kb.size() + 2), dv(vb.size() + 2);
       dk.upload(kb);
       dv.upload(vb);
@@ -108,7 +110,10 @@ void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int
       std::vector<double> k, v;
       // Blocks before the first query's window (kept: the sinks) are not read: their pages may be reused.
       const int first_seen = window > 0 ? lengths[b] - n_q[b] - window + 1 : 0;
-      decoded_kv(cache, 0, ids[b], h, data[b].k, data[b].v, lengths[b], k, v, first_seen, sinks);
+      // One append per sequence: blocks close once max_rollback newer tokens follow them (store_job.cuh).
+      const int T = block_tokens, R = max_rollback;
+      const int closed = lengths[b] >= T + R ? (lengths[b] - R) / T : 0;
+      decoded_kv(cache, 0, ids[b], h, data[b].k, data[b].v, lengths[b], k, v, first_seen, sinks, closed);
       if (::testing::Test::HasFatalFailure()) return;
       // Exact (uncompressed) K/V for the error-bound check.
       std::vector<double> ke(size_t(lengths[b]) * D), ve(size_t(lengths[b]) * D);
@@ -214,6 +219,30 @@ TEST(AttentionGpu, Codes8TailsAroundBlockEdgesGroupsHeadDimsAndQueries) {
   if (HasFatalFailure()) return;
   run_attention_case(2, 2, 128, DType::BF16, {100, 700}, seed + 5, true, 64, {1, 4}, 200, 4, nullptr, Dist::Gaussian,
                      {}, c8);
+  if (HasFatalFailure()) return;
+  // The tail's params in bf16 and fp32 (K/V of those types), head_dim 80 (lanes 16..31 hold 2 channels).
+  run_attention_case(2, 4, 80, DType::BF16, {1, 63, 130, 700}, seed + 6, false, 64, {}, 0, 0, nullptr,
+                     Dist::Gaussian, {}, c8, 0, DType::BF16);
+  if (HasFatalFailure()) return;
+  run_attention_case(2, 3, 128, DType::F16, {37, 600}, seed + 7, true, 32, {}, 0, 0, nullptr, Dist::Gaussian, {}, c8,
+                     0, DType::F32);
+}
+
+// Tails longer than a block (max_rollback = T = 128: up to 255 tokens, 8 chunks of 32): the chunks are spread
+// over the CTA's warps, two a warp in a CTA of 4; exact and Codes8 tails.
+TEST(AttentionGpu, TailsOfManyChunksSpreadOverTheWarps) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  for (TailFormat tail : {TailFormat::Input, TailFormat::Codes8}) {
+    SCOPED_TRACE(tail == TailFormat::Codes8 ? "Codes8" : "Input");
+    run_attention_case(2, 4, 128, DType::F16, {255, 500, 129, 300, 33}, seed, false, 128, {}, 0, 0, nullptr,
+                       Dist::Gaussian, {}, tail, 128);
+    if (HasFatalFailure()) return;
+    run_attention_case(2, 3, 64, DType::BF16, {250, 700}, seed + 1, true, 128, {2, 3}, 0, 0, nullptr, Dist::Gaussian,
+                       {}, tail, 100, DType::BF16);
+    if (HasFatalFailure()) return;
+  }
 }
 
 TEST(AttentionGpu, MultiQueryModelsWithManyQueryHeadsPerKvHead) {

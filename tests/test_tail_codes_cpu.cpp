@@ -40,6 +40,10 @@ void check_vector(DType t, const std::vector<float>& x, const std::string& what)
   ASSERT_EQ(format::tail_elem_to_float(q.step_bits, elem), q.step);
   ASSERT_EQ(round_to_dtype(t, q.step), q.step) << "step is a value of the input type";
   ASSERT_GE(double(q.step) * (1 + 0x1p-22), (hi - lo) / 252) << "step covers the range";
+  // ... and is no coarser than that, up to the type's rounding up (fp16 8 + 2 mantissa bits, bf16 7; the
+  // smallest step each type holds).
+  const double grain = t == DType::F16 ? 0x1p-24 : t == DType::BF16 ? 0x1p-133 : 0x1p-149;
+  ASSERT_LE(double(q.step), (hi - lo) / 252 * (1 + 0x1p-7) + grain) << "step no coarser than the range needs";
   for (int i = 0; i < D; ++i) {
     const float v = format::tail_value(codes[i], q.lo, q.step);
     ASSERT_TRUE(v == round[i] || (std::isnan(v) && std::isnan(round[i]))) << "element " << i;
@@ -57,6 +61,11 @@ void check_vector(DType t, const std::vector<float>& x, const std::string& what)
           << "element " << i << ": x " << x[i] << " value " << v << " step " << q.step << " lo " << q.lo;
     }
   }
+}
+
+std::vector<float> round_to_vector(DType t, std::vector<float> x) {
+  for (float& v : x) v = round_to_dtype(t, v);
+  return x;
 }
 
 std::vector<float> random_vector(DType t, int D, double scale, double offset, std::mt19937_64& rng) {
@@ -106,6 +115,18 @@ TEST(TailCodesCpu, ConstantExtremeAndNonFiniteVectors) {
     std::vector<float> tiny(64);
     for (int i = 0; i < 64; ++i) tiny[i] = round_to_dtype(t, float(i) * 1e-7f);  // fp16: subnormals
     check_vector(t, tiny, name + " tiny values");
+    if (t != DType::F16) {
+      // A range near the top of the type: hi - lo overflows fp32, and so would x - lo (d = x inv - lo inv).
+      std::vector<float> wide(96);
+      for (int i = 0; i < 96; ++i) wide[i] = round_to_dtype(t, big * (float(i) / 47.5f - 1.f));
+      check_vector(t, wide, name + " values across the whole range");
+      // Subnormal ranges: 1 / step overflows (d = (x - lo) / step).
+      std::vector<float> sub(64);
+      for (int i = 0; i < 64; ++i) sub[i] = std::ldexp(float(i % 37), t == DType::BF16 ? -133 : -149);
+      check_vector(t, sub, name + " a subnormal range");
+      for (int i = 0; i < 64; ++i) sub[i] = std::ldexp(float(i), -128) - std::ldexp(1.f, -126);
+      check_vector(t, round_to_vector(t, sub), name + " a range of 2^-122 around -2^-126");
+    }
     if (HasFatalFailure()) return;
   }
 }

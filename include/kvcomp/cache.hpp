@@ -161,7 +161,9 @@ struct Config {
   /// - In the input domain the bound is per vector, in L2, not per element:
   ///   x' = z R satisfies
   ///     ||x' - x||_2 <= sqrt(sum_j eb_j^2) + eps ||x||_2 + delta sqrt(D)
-  ///   (sum_j eb_j^2 = 0 for tail tokens). eps ||x||_2 + delta sqrt(D) bounds
+  ///   (sum_j eb_j^2 = 0 for tail tokens; with tail_format = Codes8 each
+  ///   element's tail-code error, below, adds to its eb_j, blocks and tail
+  ///   alike). eps ||x||_2 + delta sqrt(D) bounds
   ///   ||y - x R||_2: the fp32 transform (at most 2^-20 ||x||_2 for D <= 128)
   ///   plus the rounding of y to dtype:
   ///     F16:  eps = 2^-11 + 2^-19, delta = 2^-25 (rotated values below 2^-14
@@ -176,7 +178,8 @@ struct Config {
   /// - attend() rotates q and rotates the output back (fp32, in the fused
   ///   kernel and in its merge): it returns softmax(q K'^T / sqrt(D)) V' of
   ///   the input-domain K', V' above, up to fp32 rounding.
-  /// None: vectors are stored as given, every element within its bound.
+  /// None: vectors are stored as given, every element within its bound (plus
+  /// the tail codes' half step with tail_format = Codes8).
   Transform transform = Transform::None;
   /// Input: the open tail holds each token as given (in dtype), exactly.
   /// Codes8: it holds each token's vector (one kv head) as 8-bit codes over

@@ -9,11 +9,15 @@
 // x_i (exactly as fp32; non-finite values are ignored for the range):
 //   lo    = the smallest finite x_i (an input value: exact in the input type)
 //   hi    = the largest finite x_i; lo = hi = 0 without a finite value
-//   span  = hi - lo; s = span / 252, or hi / 252 - lo / 252 where span
-//           overflows (fp32 inputs only)                       (fp32, IEEE)
+//   span  = hi - lo; s = span / 252, the next float up if 252 s < span
+//           (exact test: fmaf(s, 252, -span) < 0); or hi / 252 - lo / 252
+//           where span overflows (bf16 and fp32 beyond 2^127)  (fp32, IEEE)
 //   step  = s rounded up to the input type (fp32: s itself)
 //   inv   = 1 / step, 0 if step is 0                           (fp32, IEEE)
-//   code  = min(252, max(0, rint((x - lo) x inv)))             (fp32)
+//   d     = (x - lo) x inv; x inv - lo inv where span overflowed (x - lo
+//           may too); (x - lo) / step where inv overflowed (step below
+//           2^-128: bf16 and fp32 subnormal ranges)            (fp32, IEEE)
+//   code  = min(252, max(0, rint(d)))
 //           -Inf: 253, +Inf: 254, NaN: 255
 //   value = fmaf(code, step, lo) for codes 0..252; -Inf, +Inf, a quiet NaN
 // Every finite x is within half a step of its value up to fp32 rounding:
@@ -72,30 +76,50 @@ KVCOMP_HD uint32_t tail_elem_up(float s, int elem) {
   return float_bits(s);
 }
 
+constexpr uint32_t kTailPlain = 0, kTailWide = 1, kTailTiny = 2;  // TailQuant::how: how d is computed
+
 struct TailQuant {
   uint32_t lo_bits, step_bits;  // as stored (element bits)
   float lo, step, inv;
+  uint32_t how;  // kTailPlain, kTailWide (span overflowed), kTailTiny (1 / step overflowed)
 };
 
 /// The params of a token's vector from its finite range (lo > hi: none finite).
 KVCOMP_HD TailQuant make_tail_quant(float lo, float hi, int elem) {
   if (!(lo <= hi)) lo = hi = 0.f;
   const float span = hi - lo;
-  const float s = is_finite_bits(float_bits(span)) ? span / float(kTailMaxCode)
-                                                   : hi / float(kTailMaxCode) - lo / float(kTailMaxCode);
+  const bool wide = !is_finite_bits(float_bits(span));
+  float s = wide ? hi / float(kTailMaxCode) - lo / float(kTailMaxCode) : span / float(kTailMaxCode);
+  // Rounded to nearest, s may be below span / 252 (by half an ulp; subnormal quotients by up to their
+  // whole size, to 0): the next float up then (the fma's sign is exact).
+  if (!wide && fmaf(s, float(kTailMaxCode), -span) < 0.f) s = bits_float(float_bits(s) + 1u);
   TailQuant q;
   q.lo_bits = tail_elem_exact(lo, elem);
   q.step_bits = tail_elem_up(s, elem);
   q.lo = tail_elem_to_float(q.lo_bits, elem);
   q.step = tail_elem_to_float(q.step_bits, elem);
   q.inv = q.step > 0.f ? 1.0f / q.step : 0.f;
+  q.how = wide ? kTailWide : is_finite_bits(float_bits(q.inv)) ? kTailPlain : kTailTiny;
   return q;
+}
+
+/// a x b rounded once, never contracted into an fma with what follows (the
+/// host and device must round alike).
+KVCOMP_HD float tail_mul(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
 }
 
 KVCOMP_HD uint32_t tail_code(float x, const TailQuant& q) {
   const uint32_t b = float_bits(x);
   if (!is_finite_bits(b)) return (b & 0x7FFFFFu) != 0 ? kTailNaN : (b >> 31) != 0 ? kTailNegInf : kTailPosInf;
-  const float r = fminf(float(kTailMaxCode), fmaxf(0.f, rintf((x - q.lo) * q.inv)));
+  const float d = q.how == kTailPlain ? (x - q.lo) * q.inv
+                  : q.how == kTailWide ? tail_mul(x, q.inv) - tail_mul(q.lo, q.inv)
+                                       : (x - q.lo) / q.step;
+  const float r = fminf(float(kTailMaxCode), fmaxf(0.f, rintf(d)));
   return uint32_t(r);
 }
 
