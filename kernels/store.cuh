@@ -609,7 +609,6 @@ __global__ void tail_copy_kernel(const TailCopy* copies, int D, const int32_t* e
   }
 }
 
-
 /// tail_copy_kernel for Codes8 tails: each input row (a token of one kv head)
 /// becomes D codes and its params (kvcomp/tail_codes.hpp), a warp a row.
 template <typename Elem>

@@ -55,11 +55,11 @@ struct StoreJob {
 struct TailCopy {
   const void* k_in;          // first input row, this head
   const void* v_in;
-  void* k_dst;               // first tail row to write
+  void* k_dst;               // first tail row to write (TailLayout: of the input's type, or a Codes8 row)
   void* v_dst;
   int64_t in_token_stride;
   int32_t rows;              // 0: nothing to copy
-  uint32_t entry;            // (tail rows as TailLayout: of the input's type, or Codes8 rows)
+  uint32_t entry;
 };
 
 /// One (sequence, layer) of an append: the place kernel checks it, places its
