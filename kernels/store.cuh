@@ -145,7 +145,7 @@ __device__ void stage_block_codes(const StoreJob& job, Kind kind, int T, int D, 
   const int lane = threadIdx.x % 32, warps = int(blockDim.x) / 32;
   const uint8_t* tail = static_cast<const uint8_t*>(kind == Kind::Key ? job.k_tail : job.v_tail);
   const Elem* in = static_cast<const Elem*>(kind == Kind::Key ? job.k_in : job.v_in);
-  const size_t row_bytes = size_t(D) + 2 * sizeof(Elem);
+  const size_t row_bytes = format::tail_code_row_bytes(D, sizeof(Elem));
   for (int t = int(threadIdx.x) / 32; t < T; t += warps) {
     float x[8];
     if (t < job.tail_tokens) {
@@ -616,7 +616,7 @@ __global__ void tail_code_copy_kernel(const TailCopy* copies, int D, const int32
   const TailCopy c = copies[blockIdx.x];
   if (c.rows <= 0 || entry_ok[c.entry] == 0) return;
   const int lane = threadIdx.x % 32, warps = int(blockDim.x) / 32;
-  const size_t row_bytes = size_t(D) + 2 * sizeof(Elem);
+  const size_t row_bytes = format::tail_code_row_bytes(D, sizeof(Elem));
   for (int i = int(threadIdx.x) / 32; i < 2 * c.rows; i += warps) {
     const bool key = i < c.rows;
     const int t = key ? i : i - c.rows;

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "kvcomp/format.hpp"
+#include "kvcomp/tail_codes.hpp"
 
 namespace kvcomp {
 namespace detail {
@@ -93,7 +94,7 @@ struct TailLayout {
   int rows;
   int32_t codes = 0;  // 1: Codes8 rows
   KVCOMP_HD size_t row_bytes() const {
-    return codes ? size_t(head_dim) + 2 * elem_bytes : size_t(head_dim) * elem_bytes;
+    return codes ? format::tail_code_row_bytes(head_dim, elem_bytes) : size_t(head_dim) * elem_bytes;
   }
   KVCOMP_HD int ring_row(int64_t token) const { return int(token % rows); }
   /// Tail row `row` of (layer, slot, head, kind).

@@ -132,9 +132,9 @@ TEST(TailCodesCpu, ConstantExtremeAndNonFiniteVectors) {
 }
 
 TEST(TailCodesCpu, RowBytesAndABadTailFormatIsRefused) {
-  EXPECT_EQ(format::tail_code_row_bytes(128, int(DType::F16)), 132u);
-  EXPECT_EQ(format::tail_code_row_bytes(64, int(DType::BF16)), 68u);
-  EXPECT_EQ(format::tail_code_row_bytes(96, int(DType::F32)), 104u);
+  EXPECT_EQ(format::tail_code_row_bytes(128, format::tail_elem_bytes(int(DType::F16))), 132u);
+  EXPECT_EQ(format::tail_code_row_bytes(64, format::tail_elem_bytes(int(DType::BF16))), 68u);
+  EXPECT_EQ(format::tail_code_row_bytes(96, format::tail_elem_bytes(int(DType::F32))), 104u);
   Config c;
   c.tail_format = TailFormat(7);
   try {

@@ -47,8 +47,8 @@ constexpr uint32_t kTailNegInf = 253, kTailPosInf = 254, kTailNaN = 255;
 constexpr int kTailElemF16 = 0, kTailElemBF16 = 1, kTailElemF32 = 2;
 
 KVCOMP_HD size_t tail_elem_bytes(int elem) { return elem == kTailElemF32 ? 4 : 2; }
-/// Bytes of a Codes8 tail row: D codes, lo, step.
-KVCOMP_HD size_t tail_code_row_bytes(int head_dim, int elem) { return size_t(head_dim) + 2 * tail_elem_bytes(elem); }
+/// Bytes of a Codes8 tail row: D codes, then lo and step of `param_bytes` each (tail_elem_bytes).
+KVCOMP_HD size_t tail_code_row_bytes(int head_dim, size_t param_bytes) { return size_t(head_dim) + 2 * param_bytes; }
 
 /// An element's bits (its size's low bits) as fp32, exactly.
 KVCOMP_HD float tail_elem_to_float(uint32_t bits, int elem) {
