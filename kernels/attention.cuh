@@ -116,20 +116,23 @@ struct TailArgs {
   int stride;   // tokens between this warp's chunks (32 x the CTA's warps)
 };
 
-/// Attends one warp to its chunks of the tail (TailArgs) and folds them into the
-/// warp's partial `rows` ([kR][D + 2]: acc, max, sum; row_bounds: each row's
-/// visible tokens [lo, hi), plus the sinks). Out of line: the tail's loads in
-/// flight want registers that, inlined, the block loop paid for in spills
-/// (D 128: the kernel's spills 220/224 -> 128/116 B out of line).
-template <int D, int kR>
-__device__ __noinline__ void attend_tail(const TailArgs a, const float* q_s, float* rows, const int2* row_bounds) {
+/// Attends one warp to its chunks of the tail (TailArgs) and folds them into
+/// the first kRows rows of the warp's partial `rows` ([kR][D + 2]: acc, max,
+/// sum; row_bounds: each row's visible tokens [lo, hi), plus the sinks); the
+/// rows past the CTA's real ones are padding, not merged (attend_tail picks
+/// kRows). Out of line: the tail's loads in flight want registers that,
+/// inlined, the block loop paid for in spills (D 128: the kernel's spills
+/// 220/224 -> 128/116 B out of line).
+template <int D, int kR, int kRows>
+__device__ __noinline__ void attend_tail_rows(const TailArgs a, const float* q_s, float* rows, const int2* row_bounds) {
+  static_assert(kRows <= kR, "rows of the CTA");
   const int lane = threadIdx.x % 32;
-  SoftmaxAcc<D, kR> st;
+  SoftmaxAcc<D, kRows> st;
   st.init();
   const size_t base = size_t(a.ring) * a.tail_rows * a.row_bytes;  // bytes
-  int row_lo[kR], row_hi[kR];
+  int row_lo[kRows], row_hi[kRows];
 #pragma unroll
-  for (int g = 0; g < kR; ++g) {
+  for (int g = 0; g < kRows; ++g) {
     row_lo[g] = row_bounds[g].x;
     row_hi[g] = row_bounds[g].y;
   }
@@ -146,15 +149,15 @@ __device__ __noinline__ void attend_tail(const TailArgs a, const float* q_s, flo
       };
       // Token t is in ring row t % tail_rows; 32 rows from a multiple of 32 never wrap (T, rows: multiples of 32).
       const size_t at = size_t(t0 % a.tail_rows) * a.row_bytes;
-      attend_rows<D, kR>(st, q_s, TailRows<E, D>{kt + at, a.row_bytes, a.codes != 0},
-                         TailRows<E, D>{vt + at, a.row_bytes, a.codes != 0}, min(32, a.tokens - first), visible);
+      attend_rows<D, kRows>(st, q_s, TailRows<E, D>{kt + at, a.row_bytes, a.codes != 0},
+                            TailRows<E, D>{vt + at, a.row_bytes, a.codes != 0}, min(32, a.tokens - first), visible);
     }
   };
   if (a.dtype == kTailF16) attend_in(__half{});
   else if (a.dtype == kTailBF16) attend_in(__nv_bfloat16{});
   else attend_in(float{});
 #pragma unroll
-  for (int g = 0; g < kR; ++g) {
+  for (int g = 0; g < kRows; ++g) {
     float* rg = rows + g * (D + 2);
     const float mw = rg[D], lw = rg[D + 1], lt = warp_sum(st.l[g]);
     const float mx = fmaxf(mw, st.m[g]);
@@ -162,10 +165,21 @@ __device__ __noinline__ void attend_tail(const TailArgs a, const float* q_s, flo
     const float ft = st.m[g] == -INFINITY ? 0.f : exp2f(st.m[g] - mx);
     __syncwarp();
 #pragma unroll
-    for (int j = 0; j < SoftmaxAcc<D, kR>::kPerLane; ++j)
+    for (int j = 0; j < SoftmaxAcc<D, kRows>::kPerLane; ++j)
       if (D % 32 == 0 || lane + 32 * j < D) rg[lane + 32 * j] = rg[lane + 32 * j] * fw + st.acc[g][j] * ft;
     if (lane == 0) { rg[D] = mx; rg[D + 1] = lw * fw + lt * ft; }
   }
+}
+
+/// attend_tail_rows for the CTA's `group` real rows, rounded up to 4, 8 or
+/// kR: the tail's work on CUDA cores is per row, and padding rows (G = 4 in
+/// a tile of 8) would double it.
+template <int D, int kR>
+__device__ __forceinline__ void attend_tail(const TailArgs& a, int group, const float* q_s, float* rows,
+                                            const int2* row_bounds) {
+  if (group <= 4) attend_tail_rows<D, kR, 4>(a, q_s, rows, row_bounds);
+  else if (kR > 8 && group <= 8) attend_tail_rows<D, kR, (kR > 8 ? 8 : kR)>(a, q_s, rows, row_bounds);
+  else attend_tail_rows<D, kR, kR>(a, q_s, rows, row_bounds);
 }
 
 /// kTiles: mma row tiles of 8 (query, head) rows a CTA holds; each decoded
@@ -723,7 +737,7 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
     attend_tail<D, kR>(TailArgs{p.k_tail, p.v_tail, p.tail_rows, p.tail_row_bytes, p.tail_codes, p.tail_dtype,
                                 p.sinks, seq.slot * p.kv_heads + head, nblocks * T, tail,
                                 32 * ((warp - tail_warp + kWarps) % kWarps), 32 * kWarps},
-                       q_s, rows, row_bounds);
+                       group, q_s, rows, row_bounds);
   __syncthreads();
 
   // Merge the warps' partials: this split's (acc, max, sum) per real row.

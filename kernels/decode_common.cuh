@@ -225,7 +225,7 @@ __device__ void attend_rows(SoftmaxAcc<D, G>& st, const float* q_s, const Rows& 
   constexpr int kPer = SoftmaxAcc<D, G>::kPerLane;
   auto values = [&](auto codes_tag) {
     constexpr bool kCodes = decltype(codes_tag)::value;
-    constexpr int kTok = 4;  // tokens whose loads are in flight together
+    constexpr int kTok = G <= 4 ? 8 : 4;  // tokens whose loads are in flight together (more rows: registers)
 #pragma unroll 1
     for (int t0 = 0; t0 < n; t0 += kTok) {
       typename Rows::Row rows[kTok];
