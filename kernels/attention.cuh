@@ -178,7 +178,7 @@ template <int D, int kR>
 __device__ __forceinline__ void attend_tail(const TailArgs& a, int group, const float* q_s, float* rows,
                                             const int2* row_bounds) {
   if (group <= 4) attend_tail_rows<D, kR, 4>(a, q_s, rows, row_bounds);
-  else if (kR > 8 && group <= 8) attend_tail_rows<D, kR, (kR > 8 ? 8 : kR)>(a, q_s, rows, row_bounds);
+  else if (kR > 8 && group <= 8) attend_tail_rows<D, kR, 8>(a, q_s, rows, row_bounds);
   else attend_tail_rows<D, kR, kR>(a, q_s, rows, row_bounds);
 }
 
