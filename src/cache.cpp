@@ -192,7 +192,7 @@ void Cache::Impl::fill_attend(int layer, const void* q, void* out, detail::Atten
   p.max_blocks = max_blocks;
   p.scale_log2 = float(1.4426950408889634 / std::sqrt(double(D)));
   p.tail_dtype = int32_t(cfg.dtype);
-  p.tail_codes = cfg.tail_format == TailFormat::Codes8 ? 1 : 0;
+  p.tail_codes = tail_layout().codes;
   p.tail_row_bytes = int32_t(tail_layout().row_bytes());
   p.transform = int32_t(cfg.transform);
   p.tail_rows = tail_rows;
@@ -245,8 +245,7 @@ void Cache::Impl::run_store(int layer, AppendScratch& s, int n_jobs, int n_entri
   if (n_jobs > 0)
     detail::launch_encode(cfg.dtype, warps, s.jobs.ptr, n_jobs, T, D, books.ptr, s.sizes16.ptr, s.seg_bits.ptr,
                           s.pair_at16.ptr, s.entry_ok.ptr, pool.ptr, table.ptr, stream);
-  detail::launch_tail_copy(cfg.dtype, cfg.tail_format == TailFormat::Codes8, s.copies.ptr, n_copies, D,
-                           s.entry_ok.ptr, stream);
+  detail::launch_tail_copy(cfg.dtype, tail_layout().codes != 0, s.copies.ptr, n_copies, D, s.entry_ok.ptr, stream);
   if (windowed && layer == cfg.layers - 1) {
     const detail::WindowTrim w{table.ptr, windows.ptr, alive_pages.ptr, max_blocks, H, T, cfg.sink_tokens,
                                trim_queries()};
@@ -557,7 +556,8 @@ Stats Cache::stats() const {
     ls.compressed_bytes = size_t(units[l]) * format::kBlockAlign;
     st.compressed_bytes += ls.compressed_bytes;
     st.tokens += ls.tokens;
-    st.tail_bytes += ls.tail_tokens * size_t(m.H) * 2 * m.tail_layout().row_bytes();
+    ls.tail_bytes = ls.tail_tokens * size_t(m.H) * 2 * m.tail_layout().row_bytes();
+    st.tail_bytes += ls.tail_bytes;
   }
   st.metadata_bytes = m.table.count * sizeof(BlockRef) + m.books.count * sizeof(CodebookTables) + m.tails.count;
   st.pool_page_bytes = page_bytes;

@@ -205,6 +205,7 @@ struct Config {
 struct LayerStats {
   size_t compressed_bytes = 0;  // blocks in the pool (K and V), once however many sequences share them
   size_t tail_tokens = 0;       // tokens held uncompressed, summed over sequences
+  size_t tail_bytes = 0;        // those tokens' K and V as held (input type, or Codes8 rows)
   size_t tokens = 0;            // tokens stored, summed over sequences
 };
 

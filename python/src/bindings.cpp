@@ -655,10 +655,12 @@ void bind_types(py::module_& m) {
   py::class_<LayerStats>(m, "LayerStats")
       .def_readonly("compressed_bytes", &LayerStats::compressed_bytes)
       .def_readonly("tail_tokens", &LayerStats::tail_tokens)
+      .def_readonly("tail_bytes", &LayerStats::tail_bytes)
       .def_readonly("tokens", &LayerStats::tokens)
       .def("__repr__", [](const LayerStats& s) {
         return "LayerStats(compressed_bytes=" + std::to_string(s.compressed_bytes) +
-               ", tail_tokens=" + std::to_string(s.tail_tokens) + ", tokens=" + std::to_string(s.tokens) + ")";
+               ", tail_tokens=" + std::to_string(s.tail_tokens) + ", tail_bytes=" + std::to_string(s.tail_bytes) +
+               ", tokens=" + std::to_string(s.tokens) + ")";
       });
 
   py::class_<Stats>(m, "Stats")

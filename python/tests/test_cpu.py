@@ -112,6 +112,8 @@ class ImportAndVersion(unittest.TestCase):
         for field in ["compressed_bytes", "tail_bytes", "metadata_bytes", "pool_bytes_in_use", "pool_page_bytes",
                       "pool_capacity", "tokens", "ratio_vs_fp16", "per_layer"]:
             self.assertTrue(hasattr(kvcomp.Stats, field), field)
+        for field in ["compressed_bytes", "tail_tokens", "tail_bytes", "tokens"]:
+            self.assertTrue(hasattr(kvcomp.LayerStats, field), field)
         self.assertTrue(callable(kvcomp.ref.decode_block))
         self.assertTrue(callable(kvcomp.baselines.flash_decode_fp16))
         self.assertTrue(issubclass(kvcomp.Error, RuntimeError))

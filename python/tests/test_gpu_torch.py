@@ -175,6 +175,9 @@ class CacheTorch(TorchBase):
         st = cache.stats()
         self.assertEqual(st.tokens, sum(lengths))
         self.assertEqual(st.per_layer[0].tail_tokens, sum(n % self.T for n in lengths))
+        elem = 4 if dtype == kvcomp.DType.F32 else 2
+        self.assertEqual(st.per_layer[0].tail_bytes, st.per_layer[0].tail_tokens * self.H * 2 * self.D * elem)
+        self.assertEqual(st.tail_bytes, st.per_layer[0].tail_bytes)
         self.assertGreater(st.compressed_bytes, 0)
         self.assertGreater(st.ratio_vs_fp16, 1.0)
         self.check_attention(cache, seqs, ks, vs, qdtype)
