@@ -1,7 +1,8 @@
 // Fused decode attention straight from compressed blocks (format v3).
 //
 // grid (splits, kv_heads x row tiles, batch); each CTA takes a range of
-// `units` (token blocks, plus the uncompressed tail as the last unit) of one
+// `units` (token blocks, plus the uncompressed tail as the last unit, or with
+// AttendParams::tail_rides after the last split's blocks) of one
 // sequence and one KV head, for a tile of 8 mma rows: (query token, query
 // head) pairs of that KV head (GQA and multi-token queries share one decode
 // of a block among 8 rows; more rows take more tiles, each decoding again).
@@ -48,6 +49,7 @@
 #include "hadamard.cuh"
 #include "lane_decoder.cuh"
 #include "mma_ops.cuh"
+#include "tail_attention.cuh"
 
 namespace kvcomp {
 namespace detail {
@@ -101,86 +103,7 @@ constexpr int attn_warps_per_sm() { return fused_warps_per_sm(D, kMmaRows * kTil
 template <int D, int kTiles = 1, int kWarps = 4>
 constexpr int attn_min_ctas() { return attn_warps_per_sm<D, kTiles>() / kWarps; }
 
-constexpr int32_t kTailF16 = 0, kTailBF16 = 1;  // AttendParams::tail_dtype, as DType
 constexpr int32_t kTransformHadamard = 1;        // AttendParams::transform, as Transform
-
-/// Where one (sequence, kv head)'s uncompressed tail is (AttendParams' tail fields).
-struct TailArgs {
-  const void* k_tail;
-  const void* v_tail;
-  int tail_rows, row_bytes, codes, dtype, sinks;
-  int ring;     // slot * kv_heads + head: its ring of tail_rows rows
-  int t_begin;  // the tail's first token (closed blocks x T)
-  int tokens;   // tokens in it
-  int first;    // this warp's first chunk (tokens from t_begin, a multiple of 32)
-  int stride;   // tokens between this warp's chunks (32 x the CTA's warps)
-};
-
-/// Attends one warp to its chunks of the tail (TailArgs) and folds them into
-/// the first kRows rows of the warp's partial `rows` ([kR][D + 2]: acc, max,
-/// sum; row_bounds: each row's visible tokens [lo, hi), plus the sinks); the
-/// rows past the CTA's real ones are padding, not merged (attend_tail picks
-/// kRows). Out of line: the tail's loads in flight want registers that,
-/// inlined, the block loop paid for in spills (D 128: the kernel's spills
-/// 220/224 -> 128/116 B out of line).
-template <int D, int kR, int kRows>
-__device__ __noinline__ void attend_tail_rows(const TailArgs a, const float* q_s, float* rows, const int2* row_bounds) {
-  static_assert(kRows <= kR, "rows of the CTA");
-  const int lane = threadIdx.x % 32;
-  SoftmaxAcc<D, kRows> st;
-  st.init();
-  const size_t base = size_t(a.ring) * a.tail_rows * a.row_bytes;  // bytes
-  int row_lo[kRows], row_hi[kRows];
-#pragma unroll
-  for (int g = 0; g < kRows; ++g) {
-    row_lo[g] = row_bounds[g].x;
-    row_hi[g] = row_bounds[g].y;
-  }
-  // The tail is held in the K/V input's type, or as Codes8 rows with params of that type.
-  auto attend_in = [&](auto type_tag) {
-    using E = decltype(type_tag);
-    const uint8_t* kt = static_cast<const uint8_t*>(a.k_tail) + base;
-    const uint8_t* vt = static_cast<const uint8_t*>(a.v_tail) + base;
-    for (int first = a.first; first < a.tokens; first += a.stride) {
-      const int t0 = a.t_begin + first;
-      auto visible = [&](int g, int i) {
-        const int t = t0 + i;
-        return t < row_hi[g] && (t >= row_lo[g] || t < a.sinks);
-      };
-      // Token t is in ring row t % tail_rows; 32 rows from a multiple of 32 never wrap (T, rows: multiples of 32).
-      const size_t at = size_t(t0 % a.tail_rows) * a.row_bytes;
-      attend_rows<D, kRows>(st, q_s, TailRows<E, D>{kt + at, a.row_bytes, a.codes != 0},
-                            TailRows<E, D>{vt + at, a.row_bytes, a.codes != 0}, min(32, a.tokens - first), visible);
-    }
-  };
-  if (a.dtype == kTailF16) attend_in(__half{});
-  else if (a.dtype == kTailBF16) attend_in(__nv_bfloat16{});
-  else attend_in(float{});
-#pragma unroll
-  for (int g = 0; g < kRows; ++g) {
-    float* rg = rows + g * (D + 2);
-    const float mw = rg[D], lw = rg[D + 1], lt = warp_sum(st.l[g]);
-    const float mx = fmaxf(mw, st.m[g]);
-    const float fw = mw == -INFINITY ? 0.f : exp2f(mw - mx);
-    const float ft = st.m[g] == -INFINITY ? 0.f : exp2f(st.m[g] - mx);
-    __syncwarp();
-#pragma unroll
-    for (int j = 0; j < SoftmaxAcc<D, kRows>::kPerLane; ++j)
-      if (D % 32 == 0 || lane + 32 * j < D) rg[lane + 32 * j] = rg[lane + 32 * j] * fw + st.acc[g][j] * ft;
-    if (lane == 0) { rg[D] = mx; rg[D + 1] = lw * fw + lt * ft; }
-  }
-}
-
-/// attend_tail_rows for the CTA's `group` real rows, rounded up to 4, 8 or
-/// kR: the tail's work on CUDA cores is per row, and padding rows (G = 4 in
-/// a tile of 8) would double it.
-template <int D, int kR>
-__device__ __forceinline__ void attend_tail(const TailArgs& a, int group, const float* q_s, float* rows,
-                                            const int2* row_bounds) {
-  if (group <= 4) attend_tail_rows<D, kR, 4>(a, q_s, rows, row_bounds);
-  else if (kR > 8 && group <= 8) attend_tail_rows<D, kR, 8>(a, q_s, rows, row_bounds);
-  else attend_tail_rows<D, kR, kR>(a, q_s, rows, row_bounds);
-}
 
 /// kTiles: mma row tiles of 8 (query, head) rows a CTA holds; each decoded
 /// block feeds kTiles x the mmas (2: 16 rows share one decode). kWarps: warps
@@ -225,9 +148,15 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
   };
   const int nblocks = seq.blocks, tail = seq.tokens - seq.blocks * T;
   const UnitRange range = unit_range(row_of(0).y, row_of(group - 1).z, p.sinks, T, nblocks);
-  const int per = max(p.units_per_split, (range.count + p.splits - 1) / p.splits);
+  const int v_tail = range.count - 1;  // the tail is the last unit, when the rows see it
+  const bool has_tail = tail > 0 && v_tail >= 0 && range.unit(v_tail) == nblocks;
+  // The units the splits cut: all, or (tail_rides) the blocks, the tail then going with the last block's split.
+  const int cut = p.tail_rides && has_tail ? v_tail : range.count;
+  const int per = max(p.units_per_split, (cut + p.splits - 1) / p.splits);
   const int v_begin = split * per;  // virtual units (range.unit maps them to blocks)
-  const int v_end = min(range.count, v_begin + per);
+  const int v_end = min(cut, v_begin + per);
+  const bool tail_here =
+      has_tail && (cut == v_tail ? split == max(0, v_tail - 1) / per : v_tail >= v_begin && v_tail < v_end);
   // The block loop reads the rows' bounds and its range from shared memory
   // (registers are full there; masks are rare).
   __shared__ int2 row_bounds[kR];  // (lo, hi)
@@ -239,12 +168,10 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
     row_bounds[threadIdx.x] = make_int2(r.y, r.z);
     row_out[threadIdx.x] = r.x;
   }
-  const int v_tail = range.count - 1;  // the tail is the last unit, when the rows see it
-  const bool has_tail = tail > 0 && v_tail >= 0 && range.unit(v_tail) == nblocks;
   const int v_blocks_end = min(v_end, has_tail ? v_tail : range.count);  // virtual units below it are blocks
   if (threadIdx.x == 0) {
     loop_range = range;
-    tail_warp = has_tail && v_tail >= v_begin && v_tail < v_end ? (v_tail - v_begin) % kWarps : -1;
+    tail_warp = tail_here ? (v_tail - v_begin) % kWarps : -1;
   }
   __syncthreads();
   const int k_low = int(p.books[2 * head].low_bits), v_low = int(p.books[2 * head + 1].low_bits);  // k
@@ -730,9 +657,9 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
   __syncwarp();
 
   // The uncompressed tail, if this CTA has it: its 32-token chunks are spread
-  // over the warps from tail_warp on, each attended on CUDA cores and folded
-  // into that warp's partial (a warp takes every kWarps-th chunk: with T = 128
-  // and max_rollback a tail has up to 255 tokens, 8 chunks).
+  // over the warps from tail_warp on, each folded into that warp's partial (a
+  // warp takes every kWarps-th chunk: with T = 128 and max_rollback a tail has
+  // up to 255 tokens, 8 chunks; kernels/tail_attention.cuh).
   if (tail_warp >= 0 && 32 * ((warp - tail_warp + kWarps) % kWarps) < tail)
     attend_tail<D, kR>(TailArgs{p.k_tail, p.v_tail, p.tail_rows, p.tail_row_bytes, p.tail_codes, p.tail_dtype,
                                 p.sinks, seq.slot * p.kv_heads + head, nblocks * T, tail,

@@ -55,6 +55,10 @@ struct AttendParams {
   int32_t max_blocks;
   int32_t units_per_split;        // at least; a sequence of u units takes max(this, ceil(u / splits)) per split
   int32_t splits;
+  // 0: the tail is a unit of its own (after the blocks, in the split where the cut puts it). 1: only the
+  // blocks are cut into splits and the tail goes with the last block's split, after that split's blocks
+  // (plan_splits: where that keeps a block off the busiest warps).
+  int32_t tail_rides;
   int32_t warps;                  // warps per CTA: one of fused_cta_warps() (else 4 are launched)
   float scale_log2;               // softmax scale * log2(e)
   int32_t tail_dtype;
@@ -120,7 +124,29 @@ struct SplitPlan {
   int units_per_split;
   int splits;
   int warps = kAttnWarps;  // per CTA
+  bool tail_rides = false;  // AttendParams::tail_rides
+  int load_quarters = 0;    // the busiest warp's work, in quarters of a block
 };
+
+/// How a sequence of `blocks` blocks (and a tail, if `tail`) is cut into
+/// splits of `per` units (`warps` x units a warp) and what its busiest warp
+/// does, in quarters of a block (the tail costs tail_quarters): the fused
+/// kernel's rule. rides: the tail goes after the last split's blocks instead
+/// of being cut with them.
+struct SplitLoad {
+  int splits;
+  long long quarters;
+};
+inline SplitLoad split_load(int blocks, bool tail, bool rides, int per, int warps, int tail_quarters) {
+  const int units = blocks + (tail && !rides ? 1 : 0);
+  const int splits = units > 0 ? (units + per - 1) / per : 1;
+  long long q = splits > 1 ? 4LL * (per / warps) : 0;  // a full split: per / warps units each
+  const int last = units - (splits - 1) * per;          // units of the last split
+  const int i = tail && !rides ? last - 1 : last;       // its blocks; the tail's warp has i / warps of them
+  q = q > 4LL * ((i + warps - 1) / warps) ? q : 4LL * ((i + warps - 1) / warps);
+  if (tail && 4LL * (i / warps) + tail_quarters > q) q = 4LL * (i / warps) + tail_quarters;
+  return {splits, q};
+}
 
 /// Warps an SM runs of the fused kernel: 16 at 128 registers a thread; 8 with
 /// two row tiles (255 registers) and 12 at head_dim 256 (168).
@@ -143,6 +169,13 @@ constexpr int fused_cta_warps(int D, int tile_rows, int i) {
 /// H100 at D = 128, full load: ~20 us against ~16 us a block.
 constexpr int kCtaCostQuarters = 5;
 
+/// What a tail costs the warp that attends it, in quarters of a block
+/// (plan_splits): fp16/bf16 rows go on tensor cores (kernels/tail_attention.cuh;
+/// 4159 x 8 riding: 58.8 us, 4096 x 8: ~55.5), Codes8 and fp32 rows on CUDA
+/// cores, a little more than a block (32831 x 8 with Codes8: 380.0 us riding,
+/// 374.2 as a unit of its own; H100, bench/RESULTS.md).
+inline int tail_cost_quarters(bool codes, int dtype) { return !codes && (dtype == 0 || dtype == 1) ? 1 : 5; }
+
 /// Flash-decoding split of `max_units` units (blocks and the tail) of each of
 /// `batch` x `kv_heads` work items (a row tile of a sequence's KV head) into
 /// CTAs of kAttnWarps warps, `ctas_per_sm` CTAs resident on each of `sms`
@@ -151,23 +184,32 @@ constexpr int kCtaCostQuarters = 5;
 /// that are each half as long costs one more fixed cost, and CTAs that
 /// spill just past a wave cost a whole wave (32k x 8: 17 splits, 1088 CTAs
 /// for 528 places, were 2.06 waves). At least one unit per warp.
+/// tail_quarters > 0: the longest sequence's last unit is its tail, which
+/// costs that many quarters of a block; the plan then also weighs the tail
+/// riding with the last block's split (split_load): at 32k x 8 (512 blocks
+/// and a tail in 2 splits of 16-warp CTAs) the tail as a unit of its own
+/// gives every warp of split 0 a 17th block, riding it gives 16.
 inline SplitPlan plan_splits(int max_units, int batch, int kv_heads, int sms, int ctas_per_sm = 2,
-                             int warps = kAttnWarps) {
+                             int warps = kAttnWarps, int tail_quarters = 0) {
   if (max_units <= 0) return {1, 1, warps};
   const long long places = 1LL * (ctas_per_sm > 0 ? ctas_per_sm : 1) * (sms > 0 ? sms : 1);
   const long long items = 1LL * (batch > 0 ? batch : 1) * (kv_heads > 0 ? kv_heads : 1);
+  const bool tail = tail_quarters > 0;
+  const int blocks = tail ? max_units - 1 : max_units;
   SplitPlan best{max_units, 1, warps};
   long long best_cost = -1;
   const int max_per_warp = (max_units + warps - 1) / warps;
   for (int per_warp = 1; per_warp <= max_per_warp; ++per_warp) {
     if (best_cost >= 0 && 4LL * per_warp + kCtaCostQuarters >= best_cost) break;  // one wave costs more
     const int per = per_warp * warps;
-    const int splits = (max_units + per - 1) / per;
-    const long long waves = (splits * items + places - 1) / places;
-    const long long cost = waves * (4LL * per_warp + kCtaCostQuarters);
-    if (best_cost < 0 || cost < best_cost) {
-      best_cost = cost;
-      best = {per, splits, warps};
+    for (int rides = 0; rides <= (tail ? 1 : 0); ++rides) {
+      const SplitLoad s = split_load(blocks, tail, rides != 0, per, warps, tail ? tail_quarters : 4);
+      const long long waves = (s.splits * items + places - 1) / places;
+      const long long cost = waves * (s.quarters + kCtaCostQuarters);
+      if (best_cost < 0 || cost < best_cost) {
+        best_cost = cost;
+        best = {per, s.splits, warps, rides != 0, int(s.quarters)};
+      }
     }
   }
   return best;
@@ -182,7 +224,7 @@ inline SplitPlan plan_splits(int max_units, int batch, int kv_heads, int sms, in
 /// too small for that (1k x 1: 16 CTAs of 16 warps on 16 SMs, +27%) is
 /// spread over more SMs in smaller CTAs.
 inline SplitPlan plan_attention(int max_units, int batch, int kv_heads, int sms, const int warps[3],
-                                const int ctas_per_sm[3]) {
+                                const int ctas_per_sm[3], int tail_quarters = 0) {
   constexpr int kBlockCost[3] = {100, 96, 94};      // a block's time a warp, per CTA size (%)
   constexpr int kCtaCost = 25 * kCtaCostQuarters;  // in the same unit
   SplitPlan best{};
@@ -190,13 +232,12 @@ inline SplitPlan plan_attention(int max_units, int batch, int kv_heads, int sms,
   for (int i = 0; i < 3; ++i) {
     // 4-warp CTAs are always planned (plan_splits takes an unknown occupancy as 1 an SM).
     if (i > 0 && (warps[i] <= 0 || ctas_per_sm[i] <= 0)) continue;
-    const SplitPlan s = plan_splits(max_units, batch, kv_heads, sms, ctas_per_sm[i], warps[i]);
+    const SplitPlan s = plan_splits(max_units, batch, kv_heads, sms, ctas_per_sm[i], warps[i], tail_quarters);
     const long long places = 1LL * (ctas_per_sm[i] > 0 ? ctas_per_sm[i] : 1) * (sms > 0 ? sms : 1);
     const long long ctas = 1LL * s.splits * (batch > 0 ? batch : 1) * (kv_heads > 0 ? kv_heads : 1);
     if (i > 0 && 10 * ctas < 9 * places) continue;  // the first wave would leave SMs idle
     const long long waves = (ctas + places - 1) / places;
-    const int per_warp = (s.units_per_split + s.warps - 1) / s.warps;
-    const long long cost = waves * (1LL * per_warp * kBlockCost[i] + kCtaCost);
+    const long long cost = waves * (1LL * s.load_quarters * kBlockCost[i] + 4 * kCtaCost);  // in quarters
     if (best_cost < 0 || cost < best_cost) {
       best_cost = cost;
       best = s;

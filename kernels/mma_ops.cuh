@@ -2,6 +2,7 @@
 // kernels (kvcomp's fused kernel, the KIVI kernel, the fp16 flash baseline).
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
@@ -26,9 +27,31 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint4 a, uint32_t b0, u
   mma_16816(d, a.x, a.y, a.z, a.w, b0, b1);
 }
 
+/// The same with bf16 operands.
+__device__ __forceinline__ void mma_16816_bf16(float (&d)[4], uint4 a, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+}
+
+/// The fragment of an 8x8 matrix of 16-bit elements (lane 4 r + q holds row
+/// r, columns 2q, 2q + 1) turned into its transpose's (movmatrix): rows of
+/// memory become the columns an mma operand wants.
+__device__ __forceinline__ uint32_t transpose_8x8(uint32_t x) {
+  uint32_t y;
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
 /// Two floats as an fp16x2 register (round to nearest; `lo` in the low half).
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+/// Two floats as a bf16x2 register (round to nearest; `lo` in the low half).
+__device__ __forceinline__ uint32_t pack_bf162(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 

@@ -462,6 +462,7 @@ void Cache::Impl::attend(int layer, const std::vector<int>& seq_ids, const int* 
   fill_attend(layer, q, out, p);
   p.multi_query = 1;
   int max_units = 0, tiles = 0, max_rows = 0;
+  bool max_tail = false;  // a sequence of max_units ends in its tail
   for (size_t i = 0; i < seq_ids.size(); ++i) max_rows = std::max(max_rows, n_of(i) * G);
   const int tile_rows = detail::attention_tile_rows(D, max_rows);  // as launch_attention picks
   for (size_t i = 0; i < seq_ids.size(); ++i) {
@@ -478,16 +479,21 @@ void Cache::Impl::attend(int layer, const std::vector<int>& seq_ids, const int* 
     // The units its queries see (the window bounds them).
     const int hi_first = int(L - n + 1);
     const int blocks = host_closed(seq_ids[i], layer);
-    max_units = std::max(max_units,
-                         detail::unit_range(p.window > 0 ? hi_first - p.window : 0, int(L), p.sinks, T, blocks).count);
+    const int units =
+        detail::unit_range(p.window > 0 ? hi_first - p.window : 0, int(L), p.sinks, T, blocks).count;
+    const bool tail = L > int64_t(blocks) * T && units > 0;  // the rows see the last token: the tail's
+    if (units > max_units || (units == max_units && tail)) max_tail = tail;
+    max_units = std::max(max_units, units);
     tiles += (n * G + tile_rows - 1) / tile_rows;
   }
   // Lengths come from the device; the mirror bounds them (failures only make them shorter).
-  const auto plan = attend_plan(max_units, tiles, tile_rows);
+  const auto plan = attend_plan(max_units, max_tail, tiles, tile_rows);
   // The workspace holds part_splits splits for every query row of a call.
-  const int per = std::max(plan.units_per_split, (max_units + part_splits - 1) / part_splits);
+  const int cut = plan.tail_rides ? max_units - 1 : max_units;  // units the splits cut (AttendParams)
+  const int per = std::max(plan.units_per_split, (cut + part_splits - 1) / part_splits);
   p.units_per_split = per;
-  p.splits = std::max(1, (max_units + per - 1) / per);
+  p.splits = std::max(1, (cut + per - 1) / per);
+  p.tail_rides = plan.tail_rides ? 1 : 0;
   p.warps = plan.warps;
   p.batch = int(seq_ids.size());
   detail::launch_attention(q_type, D, G, p, stream);

@@ -65,11 +65,13 @@ struct Cache::Impl {
 
   /// The fused kernel's split and CTA size for `tiles` (sequence, row tile)
   /// items of up to `max_units` units, tiles of `tile_rows` rows.
-  detail::SplitPlan attend_plan(int max_units, int tiles, int tile_rows) const {
+  /// tail: the longest's last unit is its tail.
+  detail::SplitPlan attend_plan(int max_units, bool tail, int tiles, int tile_rows) const {
     const int t = tile_rows > detail::kMmaRows;
     int warps[3];
     for (int i = 0; i < 3; ++i) warps[i] = detail::fused_cta_warps(D, tile_rows, i);
-    return detail::plan_attention(max_units, tiles, H, sms, warps, ctas_per_sm[t]);
+    const int tail_q = tail ? detail::tail_cost_quarters(tail_layout().codes, int(cfg.dtype)) : 0;
+    return detail::plan_attention(max_units, tiles, H, sms, warps, ctas_per_sm[t], tail_q);
   }
 
   // Device state (kernels/pool_state.cuh).

@@ -36,10 +36,11 @@ DecodePlan Cache::make_plan(int batch, int tokens_per_slot) {
   auto p = std::make_unique<Impl::Plan>();
   p->batch = batch;
   p->tokens = tokens_per_slot;
-  // Splits for the longest sequences; shorter ones leave splits empty.
+  // Splits for the longest sequences; shorter ones leave splits empty. The lengths of a replay are unknown
+  // here: the tail is a unit of its own (AttendParams::tail_rides = 0).
   const int tile_rows = detail::attention_tile_rows(m.D, tokens_per_slot * m.G);
   const int tiles = batch * ((tokens_per_slot * m.G + tile_rows - 1) / tile_rows);
-  const auto split = m.attend_plan(m.max_blocks + 1, tiles, tile_rows);
+  const auto split = m.attend_plan(m.max_blocks + 1, false, tiles, tile_rows);
   p->splits = std::min(split.splits, m.part_splits);
   p->warps = split.warps;
   p->slots.allocate(batch, "plan slots");

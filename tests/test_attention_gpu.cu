@@ -1,5 +1,6 @@
 // Fused attention vs a CPU float64 attention over the reference-decoded K/V,
 // and vs uncompressed attention within the bound that the error bound implies.
+#include <algorithm>
 #include <cmath>
 #include <functional>
 #include <cstring>
@@ -29,7 +30,7 @@ void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int
                         int window = 0, int sinks = 0, const ErrorBound* bounds = nullptr,
                         Dist v_dist = Dist::Gaussian, const std::function<void(const Cache&)>& inspect = {},
                         TailFormat tail_format = TailFormat::Input, int max_rollback = 0,
-                        DType kv_type = DType::F16) {
+                        DType kv_type = DType::F16, float q_scale = 1.f) {
   Config cfg;
   cfg.tail_format = tail_format;
   cfg.max_rollback = max_rollback;
@@ -92,7 +93,9 @@ void run_attention_case(int H, int G, int D, DType q_type, const std::vector<int
   std::vector<int> n_q = queries.empty() ? std::vector<int>(B, 1) : queries, q_first(B, 0);
   for (int b = 1; b < B; ++b) q_first[b] = q_first[b - 1] + n_q[b - 1];
   const int rows = q_first[B - 1] + n_q[B - 1];
-  auto q = round_to(q_type, make_data(Dist::Gaussian, rows * Hq, D, seed + 99));
+  auto q_raw = make_data(Dist::Gaussian, rows * Hq, D, seed + 99);
+  for (float& x : q_raw) x *= q_scale;
+  auto q = round_to(q_type, q_raw);
   const auto qb = to_dtype_bytes(q_type, q);
   DevBuf<uint8_t> dq(qb.size()), dout(qb.size());
   dq.upload(qb);
@@ -226,6 +229,42 @@ TEST(AttentionGpu, Codes8TailsAroundBlockEdgesGroupsHeadDimsAndQueries) {
   if (HasFatalFailure()) return;
   run_attention_case(2, 3, 128, DType::F16, {37, 600}, seed + 7, true, 32, {}, 0, 0, nullptr, Dist::Gaussian, {}, c8,
                      0, DType::F32);
+}
+
+// Tails in the input's type are attended on tensor cores (kernels/tail_attention.cuh): fp16 and bf16 K/V,
+// every head_dim, 1 to 16 query heads (16: two row tiles), tails of 1 to 63 tokens around the chunk's 32,
+// causal multi-token queries and windows with sinks inside the tail, and queries too large for fp16 operands
+// (bf16 q at 2^16, up to ~27000 in the kernel's log2 units: fp16 operands hold q / 2^e).
+TEST(AttentionGpu, InputTailsInBothTypesHeadDimsGroupsAndMasks) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  const TailFormat in = TailFormat::Input;
+  for (DType kv : {DType::BF16, DType::F16}) {
+    SCOPED_TRACE(kv == DType::BF16 ? "bf16 K/V" : "fp16 K/V");
+    int i = 0;
+    for (int D : {64, 80, 96, 128, 256}) {
+      SCOPED_TRACE("D " + std::to_string(D));
+      run_attention_case(2, 4, D, DType::BF16, {1, 31, 32, 33, 95, 127}, seed + ++i, true, 64, {}, 0, 0, nullptr,
+                         Dist::Gaussian, {}, in, 0, kv);
+      if (HasFatalFailure()) return;
+    }
+    for (int G : {1, 7, 16}) {
+      SCOPED_TRACE("G " + std::to_string(G));
+      run_attention_case(2, G, 128, DType::F16, {63, 600}, seed + ++i, false, 64, {}, 0, 0, nullptr, Dist::Gaussian,
+                         {}, in, 0, kv);
+      if (HasFatalFailure()) return;
+    }
+    run_attention_case(2, 4, 128, DType::F16, {60, 700, 129}, seed + ++i, false, 64, {3, 16, 2}, 0, 0, nullptr,
+                       Dist::SkewedRows, {}, in, 0, kv);
+    if (HasFatalFailure()) return;
+    run_attention_case(2, 2, 128, DType::F16, {100, 1000}, seed + ++i, true, 128, {1, 4}, 40, 3, nullptr,
+                       Dist::Gaussian, {}, in, 0, kv);
+    if (HasFatalFailure()) return;
+    run_attention_case(2, 4, 128, DType::BF16, {50, 700}, seed + ++i, false, 64, {}, 0, 0, nullptr, Dist::Gaussian,
+                       {}, in, 0, kv, 65536.f);
+    if (HasFatalFailure()) return;
+  }
 }
 
 // Tails longer than a block (max_rollback = T = 128: up to 255 tokens, 8 chunks of 32): the chunks are spread
@@ -369,28 +408,45 @@ TEST(AttentionGpu, LargeCtasAtFullLoad) {
   CUDA_OK(cudaGetDevice(&dev));
   CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   const std::vector<int> batch8 = {4096, 4000, 3969, 4161, 4033, 4100, 3900, 4097}, one = {32768 + 37};
+  // ride8's longest, 4159 tokens, is 64 blocks and a tail: the plan cuts the blocks into 2 splits of 2 blocks
+  // a warp and the tail rides with the last (AttendParams::tail_rides); as a unit of its own it would give
+  // split 0's warps a third block (batch8's 4161 tokens are 65 blocks and one token: no gain in riding).
+  const std::vector<int> ride8 = {4159, 4000, 3969, 4100, 4033, 4096, 3900, 4097};
   struct Case {
     int D, G;
     const std::vector<int>* lengths;
     int size;  // the CTA size expected on an H100 (fused_cta_warps index)
     DType q_type;
+    bool rides = false;  // the plan expected on an H100 (AttendParams::tail_rides)
+    TailFormat tail = TailFormat::Input;
   };
   const Case cases[] = {{128, 4, &batch8, 2, DType::F16}, {128, 4, &one, 1, DType::F16}, {64, 4, &batch8, 2, DType::F16},
                         {96, 4, &batch8, 2, DType::F16},  {256, 4, &batch8, 2, DType::F16}, {128, 16, &batch8, 2, DType::F16},
-                        {128, 4, &batch8, 2, DType::BF16}};
+                        {128, 4, &batch8, 2, DType::BF16}, {128, 4, &ride8, 2, DType::F16, true},
+                        {128, 7, &ride8, 2, DType::BF16, true}, {128, 4, &ride8, 2, DType::F16, false, TailFormat::Codes8},
+                        {256, 4, &ride8, 2, DType::F16}};
+  // Not riding: a Codes8 tail on CUDA cores costs a block (a third block is no worse); at D = 256 (12 warps
+  // a CTA) 2 splits of 3 blocks a warp either way.
   for (const Case& c : cases) {
-    const int rows = detail::attention_tile_rows(c.D, c.G), longest = (*c.lengths)[3 % c.lengths->size()];
+    const int rows = detail::attention_tile_rows(c.D, c.G);
+    const int longest = *std::max_element(c.lengths->begin(), c.lengths->end());
     int warps[3], ctas[3];
     for (int i = 0; i < 3; ++i) {
       warps[i] = detail::fused_cta_warps(c.D, rows, i);
       ctas[i] = warps[i] > 0 ? detail::attention_ctas_per_sm(c.D, c.G, rows, warps[i]) : 0;
     }
-    const int w = detail::plan_attention(longest / 64 + 1, int(c.lengths->size()) * ((c.G + rows - 1) / rows), 8,
-                                         sms, warps, ctas).warps;
+    const int tail_q = longest % 64 ? detail::tail_cost_quarters(c.tail == TailFormat::Codes8, 0) : 0;
+    const detail::SplitPlan plan = detail::plan_attention(
+        (longest + 63) / 64, int(c.lengths->size()) * ((c.G + rows - 1) / rows), 8, sms, warps, ctas, tail_q);
     SCOPED_TRACE("D " + std::to_string(c.D) + " G " + std::to_string(c.G) + " batch " +
-                 std::to_string(c.lengths->size()) + ": CTAs of " + std::to_string(w) + " warps");
-    if (sms == 132) EXPECT_EQ(w, warps[c.size]);  // the H100 the plan's constants were measured on
-    run_attention_case(8, c.G, c.D, c.q_type, *c.lengths, seed + c.D + c.G, true);
+                 std::to_string(c.lengths->size()) + ": CTAs of " + std::to_string(plan.warps) + " warps" +
+                 (plan.tail_rides ? ", the tail riding" : ""));
+    if (sms == 132) {  // the H100 the plan's constants were measured on
+      EXPECT_EQ(plan.warps, warps[c.size]);
+      EXPECT_EQ(plan.tail_rides, c.rides);
+    }
+    run_attention_case(8, c.G, c.D, c.q_type, *c.lengths, seed + c.D + c.G, true, 64, {}, 0, 0, nullptr,
+                       Dist::Gaussian, {}, c.tail);
     if (HasFatalFailure()) return;
   }
 }

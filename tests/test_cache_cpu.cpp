@@ -169,6 +169,65 @@ TEST(AttentionSplits, PlanCoversTheUnitsAndMinimizesWavesTimesWork) {
   EXPECT_EQ(detail::plan_splits(17, 1, 8, 132, 4).splits, 5);  // 1k x 1: a block a warp
 }
 
+// The fused kernel's cut of a sequence's units (kernels/attention.cuh): every
+// block once, the tail once, and the busiest warp's work as split_load (the
+// plan's model) says, with the tail as a unit of its own or riding with the
+// last block's split.
+TEST(AttentionSplits, TailRidesWithTheLastBlocksSplitWhereThatKeepsABlockOffTheBusiestWarps) {
+  // The kernel's rule, unit by unit: which warp of which split attends each block and the tail.
+  auto kernel_load = [](int blocks, bool tail, bool rides, int ups, int splits, int warps, int tail_q) {
+    const int count = blocks + (tail ? 1 : 0), v_tail = count - 1;
+    const int cut = rides && tail ? v_tail : count;
+    const int per = std::max(ups, (cut + splits - 1) / splits);
+    long long worst = 0;
+    int blocks_seen = 0, tails_seen = 0;
+    for (int split = 0; split < splits; ++split) {
+      const int v_begin = split * per, v_end = std::min(cut, v_begin + per);
+      const bool tail_here =
+          tail && (cut == v_tail ? split == std::max(0, v_tail - 1) / per : v_tail >= v_begin && v_tail < v_end);
+      const int v_blocks_end = std::min(v_end, tail ? v_tail : count);
+      std::vector<long long> load(warps, 0);
+      for (int v = v_begin; v < v_blocks_end; ++v, ++blocks_seen) load[(v - v_begin) % warps] += 4;
+      if (tail_here) {
+        load[(v_tail - v_begin) % warps] += tail_q;
+        ++tails_seen;
+      }
+      worst = std::max(worst, *std::max_element(load.begin(), load.end()));
+    }
+    EXPECT_EQ(blocks_seen, blocks);
+    EXPECT_EQ(tails_seen, tail ? 1 : 0);
+    return worst;
+  };
+  std::mt19937 rng(5);
+  for (int trial = 0; trial < 20000; ++trial) {
+    const int blocks = int(rng() % (trial % 2 ? 40 : 3000)), warps = 4 << (rng() % 3);
+    const bool tail = blocks == 0 || rng() % 4 != 0, rides = rng() % 2;
+    const int ups = warps * (1 + int(rng() % 64)), tail_q = 1 + int(rng() % 6);
+    const detail::SplitLoad s = detail::split_load(blocks, tail, rides, ups, warps, tail_q);
+    ASSERT_EQ(s.quarters, kernel_load(blocks, tail, rides, ups, s.splits, warps, tail_q))
+        << blocks << " blocks, tail " << tail << ", rides " << rides << ", " << ups << " a split of " << warps;
+    if (HasFailure()) return;
+  }
+  // 32831 x 8 (512 blocks and a tail, 16-warp CTAs on 132 SMs): 2 splits of 16 blocks a warp, the tail with
+  // the second; as a unit of its own, 2 splits of 17 a warp (3 of 16 would take two waves).
+  const detail::SplitPlan ride = detail::plan_splits(513, 8, 8, 132, 1, 16, 1);
+  EXPECT_TRUE(ride.tail_rides);
+  EXPECT_EQ(ride.units_per_split, 256);
+  EXPECT_EQ(ride.splits, 2);
+  EXPECT_EQ(ride.load_quarters, 65);
+  const detail::SplitPlan own = detail::plan_splits(513, 8, 8, 132, 1, 16, 0);
+  EXPECT_FALSE(own.tail_rides);
+  EXPECT_EQ(own.units_per_split, 272);
+  // A tail on CUDA cores (Codes8: a little more than a block) stays a unit of its own.
+  EXPECT_FALSE(detail::plan_splits(513, 8, 8, 132, 1, 16, detail::tail_cost_quarters(true, 0)).tail_rides);
+  // 4159 x 8: 2 blocks a warp instead of 3; 4159 x 1: the tail in a CTA of its own beside the blocks' (the chip
+  // has room), not after a block.
+  EXPECT_TRUE(detail::plan_splits(65, 8, 8, 132, 1, 16, 1).tail_rides);
+  EXPECT_EQ(detail::plan_splits(65, 8, 8, 132, 1, 16, 1).units_per_split, 32);
+  EXPECT_FALSE(detail::plan_splits(65, 1, 8, 132, 4, 4, 1).tail_rides);
+  EXPECT_EQ(detail::plan_splits(65, 1, 8, 132, 4, 4, 1).splits, 17);
+}
+
 // The CTA size (kernels/attention_params.cuh, plan_attention): larger CTAs
 // only where their first wave fills the chip, and each choice is a plan of
 // plan_splits for that size, cheapest by the stated cost.
