@@ -1,8 +1,8 @@
 // Fused decode attention straight from compressed blocks (format v3).
 //
 // grid (splits, kv_heads x row tiles, batch); each CTA takes a range of
-// `units` (token blocks, plus the uncompressed tail as the last unit, or with
-// AttendParams::tail_rides after the last split's blocks) of one
+// `units` (token blocks, plus the uncompressed tail as the last unit, or
+// after the last split's blocks where tail_rides() says so) of one
 // sequence and one KV head, for a tile of 8 mma rows: (query token, query
 // head) pairs of that KV head (GQA and multi-token queries share one decode
 // of a block among 8 rows; more rows take more tiles, each decoding again).
@@ -150,13 +150,15 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
   const UnitRange range = unit_range(row_of(0).y, row_of(group - 1).z, p.sinks, T, nblocks);
   const int v_tail = range.count - 1;  // the tail is the last unit, when the rows see it
   const bool has_tail = tail > 0 && v_tail >= 0 && range.unit(v_tail) == nblocks;
-  // The units the splits cut: all, or (tail_rides) the blocks, the tail then going with the last block's split.
-  const int cut = p.tail_rides && has_tail ? v_tail : range.count;
+  // The units the splits cut: all, or the blocks, the tail then going with the last block's split (tail_rides).
+  const bool rides = has_tail && tail_rides(v_tail, p.units_per_split, p.splits, kWarps,
+                                            tail_cost_quarters(p.tail_codes != 0, p.tail_dtype));
+  const int cut = rides ? v_tail : range.count;
   const int per = max(p.units_per_split, (cut + p.splits - 1) / p.splits);
   const int v_begin = split * per;  // virtual units (range.unit maps them to blocks)
   const int v_end = min(cut, v_begin + per);
   const bool tail_here =
-      has_tail && (cut == v_tail ? split == max(0, v_tail - 1) / per : v_tail >= v_begin && v_tail < v_end);
+      has_tail && (rides ? split == max(0, v_tail - 1) / per : v_tail >= v_begin && v_tail < v_end);
   // The block loop reads the rows' bounds and its range from shared memory
   // (registers are full there; masks are rare).
   __shared__ int2 row_bounds[kR];  // (lo, hi)

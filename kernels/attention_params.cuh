@@ -55,10 +55,6 @@ struct AttendParams {
   int32_t max_blocks;
   int32_t units_per_split;        // at least; a sequence of u units takes max(this, ceil(u / splits)) per split
   int32_t splits;
-  // 0: the tail is a unit of its own (after the blocks, in the split where the cut puts it). 1: only the
-  // blocks are cut into splits and the tail goes with the last block's split, after that split's blocks
-  // (plan_splits: where that keeps a block off the busiest warps).
-  int32_t tail_rides;
   int32_t warps;                  // warps per CTA: one of fused_cta_warps() (else 4 are launched)
   float scale_log2;               // softmax scale * log2(e)
   int32_t tail_dtype;
@@ -124,23 +120,24 @@ struct SplitPlan {
   int units_per_split;
   int splits;
   int warps = kAttnWarps;  // per CTA
-  bool tail_rides = false;  // AttendParams::tail_rides
+  bool tail_rides = false;  // the longest's tail rides with its last block's split (tail_rides())
   int load_quarters = 0;    // the busiest warp's work, in quarters of a block
 };
 
 /// How a sequence of `blocks` blocks (and a tail, if `tail`) is cut into
-/// splits of `per` units (`warps` x units a warp) and what its busiest warp
-/// does, in quarters of a block (the tail costs tail_quarters): the fused
-/// kernel's rule. rides: the tail goes after the last split's blocks instead
-/// of being cut with them.
+/// splits of `per` units and what the busiest of a CTA's `warps` warps does,
+/// in quarters of a block (the tail costs tail_quarters): the fused kernel's
+/// rule. rides: the tail goes after the last split's blocks instead of being
+/// cut with them.
 struct SplitLoad {
   int splits;
   long long quarters;
 };
-inline SplitLoad split_load(int blocks, bool tail, bool rides, int per, int warps, int tail_quarters) {
+__host__ __device__ inline SplitLoad split_load(int blocks, bool tail, bool rides, int per, int warps,
+                                                int tail_quarters) {
   const int units = blocks + (tail && !rides ? 1 : 0);
   const int splits = units > 0 ? (units + per - 1) / per : 1;
-  long long q = splits > 1 ? 4LL * (per / warps) : 0;  // a full split: per / warps units each
+  long long q = splits > 1 ? 4LL * ((per + warps - 1) / warps) : 0;  // a full split
   const int last = units - (splits - 1) * per;          // units of the last split
   const int i = tail && !rides ? last - 1 : last;       // its blocks; the tail's warp has i / warps of them
   q = q > 4LL * ((i + warps - 1) / warps) ? q : 4LL * ((i + warps - 1) / warps);
@@ -174,7 +171,21 @@ constexpr int kCtaCostQuarters = 5;
 /// 4159 x 8 riding: 58.8 us, 4096 x 8: ~55.5), Codes8 and fp32 rows on CUDA
 /// cores, a little more than a block (32831 x 8 with Codes8: 380.0 us riding,
 /// 374.2 as a unit of its own; H100, bench/RESULTS.md).
-inline int tail_cost_quarters(bool codes, int dtype) { return !codes && (dtype == 0 || dtype == 1) ? 1 : 5; }
+__host__ __device__ inline int tail_cost_quarters(bool codes, int dtype) {
+  return !codes && (dtype == 0 || dtype == 1) ? 1 : 5;
+}
+
+/// Whether the fused kernel sends a sequence's tail with its last block's
+/// split (after that split's blocks) instead of cutting it with the blocks as
+/// a unit of its own: where that makes the busiest warp's work smaller
+/// (split_load), given what the launch fixes (at least `ups` units a split,
+/// `splits` splits, `warps` a CTA). Decided per sequence on the device, so
+/// CUDA-graph replays (whose lengths the plan does not know) ride too.
+__host__ __device__ inline bool tail_rides(int blocks, int ups, int splits, int warps, int tail_quarters) {
+  auto per_for = [&](int units) { return ups > (units + splits - 1) / splits ? ups : (units + splits - 1) / splits; };
+  return split_load(blocks, true, true, per_for(blocks), warps, tail_quarters).quarters <
+         split_load(blocks, true, false, per_for(blocks + 1), warps, tail_quarters).quarters;
+}
 
 /// Flash-decoding split of `max_units` units (blocks and the tail) of each of
 /// `batch` x `kv_heads` work items (a row tile of a sequence's KV head) into
@@ -186,9 +197,9 @@ inline int tail_cost_quarters(bool codes, int dtype) { return !codes && (dtype =
 /// for 528 places, were 2.06 waves). At least one unit per warp.
 /// tail_quarters > 0: the longest sequence's last unit is its tail, which
 /// costs that many quarters of a block; the plan then also weighs the tail
-/// riding with the last block's split (split_load): at 32k x 8 (512 blocks
-/// and a tail in 2 splits of 16-warp CTAs) the tail as a unit of its own
-/// gives every warp of split 0 a 17th block, riding it gives 16.
+/// riding with the last block's split (split_load, tail_rides): at 32k x 8
+/// (512 blocks and a tail in 2 splits of 16-warp CTAs) the tail as a unit of
+/// its own gives every warp of split 0 a 17th block, riding it gives 16.
 inline SplitPlan plan_splits(int max_units, int batch, int kv_heads, int sms, int ctas_per_sm = 2,
                              int warps = kAttnWarps, int tail_quarters = 0) {
   if (max_units <= 0) return {1, 1, warps};

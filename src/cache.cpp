@@ -489,11 +489,10 @@ void Cache::Impl::attend(int layer, const std::vector<int>& seq_ids, const int* 
   // Lengths come from the device; the mirror bounds them (failures only make them shorter).
   const auto plan = attend_plan(max_units, max_tail, tiles, tile_rows);
   // The workspace holds part_splits splits for every query row of a call.
-  const int cut = plan.tail_rides ? max_units - 1 : max_units;  // units the splits cut (AttendParams)
+  const int cut = plan.tail_rides ? max_units - 1 : max_units;  // the units the splits cut (detail::tail_rides)
   const int per = std::max(plan.units_per_split, (cut + part_splits - 1) / part_splits);
   p.units_per_split = per;
   p.splits = std::max(1, (cut + per - 1) / per);
-  p.tail_rides = plan.tail_rides ? 1 : 0;
   p.warps = plan.warps;
   p.batch = int(seq_ids.size());
   detail::launch_attention(q_type, D, G, p, stream);

@@ -37,7 +37,7 @@ DecodePlan Cache::make_plan(int batch, int tokens_per_slot) {
   p->batch = batch;
   p->tokens = tokens_per_slot;
   // Splits for the longest sequences; shorter ones leave splits empty. The lengths of a replay are unknown
-  // here: the tail is a unit of its own (AttendParams::tail_rides = 0).
+  // here: the kernel decides per sequence whether its tail rides with its last block's split (tail_rides).
   const int tile_rows = detail::attention_tile_rows(m.D, tokens_per_slot * m.G);
   const int tiles = batch * ((tokens_per_slot * m.G + tile_rows - 1) / tile_rows);
   const auto split = m.attend_plan(m.max_blocks + 1, false, tiles, tile_rows);

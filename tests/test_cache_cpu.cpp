@@ -184,7 +184,7 @@ TEST(AttentionSplits, TailRidesWithTheLastBlocksSplitWhereThatKeepsABlockOffTheB
     for (int split = 0; split < splits; ++split) {
       const int v_begin = split * per, v_end = std::min(cut, v_begin + per);
       const bool tail_here =
-          tail && (cut == v_tail ? split == std::max(0, v_tail - 1) / per : v_tail >= v_begin && v_tail < v_end);
+          tail && (rides ? split == std::max(0, v_tail - 1) / per : v_tail >= v_begin && v_tail < v_end);
       const int v_blocks_end = std::min(v_end, tail ? v_tail : count);
       std::vector<long long> load(warps, 0);
       for (int v = v_begin; v < v_blocks_end; ++v, ++blocks_seen) load[(v - v_begin) % warps] += 4;
@@ -202,11 +202,20 @@ TEST(AttentionSplits, TailRidesWithTheLastBlocksSplitWhereThatKeepsABlockOffTheB
   for (int trial = 0; trial < 20000; ++trial) {
     const int blocks = int(rng() % (trial % 2 ? 40 : 3000)), warps = 4 << (rng() % 3);
     const bool tail = blocks == 0 || rng() % 4 != 0, rides = rng() % 2;
-    const int ups = warps * (1 + int(rng() % 64)), tail_q = 1 + int(rng() % 6);
+    // The plan's splits of `ups` units (a multiple of the warps, or not: the kernel's max(ups, ceil(u / splits))).
+    const int ups = trial % 3 ? warps * (1 + int(rng() % 64)) : 1 + int(rng() % 300), tail_q = 1 + int(rng() % 6);
     const detail::SplitLoad s = detail::split_load(blocks, tail, rides, ups, warps, tail_q);
     ASSERT_EQ(s.quarters, kernel_load(blocks, tail, rides, ups, s.splits, warps, tail_q))
         << blocks << " blocks, tail " << tail << ", rides " << rides << ", " << ups << " a split of " << warps;
     if (HasFailure()) return;
+    // The kernel's choice for a launch of `splits` splits (CUDA-graph plans fix them for the longest possible
+    // sequence): riding only where its busiest warp does less.
+    if (!tail) continue;
+    const int splits = (blocks + 1 + ups - 1) / ups + int(rng() % 3);
+    const long long own = kernel_load(blocks, true, false, ups, splits, warps, tail_q);
+    const long long ride = kernel_load(blocks, true, true, ups, splits, warps, tail_q);
+    ASSERT_EQ(detail::tail_rides(blocks, ups, splits, warps, tail_q), ride < own)
+        << blocks << " blocks, " << ups << " a split of " << warps << ", " << splits << " splits";
   }
   // 32831 x 8 (512 blocks and a tail, 16-warp CTAs on 132 SMs): 2 splits of 16 blocks a warp, the tail with
   // the second; as a unit of its own, 2 splits of 17 a warp (3 of 16 would take two waves).
