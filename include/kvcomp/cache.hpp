@@ -194,8 +194,9 @@ struct Config {
   /// rotated vector. Non-finite values keep their class (-Inf, +Inf, NaN).
   /// On the tiny Llama at 1k tokens (bench/RESULTS.md) Codes8 stores 12-13%
   /// fewer bytes at the same perplexity (eb 0.1: 659.7 vs 748.3 B/token,
-  /// +0.484% vs +0.478%); a full open tail (63 tokens) costs +1.8 us of
-  /// attention at 1k x 1, +1% at 32k x 8. Not the default: its error
+  /// +0.484% vs +0.478%); its tail is attended on CUDA cores, an fp16/bf16
+  /// tail on tensor cores (H100, a full open tail of 63 tokens: the same at
+  /// 1087 x 1, 26 us; 380 vs 360 us at 32831 x 8). Not the default: its error
   /// does not shrink with the bound (tight bounds, e.g. 0.001, would get the
   /// per-vector half step on top), and a channel far from its vector's range
   /// can see more than its own K bound.
