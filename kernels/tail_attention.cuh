@@ -6,10 +6,12 @@
 // its partial rows ([R][D + 2]: acc, max, sum).
 //
 // fp16 and bf16 rows go on tensor cores (attend_tail_mma), as a block's
-// codes do: a chunk is ~70 loads and ~100 mmas a lane. At full load the
-// tail's warps finish last while the CTA's others wait, so its latency is in
-// every call (bench/RESULTS.md: a 63-token tail cost 15-20 us at 32k x 8 on
-// CUDA cores). Codes8 and fp32 rows take the CUDA-core path (attend_tail_rows).
+// codes do: a chunk is ~70 loads and ~100 mmas a lane, about a quarter of a
+// block's time, so the split plan can put the tail after a split's blocks
+// rather than give it a unit of its own that would add a block to the
+// busiest warps (tail_rides, attention_params.cuh; bench/RESULTS.md: 32831 x
+// 8 373 -> 359 us). Codes8 and fp32 rows take the CUDA-core path
+// (attend_tail_rows), about a block's time a chunk.
 #pragma once
 
 #include <cuda_bf16.h>
