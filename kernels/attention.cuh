@@ -507,14 +507,9 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
         float cmax = -INFINITY;
 #pragma unroll
         for (int n = 0; n < 4; ++n) cmax = fmaxf(cmax, fmaxf(s[t][n][0], s[t][n][1]));
-        cmax = fmaxf(cmax, __shfl_xor_sync(0xFFFFFFFFu, cmax, 1));
-        cmax = fmaxf(cmax, __shfl_xor_sync(0xFFFFFFFFu, cmax, 2));
-        // A row that has seen only masked tokens keeps m = -inf; it subtracts 0 instead (p = 0, corr = 0:
-        // its sums are 0), as -inf - -inf would be NaN.
-        const float m_new = fmaxf(m[t], cmax);
-        const float m_sub = m_new == -INFINITY ? 0.f : m_new;
-        const float corr = exp2f(m[t] - m_sub);
-        m[t] = m_new;
+        const QuadSoftmaxStep step = quad_softmax_step(m[t], cmax);
+        const float m_sub = step.sub, corr = step.scale;
+        m[t] = step.max;
         l[t] *= corr;
         pmin[t] *= corr;
         // o[t] holds rows 8 t + 2 quad and + 1, whose quads are lanes 8 quad and 8 quad + 4.

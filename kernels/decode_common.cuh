@@ -70,6 +70,23 @@ struct SoftmaxAcc {
   }
 };
 
+/// One chunk's step of the online softmax of a row whose scores a quad of
+/// lanes holds (the mma's score layout): the quad's max of `cmax` and the
+/// running max m give the new max, the factor the row's sums so far are
+/// scaled by, and what p = exp2(s - sub) subtracts. A row that has seen only
+/// masked tokens keeps max = -inf; it subtracts 0 instead (p = 0, factor 0:
+/// its sums are 0), as -inf - -inf would be NaN.
+struct QuadSoftmaxStep {
+  float max, scale, sub;
+};
+__device__ __forceinline__ QuadSoftmaxStep quad_softmax_step(float m, float cmax) {
+  cmax = fmaxf(cmax, __shfl_xor_sync(0xFFFFFFFFu, cmax, 1));
+  cmax = fmaxf(cmax, __shfl_xor_sync(0xFFFFFFFFu, cmax, 2));
+  const float m_new = fmaxf(m, cmax);
+  const float m_sub = m_new == -INFINITY ? 0.f : m_new;
+  return {m_new, exp2f(m - m_sub), m_sub};
+}
+
 /// One output element d merged over a CTA's warps: row(w) points to warp w's
 /// partial row [acc[0..D), max, sum] (max in log2 units, -inf when the warp
 /// saw no token); each warp weighs exp2(its max - the max).

@@ -248,13 +248,9 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
           s[n8][i] = seen ? (sc[t][n8][i] + sc[t][n8][i + 2]) * s_scale : -INFINITY;
           cmax = fmaxf(cmax, s[n8][i]);
         }
-      cmax = fmaxf(cmax, __shfl_xor_sync(0xFFFFFFFFu, cmax, 1));
-      cmax = fmaxf(cmax, __shfl_xor_sync(0xFFFFFFFFu, cmax, 2));
-      // A row that has seen only masked tokens keeps m = -inf and subtracts 0 (p = 0, corr = 0).
-      const float m_new = fmaxf(m[t], cmax);
-      const float m_sub = m_new == -INFINITY ? 0.f : m_new;
-      const float corr = exp2f(m[t] - m_sub);
-      m[t] = m_new;
+      const QuadSoftmaxStep step = quad_softmax_step(m[t], cmax);
+      const float m_sub = step.sub, corr = step.scale;
+      m[t] = step.max;
       l[t] *= corr;
       // o[t] holds rows 8 t + 2 quad and + 1, whose quads are lanes 8 quad and 8 quad + 4.
       corr_a[t] = __shfl_sync(0xFFFFFFFFu, corr, 8 * quad);
