@@ -39,13 +39,14 @@ struct TailArgs {
   int stride;   // tokens between this warp's chunks (32 x the CTA's warps)
 };
 
-/// Weights of a partial row's two parts under their joint max: the warp's
-/// blocks (the row's max so far, at rg[D]) and the tail (its max m_tail).
+/// A partial row's two parts under their joint max mx: the weights of the
+/// warp's blocks (the row's max so far, at rg[D]) and of the tail (its max
+/// m_tail).
 struct TailFold {
-  float fw, ft;
+  float fw, ft, mx;
   __device__ static TailFold of(const float* rg, int D, float m_tail) {
     const float mw = rg[D], mx = fmaxf(mw, m_tail);
-    return {mw == -INFINITY ? 0.f : exp2f(mw - mx), m_tail == -INFINITY ? 0.f : exp2f(m_tail - mx)};
+    return {mw == -INFINITY ? 0.f : exp2f(mw - mx), m_tail == -INFINITY ? 0.f : exp2f(m_tail - mx), mx};
   }
 };
 
@@ -94,12 +95,12 @@ __device__ __noinline__ void attend_tail_rows(const TailArgs a, const float* q_s
     float* rg = rows + g * (D + 2);
     const float lt = warp_sum(st.l[g]);
     const TailFold f = TailFold::of(rg, D, st.m[g]);
-    const float lw = rg[D + 1], mx = fmaxf(rg[D], st.m[g]);
+    const float lw = rg[D + 1];
     __syncwarp();
 #pragma unroll
     for (int j = 0; j < SoftmaxAcc<D, kRows>::kPerLane; ++j)
       if (D % 32 == 0 || lane + 32 * j < D) rg[lane + 32 * j] = rg[lane + 32 * j] * f.fw + st.acc[g][j] * f.ft;
-    if (lane == 0) { rg[D] = mx; rg[D + 1] = lw * f.fw + lt * f.ft; }
+    if (lane == 0) { rg[D] = f.mx; rg[D + 1] = lw * f.fw + lt * f.ft; }
   }
 }
 
@@ -314,13 +315,13 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
     l[t] += __shfl_xor_sync(0xFFFFFFFFu, l[t], 2);
     float* rg = rows + (8 * t + row) * (D + 2);
     const TailFold f = TailFold::of(rg, D, m[t]);
-    const float lw = rg[D + 1], mx = fmaxf(rg[D], m[t]);
+    const float lw = rg[D + 1];
     const float fw_a = __shfl_sync(0xFFFFFFFFu, f.fw, 8 * quad), ft_a = __shfl_sync(0xFFFFFFFFu, f.ft, 8 * quad);
     const float fw_b = __shfl_sync(0xFFFFFFFFu, f.fw, 8 * quad + 4);
     const float ft_b = __shfl_sync(0xFFFFFFFFu, f.ft, 8 * quad + 4);
     __syncwarp();  // every quad has read its row's max and sum
     if (quad == 0) {
-      rg[D] = mx;
+      rg[D] = f.mx;
       rg[D + 1] = lw * f.fw + l[t] * f.ft;
     }
     const int ch = 4 * (row / 2) + row % 2;
