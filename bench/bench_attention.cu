@@ -269,9 +269,11 @@ void sweep_args(benchmark::internal::Benchmark* b) {
   // Config::tail_format = Codes8 against the default (Input) where the open tail is longest (63 tokens).
   for (const auto& nb : std::vector<std::pair<int, int>>{{1087, 1}, {1087, 8}, {32831, 8}})
     for (int var : {kKvcomp, kKvcompCodes8}) b->Args({nb.first, nb.second, var, 4, 128});
-  // More contexts with a 63-token tail: what the tail costs at full load and at batch 1 (bench/RESULTS.md).
+  // More contexts with a 63-token tail: what the tail costs at full load and at batch 1 (bench/RESULTS.md);
+  // Codes8 at full load, where the tail rides with the last split's blocks or adds a block.
   for (const auto& nb : std::vector<std::pair<int, int>>{{4159, 1}, {4159, 8}, {16447, 8}, {32831, 1}, {131135, 1}})
     b->Args({nb.first, nb.second, kKvcomp, 4, 128});
+  for (int n : {4159, 16447}) b->Args({n, 8, kKvcompCodes8, 4, 128});
 }
 
 }  // namespace

@@ -167,12 +167,14 @@ constexpr int fused_cta_warps(int D, int tile_rows, int i) {
 constexpr int kCtaCostQuarters = 5;
 
 /// What a tail costs the warp that attends it, in quarters of a block
-/// (plan_splits): fp16/bf16 rows go on tensor cores (kernels/tail_attention.cuh;
-/// 4159 x 8 riding: 58.8 us, 4096 x 8: ~55.5), Codes8 and fp32 rows on CUDA
-/// cores, a little more than a block (32831 x 8 with Codes8: 380.0 us riding,
+/// (plan_splits): fp16/bf16 rows and Codes8 rows with fp16/bf16 params go on
+/// tensor cores (kernels/tail_attention.cuh; 4159 x 8 riding: 58.8 us, 4096 x
+/// 8: ~55.5), fp32 rows and Codes8 rows with fp32 params on CUDA cores, a
+/// little more than a block (32831 x 8 with Codes8 there: 380.0 us riding,
 /// 374.2 as a unit of its own; H100, bench/RESULTS.md).
-__host__ __device__ inline int tail_cost_quarters(bool codes, int dtype) {
-  return !codes && (dtype == 0 || dtype == 1) ? 1 : 5;
+/// The tail's type (its elements', or its Codes8 params') decides the path.
+__host__ __device__ inline int tail_cost_quarters(int dtype) {
+  return dtype == 0 || dtype == 1 ? 1 : 5;
 }
 
 /// Whether the fused kernel sends a sequence's tail with its last block's

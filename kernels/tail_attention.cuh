@@ -5,12 +5,13 @@
 // chunks over its warps after their blocks; each warp folds its chunks into
 // its partial rows ([R][D + 2]: acc, max, sum).
 //
-// fp16 and bf16 rows go on tensor cores (attend_tail_mma), as a block's
-// codes do: a chunk is ~70 loads and ~100 mmas a lane, about a quarter of a
-// block's time, so the split plan can put the tail after a split's blocks
-// rather than give it a unit of its own that would add a block to the
-// busiest warps (tail_rides, attention_params.cuh; bench/RESULTS.md: 32831 x
-// 8 373 -> 359 us). Codes8 and fp32 rows take the CUDA-core path
+// fp16 and bf16 rows, and Codes8 rows with fp16 or bf16 params, go on tensor
+// cores (attend_tail_mma), as a block's codes do: a chunk is ~70 loads and
+// ~100 mmas a lane, about a quarter of a block's time, so the split plan can
+// put the tail after a split's blocks rather than give it a unit of its own
+// that would add a block to the busiest warps (tail_rides,
+// attention_params.cuh; bench/RESULTS.md: 32831 x 8 373 -> 359 us). fp32
+// rows and Codes8 rows with fp32 params take the CUDA-core path
 // (attend_tail_rows), about a block's time a chunk.
 #pragma once
 
@@ -131,25 +132,71 @@ __device__ __forceinline__ void split_pair(float x0, float x1, uint32_t& hi, uin
   lo = MmaType<E>::pack(x0 - MmaType<E>::low(hi), x1 - MmaType<E>::high(hi));
 }
 
-/// The tail's chunks of one warp on tensor cores (rows of E = fp16 or bf16),
-/// all kTiles x 8 rows of the CTA, folded into `rows` as attend_tail_rows.
+/// A Codes8 row's 4 codes (channels c .. c + 3, one byte each) as fp16
+/// integers, two to a register in the layout of 4 fp16 elements: exact
+/// (0x6400 | code is 1024 + code). Codes above 252 (-Inf, +Inf, NaN: any
+/// flagged by special_codes) need codes_as_half_special.
+__device__ __forceinline__ uint2 codes_as_half(uint32_t w) {
+  const __half2 k1024 = __half2half2(__ushort_as_half(0x6400));
+  const uint32_t a = __byte_perm(w, 0x64u, 0x4140), b = __byte_perm(w, 0x64u, 0x4342);
+  const __half2 ha = __hsub2(*reinterpret_cast<const __half2*>(&a), k1024);
+  const __half2 hb = __hsub2(*reinterpret_cast<const __half2*>(&b), k1024);
+  return make_uint2(*reinterpret_cast<const uint32_t*>(&ha), *reinterpret_cast<const uint32_t*>(&hb));
+}
+/// Non-zero where a byte of w is above 252 (byte >= 128 and its low 7 bits + 3 >= 128).
+__device__ __forceinline__ uint32_t special_codes(uint32_t w) {
+  return w & ((w & 0x7F7F7F7Fu) + 0x03030303u) & 0x80808080u;
+}
+/// codes_as_half with the non-finite codes as fp16 -Inf, +Inf and NaN (the
+/// mma then carries them as the CUDA-core path's fp32 arithmetic would).
+__device__ __forceinline__ uint2 codes_as_half_special(uint32_t w) {
+  uint32_t h[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t c = (w >> (8 * i)) & 0xFFu;
+    h[i] = c == format::kTailNaN      ? 0x7E00u
+           : c == format::kTailPosInf ? 0x7C00u
+           : c == format::kTailNegInf ? 0xFC00u
+                                      : uint32_t(__half_as_ushort(__uint2half_rn(c)));
+  }
+  return make_uint2(h[0] | h[1] << 16, h[2] | h[3] << 16);
+}
+/// A Codes8 row's lo and step (fp16 or bf16 params, `dtype`), from their 4 bytes.
+__device__ __forceinline__ float2 code_params(uint32_t w, int dtype) {
+  if (dtype == kTailBF16) return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xFFFF0000u));
+  return make_float2(__half2float(__ushort_as_half(uint16_t(w))), __half2float(__ushort_as_half(uint16_t(w >> 16))));
+}
+
+/// The tail's chunks of one warp on tensor cores, all kTiles x 8 rows of the
+/// CTA, folded into `rows` as attend_tail_rows. Rows of E = fp16 or bf16, or
+/// (kCodes, E = fp16: the mma's type) Codes8 rows with fp16 or bf16 params.
 /// Operands as for a block (attention.cuh), with the channels of each 16
-/// permuted so that a lane's share is 4 adjacent elements of a row (8 bytes):
+/// permuted so that a lane's share is 4 adjacent elements of a row (8 bytes,
+/// or 4 codes):
 /// lane 4 r + q holds channels 4q .. 4q + 3 of 16, which serve as the mma's
 /// k (or m) indices 2q, 2q + 1, 2q + 8, 2q + 9.
 ///   K: S^T = A B, A = q (rows 0..7 hi, 8..15 lo: split_pair), B = the rows
 ///      as loaded (token r, channels 4q .. 4q + 3);
 ///   V: O^T = A B, A = V^T (16 channels x 16 tokens: the loaded 8x8 pieces
 ///      transposed by movmatrix), B = p (hi and lo, two mmas).
-template <typename E, int D, int kTiles>
+/// Codes8 rows are their codes as fp16 integers (exact), each token's params
+/// applied as a block's are (attention.cuh), per token instead of per channel:
+///   K: s_t = step_t (q . codes_t) + lo_t sum(q);
+///   V: o = sum_t (p_t step_t) codes_t + sum_t p_t lo_t, B = p x step scaled
+///      by a power of two that brings the largest step seen so far to [0.5, 1)
+///      (fp16 keeps p x step's precision; the scale only ever shrinks, so
+///      rescaling o between chunks cannot overflow).
+template <typename E, int D, int kTiles, bool kCodes>
 __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s, float* rows, const int2* row_bounds) {
   using M = MmaType<E>;
+  static_assert(!kCodes || std::is_same<E, __half>::value, "codes go through fp16 mmas");
   constexpr int kK16 = D / 16;
   static_assert(D % 16 == 0, "head_dim a multiple of 16");
   // k16 steps (K) and m16 tiles (V) whose loads are in flight together: the
   // accumulators of V (kTiles D / 4 registers) stay live throughout.
   constexpr int kKBatch = kTiles * kK16 <= 6 ? kK16 : 2;
   constexpr int kMBatch = kK16 < 4 ? kK16 : 4;
+  constexpr int kElem = kCodes ? 1 : int(sizeof(E));  // bytes a channel
   const int lane = threadIdx.x % 32, row = lane / 4, quad = lane % 4;
 
   // q's scale: fp16 operands hold q / 2^e where q would overflow them (bf16 has fp32's range).
@@ -178,14 +225,31 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
     split_pair<E>(x.z * q_inv, x.w * q_inv, f.z, f.w);
     return f;
   };
+  // Codes8: sum(q) of row 8 t + `row` (its quad sums its channels), for K's lo_t term.
+  float q_sum[kTiles];
+  if constexpr (kCodes) {
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+      float s = 0.f;
+#pragma unroll
+      for (int k16 = 0; k16 < kK16; ++k16) {
+        const float4 x = *reinterpret_cast<const float4*>(q_s + (8 * t + row) * D + 16 * k16 + 4 * quad);
+        s += (x.x + x.y) + (x.z + x.w);
+      }
+      s += __shfl_xor_sync(0xFFFFFFFFu, s, 1);
+      q_sum[t] = s + __shfl_xor_sync(0xFFFFFFFFu, s, 2);
+    }
+  }
 
   // Softmax state of row 8 t + `row` (quad-uniform max; this lane's share of the sum) and O^T:
-  // o[t][m16] = channels of 16 m16 (see v_channel) x rows 8 t + 2 quad, + 1.
-  float m[kTiles], l[kTiles], o[kTiles][kK16][4];
+  // o[t][m16] = channels of 16 m16 (see v_channel) x rows 8 t + 2 quad, + 1. Codes8: o in units
+  // of v_scale, and p_lo = this lane's share of sum_t p_t lo_t of row 8 t + `row`.
+  float m[kTiles], l[kTiles], p_lo[kTiles], o[kTiles][kK16][4];
+  float v_scale = 0.f;  // Codes8: 0 until the first chunk
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {
     m[t] = -INFINITY;
-    l[t] = 0.f;
+    l[t] = p_lo[t] = 0.f;
 #pragma unroll
     for (int i = 0; i < kK16; ++i) o[t][i][0] = o[t][i][1] = o[t][i][2] = o[t][i][3] = 0.f;
   }
@@ -197,10 +261,22 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
     const uint8_t* vc = static_cast<const uint8_t*>(a.v_tail) + at;
     // The chunk's rows into L2 (a lane a row): K's later batches and V then wait on L2, not DRAM.
     if (lane < n)
-      for (int off = 0; off < D * int(sizeof(E)); off += 128) {
+      for (int off = 0; off < a.row_bytes; off += 128) {
         asm volatile("prefetch.global.L2 [%0];" ::"l"(kc + size_t(lane) * a.row_bytes + off));
         asm volatile("prefetch.global.L2 [%0];" ::"l"(vc + size_t(lane) * a.row_bytes + off));
       }
+    // Codes8: the params of this lane's score tokens 8 n8 + 2 quad + i (rows past n: row n - 1's).
+    uint32_t k_prm[4][2], v_prm[4][2];
+    if constexpr (kCodes) {
+#pragma unroll
+      for (int n8 = 0; n8 < 4; ++n8)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const size_t r = size_t(min(8 * n8 + 2 * quad + i, n - 1)) * a.row_bytes + D;
+          k_prm[n8][i] = *reinterpret_cast<const uint32_t*>(kc + r);
+          v_prm[n8][i] = *reinterpret_cast<const uint32_t*>(vc + r);
+        }
+    }
 
     // K: scores of tokens 8 n8 + 2 quad + {0, 1} (rows past n read row n - 1; masked below).
     float sc[kTiles][4][4];
@@ -211,13 +287,33 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
 #pragma unroll 1
     for (int kb = 0; kb < kK16; kb += kKBatch) {
       uint2 kw[kKBatch][4];
+      auto k_at = [&](int i, int n8) {
+        return kc + size_t(min(8 * n8 + row, n - 1)) * a.row_bytes + (16 * (kb + i) + 4 * quad) * kElem;
+      };
+      if constexpr (kCodes) {
+        uint32_t raw[kKBatch][4], special = 0;
 #pragma unroll
-      for (int i = 0; i < kKBatch; ++i)
+        for (int i = 0; i < kKBatch; ++i)
 #pragma unroll
-        for (int n8 = 0; n8 < 4; ++n8)
-          if (kK16 % kKBatch == 0 || kb + i < kK16)
-            kw[i][n8] = *reinterpret_cast<const uint2*>(kc + size_t(min(8 * n8 + row, n - 1)) * a.row_bytes +
-                                                        (16 * (kb + i) + 4 * quad) * sizeof(E));
+          for (int n8 = 0; n8 < 4; ++n8)
+            if (kK16 % kKBatch == 0 || kb + i < kK16) {
+              raw[i][n8] = *reinterpret_cast<const uint32_t*>(k_at(i, n8));
+              special |= special_codes(raw[i][n8]);
+            }
+        const bool slow = __any_sync(0xFFFFFFFFu, special != 0);  // non-finite values (rare)
+#pragma unroll
+        for (int i = 0; i < kKBatch; ++i)
+#pragma unroll
+          for (int n8 = 0; n8 < 4; ++n8)
+            if (kK16 % kKBatch == 0 || kb + i < kK16)
+              kw[i][n8] = slow ? codes_as_half_special(raw[i][n8]) : codes_as_half(raw[i][n8]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kKBatch; ++i)
+#pragma unroll
+          for (int n8 = 0; n8 < 4; ++n8)
+            if (kK16 % kKBatch == 0 || kb + i < kK16) kw[i][n8] = *reinterpret_cast<const uint2*>(k_at(i, n8));
+      }
 #pragma unroll
       for (int i = 0; i < kKBatch; ++i) {
         if (kK16 % kKBatch != 0 && kb + i >= kK16) break;
@@ -230,8 +326,27 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
       }
     }
 
+    // Codes8: V's scale for this chunk and those before it (o rescaled below with the softmax's corr).
+    float v_rescale = 1.f;
+    if constexpr (kCodes) {
+      float smax = 0.f;
+#pragma unroll
+      for (int n8 = 0; n8 < 4; ++n8)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) smax = fmaxf(smax, code_params(v_prm[n8][i], a.dtype).y);
+      smax = fmaxf(smax, __shfl_xor_sync(0xFFFFFFFFu, smax, 1));
+      smax = fmaxf(smax, __shfl_xor_sync(0xFFFFFFFFu, smax, 2));  // the quads hold the chunk's 32 tokens
+      int e = 0;
+      frexpf(smax, &e);
+      const float chunk_scale = smax > 0.f ? ldexpf(1.f, -e) : 1.f;  // exact powers of two
+      const float next = v_scale == 0.f ? chunk_scale : fminf(v_scale, chunk_scale);
+      if (v_scale != 0.f) v_rescale = next / v_scale;
+      v_scale = next;
+    }
+
     // Online softmax of each row over the chunk (masked: past n, causal, window), then p as V's B
-    // operands: tokens 16 k16 + 2 quad + {0, 1} (+ 8) of row 8 t + `row`, hi and lo.
+    // operands: tokens 16 k16 + 2 quad + {0, 1} (+ 8) of row 8 t + `row`, hi and lo (Codes8: p x step
+    // x v_scale).
     const int t0 = a.t_begin + first;
     uint32_t pb[kTiles][2][2], pl[kTiles][2][2];
     float corr_a[kTiles], corr_b[kTiles];
@@ -246,20 +361,33 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
         for (int i = 0; i < 2; ++i) {
           const int c = 8 * n8 + 2 * quad + i, tok = t0 + c;
           const bool seen = c < n && tok < mine.y && (tok >= mine.x || tok < a.sinks);
-          s[n8][i] = seen ? (sc[t][n8][i] + sc[t][n8][i + 2]) * s_scale : -INFINITY;
+          float x = (sc[t][n8][i] + sc[t][n8][i + 2]) * s_scale;
+          if constexpr (kCodes) {
+            const float2 kp = code_params(k_prm[n8][i], a.dtype);
+            // A step of 0 has only code 0 for finite values; 1 keeps a non-finite code non-finite.
+            x = fmaf(kp.y == 0.f ? 1.f : kp.y, x, kp.x * q_sum[t]);
+          }
+          s[n8][i] = seen ? x : -INFINITY;
           cmax = fmaxf(cmax, s[n8][i]);
         }
       const QuadSoftmaxStep step = quad_softmax_step(m[t], cmax);
       const float m_sub = step.sub, corr = step.scale;
       m[t] = step.max;
       l[t] *= corr;
+      p_lo[t] *= corr;
       // o[t] holds rows 8 t + 2 quad and + 1, whose quads are lanes 8 quad and 8 quad + 4.
-      corr_a[t] = __shfl_sync(0xFFFFFFFFu, corr, 8 * quad);
-      corr_b[t] = __shfl_sync(0xFFFFFFFFu, corr, 8 * quad + 4);
+      corr_a[t] = __shfl_sync(0xFFFFFFFFu, corr, 8 * quad) * v_rescale;
+      corr_b[t] = __shfl_sync(0xFFFFFFFFu, corr, 8 * quad + 4) * v_rescale;
 #pragma unroll
       for (int n8 = 0; n8 < 4; ++n8) {
-        const float p0 = exp2f(s[n8][0] - m_sub), p1 = exp2f(s[n8][1] - m_sub);
+        float p0 = exp2f(s[n8][0] - m_sub), p1 = exp2f(s[n8][1] - m_sub);
         l[t] += p0 + p1;
+        if constexpr (kCodes) {
+          const float2 v0 = code_params(v_prm[n8][0], a.dtype), v1 = code_params(v_prm[n8][1], a.dtype);
+          p_lo[t] = fmaf(p0, v0.x, fmaf(p1, v1.x, p_lo[t]));
+          p0 *= (v0.y == 0.f ? 1.f : v0.y) * v_scale;  // as K's step of 0
+          p1 *= (v1.y == 0.f ? 1.f : v1.y) * v_scale;
+        }
         split_pair<E>(p0, p1, pb[t][n8 / 2][n8 % 2], pl[t][n8 / 2][n8 % 2]);
       }
     }
@@ -283,14 +411,32 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
 #pragma unroll
       for (int mb = 0; mb < kK16; mb += kMBatch) {
         uint2 va[kMBatch], vb[kMBatch];
+        if constexpr (kCodes) {
+          uint32_t raw_a[kMBatch], raw_b[kMBatch], special = 0;
 #pragma unroll
-        for (int i = 0; i < kMBatch; ++i)
-          if (kK16 % kMBatch == 0 || mb + i < kK16) {
-            va[i] = *reinterpret_cast<const uint2*>(ra + (16 * (mb + i) + 4 * quad) * sizeof(E));
-            vb[i] = *reinterpret_cast<const uint2*>(rb + (16 * (mb + i) + 4 * quad) * sizeof(E));
-            if (ta >= n) va[i] = make_uint2(0u, 0u);
-            if (tb >= n) vb[i] = make_uint2(0u, 0u);
-          }
+          for (int i = 0; i < kMBatch; ++i)
+            if (kK16 % kMBatch == 0 || mb + i < kK16) {
+              raw_a[i] = ta < n ? *reinterpret_cast<const uint32_t*>(ra + 16 * (mb + i) + 4 * quad) : 0u;
+              raw_b[i] = tb < n ? *reinterpret_cast<const uint32_t*>(rb + 16 * (mb + i) + 4 * quad) : 0u;
+              special |= special_codes(raw_a[i]) | special_codes(raw_b[i]);
+            }
+          const bool slow = __any_sync(0xFFFFFFFFu, special != 0);  // non-finite values (rare)
+#pragma unroll
+          for (int i = 0; i < kMBatch; ++i)
+            if (kK16 % kMBatch == 0 || mb + i < kK16) {
+              va[i] = slow ? codes_as_half_special(raw_a[i]) : codes_as_half(raw_a[i]);
+              vb[i] = slow ? codes_as_half_special(raw_b[i]) : codes_as_half(raw_b[i]);
+            }
+        } else {
+#pragma unroll
+          for (int i = 0; i < kMBatch; ++i)
+            if (kK16 % kMBatch == 0 || mb + i < kK16) {
+              va[i] = *reinterpret_cast<const uint2*>(ra + (16 * (mb + i) + 4 * quad) * sizeof(E));
+              vb[i] = *reinterpret_cast<const uint2*>(rb + (16 * (mb + i) + 4 * quad) * sizeof(E));
+              if (ta >= n) va[i] = make_uint2(0u, 0u);
+              if (tb >= n) vb[i] = make_uint2(0u, 0u);
+            }
+        }
 #pragma unroll
         for (int i = 0; i < kMBatch; ++i) {
           if (kK16 % kMBatch != 0 && mb + i >= kK16) break;
@@ -308,11 +454,20 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
   }
 
   // Fold into the partial: row 8 t + `row`'s max and sum on its quad, then each lane's o elements
-  // (rows 8 t + 2 quad + (j & 1), channel 16 i + 4 (r / 2) + r % 2 + 2 (j >> 1)).
+  // (rows 8 t + 2 quad + (j & 1), channel 16 i + 4 (r / 2) + r % 2 + 2 (j >> 1)); Codes8: o / v_scale
+  // + the row's sum_t p_t lo_t.
+  const float o_unit = kCodes && v_scale != 0.f ? 1.f / v_scale : 1.f;  // a power of two: exact
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {
     l[t] += __shfl_xor_sync(0xFFFFFFFFu, l[t], 1);
     l[t] += __shfl_xor_sync(0xFFFFFFFFu, l[t], 2);
+    float lo_a = 0.f, lo_b = 0.f;
+    if constexpr (kCodes) {
+      p_lo[t] += __shfl_xor_sync(0xFFFFFFFFu, p_lo[t], 1);
+      p_lo[t] += __shfl_xor_sync(0xFFFFFFFFu, p_lo[t], 2);
+      lo_a = __shfl_sync(0xFFFFFFFFu, p_lo[t], 8 * quad);
+      lo_b = __shfl_sync(0xFFFFFFFFu, p_lo[t], 8 * quad + 4);
+    }
     float* rg = rows + (8 * t + row) * (D + 2);
     const TailFold f = TailFold::of(rg, D, m[t]);
     const float lw = rg[D + 1];
@@ -330,20 +485,26 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         float* at = rows + (8 * t + 2 * quad + (j & 1)) * (D + 2) + 16 * i + ch + 2 * (j >> 1);
-        *at = *at * ((j & 1) ? fw_b : fw_a) + o[t][i][j] * ((j & 1) ? ft_b : ft_a);
+        const float oj = kCodes ? fmaf(o[t][i][j], o_unit, (j & 1) ? lo_b : lo_a) : o[t][i][j];
+        *at = *at * ((j & 1) ? fw_b : fw_a) + oj * ((j & 1) ? ft_b : ft_a);
       }
   }
 }
 
 /// Attends a warp to its chunks of the tail for the CTA's `group` real rows
-/// (of kR): fp16 and bf16 rows on tensor cores; Codes8 and fp32 rows on CUDA
-/// cores, rounded up to 4, 8 or kR rows (their work is per row, and padding
-/// rows, G = 4 in a tile of 8, would double it).
+/// (of kR): fp16 and bf16 rows, and Codes8 rows with their params, on tensor
+/// cores; fp32 rows and Codes8 rows with fp32 params on CUDA cores, rounded up
+/// to 4, 8 or kR rows (their work is per row, and padding rows, G = 4 in a
+/// tile of 8, would double it). tail_cost_quarters (attention_params.cuh)
+/// prices the two paths.
 template <int D, int kR>
 __device__ __forceinline__ void attend_tail(const TailArgs& a, int group, const float* q_s, float* rows,
                                             const int2* row_bounds) {
-  if (!a.codes && a.dtype == kTailF16) attend_tail_mma<__half, D, kR / 8>(a, q_s, rows, row_bounds);
-  else if (!a.codes && a.dtype == kTailBF16) attend_tail_mma<__nv_bfloat16, D, kR / 8>(a, q_s, rows, row_bounds);
+  const bool narrow = a.dtype == kTailF16 || a.dtype == kTailBF16;
+  if (a.codes && narrow) attend_tail_mma<__half, D, kR / 8, true>(a, q_s, rows, row_bounds);
+  else if (!a.codes && a.dtype == kTailF16) attend_tail_mma<__half, D, kR / 8, false>(a, q_s, rows, row_bounds);
+  else if (!a.codes && a.dtype == kTailBF16)
+    attend_tail_mma<__nv_bfloat16, D, kR / 8, false>(a, q_s, rows, row_bounds);
   else if (group <= 4) attend_tail_rows<D, kR, 4>(a, q_s, rows, row_bounds);
   else if (kR > 8 && group <= 8) attend_tail_rows<D, kR, 8>(a, q_s, rows, row_bounds);
   else attend_tail_rows<D, kR, kR>(a, q_s, rows, row_bounds);

@@ -70,7 +70,7 @@ struct Cache::Impl {
     const int t = tile_rows > detail::kMmaRows;
     int warps[3];
     for (int i = 0; i < 3; ++i) warps[i] = detail::fused_cta_warps(D, tile_rows, i);
-    const int tail_q = tail ? detail::tail_cost_quarters(tail_layout().codes, int(cfg.dtype)) : 0;
+    const int tail_q = tail ? detail::tail_cost_quarters(int(cfg.dtype)) : 0;
     return detail::plan_attention(max_units, tiles, H, sms, warps, ctas_per_sm[t], tail_q);
   }
 

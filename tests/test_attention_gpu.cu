@@ -231,40 +231,42 @@ TEST(AttentionGpu, Codes8TailsAroundBlockEdgesGroupsHeadDimsAndQueries) {
                      0, DType::F32);
 }
 
-// Tails in the input's type are attended on tensor cores (kernels/tail_attention.cuh): fp16 and bf16 K/V,
-// every head_dim, 1 to 16 query heads (16: two row tiles), tails of 1 to 63 tokens around the chunk's 32,
-// causal multi-token queries and windows with sinks inside the tail, and queries too large for fp16 operands
-// (bf16 q at 2^16, up to ~27000 in the kernel's log2 units: fp16 operands hold q / 2^e).
-TEST(AttentionGpu, InputTailsInBothTypesHeadDimsGroupsAndMasks) {
+// Tails are attended on tensor cores (kernels/tail_attention.cuh), in the input's type and as Codes8 rows with
+// fp16 or bf16 params: fp16 and bf16 K/V, every head_dim, 1 to 16 query heads (16: two row tiles), tails of 1
+// to 63 tokens around the chunk's 32, causal multi-token queries and windows with sinks inside the tail, V rows
+// of very different ranges (SkewedRows: Codes8's per-token steps), and queries too large for fp16 operands (bf16
+// q at 2^16, up to ~27000 in the kernel's log2 units: fp16 operands hold q / 2^e).
+TEST(AttentionGpu, TailsOnTensorCoresInBothTypesAndFormatsHeadDimsGroupsAndMasks) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
-  const TailFormat in = TailFormat::Input;
-  for (DType kv : {DType::BF16, DType::F16}) {
-    SCOPED_TRACE(kv == DType::BF16 ? "bf16 K/V" : "fp16 K/V");
-    int i = 0;
-    for (int D : {64, 80, 96, 128, 256}) {
-      SCOPED_TRACE("D " + std::to_string(D));
-      run_attention_case(2, 4, D, DType::BF16, {1, 31, 32, 33, 95, 127}, seed + ++i, true, 64, {}, 0, 0, nullptr,
+  int i = 0;
+  for (TailFormat in : {TailFormat::Input, TailFormat::Codes8})
+    for (DType kv : {DType::BF16, DType::F16}) {
+      SCOPED_TRACE(std::string(in == TailFormat::Codes8 ? "Codes8 " : "Input ") +
+                   (kv == DType::BF16 ? "bf16 K/V" : "fp16 K/V"));
+      for (int D : {64, 80, 96, 128, 256}) {
+        SCOPED_TRACE("D " + std::to_string(D));
+        run_attention_case(2, 4, D, DType::BF16, {1, 31, 32, 33, 95, 127}, seed + ++i, true, 64, {}, 0, 0, nullptr,
+                           Dist::Gaussian, {}, in, 0, kv);
+        if (HasFatalFailure()) return;
+      }
+      for (int G : {1, 7, 16}) {
+        SCOPED_TRACE("G " + std::to_string(G));
+        run_attention_case(2, G, 128, DType::F16, {63, 600}, seed + ++i, false, 64, {}, 0, 0, nullptr,
+                           Dist::Gaussian, {}, in, 0, kv);
+        if (HasFatalFailure()) return;
+      }
+      run_attention_case(2, 4, 128, DType::F16, {60, 700, 129}, seed + ++i, false, 64, {3, 16, 2}, 0, 0, nullptr,
+                         Dist::SkewedRows, {}, in, 0, kv);
+      if (HasFatalFailure()) return;
+      run_attention_case(2, 2, 128, DType::F16, {100, 1000}, seed + ++i, true, 128, {1, 4}, 40, 3, nullptr,
                          Dist::Gaussian, {}, in, 0, kv);
       if (HasFatalFailure()) return;
-    }
-    for (int G : {1, 7, 16}) {
-      SCOPED_TRACE("G " + std::to_string(G));
-      run_attention_case(2, G, 128, DType::F16, {63, 600}, seed + ++i, false, 64, {}, 0, 0, nullptr, Dist::Gaussian,
-                         {}, in, 0, kv);
+      run_attention_case(2, 4, 128, DType::BF16, {50, 700}, seed + ++i, false, 64, {}, 0, 0, nullptr,
+                         Dist::Gaussian, {}, in, 0, kv, 65536.f);
       if (HasFatalFailure()) return;
     }
-    run_attention_case(2, 4, 128, DType::F16, {60, 700, 129}, seed + ++i, false, 64, {3, 16, 2}, 0, 0, nullptr,
-                       Dist::SkewedRows, {}, in, 0, kv);
-    if (HasFatalFailure()) return;
-    run_attention_case(2, 2, 128, DType::F16, {100, 1000}, seed + ++i, true, 128, {1, 4}, 40, 3, nullptr,
-                       Dist::Gaussian, {}, in, 0, kv);
-    if (HasFatalFailure()) return;
-    run_attention_case(2, 4, 128, DType::BF16, {50, 700}, seed + ++i, false, 64, {}, 0, 0, nullptr, Dist::Gaussian,
-                       {}, in, 0, kv, 65536.f);
-    if (HasFatalFailure()) return;
-  }
 }
 
 // Tails longer than a block (max_rollback = T = 128: up to 255 tokens, 8 chunks of 32): the chunks are spread
@@ -280,6 +282,10 @@ TEST(AttentionGpu, TailsOfManyChunksSpreadOverTheWarps) {
     if (HasFatalFailure()) return;
     run_attention_case(2, 3, 64, DType::BF16, {250, 700}, seed + 1, true, 128, {2, 3}, 0, 0, nullptr, Dist::Gaussian,
                        {}, tail, 100, DType::BF16);
+    if (HasFatalFailure()) return;
+    // Heavy-tailed V (Student t): a warp's second chunk has per-token steps of other powers of two than its first.
+    run_attention_case(2, 4, 128, DType::F16, {254, 190}, seed + 2, false, 128, {}, 0, 0, nullptr, Dist::HeavyTailed,
+                       {}, tail, 128);
     if (HasFatalFailure()) return;
   }
 }
@@ -419,14 +425,16 @@ TEST(AttentionGpu, LargeCtasAtFullLoad) {
     DType q_type;
     bool rides = false;  // the plan expected on an H100 (AttendParams::tail_rides)
     TailFormat tail = TailFormat::Input;
+    DType kv = DType::F16;
   };
   const Case cases[] = {{128, 4, &batch8, 2, DType::F16}, {128, 4, &one, 1, DType::F16}, {64, 4, &batch8, 2, DType::F16},
                         {96, 4, &batch8, 2, DType::F16},  {256, 4, &batch8, 2, DType::F16}, {128, 16, &batch8, 2, DType::F16},
                         {128, 4, &batch8, 2, DType::BF16}, {128, 4, &ride8, 2, DType::F16, true},
-                        {128, 7, &ride8, 2, DType::BF16, true}, {128, 4, &ride8, 2, DType::F16, false, TailFormat::Codes8},
+                        {128, 7, &ride8, 2, DType::BF16, true}, {128, 4, &ride8, 2, DType::F16, true, TailFormat::Codes8},
+                        {128, 4, &ride8, 2, DType::F16, false, TailFormat::Codes8, DType::F32},
                         {256, 4, &ride8, 2, DType::F16}};
-  // Not riding: a Codes8 tail on CUDA cores costs a block (a third block is no worse); at D = 256 (12 warps
-  // a CTA) 2 splits of 3 blocks a warp either way.
+  // Not riding: a tail on CUDA cores (Codes8 with fp32 params) costs a block (a third block is no worse); at
+  // D = 256 (12 warps a CTA) 2 splits of 3 blocks a warp either way.
   for (const Case& c : cases) {
     const int rows = detail::attention_tile_rows(c.D, c.G);
     const int longest = *std::max_element(c.lengths->begin(), c.lengths->end());
@@ -435,18 +443,19 @@ TEST(AttentionGpu, LargeCtasAtFullLoad) {
       warps[i] = detail::fused_cta_warps(c.D, rows, i);
       ctas[i] = warps[i] > 0 ? detail::attention_ctas_per_sm(c.D, c.G, rows, warps[i]) : 0;
     }
-    const int tail_q = longest % 64 ? detail::tail_cost_quarters(c.tail == TailFormat::Codes8, 0) : 0;
+    const int tail_q = longest % 64 ? detail::tail_cost_quarters(int(c.kv)) : 0;
     const detail::SplitPlan plan = detail::plan_attention(
         (longest + 63) / 64, int(c.lengths->size()) * ((c.G + rows - 1) / rows), 8, sms, warps, ctas, tail_q);
     SCOPED_TRACE("D " + std::to_string(c.D) + " G " + std::to_string(c.G) + " batch " +
                  std::to_string(c.lengths->size()) + ": CTAs of " + std::to_string(plan.warps) + " warps" +
-                 (plan.tail_rides ? ", the tail riding" : ""));
+                 (plan.tail_rides ? ", the tail riding" : "") + (c.tail == TailFormat::Codes8 ? ", Codes8 " : " ") +
+                 dtype_name(c.kv));
     if (sms == 132) {  // the H100 the plan's constants were measured on
       EXPECT_EQ(plan.warps, warps[c.size]);
       EXPECT_EQ(plan.tail_rides, c.rides);
     }
     run_attention_case(8, c.G, c.D, c.q_type, *c.lengths, seed + c.D + c.G, true, 64, {}, 0, 0, nullptr,
-                       Dist::Gaussian, {}, c.tail);
+                       Dist::Gaussian, {}, c.tail, 0, c.kv);
     if (HasFatalFailure()) return;
   }
 }

@@ -227,8 +227,11 @@ TEST(AttentionSplits, TailRidesWithTheLastBlocksSplitWhereThatKeepsABlockOffTheB
   const detail::SplitPlan own = detail::plan_splits(513, 8, 8, 132, 1, 16, 0);
   EXPECT_FALSE(own.tail_rides);
   EXPECT_EQ(own.units_per_split, 272);
-  // A tail on CUDA cores (Codes8: a little more than a block) stays a unit of its own.
-  EXPECT_FALSE(detail::plan_splits(513, 8, 8, 132, 1, 16, detail::tail_cost_quarters(true, 0)).tail_rides);
+  // A tail on CUDA cores (fp32, or Codes8 with fp32 params: a little more than a block) stays a unit of its own;
+  // Codes8 with fp16 or bf16 params goes on tensor cores as fp16 and bf16 rows do.
+  EXPECT_FALSE(detail::plan_splits(513, 8, 8, 132, 1, 16, detail::tail_cost_quarters(int(DType::F32))).tail_rides);
+  EXPECT_EQ(detail::tail_cost_quarters(int(DType::F16)), 1);
+  EXPECT_EQ(detail::tail_cost_quarters(int(DType::BF16)), 1);
   // 4159 x 8: 2 blocks a warp instead of 3; 4159 x 1: the tail in a CTA of its own beside the blocks' (the chip
   // has room), not after a block.
   EXPECT_TRUE(detail::plan_splits(65, 8, 8, 132, 1, 16, 1).tail_rides);
