@@ -68,7 +68,7 @@ struct Setup {
 std::unique_ptr<Setup> g_setup;
 std::unique_ptr<kvcomp::Cache> make_cache(const Setup& s, kvcomp::Transform transform = kvcomp::Transform::None,
                                           int window = 0, int block_tokens = 64,
-                                          kvcomp::TailFormat tail = kvcomp::TailFormat::Input);
+                                          kvcomp::TailFormat tail = kvcomp::TailFormat::Input, int capacity = 0);
 
 Setup& setup(int N, int B, int G, int D, float eb) {
   if (g_setup && g_setup->N == N && g_setup->B == B && g_setup->G == G && g_setup->D == D && g_setup->eb == eb)
@@ -93,8 +93,9 @@ Setup& setup(int N, int B, int G, int D, float eb) {
   return *g_setup;
 }
 
+/// capacity: Config::max_tokens_per_seq (0: the context, N).
 std::unique_ptr<kvcomp::Cache> make_cache(const Setup& s, kvcomp::Transform transform, int window, int block_tokens,
-                                          kvcomp::TailFormat tail) {
+                                          kvcomp::TailFormat tail, int capacity) {
   kvcomp::Config cfg;
   cfg.tail_format = tail;
   cfg.transform = transform;
@@ -103,7 +104,7 @@ std::unique_ptr<kvcomp::Cache> make_cache(const Setup& s, kvcomp::Transform tran
   cfg.max_attend_batch = std::min(256, 16 * s.B);  // multi-token queries: up to 16 a sequence
   cfg.layers = 1; cfg.kv_heads = kH; cfg.q_heads = s.Hq(); cfg.head_dim = s.D;
   cfg.k_bound = cfg.v_bound = {kvcomp::BoundMode::Relative, s.eb};
-  cfg.max_seqs = s.B; cfg.max_tokens_per_seq = s.N;
+  cfg.max_seqs = s.B; cfg.max_tokens_per_seq = capacity > 0 ? capacity : s.N;
   cfg.pool_bytes = size_t(s.B) * kH * s.N * s.D * 2 + (size_t(64) << 20);  // room for ratio >= 2
   auto cache = std::make_unique<kvcomp::Cache>(cfg);
   for (int b = 0; b < s.B; ++b) {
@@ -226,6 +227,69 @@ void BM_attention_queries(benchmark::State& st) {
   st.SetLabel("kvcomp eb0.05 n" + std::to_string(n) + (window ? " window " + std::to_string(window) : ""));
 }
 
+/// A decode step as an engine replays it from a CUDA graph: kvcomp's plan-based
+/// attend (Cache::make_plan, set_plan; captured once) or the fp16 flash-decoding
+/// baseline, captured and replayed; one graph launch a call. The plan's split is
+/// fixed at capture for the cache's capacity (Config::max_tokens_per_seq: the
+/// context itself, or the 128k an engine might allocate for), while the eager
+/// rows (BM_attention) plan every call for its actual lengths and pay the host's
+/// launch work inside the timed interval.
+void BM_attention_graph(benchmark::State& st) {
+  const int N = int(st.range(0)), B = int(st.range(1)), capacity = int(st.range(2));
+  const bool flash = st.range(3) != 0;
+  Setup& s = setup(N, B, 4, 128, 0.05f);
+  std::unique_ptr<kvcomp::Cache> cache =
+      flash ? nullptr : make_cache(s, kvcomp::Transform::None, 0, 64, kvcomp::TailFormat::Input, capacity);
+  cudaStream_t stream;
+  CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  kvcomp::DecodePlan plan;
+  if (cache) {
+    plan = cache->make_plan(B);
+    cache->set_plan(plan, s.ids, stream);
+    CK(cudaStreamSynchronize(stream));
+  }
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  if (cache) cache->attend(plan, 0, s.q, s.out, kvcomp::DType::F16, stream);
+  else kvcomp::baseline::flash_decode_fp16(s.fp16(), s.q, s.out, s.flash_ws, g_sms, stream);
+  CK(cudaStreamEndCapture(stream, &graph));
+  CK(cudaGraphInstantiate(&exec, graph, 0));
+  cudaEvent_t a, b;
+  cudaEventCreate(&a); cudaEventCreate(&b);
+  for (int i = 0; i < 3; ++i) CK(cudaGraphLaunch(exec, stream));
+  CK(cudaStreamSynchronize(stream));
+  for (auto _ : st) {
+    cudaEventRecord(a, stream);
+    cudaGraphLaunch(exec, stream);
+    cudaEventRecord(b, stream);
+    cudaEventSynchronize(b);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, a, b);
+    st.SetIterationTime(ms / 1e3);
+  }
+  if (cache) cache->check(stream);
+  CK(cudaGetLastError());
+  cudaEventDestroy(a); cudaEventDestroy(b);
+  CK(cudaGraphExecDestroy(exec));
+  CK(cudaGraphDestroy(graph));
+  CK(cudaStreamDestroy(stream));
+  st.counters["bytes_read"] = cache ? double(cache->stats().compressed_bytes) : double(s.fp16_bytes());
+  st.SetLabel(flash ? "flash-fp16 graph"
+                    : "kvcomp eb0.05 graph, capacity " + std::to_string(capacity > 0 ? capacity : N));
+}
+
+// {context, batch, capacity (0: the context), flash-fp16 instead of kvcomp}.
+void graph_args(benchmark::internal::Benchmark* b) {
+  for (const auto& nb : std::vector<std::pair<int, int>>{{1024, 1}, {1087, 1}, {4096, 1}, {4096, 8}, {32768, 1},
+                                                         {32768, 8}, {32831, 8}}) {
+    b->Args({nb.first, nb.second, 0, 0});
+    b->Args({nb.first, nb.second, 131072, 0});
+  }
+  for (const auto& nb : std::vector<std::pair<int, int>>{{1024, 1}, {4096, 1}, {32768, 8}})
+    b->Args({nb.first, nb.second, 0, 1});
+}
+
 // {context, batch, G, D, queries per sequence, window} at 32k x 8.
 void queries_args(benchmark::internal::Benchmark* b) {
   for (int n : {1, 2, 4, 8, 16}) b->Args({32768, 8, 4, 128, n, 0});
@@ -281,6 +345,7 @@ void sweep_args(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_attention)->Apply(attention_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
 BENCHMARK(BM_attention)->Name("BM_attention_sweep")->Apply(sweep_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
 BENCHMARK(BM_attention_queries)->Apply(queries_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
+BENCHMARK(BM_attention_graph)->Apply(graph_args)->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
 
 int main(int argc, char** argv) {
   int dev = 0;

@@ -16,6 +16,7 @@ import re
 def load(paths):
     rows = collections.OrderedDict()  # (name, context, batch, G, D) -> {variant: run}
     queries = collections.OrderedDict()  # (context, batch, G, D, n, window) -> {"kvcomp" | "sdpa": run}
+    graphs = collections.OrderedDict()  # (context, batch, capacity, flash) -> run (BM_attention_graph)
     variants = []
     context = {}
     benchmarks = []
@@ -33,6 +34,10 @@ def load(paths):
             side = "sdpa" if b.get("label", "").startswith("sdpa") else "kvcomp"
             queries.setdefault(tuple(int(x) for x in q.groups()), {})[side] = b
             continue
+        gr = re.match(r"BM_attention_graph/(\d+)/(\d+)/(\d+)/(\d+)/", b["name"])
+        if gr:  # a decode step replayed from a CUDA graph (bench_attention)
+            graphs[tuple(int(x) for x in gr.groups())] = b
+            continue
         m = re.match(r"(BM_attention\w*)/(\d+)/(\d+)/(\d+)/(\d+)/(\d+)", b["name"])
         if not m:
             continue
@@ -42,7 +47,27 @@ def load(paths):
         rows.setdefault(key, {})[label] = b
         if label not in variants:
             variants.append(label)
-    return context, rows, variants, queries
+    return context, rows, variants, queries, graphs
+
+
+def graphs_table(graphs, rows):
+    """CUDA-graph replays (G 4, head_dim 128) beside the eager calls and SDPA of the same shape."""
+    if not graphs:
+        return ""
+    out = ["\n| context | batch | kvcomp graph (capacity = context) | kvcomp graph (capacity 128k) | kvcomp eager | "
+           "flash-fp16 graph | flash-fp16 eager | SDPA |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    shapes = list(dict.fromkeys((n, b) for (n, b, _, _) in graphs))
+    for n, b in shapes:
+        eager = rows.get(("BM_attention", n, b, 4, 128)) or rows.get(("BM_attention_sweep", n, b, 4, 128)) or {}
+
+        def cell(r):
+            return fmt_time(us_of(r)) if r else "–"
+
+        own = graphs.get((n, b, 0, 0))
+        big = next((r for (gn, gb, cap, fl), r in graphs.items() if (gn, gb, fl) == (n, b, 0) and cap > 0), None)
+        out.append(f"| {n} | {b} | {cell(own)} | {cell(big)} | {cell(eager.get('kvcomp eb0.05'))} | "
+                   f"{cell(graphs.get((n, b, 0, 1)))} | {cell(eager.get('flash-fp16'))} | {cell(eager.get('sdpa-fp16'))} |")
+    return "\n".join(out)
 
 
 def queries_table(queries):
@@ -137,9 +162,10 @@ def main():
     ap.add_argument("--plot")
     ap.add_argument("--batch", type=int, default=8)
     a = ap.parse_args()
-    ctx, rows, variants, queries = load(a.json)
+    ctx, rows, variants, queries, graphs = load(a.json)
     print(table(ctx, rows, variants))
     print(queries_table(queries))
+    print(graphs_table(graphs, rows))
     if a.plot:
         plot(rows, variants, a.plot, batch=a.batch)
 

@@ -151,10 +151,10 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
   const int v_tail = range.count - 1;  // the tail is the last unit, when the rows see it
   const bool has_tail = tail > 0 && v_tail >= 0 && range.unit(v_tail) == nblocks;
   // The units the splits cut: all, or the blocks, the tail then going with the last block's split (tail_rides).
-  const bool rides = has_tail && tail_rides(v_tail, p.units_per_split, p.splits, kWarps,
+  const bool rides = has_tail && tail_rides(v_tail, p.units_per_split, p.spread, kWarps,
                                             tail_cost_quarters(p.tail_dtype));
   const int cut = rides ? v_tail : range.count;
-  const int per = max(p.units_per_split, (cut + p.splits - 1) / p.splits);
+  const int per = max(p.units_per_split, (cut + p.spread - 1) / p.spread);
   const int v_begin = split * per;  // virtual units (range.unit maps them to blocks)
   const int v_end = min(cut, v_begin + per);
   const bool tail_here =

@@ -53,8 +53,10 @@ struct AttendParams {
   int32_t tokens_per_block;       // T
   int32_t kv_heads;
   int32_t max_blocks;
-  int32_t units_per_split;        // at least; a sequence of u units takes max(this, ceil(u / splits)) per split
+  int32_t units_per_split;        // at least; a sequence of u units takes max(this, ceil(u / spread)) per split
   int32_t splits;
+  int32_t spread;                 // the most splits one sequence is cut into (1..splits): splits for an eager
+                                  // call; for a plan's replays, the CTA places a wave has for each of its items
   int32_t warps;                  // warps per CTA: one of fused_cta_warps() (else 4 are launched)
   float scale_log2;               // softmax scale * log2(e)
   int32_t tail_dtype;

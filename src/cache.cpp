@@ -493,6 +493,7 @@ void Cache::Impl::attend(int layer, const std::vector<int>& seq_ids, const int* 
   const int per = std::max(plan.units_per_split, (cut + part_splits - 1) / part_splits);
   p.units_per_split = per;
   p.splits = std::max(1, (cut + per - 1) / per);
+  p.spread = p.splits;
   p.warps = plan.warps;
   p.batch = int(seq_ids.size());
   detail::launch_attention(q_type, D, G, p, stream);

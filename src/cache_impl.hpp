@@ -108,6 +108,7 @@ struct Cache::Impl {
     int batch = 0;
     int tokens = 1;  // per slot and step
     int splits = 1;
+    int spread = 1;                  // AttendParams::spread: the splits one sequence is cut into, at most
     int warps = detail::kAttnWarps;  // per CTA of the fused kernel
     int copy_runs() const { return tokens > 1 ? 2 : 1; }  // tail copies per (slot, head): the ring may wrap
     detail::DeviceBuffer<int32_t> slots;

@@ -173,12 +173,13 @@ void layer_diff(const std::vector<uint8_t>& a, const std::vector<uint8_t>& b, co
 namespace {
 
 /// Graph replays vs the same plan calls eager vs the eager vector API, 300 steps of 8 sequences.
-void capture_one_decode_step_and_replay(TailFormat tail) {
+/// capacity: Config::max_tokens_per_seq, which the plan's split and CTA size are made for.
+void capture_one_decode_step_and_replay(TailFormat tail, int capacity = 1024) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   Config cfg;
   cfg.layers = 4; cfg.kv_heads = 2; cfg.q_heads = 8; cfg.head_dim = 128; cfg.block_tokens = 64;
-  cfg.max_seqs = 8; cfg.max_tokens_per_seq = 1024; cfg.pool_bytes = size_t(64) << 20;
+  cfg.max_seqs = 8; cfg.max_tokens_per_seq = capacity; cfg.pool_bytes = size_t(64) << 20;
   cfg.tail_format = tail;
   const int L = cfg.layers, H = cfg.kv_heads, D = cfg.head_dim, T = cfg.block_tokens, B = 8, kSteps = 300;
   // Different lengths: empty, tails only, whole blocks, blocks + odd tails.
@@ -285,6 +286,13 @@ void capture_one_decode_step_and_replay(TailFormat tail) {
 TEST(GraphGpu, CaptureOneDecodeStepAndReplay) {
   KVCOMP_REQUIRE_GPU();
   capture_one_decode_step_and_replay(TailFormat::Input);
+}
+
+// A plan made for 128k tokens a sequence replayed at 0..~900: the kernel cuts each sequence into at most
+// `spread` splits (make_plan: the CTA places a wave has for each item), of fewer units than the CTA's warps.
+TEST(GraphGpu, CaptureOneDecodeStepAndReplayAtALargeCapacity) {
+  KVCOMP_REQUIRE_GPU();
+  capture_one_decode_step_and_replay(TailFormat::Input, 131072);
 }
 
 // Codes8 tails: the graph's tail copies encode, its block closes decode the tail's codes.
