@@ -338,7 +338,8 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
       smax = fmaxf(smax, __shfl_xor_sync(0xFFFFFFFFu, smax, 2));  // the quads hold the chunk's 32 tokens
       int e = 0;
       frexpf(smax, &e);
-      const float chunk_scale = smax > 0.f ? ldexpf(1.f, -e) : 1.f;  // exact powers of two
+      // Exact powers of two; at most 2^126 (bf16 steps go down to 2^-133), so 1 / v_scale stays finite.
+      const float chunk_scale = smax > 0.f ? ldexpf(1.f, -max(e, -126)) : 1.f;
       const float next = v_scale == 0.f ? chunk_scale : fminf(v_scale, chunk_scale);
       if (v_scale != 0.f) v_rescale = next / v_scale;
       v_scale = next;
