@@ -38,10 +38,7 @@ DecodePlan Cache::make_plan(int batch, int tokens_per_slot) {
   p->tokens = tokens_per_slot;
   // Splits and CTA size for the longest sequences (max_tokens_per_seq). The lengths of a replay are unknown
   // here: the kernel cuts each sequence into ceil(units / per) splits of per = ceil(units / spread) units
-  // and decides whether its tail rides with its last block's split (tail_rides). spread is the CTA places
-  // one wave has for each (sequence, row tile, kv head): a short sequence then takes CTAs with a few busy
-  // warps on many SMs in one wave (1k tokens at a 128k capacity, batch 1: 2 blocks a CTA on 9 x 8 SMs),
-  // not whole CTAs of one block a warp on a few SMs (+48% on the H100, bench/RESULTS.md), nor a second wave.
+  // and decides whether its tail rides with its last block's split (tail_rides); plan_spread says why.
   const int tile_rows = detail::attention_tile_rows(m.D, tokens_per_slot * m.G);
   const int tiles = batch * ((tokens_per_slot * m.G + tile_rows - 1) / tile_rows);
   const auto split = m.attend_plan(m.max_blocks + 1, false, tiles, tile_rows);
@@ -51,8 +48,7 @@ DecodePlan Cache::make_plan(int batch, int tokens_per_slot) {
   for (int i = 0; i < 3; ++i)
     if (detail::fused_cta_warps(m.D, tile_rows, i) == split.warps)
       ctas_per_sm = std::max(ctas_per_sm, m.ctas_per_sm[tile_rows > detail::kMmaRows][i]);
-  const long long places = 1LL * ctas_per_sm * std::max(1, m.sms), items = 1LL * tiles * m.H;
-  p->spread = int(std::max(1LL, std::min<long long>(p->splits, places / items)));
+  p->spread = detail::plan_spread(p->splits, ctas_per_sm, m.sms, 1LL * tiles * m.H);
   p->slots.allocate(batch, "plan slots");
   const size_t jobs = size_t(batch) * m.H;
   p->scratch.reserve(jobs, jobs * p->copy_runs(), batch, "plan buffers");

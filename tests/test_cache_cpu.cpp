@@ -276,6 +276,34 @@ TEST(AttentionSplits, CtaSizeLargeAtFullLoadSmallForShortCalls) {
   }
 }
 
+// CUDA-graph plans (Cache::make_plan) are made for max_tokens_per_seq; the kernel cuts each replayed
+// sequence into at most plan_spread() splits of ceil(units / spread) units (AttendParams::spread).
+TEST(AttentionSplits, GraphPlansSpreadShortSequencesOverOneWave) {
+  const int warps[3] = {4, 8, 16}, h100[3] = {4, 2, 1};  // D = 128, one row tile
+  for (const int batch : {1, 2, 8, 32}) {
+    SCOPED_TRACE("batch " + std::to_string(batch));
+    const long long items = 8LL * batch;  // 8 kv heads, one row tile a sequence
+    const detail::SplitPlan plan = detail::plan_attention(2049, batch, 8, 132, warps, h100);  // 128k tokens
+    int i = 0;
+    while (warps[i] != plan.warps) ASSERT_LT(++i, 3);
+    const int spread = detail::plan_spread(plan.splits, h100[i], 132, items);
+    ASSERT_GE(spread, 1);
+    ASSERT_LE(spread, plan.splits);
+    const long long places = 132LL * h100[i];
+    if (items <= places) EXPECT_LE(items * spread, places) << "more CTAs with work than one wave holds";
+    if (items * plan.splits <= places) EXPECT_EQ(spread, plan.splits) << "a one-wave plan's own splits";
+    for (int units = 1; units <= 2049; ++units) {
+      const int per = (units + spread - 1) / spread, used = (units + per - 1) / per;
+      ASSERT_LE(used, spread) << units << " units";
+      ASSERT_GE(1LL * used * per, units) << units << " units";
+    }
+  }
+  // Batch 1 at 128k: 8-warp CTAs, 2 an SM, 33 places a kv head: 1k tokens (17 units) take 17 CTAs of one block.
+  EXPECT_EQ(detail::plan_spread(detail::plan_attention(2049, 1, 8, 132, warps, h100).splits, 2, 132, 8), 33);
+  EXPECT_EQ(detail::plan_spread(40, 1, 132, 1000), 1);  // more items than places: one split each
+  EXPECT_EQ(detail::plan_spread(3, 2, 132, 8), 3);      // never more than the plan's splits
+}
+
 TEST(CacheConfig, ValidConfigEitherWorksOrFailsClearlyWithoutAGpu) {
   Config c;
   c.pool_bytes = 1 << 20;
