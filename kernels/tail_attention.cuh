@@ -147,8 +147,12 @@ __device__ __forceinline__ uint2 codes_as_half(uint32_t w) {
 __device__ __forceinline__ uint32_t special_codes(uint32_t w) {
   return w & ((w & 0x7F7F7F7Fu) + 0x03030303u) & 0x80808080u;
 }
-/// codes_as_half with the non-finite codes as fp16 -Inf, +Inf and NaN (the
-/// mma then carries them as the CUDA-core path's fp32 arithmetic would).
+/// codes_as_half with the non-finite codes as fp16 -Inf, +Inf and NaN, so
+/// they stay non-finite through the mma. Not always the same class as the
+/// CUDA-core path's fp32 arithmetic gives: q's and p's lo parts are often 0
+/// and 0 x Inf is NaN, so an infinite K or V value can come out NaN (and a
+/// score of -Inf, which fp32 would mask, NaN), as for fp16 rows on tensor
+/// cores.
 __device__ __forceinline__ uint2 codes_as_half_special(uint32_t w) {
   uint32_t h[4];
 #pragma unroll
