@@ -26,9 +26,15 @@ def load(paths):
         for k, v in data.get("context", {}).items():
             context.setdefault(k, v)
         benchmarks += data["benchmarks"]
+    # With --benchmark_repetitions, each row reads its median (Google Benchmark's aggregate of the same run).
+    medians = {b.get("run_name"): b for b in benchmarks
+               if b.get("run_type") == "aggregate" and b.get("aggregate_name") == "median"}
     for b in benchmarks:
         if b.get("run_type") == "aggregate":
             continue
+        med = medians.get(b.get("run_name"))
+        if med:
+            b = dict(b, **{k: med[k] for k in ("real_time", "cpu_time", "eff_TBps") if k in med})
         q = re.match(r"BM_attention_queries/(\d+)/(\d+)/(\d+)/(\d+)/(\d+)/(\d+)", b["name"])
         if q:  # n query tokens per sequence, optionally a window (bench_attention / sdpa_anchor.py)
             side = "sdpa" if b.get("label", "").startswith("sdpa") else "kvcomp"
