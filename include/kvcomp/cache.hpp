@@ -40,8 +40,8 @@
 // memory, so a replay appends the next plan.tokens tokens. A plan's attention
 // split is made for max_tokens_per_seq; its kernel spreads each shorter
 // sequence over the chip (H100, batch 1, a plan for 128k tokens: 25 us a
-// replay at 1k tokens against 23 us for a plan of 1k; equal from 32k on). The eager calls
-// may not be captured. A plan-based decode step is idempotent per (sequence,
+// replay at 1k tokens against 23 us for a plan of 1k; equal from 32k on).
+// The eager calls may not be captured. A plan-based decode step is idempotent per (sequence,
 // layer): layer l stores a sequence's plan.tokens tokens only while layer l
 // holds as many tokens as the last layer and (l > 0) at least plan.tokens
 // fewer than layer l - 1, so replaying a step that failed part way stores
@@ -197,9 +197,9 @@ struct Config {
   /// rotated vector. Non-finite values keep their class (-Inf, +Inf, NaN).
   /// On the tiny Llama at 1k tokens (bench/RESULTS.md) Codes8 stores 12-13%
   /// fewer bytes at the same perplexity (eb 0.1: 659.7 vs 748.3 B/token,
-  /// +0.484% vs +0.478%); its tail is attended on CUDA cores, an fp16/bf16
-  /// tail on tensor cores (H100, a full open tail of 63 tokens: the same at
-  /// 1087 x 1, 26 us; 380 vs 360 us at 32831 x 8). Not the default: its error
+  /// +0.484% vs +0.478%); its tail is attended on tensor cores as an
+  /// fp16/bf16 tail is (fp32 params: CUDA cores; H100, a full open tail of 63
+  /// tokens: 26 us at 1087 x 1, 363 vs 360 us at 32831 x 8). Not the default: its error
   /// does not shrink with the bound (tight bounds, e.g. 0.001, would get the
   /// per-vector half step on top), and a channel far from its vector's range
   /// can see more than its own K bound.
