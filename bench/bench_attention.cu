@@ -117,17 +117,17 @@ std::unique_ptr<kvcomp::Cache> make_cache(const Setup& s, kvcomp::Transform tran
 }
 
 
-/// Manual time per iteration: CUDA events around one call, after 3 warm-up calls.
+/// Manual time per iteration: CUDA events (on `stream`, where run() works) around one call, after 3 warm-up calls.
 template <class Run>
-void time_calls(benchmark::State& st, Run&& run) {
+void time_calls(benchmark::State& st, Run&& run, cudaStream_t stream = 0) {
   cudaEvent_t a, b;
   cudaEventCreate(&a); cudaEventCreate(&b);
   for (int i = 0; i < 3; ++i) run();
   CK(cudaDeviceSynchronize());
   for (auto _ : st) {
-    cudaEventRecord(a);
+    cudaEventRecord(a, stream);
     run();
-    cudaEventRecord(b);
+    cudaEventRecord(b, stream);
     cudaEventSynchronize(b);
     float ms = 0;
     cudaEventElapsedTime(&ms, a, b);
@@ -255,22 +255,8 @@ void BM_attention_graph(benchmark::State& st) {
   else kvcomp::baseline::flash_decode_fp16(s.fp16(), s.q, s.out, s.flash_ws, g_sms, stream);
   CK(cudaStreamEndCapture(stream, &graph));
   CK(cudaGraphInstantiate(&exec, graph, 0));
-  cudaEvent_t a, b;
-  cudaEventCreate(&a); cudaEventCreate(&b);
-  for (int i = 0; i < 3; ++i) CK(cudaGraphLaunch(exec, stream));
-  CK(cudaStreamSynchronize(stream));
-  for (auto _ : st) {
-    cudaEventRecord(a, stream);
-    cudaGraphLaunch(exec, stream);
-    cudaEventRecord(b, stream);
-    cudaEventSynchronize(b);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, a, b);
-    st.SetIterationTime(ms / 1e3);
-  }
+  time_calls(st, [&] { cudaGraphLaunch(exec, stream); }, stream);
   if (cache) cache->check(stream);
-  CK(cudaGetLastError());
-  cudaEventDestroy(a); cudaEventDestroy(b);
   CK(cudaGraphExecDestroy(exec));
   CK(cudaGraphDestroy(graph));
   CK(cudaStreamDestroy(stream));

@@ -124,6 +124,7 @@ struct SplitPlan {
   int warps = kAttnWarps;  // per CTA
   bool tail_rides = false;  // the longest's tail rides with its last block's split (tail_rides())
   int load_quarters = 0;    // the busiest warp's work, in quarters of a block
+  int ctas_per_sm = 1;      // of this CTA size, as planned (the places a wave has: x SMs)
 };
 
 /// How a sequence of `blocks` blocks (and a tail, if `tail`) is cut into
@@ -207,12 +208,13 @@ __host__ __device__ inline bool tail_rides(int blocks, int ups, int splits, int 
 /// its own gives every warp of split 0 a 17th block, riding it gives 16.
 inline SplitPlan plan_splits(int max_units, int batch, int kv_heads, int sms, int ctas_per_sm = 2,
                              int warps = kAttnWarps, int tail_quarters = 0) {
-  if (max_units <= 0) return {1, 1, warps};
-  const long long places = 1LL * (ctas_per_sm > 0 ? ctas_per_sm : 1) * (sms > 0 ? sms : 1);
+  ctas_per_sm = ctas_per_sm > 0 ? ctas_per_sm : 1;
+  if (max_units <= 0) return {1, 1, warps, false, 0, ctas_per_sm};
+  const long long places = 1LL * ctas_per_sm * (sms > 0 ? sms : 1);
   const long long items = 1LL * (batch > 0 ? batch : 1) * (kv_heads > 0 ? kv_heads : 1);
   const bool tail = tail_quarters > 0;
   const int blocks = tail ? max_units - 1 : max_units;
-  SplitPlan best{max_units, 1, warps};
+  SplitPlan best{max_units, 1, warps, false, 0, ctas_per_sm};
   long long best_cost = -1;
   const int max_per_warp = (max_units + warps - 1) / warps;
   for (int per_warp = 1; per_warp <= max_per_warp; ++per_warp) {
@@ -224,7 +226,7 @@ inline SplitPlan plan_splits(int max_units, int batch, int kv_heads, int sms, in
       const long long cost = waves * (s.quarters + kCtaCostQuarters);
       if (best_cost < 0 || cost < best_cost) {
         best_cost = cost;
-        best = {per, s.splits, warps, rides != 0, int(s.quarters)};
+        best = {per, s.splits, warps, rides != 0, int(s.quarters), ctas_per_sm};
       }
     }
   }
@@ -249,7 +251,7 @@ inline SplitPlan plan_attention(int max_units, int batch, int kv_heads, int sms,
     // 4-warp CTAs are always planned (plan_splits takes an unknown occupancy as 1 an SM).
     if (i > 0 && (warps[i] <= 0 || ctas_per_sm[i] <= 0)) continue;
     const SplitPlan s = plan_splits(max_units, batch, kv_heads, sms, ctas_per_sm[i], warps[i], tail_quarters);
-    const long long places = 1LL * (ctas_per_sm[i] > 0 ? ctas_per_sm[i] : 1) * (sms > 0 ? sms : 1);
+    const long long places = 1LL * s.ctas_per_sm * (sms > 0 ? sms : 1);
     const long long ctas = 1LL * s.splits * (batch > 0 ? batch : 1) * (kv_heads > 0 ? kv_heads : 1);
     if (i > 0 && 10 * ctas < 9 * places) continue;  // the first wave would leave SMs idle
     const long long waves = (ctas + places - 1) / places;
@@ -271,8 +273,9 @@ inline SplitPlan plan_attention(int max_units, int batch, int kv_heads, int sms,
 /// few CTAs (a 128k plan replayed at 1k x 1: 32.8 -> 25.4 us, H100).
 inline int plan_spread(int splits, int ctas_per_sm, int sms, long long items) {
   const long long places = 1LL * (ctas_per_sm > 0 ? ctas_per_sm : 1) * (sms > 0 ? sms : 1);
-  const long long per_item = places / (items > 0 ? items : 1);
-  return int(per_item < 1 ? 1 : per_item < splits ? per_item : splits > 0 ? splits : 1);
+  long long spread = places / (items > 0 ? items : 1);
+  if (spread > splits) spread = splits;
+  return spread > 1 ? int(spread) : 1;
 }
 
 }  // namespace detail

@@ -44,11 +44,7 @@ DecodePlan Cache::make_plan(int batch, int tokens_per_slot) {
   const auto split = m.attend_plan(m.max_blocks + 1, false, tiles, tile_rows);
   p->splits = std::min(split.splits, m.part_splits);
   p->warps = split.warps;
-  int ctas_per_sm = 1;
-  for (int i = 0; i < 3; ++i)
-    if (detail::fused_cta_warps(m.D, tile_rows, i) == split.warps)
-      ctas_per_sm = std::max(ctas_per_sm, m.ctas_per_sm[tile_rows > detail::kMmaRows][i]);
-  p->spread = detail::plan_spread(p->splits, ctas_per_sm, m.sms, 1LL * tiles * m.H);
+  p->spread = detail::plan_spread(p->splits, split.ctas_per_sm, m.sms, 1LL * tiles * m.H);
   p->slots.allocate(batch, "plan slots");
   const size_t jobs = size_t(batch) * m.H;
   p->scratch.reserve(jobs, jobs * p->copy_runs(), batch, "plan buffers");

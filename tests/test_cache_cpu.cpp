@@ -271,6 +271,7 @@ TEST(AttentionSplits, CtaSizeLargeAtFullLoadSmallForShortCalls) {
     const detail::SplitPlan s = detail::plan_splits(units, batch, heads, sms, ctas[i], p.warps);
     EXPECT_EQ(p.splits, s.splits);
     EXPECT_EQ(p.units_per_split, s.units_per_split);
+    EXPECT_EQ(p.ctas_per_sm, ctas[i]);
     ASSERT_GE(1LL * p.splits * p.units_per_split, units);
     if (i > 0) EXPECT_GE(10LL * p.splits * batch * heads, 9LL * ctas[i] * sms) << "a large CTA for a call that leaves SMs idle";
   }
@@ -286,7 +287,8 @@ TEST(AttentionSplits, GraphPlansSpreadShortSequencesOverOneWave) {
     const detail::SplitPlan plan = detail::plan_attention(2049, batch, 8, 132, warps, h100);  // 128k tokens
     int i = 0;
     while (warps[i] != plan.warps) ASSERT_LT(++i, 3);
-    const int spread = detail::plan_spread(plan.splits, h100[i], 132, items);
+    EXPECT_EQ(plan.ctas_per_sm, h100[i]);  // what make_plan passes on
+    const int spread = detail::plan_spread(plan.splits, plan.ctas_per_sm, 132, items);
     ASSERT_GE(spread, 1);
     ASSERT_LE(spread, plan.splits);
     const long long places = 132LL * h100[i];
