@@ -138,7 +138,7 @@ void time_calls(benchmark::State& st, Run&& run, cudaStream_t stream = 0) {
 }
 
 enum Variant { kFlash = 1, kCublas = 2, kKvcomp = 3, kKivi4 = 4, kKivi2 = 5, kKvcompHadamard = 7, kKvcompT32 = 8, kKvcompT128 = 9,
-               kKvcompCodes8 = 10 };  // numbers name the benchmarks
+               kKvcompCodes8 = 10, kKvcompCodes6 = 11 };  // numbers name the benchmarks
 
 /// kvcomp's variants: the Config each reads (the default cache, or one built on first use) and its label.
 struct KvcompVariant {
@@ -155,6 +155,7 @@ constexpr KvcompVariant kKvcompVariants[] = {
     {kKvcompT32, kvcomp::Transform::None, 32, kInput, "kvcomp eb0.05 T32"},
     {kKvcompT128, kvcomp::Transform::None, 128, kInput, "kvcomp eb0.05 T128"},
     {kKvcompCodes8, kvcomp::Transform::None, 64, kvcomp::TailFormat::Codes8, "kvcomp eb0.05 codes8"},
+    {kKvcompCodes6, kvcomp::Transform::None, 64, kvcomp::TailFormat::Codes6, "kvcomp eb0.05 codes6"},
 };
 const KvcompVariant* kvcomp_variant(Variant var) {
   for (const KvcompVariant& v : kKvcompVariants)
@@ -316,9 +317,9 @@ void sweep_args(benchmark::internal::Benchmark* b) {
   // a token, but each warp's serial decode twice as long (bench/RESULTS.md: slower at every shape measured).
   for (const auto& nb : std::vector<std::pair<int, int>>{{4096, 8}, {32768, 8}, {131072, 1}})
     b->Args({nb.first, nb.second, kKvcompT128, 4, 128});
-  // Config::tail_format = Codes8 against the default (Input) where the open tail is longest (63 tokens).
+  // Config::tail_format = Codes8 and Codes6 against the default (Input) where the open tail is longest (63 tokens).
   for (const auto& nb : std::vector<std::pair<int, int>>{{1087, 1}, {1087, 8}, {32831, 8}})
-    for (int var : {kKvcomp, kKvcompCodes8}) b->Args({nb.first, nb.second, var, 4, 128});
+    for (int var : {kKvcomp, kKvcompCodes8, kKvcompCodes6}) b->Args({nb.first, nb.second, var, 4, 128});
   // More contexts with a 63-token tail: what the tail costs at full load and at batch 1 (bench/RESULTS.md);
   // Codes8 at full load, where the tail rides with the last split's blocks or adds a block.
   for (const auto& nb : std::vector<std::pair<int, int>>{{4159, 1}, {4159, 8}, {16447, 8}, {32831, 1}, {131135, 1}})

@@ -12,7 +12,7 @@ the same token-by-token path over an uncompressed cache (a check of the path).
 
 Bytes per token count everything a cache holds for the tokens: for kvcomp the
 blocks (headers, group params, lane tables, payload), 8-byte block-table
-entries, the open tail as stored (in the K/V input type, or as 8-bit codes with `tail=codes`;
+entries, the open tail as stored (in the K/V input type, or as 8- or 6-bit codes with `tail=codes` / `tail=codes6`;
 `tailbytes=4` counts it as format v2's fp32) and the K/V codebooks (256 code lengths each); for KIVI the codes, fp16 scale/zero per group and the fp16
 window. They are averaged over every moment of decoding (sum of bytes held /
 sum of tokens held, over all tokens and layers), so a tail or window is
@@ -84,10 +84,12 @@ def make_cache(spec, model, kvcomp, hf, scales=None, pool_bytes=256 << 20, max_t
         cfg.v_bound = kvcomp.ErrorBound(mode, float(o.get("v", eb)))
         cfg.block_tokens = int(o.get("T", 64))
         cfg.pool_bytes = pool_bytes
-        if "tail" in o:  # tail=codes: the open tail as 8-bit codes (Config.tail_format = Codes8); tail=input
-            if o["tail"] not in ("codes", "input"):
-                raise SystemExit("tail= codes or input")
-            cfg.tail_format = kvcomp.TailFormat.Codes8 if o["tail"] == "codes" else kvcomp.TailFormat.Input
+        if "tail" in o:  # tail=codes (or codes8): the open tail as 8-bit codes (Config.tail_format = Codes8);
+            formats = {"codes": kvcomp.TailFormat.Codes8, "codes8": kvcomp.TailFormat.Codes8,  # codes6; input
+                       "codes6": kvcomp.TailFormat.Codes6, "input": kvcomp.TailFormat.Input}
+            if o["tail"] not in formats:
+                raise SystemExit("tail= codes8 (codes), codes6 or input")
+            cfg.tail_format = formats[o["tail"]]
         if o.get("calib"):  # absolute bounds: eb x the (layer, head)'s RMS on training text
             if scales is None:
                 raise SystemExit("calib=1 needs --calib-text")
@@ -123,7 +125,7 @@ def make_cache(spec, model, kvcomp, hf, scales=None, pool_bytes=256 << 20, max_t
             cfg.overrides = layer_ovs
         cache = hf.KvcompCache(model, cfg, prefill="cache", max_tokens=int(o.get("max_tokens", max_tokens)),
                                transform=o.get("rot"))
-        if "tailbytes" in o and o.get("tail") == "codes":
+        if "tailbytes" in o and o.get("tail", "input") != "input":
             raise SystemExit("tailbytes= counts an Input tail; not with tail=codes")
         if "tailbytes" in o:  # count the open tail at this many bytes a value (4: format v2's fp32 tail)
             cache.tail_value_bytes = int(o["tailbytes"])

@@ -24,6 +24,11 @@ quantization codes instead of fp16, with the codes they will keep when the block
          tail is the only copy, so the block's bound adds to the tail's rounding): e4m3 (fp8, no scale:
          8 bits), e4m3s (fp8 times an fp16 scale per token and kv head, amax -> 448: 8 + 16 / D bits), iN
          (N-bit codes per token and kv head over its range, fp16 min and step: N + 32 / D bits).
+  tqk=f, tqv=f  (today only) tq for K or V alone (overrides tq). tqk=cN: K's open block as N-bit codes per
+         channel on a grid from the previous closed block's channel range r (lo - r/2 .. hi + r/2, so no
+         parameters are stored); a value off the grid is held exactly (32 bits); block 0 as i8.
+  vg=ch  (today only) V quantized per channel over each closed block's T tokens, as K is (params per channel and
+         block) instead of per token.
 
 Quality: teacher-forced perplexity through kvcomp.hf's token path with the emulated cache (PyTorch). Bytes:
 estimated like bench/quantizer_study.py: closed blocks at the empirical entropy of their (layer, K|V) code
@@ -116,6 +121,19 @@ def tail_round(x, tq):
     raise SystemExit(f"tq={tq}: e4m3, e4m3s or iN")
 
 
+def tail_round_channels(x, lo, hi, n):
+    """tqk=cN: x [B, H, D] on the N-bit grid of the previous block's channel ranges (lo, hi [B, H, 1, D]);
+    returns (values, off-grid mask); off-grid values stay exact."""
+    lo, hi = lo[:, :, 0], hi[:, :, 0]
+    r = hi - lo
+    base = half_down(lo - r / 2)
+    step = (2 * r / (2 ** n - 1)).half().float()
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    q = torch.round((x - base) / safe)
+    off = (q < 0) | (q > 2 ** n - 1) | (step <= 0) | ~torch.isfinite(x)
+    return torch.where(off, x, q * step + base), off
+
+
 def tail_value_bits(tq, D):
     if not tq:
         return 16.0
@@ -131,7 +149,7 @@ def k_on_arrival(mode):
 
 
 def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_of=None, codebooks=0, k_bits=0,
-               step_bits=0, k_delta=0, sinks=0, tq=""):
+               step_bits=0, k_delta=0, sinks=0, tq="", tqk=None, tqv=None, v_channels=False):
     """basis_of(layer) -> (K's, V's) [H, D, D] orthonormal per kv head (instead of `rot`; q rotates with K,
     the output back with V), or (A_k, A_q, A_v, A_out) [H, D, D] (k' = k A_k, q' = q A_q with A_q A_k^T = I;
     v' = v A_v, the output o' A_out with A_v A_out = I), codebooks: 0 = bytes from one code histogram per
@@ -145,6 +163,11 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
     assert (k_bits == 0 and step_bits == 0) or (mode == "today" and abs_eb_of is None), "compact params: today only"
     assert sinks == 0 or (mode == "today" and R == 0 and sinks < T), "sinks: today's scheme, fewer than T"
     assert not tq or (mode == "today" and sinks == 0), "tq: today's scheme, no sinks"
+    tqk = tq if tqk is None else tqk
+    tqv = tq if tqv is None else tqv
+    assert not (tqk or tqv) or (mode == "today" and sinks == 0 and R == 0), "tqk/tqv: today's scheme"
+    assert not tqv.startswith("c"), "tqv: cN is K's"
+    assert not v_channels or (mode == "today" and sinks == 0 and R == 0 and abs_eb_of is None), "vg: today's"
 
     class Layer(hf._Layer):
         def __init__(self, owner, index):
@@ -168,6 +191,7 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
             self.first = torch.zeros(MAX_CODE + 1, dtype=torch.int64, device="cuda")
             self.chosen = [torch.zeros(2 * MAX_CODE + 1, dtype=torch.int64, device="cuda") for _ in range(2)]
             self.k_groups = [0, 0]  # kd=2: channel blocks coded plain, as differences
+            self.tail_off = [0, 0]  # tqk=cN: K tail values of blocks >= 1 off the grid, of all such values
 
         def _basis_for(self, which, heads):  # q heads share their kv head's basis
             M = self.basis[which]
@@ -241,8 +265,17 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
         def _store_token(self, k, v):  # k, v [B, H, D]
             i = self.length
             x, y = self._prep(k), self._prep(v, 2)
-            if tq:  # the open block's only copy, in the narrower type
-                x, y = tail_round(x, tq), tail_round(y, tq)
+            if tqk.startswith("c"):  # the open block's only copy, in the narrower type
+                if i >= T:
+                    x, off = tail_round_channels(x, *self.prev, int(tqk[1:]))
+                    self.tail_off[0] += int(off.sum())
+                    self.tail_off[1] += off.numel()
+                else:
+                    x = tail_round(x, "i8")
+            elif tqk:
+                x = tail_round(x, tqk)
+            if tqv:
+                y = tail_round(y, tqv)
             if self.k is None:
                 B, H, D = x.shape
                 W = self.owner.window
@@ -250,14 +283,23 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
                 self.v = torch.zeros_like(self.k)
                 self.k_exact = torch.zeros(B, H, W, D, device=x.device)
             # V: per token. Today the open block holds it exactly; its codes are counted when the block closes.
-            lo, hi = y.amin(-1, keepdim=True), y.amax(-1, keepdim=True)
-            rec_v, code_v = quantize(y, *self._params(lo, hi, 1))
-            self.v[:, :, i] = rec_v if v_now else y
-            if i >= sinks:
-                self._count(1, code_v)
             closing = i >= R and (i - R) % T == T - 1  # block (i - R) // T closes after token i
             first = i - R - T + 1  # its first token
-            if not v_now and closing:
+            if v_channels:  # vg=ch: per channel over the block when it closes
+                self.v[:, :, i] = y
+                if closing:
+                    blk = self.v[:, :, first:first + T]
+                    lo, hi = blk.amin(2, keepdim=True), blk.amax(2, keepdim=True)
+                    rec, code = quantize(blk, *self._params(lo, hi, 1))
+                    self.v[:, :, first:first + T] = rec
+                    self._count(1, code)
+            else:
+                lo, hi = y.amin(-1, keepdim=True), y.amax(-1, keepdim=True)
+                rec_v, code_v = quantize(y, *self._params(lo, hi, 1))
+                self.v[:, :, i] = rec_v if v_now else y
+                if i >= sinks:
+                    self._count(1, code_v)
+            if not v_now and not v_channels and closing:
                 exact = self.v[:, :, first:first + sinks].clone() if first == 0 else None
                 self.v[:, :, first:first + T] = self._requant_v(first)
                 if exact is not None:  # the sink tokens stay exact
@@ -305,6 +347,7 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
     c = study.emulated_cache(hf, model, Layer, rot)
     c.window = model.config.max_position_embeddings
     c.k_bits, c.step_bits, c.k_delta, c.sinks, c.tq = k_bits, step_bits, k_delta, sinks, tq
+    c.tqk, c.tqv, c.v_channels = tqk, tqv, v_channels
     return c
 
 
@@ -371,14 +414,20 @@ def estimate_bytes_per_token(cache, mode, W, T, R, pairs=False):
                       f"{entropy_bits(layer.dhist):.3f} bit, kd={kd}: {ent:.3f} bit{chosen}", flush=True)
             closed_bits.append((ent + 0.05 + esc / n * 40.0) * D * H)  # per token
             on_arrival = k_on_arrival(mode) if which == 0 else v_on_arrival(mode)
-            tail_bits.append(tail_width_bits(h, esc) * D * H if on_arrival
-                             else tail_value_bits(getattr(cache, "tq", ""), D) * D * H)
+            tqw = getattr(cache, "tqk" if which == 0 else "tqv", getattr(cache, "tq", ""))
+            if on_arrival:
+                tail_bits.append(tail_width_bits(h, esc) * D * H)
+            elif tqw.startswith("c"):  # blocks >= 1: N bits + 32 per off-grid value; block 0 as i8
+                off = layer.tail_off[0] / max(1, layer.tail_off[1])
+                tail_bits.append((int(tqw[1:]) + 32.0 * off) * D * H)
+            else:
+                tail_bits.append(tail_value_bits(tqw, D) * D * H)
         # Per token: 4 bytes per group (K: per channel and block, V: per token); pk: 2, plus 4 per overflow.
         pk, ps = getattr(cache, "k_bits", 0), getattr(cache, "step_bits", 0)
         group_bits = [21.0 + ps] * 2 if ps else [32.0, 32.0] if not pk else \
             [16.0 + 32.0 * layer.overflow[w] / max(1, layer.groups[w]) for w in (0, 1)]
         k_params = group_bits[0] * D * H / T
-        v_params = group_bits[1] * H
+        v_params = group_bits[1] * H * (D / T if getattr(cache, "v_channels", False) else 1)
         block_fixed = 2 * H * (64 + 8) * 8 + H * 8 * 8
         books = 2 * H * layer.codebooks * 256 * 8  # 256-byte codebooks, held all along
         for t in range(1, W + 1):
@@ -388,6 +437,8 @@ def estimate_bytes_per_token(cache, mode, W, T, R, pairs=False):
             bits = closed * (closed_bits[0] + closed_bits[1] + k_params + v_params) + blocks * block_fixed
             # Block 0's K is held exactly until it closes; V's params come with its codes.
             k_bits = tail_bits[0] if t >= T or mode == "today" else 16.0 * D * H
+            if t < T and getattr(cache, "tqk", "").startswith("c"):
+                k_bits = tail_value_bits("i8", D) * D * H
             bits += open_ * (k_bits + tail_bits[1] + (v_params if v_on_arrival(mode) else 0.0))
             # Sink tokens held exactly (fp16 K and V) besides their block (which is counted as if whole).
             bits += min(t, getattr(cache, "sinks", 0)) * 32.0 * D * H
@@ -406,7 +457,8 @@ def main():
         return make_cache(hf, model, o.get("mode", "today"), lambda i: l0 if i == 0 else eb,
                           float(o.get("margin", 1)), o.get("rot", "0") == "1", int(o.get("T", 64)), int(o.get("R", 0)),
                           k_bits=int(o.get("pk", 0)), step_bits=int(o.get("ps", 0)), k_delta=int(o.get("kd", 0)),
-                          sinks=int(o.get("sink", 0)), tq=o.get("tq", ""))
+                          sinks=int(o.get("sink", 0)), tq=o.get("tq", ""), tqk=o.get("tqk"), tqv=o.get("tqv"),
+                          v_channels=o.get("vg", "") == "ch")
 
     def estimate(cache, o):
         return estimate_bytes_per_token(cache, o.get("mode", "today"), W, int(o.get("T", 64)), int(o.get("R", 0)))

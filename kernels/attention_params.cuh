@@ -46,7 +46,7 @@ struct AttendParams {
   const void* v_tail;             // this layer's V tails, same layout
   int32_t tail_rows;
   int32_t tail_row_bytes;
-  int32_t tail_codes;             // 1: Codes8 rows (kvcomp/tail_codes.hpp), params of tail_dtype
+  int32_t tail_codes;             // 8 or 6: Codes8 / Codes6 rows (kvcomp/tail_codes.hpp), params of tail_dtype
   const void* q;                  // [batch][q_heads][D]
   void* out;                      // [batch][q_heads][D]
   float* part;                    // [batch][q_heads][splits][D + 2]

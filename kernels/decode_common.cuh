@@ -141,24 +141,27 @@ struct AllVisible {
 };
 
 /// The fused kernel's tail rows, row t at p + t row_bytes: D elements of E, or
-/// with `codes` a Codes8 row (kvcomp/tail_codes.hpp: D codes, then lo and step
-/// as E). One type for both, so that attend_rows is instantiated once; its
-/// loops run one branch-free copy per row kind (the kCodes arguments).
+/// with `codes` (8 or 6 code bits) a Codes8 / Codes6 row (kvcomp/tail_codes.hpp:
+/// D codes, then lo and step as E), read as 8-bit codes. One type for all,
+/// so that attend_rows is instantiated once; its loops run one branch-free
+/// copy per row kind (the kCodes arguments).
 template <typename E, int D>
 struct TailRows {
   const uint8_t* p;
   int row_bytes;
-  bool codes;
-  /// The raw bits of 4 channels: 4 codes, or 4 elements of E.
+  int codes;  // 0: rows of E; 8 or 6: code bits
+  /// The raw bits of 4 channels: 4 codes (8-bit), or 4 elements of E.
   template <bool kCodes>
   using Raw = std::conditional_t<kCodes, uint32_t, std::conditional_t<sizeof(E) == 2, uint2, uint4>>;
   /// One row, its params read once.
   struct Row {
     const uint8_t* r;
     float lo, step;
+    int bits;
     template <bool kCodes>
     __device__ __forceinline__ Raw<kCodes> load(int c) const {  // channels c .. c + 3 (c a multiple of 4)
-      return *reinterpret_cast<const Raw<kCodes>*>(r + c * (kCodes ? 1 : int(sizeof(E))));
+      if constexpr (kCodes) return format::tail_quad8(r, c, bits);
+      else return *reinterpret_cast<const Raw<kCodes>*>(r + c * int(sizeof(E)));
     }
     template <bool kCodes>
     __device__ __forceinline__ float4 decode(const Raw<kCodes>& w) const {
@@ -171,7 +174,7 @@ struct TailRows {
     }
     template <bool kCodes>
     __device__ __forceinline__ uint32_t load1(int c) const {  // channel c's raw bits
-      if constexpr (kCodes) return r[c];
+      if constexpr (kCodes) return format::tail_code8(r, c, bits);
       else if constexpr (sizeof(E) == 2) return reinterpret_cast<const uint16_t*>(r)[c];
       else return reinterpret_cast<const uint32_t*>(r)[c];
     }
@@ -184,9 +187,9 @@ struct TailRows {
   };
   template <bool kCodes>
   __device__ __forceinline__ Row open(int t) const {
-    Row w{p + size_t(t) * row_bytes, 0.f, 0.f};
+    Row w{p + size_t(t) * row_bytes, 0.f, 0.f, codes};
     if constexpr (kCodes) {
-      const E* prm = reinterpret_cast<const E*>(w.r + D);
+      const E* prm = reinterpret_cast<const E*>(w.r + format::tail_code_bytes(D, codes));
       w.lo = to_float(prm[0]);
       w.step = to_float(prm[1]);
     }

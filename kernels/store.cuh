@@ -120,10 +120,11 @@ template <> constexpr int tail_elem_of<__half>() { return format::kTailElemF16; 
 template <> constexpr int tail_elem_of<__nv_bfloat16>() { return format::kTailElemBF16; }
 template <> constexpr int tail_elem_of<float>() { return format::kTailElemF32; }
 
-/// A token's vector through the Codes8 codec (kvcomp/tail_codes.hpp), by one
-/// warp: lane l holds x[j] = channel l + 32 j (D <= 256); returns its params.
+/// A token's vector through the Codes8 / Codes6 codec (kvcomp/tail_codes.hpp;
+/// `bits` code bits), by one warp: lane l holds x[j] = channel l + 32 j
+/// (D <= 256); returns its params.
 template <typename Elem>
-__device__ format::TailQuant tail_quant_of_row(const float (&x)[8], int D) {
+__device__ format::TailQuant tail_quant_of_row(const float (&x)[8], int D, int bits) {
   const int lane = threadIdx.x % 32;
   float lo = format::kEmptyLo, hi = format::kEmptyHi;
 #pragma unroll
@@ -134,35 +135,37 @@ __device__ format::TailQuant tail_quant_of_row(const float (&x)[8], int D) {
     lo = fminf(lo, __shfl_xor_sync(0xFFFFFFFFu, lo, o));
     hi = fmaxf(hi, __shfl_xor_sync(0xFFFFFFFFu, hi, o));
   }
-  return format::make_tail_quant(lo, hi, tail_elem_of<Elem>());
+  return format::make_tail_quant(lo, hi, tail_elem_of<Elem>(), bits);
 }
 
-/// stage_block for Codes8 tails (job.tail_codes): a warp a row; tail rows are
-/// decoded from their codes, input rows go through the codes (encoded and
-/// decoded), so a block holds the same values whichever way its tokens came.
+/// stage_block for code tails (job.tail_codes: 8 or 6 code bits): a warp a
+/// row; tail rows are decoded from their codes, input rows go through the
+/// codes (encoded and decoded), so a block holds the same values whichever
+/// way its tokens came.
 template <typename Elem>
 __device__ void stage_block_codes(const StoreJob& job, Kind kind, int T, int D, float* vals, int stride) {
-  const int lane = threadIdx.x % 32, warps = int(blockDim.x) / 32;
+  const int lane = threadIdx.x % 32, warps = int(blockDim.x) / 32, bits = job.tail_codes;
   const uint8_t* tail = static_cast<const uint8_t*>(kind == Kind::Key ? job.k_tail : job.v_tail);
   const Elem* in = static_cast<const Elem*>(kind == Kind::Key ? job.k_in : job.v_in);
-  const size_t row_bytes = format::tail_code_row_bytes(D, sizeof(Elem));
+  const size_t row_bytes = format::tail_code_row_bytes(D, sizeof(Elem), bits);
   for (int t = int(threadIdx.x) / 32; t < T; t += warps) {
     float x[8];
     if (t < job.tail_tokens) {
       const uint8_t* r = tail + size_t(t) * row_bytes;
-      const Elem* prm = reinterpret_cast<const Elem*>(r + D);
+      const Elem* prm = reinterpret_cast<const Elem*>(r + format::tail_code_bytes(D, bits));
       const float lo = load_exact(prm[0]), step = load_exact(prm[1]);
 #pragma unroll
       for (int j = 0; j < 8; ++j)
-        if (lane + 32 * j < D) x[j] = format::tail_value(r[lane + 32 * j], lo, step);
+        if (lane + 32 * j < D) x[j] = format::tail_value(format::tail_code8(r, lane + 32 * j, bits), lo, step);
     } else {
       const Elem* r = in + int64_t(t - job.tail_tokens) * job.in_token_stride;
 #pragma unroll
       for (int j = 0; j < 8; ++j) x[j] = lane + 32 * j < D ? load_exact(r[lane + 32 * j]) : 0.f;
-      const format::TailQuant q = tail_quant_of_row<Elem>(x, D);
+      const format::TailQuant q = tail_quant_of_row<Elem>(x, D, bits);
 #pragma unroll
       for (int j = 0; j < 8; ++j)
-        if (lane + 32 * j < D) x[j] = format::tail_value(format::tail_code(x[j], q), q.lo, q.step);
+        if (lane + 32 * j < D)
+          x[j] = format::tail_value(format::tail_code_to8(format::tail_code(x[j], q, bits), bits), q.lo, q.step);
     }
 #pragma unroll
     for (int j = 0; j < 8; ++j)
@@ -609,14 +612,16 @@ __global__ void tail_copy_kernel(const TailCopy* copies, int D, const int32_t* e
   }
 }
 
-/// tail_copy_kernel for Codes8 tails: each input row (a token of one kv head)
-/// becomes D codes and its params (kvcomp/tail_codes.hpp), a warp a row.
+/// tail_copy_kernel for code tails (`bits`: 8 or 6): each input row (a token
+/// of one kv head) becomes D codes and its params (kvcomp/tail_codes.hpp), a
+/// warp a row. Codes6: lane 4u gathers its quad's 4 codes (channels 4u ..
+/// 4u + 3 of the 32 a pass holds) and writes their 3 bytes.
 template <typename Elem>
-__global__ void tail_code_copy_kernel(const TailCopy* copies, int D, const int32_t* entry_ok) {
+__global__ void tail_code_copy_kernel(const TailCopy* copies, int D, int bits, const int32_t* entry_ok) {
   const TailCopy c = copies[blockIdx.x];
   if (c.rows <= 0 || entry_ok[c.entry] == 0) return;
   const int lane = threadIdx.x % 32, warps = int(blockDim.x) / 32;
-  const size_t row_bytes = format::tail_code_row_bytes(D, sizeof(Elem));
+  const size_t row_bytes = format::tail_code_row_bytes(D, sizeof(Elem), bits), code_bytes = format::tail_code_bytes(D, bits);
   for (int i = int(threadIdx.x) / 32; i < 2 * c.rows; i += warps) {
     const bool key = i < c.rows;
     const int t = key ? i : i - c.rows;
@@ -625,17 +630,33 @@ __global__ void tail_code_copy_kernel(const TailCopy* copies, int D, const int32
     float x[8];
 #pragma unroll
     for (int j = 0; j < 8; ++j) x[j] = lane + 32 * j < D ? load_exact(src[lane + 32 * j]) : 0.f;
-    const format::TailQuant q = tail_quant_of_row<Elem>(x, D);
+    const format::TailQuant q = tail_quant_of_row<Elem>(x, D, bits);
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
-      if (lane + 32 * j < D) dst[lane + 32 * j] = uint8_t(format::tail_code(x[j], q));
+    for (int j = 0; j < 8; ++j) {
+      if (32 * j >= D) break;  // warp-uniform (D is a multiple of 16: a pass's quads are whole)
+      const int ch = lane + 32 * j;
+      const uint32_t code = ch < D ? format::tail_code(x[j], q, bits) : 0u;
+      if (bits == 8) {
+        if (ch < D) dst[ch] = uint8_t(code);
+      } else {
+        const uint32_t c1 = __shfl_down_sync(0xFFFFFFFFu, code, 1), c2 = __shfl_down_sync(0xFFFFFFFFu, code, 2);
+        const uint32_t c3 = __shfl_down_sync(0xFFFFFFFFu, code, 3);
+        const uint32_t unit = code | c1 << 6 | c2 << 12 | c3 << 18;
+        if (lane % 4 == 0 && ch < D) {
+          uint8_t* u = dst + 3 * ch / 4;
+          u[0] = uint8_t(unit);
+          u[1] = uint8_t(unit >> 8);
+          u[2] = uint8_t(unit >> 16);
+        }
+      }
+    }
     if (lane == 0) {
       if constexpr (sizeof(Elem) == 2) {
-        reinterpret_cast<uint16_t*>(dst + D)[0] = uint16_t(q.lo_bits);
-        reinterpret_cast<uint16_t*>(dst + D)[1] = uint16_t(q.step_bits);
+        reinterpret_cast<uint16_t*>(dst + code_bytes)[0] = uint16_t(q.lo_bits);
+        reinterpret_cast<uint16_t*>(dst + code_bytes)[1] = uint16_t(q.step_bits);
       } else {
-        reinterpret_cast<uint32_t*>(dst + D)[0] = q.lo_bits;
-        reinterpret_cast<uint32_t*>(dst + D)[1] = q.step_bits;
+        reinterpret_cast<uint32_t*>(dst + code_bytes)[0] = q.lo_bits;
+        reinterpret_cast<uint32_t*>(dst + code_bytes)[1] = q.step_bits;
       }
     }
   }

@@ -45,7 +45,7 @@ struct StoreJob {
   ErrorBound eb_k;
   ErrorBound eb_v;
   int32_t tail_tokens;
-  int32_t tail_codes;        // 1: tail rows are Codes8 rows, and input rows go through the codes too
+  int32_t tail_codes;        // 8 or 6: tail rows are Codes8 / Codes6 rows, and input rows go through the codes too
   uint32_t codebook;         // K codebook index; the V codebook is codebook + 1
   uint32_t table_index;      // BlockRef slot this pair fills
   uint32_t entry;            // the AppendEntry this job belongs to
@@ -78,7 +78,7 @@ struct AppendEntry {
 
 /// Where tail rows live: one buffer [layer][K|V][slot][kv head][rows] of
 /// row_bytes() each: D elements of the input's type (elem_bytes each), or
-/// with `codes` (Config::tail_format = Codes8) a row of D codes and its params
+/// with `codes` (Config::tail_format = Codes8 / Codes6) a row of D codes and its params
 /// (kvcomp/tail_codes.hpp). The tail of (slot, head) is a
 /// ring: token t sits in row t % rows. rows = T, or 2 T when the cache keeps
 /// tokens back for rollback (Config::max_rollback > 0: a tail then holds up
@@ -92,9 +92,9 @@ struct TailLayout {
   int head_dim;
   size_t elem_bytes;
   int rows;
-  int32_t codes = 0;  // 1: Codes8 rows
+  int32_t codes = 0;  // 0: rows of the input type; 8 or 6: Codes8 / Codes6 rows (code bits)
   KVCOMP_HD size_t row_bytes() const {
-    return codes ? format::tail_code_row_bytes(head_dim, elem_bytes) : size_t(head_dim) * elem_bytes;
+    return codes ? format::tail_code_row_bytes(head_dim, elem_bytes, codes) : size_t(head_dim) * elem_bytes;
   }
   KVCOMP_HD int ring_row(int64_t token) const { return int(token % rows); }
   /// Tail row `row` of (layer, slot, head, kind).

@@ -1,17 +1,17 @@
 // The fused kernel's uncompressed tail: the tokens of each (sequence, kv
 // head)'s block in progress (up to T - 1, more with max_rollback), held in a
-// ring of rows (TailLayout): D elements of the input type, or Codes8 rows
-// (kvcomp/tail_codes.hpp). A CTA that has the tail spreads its 32-token
+// ring of rows (TailLayout): D elements of the input type, or Codes8 / Codes6
+// rows (kvcomp/tail_codes.hpp). A CTA that has the tail spreads its 32-token
 // chunks over its warps after their blocks; each warp folds its chunks into
 // its partial rows ([R][D + 2]: acc, max, sum).
 //
-// fp16 and bf16 rows, and Codes8 rows with fp16 or bf16 params, go on tensor
+// fp16 and bf16 rows, and code rows with fp16 or bf16 params, go on tensor
 // cores (attend_tail_mma), as a block's codes do: a chunk is ~70 loads and
 // ~100 mmas a lane, about a quarter of a block's time, so the split plan can
 // put the tail after a split's blocks rather than give it a unit of its own
 // that would add a block to the busiest warps (tail_rides,
 // attention_params.cuh; bench/RESULTS.md: 32831 x 8 373 -> 359 us). fp32
-// rows and Codes8 rows with fp32 params take the CUDA-core path
+// rows and code rows with fp32 params take the CUDA-core path
 // (attend_tail_rows), about a block's time a chunk.
 #pragma once
 
@@ -32,7 +32,7 @@ constexpr int32_t kTailF16 = 0, kTailBF16 = 1;  // AttendParams::tail_dtype, as 
 struct TailArgs {
   const void* k_tail;
   const void* v_tail;
-  int tail_rows, row_bytes, codes, dtype, sinks;
+  int tail_rows, row_bytes, codes, dtype, sinks;  // codes: 0 (rows of the input type), 8 or 6 code bits
   int ring;     // slot * kv_heads + head: its ring of tail_rows rows
   int t_begin;  // the tail's first token (closed blocks x T)
   int tokens;   // tokens in it
@@ -71,7 +71,7 @@ __device__ __noinline__ void attend_tail_rows(const TailArgs a, const float* q_s
     row_hi[g] = row_bounds[g].y;
   }
   const size_t base = size_t(a.ring) * a.tail_rows * a.row_bytes;  // bytes
-  // The tail is held in the K/V input's type, or as Codes8 rows with params of that type.
+  // The tail is held in the K/V input's type, or as code rows with params of that type.
   auto attend_in = [&](auto type_tag) {
     using E = decltype(type_tag);
     const uint8_t* kt = static_cast<const uint8_t*>(a.k_tail) + base;
@@ -84,8 +84,8 @@ __device__ __noinline__ void attend_tail_rows(const TailArgs a, const float* q_s
       };
       // Token t is in ring row t % tail_rows; 32 rows from a multiple of 32 never wrap (T, rows: multiples of 32).
       const size_t at = size_t(t0 % a.tail_rows) * a.row_bytes;
-      attend_rows<D, kRows>(st, q_s, TailRows<E, D>{kt + at, a.row_bytes, a.codes != 0},
-                            TailRows<E, D>{vt + at, a.row_bytes, a.codes != 0}, min(32, a.tokens - first), visible);
+      attend_rows<D, kRows>(st, q_s, TailRows<E, D>{kt + at, a.row_bytes, a.codes},
+                            TailRows<E, D>{vt + at, a.row_bytes, a.codes}, min(32, a.tokens - first), visible);
     }
   };
   if (a.dtype == kTailF16) attend_in(__half{});
@@ -132,7 +132,7 @@ __device__ __forceinline__ void split_pair(float x0, float x1, uint32_t& hi, uin
   lo = MmaType<E>::pack(x0 - MmaType<E>::low(hi), x1 - MmaType<E>::high(hi));
 }
 
-/// A Codes8 row's 4 codes (channels c .. c + 3, one byte each) as fp16
+/// 4 codes of a row (channels c .. c + 3, 8-bit codes: tail_quad8) as fp16
 /// integers, two to a register in the layout of 4 fp16 elements: exact
 /// (0x6400 | code is 1024 + code). Codes above 252 (-Inf, +Inf, NaN: any
 /// flagged by special_codes) need codes_as_half_special.
@@ -165,7 +165,7 @@ __device__ __forceinline__ uint2 codes_as_half_special(uint32_t w) {
   }
   return make_uint2(h[0] | h[1] << 16, h[2] | h[3] << 16);
 }
-/// A Codes8 row's lo and step (fp16 or bf16 params, `dtype`), from their 4 bytes.
+/// A code row's lo and step (fp16 or bf16 params, `dtype`), from their 4 bytes.
 __device__ __forceinline__ float2 code_params(uint32_t w, int dtype) {
   if (dtype == kTailBF16) return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xFFFF0000u));
   return make_float2(__half2float(__ushort_as_half(uint16_t(w))), __half2float(__ushort_as_half(uint16_t(w >> 16))));
@@ -173,7 +173,8 @@ __device__ __forceinline__ float2 code_params(uint32_t w, int dtype) {
 
 /// The tail's chunks of one warp on tensor cores, all kTiles x 8 rows of the
 /// CTA, folded into `rows` as attend_tail_rows. Rows of E = fp16 or bf16, or
-/// (kCodes, E = fp16: the mma's type) Codes8 rows with fp16 or bf16 params.
+/// (kCodes, E = fp16: the mma's type) Codes8 / Codes6 rows with fp16 or bf16
+/// params (read as 8-bit codes: tail_quad8).
 /// Operands as for a block (attention.cuh), with the channels of each 16
 /// permuted so that a lane's share is 4 adjacent elements of a row (8 bytes,
 /// or 4 codes):
@@ -183,7 +184,7 @@ __device__ __forceinline__ float2 code_params(uint32_t w, int dtype) {
 ///      as loaded (token r, channels 4q .. 4q + 3);
 ///   V: O^T = A B, A = V^T (16 channels x 16 tokens: the loaded 8x8 pieces
 ///      transposed by movmatrix), B = p (hi and lo, two mmas).
-/// Codes8 rows are their codes as fp16 integers (exact), each token's params
+/// Code rows are their codes as fp16 integers (exact), each token's params
 /// applied as a block's are (attention.cuh), per token instead of per channel:
 ///   K: s_t = step_t (q . codes_t) + lo_t sum(q);
 ///   V: o = sum_t (p_t step_t) codes_t + sum_t p_t lo_t, B = p x step scaled
@@ -200,7 +201,8 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
   // accumulators of V (kTiles D / 4 registers) stay live throughout.
   constexpr int kKBatch = kTiles * kK16 <= 6 ? kK16 : 2;
   constexpr int kMBatch = kK16 < 4 ? kK16 : 4;
-  constexpr int kElem = kCodes ? 1 : int(sizeof(E));  // bytes a channel
+  constexpr int kElem = int(sizeof(E));  // bytes a channel (rows of E)
+  const int code_bytes = int(format::tail_code_bytes(D, a.codes));  // where a code row's params start
   const int lane = threadIdx.x % 32, row = lane / 4, quad = lane % 4;
 
   // q's scale: fp16 operands hold q / 2^e where q would overflow them (bf16 has fp32's range).
@@ -229,7 +231,7 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
     split_pair<E>(x.z * q_inv, x.w * q_inv, f.z, f.w);
     return f;
   };
-  // Codes8: sum(q) of row 8 t + `row` (its quad sums its channels), for K's lo_t term.
+  // Code rows: sum(q) of row 8 t + `row` (its quad sums its channels), for K's lo_t term.
   float q_sum[kTiles];
   if constexpr (kCodes) {
 #pragma unroll
@@ -246,10 +248,10 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
   }
 
   // Softmax state of row 8 t + `row` (quad-uniform max; this lane's share of the sum) and O^T:
-  // o[t][m16] = channels of 16 m16 (see v_channel) x rows 8 t + 2 quad, + 1. Codes8: o in units
+  // o[t][m16] = channels of 16 m16 (see v_channel) x rows 8 t + 2 quad, + 1. Code rows: o in units
   // of v_scale, and p_lo = this lane's share of sum_t p_t lo_t of row 8 t + `row`.
   float m[kTiles], l[kTiles], p_lo[kTiles], o[kTiles][kK16][4];
-  float v_scale = 0.f;  // Codes8: 0 until the first chunk
+  float v_scale = 0.f;  // code rows: 0 until the first chunk
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {
     m[t] = -INFINITY;
@@ -269,14 +271,14 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
         asm volatile("prefetch.global.L2 [%0];" ::"l"(kc + size_t(lane) * a.row_bytes + off));
         asm volatile("prefetch.global.L2 [%0];" ::"l"(vc + size_t(lane) * a.row_bytes + off));
       }
-    // Codes8: the params of this lane's score tokens 8 n8 + 2 quad + i (rows past n: row n - 1's).
+    // Code rows: the params of this lane's score tokens 8 n8 + 2 quad + i (rows past n: row n - 1's).
     uint32_t k_prm[4][2], v_prm[4][2];
     if constexpr (kCodes) {
 #pragma unroll
       for (int n8 = 0; n8 < 4; ++n8)
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-          const size_t r = size_t(min(8 * n8 + 2 * quad + i, n - 1)) * a.row_bytes + D;
+          const size_t r = size_t(min(8 * n8 + 2 * quad + i, n - 1)) * a.row_bytes + code_bytes;
           k_prm[n8][i] = *reinterpret_cast<const uint32_t*>(kc + r);
           v_prm[n8][i] = *reinterpret_cast<const uint32_t*>(vc + r);
         }
@@ -291,9 +293,8 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
 #pragma unroll 1
     for (int kb = 0; kb < kK16; kb += kKBatch) {
       uint2 kw[kKBatch][4];
-      auto k_at = [&](int i, int n8) {
-        return kc + size_t(min(8 * n8 + row, n - 1)) * a.row_bytes + (16 * (kb + i) + 4 * quad) * kElem;
-      };
+      auto k_row = [&](int n8) { return kc + size_t(min(8 * n8 + row, n - 1)) * a.row_bytes; };
+      auto k_channel = [&](int i) { return 16 * (kb + i) + 4 * quad; };
       if constexpr (kCodes) {
         uint32_t raw[kKBatch][4], special = 0;
 #pragma unroll
@@ -301,7 +302,7 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
 #pragma unroll
           for (int n8 = 0; n8 < 4; ++n8)
             if (kK16 % kKBatch == 0 || kb + i < kK16) {
-              raw[i][n8] = *reinterpret_cast<const uint32_t*>(k_at(i, n8));
+              raw[i][n8] = format::tail_quad8(k_row(n8), k_channel(i), a.codes);
               special |= special_codes(raw[i][n8]);
             }
         const bool slow = __any_sync(0xFFFFFFFFu, special != 0);  // non-finite values (rare)
@@ -316,7 +317,8 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
         for (int i = 0; i < kKBatch; ++i)
 #pragma unroll
           for (int n8 = 0; n8 < 4; ++n8)
-            if (kK16 % kKBatch == 0 || kb + i < kK16) kw[i][n8] = *reinterpret_cast<const uint2*>(k_at(i, n8));
+            if (kK16 % kKBatch == 0 || kb + i < kK16)
+              kw[i][n8] = *reinterpret_cast<const uint2*>(k_row(n8) + k_channel(i) * kElem);
       }
 #pragma unroll
       for (int i = 0; i < kKBatch; ++i) {
@@ -330,7 +332,7 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
       }
     }
 
-    // Codes8: V's scale for this chunk and those before it (o rescaled below with the softmax's corr).
+    // Code rows: V's scale for this chunk and those before it (o rescaled below with the softmax's corr).
     float v_rescale = 1.f;
     if constexpr (kCodes) {
       float smax = 0.f;
@@ -350,7 +352,7 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
     }
 
     // Online softmax of each row over the chunk (masked: past n, causal, window), then p as V's B
-    // operands: tokens 16 k16 + 2 quad + {0, 1} (+ 8) of row 8 t + `row`, hi and lo (Codes8: p x step
+    // operands: tokens 16 k16 + 2 quad + {0, 1} (+ 8) of row 8 t + `row`, hi and lo (code rows: p x step
     // x v_scale).
     const int t0 = a.t_begin + first;
     uint32_t pb[kTiles][2][2], pl[kTiles][2][2];
@@ -421,8 +423,8 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
 #pragma unroll
           for (int i = 0; i < kMBatch; ++i)
             if (kK16 % kMBatch == 0 || mb + i < kK16) {
-              raw_a[i] = ta < n ? *reinterpret_cast<const uint32_t*>(ra + 16 * (mb + i) + 4 * quad) : 0u;
-              raw_b[i] = tb < n ? *reinterpret_cast<const uint32_t*>(rb + 16 * (mb + i) + 4 * quad) : 0u;
+              raw_a[i] = ta < n ? format::tail_quad8(ra, 16 * (mb + i) + 4 * quad, a.codes) : 0u;
+              raw_b[i] = tb < n ? format::tail_quad8(rb, 16 * (mb + i) + 4 * quad, a.codes) : 0u;
               special |= special_codes(raw_a[i]) | special_codes(raw_b[i]);
             }
           const bool slow = __any_sync(0xFFFFFFFFu, special != 0);  // non-finite values (rare)
@@ -459,7 +461,7 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
   }
 
   // Fold into the partial: row 8 t + `row`'s max and sum on its quad, then each lane's o elements
-  // (rows 8 t + 2 quad + (j & 1), channel 16 i + 4 (r / 2) + r % 2 + 2 (j >> 1)); Codes8: o / v_scale
+  // (rows 8 t + 2 quad + (j & 1), channel 16 i + 4 (r / 2) + r % 2 + 2 (j >> 1)); code rows: o / v_scale
   // + the row's sum_t p_t lo_t.
   const float o_unit = kCodes && v_scale != 0.f ? 1.f / v_scale : 1.f;  // a power of two: exact
 #pragma unroll
@@ -497,8 +499,8 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
 }
 
 /// Attends a warp to its chunks of the tail for the CTA's `group` real rows
-/// (of kR): fp16 and bf16 rows, and Codes8 rows with their params, on tensor
-/// cores; fp32 rows and Codes8 rows with fp32 params on CUDA cores, rounded up
+/// (of kR): fp16 and bf16 rows, and code rows with their params, on tensor
+/// cores; fp32 rows and code rows with fp32 params on CUDA cores, rounded up
 /// to 4, 8 or kR rows (their work is per row, and padding rows, G = 4 in a
 /// tile of 8, would double it). tail_cost_quarters (attention_params.cuh)
 /// prices the two paths.

@@ -245,7 +245,7 @@ void Cache::Impl::run_store(int layer, AppendScratch& s, int n_jobs, int n_entri
   if (n_jobs > 0)
     detail::launch_encode(cfg.dtype, warps, s.jobs.ptr, n_jobs, T, D, books.ptr, s.sizes16.ptr, s.seg_bits.ptr,
                           s.pair_at16.ptr, s.entry_ok.ptr, pool.ptr, table.ptr, stream);
-  detail::launch_tail_copy(cfg.dtype, tail_layout().codes != 0, s.copies.ptr, n_copies, D, s.entry_ok.ptr, stream);
+  detail::launch_tail_copy(cfg.dtype, tail_layout().codes, s.copies.ptr, n_copies, D, s.entry_ok.ptr, stream);
   if (windowed && layer == cfg.layers - 1) {
     const detail::WindowTrim w{table.ptr, windows.ptr, alive_pages.ptr, max_blocks, H, T, cfg.sink_tokens,
                                trim_queries()};

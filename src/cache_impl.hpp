@@ -138,7 +138,7 @@ struct Cache::Impl {
   detail::SeqState seq_state() const;
   detail::TailLayout tail_layout() const {
     return {tails.ptr, cfg.max_seqs, H, T, D, dtype_size(cfg.dtype), tail_rows,
-            cfg.tail_format == TailFormat::Codes8 ? 1 : 0};
+            tail_code_bits(cfg.tail_format)};
   }
   size_t at(int layer, int slot) const { return size_t(layer) * cfg.max_seqs + slot; }
   int32_t user_words() const { return (cfg.max_seqs + 31) / 32; }

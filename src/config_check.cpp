@@ -36,8 +36,8 @@ void validate(const Config& c) {
     throw Error("config: q_heads / kv_heads must be 1.." + str(kMaxGroup) + ", got " + str(g));
   if (c.transform != Transform::None && c.transform != Transform::Hadamard)
     throw Error("config: transform must be Transform::None or Transform::Hadamard, got " + str(int(c.transform)));
-  if (c.tail_format != TailFormat::Input && c.tail_format != TailFormat::Codes8)
-    throw Error("config: tail_format must be TailFormat::Input or TailFormat::Codes8, got " +
+  if (c.tail_format != TailFormat::Input && c.tail_format != TailFormat::Codes8 && c.tail_format != TailFormat::Codes6)
+    throw Error("config: tail_format must be TailFormat::Input, TailFormat::Codes8 or TailFormat::Codes6, got " +
                 str(int(c.tail_format)));
   if (c.transform == Transform::Hadamard && !is_power_of_two(c.head_dim))
     throw Error("config: transform Hadamard needs head_dim a power of two, got " + str(c.head_dim));

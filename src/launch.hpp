@@ -29,8 +29,8 @@ void launch_measure(DType t, int warps, const StoreJob* jobs, int n_jobs, int T,
 void launch_encode(DType t, int warps, const StoreJob* jobs, int n_jobs, int T, int D, const CodebookTables* books,
                    const uint32_t* sizes16, const uint16_t* seg_bits, const uint32_t* pair_at16,
                    const int32_t* entry_ok, uint8_t* pool, format::BlockRef* table, cudaStream_t s);
-/// codes: Codes8 tail rows (Config::tail_format), else rows of the input type.
-void launch_tail_copy(DType t, bool codes, const TailCopy* copies, int n, int D, const int32_t* entry_ok,
+/// codes: 8 or 6, Codes8 / Codes6 tail rows (Config::tail_format); 0: rows of the input type.
+void launch_tail_copy(DType t, int codes, const TailCopy* copies, int n, int D, const int32_t* entry_ok,
                       cudaStream_t s);
 /// Plan-based decode: jobs, copies and entries of one append (kernels/decode_jobs.cuh).
 void launch_decode_jobs(const DecodeJobsParams& p, cudaStream_t s);

@@ -87,11 +87,11 @@ void launch_encode(DType t, int warps, const StoreJob* jobs, int n_jobs, int T, 
   check_cuda(cudaGetLastError(), "encode kernel launch");
 }
 
-void launch_tail_copy(DType t, bool codes, const TailCopy* copies, int n, int D, const int32_t* entry_ok,
+void launch_tail_copy(DType t, int codes, const TailCopy* copies, int n, int D, const int32_t* entry_ok,
                       cudaStream_t s) {
   if (n == 0) return;
   by_type(t, [&](auto e) {
-    if (codes) tail_code_copy_kernel<decltype(e)><<<n, 256, 0, s>>>(copies, D, entry_ok);
+    if (codes) tail_code_copy_kernel<decltype(e)><<<n, 256, 0, s>>>(copies, D, codes, entry_ok);
     else tail_copy_kernel<decltype(e)><<<n, 256, 0, s>>>(copies, D, entry_ok);
   });
   check_cuda(cudaGetLastError(), "tail copy kernel launch");

@@ -19,7 +19,7 @@ namespace kvcomp_test {
 
 /// K/V of (layer, seq, head) as the fused kernel sees it, [tokens][D]: blocks
 /// through the reference decoder, tail tokens exact, or through the tail
-/// codes with Config::tail_format = Codes8 (k_in, v_in: every token
+/// codes with Config::tail_format = Codes8 / Codes6 (k_in, v_in: every token
 /// appended, [tokens][H][D]). Blocks that end at or before `first_token`,
 /// other than the sinks' (blocks holding tokens < sinks), are left 0: no
 /// query sees them, and behind a sliding window their pages may be reused.
@@ -45,14 +45,14 @@ inline void decoded_kv(const kvcomp::Cache& cache, int layer, int seq, int head,
       for (size_t i = 0; i < out.size(); ++i) dst[size_t(b) * T * D + i] = out[i];
     }
   }
-  const bool codes = cfg.tail_format == kvcomp::TailFormat::Codes8;
+  const int code_bits = kvcomp::tail_code_bits(cfg.tail_format);
   std::vector<float> kr(D), vr(D);
   for (int t = blocks * T; t < tokens; ++t) {
     const float* kt = &k_in[(size_t(t) * H + head) * D];
     const float* vt = &v_in[(size_t(t) * H + head) * D];
-    if (codes) {  // the tail holds the vectors as 8-bit codes
-      kvcomp::format::tail_round_row(kt, D, int(cfg.dtype), kr.data());
-      kvcomp::format::tail_round_row(vt, D, int(cfg.dtype), vr.data());
+    if (code_bits) {  // the tail holds the vectors as 8- or 6-bit codes
+      kvcomp::format::tail_round_row(kt, D, int(cfg.dtype), code_bits, kr.data());
+      kvcomp::format::tail_round_row(vt, D, int(cfg.dtype), code_bits, vr.data());
       kt = kr.data();
       vt = vr.data();
     }

@@ -198,41 +198,45 @@ TEST(AttentionGpu, GqaGroupsHeadDimsAndBf16) {
   run_attention_case(1, 2, 256, DType::F16, {127, 1300}, seed + 23, false, 128);
 }
 
-// Codes8 tails (Config::tail_format): the fused kernel reads the tail's codes; every vector, prefill too, went
-// through them before its block was quantized (cache_ref.hpp's decoded_kv applies the same codes).
-TEST(AttentionGpu, Codes8TailsAroundBlockEdgesGroupsHeadDimsAndQueries) {
+// Codes8 and Codes6 tails (Config::tail_format): the fused kernel reads the tail's codes; every vector, prefill
+// too, went through them before its block was quantized (cache_ref.hpp's decoded_kv applies the same codes).
+TEST(AttentionGpu, CodeTailsAroundBlockEdgesGroupsHeadDimsAndQueries) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
-  const TailFormat c8 = TailFormat::Codes8;
-  run_attention_case(4, 4, 128, DType::F16, {1, 63, 64, 65, 1000, 200}, seed, true, 64, {}, 0, 0, nullptr,
-                     Dist::Gaussian, {}, c8);
-  if (HasFatalFailure()) return;
-  run_attention_case(2, 3, 64, DType::BF16, {5, 130, 700}, seed + 1, false, 32, {}, 0, 0, nullptr, Dist::Gaussian, {},
-                     c8);
-  if (HasFatalFailure()) return;
-  run_attention_case(2, 7, 96, DType::F16, {33, 500}, seed + 2, true, 64, {}, 0, 0, nullptr, Dist::Gaussian, {}, c8);
-  if (HasFatalFailure()) return;
-  run_attention_case(2, 8, 256, DType::F16, {1, 64, 130, 700}, seed + 3, false, 128, {}, 0, 0, nullptr,
-                     Dist::Gaussian, {}, c8);
-  if (HasFatalFailure()) return;
-  // Multi-token queries over the tail, a window with sinks, and V rows with one large value each.
-  run_attention_case(2, 4, 128, DType::F16, {40, 300, 129}, seed + 4, false, 64, {3, 5, 16}, 0, 0, nullptr,
-                     Dist::SkewedRows, {}, c8);
-  if (HasFatalFailure()) return;
-  run_attention_case(2, 2, 128, DType::BF16, {100, 700}, seed + 5, true, 64, {1, 4}, 200, 4, nullptr, Dist::Gaussian,
-                     {}, c8);
-  if (HasFatalFailure()) return;
-  // The tail's params in bf16 and fp32 (K/V of those types), head_dim 80 (lanes 16..31 hold 2 channels).
-  run_attention_case(2, 4, 80, DType::BF16, {1, 63, 130, 700}, seed + 6, false, 64, {}, 0, 0, nullptr,
-                     Dist::Gaussian, {}, c8, 0, DType::BF16);
-  if (HasFatalFailure()) return;
-  run_attention_case(2, 3, 128, DType::F16, {37, 600}, seed + 7, true, 32, {}, 0, 0, nullptr, Dist::Gaussian, {}, c8,
-                     0, DType::F32);
+  for (const TailFormat codes : {TailFormat::Codes8, TailFormat::Codes6}) {
+    SCOPED_TRACE(codes == TailFormat::Codes8 ? "Codes8" : "Codes6");
+    run_attention_case(4, 4, 128, DType::F16, {1, 63, 64, 65, 1000, 200}, seed, true, 64, {}, 0, 0, nullptr,
+                       Dist::Gaussian, {}, codes);
+    if (HasFatalFailure()) return;
+    run_attention_case(2, 3, 64, DType::BF16, {5, 130, 700}, seed + 1, false, 32, {}, 0, 0, nullptr,
+                       Dist::Gaussian, {}, codes);
+    if (HasFatalFailure()) return;
+    run_attention_case(2, 7, 96, DType::F16, {33, 500}, seed + 2, true, 64, {}, 0, 0, nullptr, Dist::Gaussian, {},
+                       codes);
+    if (HasFatalFailure()) return;
+    run_attention_case(2, 8, 256, DType::F16, {1, 64, 130, 700}, seed + 3, false, 128, {}, 0, 0, nullptr,
+                       Dist::Gaussian, {}, codes);
+    if (HasFatalFailure()) return;
+    // Multi-token queries over the tail, a window with sinks, and V rows with one large value each.
+    run_attention_case(2, 4, 128, DType::F16, {40, 300, 129}, seed + 4, false, 64, {3, 5, 16}, 0, 0, nullptr,
+                       Dist::SkewedRows, {}, codes);
+    if (HasFatalFailure()) return;
+    run_attention_case(2, 2, 128, DType::BF16, {100, 700}, seed + 5, true, 64, {1, 4}, 200, 4, nullptr,
+                       Dist::Gaussian, {}, codes);
+    if (HasFatalFailure()) return;
+    // The tail's params in bf16 and fp32 (K/V of those types), head_dim 80 (lanes 16..31 hold 2 channels).
+    run_attention_case(2, 4, 80, DType::BF16, {1, 63, 130, 700}, seed + 6, false, 64, {}, 0, 0, nullptr,
+                       Dist::Gaussian, {}, codes, 0, DType::BF16);
+    if (HasFatalFailure()) return;
+    run_attention_case(2, 3, 128, DType::F16, {37, 600}, seed + 7, true, 32, {}, 0, 0, nullptr, Dist::Gaussian, {},
+                       codes, 0, DType::F32);
+    if (HasFatalFailure()) return;
+  }
 }
 
-// Tails are attended on tensor cores (kernels/tail_attention.cuh), in the input's type and as Codes8 rows with
-// fp16 or bf16 params: fp16 and bf16 K/V, every head_dim, 1 to 16 query heads (16: two row tiles), tails of 1
+// Tails are attended on tensor cores (kernels/tail_attention.cuh), in the input's type and as Codes8 / Codes6
+// rows with fp16 or bf16 params: fp16 and bf16 K/V, every head_dim, 1 to 16 query heads (16: two row tiles), tails of 1
 // to 63 tokens around the chunk's 32, causal multi-token queries and windows with sinks inside the tail, V rows
 // of very different ranges (SkewedRows: Codes8's per-token steps), and queries too large for fp16 operands (bf16
 // q at 2^16, up to ~27000 in the kernel's log2 units: fp16 operands hold q / 2^e).
@@ -241,9 +245,9 @@ TEST(AttentionGpu, TailsOnTensorCoresInBothTypesAndFormatsHeadDimsGroupsAndMasks
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   int i = 0;
-  for (TailFormat in : {TailFormat::Input, TailFormat::Codes8})
+  for (TailFormat in : {TailFormat::Input, TailFormat::Codes8, TailFormat::Codes6})
     for (DType kv : {DType::BF16, DType::F16}) {
-      SCOPED_TRACE(std::string(in == TailFormat::Codes8 ? "Codes8 " : "Input ") +
+      SCOPED_TRACE(std::string(in == TailFormat::Codes8 ? "Codes8 " : in == TailFormat::Codes6 ? "Codes6 " : "Input ") +
                    (kv == DType::BF16 ? "bf16 K/V" : "fp16 K/V"));
       for (int D : {64, 80, 96, 128, 256}) {
         SCOPED_TRACE("D " + std::to_string(D));
@@ -270,13 +274,13 @@ TEST(AttentionGpu, TailsOnTensorCoresInBothTypesAndFormatsHeadDimsGroupsAndMasks
 }
 
 // Tails longer than a block (max_rollback = T = 128: up to 255 tokens, 8 chunks of 32): the chunks are spread
-// over the CTA's warps, two a warp in a CTA of 4; exact and Codes8 tails.
+// over the CTA's warps, two a warp in a CTA of 4; exact, Codes8 and Codes6 tails.
 TEST(AttentionGpu, TailsOfManyChunksSpreadOverTheWarps) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
-  for (TailFormat tail : {TailFormat::Input, TailFormat::Codes8}) {
-    SCOPED_TRACE(tail == TailFormat::Codes8 ? "Codes8" : "Input");
+  for (TailFormat tail : {TailFormat::Input, TailFormat::Codes8, TailFormat::Codes6}) {
+    SCOPED_TRACE(tail == TailFormat::Codes8 ? "Codes8" : tail == TailFormat::Codes6 ? "Codes6" : "Input");
     run_attention_case(2, 4, 128, DType::F16, {255, 500, 129, 300, 33}, seed, false, 128, {}, 0, 0, nullptr,
                        Dist::Gaussian, {}, tail, 128);
     if (HasFatalFailure()) return;

@@ -48,13 +48,13 @@ struct Tokens {
 
 }  // namespace
 
-// Codes8 tails too: every vector goes through the tail codes, prefill or not, so the blocks agree.
+// Codes8 and Codes6 tails too: every vector goes through the tail codes, prefill or not, so the blocks agree.
 TEST(CacheGpu, DecodeStepsGiveTheSameBlocksAsOnePrefill) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
-  for (TailFormat tail : {TailFormat::Input, TailFormat::Codes8}) {
-    SCOPED_TRACE(tail == TailFormat::Codes8 ? "Codes8 tails" : "Input tails");
+  for (TailFormat tail : {TailFormat::Input, TailFormat::Codes8, TailFormat::Codes6}) {
+    SCOPED_TRACE(tail == TailFormat::Codes8 ? "Codes8 tails" : tail == TailFormat::Codes6 ? "Codes6 tails" : "Input tails");
     Config cfg = small_config();
     cfg.tail_format = tail;
     const int H = cfg.kv_heads, D = cfg.head_dim, T = cfg.block_tokens;

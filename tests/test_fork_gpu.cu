@@ -165,6 +165,11 @@ TEST(ForkGpu, BeamsShareThePromptAndMatchPlainSequencesInEitherRemovalOrderWithC
   run_beams_share_the_prompt_and_match_plain_sequences_in_either_removal_order(TailFormat::Codes8);
 }
 
+TEST(ForkGpu, BeamsShareThePromptAndMatchPlainSequencesInEitherRemovalOrderWithCodes6Tails) {
+  KVCOMP_REQUIRE_GPU();
+  run_beams_share_the_prompt_and_match_plain_sequences_in_either_removal_order(TailFormat::Codes6);
+}
+
 TEST(ForkGpu, ForkOfAnUnknownSequenceOrWithNoFreeSlotIsAClearError) {
   KVCOMP_REQUIRE_GPU();
   Config cfg = fork_config();

@@ -301,6 +301,12 @@ TEST(GraphGpu, CaptureOneDecodeStepAndReplayWithCodes8Tails) {
   capture_one_decode_step_and_replay(TailFormat::Codes8);
 }
 
+// Codes6 tails: the tail copies pack 4 codes in 3 bytes (a lane a quad), the kernels read them back.
+TEST(GraphGpu, CaptureOneDecodeStepAndReplayWithCodes6Tails) {
+  KVCOMP_REQUIRE_GPU();
+  capture_one_decode_step_and_replay(TailFormat::Codes6);
+}
+
 TEST(GraphGpu, ReplayThatHitsAFullPoolFailsCleanlyAndRedoes) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();

@@ -203,6 +203,11 @@ TEST(RollbackGpu, SpeculativeStepsMatchACacheGivenOnlyTheAcceptedTokensWithCodes
   run_speculative_steps_match_a_cache_given_only_the_accepted_tokens(TailFormat::Codes8);
 }
 
+TEST(RollbackGpu, SpeculativeStepsMatchACacheGivenOnlyTheAcceptedTokensWithCodes6Tails) {
+  KVCOMP_REQUIRE_GPU();
+  run_speculative_steps_match_a_cache_given_only_the_accepted_tokens(TailFormat::Codes6);
+}
+
 // Plan-based decode (the device makes the jobs: kernels/decode_jobs.cuh) with
 // rollback room closes the same blocks at the same tokens as eager appends of
 // one token, and attends the same (bit for bit, through plans of the same

@@ -112,7 +112,7 @@ TEST(TransformGpu, BlocksAreTheReferenceEncodingOfTheRowsAsStored) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
-  // Codes8 tails (kvcomp/tail_codes.hpp): the reference encodes the rows through the tail codes first, as
+  // Codes8 / Codes6 tails (kvcomp/tail_codes.hpp): the reference encodes the rows through the tail codes first, as
   // the cache quantizes every vector (prefill too) from them; with and without the rotation.
   struct Case { DType dtype; int D, T; TailFormat tail; Transform transform; };
   for (const Case cs : {Case{DType::F16, 128, 64, TailFormat::Input, Transform::Hadamard},
@@ -122,10 +122,14 @@ TEST(TransformGpu, BlocksAreTheReferenceEncodingOfTheRowsAsStored) {
                         Case{DType::F16, 128, 64, TailFormat::Codes8, Transform::Hadamard},
                         Case{DType::BF16, 64, 32, TailFormat::Codes8, Transform::None},
                         Case{DType::F16, 96, 64, TailFormat::Codes8, Transform::None},
-                        Case{DType::F32, 256, 32, TailFormat::Codes8, Transform::None}}) {
-    const bool codes = cs.tail == TailFormat::Codes8, rotated = cs.transform == Transform::Hadamard;
+                        Case{DType::F32, 256, 32, TailFormat::Codes8, Transform::None},
+                        Case{DType::F16, 128, 64, TailFormat::Codes6, Transform::Hadamard},
+                        Case{DType::BF16, 80, 32, TailFormat::Codes6, Transform::None},
+                        Case{DType::F32, 64, 128, TailFormat::Codes6, Transform::None}}) {
+    const int code_bits = tail_code_bits(cs.tail);
+    const bool codes = code_bits != 0, rotated = cs.transform == Transform::Hadamard;
     SCOPED_TRACE(std::string(dtype_name(cs.dtype)) + " D " + std::to_string(cs.D) + " T " + std::to_string(cs.T) +
-                 (codes ? " Codes8" : "") + (rotated ? " Hadamard" : ""));
+                 (codes ? " Codes" + std::to_string(code_bits) : "") + (rotated ? " Hadamard" : ""));
     Config cfg;
     cfg.layers = 2;
     cfg.kv_heads = 2;
@@ -187,7 +191,8 @@ TEST(TransformGpu, BlocksAreTheReferenceEncodingOfTheRowsAsStored) {
             const auto x = head_rows(kind == Kind::Key ? hk[l][i] : hv[l][i], n, H, D, h);
             auto y = rotated ? hadamard_rows_as_stored(cs.dtype, x.data(), size_t(n), D) : x;
             if (codes)
-              for (int t = 0; t < n; ++t) format::tail_round_row(&y[size_t(t) * D], D, int(cs.dtype), &y[size_t(t) * D]);
+              for (int t = 0; t < n; ++t)
+                format::tail_round_row(&y[size_t(t) * D], D, int(cs.dtype), code_bits, &y[size_t(t) * D]);
             const Codebook cb = cache.codebook(l, h, kind);
             const uint16_t id = uint16_t((l * H + h) * 2 + int(kind));
             for (int b = 0; b < n / T; ++b) {

@@ -82,7 +82,9 @@ enum class Transform : uint8_t { None = 0, Hadamard = 1 };
 
 /// How the open tail (the tokens of a block not yet closed) is held
 /// (Config::tail_format).
-enum class TailFormat : uint8_t { Input = 0, Codes8 = 1 };
+enum class TailFormat : uint8_t { Input = 0, Codes8 = 1, Codes6 = 2 };
+/// Code bits of a tail row: 8 (Codes8), 6 (Codes6), 0 (Input: the input's type).
+constexpr int tail_code_bits(TailFormat f) { return f == TailFormat::Codes8 ? 8 : f == TailFormat::Codes6 ? 6 : 0; }
 
 /// A batch layout for plan-based decode (make_plan): `batch` sequence slots
 /// whose device buffers stay fixed, so calls with it can be captured in a
@@ -164,7 +166,7 @@ struct Config {
   /// - In the input domain the bound is per vector, in L2, not per element:
   ///   x' = z R satisfies
   ///     ||x' - x||_2 <= sqrt(sum_j eb_j^2) + eps ||x||_2 + delta sqrt(D)
-  ///   (sum_j eb_j^2 = 0 for tail tokens; with tail_format = Codes8 each
+  ///   (sum_j eb_j^2 = 0 for tail tokens; with tail_format = Codes8 / Codes6 each
   ///   element's tail-code error, below, adds to its eb_j, blocks and tail
   ///   alike). eps ||x||_2 + delta sqrt(D) bounds
   ///   ||y - x R||_2: the fp32 transform (at most 2^-20 ||x||_2 for D <= 128)
@@ -182,7 +184,7 @@ struct Config {
   ///   kernel and in its merge): it returns softmax(q K'^T / sqrt(D)) V' of
   ///   the input-domain K', V' above, up to fp32 rounding.
   /// None: vectors are stored as given, every element within its bound (plus
-  /// the tail codes' half step with tail_format = Codes8).
+  /// the tail codes' half step with tail_format = Codes8 / Codes6).
   Transform transform = Transform::None;
   /// Input: the open tail holds each token as given (in dtype), exactly.
   /// Codes8: it holds each token's vector (one kv head) as 8-bit codes over
@@ -203,19 +205,23 @@ struct Config {
   /// does not shrink with the bound (tight bounds, e.g. 0.001, would get the
   /// per-vector half step on top), and a channel far from its vector's range
   /// can see more than its own K bound.
+  /// Codes6: the same with 6-bit codes (3 D / 4 + 4 bytes a vector; a step
+  /// about (max - min) / 60 of its vector, so each value within about
+  /// (max - min) / 120 of the input before its block quantizes it).
+  /// CODES6_RESULT
   TailFormat tail_format = TailFormat::Input;
 };
 
 struct LayerStats {
   size_t compressed_bytes = 0;  // blocks in the pool (K and V), once however many sequences share them
   size_t tail_tokens = 0;       // tokens held uncompressed, summed over sequences
-  size_t tail_bytes = 0;        // those tokens' K and V as held (input type, or Codes8 rows)
+  size_t tail_bytes = 0;        // those tokens' K and V as held (input type, or Codes8 / Codes6 rows)
   size_t tokens = 0;            // tokens stored, summed over sequences
 };
 
 struct Stats {
   size_t compressed_bytes = 0;      // all blocks in pages in use (shared blocks once)
-  size_t tail_bytes = 0;            // open-tail tokens in use, as held (input type, or Codes8 rows)
+  size_t tail_bytes = 0;            // open-tail tokens in use, as held (input type, or Codes8 / Codes6 rows)
   size_t metadata_bytes = 0;        // block tables, codebooks, tail buffers reserved
   size_t pool_bytes_in_use = 0;     // pool pages held by sequences (>= compressed_bytes)
   size_t pool_page_bytes = 0;       // the pool is handed out in pages of this size

@@ -77,8 +77,8 @@
 //
 // Open tail
 //   Tokens of a block not yet closed wait uncompressed in the Cache's tail
-//   buffers, in the input's type, or as 8-bit codes per token vector with
-//   Config::tail_format = Codes8: kvcomp/tail_codes.hpp defines those rows
+//   buffers, in the input's type, or as 8- or 6-bit codes per token vector with
+//   Config::tail_format = Codes8 / Codes6: kvcomp/tail_codes.hpp defines those rows
 //   (and that a block then quantizes the rows' decoded values).
 //
 // Pool

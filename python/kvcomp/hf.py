@@ -387,7 +387,7 @@ class _KvcompLayer(_Layer):
         st = o.cache.stats().per_layer[self.index]
         T = o.config.block_tokens
         blocks = (st.tokens - st.tail_tokens) // T * o.kv_heads  # closed blocks of every sequence, K/V pairs
-        tail_bytes = st.tail_bytes  # as held: the input type, or Codes8 rows
+        tail_bytes = st.tail_bytes  # as held: the input type, or Codes8 / Codes6 rows
         if o.tail_value_bytes and o.config.tail_format == kvcomp.TailFormat.Input:
             tail_bytes = st.tail_tokens * o.kv_heads * 2 * o.head_dim * o.tail_value_bytes
         books = 2 * o.kv_heads * 256 if blocks else 0  # code lengths of the K and V codebooks

@@ -568,7 +568,10 @@ std::string config_repr(const Config& c) {
     << ", window=" << c.window << ", layer_windows=[";
   for (size_t i = 0; i < c.layer_windows.size(); ++i) s << (i ? ", " : "") << c.layer_windows[i];
   s << "], sink_tokens=" << c.sink_tokens << ", max_rollback=" << c.max_rollback << ", tail_format="
-    << (c.tail_format == kvcomp::TailFormat::Codes8 ? "TailFormat.Codes8" : "TailFormat.Input") << ")";
+    << (c.tail_format == kvcomp::TailFormat::Codes8   ? "TailFormat.Codes8"
+        : c.tail_format == kvcomp::TailFormat::Codes6 ? "TailFormat.Codes6"
+                                                      : "TailFormat.Input")
+    << ")";
   return s.str();
 }
 
@@ -600,10 +603,11 @@ void bind_types(py::module_& m) {
       .value("None_", kvcomp::Transform::None)
       .value("Hadamard", kvcomp::Transform::Hadamard);
   py::enum_<kvcomp::TailFormat>(m, "TailFormat",
-                                "How the open tail is held (Config.tail_format): Input (as given) or Codes8 "
-                                "(8-bit codes per token vector, kvcomp/tail_codes.hpp).")
+                                "How the open tail is held (Config.tail_format): Input (as given), Codes8 or "
+                                "Codes6 (8- or 6-bit codes per token vector, kvcomp/tail_codes.hpp).")
       .value("Input", kvcomp::TailFormat::Input)
-      .value("Codes8", kvcomp::TailFormat::Codes8);
+      .value("Codes8", kvcomp::TailFormat::Codes8)
+      .value("Codes6", kvcomp::TailFormat::Codes6);
 
   py::class_<ErrorBound>(m, "ErrorBound")
       .def(py::init([](BoundMode mode, float value) { return ErrorBound{mode, value}; }),

@@ -184,6 +184,9 @@ class ConfigFields(unittest.TestCase):
                      "window=4096, layer_windows=[4096, 0, 1024], sink_tokens=4, max_rollback=16",
                      "tail_format=TailFormat.Codes8"]:
             self.assertIn(text, r)
+        six = kvcomp.Config(tail_format=kvcomp.TailFormat.Codes6)
+        self.assertEqual(six.tail_format, kvcomp.TailFormat.Codes6)
+        self.assertIn("tail_format=TailFormat.Codes6", repr(six))
 
     def test_unknown_field_and_wrong_type(self):
         with self.assertRaisesRegex(TypeError, "no field 'heads'"):
