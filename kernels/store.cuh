@@ -621,7 +621,8 @@ __global__ void tail_code_copy_kernel(const TailCopy* copies, int D, int bits, c
   const TailCopy c = copies[blockIdx.x];
   if (c.rows <= 0 || entry_ok[c.entry] == 0) return;
   const int lane = threadIdx.x % 32, warps = int(blockDim.x) / 32;
-  const size_t row_bytes = format::tail_code_row_bytes(D, sizeof(Elem), bits), code_bytes = format::tail_code_bytes(D, bits);
+  const size_t row_bytes = format::tail_code_row_bytes(D, sizeof(Elem), bits);
+  const size_t code_bytes = format::tail_code_bytes(D, bits);  // where the params start
   for (int i = int(threadIdx.x) / 32; i < 2 * c.rows; i += warps) {
     const bool key = i < c.rows;
     const int t = key ? i : i - c.rows;

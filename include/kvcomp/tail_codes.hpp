@@ -54,8 +54,6 @@ namespace format {
 constexpr uint32_t kTailMaxCode = 252;  // finite values
 constexpr uint32_t kTailNegInf = 253, kTailPosInf = 254, kTailNaN = 255;
 
-/// Code bits of a row: 8 (Codes8) or 6 (Codes6).
-KVCOMP_HD bool tail_code_bits_ok(int bits) { return bits == 8 || bits == 6; }
 /// The largest code of a finite value with `bits` code bits (M above).
 KVCOMP_HD uint32_t tail_max_code(int bits) { return (1u << bits) - 4u; }
 
@@ -160,9 +158,10 @@ KVCOMP_HD uint32_t tail_code8(const uint8_t* row, int c, int bits) {
 
 /// Channels c .. c + 3's codes of a row (c a multiple of 4; the row 4-byte
 /// aligned), as four 8-bit codes, channel c in the low byte. Codes6: the 3
-/// bytes from 3c / 4, read as the two aligned words holding them (inside the
-/// row: its params follow), each byte of the 24 bits spread into its own byte,
-/// the non-finite ones moved up by 192 (61..63 -> 253..255).
+/// bytes from 3c / 4, read as the one or two aligned words holding them
+/// (inside the row: its params follow), each 6-bit field of the 24 bits
+/// spread into its own byte, the non-finite ones moved up by 192 (61..63 ->
+/// 253..255).
 KVCOMP_HD uint32_t tail_quad8(const uint8_t* row, int c, int bits) {
   if (bits == 8) return *reinterpret_cast<const uint32_t*>(row + c);
   const int at = 3 * c / 4, sh = 8 * (at % 4);
