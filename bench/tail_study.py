@@ -165,7 +165,8 @@ def make_cache(hf, model, mode, eb_of, margin, rot, T, R, basis_of=None, abs_eb_
     assert not tq or (mode == "today" and sinks == 0), "tq: today's scheme, no sinks"
     tqk = tq if tqk is None else tqk
     tqv = tq if tqv is None else tqv
-    assert not (tqk or tqv) or (mode == "today" and sinks == 0 and R == 0), "tqk/tqv: today's scheme"
+    assert not (tqk or tqv) or (mode == "today" and sinks == 0), "tqk/tqv: today's scheme, no sinks"
+    assert not tqk.startswith("c") or R == 0, "tqk=cN: blocks close every T tokens (R 0)"
     assert not tqv.startswith("c"), "tqv: cN is K's"
     assert not v_channels or (mode == "today" and sinks == 0 and R == 0 and abs_eb_of is None), "vg: today's"
 

@@ -170,13 +170,13 @@ constexpr int fused_cta_warps(int D, int tile_rows, int i) {
 constexpr int kCtaCostQuarters = 5;
 
 /// What a tail costs the warp that attends it, in quarters of a block
-/// (plan_splits): fp16/bf16 rows and Codes8 rows with fp16/bf16 params go on
-/// tensor cores (kernels/tail_attention.cuh; 4159 x 8 riding: 58.8 us, 4096 x
-/// 8: ~55.5), fp32 rows and Codes8 rows with fp32 params on CUDA cores, a
-/// little more than a block (measured with Codes8 rows on CUDA cores, before
-/// 974037b: 32831 x 8 380.0 us riding, 374.2 as a unit of its own; H100,
-/// bench/RESULTS.md).
-/// The tail's type (its elements', or its Codes8 params') decides the path.
+/// (plan_splits): fp16/bf16 rows and code rows (Codes8 / Codes6) with fp16/bf16
+/// params go on tensor cores (kernels/tail_attention.cuh; 4159 x 8 riding:
+/// 58.8 us, 4096 x 8: ~55.5), fp32 rows and code rows with fp32 params on
+/// CUDA cores, a little more than a block (measured with Codes8 rows on CUDA
+/// cores, before 974037b: 32831 x 8 380.0 us riding, 374.2 as a unit of its
+/// own; H100, bench/RESULTS.md).
+/// The tail's type (its elements', or its code rows' params') decides the path.
 __host__ __device__ inline int tail_cost_quarters(int dtype) {
   return dtype == 0 || dtype == 1 ? 1 : 5;
 }

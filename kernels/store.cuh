@@ -164,8 +164,7 @@ __device__ void stage_block_codes(const StoreJob& job, Kind kind, int T, int D, 
       const format::TailQuant q = tail_quant_of_row<Elem>(x, D, bits);
 #pragma unroll
       for (int j = 0; j < 8; ++j)
-        if (lane + 32 * j < D)
-          x[j] = format::tail_value(format::tail_code_to8(format::tail_code(x[j], q, bits), bits), q.lo, q.step);
+        if (lane + 32 * j < D) x[j] = format::tail_round(x[j], q, bits);
     }
 #pragma unroll
     for (int j = 0; j < 8; ++j)

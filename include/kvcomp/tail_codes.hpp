@@ -198,6 +198,11 @@ KVCOMP_HD float tail_value(uint32_t code, float lo, float step) {
   return code <= kTailMaxCode ? v : bits_float(special);
 }
 
+/// x through the codec: the value its code (`bits` wide) under q decodes to.
+KVCOMP_HD float tail_round(float x, const TailQuant& q, int bits) {
+  return tail_value(tail_code_to8(tail_code(x, q, bits), bits), q.lo, q.step);
+}
+
 /// A token's vector x[0..D) as Codes8 / Codes6 holds it: its stored codes
 /// (one a byte, unpacked) and its params.
 KVCOMP_HD TailQuant tail_encode_row(const float* x, int D, int elem, int bits, uint8_t* codes) {
@@ -213,7 +218,7 @@ KVCOMP_HD void tail_round_row(const float* x, int D, int elem, int bits, float* 
   float lo = kEmptyLo, hi = kEmptyHi;
   for (int i = 0; i < D; ++i) range_add(x[i], lo, hi);
   const TailQuant q = make_tail_quant(lo, hi, elem, bits);
-  for (int i = 0; i < D; ++i) out[i] = tail_value(tail_code_to8(tail_code(x[i], q, bits), bits), q.lo, q.step);
+  for (int i = 0; i < D; ++i) out[i] = tail_round(x[i], q, bits);
 }
 
 }  // namespace format
