@@ -297,14 +297,23 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
       auto k_channel = [&](int i) { return 16 * (kb + i) + 4 * quad; };
       if constexpr (kCodes) {
         uint32_t raw[kKBatch][4], special = 0;
+        // One (warp-uniform) branch on the code width a batch, so that the batch's loads issue together.
+        auto load_batch = [&](auto six) {
+#pragma unroll
+          for (int i = 0; i < kKBatch; ++i)
+#pragma unroll
+            for (int n8 = 0; n8 < 4; ++n8)
+              if (kK16 % kKBatch == 0 || kb + i < kK16)
+                raw[i][n8] = six ? format::tail_quad8_of6(k_row(n8), k_channel(i))
+                                 : *reinterpret_cast<const uint32_t*>(k_row(n8) + k_channel(i));
+        };
+        if (a.codes == 6) load_batch(std::true_type{});
+        else load_batch(std::false_type{});
 #pragma unroll
         for (int i = 0; i < kKBatch; ++i)
 #pragma unroll
           for (int n8 = 0; n8 < 4; ++n8)
-            if (kK16 % kKBatch == 0 || kb + i < kK16) {
-              raw[i][n8] = format::tail_quad8(k_row(n8), k_channel(i), a.codes);
-              special |= special_codes(raw[i][n8]);
-            }
+            if (kK16 % kKBatch == 0 || kb + i < kK16) special |= special_codes(raw[i][n8]);
         const bool slow = __any_sync(0xFFFFFFFFu, special != 0);  // non-finite values (rare)
 #pragma unroll
         for (int i = 0; i < kKBatch; ++i)
@@ -420,11 +429,22 @@ __device__ __noinline__ void attend_tail_mma(const TailArgs a, const float* q_s,
         uint2 va[kMBatch], vb[kMBatch];
         if constexpr (kCodes) {
           uint32_t raw_a[kMBatch], raw_b[kMBatch], special = 0;
+          auto load_batch = [&](auto six) {  // as K's: one branch on the code width a batch
+#pragma unroll
+            for (int i = 0; i < kMBatch; ++i)
+              if (kK16 % kMBatch == 0 || mb + i < kK16) {
+                const int c = 16 * (mb + i) + 4 * quad;
+                raw_a[i] = six ? format::tail_quad8_of6(ra, c) : *reinterpret_cast<const uint32_t*>(ra + c);
+                raw_b[i] = six ? format::tail_quad8_of6(rb, c) : *reinterpret_cast<const uint32_t*>(rb + c);
+              }
+          };
+          if (a.codes == 6) load_batch(std::true_type{});
+          else load_batch(std::false_type{});
 #pragma unroll
           for (int i = 0; i < kMBatch; ++i)
             if (kK16 % kMBatch == 0 || mb + i < kK16) {
-              raw_a[i] = ta < n ? format::tail_quad8(ra, 16 * (mb + i) + 4 * quad, a.codes) : 0u;
-              raw_b[i] = tb < n ? format::tail_quad8(rb, 16 * (mb + i) + 4 * quad, a.codes) : 0u;
+              if (ta >= n) raw_a[i] = 0u;  // rows past n: zeros (see above)
+              if (tb >= n) raw_b[i] = 0u;
               special |= special_codes(raw_a[i]) | special_codes(raw_b[i]);
             }
           const bool slow = __any_sync(0xFFFFFFFFu, special != 0);  // non-finite values (rare)

@@ -156,17 +156,16 @@ KVCOMP_HD uint32_t tail_code8(const uint8_t* row, int c, int bits) {
   return tail_code_to8((two >> (bit % 8)) & 0x3Fu, 6);
 }
 
-/// Channels c .. c + 3's codes of a row (c a multiple of 4; the row 4-byte
-/// aligned), as four 8-bit codes, channel c in the low byte. Codes6: the 3
-/// bytes from 3c / 4, read as the one or two aligned words holding them
-/// (inside the row: its params follow), each 6-bit field of the 24 bits
-/// spread into its own byte, the non-finite ones moved up by 192 (61..63 ->
-/// 253..255).
-KVCOMP_HD uint32_t tail_quad8(const uint8_t* row, int c, int bits) {
-  if (bits == 8) return *reinterpret_cast<const uint32_t*>(row + c);
+/// tail_quad8 of a Codes6 row: the 3 bytes from 3c / 4, read as the two
+/// aligned words from the one holding the first (both always read: no branch
+/// a lane takes alone; the second is inside the row: for the row's last quad
+/// 3c / 4 = 3 D / 4 - 3 is 1 mod 4, and that word holds the params' first
+/// bytes), each 6-bit field of the 24 bits spread into its own byte, the
+/// non-finite ones moved up by 192 (61..63 -> 253..255).
+KVCOMP_HD uint32_t tail_quad8_of6(const uint8_t* row, int c) {
   const int at = 3 * c / 4, sh = 8 * (at % 4);
   const uint32_t* w = reinterpret_cast<const uint32_t*>(row + (at - at % 4));
-  const uint32_t w0 = w[0], w1 = sh > 8 ? w[1] : 0u;
+  const uint32_t w0 = w[0], w1 = w[1];
 #if defined(__CUDA_ARCH__)
   const uint32_t x = __funnelshift_r(w0, w1, sh);
 #else
@@ -175,6 +174,11 @@ KVCOMP_HD uint32_t tail_quad8(const uint8_t* row, int c, int bits) {
   const uint32_t b = (x & 0x3Fu) | ((x << 2) & 0x3F00u) | ((x << 4) & 0x3F0000u) | ((x << 6) & 0x3F000000u);
   const uint32_t special = (b + 0x03030303u) & 0x40404040u;  // bytes 61..63 (no carry: bytes <= 63)
   return b + (special >> 6) * 0xC0u;
+}
+/// Channels c .. c + 3's codes of a row (c a multiple of 4; the row 4-byte
+/// aligned), as four 8-bit codes, channel c in the low byte.
+KVCOMP_HD uint32_t tail_quad8(const uint8_t* row, int c, int bits) {
+  return bits == 8 ? *reinterpret_cast<const uint32_t*>(row + c) : tail_quad8_of6(row, c);
 }
 
 /// Writes channel c's code (`bits` wide) into a row (host: the reference).
