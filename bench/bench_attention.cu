@@ -317,6 +317,11 @@ void sweep_args(benchmark::internal::Benchmark* b) {
   // a token, but each warp's serial decode twice as long (bench/RESULTS.md: slower at every shape measured).
   for (const auto& nb : std::vector<std::pair<int, int>>{{4096, 8}, {32768, 8}, {131072, 1}})
     b->Args({nb.first, nb.second, kKvcompT128, 4, 128});
+  // At head_dim 64 (the tiny Llama's) 128-token blocks hold V's params per channel (format.hpp), folded into
+  // the output at each block's start and end; 64-token blocks per token (the kMain rows at 64 above).
+  for (const auto& nb : std::vector<std::pair<int, int>>{{1024, 1}, {32768, 8}})
+    b->Args({nb.first, nb.second, kKvcompT128, 4, 64});
+  b->Args({1024, 1, kKvcomp, 4, 64});
   // Config::tail_format = Codes8 and Codes6 against the default (Input) where the open tail is longest (63 tokens).
   for (const auto& nb : std::vector<std::pair<int, int>>{{1087, 1}, {1087, 8}, {32831, 8}})
     for (int var : {kKvcomp, kKvcompCodes8, kKvcompCodes6}) b->Args({nb.first, nb.second, var, 4, 128});

@@ -25,7 +25,10 @@
 //   V: O^T[c][h] += sum_t code_tc (p_ht step_t): A = the decoded codes (16
 //      channels x 16 tokens), B = p x step (hi and lo, two mmas), built from
 //      the score accumulators in registers (their layout is the B layout);
-//      sum_t p_ht min_t is one scalar per head, added at the end.
+//      sum_t p_ht min_t is one scalar per head, added at the end. Where V's
+//      groups are channels (T > D: format::groups_are_channels), B = p and
+//      the block's step_c and min_c sum_t p_ht are applied per channel at its
+//      end (o runs in units of step_c while the block is decoded).
 // A chunk is decoded without a per-group slow-path test (one warp vote on
 // the OR of the table flags); a chunk with slow groups (PAIR_ESC, long
 // codewords; rare) is decoded again with the test, its slow groups out of
@@ -313,7 +316,20 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
   constexpr int kVParamsPerLane = kMaxTokensPerBlock / 64;
   __shared__ uint2 vparams_s[kWarps][kMaxTokensPerBlock / 2];
   if (lane == 0) warp_checked[warp] = (k_low != 0 ? 1u : 0u) | (v_low != 0 ? 2u : 0u);
+  // Where V's groups are channels (T > D, so only D < 128 compiles it): the
+  // token params read as min 1, step 1 (fp16 0x3C00), so p x step is p and
+  // pmin sums p over the block; at the block's start o is divided by each
+  // channel's step (o then accumulates codes x p in those units), at its end
+  // multiplied back, plus min_c x that sum (a multiply a channel a block).
+  const bool v_channels = D < kMaxTokensPerBlock && T > D;
+  if (v_channels)
+    for (int i = lane; i < kMaxTokensPerBlock / 2; i += 32) vparams_s[warp][i] = make_uint2(0x3C003C00u, 0x3C003C00u);
   __syncwarp();
+  // Channel c's step in o's units for the block (a zero step, a constant channel whose codes are 0, as 1).
+  auto channel_step = [](uint32_t w) {
+    const float s = half_hi(w);
+    return s != 0.f ? s : 1.f;
+  };
   // From now on the warp decodes stream `bit` (1: K, 2: V) with the test at every group.
   auto set_checked = [&](uint32_t bit) {
     __syncwarp();  // every lane has read the flags
@@ -339,6 +355,7 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
     // registers was spilled across build_qa and waited on (~2%).
     const uint2* vparams_g = reinterpret_cast<const uint2*>(vb + format::params_offset());
     const uint32_t* vparams = reinterpret_cast<const uint32_t*>(vparams_s[warp]);
+    const uint32_t* vchannels = reinterpret_cast<const uint32_t*>(vb + format::params_offset());  // v_channels
 
     // A operands of K (qa), pre-divided by a power of two when they would overflow fp16; kscale
     // multiplies that back and the codes' unit (1 / kLutCodeUnit) into the scores.
@@ -388,7 +405,7 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
     // The lane tables and V params are read before build_qa waits for the K params: their loads overlap.
 #pragma unroll
     for (int j = 0; j < kVParamsPerLane; ++j)
-      if (2 * (lane + 32 * j) < T)
+      if (!v_channels && 2 * (lane + 32 * j) < T)
         cp_async8(uint32_t(__cvta_generic_to_shared(&vparams_s[warp][lane + 32 * j])), vparams_g + lane + 32 * j);
     cp_async_commit();
     const uint32_t k_bits = reinterpret_cast<const uint16_t*>(kb + format::lane_bits_offset(Kind::Key, T, D))[lane];
@@ -400,6 +417,18 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
     next_ref = fetch_ref(v + kWarps, next_raw);
     cp_async_wait<0>();
     __syncwarp();  // qa, vparams_s
+    if (v_channels)
+#pragma unroll
+      for (int i = 0; i < kM16; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float inv = 1.f / channel_step(vchannels[16 * i + row + 8 * h]);
+#pragma unroll
+          for (int t = 0; t < kTiles; ++t) {
+            o[t][i][2 * h] *= inv;
+            o[t][i][2 * h + 1] *= inv;
+          }
+        }
 
     for (int chunk = 0; chunk < T / kChunk; ++chunk) {
       // K: scores of the chunk's 32 tokens (4 n-tiles of 8); per row tile t and
@@ -434,7 +463,7 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
             if constexpr (kChecked) {
               kd.group(lut_k, k_low, b0, b1, [&] { k_slow = true; }, [&] {
                 // Token 8 n8 + row of the chunk; channels 16 k16 + 2 quad (+ 1, + 8).
-                return EscapeSink{kcorr + opaque(8 * n8 + row), 0, kChunk, q_s, D, kparams, 16 * k16 + 2 * quad, 8, group};
+                return EscapeSink{kcorr + opaque(8 * n8 + row), 0, kChunk, q_s, D, kparams, 16 * k16 + 2 * quad, 8, group, -1};
               });
             } else {
               kd.group_unchecked(lut_k, b0, b1, flags);
@@ -576,14 +605,14 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
             uint4 a;
             // Channels 16 m16 + row (+ 8), tokens 16 k16 + 2 quad (+ 1), then tokens + 8.
             if constexpr (kChecked) {
-              vd.group(lut_v, v_low, a.x, a.y, on_v_slow, [&] {
-                return EscapeSink{vcorr + opaque(16 * m16 + row), 8, D, pchunk, kChunk, vparams + chunk * kChunk,
-                                  16 * k16 + 2 * quad, 0, group};
-              });
-              vd.group(lut_v, v_low, a.z, a.w, on_v_slow, [&] {
-                return EscapeSink{vcorr + opaque(16 * m16 + row), 8, D, pchunk, kChunk, vparams + chunk * kChunk,
-                                  16 * k16 + 2 * quad + 8, 0, group};
-              });
+              // The values' mins: their tokens', or their channels' (v_channels).
+              auto v_sink = [&](int tok) {
+                const int c = opaque(16 * m16 + row);
+                return v_channels ? EscapeSink{vcorr + c, 8, D, pchunk, kChunk, vchannels, tok, 0, group, c}
+                                  : EscapeSink{vcorr + c, 8, D, pchunk, kChunk, vparams + chunk * kChunk, tok, 0, group, -1};
+              };
+              vd.group(lut_v, v_low, a.x, a.y, on_v_slow, [&] { return v_sink(16 * k16 + 2 * quad); });
+              vd.group(lut_v, v_low, a.z, a.w, on_v_slow, [&] { return v_sink(16 * k16 + 2 * quad + 8); });
             } else {
               vd.group_unchecked(lut_v, a.x, a.y, flags);
               vd.group_unchecked(lut_v, a.z, a.w, flags);
@@ -618,13 +647,35 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
 #pragma unroll
           for (int i = 0; i < kM16; ++i)
 #pragma unroll
-            for (int j = 0; j < 4; ++j)
-              o[t][i][j] += vcorr[(8 * t + 2 * quad + (j & 1)) * D + 16 * i + row + 8 * (j >> 1)] * format::kLutCodeUnit;
+            for (int j = 0; j < 4; ++j) {
+              const int c = 16 * i + row + 8 * (j >> 1);  // exact contributions, in o's units
+              const float unit = v_channels ? format::kLutCodeUnit / channel_step(vchannels[c]) : format::kLutCodeUnit;
+              o[t][i][j] += vcorr[(8 * t + 2 * quad + (j & 1)) * D + c] * unit;
+            }
         __syncwarp();
         build_qa();  // over vcorr
       }
       __syncwarp();  // pchunk, kcorr and qa are reused by the next chunk
     }
+    if (v_channels)  // o back to the partial's units: x step_c, + min_c x the block's sum of p (row pairs as o)
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
+        float psum = soft_p[32 * t];
+        psum += __shfl_xor_sync(0xFFFFFFFFu, psum, 1);
+        psum += __shfl_xor_sync(0xFFFFFFFFu, psum, 2);
+        const float psum_a = __shfl_sync(0xFFFFFFFFu, psum, 8 * quad) * format::kLutCodeUnit;
+        const float psum_b = __shfl_sync(0xFFFFFFFFu, psum, 8 * quad + 4) * format::kLutCodeUnit;
+        soft_p[32 * t] = 0.f;
+#pragma unroll
+        for (int i = 0; i < kM16; ++i)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint32_t w = vchannels[16 * i + row + 8 * h];
+            const float step = channel_step(w), vmin = half_lo(w);
+            o[t][i][2 * h] = fmaf(o[t][i][2 * h], step, vmin * psum_a);
+            o[t][i][2 * h + 1] = fmaf(o[t][i][2 * h + 1], step, vmin * psum_b);
+          }
+      }
   }
 
   // This warp's partial for its R rows into `rows`: the min term on every channel, the sum.

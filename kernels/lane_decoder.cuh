@@ -46,7 +46,9 @@ namespace detail {
 /// for each head g < group:
 ///   acc_i[g * acc_stride] += coef[g * coef_stride + v_i] * (raw - min(params[v_i])).
 /// K: acc = score corrections of the token, coef = q, params = channel params (v = channel);
-/// V: acc = output corrections of the channel, coef = p, params = token params (v = token).
+/// V: acc = output corrections of the channel, coef = p, params = token params (v = token), or,
+/// where V's groups are channels (format::groups_are_channels), channel params: then
+/// `channel` >= 0 and min(params[channel + 8 (i / 2)]) (the value's own channel) replaces min(params[v_i]).
 struct EscapeSink {
   float* acc;
   int acc_step;
@@ -57,6 +59,7 @@ struct EscapeSink {
   int v_base;
   int v_step;
   int group;
+  int channel;  // -1, or V's channel of values 0 and 1 (2 and 3: + 8) where its params are per channel
 };
 
 /// x, opaque to the optimizer: what a slow-path sink computes from it stays in
@@ -122,7 +125,8 @@ __device__ __noinline__ SlowGroup decode_group_slow(const uint32_t* lut, const u
             const float raw = __uint_as_float(take(format::kRawBits));
             const int at = sink.v_base + sink.v_step * half + v;
             float* acc = sink.acc + sink.acc_step * half;
-            const float vmin = __half2float(__ushort_as_half(uint16_t(sink.params[at])));
+            const int param = sink.channel < 0 ? at : sink.channel + 8 * half;
+            const float vmin = __half2float(__ushort_as_half(uint16_t(sink.params[param])));
             for (int g = 0; g < sink.group; ++g)
               atomicAdd(acc + g * sink.acc_stride, sink.coef[g * sink.coef_stride + at] * (raw - vmin));
           } else {

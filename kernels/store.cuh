@@ -233,7 +233,7 @@ __device__ void stage_block(const StoreJob& job, Kind kind, int T, int D, float*
 /// Ends with __syncthreads.
 __device__ inline void block_params(const StagedRows& rows, Kind kind, ErrorBound eb, int T, int D,
                              format::GroupQuant* params) {
-  if (kind == Kind::Key) {  // per channel: thread c owns channel c (consecutive banks)
+  if (format::groups_are_channels(kind, T, D)) {  // per channel: thread c owns channel c (consecutive banks)
     for (int c = threadIdx.x; c < D; c += blockDim.x) {
       float lo = format::kEmptyLo, hi = format::kEmptyHi;
       for (int t = 0; t < T; ++t) format::range_add(rows.row(t)[c], lo, hi);
@@ -272,11 +272,12 @@ KVCOMP_HD int segment_begin(int w, int units, int warps) { return w * units / wa
 ///   K unit (chunk, k16): for n8: token 8 n8 + row, channels 16 k16 + 2 quad
 ///      + {0, 1}, then + 8 (params of 4 channels);
 ///   V unit (chunk, k16 in 0..2, m16): channel 16 m16 + row and + 8 at tokens
-///      16 k16 + 2 quad + {0, 1}, then both at tokens + 8 (params and rows of
-///      4 tokens).
+///      16 k16 + 2 quad + {0, 1}, then both at tokens + 8 (rows of 4 tokens;
+///      params of those 4 tokens, or of the 2 channels where V's groups are
+///      channels: format::groups_are_channels).
 #pragma nv_exec_check_disable
 template <typename F>
-__host__ __device__ __forceinline__ void for_each_unit_pair(Kind kind, int D, int lane, int u_begin, int u_end,
+__host__ __device__ __forceinline__ void for_each_unit_pair(Kind kind, int T, int D, int lane, int u_begin, int u_end,
                                                             const StagedRows& rows, const format::GroupQuant* params,
                                                             F&& f) {
   const int row = lane / 4, quad = lane % 4;
@@ -297,16 +298,26 @@ __host__ __device__ __forceinline__ void for_each_unit_pair(Kind kind, int D, in
     } else {
       const int chunk = u / (2 * k16s), k16 = (u / k16s) % 2, m16 = u % k16s;
       const int t = format::kChunkTokens * chunk + 16 * k16 + 2 * quad, c = 16 * m16 + row;
-      const format::GroupQuant g0 = params[t], g1 = params[t + 1], g8 = params[t + 8], g9 = params[t + 9];
+      // Groups of channel c at tokens t, t + 1, t + 8, t + 9 (g0 g1 g8 g9) and of channel c + 8 (h0 h1 h8 h9).
+      format::GroupQuant g0, g1, g8, g9, h0, h1, h8, h9;
+      if (format::groups_are_channels(kind, T, D)) {
+        g0 = g1 = g8 = g9 = params[c];
+        h0 = h1 = h8 = h9 = params[c + 8];
+      } else {
+        g0 = h0 = params[t];
+        g1 = h1 = params[t + 1];
+        g8 = h8 = params[t + 8];
+        g9 = h9 = params[t + 9];
+      }
       const float *r0 = rows.row(t), *r1 = rows.row(t + 1), *r8 = rows.row(t + 8), *r9 = rows.row(t + 9);
       const float a0 = rows.load(r0, c), a1 = rows.load(r1, c);          // channel c, tokens t, t + 1
       const float b0 = rows.load(r0, c + 8), b1 = rows.load(r1, c + 8);  // channel c + 8
       const float a8 = rows.load(r8, c), a9 = rows.load(r9, c);          // channel c, tokens t + 8, t + 9
       const float b8 = rows.load(r8, c + 8), b9 = rows.load(r9, c + 8);
       f(format::quantize(a0, g0), format::quantize(a1, g1), a0, a1);
-      f(format::quantize(b0, g0), format::quantize(b1, g1), b0, b1);
+      f(format::quantize(b0, h0), format::quantize(b1, h1), b0, b1);
       f(format::quantize(a8, g8), format::quantize(a9, g9), a8, a9);
-      f(format::quantize(b8, g8), format::quantize(b9, g9), b8, b9);
+      f(format::quantize(b8, h8), format::quantize(b9, h9), b8, b9);
     }
   }
 }
@@ -322,9 +333,9 @@ struct SegmentWalk {
     u_end = segment_begin(seg + 1, units, W);
   }
   template <typename F>
-  __device__ __forceinline__ void operator()(Kind kind, int D, const StagedRows& rows,
+  __device__ __forceinline__ void operator()(Kind kind, int T, int D, const StagedRows& rows,
                                              const format::GroupQuant* params, F&& f) const {
-    for_each_unit_pair(kind, D, lane, u_begin, u_end, rows, params, f);
+    for_each_unit_pair(kind, T, D, lane, u_begin, u_end, rows, params, f);
   }
 };
 
@@ -392,7 +403,7 @@ __global__ void __launch_bounds__(kStoreThreads) histogram_kernel(const StoreJob
   constexpr int kCounts = format::kLowBitChoices * format::kNumSymbols;
   for (int i = threadIdx.x; i < kCounts; i += blockDim.x) s.counts[i] = 0;
   const StagedRows rows = stage_and_params<Elem>(job, item.kind, T, D, vals, s.params);  // syncs: counts are zero
-  SegmentWalk<>(item.kind, T, D)(item.kind, D, rows, s.params, [&](int a, int b, float, float) {
+  SegmentWalk<>(item.kind, T, D)(item.kind, T, D, rows, s.params, [&](int a, int b, float, float) {
 #pragma unroll
     for (int k = 0; k < format::kLowBitChoices; ++k)
       atomicAdd(&s.counts[k * format::kNumSymbols + format::pair_symbol(a, b, k)], 1u);
@@ -433,7 +444,7 @@ __global__ void __launch_bounds__(32 * W) measure_kernel(const StoreJob* jobs, i
   const StagedRows rows = stage_and_params<Elem>(job, item.kind, T, D, vals, s.params);  // syncs: enc is loaded
   uint32_t bits = 0;
   const SegmentWalk<W> walk(item.kind, T, D);
-  walk(item.kind, D, rows, s.params, [&](int a, int b, float, float) { bits += format::pair_bits(s.enc, k, a, b); });
+  walk(item.kind, T, D, rows, s.params, [&](int a, int b, float, float) { bits += format::pair_bits(s.enc, k, a, b); });
   seg_bits[size_t(blockIdx.x) * kMaxStoreSegments + walk.lane * W + walk.seg] = uint16_t(bits);
   const uint32_t total = block_sum<W>(bits, s.red);
   if (threadIdx.x == 0) sizes16[blockIdx.x] = uint32_t(format::block_bytes(item.kind, T, D, total) / format::kBlockAlign);
@@ -569,7 +580,7 @@ __global__ void __launch_bounds__(32 * W) encode_kernel(const StoreJob* jobs, in
 
   // The bits.
   SegmentWriter wr(payload, start);
-  walk(kind, D, rows, s.params, [&](int a, int b, float va, float vb) {
+  walk(kind, T, D, rows, s.params, [&](int a, int b, float va, float vb) {
     format::put_pair(s.enc, k, a, b, va, vb, [&](uint32_t v, int n) { wr.put(v, n); });
   });
   wr.finish();

@@ -63,8 +63,6 @@ class BitReader {
   uint64_t pos_, end_;
 };
 
-int group_of(Kind kind, int token, int channel) { return kind == Kind::Key ? channel : token; }
-
 }  // namespace
 
 std::vector<GroupQuant> block_params(Kind kind, const float* x, int tokens, int head_dim, ErrorBound eb) {
@@ -73,7 +71,7 @@ std::vector<GroupQuant> block_params(Kind kind, const float* x, int tokens, int 
   std::vector<float> lo(groups, kEmptyLo), hi(groups, kEmptyHi);
   for (int t = 0; t < tokens; ++t)
     for (int c = 0; c < head_dim; ++c) {
-      const int g = group_of(kind, t, c);
+      const int g = group_of(kind, tokens, head_dim, t, c);
       range_add(x[size_t(t) * head_dim + c], lo[g], hi[g]);
     }
   std::vector<GroupQuant> params(groups);
@@ -89,7 +87,8 @@ std::vector<int> block_codes(Kind kind, const float* x, int tokens, int head_dim
   std::vector<int> codes(size_t(tokens) * head_dim);
   for (int t = 0; t < tokens; ++t)
     for (int c = 0; c < head_dim; ++c)
-      codes[size_t(t) * head_dim + c] = quantize(x[size_t(t) * head_dim + c], params[group_of(kind, t, c)]);
+      codes[size_t(t) * head_dim + c] =
+          quantize(x[size_t(t) * head_dim + c], params[group_of(kind, tokens, head_dim, t, c)]);
   return codes;
 }
 
@@ -240,7 +239,7 @@ DecodeStatus decode_block(const uint8_t* data, size_t size, Kind kind, int token
       }
       for (int v = 0; v < 2; ++v) {
         if (code[v] == kEscape) continue;  // stored raw above
-        const int g = group_of(kind, t[v], c[v]);
+        const int g = group_of(kind, tokens, head_dim, t[v], c[v]);
         out[size_t(t[v]) * head_dim + c[v]] = dequantize(code[v], gmin[g], gstep[g]);
       }
     }

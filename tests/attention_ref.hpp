@@ -6,6 +6,8 @@
 #include <cmath>
 #include <vector>
 
+#include "kvcomp/format.hpp"
+
 namespace kvcomp_test {
 
 /// softmax(q . K^T / sqrt(D)) . V over `tokens` rows of k, v ([tokens][D]).
@@ -54,7 +56,7 @@ namespace kvcomp_test {
 /// The largest |reconstruction - x| the error bounds allow for each element
 /// of one (sequence, head)'s K and V ([tokens][D]) stored in blocks of T
 /// tokens with relative bounds eb_k, eb_v (K per channel over a block, V per
-/// token; the uncompressed tail is exact). Computed from the exact data alone.
+/// token, or per channel where T > D; the uncompressed tail is exact). Computed from the exact data alone.
 inline void allowed_deviation(const std::vector<double>& k, const std::vector<double>& v, int tokens, int D, int T,
                               double eb_k, double eb_v, std::vector<double>& dk, std::vector<double>& dv) {
   dk.assign(size_t(tokens) * D, 0.0);
@@ -66,10 +68,18 @@ inline void allowed_deviation(const std::vector<double>& k, const std::vector<do
       for (int t = b; t < b + T; ++t) { lo = std::min(lo, k[size_t(t) * D + c]); hi = std::max(hi, k[size_t(t) * D + c]); }
       for (int t = b; t < b + T; ++t) dk[size_t(t) * D + c] = eb_k * (hi - lo) * slack;
     }
-    for (int t = b; t < b + T; ++t) {
-      double lo = INFINITY, hi = -INFINITY;
-      for (int c = 0; c < D; ++c) { lo = std::min(lo, v[size_t(t) * D + c]); hi = std::max(hi, v[size_t(t) * D + c]); }
-      for (int c = 0; c < D; ++c) dv[size_t(t) * D + c] = eb_v * (hi - lo) * slack;
+    if (kvcomp::format::groups_are_channels(kvcomp::Kind::Value, T, D)) {  // V per channel where T > D
+      for (int c = 0; c < D; ++c) {
+        double lo = INFINITY, hi = -INFINITY;
+        for (int t = b; t < b + T; ++t) { lo = std::min(lo, v[size_t(t) * D + c]); hi = std::max(hi, v[size_t(t) * D + c]); }
+        for (int t = b; t < b + T; ++t) dv[size_t(t) * D + c] = eb_v * (hi - lo) * slack;
+      }
+    } else {
+      for (int t = b; t < b + T; ++t) {
+        double lo = INFINITY, hi = -INFINITY;
+        for (int c = 0; c < D; ++c) { lo = std::min(lo, v[size_t(t) * D + c]); hi = std::max(hi, v[size_t(t) * D + c]); }
+        for (int c = 0; c < D; ++c) dv[size_t(t) * D + c] = eb_v * (hi - lo) * slack;
+      }
     }
   }
 }

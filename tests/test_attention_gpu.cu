@@ -369,6 +369,36 @@ TEST(AttentionGpu, SlidingWindowWithSinks) {
   run_attention_case(1, 8, 256, DType::F16, {4000}, seed + 3, false, 128, {4}, 1024, 1);
 }
 
+// Format v4: V blocks with more tokens than channels (T 128, D 64/80/96) hold V's params per channel; the
+// fused kernel divides o by each channel's step at a block's start and multiplies it back (plus the
+// channel's min x the block's sum of p) at its end. Every phase: plain decode, GQA and 16-row tiles, bf16,
+// multi-token queries with windows and sinks, code tails, escapes (raw values and 8-bit fields) and the
+// unchecked pass replayed with p negated (SkewedRows at eb 0.02), constant channels (step 0).
+TEST(AttentionGpu, ValueParamsPerChannelInBlocksOfMoreTokensThanChannels) {
+  KVCOMP_REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  run_attention_case(2, 4, 64, DType::F16, {1, 127, 128, 129, 700, 3000}, seed, true, 128);
+  if (HasFatalFailure()) return;
+  run_attention_case(2, 7, 80, DType::BF16, {129, 1000}, seed + 1, false, 128, {}, 0, 0, nullptr, Dist::Gaussian,
+                     {}, TailFormat::Input, 0, DType::BF16);
+  if (HasFatalFailure()) return;
+  run_attention_case(1, 12, 96, DType::F16, {300, 257}, seed + 2, true, 128, {3, 1});  // 16-row tiles
+  if (HasFatalFailure()) return;
+  run_attention_case(2, 4, 64, DType::F16, {1000, 3000, 77}, seed + 3, false, 128, {8, 3, 5}, 300, 2);
+  if (HasFatalFailure()) return;
+  run_attention_case(2, 4, 64, DType::F16, {200, 900}, seed + 4, true, 128, {}, 0, 0, nullptr, Dist::Gaussian, {},
+                     TailFormat::Codes6);
+  if (HasFatalFailure()) return;
+  const ErrorBound tight[2] = {{BoundMode::Absolute, 0.05f}, {BoundMode::Absolute, 0.01f}};
+  run_attention_case(2, 4, 64, DType::F16, {1, 300, 700}, seed + 5, true, 128, {}, 0, 0, tight, Dist::HeavyTailed);
+  if (HasFatalFailure()) return;
+  const ErrorBound skew[2] = {{BoundMode::Relative, 0.05f}, {BoundMode::Relative, 0.02f}};
+  run_attention_case(2, 4, 96, DType::F16, {700, 130}, seed + 6, true, 128, {}, 0, 0, skew, Dist::SkewedRows);
+  if (HasFatalFailure()) return;
+  run_attention_case(1, 4, 64, DType::F16, {600}, seed + 7, true, 128, {}, 0, 0, nullptr, Dist::ConstantChannels);
+}
+
 TEST(AttentionGpu, EscapedValuesTakeTheSlowPathInEveryPhase) {
   KVCOMP_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();

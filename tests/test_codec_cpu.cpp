@@ -723,7 +723,7 @@ TEST(ReferenceCodec, RoundTripWithinBoundOnEveryElement) {
   SCOPED_TRACE("seed " + std::to_string(seed));
   for (auto dist : kvcomp_test::kAllDists)
     for (Case cs : {Case{Kind::Key, 64, 128}, Case{Kind::Value, 64, 128}, Case{Kind::Key, 32, 64},
-                    Case{Kind::Value, 128, 256}, Case{Kind::Key, 128, 64}})
+                    Case{Kind::Value, 128, 256}, Case{Kind::Key, 128, 64}, Case{Kind::Value, 128, 96}})
       for (ErrorBound eb : {ErrorBound{BoundMode::Relative, 0.01f}, ErrorBound{BoundMode::Relative, 0.1f},
                             ErrorBound{BoundMode::Absolute, 0.02f}}) {
         auto x = kvcomp_test::make_data(dist, cs.T, cs.D, seed + cs.T + cs.D);
@@ -741,12 +741,61 @@ TEST(ReferenceCodec, RoundTripWithinBoundOnEveryElement) {
         const auto params = ref::block_params(cs.kind, x.data(), cs.T, cs.D, eb);
         for (int t = 0; t < cs.T; ++t)
           for (int c = 0; c < cs.D; ++c) {
-            const float bound = params[cs.kind == Kind::Key ? c : t].eb_abs;
+            const float bound = params[group_of(cs.kind, cs.T, cs.D, t, c)].eb_abs;
             const size_t i = size_t(t) * cs.D + c;
             ASSERT_LE(std::fabs(out[i] - x[i]), bound)
                 << kvcomp_test::dist_name(dist) << " t " << t << " c " << c;
           }
       }
+}
+
+TEST(ReferenceCodec, ValueGroupsAreChannelsWhereBlocksHaveMoreTokensThanChannels) {
+  // Format v4: a V block of T > D tokens (128 x 64/80/96) is quantized per
+  // channel over its tokens, as K; T <= D stays per token. The stored params
+  // are each group's own (min, step) from its finite range, and every value is
+  // within eb x its channel's (or token's) range.
+  const uint64_t seed = kvcomp_test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  const ErrorBound eb{BoundMode::Relative, 0.05f};
+  for (Case cs : {Case{Kind::Value, 128, 64}, Case{Kind::Value, 128, 80}, Case{Kind::Value, 128, 96},
+                  Case{Kind::Value, 128, 128}, Case{Kind::Value, 64, 64}, Case{Kind::Value, 32, 64}}) {
+    SCOPED_TRACE("V " + std::to_string(cs.T) + " x " + std::to_string(cs.D));
+    const bool by_channel = cs.T > cs.D;
+    ASSERT_EQ(groups_are_channels(Kind::Value, cs.T, cs.D), by_channel);
+    ASSERT_EQ(num_groups(Kind::Value, cs.T, cs.D), by_channel ? cs.D : cs.T);
+    auto x = kvcomp_test::make_data(kvcomp_test::Dist::OutlierChannels, cs.T, cs.D, seed + cs.T + cs.D);
+    kvcomp_test::round_to_half(x);
+    x[3 * cs.D + 5] = std::numeric_limits<float>::infinity();  // escaped, outside its group's range
+    const Codebook cb = codebook_for(Kind::Value, x, cs.T, cs.D, eb);
+    const auto bytes = ref::encode_block(Kind::Value, x.data(), cs.T, cs.D, eb, cb, 1);
+    const int groups = num_groups(Kind::Value, cs.T, cs.D);
+    ASSERT_EQ(lane_bits_offset(Kind::Value, cs.T, cs.D), params_offset() + 4u * groups);
+    for (int g = 0; g < groups; ++g) {
+      float lo = kEmptyLo, hi = kEmptyHi;
+      for (int i = 0; i < (by_channel ? cs.T : cs.D); ++i)
+        range_add(by_channel ? x[size_t(i) * cs.D + g] : x[size_t(g) * cs.D + i], lo, hi);
+      const GroupQuant want = make_group_quant(lo, hi, eb);
+      GroupParams got;
+      std::memcpy(&got, &bytes[params_offset() + 4 * g], 4);
+      ASSERT_EQ(got.min_bits, want.stored.min_bits) << "group " << g;
+      ASSERT_EQ(got.step_bits, want.stored.step_bits) << "group " << g;
+    }
+    std::vector<float> out(x.size());
+    ASSERT_EQ(ref::decode_block(bytes.data(), bytes.size(), Kind::Value, cs.T, cs.D, cb, out.data()),
+              ref::DecodeStatus::Ok);
+    for (int t = 0; t < cs.T; ++t)
+      for (int c = 0; c < cs.D; ++c) {
+        const size_t i = size_t(t) * cs.D + c;
+        if (!std::isfinite(x[i])) {
+          ASSERT_EQ(float_bits(out[i]), float_bits(x[i]));
+          continue;
+        }
+        float lo = kEmptyLo, hi = kEmptyHi;  // the value's group range, computed here
+        for (int j = 0; j < (by_channel ? cs.T : cs.D); ++j)
+          range_add(by_channel ? x[size_t(j) * cs.D + c] : x[size_t(t) * cs.D + j], lo, hi);
+        ASSERT_LE(std::fabs(out[i] - x[i]), 0.05f * (hi - lo) * (1 + 1e-6f)) << "t " << t << " c " << c;
+      }
+  }
 }
 
 TEST(ReferenceCodec, HistogramCountsPairSymbols) {
@@ -765,7 +814,7 @@ TEST(ReferenceCodec, HistogramCountsPairSymbols) {
       // holds the pair symbols under k low bits.
       const auto params = ref::block_params(cs.kind, x.data(), cs.T, cs.D, eb);
       auto code = [&](int t, int c) {
-        return quantize(x[size_t(t) * cs.D + c], params[cs.kind == Kind::Key ? c : t]);
+        return quantize(x[size_t(t) * cs.D + c], params[group_of(cs.kind, cs.T, cs.D, t, c)]);
       };
       std::vector<uint64_t> want(counts.size(), 0);
       for (int k = 0; k < kLowBitChoices; ++k)
@@ -806,7 +855,8 @@ TEST(ReferenceCodec, EveryKindOfPairRoundTrips) {
   for (int k = 0; k <= kMaxLowBits; ++k) {
     uint64_t fast = 0, slow = 0, small_uncoded = 0, large = 0, raw = 0;
     for (Case cs : {Case{Kind::Key, 64, 128}, Case{Kind::Value, 64, 128}, Case{Kind::Key, 32, 64},
-                    Case{Kind::Value, 128, 256}, Case{Kind::Key, 128, 256}, Case{Kind::Value, 32, 64}})
+                    Case{Kind::Value, 128, 256}, Case{Kind::Key, 128, 256}, Case{Kind::Value, 32, 64},
+                    Case{Kind::Value, 128, 64}})
       for (ErrorBound eb : {ErrorBound{BoundMode::Relative, 0.002f}, ErrorBound{BoundMode::Relative, 0.01f},
                             ErrorBound{BoundMode::Relative, 0.05f}, ErrorBound{BoundMode::Absolute, 1e-4f}}) {
         SCOPED_TRACE(std::string(cs.kind == Kind::Key ? "K " : "V ") + std::to_string(cs.T) + " x " +
@@ -838,7 +888,7 @@ TEST(ReferenceCodec, EveryKindOfPairRoundTrips) {
         for (int t = 0; t < cs.T; ++t)
           for (int c = 0; c < cs.D; ++c) {
             const size_t i = size_t(t) * cs.D + c;
-            const GroupQuant& g = params[cs.kind == Kind::Key ? c : t];
+            const GroupQuant& g = params[group_of(cs.kind, cs.T, cs.D, t, c)];
             codes[i] = quantize(x[i], g);
             if (codes[i] == kEscape) {
               ASSERT_EQ(float_bits(out[i]), float_bits(x[i])) << "t " << t << " c " << c;
@@ -1008,7 +1058,7 @@ TEST(ReferenceCodec, GoldenBitsOfALaneStream) {
     BlockHeader h;
     std::memcpy(&h, bytes.data(), sizeof(h));
     EXPECT_EQ(h.magic, kMagic);
-    EXPECT_EQ(h.version, 3);
+    EXPECT_EQ(h.version, 4);
     EXPECT_EQ(h.kind, uint8_t(kind));
     EXPECT_EQ(h.codebook_id, 9);
     for (int g = 0; g < num_groups(kind, T, D); ++g) {
@@ -1110,8 +1160,8 @@ TEST(ReferenceCodec, NonFiniteValuesAreStoredExactly) {
         ASSERT_EQ(float_bits(out[i]), float_bits(x[i]));
       } else {
         const int t = int(i / 128), c = int(i % 128);
-        ASSERT_LE(std::fabs(out[i] - x[i]), params[kind == Kind::Key ? c : t].eb_abs);
-        ASSERT_TRUE(std::isfinite(params[kind == Kind::Key ? c : t].eb_abs));
+        ASSERT_LE(std::fabs(out[i] - x[i]), params[group_of(kind, 64, 128, t, c)].eb_abs);
+        ASSERT_TRUE(std::isfinite(params[group_of(kind, 64, 128, t, c)].eb_abs));
       }
     }
   }
@@ -1193,11 +1243,13 @@ TEST(ReferenceCodec, CorruptHeadersAndLaneTablesGiveTheirStatus) {
       reseal(b);
       return b;
     };
-    // A v2 block (or any other version) is not read as v3.
-    auto old = bytes;
-    old[3] = 2;
-    reseal(old);
-    EXPECT_EQ(status(old), ref::DecodeStatus::BadHeader);
+    // A v3 block (V per token at any shape) or any other version is not read as v4.
+    for (uint8_t version : {2, 3, 5}) {
+      auto old = bytes;
+      old[3] = version;
+      reseal(old);
+      EXPECT_EQ(status(old), ref::DecodeStatus::BadHeader) << int(version);
+    }
     auto other_kind = bytes;
     other_kind[2] ^= 1;
     reseal(other_kind);

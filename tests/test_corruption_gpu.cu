@@ -4,6 +4,7 @@
 // memcheck by scripts/device_session.sh, stage san), and must write every output element.
 // Blocks of 64 and 128 tokens (the decoders' worst-case overread grows with T).
 #include <random>
+#include <utility>
 #include <string>
 
 #include "gpu_util.cuh"
@@ -19,13 +20,16 @@ TEST(CorruptionGpu, BitFlipsInPoolAndTablesStayInBounds) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   Config cfg;
-  cfg.layers = 1; cfg.kv_heads = 2; cfg.q_heads = 8; cfg.head_dim = 128;
+  cfg.layers = 1; cfg.kv_heads = 2; cfg.q_heads = 8;
   cfg.max_seqs = 4; cfg.max_tokens_per_seq = 2048; cfg.pool_bytes = size_t(4) << 20;
-  const int H = cfg.kv_heads, D = cfg.head_dim;
+  const int H = cfg.kv_heads;
   const std::vector<int> lengths = {300, 1000, 64, 5};
-  for (int T : {64, 128}) {
-    SCOPED_TRACE("T " + std::to_string(T));
+  // (T, D): 128 x 64 has V params per channel (format.hpp), read at each block's start and end.
+  for (const auto shape : {std::pair<int, int>{64, 128}, std::pair<int, int>{128, 128}, std::pair<int, int>{128, 64}}) {
+    const int T = shape.first, D = shape.second;
+    SCOPED_TRACE("T " + std::to_string(T) + " D " + std::to_string(D));
     cfg.block_tokens = T;
+    cfg.head_dim = D;
     Cache cache(cfg);
     std::vector<int> ids;
     for (size_t i = 0; i < lengths.size(); ++i) {

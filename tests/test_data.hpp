@@ -20,7 +20,7 @@ inline uint64_t fresh_seed() {
 /// SkewedRows (not in kAllDists): each row near its minimum (0.1 g^2) with one
 /// large value (5 + |g|): rows whose range one value sets, so most codes are
 /// small and one a row is large (a PAIR_ESC at k = 0).
-enum class Dist { Uniform, Gaussian, HeavyTailed, OutlierChannels, SkewedRows };
+enum class Dist { Uniform, Gaussian, HeavyTailed, OutlierChannels, SkewedRows, ConstantChannels };
 inline const char* dist_name(Dist d) {
   switch (d) {
     case Dist::Uniform: return "uniform";
@@ -28,13 +28,15 @@ inline const char* dist_name(Dist d) {
     case Dist::HeavyTailed: return "heavy-tailed";
     case Dist::OutlierChannels: return "outlier-channels";
     case Dist::SkewedRows: return "skewed-rows";
+    case Dist::ConstantChannels: return "constant-channels";
   }
   return "?";
 }
 constexpr Dist kAllDists[] = {Dist::Uniform, Dist::Gaussian, Dist::HeavyTailed, Dist::OutlierChannels};
 
 /// rows x cols values; for OutlierChannels a few channels (columns) carry a
-/// large scale and offset, as keys do in real models.
+/// large scale and offset, as keys do in real models; ConstantChannels is
+/// Gaussian with every fourth column constant (a group of range 0, step 0).
 inline std::vector<float> make_data(Dist d, int rows, int cols, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.f, 1.f);
@@ -54,6 +56,7 @@ inline std::vector<float> make_data(Dist d, int rows, int cols, uint64_t seed) {
         case Dist::HeavyTailed: v = student(rng); break;
         case Dist::OutlierChannels: v = normal(rng) * scale[c] + offset[c]; break;
         case Dist::SkewedRows: { const float g = normal(rng); v = 0.1f * g * g; break; }
+        case Dist::ConstantChannels: v = c % 4 == 0 ? 0.375f * float(c % 7) - 1.f : normal(rng); break;
       }
       x[size_t(r) * cols + c] = v;
     }

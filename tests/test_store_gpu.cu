@@ -248,7 +248,7 @@ void run_store_case(StoreCase cs, Dist dist, ErrorBound eb, uint64_t seed, const
                 ASSERT_TRUE(same_bits(out[e], x[e])) << "t " << t << " c " << c;
                 continue;
               }
-              ASSERT_LE(std::fabs(out[e] - x[e]), params[kind == Kind::Key ? c : t].eb_abs) << "t " << t << " c " << c;
+              ASSERT_LE(std::fabs(out[e] - x[e]), params[format::group_of(kind, T, D, t, c)].eb_abs) << "t " << t << " c " << c;
             }
         }
         ASSERT_EQ(table[i].offset16, 4 + offsets[2 * i]);

@@ -37,7 +37,7 @@ TEST(StoreWalk, SegmentsCoverEveryLaneStreamInPairPositionOrder) {
           for (int lane = 0; lane < format::kLanes; ++lane) {
             int i = 0;  // pairs visited so far: the stream index the next pair must have
             for (int w = 0; w < warps; ++w)
-              detail::for_each_unit_pair(kind, D, lane, detail::segment_begin(w, units, warps),
+              detail::for_each_unit_pair(kind, T, D, lane, detail::segment_begin(w, units, warps),
                                          detail::segment_begin(w + 1, units, warps), rows, params.data(),
                                          [&](int, int, float va, float vb) {
                                            int t0, c0, t1, c1;

@@ -284,7 +284,7 @@ void run_hadamard_attention(const AttnCase& cs, uint64_t seed) {
             const int blk = t / T;
             if (t % T == 0) params = ref::block_params(kind, &y[size_t(blk) * T * D], T, D, bound_of(cfg, 0, h, kind));
             for (int c = 0; c < D; ++c) {
-              const float eb = params[kind == Kind::Key ? c : t % T].eb_abs;
+              const float eb = params[format::group_of(kind, T, D, t % T, c)].eb_abs;
               ASSERT_LE(std::fabs(z[size_t(t) * D + c] - y[size_t(t) * D + c]), eb)
                   << "seq " << b << " head " << h << " kind " << ki << " token " << t << " channel " << c;
               eb_sq += double(eb) * eb;

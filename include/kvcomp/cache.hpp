@@ -112,6 +112,11 @@ struct Config {
   int head_dim = 128;             // 64, 80, 96, 128 or 256 (Hadamard: 64, 128 or 256)
   DType dtype = DType::F16;       // of the K/V the engine appends
   int block_tokens = 64;          // T: 32, 64 or 128
+  /// Every element of a closed block is within its group's bound (Relative:
+  /// eb x the group's finite range) of what was appended. Groups: K per
+  /// channel over the block's T tokens; V per token over its head_dim
+  /// channels, or per channel over the block as K where block_tokens >
+  /// head_dim (128-token blocks at head_dim 64/80/96: fewer params; format.hpp).
   ErrorBound k_bound{BoundMode::Relative, 0.05f};
   ErrorBound v_bound{BoundMode::Relative, 0.05f};
   std::vector<BoundOverride> overrides;  // later entries win
@@ -162,7 +167,8 @@ struct Config {
   ///   so; decode and multiply by R to get back to the input domain).
   /// - Bounded, in the rotated domain: every element z_j of a block is within
   ///   its group's bound eb_j of y_j (K: groups are channels of the rotated
-  ///   block, V: rotated token vectors); a tail token holds y itself (z = y).
+  ///   block, V: rotated token vectors, or channels where block_tokens >
+  ///   head_dim); a tail token holds y itself (z = y).
   /// - In the input domain the bound is per vector, in L2, not per element:
   ///   x' = z R satisfies
   ///     ||x' - x||_2 <= sqrt(sum_j eb_j^2) + eps ||x||_2 + delta sqrt(D)

@@ -5,7 +5,11 @@
 //
 // Quantization (error bounded, hard guarantee)
 //   K blocks are quantized per channel over the block's T tokens (D groups);
-//   V blocks per token over the D channels (T groups). For a group with finite
+//   V blocks per token over the D channels (T groups), except where T > D
+//   (128-token blocks of D <= 96): then per channel as K (D groups), whichever
+//   gives fewer groups (groups_are_channels(): at T 128, D 64 V's params halve, and
+//   on the tiny Llama perplexity does not change: bench/RESULTS.md, issue 12).
+//   For a group with finite
 //   min gmin and max gmax (non-finite values are ignored for the range):
 //     eb_abs = Relative ? eb * (gmax - gmin) : eb            (fp32)
 //     min    = gmin rounded down to fp16 (clamped to +-65504)
@@ -67,7 +71,8 @@
 //
 // Block layout (all little-endian; block start is 16-byte aligned)
 //   offset 0   BlockHeader (8 bytes: magic, kind, version, codebook id, checksum)
-//   offset 8   params[G]: {uint16 min_fp16, uint16 step_fp16}, G = D (K) or T (V)
+//   offset 8   params[G]: {uint16 min_fp16, uint16 step_fp16}, G = num_groups():
+//              D (K, and V where T > D; in channel order) or T (V; in token order)
 //   then       lane_bits[32]: uint16 bit length of each lane stream
 //   then       payload: ceil(sum(lane_bits) / 32) uint32 words
 //   then       zero padding up to a multiple of 16 bytes
@@ -126,7 +131,7 @@ constexpr int kMaxCodeLen = 11;     // Huffman length limit
 constexpr int kLutSize = 1 << kMaxCodeLen;
 constexpr int kRawBits = 32;        // bits of an escaped value (fp32)
 constexpr uint16_t kMagic = 0x4B43; // 'CK'
-constexpr uint8_t kVersion = 3;
+constexpr uint8_t kVersion = 4;   // 4: V per channel where T > D (3: V always per token)
 constexpr size_t kBlockAlign = 16;
 
 struct BlockHeader {
@@ -156,8 +161,17 @@ static_assert(sizeof(BlockRef) == 8, "block ref is 8 bytes");
 KVCOMP_HD bool supported_tokens(int t) { return t == 32 || t == 64 || t == 128; }
 KVCOMP_HD bool supported_head_dim(int d) { return d == 64 || d == 80 || d == 96 || d == 128 || d == 256; }
 
+/// Whether a block's groups are its channels (K always; V where it has more
+/// tokens than channels) rather than its tokens.
+KVCOMP_HD bool groups_are_channels(Kind kind, int tokens, int head_dim) {
+  return kind == Kind::Key || tokens > head_dim;
+}
 KVCOMP_HD int num_groups(Kind kind, int tokens, int head_dim) {
-  return kind == Kind::Key ? head_dim : tokens;
+  return groups_are_channels(kind, tokens, head_dim) ? head_dim : tokens;
+}
+/// The group of the value at (token, channel).
+KVCOMP_HD int group_of(Kind kind, int tokens, int head_dim, int token, int channel) {
+  return groups_are_channels(kind, tokens, head_dim) ? channel : token;
 }
 KVCOMP_HD constexpr int pairs_per_lane(int tokens, int head_dim) { return tokens * head_dim / (2 * kLanes); }
 constexpr int kChunkTokens = 32;  // the lane order repeats per 32-token chunk

@@ -14,7 +14,7 @@
 namespace kvcomp {
 namespace ref {
 
-/// Quantization parameters of every group of a block (D groups for K, T for V).
+/// Quantization parameters of every group of a block (format::num_groups: D for K, T or D for V).
 std::vector<format::GroupQuant> block_params(Kind kind, const float* x, int tokens, int head_dim,
                                              ErrorBound eb);
 

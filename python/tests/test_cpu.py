@@ -337,19 +337,21 @@ class ReferenceCodec(unittest.TestCase):
         self.assertEqual(len(book.lengths), 256)
         self.assertGreater(book.lengths[225], 0)
         self.assertEqual(book.lengths[226:], [0] * 30)
-        for kind in (kvcomp.Kind.Key, kvcomp.Kind.Value):
+        for kind, T in ((kvcomp.Kind.Key, 64), (kvcomp.Kind.Value, 64), (kvcomp.Kind.Value, 128)):
             x = array.array("f", [rng.gauss(0, 1) for _ in range(T * D)])
             data = kvcomp.ref.encode_block(kind, x, T, D, kvcomp.ErrorBound(value=eb), book)
             out = array.array("f", kvcomp.ref.decode_block(data, kind, T, D, book))
-            # Groups: K per channel over the block's tokens, V per token over its channels.
-            if kind == kvcomp.Kind.Key:
+            # Groups: K per channel over the block's tokens, V per token over its channels, or per channel
+            # where the block has more tokens than channels (format v4).
+            by_channel = kind == kvcomp.Kind.Key or T > D
+            if by_channel:
                 groups = [[x[t * D + c] for t in range(T)] for c in range(D)]
             else:
                 groups = [list(x[t * D:(t + 1) * D]) for t in range(T)]
             bounds = [eb * (max(g) - min(g)) * (1 + 1e-6) for g in groups]  # eb x range, computed in fp32
             for t in range(T):
                 for c in range(D):
-                    bound = bounds[c] if kind == kvcomp.Kind.Key else bounds[t]
+                    bound = bounds[c] if by_channel else bounds[t]
                     self.assertLessEqual(abs(out[t * D + c] - x[t * D + c]), bound, (kind, t, c))
             corrupt = bytearray(data)
             corrupt[len(corrupt) // 2] ^= 0x10
