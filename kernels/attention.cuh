@@ -1,4 +1,4 @@
-// Fused decode attention straight from compressed blocks (format v3).
+// Fused decode attention straight from compressed blocks (format v4).
 //
 // grid (splits, kv_heads x row tiles, batch); each CTA takes a range of
 // `units` (token blocks, plus the uncompressed tail as the last unit, or

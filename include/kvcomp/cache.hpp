@@ -216,9 +216,10 @@ struct Config {
   /// (max - min) / 120 of the input before its block quantizes it).
   /// On the tiny Llama (128-token blocks, eb 0.1, layer 0 at 0.05;
   /// bench/RESULTS.md) it stores 632.6 B/token against Codes8's 680.4 at
-  /// +0.398% vs +0.340% perplexity: 1.55x the ratio of 3-bit KIVI at <= 0.5%.
-  /// Its tail costs more attention time than Codes8's (H100, one run: 31.9
-  /// vs 26.0 us at 1087 x 1, 380 vs 365 us at 32831 x 8).
+  /// +0.398% vs +0.340% perplexity (format v3; with v4's V per channel 603.5
+  /// B/token, and eb 0.09 gives 4.93x at +0.38%: 1.57x the ratio of 3-bit KIVI
+  /// at <= 0.5%). Its tail costs what Codes8's costs (H100: 26.2 vs 26.3 us
+  /// at 1087 x 1, 369 vs 368 us at 32831 x 8).
   TailFormat tail_format = TailFormat::Input;
 };
 
