@@ -6,11 +6,11 @@
 // Quantization (error bounded, hard guarantee)
 //   K blocks are quantized per channel over the block's T tokens (D groups);
 //   V blocks per token over the D channels (T groups), except where T > D
-//   (128-token blocks of D <= 96): then per channel as K (D groups), whichever
-//   gives fewer groups (groups_are_channels(): at T 128, D 64 V's params halve, and
-//   on the tiny Llama perplexity does not change: bench/RESULTS.md, issue 12).
-//   For a group with finite
-//   min gmin and max gmax (non-finite values are ignored for the range):
+//   (128-token blocks of D <= 96): then per channel as K (D groups), the
+//   grouping with fewer params (groups_are_channels(); at T 128, D 64 V's
+//   params halve and the tiny Llama's perplexity does not change:
+//   bench/RESULTS.md, issue 12). For a group with finite min gmin and max
+//   gmax (non-finite values are ignored for the range):
 //     eb_abs = Relative ? eb * (gmax - gmin) : eb            (fp32)
 //     min    = gmin rounded down to fp16 (clamped to +-65504)
 //     step   = 2 * eb_abs rounded toward zero to fp16 (clamped to 65504)
