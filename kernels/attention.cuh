@@ -321,7 +321,7 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
   // pmin sums p over the block; at the block's start o is divided by each
   // channel's step (o then accumulates codes x p in those units), at its end
   // multiplied back, plus min_c x that sum (a multiply a channel a block).
-  const bool v_channels = D < kMaxTokensPerBlock && T > D;
+  const bool v_channels = D < kMaxTokensPerBlock && format::groups_are_channels(Kind::Value, T, D);
   if (v_channels)
     for (int i = lane; i < kMaxTokensPerBlock / 2; i += 32) vparams_s[warp][i] = make_uint2(0x3C003C00u, 0x3C003C00u);
   __syncwarp();
@@ -355,7 +355,7 @@ __global__ void __launch_bounds__(32 * kWarps, attn_min_ctas<D, kTiles, kWarps>(
     // registers was spilled across build_qa and waited on (~2%).
     const uint2* vparams_g = reinterpret_cast<const uint2*>(vb + format::params_offset());
     const uint32_t* vparams = reinterpret_cast<const uint32_t*>(vparams_s[warp]);
-    const uint32_t* vchannels = reinterpret_cast<const uint32_t*>(vb + format::params_offset());  // v_channels
+    const uint32_t* vchannels = reinterpret_cast<const uint32_t*>(vparams_g);  // the same params, per channel
 
     // A operands of K (qa), pre-divided by a power of two when they would overflow fp16; kscale
     // multiplies that back and the codes' unit (1 / kLutCodeUnit) into the scores.

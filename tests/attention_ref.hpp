@@ -56,32 +56,32 @@ namespace kvcomp_test {
 /// The largest |reconstruction - x| the error bounds allow for each element
 /// of one (sequence, head)'s K and V ([tokens][D]) stored in blocks of T
 /// tokens with relative bounds eb_k, eb_v (K per channel over a block, V per
-/// token, or per channel where T > D; the uncompressed tail is exact). Computed from the exact data alone.
+/// token, or per channel where T > D: format::group_of; the uncompressed tail
+/// is exact). Computed from the exact data alone.
 inline void allowed_deviation(const std::vector<double>& k, const std::vector<double>& v, int tokens, int D, int T,
                               double eb_k, double eb_v, std::vector<double>& dk, std::vector<double>& dv) {
-  dk.assign(size_t(tokens) * D, 0.0);
-  dv.assign(size_t(tokens) * D, 0.0);
   const double slack = 1 + 1e-6;  // the quantizer computes eb * range in fp32
-  for (int b = 0; b + T <= tokens; b += T) {
-    for (int c = 0; c < D; ++c) {
-      double lo = INFINITY, hi = -INFINITY;
-      for (int t = b; t < b + T; ++t) { lo = std::min(lo, k[size_t(t) * D + c]); hi = std::max(hi, k[size_t(t) * D + c]); }
-      for (int t = b; t < b + T; ++t) dk[size_t(t) * D + c] = eb_k * (hi - lo) * slack;
+  // d[x] = eb x the range of x's group (format::group_of) in its block.
+  auto allow = [&](kvcomp::Kind kind, const std::vector<double>& x, double eb, std::vector<double>& d) {
+    d.assign(size_t(tokens) * D, 0.0);
+    const int groups = kvcomp::format::num_groups(kind, T, D);
+    for (int b = 0; b + T <= tokens; b += T) {
+      std::vector<double> lo(groups, INFINITY), hi(groups, -INFINITY);
+      for (int t = 0; t < T; ++t)
+        for (int c = 0; c < D; ++c) {
+          const int g = kvcomp::format::group_of(kind, T, D, t, c);
+          lo[g] = std::min(lo[g], x[size_t(b + t) * D + c]);
+          hi[g] = std::max(hi[g], x[size_t(b + t) * D + c]);
+        }
+      for (int t = 0; t < T; ++t)
+        for (int c = 0; c < D; ++c) {
+          const int g = kvcomp::format::group_of(kind, T, D, t, c);
+          d[size_t(b + t) * D + c] = eb * (hi[g] - lo[g]) * slack;
+        }
     }
-    if (kvcomp::format::groups_are_channels(kvcomp::Kind::Value, T, D)) {  // V per channel where T > D
-      for (int c = 0; c < D; ++c) {
-        double lo = INFINITY, hi = -INFINITY;
-        for (int t = b; t < b + T; ++t) { lo = std::min(lo, v[size_t(t) * D + c]); hi = std::max(hi, v[size_t(t) * D + c]); }
-        for (int t = b; t < b + T; ++t) dv[size_t(t) * D + c] = eb_v * (hi - lo) * slack;
-      }
-    } else {
-      for (int t = b; t < b + T; ++t) {
-        double lo = INFINITY, hi = -INFINITY;
-        for (int c = 0; c < D; ++c) { lo = std::min(lo, v[size_t(t) * D + c]); hi = std::max(hi, v[size_t(t) * D + c]); }
-        for (int c = 0; c < D; ++c) dv[size_t(t) * D + c] = eb_v * (hi - lo) * slack;
-      }
-    }
-  }
+  };
+  allow(kvcomp::Kind::Key, k, eb_k, dk);
+  allow(kvcomp::Kind::Value, v, eb_v, dv);
 }
 
 /// Per output channel, how far attention over any K', V' within (dk, dv) of
